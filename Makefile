@@ -1,0 +1,31 @@
+# The two commands a newcomer runs (README): `make demo` and `make test`.
+# Both install missing system packages first (scripts/install-deps, quiet when all is there).
+BUILD_DIR ?= build
+JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+# Warnings in moesim's own code are errors in CI (CI=true there).
+WERROR := $(if $(filter true 1,$(CI)),ON,OFF)
+MOESIM := $(BUILD_DIR)/cli/moesim
+
+.PHONY: deps configure build demo test bench clean
+
+deps:
+	@scripts/install-deps
+
+configure: deps
+	@cmake -S . -B $(BUILD_DIR) -DCMAKE_BUILD_TYPE=Release -DMOESIM_WERROR=$(WERROR) >/dev/null
+
+build: configure
+	@cmake --build $(BUILD_DIR) -j$(JOBS)
+
+# The main job on its defaults: until the simulator lands, the topology report of a bundled cluster.
+demo: build
+	$(MOESIM) topo show configs/hardware/h800-2048.textproto
+
+test: build
+	cd $(BUILD_DIR) && ctest --output-on-failure -j$(JOBS)
+
+bench: build
+	$(BUILD_DIR)/bench/topology_bench
+
+clean:
+	rm -rf $(BUILD_DIR)

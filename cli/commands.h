@@ -1,0 +1,33 @@
+// The CLI's command table. Each command has a one-line summary (for `moesim --help`), a full
+// help text (for `--help`), its accepted flags and a handler returning the exit code.
+// Exit codes: 0 success, 2 bad input or usage (the message names file, line and field), 1 an
+// internal error of moesim.
+#pragma once
+
+#include "cli/args.h"
+#include "common/error.h"
+
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace moesim::cli {
+
+inline constexpr int kExitOk = 0;
+inline constexpr int kExitInternal = 1;
+inline constexpr int kExitBadInput = 2;
+
+struct Command {
+  std::string name;     // "topo show"
+  std::string summary;  // one line
+  std::string help;     // usage and options
+  ArgSpec spec;
+  std::function<int(const Args&)> run;
+};
+
+std::vector<Command> topo_commands();
+
+// Reports a ConfigError: every diagnostic on stderr, and as a CheckResult on stdout under --json.
+int report_config_error(const ConfigError& e, const std::string& file, bool json);
+
+}  // namespace moesim::cli

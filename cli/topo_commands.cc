@@ -1,0 +1,129 @@
+// `moesim topo show|check|dot` and `moesim list`.
+#include "cli/cli.pb.h"
+#include "cli/commands.h"
+#include "common/json.h"
+#include "topologies/cluster.h"
+#include "topologies/metrics.h"
+#include "topologies/registry.h"
+#include "topologies/report.h"
+
+#include <fmt/format.h>
+
+#include <iostream>
+
+namespace moesim::cli {
+namespace {
+
+const std::string& single_file(const Args& a) {
+  if (a.positional().size() != 1)
+    throw UsageError(a.positional().empty() ? "missing FILE" : "give exactly one FILE");
+  return a.positional()[0];
+}
+
+// Runs `body` on a loaded cluster; config problems become exit 2 with every diagnostic.
+template <typename Body>
+int with_cluster(const Args& a, Body body) {
+  const std::string& file = single_file(a);
+  std::optional<topo::Cluster> cluster;
+  try {
+    cluster.emplace(topo::load_cluster(file));
+  } catch (const ConfigError& e) {
+    return report_config_error(e, file, a.flag("--json"));
+  }
+  return body(*cluster, file);
+}
+
+int topo_show(const Args& a) {
+  topo::MetricsOptions options;
+  options.all_sources = a.flag("--all-sources");
+  options.threads = a.get_int("--threads", 0, 0, 1024);
+  return with_cluster(a, [&](const topo::Cluster& c, const std::string&) {
+    report::TopologyReport r = topo::make_report(c, topo::compute_metrics(c, options));
+    if (a.flag("--json")) std::cout << topo::report_json(r);
+    else topo::print_report_table(r, std::cout);
+    return kExitOk;
+  });
+}
+
+int topo_check(const Args& a) {
+  return with_cluster(a, [&](const topo::Cluster& c, const std::string& file) {
+    if (a.flag("--json")) {
+      CheckResult r;
+      r.set_file(file);
+      r.set_ok(true);
+      r.set_device_count(c.device_count());
+      r.set_node_count(c.node_count());
+      r.set_link_count(c.link_count());
+      std::cout << to_json(r);
+    } else {
+      std::cout << fmt::format("{}: ok: {} devices in {} nodes, {} links\n", file, c.device_count(), c.node_count(),
+                               c.link_count());
+    }
+    return kExitOk;
+  });
+}
+
+int topo_dot(const Args& a) {
+  if (a.flag("--json")) throw UsageError("topo dot writes Graphviz; use topo show --json for JSON");
+  return with_cluster(a, [&](const topo::Cluster& c, const std::string&) {
+    topo::write_dot(c, std::cout);
+    return kExitOk;
+  });
+}
+
+template <typename T>
+Registry* add_registry(ListResult& out, const moesim::Registry<T>& reg) {
+  Registry* r = out.add_registries();
+  r->set_kind(reg.kind());
+  for (const auto& e : reg.entries()) {
+    RegistryEntry* entry = r->add_entries();
+    entry->set_name(e.name);
+    entry->set_description(e.description);
+  }
+  return r;
+}
+
+int list(const Args& a) {
+  if (!a.positional().empty()) throw UsageError("list takes no arguments");
+  ListResult out;
+  add_registry(out, topo::fabric_generators());
+  add_registry(out, topo::device_presets());
+  if (a.flag("--json")) {
+    std::cout << to_json(out);
+    return kExitOk;
+  }
+  for (const Registry& r : out.registries()) {
+    std::cout << fmt::format("{}s:\n", r.kind());
+    for (const RegistryEntry& e : r.entries()) std::cout << fmt::format("  {:<16}{}\n", e.name(), e.description());
+    std::cout << '\n';
+  }
+  return kExitOk;
+}
+
+}  // namespace
+
+std::vector<Command> topo_commands() {
+  return {
+      {"topo show", "derived figures of a cluster: bandwidths, bisection, diameter, routes",
+       "usage: moesim topo show FILE [--json] [--all-sources] [--threads N]\n\n"
+       "  FILE           a cluster description (protobuf text format, configs/hardware/*.textproto)\n"
+       "  --json         machine-readable output (device_count, node_count, link_count,\n"
+       "                 bisection_bandwidth_Bps, diameter_hops, per-device bandwidths, ...)\n"
+       "  --all-sources  route from every device for the diameter, even when nodes are equivalent\n"
+       "  --threads N    routing threads (default: all cores)\n",
+       {{"--all-sources"}, {"--threads"}}, topo_show},
+      {"topo check", "validate a cluster description; every problem as FILE:LINE: field: message",
+       "usage: moesim topo check FILE [--json]\n\n"
+       "Exit code 0 when the file is valid, 2 with every problem listed otherwise.\n",
+       {}, topo_check},
+      {"topo dot", "a Graphviz picture of a cluster (moesim topo dot C > c.dot; dot -Tsvg c.dot)",
+       "usage: moesim topo dot FILE\n\n"
+       "Devices, NICs, PCIe switches and CPUs grouped by node; one edge per physical link labelled\n"
+       "with its bandwidth per direction, coloured by kind (blue scale-up, grey PCIe, red network).\n",
+       {}, topo_dot},
+      {"list", "registered fabric generators, device types and other pluggable parts",
+       "usage: moesim list [--json]\n", {}, list},
+  };
+}
+
+}  // namespace moesim::cli

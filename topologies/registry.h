@@ -1,0 +1,52 @@
+// Registries of the pluggable parts of a hardware description (`moesim list` shows them):
+//   - fabric generators: one per case of hw::Fabric, registered under that case's field name;
+//   - device presets: datasheet device types a config can start from (`device { preset: "h100-sxm5" }`).
+#pragma once
+
+#include "common/config.h"
+#include "common/registry.h"
+#include "topologies/cluster.h"
+#include "topologies/graph.h"
+#include "topologies/hardware.pb.h"
+
+#include <memory>
+
+namespace moesim::topo {
+
+// What a fabric generator needs to know about the nodes it joins.
+struct NodeShape {
+  int64_t nodes = 0;
+  int nics_per_node = 0;
+  double port_bandwidth_Bps = 0;  // the fastest NIC: the speed of a switch port
+};
+
+struct GraphSize {
+  int64_t vertices = 0;
+  int64_t edges = 0;  // directed
+};
+
+// A NIC, ready to be cabled to a switch: the cable gets the NIC's bandwidth and latency.
+struct NicPort {
+  VertexId vertex = 0;
+  double bandwidth_Bps = 0;
+  double latency_s = 0;
+};
+// NIC ports by [node][nic index within the node].
+using NicPorts = std::vector<std::vector<NicPort>>;
+
+class FabricGenerator {
+ public:
+  virtual ~FabricGenerator() = default;
+  // Records every problem with the generator's own message (scope points at it).
+  virtual void validate(const ConfigScope& scope, const NodeShape& shape) const = 0;
+  // Size of what build() adds; called only on a message that validated.
+  virtual GraphSize size(const google::protobuf::Message& spec, const NodeShape& shape) const = 0;
+  // Adds the fabric's switches and links, attaching every NIC port.
+  virtual void build(const google::protobuf::Message& spec, const NodeShape& shape, const NicPorts& ports,
+                     GraphBuilder& builder, Symmetry& symmetry) const = 0;
+};
+
+const Registry<std::unique_ptr<FabricGenerator>>& fabric_generators();
+const Registry<hw::DeviceType>& device_presets();
+
+}  // namespace moesim::topo
