@@ -82,7 +82,7 @@ void print_report_table(const report::TopologyReport& r, std::ostream& out) {
   if (!r.description().empty()) fmt::print(out, "  {}\n", r.description());
   std::string types;
   for (const hw::DeviceType& t : r.device_types()) types += (types.empty() ? "" : ", ") + t.name();
-  line("devices", fmt::format("{} ({}) in {} nodes", r.device_count(), types, r.node_count()));
+  line("devices", fmt::format("{} ({}) in {} node{}", r.device_count(), types, r.node_count(), r.node_count() == 1 ? "" : "s"));
   line("fabric", r.fabric());
   line("graph", fmt::format("{} vertices ({} devices, {} NICs, {} switches, {} hosts), {} links ({} directed)",
                             r.vertex_count(), r.device_count(), r.nic_count(), r.switch_count(), r.host_count(),
