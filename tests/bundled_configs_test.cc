@@ -1,1 +1,98 @@
+// Every bundled cluster loads, and its derived figures match the datasheets it cites.
+#include "topologies/metrics.h"
+#include "topologies/routing.h"
+
 #include <catch2/catch.hpp>
+
+#include <filesystem>
+
+using namespace moesim;
+
+namespace {
+
+std::string config(const std::string& name) { return std::string(MOESIM_SOURCE_DIR) + "/configs/hardware/" + name; }
+
+}  // namespace
+
+TEST_CASE("every bundled hardware config loads and is connected") {
+  int seen = 0;
+  for (const auto& entry : std::filesystem::recursive_directory_iterator(config(""))) {
+    if (entry.path().extension() != ".textproto") continue;
+    INFO(entry.path());
+    if (entry.path().filename() == "h100-16k.textproto") continue;  // benchmark size: checked by `make bench`
+    topo::Cluster c = topo::load_cluster(entry.path().string());
+    CHECK(c.device_count() > 0);
+    CHECK_FALSE(c.name().empty());
+    ++seen;
+  }
+  CHECK(seen >= 5);
+}
+
+TEST_CASE("dgx-h100: 8 H100 SXM5 on NVSwitch") {
+  topo::Cluster c = topo::load_cluster(config("dgx-h100.textproto"));
+  topo::TopologyMetrics m = topo::compute_metrics(c);
+  CHECK(c.device_count() == 8);
+  // NVIDIA H100 datasheet: 989.4 TFLOP/s BF16 dense, 80 GB HBM3 at 3.35 TB/s.
+  CHECK(c.device_type(0).peak_flops_per_s().bf16() == Approx(989.4e12));
+  CHECK(c.device_type(0).memory_bytes() == Approx(80e9));
+  CHECK(c.device_type(0).memory_bandwidth_bps() == Approx(3.35e12));
+  // NVLink4: 900 GB/s bidirectional = 450 GB/s per direction per GPU.
+  for (const auto& d : m.devices) CHECK(d.scaleup_Bps == Approx(900e9 / 2));
+  // PCIe Gen5 x16: 64 GB/s per direction.
+  for (const auto& d : m.devices) CHECK(d.host_Bps == Approx(64e9));
+  CHECK(m.diameter_hops == 2);
+}
+
+TEST_CASE("dgx-a100: 8 A100 SXM4 on NVSwitch, HDR NICs") {
+  topo::Cluster c = topo::load_cluster(config("dgx-a100.textproto"));
+  topo::TopologyMetrics m = topo::compute_metrics(c);
+  // NVIDIA A100 datasheet: 312 TFLOP/s BF16 dense; NVLink3 600 GB/s bidirectional.
+  CHECK(c.device_type(0).peak_flops_per_s().bf16() == Approx(312e12));
+  CHECK_FALSE(c.device_type(0).peak_flops_per_s().has_fp8());
+  for (const auto& d : m.devices) CHECK(d.scaleup_Bps == Approx(600e9 / 2));
+}
+
+TEST_CASE("h100-1024: 128 DGX H100, NDR 400 Gb/s per GPU, rail-optimised at 1:1") {
+  topo::Cluster c = topo::load_cluster(config("h100-1024.textproto"));
+  CHECK(c.device_count() == 1024);
+  CHECK(c.node_count() == 128);
+  CHECK(c.fabric_kind() == "rail_optimized");
+  topo::TopologyMetrics m = topo::compute_metrics(c);
+  for (const auto& d : m.devices) CHECK(d.scaleout_Bps == Approx(400e9 / 8));
+  // Full bisection: half the GPUs at 50 GB/s each.
+  CHECK(m.bisection_bandwidth_Bps == Approx(512 * 50e9));
+  CHECK(m.diameter_hops == 8);
+}
+
+TEST_CASE("h800-2048: the DeepSeek-V3 cluster") {
+  topo::Cluster c = topo::load_cluster(config("h800-2048.textproto"));
+  // DeepSeek-V3 technical report, 3.1: 2,048 H800 GPUs, 8 per node.
+  CHECK(c.device_count() == 2048);
+  CHECK(c.node_count() == 256);
+  topo::TopologyMetrics m = topo::compute_metrics(c);
+  for (const auto& d : m.devices) {
+    CHECK(d.scaleup_Bps == Approx(400e9 / 2));  // H800 NVLink 400 GB/s bidirectional
+    CHECK(d.scaleout_Bps == Approx(50e9));      // 400 Gb/s InfiniBand per GPU
+  }
+  CHECK(m.bisection_bandwidth_Bps == Approx(1024 * 50e9));
+  CHECK(m.diameter_hops == 8);
+}
+
+TEST_CASE("pcie-8gpu: no scale-up links, routes through PCIe switches and CPUs") {
+  topo::Cluster c = topo::load_cluster(config("pcie-8gpu.textproto"));
+  topo::TopologyMetrics m = topo::compute_metrics(c);
+  for (const auto& d : m.devices) CHECK(d.scaleup_Bps == 0);
+  topo::Router router(c);
+  CHECK(router.route(0, 1).hops == 2);  // same PCIe switch
+  CHECK(router.route(0, 2).hops == 4);  // through socket 0
+  CHECK(router.route(0, 4).hops == 5);  // across the socket link
+  // GPUs 0-3 vs 4-7: everything crosses the one inter-socket link.
+  CHECK(m.bisection_bandwidth_Bps == Approx(64e9));
+}
+
+TEST_CASE("mi300x-8: Infinity Fabric mesh, 64 GB/s to each peer") {
+  topo::Cluster c = topo::load_cluster(config("mi300x-8.textproto"));
+  topo::Route r = topo::Router(c).route(0, 7);
+  CHECK(r.hops == 1);
+  CHECK(r.bottleneck_Bps == Approx(448e9 / 7));
+}
