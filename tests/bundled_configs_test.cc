@@ -76,6 +76,14 @@ TEST_CASE("h800-2048: the DeepSeek-V3 cluster") {
   }
   CHECK(m.bisection_bandwidth_Bps == Approx(1024 * 50e9));
   CHECK(m.diameter_hops == 8);
+  // From GPU 0: 7 peers over NVLink, 3 nodes x 8 GPUs under the same leaf (32 NICs a leaf), the
+  // rest across one of the 32 spines.
+  REQUIRE(m.route_classes.size() == 3);
+  CHECK(m.route_classes[0].destinations == 7);
+  CHECK(m.route_classes[1].destinations == 24);
+  CHECK(m.route_classes[1].paths == 1);
+  CHECK(m.route_classes[2].destinations == 2016);
+  CHECK(m.route_classes[2].paths == 32);
 }
 
 TEST_CASE("pcie-8gpu: no scale-up links, routes through PCIe switches and CPUs") {
