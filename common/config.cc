@@ -132,6 +132,35 @@ class CollectErrors : public pb::io::ErrorCollector {
   std::vector<Diagnostic>* out_;
 };
 
+// protobuf's text parser reports some errors (an unknown enum value, for one) at the token after
+// the offending one, often on the next line. For the errors that quote the offending token, move
+// the position back to the token's last occurrence before the reported one (within 3 lines).
+void point_at_quoted_token(const std::string& text, Diagnostic* d) {
+  const bool names_its_token = d->message.find("Unknown enumeration value") != std::string::npos ||
+                               d->message.find("has no field named") != std::string::npos;
+  if (!names_its_token) return;
+  std::vector<size_t> line_start{0};
+  for (size_t i = 0; i < text.size(); ++i)
+    if (text[i] == '\n') line_start.push_back(i + 1);
+  if (d->line < 1 || static_cast<size_t>(d->line) > line_start.size()) return;
+  const size_t reported = std::min(text.size(), line_start[d->line - 1] + std::max(0, d->column - 1));
+  const size_t floor = line_start[std::max(0, d->line - 4)];
+  size_t best = std::string::npos;
+  for (size_t q = d->message.find('"'); q != std::string::npos; q = d->message.find('"', q + 1)) {
+    const size_t end = d->message.find('"', q + 1);
+    if (end == std::string::npos) break;
+    const std::string token = d->message.substr(q + 1, end - q - 1);
+    q = end;
+    if (token.empty() || reported < token.size()) continue;
+    const size_t at = text.rfind(token, reported - 1);
+    if (at != std::string::npos && at >= floor && (best == std::string::npos || at > best)) best = at;
+  }
+  if (best == std::string::npos) return;
+  auto it = std::upper_bound(line_start.begin(), line_start.end(), best);
+  d->line = static_cast<int>(it - line_start.begin());
+  d->column = static_cast<int>(best - line_start[d->line - 1]) + 1;
+}
+
 }  // namespace
 
 ConfigDocument ConfigDocument::parse_text(const std::string& text, const std::string& name, pb::Message* msg) {
@@ -147,6 +176,7 @@ ConfigDocument ConfigDocument::parse_text(const std::string& text, const std::st
   msg->Clear();
   if (!parser.ParseFromString(text, msg) || !errors.empty()) {
     if (errors.empty()) errors.push_back(Diagnostic{name, 0, 0, "", "could not parse text-format message"});
+    for (Diagnostic& d : errors) point_at_quoted_token(text, &d);
     throw ConfigError(std::move(errors));
   }
   return doc;

@@ -64,7 +64,7 @@ void validate_device(const ConfigScope& s) {
 // Returns NICs per node (0 when the node is too broken to tell).
 int validate_node(const ConfigScope& s) {
   const auto& node = static_cast<const hw::NodeTemplate&>(s.message());
-  if (s.require("device")) validate_device(s.child("device"));
+  if (s.require("device") && !node.device().has_preset()) validate_device(s.child("device"));  // else: unknown preset
   const bool devices_ok = s.in_range("devices_per_node", 1, kMaxDevicesPerNode, Need::kRequired);
   const int devices = devices_ok ? node.devices_per_node() : 0;
 
@@ -141,7 +141,8 @@ void validate_template_cluster(const ConfigScope& root, const hw::Cluster& c) {
   if (root.require("node")) {
     const size_t before = root.problem_count();
     nics = validate_node(root.child("node"));
-    node_ok = root.problem_count() == before;  // the node's shape can be trusted below
+    // The node's shape can be trusted below (an unresolved preset was reported already).
+    node_ok = root.problem_count() == before && !c.node().device().has_preset();
   }
   const bool nodes_ok = root.in_range("nodes", 1, static_cast<double>(kMaxDevices), Need::kRequired);
 
@@ -157,14 +158,18 @@ void validate_template_cluster(const ConfigScope& root, const hw::Cluster& c) {
     root.error("fabric", fmt::format("missing required value: {} nodes need a fabric ({})", c.nodes(),
                                      fabric_generators().names()));
   }
-  if (!node_ok || !nodes_ok) return;  // the shape below needs a sound node and count
 
-  NodeShape shape = node_shape(c, nics);
+  // The fabric is checked even when the node is not: what it cannot know is marked unknown (-1).
+  NodeShape shape = node_ok ? node_shape(c, nics) : NodeShape{};
+  shape.nodes = nodes_ok ? c.nodes() : -1;
+  if (!node_ok) shape.nics_per_node = -1;
+  bool fabric_ok = true;
   if (gen != nullptr) {
     const size_t before = root.problem_count();
     gen->validate(root.child("fabric").child(fcase->name()), shape);
-    if (root.problem_count() != before) return;
+    fabric_ok = root.problem_count() == before;
   }
+  if (!node_ok || !nodes_ok || !fabric_ok) return;  // the size below needs all three sound
 
   // Refuse absurd sizes before anything is allocated.
   GraphSize per_node = node_size(c.node(), nics);
@@ -190,7 +195,7 @@ void validate_graph_cluster(const ConfigScope& root, const hw::Cluster& c) {
   std::unordered_set<std::string> type_names;
   for (int i = 0; i < c.device_type_size(); ++i) {
     ConfigScope t = root.child("device_type", i);
-    validate_device(t);
+    if (!c.device_type(i).has_preset()) validate_device(t);  // else: unknown preset, reported
     if (c.device_type(i).has_name() && !type_names.insert(c.device_type(i).name()).second)
       t.error("name", fmt::format("duplicate device type '{}'", c.device_type(i).name()));
   }
@@ -383,7 +388,6 @@ Cluster load(hw::Cluster spec, const ConfigDocument& doc) {
   Diagnostics diags;
   ConfigScope parsed = doc.root(&diags);
   resolve_presets(&spec, parsed);
-  diags.throw_if_any();
   ConfigScope root = doc.root_for(spec, &diags);
   validate(root, spec);
   diags.throw_if_any();

@@ -169,7 +169,7 @@ class TorusGenerator final : public TypedGenerator<hw::Torus> {
           product *= t.dims(i);
         }
       }
-      if (ok && product != shape.nodes)
+      if (ok && shape.nodes > 0 && product != shape.nodes)
         scope.error("dims", fmt::format("the dimensions multiply to {} but the cluster has {} nodes", product,
                                         shape.nodes));
     }
@@ -233,8 +233,10 @@ class ExplicitFabricGenerator final : public TypedGenerator<hw::ExplicitFabric> 
         if (!link.require(end)) continue;
         const std::string& ref = end[0] == 'a' ? f.link(i).a() : f.link(i).b();
         if (std::find(names.begin(), names.end(), ref) == names.end() && !parse_port(ref, shape))
-          link.error(end, fmt::format("'{}' is neither a switch of this fabric nor a NIC port node<N>.nic<K> "
-                                      "(N < {}, K < {})", ref, shape.nodes, shape.nics_per_node));
+          link.error(end, fmt::format("'{}' is neither a switch of this fabric nor a NIC port node<N>.nic<K>{}", ref,
+                                      shape.nodes > 0 && shape.nics_per_node > 0
+                                          ? fmt::format(" (N < {}, K < {})", shape.nodes, shape.nics_per_node)
+                                          : ""));
       }
       if (f.link(i).a() == f.link(i).b() && f.link(i).has_a()) link.error("b", "a link cannot join a vertex to itself");
       link.positive("bandwidth_Bps", Need::kRequired);
@@ -267,7 +269,9 @@ class ExplicitFabricGenerator final : public TypedGenerator<hw::ExplicitFabric> 
     if (std::sscanf(ref.c_str(), "node%lld.nic%d%n", &n, &k, &consumed) != 2 ||
         consumed != static_cast<int>(ref.size()))
       return std::nullopt;
-    if (n < 0 || n >= shape.nodes || k < 0 || k >= shape.nics_per_node) return std::nullopt;
+    if (n < 0 || k < 0) return std::nullopt;
+    if ((shape.nodes >= 0 && n >= shape.nodes) || (shape.nics_per_node >= 0 && k >= shape.nics_per_node))
+      return std::nullopt;
     return std::pair<int64_t, int>{n, k};
   }
 };

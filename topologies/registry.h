@@ -14,6 +14,7 @@
 namespace moesim::topo {
 
 // What a fabric generator needs to know about the nodes it joins.
+// While validating, a figure that could not be trusted (its own part of the config is broken) is -1.
 struct NodeShape {
   int64_t nodes = 0;
   int nics_per_node = 0;
