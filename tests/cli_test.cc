@@ -170,7 +170,7 @@ TEST_CASE("list shows the registries") {
   CHECK(text.out.find("rail_optimized") != std::string::npos);
 }
 
-TEST_CASE("every command has --help; usage errors exit 2") {
+TEST_CASE("every command has --help, and usage errors exit 2") {
   for (const char* cmd : {"topo show", "topo check", "topo dot", "list"}) {
     Run r = moesim_run(fmt::format("{} --help", cmd));
     INFO(cmd);
