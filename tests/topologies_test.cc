@@ -96,6 +96,14 @@ TEST_CASE("fat-tree: partly filled leaves switch the symmetry hint off, and figu
   CHECK(m.diameter_hops == 8);
 }
 
+TEST_CASE("fat-tree: a single leaf needs no spines") {
+  topo::Cluster c = small_cluster(2, "fat_tree { nics_per_leaf: 4 spines: 2 }");
+  CHECK(c.vertex_count() == 2 * 8 + 1);  // one leaf, no spine
+  topo::TopologyMetrics m = topo::compute_metrics(c);
+  CHECK(m.diameter_hops == 6);
+  CHECK(m.bisection_bandwidth_Bps == Approx(2 * 10e9));
+}
+
 TEST_CASE("rail-optimised: NIC i of every node on rail i, spines between groups") {
   const double B = 10e9;
   // 4 nodes in groups of 2, 2 rails -> 4 rail leaves; 2 spines.

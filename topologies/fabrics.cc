@@ -64,7 +64,8 @@ class SingleSwitchGenerator final : public TypedGenerator<hw::SingleSwitch> {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Leaf-spine with `leaves` leaves each linked to every spine; link bandwidth from the leaf radix.
+// Leaf-spine with `leaves` leaves each linked to every spine (no spines when one leaf does);
+// link bandwidth from the leaf radix.
 //   leaf-spine link bandwidth = ports_per_leaf * port_bandwidth / (oversubscription * spines)
 void validate_two_tier(const ConfigScope& scope, const char* per_leaf_field, int64_t per_leaf_limit) {
   scope.in_range(per_leaf_field, 1, static_cast<double>(per_leaf_limit), Need::kRequired);
@@ -103,12 +104,12 @@ class FatTreeGenerator final : public TypedGenerator<hw::FatTree> {
                    Symmetry& sym) const override {
     const int64_t per_leaf = f.nics_per_leaf();
     const int64_t leaves = ceil_div(port_count(shape), per_leaf);
-    std::vector<VertexId> spines = add_spines(b, f.spines());
+    std::vector<VertexId> spines = leaves > 1 ? add_spines(b, f.spines()) : std::vector<VertexId>{};
     const double uplink = per_leaf * shape.port_bandwidth_Bps / (f.oversubscription() * f.spines());
     std::vector<VertexId> leaf(leaves);
     for (int64_t l = 0; l < leaves; ++l) {
       leaf[l] = b.add_vertex({hw::SWITCH, fmt::format("leaf{}", l), -1, -1});
-      if (leaves > 1) link_leaf_to_spines(b, leaf[l], spines, uplink, f.link_latency_s());
+      link_leaf_to_spines(b, leaf[l], spines, uplink, f.link_latency_s());
     }
     int64_t port = 0;
     for (const auto& node : ports)
@@ -135,15 +136,15 @@ class RailOptimizedGenerator final : public TypedGenerator<hw::RailOptimized> {
     const int64_t per_group = f.nodes_per_group();
     const int64_t groups = ceil_div(shape.nodes, per_group);
     const int rails = shape.nics_per_node;
-    std::vector<VertexId> spines = add_spines(b, f.spines());
-    const double uplink = per_group * shape.port_bandwidth_Bps / (f.oversubscription() * f.spines());
     const bool need_spines = groups * rails > 1;
+    std::vector<VertexId> spines = need_spines ? add_spines(b, f.spines()) : std::vector<VertexId>{};
+    const double uplink = per_group * shape.port_bandwidth_Bps / (f.oversubscription() * f.spines());
     std::vector<VertexId> leaf(groups * rails);
     for (int64_t g = 0; g < groups; ++g)
       for (int r = 0; r < rails; ++r) {
         VertexId l = b.add_vertex({hw::SWITCH, fmt::format("group{}.rail{}", g, r), -1, -1});
         leaf[g * rails + r] = l;
-        if (need_spines) link_leaf_to_spines(b, l, spines, uplink, f.link_latency_s());
+        link_leaf_to_spines(b, l, spines, uplink, f.link_latency_s());
       }
     for (int64_t n = 0; n < shape.nodes; ++n)
       for (int r = 0; r < rails; ++r) attach(b, ports[n][r], leaf[(n / per_group) * rails + r]);
