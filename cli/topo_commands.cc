@@ -2,6 +2,7 @@
 #include "cli/cli.pb.h"
 #include "cli/commands.h"
 #include "common/json.h"
+#include "common/progress.h"
 #include "topologies/cluster.h"
 #include "topologies/metrics.h"
 #include "topologies/registry.h"
@@ -38,6 +39,8 @@ int topo_show(const Args& a) {
   options.all_sources = a.flag("--all-sources");
   options.threads = a.get_int("--threads", 0, 0, 1024);
   return with_cluster(a, [&](const topo::Cluster& c, const std::string&) {
+    Progress progress("routing", 0);
+    options.progress = &progress;
     report::TopologyReport r = topo::make_report(c, topo::compute_metrics(c, options));
     if (a.flag("--json")) std::cout << topo::report_json(r);
     else topo::print_report_table(r, std::cout);

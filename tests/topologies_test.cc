@@ -23,7 +23,9 @@ int rank_of(const topo::Cluster& c, int node, int local) {
 void check_symmetry_hint(const topo::Cluster& c) {
   REQUIRE(c.symmetry().nodes_equivalent);
   topo::TopologyMetrics hinted = topo::compute_metrics(c);
-  topo::TopologyMetrics full = topo::compute_metrics(c, {.all_sources = true});
+  topo::MetricsOptions all;
+  all.all_sources = true;
+  topo::TopologyMetrics full = topo::compute_metrics(c, all);
   CHECK(hinted.sources_examined < full.sources_examined);
   CHECK(full.sources_examined == c.device_count());
   CHECK(hinted.diameter_hops == full.diameter_hops);

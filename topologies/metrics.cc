@@ -194,6 +194,7 @@ TopologyMetrics compute_metrics(const Cluster& c, const MetricsOptions& options)
   for (int r = 0; r < c.device_count(); ++r)
     if (options.all_sources || !c.symmetry().nodes_equivalent || c.device(r).node == 0) sources.push_back(r);
   m.sources_examined = static_cast<int>(sources.size());
+  if (options.progress) options.progress->set_total(sources.size());
 
   Router router(c);
   std::mutex mu;
@@ -206,10 +207,13 @@ TopologyMetrics compute_metrics(const Cluster& c, const MetricsOptions& options)
         latency = std::max(latency, routes[d].latency_s);
       }
     std::vector<RouteClass> classes = src == 0 ? route_classes(c, 0, routes) : std::vector<RouteClass>{};
-    std::lock_guard lock(mu);
-    m.diameter_hops = std::max(m.diameter_hops, hops);
-    m.max_route_latency_s = std::max(m.max_route_latency_s, latency);
-    if (src == 0) m.route_classes = std::move(classes);
+    {
+      std::lock_guard lock(mu);
+      m.diameter_hops = std::max(m.diameter_hops, hops);
+      m.max_route_latency_s = std::max(m.max_route_latency_s, latency);
+      if (src == 0) m.route_classes = std::move(classes);
+    }
+    if (options.progress) options.progress->advance();
   });
   return m;
 }

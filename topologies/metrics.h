@@ -15,6 +15,7 @@
 //       nodes are equivalent (Symmetry::nodes_equivalent).
 #pragma once
 
+#include "common/progress.h"
 #include "topologies/cluster.h"
 #include "topologies/routing.h"
 
@@ -51,6 +52,7 @@ struct TopologyMetrics {
 struct MetricsOptions {
   bool all_sources = false;  // ignore the symmetry hint and route from every device
   int threads = 0;           // 0: one per hardware thread
+  Progress* progress = nullptr;  // told the number of sources, then advanced once per source
 };
 
 TopologyMetrics compute_metrics(const Cluster& cluster, const MetricsOptions& options = {});
