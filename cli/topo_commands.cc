@@ -1,4 +1,4 @@
-// `moesim topo show|check|dot` and `moesim list`.
+// `moesim topo show|route|check|dot` and `moesim list`.
 #include "cli/cli.pb.h"
 #include "cli/commands.h"
 #include "common/json.h"
@@ -10,6 +10,7 @@
 
 #include <fmt/format.h>
 
+#include <charconv>
 #include <iostream>
 
 namespace moesim::cli {
@@ -44,6 +45,32 @@ int topo_show(const Args& a) {
     report::TopologyReport r = topo::make_report(c, topo::compute_metrics(c, options));
     if (a.flag("--json")) std::cout << topo::report_json(r);
     else topo::print_report_table(r, std::cout);
+    return kExitOk;
+  });
+}
+
+// A device by name ("node3.gpu5") or rank ("29").
+int find_device(const topo::Cluster& c, const std::string& file, const std::string& option, const std::string& ref) {
+  for (int r = 0; r < c.device_count(); ++r)
+    if (c.graph()[c.device(r).vertex].name == ref) return r;
+  int rank = -1;
+  if (auto [end, ec] = std::from_chars(ref.data(), ref.data() + ref.size(), rank);
+      ec == std::errc() && end == ref.data() + ref.size() && rank >= 0 && rank < c.device_count())
+    return rank;
+  throw UsageError(fmt::format("{}: no device '{}' in {}: give a name ({} .. {}) or a rank (0 .. {})", option, ref, file,
+                               c.graph()[c.device(0).vertex].name, c.graph()[c.devices().back().vertex].name,
+                               c.device_count() - 1));
+}
+
+int topo_route(const Args& a) {
+  if (!a.has("--from") || !a.has("--to")) throw UsageError("give --from and --to");
+  const int max_paths = a.get_int("--paths", 1, 1, 1 << 16);
+  return with_cluster(a, [&](const topo::Cluster& c, const std::string& file) {
+    const int src = find_device(c, file, "--from", a.get("--from"));
+    const int dst = find_device(c, file, "--to", a.get("--to"));
+    report::RouteReport r = topo::make_route_report(c, src, dst, max_paths);
+    if (a.flag("--json")) std::cout << to_json(r);
+    else topo::print_route_table(r, std::cout);
     return kExitOk;
   });
 }
@@ -115,6 +142,12 @@ std::vector<Command> topo_commands() {
        "  --all-sources  route from every device for the diameter, even when nodes are equivalent\n"
        "  --threads N    routing threads (default: all cores)\n",
        {{"--all-sources"}, {"--threads"}}, topo_show},
+      {"topo route", "the route between two devices, hop by hop, with its ECMP paths",
+       "usage: moesim topo route FILE --from DEVICE --to DEVICE [--paths N] [--json]\n\n"
+       "  DEVICE     a device name (node3.gpu5) or rank (29)\n"
+       "  --paths N  spell out up to N of the route's equal-cost paths (default 1)\n\n"
+       "Routes are shortest paths under cost = latency + 1 MiB / bandwidth per link; see docs/TOPOLOGIES.md.\n",
+       {{}, {"--from", "--to", "--paths"}}, topo_route},
       {"topo check", "validate a cluster description; every problem as FILE:LINE: field: message",
        "usage: moesim topo check FILE [--json]\n\n"
        "Exit code 0 when the file is valid, 2 with every problem listed otherwise.\n",

@@ -141,6 +141,29 @@ TEST_CASE("topo show on a bad file fails the same way, with nothing on stdout") 
   CHECK(missing.err.find("no/such/file.textproto: cannot open file") != std::string::npos);
 }
 
+TEST_CASE("topo route spells out a route hop by hop") {
+  Run r = moesim_run("topo route configs/hardware/h800-2048.textproto --from node0.gpu0 --to 1603 --paths 3 --json");
+  REQUIRE(r.exit_code == 0);
+  auto route = parse_json<report::RouteReport>(r.out);
+  CHECK(route.from() == "node0.gpu0");
+  CHECK(route.to() == "node200.gpu3");  // rank 1603 = node 200, GPU 3
+  CHECK(route.hops() == 8);
+  CHECK(route.ecmp_paths() == 32);  // one per spine
+  REQUIRE(route.paths_size() == 3);
+  for (const auto& p : route.paths()) {
+    REQUIRE(p.hops_size() == 8);
+    CHECK(p.hops(3).vertex().rfind("spine", 0) == 0);
+    CHECK(p.hops(7).vertex() == "node200.gpu3");
+    CHECK(p.hops(2).link_kind() == "NETWORK");
+  }
+  CHECK(route.paths(0).hops(3).vertex() != route.paths(1).hops(3).vertex());
+
+  Run bad = moesim_run("topo route configs/hardware/h800-2048.textproto --from node0.gpu0 --to node900.gpu3");
+  CHECK(bad.exit_code == 2);
+  CHECK(bad.err.find("no device 'node900.gpu3'") != std::string::npos);
+  CHECK(moesim_run("topo route configs/hardware/h800-2048.textproto --from 0").exit_code == 2);
+}
+
 TEST_CASE("topo dot draws every physical link once") {
   Run r = moesim_run("topo dot configs/hardware/dgx-h100.textproto");
   REQUIRE(r.exit_code == 0);
@@ -171,7 +194,7 @@ TEST_CASE("list shows the registries") {
 }
 
 TEST_CASE("every command has --help, and usage errors exit 2") {
-  for (const char* cmd : {"topo show", "topo check", "topo dot", "list"}) {
+  for (const char* cmd : {"topo show", "topo route", "topo check", "topo dot", "list"}) {
     Run r = moesim_run(fmt::format("{} --help", cmd));
     INFO(cmd);
     CHECK(r.exit_code == 0);

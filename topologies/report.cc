@@ -1,5 +1,6 @@
 #include "topologies/report.h"
 
+#include "common/error.h"
 #include "common/json.h"
 #include "common/precision.h"
 #include "common/units.h"
@@ -101,6 +102,52 @@ void print_report_table(const report::TopologyReport& r, std::ostream& out) {
   for (const report::RouteClassReport& k : r.routes_from_device0())
     fmt::print(out, "  {:<11}{:>8}{:>6}{:>13}{:>11}{:>12}\n", k.same_node() ? "same node" : "other node", k.destinations(),
                k.hops(), format_bandwidth(k.bottleneck_bps()), format_seconds(k.latency_s()), k.ecmp_paths());
+}
+
+report::RouteReport make_route_report(const Cluster& c, int src, int dst, int max_paths) {
+  const Graph& g = c.graph();
+  topo::Route route = Router(c).route(src, dst, max_paths);
+  report::RouteReport r;
+  r.set_from(g[c.device(src).vertex].name);
+  r.set_to(g[c.device(dst).vertex].name);
+  r.set_reachable(route.reachable());
+  r.set_hops(route.hops);
+  r.set_bottleneck_bps(route.bottleneck_Bps);
+  r.set_latency_s(route.latency_s);
+  r.set_ecmp_paths(static_cast<uint32_t>(std::min<uint64_t>(route.paths, UINT32_MAX)));
+  for (const std::vector<VertexId>& path : route.path_list) {
+    report::RoutePath* p = r.add_paths();
+    p->set_source(g[path.front()].name);
+    for (size_t i = 1; i < path.size(); ++i) {
+      // Of parallel links between the two vertices, the fastest is the one a route takes.
+      const LinkProps* best = nullptr;
+      for (EdgeId e : boost::make_iterator_range(boost::out_edges(path[i - 1], g)))
+        if (boost::target(e, g) == path[i] && (!best || g[e].bandwidth_Bps > best->bandwidth_Bps)) best = &g[e];
+      MOESIM_ASSERT(best != nullptr, "no link {} -> {}", g[path[i - 1]].name, g[path[i]].name);
+      report::RouteHop* hop = p->add_hops();
+      hop->set_vertex(g[path[i]].name);
+      hop->set_link_kind(hw::LinkKind_Name(best->kind));
+      hop->set_bandwidth_bps(best->bandwidth_Bps);
+      hop->set_latency_s(best->latency_s);
+    }
+  }
+  return r;
+}
+
+void print_route_table(const report::RouteReport& r, std::ostream& out) {
+  if (!r.reachable()) {
+    fmt::print(out, "no route from {} to {}\n", r.from(), r.to());
+    return;
+  }
+  fmt::print(out, "route {} -> {}: {} hops, bottleneck {}, latency {}, {} ECMP path{}\n", r.from(), r.to(), r.hops(),
+             format_bandwidth(r.bottleneck_bps()), format_seconds(r.latency_s()), r.ecmp_paths(),
+             r.ecmp_paths() == 1 ? "" : "s");
+  for (int i = 0; i < r.paths_size(); ++i) {
+    fmt::print(out, "\npath {} of {}:\n  {}\n", i + 1, r.ecmp_paths(), r.paths(i).source());
+    for (const report::RouteHop& h : r.paths(i).hops())
+      fmt::print(out, "   -> {:<22}{:<9}{:>11}{:>10}\n", h.vertex(), h.link_kind(), format_bandwidth(h.bandwidth_bps()),
+                 format_seconds(h.latency_s()));
+  }
 }
 
 void write_dot(const Cluster& c, std::ostream& out) {
