@@ -5,6 +5,8 @@
 #include <catch2/catch.hpp>
 
 #include <filesystem>
+#include <fstream>
+#include <sstream>
 
 using namespace moesim;
 
@@ -103,4 +105,21 @@ TEST_CASE("mi300x-8: Infinity Fabric mesh, 64 GB/s to each peer") {
   topo::Route r = topo::Router(c).route(0, 7);
   CHECK(r.hops == 1);
   CHECK(r.bottleneck_Bps == Approx(448e9 / 7));
+}
+
+TEST_CASE("the README's config example is valid and means what it says") {
+  std::ifstream in(std::string(MOESIM_SOURCE_DIR) + "/README.md");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  const std::string readme = ss.str();
+  const size_t start = readme.find("```\nname: \"two-dgx\"");
+  REQUIRE(start != std::string::npos);
+  const size_t end = readme.find("```", start + 3);
+  topo::Cluster c = topo::load_cluster_text(readme.substr(start + 4, end - start - 4), "README.md");
+  CHECK(c.device_count() == 16);
+  topo::TopologyMetrics m = topo::compute_metrics(c);
+  for (const auto& d : m.devices) {
+    CHECK(d.scaleup_Bps == Approx(450e9));
+    CHECK(d.scaleout_Bps == Approx(50e9));
+  }
 }
