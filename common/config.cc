@@ -84,7 +84,7 @@ double ConfigScope::number(std::string_view name) const {
   return 0;
 }
 
-bool ConfigScope::positive(std::string_view name, Need need, bool allow_zero) const {
+bool ConfigScope::positive(std::string_view name, Need need, bool allow_zero, double max) const {
   if (!has(name)) {
     if (need == Need::kRequired) error(name, "missing required value");
     return false;
@@ -96,6 +96,10 @@ bool ConfigScope::positive(std::string_view name, Need need, bool allow_zero) co
   }
   if (v < 0 || (v == 0 && !allow_zero)) {
     error(name, fmt::format("must be {}, got {}", allow_zero ? "zero or more" : "greater than zero", v));
+    return false;
+  }
+  if (v > max) {
+    error(name, fmt::format("must be at most {:g}, got {:g}", max, v));
     return false;
   }
   return true;

@@ -17,6 +17,7 @@
 #include <google/protobuf/message.h>
 #include <google/protobuf/text_format.h>
 
+#include <limits>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -64,8 +65,9 @@ class ConfigScope {
   bool has(std::string_view field) const;
   // Records "missing required value" when `field` is absent.
   bool require(std::string_view field) const;
-  // Numeric field: finite and > 0 (>= 0 when allow_zero). Returns true when present and valid.
-  bool positive(std::string_view field, Need need, bool allow_zero = false) const;
+  // Numeric field: finite, > 0 (>= 0 when allow_zero) and <= max. True when present and valid.
+  bool positive(std::string_view field, Need need, bool allow_zero = false,
+                double max = std::numeric_limits<double>::infinity()) const;
   // Numeric field: finite and within [lo, hi].
   bool in_range(std::string_view field, double lo, double hi, Need need) const;
   // How many problems have been recorded so far (to tell whether a part validated cleanly).

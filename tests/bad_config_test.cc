@@ -303,6 +303,15 @@ TEST_CASE("bad number: negative NIC bandwidth") {
   CHECK_THAT(d.message, Catch::Contains("50000000000") || Catch::Contains("5e+10"));
 }
 
+TEST_CASE("bad number: an absurd bandwidth, latency or memory is refused") {
+  check(only_diagnostic(fat_tree_cluster().set(13, "    bandwidth_Bps: 1e300")), 13, "node.nic[0].bandwidth_Bps",
+        "must be at most 1e+15, got 1e+300");
+  check(only_diagnostic(fat_tree_cluster().set(14, "    latency_s: 3600")), 14, "node.nic[0].latency_s",
+        "must be at most 1, got 3600");
+  check(only_diagnostic(fat_tree_cluster().set(5, "  device { preset: \"h100-sxm5\" memory_bytes: 1e40 }")), 5,
+        "node.device.memory_bytes", "must be at most 1e+15");
+}
+
 TEST_CASE("bad number: NaN NIC bandwidth") {
   Config c = fat_tree_cluster().set(13, "    bandwidth_Bps: nan");
   check(only_diagnostic(c), 13, "node.nic[0].bandwidth_Bps", "must be a finite number, got nan");

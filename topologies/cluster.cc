@@ -52,13 +52,13 @@ void validate_device(const ConfigScope& s) {
   if (s.require("peak_flops_per_s")) {
     ConfigScope peak = s.child("peak_flops_per_s");
     bool any = false;
-    for (const char* dtype : {"fp32", "tf32", "bf16", "fp16", "fp8"}) any |= peak.positive(dtype, Need::kOptional);
+    for (const char* dtype : {"fp32", "tf32", "bf16", "fp16", "fp8"}) any |= peak.positive(dtype, Need::kOptional, /*allow_zero=*/false, kMaxFlops);
     if (!any && !peak.has("fp32") && !peak.has("tf32") && !peak.has("bf16") && !peak.has("fp16") && !peak.has("fp8"))
       s.error("peak_flops_per_s", "give the peak of at least one data type (fp32, tf32, bf16, fp16, fp8)");
   }
-  s.positive("memory_bytes", Need::kRequired);
-  s.positive("memory_bandwidth_Bps", Need::kRequired);
-  s.positive("kernel_launch_overhead_s", Need::kOptional, /*allow_zero=*/true);
+  s.positive("memory_bytes", Need::kRequired, /*allow_zero=*/false, kMaxBytes);
+  check_bandwidth(s, "memory_bandwidth_Bps", Need::kRequired);
+  check_latency(s, "kernel_launch_overhead_s");
 }
 
 // Returns NICs per node (0 when the node is too broken to tell).
@@ -74,16 +74,16 @@ int validate_node(const ConfigScope& s) {
     if (s.has("scaleup_bandwidth_Bps"))
       s.error("scaleup_bandwidth_Bps", "a PCIE_TREE node has no scale-up links; remove this or use NVSWITCH / NVLINK_MESH");
   } else {
-    s.positive("scaleup_bandwidth_Bps", Need::kRequired);
+    check_bandwidth(s, "scaleup_bandwidth_Bps", Need::kRequired);
   }
-  s.positive("scaleup_latency_s", Need::kOptional, /*allow_zero=*/true);
+  check_latency(s, "scaleup_latency_s");
 
   if (s.require("pcie")) {
     ConfigScope p = s.child("pcie");
     p.in_range("switches", 1, kMaxPcieSwitches, Need::kOptional);
-    p.positive("device_bandwidth_Bps", Need::kRequired);
-    p.positive("uplink_bandwidth_Bps", Need::kOptional);
-    p.positive("latency_s", Need::kOptional, /*allow_zero=*/true);
+    check_bandwidth(p, "device_bandwidth_Bps", Need::kRequired);
+    check_bandwidth(p, "uplink_bandwidth_Bps", Need::kOptional);
+    check_latency(p, "latency_s");
   }
 
   int64_t nics = 0;
@@ -91,8 +91,8 @@ int validate_node(const ConfigScope& s) {
     ConfigScope n = s.child("nic", i);
     const hw::Nic& nic = node.nic(i);
     if (n.in_range("count", 1, kMaxNicsPerNode, Need::kOptional) || !n.has("count")) nics += nic.count();
-    n.positive("bandwidth_Bps", Need::kRequired);
-    n.positive("latency_s", Need::kOptional, /*allow_zero=*/true);
+    check_bandwidth(n, "bandwidth_Bps", Need::kRequired);
+    check_latency(n, "latency_s");
     if (nic.devices_size() > 0 && nic.count() != 1)
       n.error("devices", "a PCIe affinity list describes one NIC: set count to 1 or drop devices");
     std::unordered_set<int> seen;
@@ -106,10 +106,10 @@ int validate_node(const ConfigScope& s) {
   }
   if (nics > kMaxNicsPerNode) s.error("nic", fmt::format("{} NICs per node; at most {}", nics, kMaxNicsPerNode));
 
-  s.positive("host_memory_bytes", Need::kOptional, /*allow_zero=*/true);
+  s.positive("host_memory_bytes", Need::kOptional, /*allow_zero=*/true, kMaxBytes);
   if (s.in_range("cpu_sockets", 1, kMaxSockets, Need::kOptional) && node.cpu_sockets() > 1)
-    s.positive("socket_bandwidth_Bps", Need::kRequired);
-  s.positive("socket_latency_s", Need::kOptional, /*allow_zero=*/true);
+    check_bandwidth(s, "socket_bandwidth_Bps", Need::kRequired);
+  check_latency(s, "socket_latency_s");
   return nics > kMaxNicsPerNode ? 0 : static_cast<int>(nics);
 }
 
@@ -230,8 +230,8 @@ void validate_graph_cluster(const ConfigScope& root, const hw::Cluster& c) {
       if (l.require(end) && !names.count(ref)) l.error(end, fmt::format("no vertex named '{}' in this graph", ref));
     }
     if (link.has_a() && link.a() == link.b()) l.error("b", "a link cannot join a vertex to itself");
-    l.positive("bandwidth_Bps", Need::kRequired);
-    l.positive("latency_s", Need::kOptional, /*allow_zero=*/true);
+    check_bandwidth(l, "bandwidth_Bps", Need::kRequired);
+    check_latency(l, "latency_s");
     if (link.kind() == hw::LINK_KIND_UNSPECIFIED) l.error("kind", "set SCALEUP, PCIE, NETWORK or SOCKET");
   }
 }

@@ -47,7 +47,7 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 class SingleSwitchGenerator final : public TypedGenerator<hw::SingleSwitch> {
  public:
   void validate(const ConfigScope& scope, const NodeShape&) const override {
-    scope.positive("link_latency_s", Need::kOptional, /*allow_zero=*/true);
+    check_latency(scope, "link_latency_s");
   }
 
  protected:
@@ -75,7 +75,7 @@ void validate_two_tier(const ConfigScope& scope, const char* per_leaf_field, int
     if (!(r >= 1) || !std::isfinite(r))
       scope.error("oversubscription", fmt::format("must be a finite ratio of at least 1 (down:up), got {}", r));
   }
-  scope.positive("link_latency_s", Need::kOptional, /*allow_zero=*/true);
+  check_latency(scope, "link_latency_s");
 }
 
 std::vector<VertexId> add_spines(GraphBuilder& b, int spines) {
@@ -174,8 +174,8 @@ class TorusGenerator final : public TypedGenerator<hw::Torus> {
         scope.error("dims", fmt::format("the dimensions multiply to {} but the cluster has {} nodes", product,
                                         shape.nodes));
     }
-    scope.positive("link_bandwidth_Bps", Need::kRequired);
-    scope.positive("link_latency_s", Need::kOptional, /*allow_zero=*/true);
+    check_bandwidth(scope, "link_bandwidth_Bps", Need::kRequired);
+    check_latency(scope, "link_latency_s");
   }
 
  protected:
@@ -240,8 +240,8 @@ class ExplicitFabricGenerator final : public TypedGenerator<hw::ExplicitFabric> 
                                           : ""));
       }
       if (f.link(i).a() == f.link(i).b() && f.link(i).has_a()) link.error("b", "a link cannot join a vertex to itself");
-      link.positive("bandwidth_Bps", Need::kRequired);
-      link.positive("latency_s", Need::kOptional, /*allow_zero=*/true);
+      check_bandwidth(link, "bandwidth_Bps", Need::kRequired);
+      check_latency(link, "latency_s");
     }
   }
 

@@ -15,8 +15,9 @@
 namespace moesim::topo {
 namespace {
 
-// Integer max-flow over a small edge list. Capacities are whole bytes/s: exact arithmetic, no
-// floating-point termination worries in push-relabel.
+// Integer max-flow. Capacities are whole multiples of a unit chosen so that the fastest link is
+// 2^30 units: exact arithmetic (no floating-point termination worries in push-relabel), and no
+// overflow even summed over 2^26 links.
 class FlowNetwork {
  public:
   using Traits = boost::adjacency_list_traits<boost::vecS, boost::vecS, boost::directedS>;
@@ -45,7 +46,14 @@ class FlowNetwork {
   Net net_;
 };
 
-int64_t capacity(const LinkProps& l) { return std::llround(l.bandwidth_Bps); }
+struct FlowUnit {
+  double Bps;
+  explicit FlowUnit(const Graph& g) : Bps(0) {
+    for (EdgeId e : boost::make_iterator_range(boost::edges(g))) Bps = std::max(Bps, g[e].bandwidth_Bps);
+    Bps = std::max(Bps, 1.0) / double(1 << 30);
+  }
+  int64_t capacity(const LinkProps& l) const { return std::llround(l.bandwidth_Bps / Bps); }
+};
 
 // Vertices of each node (devices outside any node are their own group).
 std::vector<std::vector<VertexId>> node_groups(const Cluster& c) {
@@ -74,7 +82,8 @@ std::vector<std::vector<VertexId>> node_groups(const Cluster& c) {
 }
 
 // Max-flow from `sources` (a subset of `members`) to anything outside `members`.
-double flow_out_of(const Graph& g, const std::vector<VertexId>& members, const std::vector<VertexId>& sources) {
+double flow_out_of(const Graph& g, const FlowUnit& unit, const std::vector<VertexId>& members,
+                   const std::vector<VertexId>& sources) {
   std::unordered_map<VertexId, size_t> local;
   for (VertexId v : members) local.emplace(v, local.size());
   const size_t src = local.size(), sink = src + 1;
@@ -82,10 +91,10 @@ double flow_out_of(const Graph& g, const std::vector<VertexId>& members, const s
   for (VertexId v : members)
     for (EdgeId e : boost::make_iterator_range(boost::out_edges(v, g))) {
       auto it = local.find(boost::target(e, g));
-      net.add(local[v], it == local.end() ? sink : it->second, capacity(g[e]));
+      net.add(local[v], it == local.end() ? sink : it->second, unit.capacity(g[e]));
     }
   for (VertexId s : sources) net.add(src, local[s], FlowNetwork::kUnbounded);
-  return net.max_flow(src, sink);
+  return net.max_flow(src, sink) * unit.Bps;
 }
 
 std::vector<DeviceBandwidth> device_bandwidths(const Cluster& c) {
@@ -97,6 +106,7 @@ std::vector<DeviceBandwidth> device_bandwidths(const Cluster& c) {
       if (g[e].kind == hw::PCIE) out[r].host_Bps += g[e].bandwidth_Bps;
     }
   std::vector<std::vector<VertexId>> groups = node_groups(c);
+  const FlowUnit unit(g);
   // Equivalent nodes have equal figures: compute node 0 (ranks 0..D-1) and copy by local index.
   const bool copy = c.symmetry().nodes_equivalent && !c.spec().has_graph();
   for (const std::vector<VertexId>& members : groups) {
@@ -108,8 +118,8 @@ std::vector<DeviceBandwidth> device_bandwidths(const Cluster& c) {
       for (VertexId v : devs) out[g[v].device].scaleout_Bps = out[c.device(g[v].device).local_index].scaleout_Bps;
       continue;
     }
-    const double node_share = flow_out_of(g, members, devs) / static_cast<double>(devs.size());
-    for (VertexId v : devs) out[g[v].device].scaleout_Bps = std::min(flow_out_of(g, members, {v}), node_share);
+    const double node_share = flow_out_of(g, unit, members, devs) / static_cast<double>(devs.size());
+    for (VertexId v : devs) out[g[v].device].scaleout_Bps = std::min(flow_out_of(g, unit, members, {v}), node_share);
   }
   return out;
 }
@@ -138,14 +148,15 @@ std::vector<std::vector<uint8_t>> bisection_splits(const Cluster& c) {
 double cut_bandwidth(const Cluster& c, const std::vector<uint8_t>& side) {
   const Graph& g = c.graph();
   const size_t v_count = boost::num_vertices(g), src = v_count, sink = v_count + 1;
+  const FlowUnit unit(g);
   FlowNetwork net(v_count + 2);
   for (EdgeId e : boost::make_iterator_range(boost::edges(g)))
-    net.add(boost::source(e, g), boost::target(e, g), capacity(g[e]));
+    net.add(boost::source(e, g), boost::target(e, g), unit.capacity(g[e]));
   for (int r = 0; r < c.device_count(); ++r) {
     if (side[r] == 0) net.add(src, c.device(r).vertex, FlowNetwork::kUnbounded);
     else net.add(c.device(r).vertex, sink, FlowNetwork::kUnbounded);
   }
-  return net.max_flow(src, sink);
+  return net.max_flow(src, sink) * unit.Bps;
 }
 
 void for_each_source(const Router& router, const std::vector<int>& sources, int threads,

@@ -13,6 +13,20 @@
 
 namespace moesim::topo {
 
+// Physical quantities in configs, checked against bounds no real hardware comes near (they keep
+// arithmetic such as integer max-flow capacities exact and overflow-free).
+inline constexpr double kMaxBandwidth_Bps = 1e15;  // 1 PB/s per link direction
+inline constexpr double kMaxLatency_s = 1;
+inline constexpr double kMaxBytes = 1e15;
+inline constexpr double kMaxFlops = 1e18;  // per device
+
+inline bool check_bandwidth(const ConfigScope& s, std::string_view field, Need need) {
+  return s.positive(field, need, /*allow_zero=*/false, kMaxBandwidth_Bps);
+}
+inline bool check_latency(const ConfigScope& s, std::string_view field) {
+  return s.positive(field, Need::kOptional, /*allow_zero=*/true, kMaxLatency_s);
+}
+
 // What a fabric generator needs to know about the nodes it joins.
 // While validating, a figure that could not be trusted (its own part of the config is broken) is -1.
 struct NodeShape {
