@@ -41,10 +41,7 @@ class GraphBuilder {
   void add_link(VertexId a, VertexId b, double bandwidth_Bps, double latency_s, hw::LinkKind kind,
                 bool bidirectional = true);
 
-  size_t vertex_count() const { return vertices_.size(); }
-  size_t edge_count() const { return edges_.size(); }
   int link_count() const { return link_count_; }
-  const VertexProps& vertex(VertexId v) const { return vertices_[v]; }
 
   Graph finish() &&;
 

@@ -46,8 +46,6 @@ class Router {
   // One route with up to `max_paths` of its ECMP paths spelled out.
   Route route(int src, int dst, int max_paths = 16) const;
 
-  double link_cost(EdgeId e) const { return cost_[boost::get(boost::edge_index, cluster_.graph(), e)]; }
-
  private:
   struct Search {
     std::vector<double> dist;
