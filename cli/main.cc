@@ -40,6 +40,8 @@ const Command* match(const std::vector<Command>& commands, const std::vector<std
 
 int run(int argc, char** argv) {
   std::vector<Command> commands = topo_commands();
+  for (Command& c : collective_commands()) commands.push_back(std::move(c));
+  for (Command& c : model_commands()) commands.push_back(std::move(c));
   std::vector<std::string> args(argv + 1, argv + argc);
   if (args.empty() || args[0] == "--help" || args[0] == "-h" || args[0] == "help") {
     std::cout << top_help(commands);

@@ -3,6 +3,7 @@
 #include "cli/commands.h"
 #include "common/json.h"
 #include "common/progress.h"
+#include "costmodel/collectives.h"
 #include "topologies/cluster.h"
 #include "topologies/metrics.h"
 #include "topologies/registry.h"
@@ -118,13 +119,16 @@ int list(const Args& a) {
   ListResult out;
   add_registry(out, topo::fabric_generators());
   add_registry(out, topo::device_presets());
+  add_registry(out, cost::collective_algorithms());
   if (a.flag("--json")) {
     std::cout << to_json(out);
     return kExitOk;
   }
   for (const Registry& r : out.registries()) {
     std::cout << fmt::format("{}s:\n", r.kind());
-    for (const RegistryEntry& e : r.entries()) std::cout << fmt::format("  {:<16}{}\n", e.name(), e.description());
+    size_t width = 16;
+    for (const RegistryEntry& e : r.entries()) width = std::max(width, e.name().size() + 2);
+    for (const RegistryEntry& e : r.entries()) std::cout << fmt::format("  {:<{}}{}\n", e.name(), width, e.description());
     std::cout << '\n';
   }
   return kExitOk;

@@ -14,9 +14,15 @@ namespace pb = google::protobuf;
 
 void Diagnostics::throw_if_any() const {
   if (items_.empty()) return;
+  // Files in the order their first problem was found, each file's problems in line order.
+  std::vector<std::string> files;
+  for (const Diagnostic& d : items_)
+    if (std::find(files.begin(), files.end(), d.file) == files.end()) files.push_back(d.file);
+  auto key = [&](const Diagnostic& d) {
+    return std::pair(std::find(files.begin(), files.end(), d.file) - files.begin(), d.line);
+  };
   std::vector<Diagnostic> sorted = items_;
-  std::stable_sort(sorted.begin(), sorted.end(),
-                   [](const Diagnostic& a, const Diagnostic& b) { return a.line < b.line; });
+  std::stable_sort(sorted.begin(), sorted.end(), [&](const Diagnostic& a, const Diagnostic& b) { return key(a) < key(b); });
   throw ConfigError(std::move(sorted));
 }
 
@@ -41,6 +47,8 @@ int ConfigScope::line_of(std::string_view name, int index) const {
   const pb::FieldDescriptor* f = field(name);
   if (f->is_repeated() && index < 0) index = 0;
   pb::TextFormat::ParseLocation loc = tree_->GetLocation(f, f->is_repeated() ? index : -1);
+  // Elements of a list (`field: [a, b, c]`) may have no location of their own: use the field's.
+  if (loc.line < 0 && f->is_repeated() && index > 0) loc = tree_->GetLocation(f, 0);
   return loc.line >= 0 ? loc.line + 1 : line_;
 }
 
@@ -79,6 +87,7 @@ double ConfigScope::number(std::string_view name) const {
     case pb::FieldDescriptor::CPPTYPE_INT64: return static_cast<double>(r->GetInt64(*msg_, f));
     case pb::FieldDescriptor::CPPTYPE_UINT32: return r->GetUInt32(*msg_, f);
     case pb::FieldDescriptor::CPPTYPE_UINT64: return static_cast<double>(r->GetUInt64(*msg_, f));
+    case pb::FieldDescriptor::CPPTYPE_ENUM: return r->GetEnumValue(*msg_, f);
     default: MOESIM_ASSERT(false, "{} is not numeric", name);
   }
   return 0;

@@ -72,7 +72,7 @@ class ConfigScope {
   bool in_range(std::string_view field, double lo, double hi, Need need) const;
   // How many problems have been recorded so far (to tell whether a part validated cleanly).
   size_t problem_count() const { return out_->items().size(); }
-  // Value of a numeric field as a double (0 when absent).
+  // Value of a numeric (or enum) field as a double (0 when absent).
   double number(std::string_view field) const;
 
  private:

@@ -28,6 +28,18 @@ std::string format_bytes(double bytes) { return si(bytes, "B"); }
 std::string format_bandwidth(double bytes_per_s) { return si(bytes_per_s, "B/s"); }
 std::string format_flops(double flops_per_s) { return si(flops_per_s, "FLOP/s"); }
 
+std::string format_count(double n) {
+  static constexpr std::array<const char*, 5> kSuffix = {"", "K", "M", "B", "T"};
+  size_t i = 0;
+  double a = std::fabs(n);
+  while (a >= 1000 && i + 1 < kSuffix.size()) {
+    a /= 1000;
+    n /= 1000;
+    ++i;
+  }
+  return fmt::format("{:.3g}{}", n, kSuffix[i]);
+}
+
 std::string format_seconds(double s) {
   double a = std::fabs(s);
   if (a == 0) return "0 s";

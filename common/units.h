@@ -11,5 +11,6 @@ std::string format_bytes(double bytes);           // "80 GB"
 std::string format_bandwidth(double bytes_per_s); // "50 GB/s"
 std::string format_flops(double flops_per_s);     // "989 TFLOP/s"
 std::string format_seconds(double seconds);       // "1.5 us"
+std::string format_count(double n);               // "671B", "25.6M": parameter counts
 
 }  // namespace moesim

@@ -1,5 +1,7 @@
 // End to end: the moesim binary as a user runs it; --json output parsed and checked.
 #include "cli/cli.pb.h"
+#include "costmodel/collectives.pb.h"
+#include "costmodel/cost_report.pb.h"
 #include "topologies/report.pb.h"
 
 #include <catch2/catch.hpp>
@@ -194,7 +196,7 @@ TEST_CASE("list shows the registries") {
 }
 
 TEST_CASE("every command has --help, and usage errors exit 2") {
-  for (const char* cmd : {"topo show", "topo route", "topo check", "topo dot", "list"}) {
+  for (const char* cmd : {"topo show", "topo route", "topo check", "topo dot", "list", "collective", "model show", "memory"}) {
     Run r = moesim_run(fmt::format("{} --help", cmd));
     INFO(cmd);
     CHECK(r.exit_code == 0);
@@ -210,4 +212,146 @@ TEST_CASE("every command has --help, and usage errors exit 2") {
   Run threads = moesim_run("topo show configs/hardware/dgx-h100.textproto --threads lots");
   CHECK(threads.exit_code == 2);
   CHECK(moesim_run("topo show").exit_code == 2);
+}
+
+TEST_CASE("collective: the alpha-beta cost of a collective, as JSON or a table, and bad input exits 2") {
+  Run r = moesim_run("collective --cluster configs/hardware/dgx-h100.textproto --op all_reduce --bytes 64MiB --ranks 0-7 --json");
+  REQUIRE(r.exit_code == 0);
+  auto rep = parse_json<report::CollectiveReport>(r.out);
+  CHECK(rep.cluster() == "dgx-h100");
+  CHECK(rep.op() == "all_reduce");
+  CHECK(rep.algorithm() == "ring");  // the default
+  CHECK(rep.ranks() == 8);
+  CHECK(rep.nodes() == 1);
+  CHECK(rep.rank_list_size() == 8);
+  const double S = 64.0 * 1024 * 1024;
+  CHECK(rep.size_bytes() == S);
+  // Ring: 2(n-1) steps of S/n over NVSwitch (450 GB/s, 2 us device to device).
+  CHECK(rep.steps() == 14);
+  CHECK(rep.time_s() == Approx(14 * (rep.step_overhead_s() + 2e-6 + S / 8 / 450e9)));
+  CHECK(rep.time_s() == Approx(rep.latency_s() + rep.transfer_s()));
+  CHECK(rep.alg_bw_bps() == Approx(S / rep.time_s()));
+  CHECK(rep.bus_factor() == Approx(2.0 * 7 / 8));
+  CHECK(rep.bus_factor_formula() == "2(n-1)/n");
+  CHECK(rep.bus_bw_bps() == Approx(rep.alg_bw_bps() * 14 / 8));
+  CHECK(r.out.find("\"bus_bw_Bps\"") != std::string::npos);
+
+  Run h = moesim_run("collective --cluster configs/hardware/h800-2048.textproto --op all_to_all --bytes 1MB "
+                     "--ranks 0-7,16-23 --algo hierarchical --json");
+  REQUIRE(h.exit_code == 0);
+  auto hier = parse_json<report::CollectiveReport>(h.out);
+  CHECK(hier.algorithm() == "hierarchical");
+  CHECK(hier.ranks() == 16);
+  CHECK(hier.nodes() == 2);
+  CHECK(hier.rank_list(8) == 16);
+  CHECK(hier.steps() == 7 + 1);
+  CHECK(hier.size_bytes() == 1e6);
+
+  Run table = moesim_run("collective --cluster configs/hardware/dgx-h100.textproto --op all_to_all --bytes 1GB");
+  REQUIRE(table.exit_code == 0);
+  CHECK(table.out.find("algorithm  direct") != std::string::npos);
+  CHECK(table.out.find("busBw") != std::string::npos);
+  CHECK(table.out.find("(n-1)/n") != std::string::npos);
+
+  const std::string dgx = "collective --cluster configs/hardware/dgx-h100.textproto --op all_reduce ";
+  Run bytes = moesim_run(dgx + "--bytes 12XB");
+  CHECK(bytes.exit_code == 2);
+  CHECK(bytes.err.find("--bytes: expected a positive size") != std::string::npos);
+  CHECK(bytes.out.empty());
+  for (const char* bad : {"--bytes -5", "--bytes 0", "--bytes nan", "--bytes MiB", "--bytes 64MiB --op frob",
+                          "--bytes 1MB --ranks 1", "--bytes 1MB --ranks 0-99", "--bytes 1MB --ranks 3,3",
+                          "--bytes 1MB --ranks 0-", "--bytes 1MB --algo hierarchical", "--bytes 1MB --step-overhead -1"}) {
+    INFO(bad);
+    Run b = moesim_run(dgx + bad);
+    CHECK(b.exit_code == 2);
+    CHECK_FALSE(b.err.empty());
+  }
+  Run one_node = moesim_run(
+      "collective --cluster configs/hardware/dgx-h100.textproto --op all_to_all --algo hierarchical --bytes 1MB");
+  CHECK(one_node.exit_code == 2);
+  CHECK(one_node.err.find("at least 2 nodes") != std::string::npos);
+  Run missing = moesim_run("collective --cluster no/such.textproto --op all_reduce --bytes 1MB");
+  CHECK(missing.exit_code == 2);
+  CHECK(missing.err.find("no/such.textproto: cannot open file") != std::string::npos);
+  CHECK(moesim_run("collective --op all_reduce --bytes 1MB").exit_code == 2);
+
+  Run list = moesim_run("list");
+  CHECK(list.out.find("collective algorithms:") != std::string::npos);
+  CHECK(list.out.find("all_to_all.hierarchical") != std::string::npos);
+}
+
+TEST_CASE("model show: totals and a layers list as JSON, a table for people") {
+  Run r = moesim_run("model show configs/models/mixtral-8x7b.textproto --json");
+  REQUIRE(r.exit_code == 0);
+  auto m = parse_json<report::ModelReport>(r.out);
+  CHECK(m.name() == "mixtral-8x7b");
+  CHECK(m.total_params() == Approx(46.7e9).epsilon(0.01));   // Mistral AI: 46.7B total
+  CHECK(m.active_params() == Approx(12.9e9).epsilon(0.01));  // 12.9B active
+  CHECK(m.has_flops_per_token_fwd());
+  CHECK_FALSE(m.has_flops_per_sample_fwd());
+  CHECK(m.layers_size() == 34);  // embedding, 32 layers, head
+  double sum = 0;
+  for (const auto& l : m.layers()) sum += l.params();
+  CHECK(sum == Approx(m.total_params()));
+  // 2 FLOPs per active non-embedding parameter plus attention: between 2N and 2.2N.
+  CHECK(m.flops_per_token_fwd() > 2 * (m.active_params() - m.embedding_params()));
+  CHECK(m.flops_per_token_fwd() < 2.2 * m.active_params());
+  // A longer sequence costs more attention FLOPs per token.
+  auto longer = parse_json<report::ModelReport>(moesim_run("model show configs/models/mixtral-8x7b.textproto --sequence 32768 --json").out);
+  CHECK(longer.flops_per_token_fwd() > m.flops_per_token_fwd());
+
+  auto cnn = parse_json<report::ModelReport>(moesim_run("model show configs/models/resnet50.textproto --json").out);
+  CHECK(cnn.counted_per() == "sample");
+  CHECK(cnn.has_flops_per_sample_fwd());
+  CHECK(r.out.find("\"flops_per_sample_fwd\"") == std::string::npos);
+
+  Run table = moesim_run("model show configs/models/deepseek-v3.textproto");
+  REQUIRE(table.exit_code == 0);
+  CHECK(table.out.find("L3-60 x58") != std::string::npos);  // identical MoE layers share a row
+  CHECK(table.out.find("total parameters     671B") != std::string::npos);
+
+  const std::string bad = write_temp("bad_model.textproto", "name: \"m\"\ntransformer {\n  layers: 2 hidden: 100 heads: 3\n}\n");
+  Run b = moesim_run("model show " + bad);
+  CHECK(b.exit_code == 2);
+  CHECK(b.err.find("bad_model.textproto:3: transformer.heads:") != std::string::npos);
+  CHECK(b.out.empty());
+  CHECK(moesim_run("model show").exit_code == 2);
+  CHECK(moesim_run("model show configs/models/missing.textproto").exit_code == 2);
+}
+
+TEST_CASE("memory: per-rank parts and whether it fits") {
+  const std::string args =
+      "memory --cluster configs/hardware/h800-2048.textproto --model configs/models/deepseek-v3.textproto "
+      "--workload configs/workloads/deepseek-v3-pretrain.textproto "
+      "--strategy configs/strategies/deepseek-v3-published.textproto";
+  Run r = moesim_run(args + " --json");
+  REQUIRE(r.exit_code == 0);
+  auto m = parse_json<report::MemoryReport>(r.out);
+  REQUIRE(m.ranks_size() == 2048);
+  CHECK(m.pp() == 16);
+  CHECK(m.ep() == 64);
+  CHECK(m.micro_batches() == 120);  // 15360 / (128 x 1)
+  for (const auto& x : m.ranks()) {
+    CHECK(x.total_bytes() == Approx(x.weights_bytes() + x.gradients_bytes() + x.optimizer_bytes() + x.activations_bytes() +
+                                    x.moe_buffers_bytes() + x.comm_buffers_bytes() + x.kv_cache_bytes()));
+    CHECK(x.capacity_bytes() == 80e9);  // H800: 80 GB HBM3
+    CHECK(x.fits() == (x.total_bytes() <= x.capacity_bytes()));
+  }
+  CHECK(m.fits());
+  CHECK(m.peak_total_bytes() == m.ranks(m.peak_rank()).total_bytes());
+
+  Run table = moesim_run(args);
+  REQUIRE(table.exit_code == 0);
+  CHECK(table.out.find("fits: peak rank") != std::string::npos);
+
+  // Bad input: every file's problems, exit 2, nothing on stdout.
+  const std::string strategy = write_temp("bad_strategy.textproto", "name: \"s\"\ndp: 64\ntp: 3\n");
+  Run b = moesim_run(
+      "memory --cluster configs/hardware/h100-64.textproto --model configs/models/mixtral-8x7b.textproto "
+      "--workload configs/workloads/mixtral-8x7b-train.textproto --strategy " + strategy);
+  CHECK(b.exit_code == 2);
+  CHECK(b.err.find("bad_strategy.textproto:2: dp:") != std::string::npos);
+  CHECK(b.err.find("bad_strategy.textproto:3: tp:") != std::string::npos);
+  CHECK(b.out.empty());
+  CHECK(moesim_run("memory --cluster configs/hardware/h100-64.textproto").exit_code == 2);  // missing files
 }

@@ -23,48 +23,21 @@ constexpr int kMaxPcieSwitches = 256;
 constexpr int kMaxSockets = 16;
 
 // ---------------------------------------------------------------------------------------------
-// Presets: a DeviceType with `preset` becomes the registered type with the user's fields on top.
-
-void resolve_device(hw::DeviceType* d, const ConfigScope& scope) {
-  if (!d->has_preset()) return;
-  const hw::DeviceType* preset = device_presets().find(d->preset());
-  if (preset == nullptr) {
-    scope.error("preset", fmt::format("unknown device type '{}'; registered: {}", d->preset(), device_presets().names()));
-    return;
-  }
-  hw::DeviceType merged = *preset;
-  merged.MergeFrom(*d);
-  merged.clear_preset();
-  *d = std::move(merged);
-}
+// Presets and validation.
 
 void resolve_presets(hw::Cluster* c, const ConfigScope& root) {
   if (c->has_node() && c->node().has_device())
-    resolve_device(c->mutable_node()->mutable_device(), root.child("node").child("device"));
-  for (int i = 0; i < c->device_type_size(); ++i) resolve_device(c->mutable_device_type(i), root.child("device_type", i));
+    resolve_device_preset(c->mutable_node()->mutable_device(), root.child("node").child("device"));
+  for (int i = 0; i < c->device_type_size(); ++i) resolve_device_preset(c->mutable_device_type(i), root.child("device_type", i));
 }
 
 // ---------------------------------------------------------------------------------------------
 // Validation: record every problem, never stop at the first.
 
-void validate_device(const ConfigScope& s) {
-  s.require("name");
-  if (s.require("peak_flops_per_s")) {
-    ConfigScope peak = s.child("peak_flops_per_s");
-    bool any = false;
-    for (const char* dtype : {"fp32", "tf32", "bf16", "fp16", "fp8"}) any |= peak.positive(dtype, Need::kOptional, /*allow_zero=*/false, kMaxFlops);
-    if (!any && !peak.has("fp32") && !peak.has("tf32") && !peak.has("bf16") && !peak.has("fp16") && !peak.has("fp8"))
-      s.error("peak_flops_per_s", "give the peak of at least one data type (fp32, tf32, bf16, fp16, fp8)");
-  }
-  s.positive("memory_bytes", Need::kRequired, /*allow_zero=*/false, kMaxBytes);
-  check_bandwidth(s, "memory_bandwidth_Bps", Need::kRequired);
-  check_latency(s, "kernel_launch_overhead_s");
-}
-
 // Returns NICs per node (0 when the node is too broken to tell).
 int validate_node(const ConfigScope& s) {
   const auto& node = static_cast<const hw::NodeTemplate&>(s.message());
-  if (s.require("device") && !node.device().has_preset()) validate_device(s.child("device"));  // else: unknown preset
+  if (s.require("device") && !node.device().has_preset()) validate_device_type(s.child("device"), Need::kRequired);  // else: unknown preset
   const bool devices_ok = s.in_range("devices_per_node", 1, kMaxDevicesPerNode, Need::kRequired);
   const int devices = devices_ok ? node.devices_per_node() : 0;
 
@@ -195,7 +168,7 @@ void validate_graph_cluster(const ConfigScope& root, const hw::Cluster& c) {
   std::unordered_set<std::string> type_names;
   for (int i = 0; i < c.device_type_size(); ++i) {
     ConfigScope t = root.child("device_type", i);
-    if (!c.device_type(i).has_preset()) validate_device(t);  // else: unknown preset, reported
+    if (!c.device_type(i).has_preset()) validate_device_type(t, Need::kRequired);  // else: unknown preset, reported
     if (c.device_type(i).has_name() && !type_names.insert(c.device_type(i).name()).second)
       t.error("name", fmt::format("duplicate device type '{}'", c.device_type(i).name()));
   }

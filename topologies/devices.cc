@@ -4,6 +4,7 @@
 // replaced by calibration (`moesim calibrate`).
 #include "topologies/registry.h"
 
+#include <fmt/format.h>
 #include <google/protobuf/text_format.h>
 
 namespace moesim::topo {
@@ -47,6 +48,36 @@ constexpr Preset kPresets[] = {
 };
 
 }  // namespace
+
+void resolve_device_preset(hw::DeviceType* d, const ConfigScope& scope) {
+  if (!d->has_preset()) return;
+  const hw::DeviceType* preset = device_presets().find(d->preset());
+  if (preset == nullptr) {
+    scope.error("preset", fmt::format("unknown device type '{}'; registered: {}", d->preset(), device_presets().names()));
+    return;
+  }
+  hw::DeviceType merged = *preset;
+  merged.MergeFrom(*d);
+  merged.clear_preset();
+  *d = std::move(merged);
+}
+
+void validate_device_type(const ConfigScope& s, Need memory) {
+  s.require("name");
+  if (s.require("peak_flops_per_s")) {
+    ConfigScope peak = s.child("peak_flops_per_s");
+    bool any = false;
+    for (const char* dtype : {"fp32", "tf32", "bf16", "fp16", "fp8"}) {
+      if (!peak.has(dtype)) continue;
+      any = true;
+      peak.positive(dtype, Need::kOptional, /*allow_zero=*/false, kMaxFlops);
+    }
+    if (!any) s.error("peak_flops_per_s", "give the peak of at least one data type (fp32, tf32, bf16, fp16, fp8)");
+  }
+  s.positive("memory_bytes", memory, /*allow_zero=*/false, kMaxBytes);
+  check_bandwidth(s, "memory_bandwidth_Bps", Need::kRequired);
+  check_latency(s, "kernel_launch_overhead_s");
+}
 
 const Registry<hw::DeviceType>& device_presets() {
   static const Registry<hw::DeviceType> registry = [] {

@@ -64,4 +64,11 @@ class FabricGenerator {
 const Registry<std::unique_ptr<FabricGenerator>>& fabric_generators();
 const Registry<hw::DeviceType>& device_presets();
 
+// A DeviceType with `preset` becomes the registered type with the written fields on top; an
+// unknown preset is reported on the scope (listing the registered ones).
+void resolve_device_preset(hw::DeviceType* d, const ConfigScope& scope);
+// Records every problem of a (resolved) DeviceType: name, at least one peak, memory bandwidth,
+// memory size (required or not), launch overhead.
+void validate_device_type(const ConfigScope& s, Need memory);
+
 }  // namespace moesim::topo

@@ -1,0 +1,343 @@
+#include "costmodel/compute.h"
+
+#include "common/config.h"
+#include "common/precision.h"
+#include "topologies/registry.h"
+
+#include <fmt/format.h>
+#include <google/protobuf/descriptor.h>
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <optional>
+#include <utility>
+
+namespace moesim::cost {
+namespace {
+
+namespace pb = google::protobuf;
+
+constexpr int kKinds = 6, kDTypes = 5;
+static_assert(static_cast<int>(OpKind::kEmbedding) == kKinds - 1 && static_cast<int>(DType::kFp8) == kDTypes - 1,
+              "the enum tables below list every OpKind and DType of ops.h");
+
+// Enum tables, indexed by the cost enums' values.
+constexpr profile::OpKind kProfileKind[kKinds] = {profile::GEMM, profile::GROUPED_GEMM, profile::ATTENTION,
+                                                  profile::NORM, profile::ELEMENTWISE, profile::EMBEDDING};
+constexpr profile::DType kProfileDType[kDTypes] = {profile::FP32, profile::TF32, profile::BF16, profile::FP16,
+                                                   profile::FP8};
+constexpr const char* kPeakField[kDTypes] = {"fp32", "tf32", "bf16", "fp16", "fp8"};
+
+// Fallbacks, tried in order (compute.h).
+const std::vector<DType>& fallback_chain(DType d) {
+  using enum DType;
+  static const std::vector<DType> chains[kDTypes] = {
+      /* fp32 */ {kFp32},
+      /* tf32 */ {kTf32, kFp32},
+      /* bf16 */ {kBf16, kFp16, kFp32},
+      /* fp16 */ {kFp16, kBf16, kFp32},
+      /* fp8  */ {kFp8, kBf16, kFp16, kFp32},
+  };
+  return chains[static_cast<int>(d)];
+}
+
+int index_of(profile::OpKind k) {
+  for (int i = 0; i < kKinds; ++i)
+    if (kProfileKind[i] == k) return i;
+  return -1;
+}
+int index_of(profile::DType d) {
+  for (int i = 0; i < kDTypes; ++i)
+    if (kProfileDType[i] == d) return i;
+  return -1;
+}
+
+bool is_vector_op(OpKind k) { return k == OpKind::kNorm || k == OpKind::kElementwise || k == OpKind::kEmbedding; }
+
+// "GEMM, GROUPED_GEMM, ...": the values a config may write (the UNSPECIFIED zero left out).
+std::string enum_names(const pb::EnumDescriptor* e) {
+  std::string out;
+  for (int i = 0; i < e->value_count(); ++i)
+    if (e->value(i)->number() != 0) out += (out.empty() ? "" : ", ") + e->value(i)->name();
+  return out;
+}
+
+// e[i+1] <= e[i] * (1 + ln(f[i+1] / f[i])): compute time does not fall as flops grow (compute.h).
+double steepest_next(double flops, double efficiency, double next_flops) {
+  return efficiency * (1 + std::log(next_flops / flops));
+}
+bool too_steep(double flops, double efficiency, double next_flops, double next_efficiency) {
+  return next_efficiency > steepest_next(flops, efficiency, next_flops) * (1 + kRelEps);
+}
+
+// Built-in priors: roughly an H100 SXM5 running cuBLAS(Lt) GEMMs and FlashAttention-class kernels,
+// from public benchmark observations (large bf16 GEMMs ~0.7-0.76 of dense peak, fp8 a lower
+// fraction, tiny kernels a few microseconds whatever their size). The same figures as
+// configs/devices/h100-sxm5.textproto; replaced per device by `moesim calibrate`.
+struct Prior {
+  OpKind kind;
+  std::vector<DType> dtypes;
+  std::vector<std::pair<double, double>> points;  // (flops, efficiency)
+};
+
+const std::vector<Prior>& builtin_priors() {
+  using enum DType;
+  using enum OpKind;
+  static const std::vector<Prior> priors = {
+      {kGemm, {kBf16, kFp16},
+       {{1e6, 0.0065}, {1e7, 0.02}, {1e8, 0.065}, {1e9, 0.2}, {1e10, 0.5}, {1e11, 0.68}, {1e12, 0.74}, {1e13, 0.76}}},
+      {kGemm, {kFp8},
+       {{1e6, 0.004}, {1e7, 0.012}, {1e8, 0.038}, {1e9, 0.12}, {1e10, 0.35}, {1e11, 0.55}, {1e12, 0.63}, {1e13, 0.66}}},
+      {kGemm, {kTf32}, {{1e6, 0.01}, {1e7, 0.032}, {1e8, 0.1}, {1e9, 0.3}, {1e10, 0.6}, {1e11, 0.7}, {1e12, 0.72}}},
+      {kGemm, {kFp32}, {{1e6, 0.05}, {1e7, 0.15}, {1e8, 0.45}, {1e9, 0.7}, {1e10, 0.8}, {1e11, 0.85}}},
+      {kGroupedGemm, {kBf16, kFp16},
+       {{1e6, 0.004}, {1e7, 0.013}, {1e8, 0.04}, {1e9, 0.13}, {1e10, 0.38}, {1e11, 0.58}, {1e12, 0.66}, {1e13, 0.68}}},
+      {kGroupedGemm, {kFp8},
+       {{1e6, 0.0025}, {1e7, 0.008}, {1e8, 0.025}, {1e9, 0.08}, {1e10, 0.25}, {1e11, 0.45}, {1e12, 0.55}, {1e13, 0.58}}},
+      {kGroupedGemm, {kTf32},
+       {{1e6, 0.0065}, {1e7, 0.02}, {1e8, 0.062}, {1e9, 0.19}, {1e10, 0.45}, {1e11, 0.6}, {1e12, 0.65}}},
+      {kGroupedGemm, {kFp32}, {{1e6, 0.035}, {1e7, 0.11}, {1e8, 0.33}, {1e9, 0.6}, {1e10, 0.72}, {1e11, 0.78}}},
+      {kAttention, {kBf16, kFp16},
+       {{1e7, 0.01}, {1e8, 0.03}, {1e9, 0.095}, {1e10, 0.3}, {1e11, 0.45}, {1e12, 0.5}, {1e13, 0.52}}},
+      {kAttention, {kFp8},
+       {{1e7, 0.006}, {1e8, 0.019}, {1e9, 0.06}, {1e10, 0.19}, {1e11, 0.33}, {1e12, 0.4}, {1e13, 0.42}}},
+      {kAttention, {kTf32}, {{1e7, 0.012}, {1e8, 0.036}, {1e9, 0.11}, {1e10, 0.3}, {1e11, 0.42}, {1e12, 0.45}}},
+      {kAttention, {kFp32}, {{1e6, 0.03}, {1e7, 0.09}, {1e8, 0.25}, {1e9, 0.45}, {1e10, 0.55}, {1e11, 0.6}}},
+      {kNorm, {kFp32, kTf32, kBf16, kFp16, kFp8}, {{1, 0.5}}},
+      {kElementwise, {kFp32, kTf32, kBf16, kFp16, kFp8}, {{1, 0.5}}},
+      {kEmbedding, {kFp32, kTf32, kBf16, kFp16, kFp8}, {{1, 0.5}}},
+  };
+  return priors;
+}
+
+// Peak of `d` as the device gives it, or nullopt.
+std::optional<double> given_peak(const hw::PeakFlops& peak, DType d) {
+  const pb::FieldDescriptor* f = peak.GetDescriptor()->FindFieldByName(kPeakField[static_cast<int>(d)]);
+  if (!peak.GetReflection()->HasField(peak, f)) return std::nullopt;
+  return peak.GetReflection()->GetDouble(peak, f);
+}
+
+void validate_curve(const ConfigScope& c, const profile::EfficiencyCurve& curve) {
+  if (!c.has("op") || index_of(curve.op()) < 0)
+    c.error("op", fmt::format("missing required value: one of {}", enum_names(profile::OpKind_descriptor())));
+  if (!c.has("dtype") || index_of(curve.dtype()) < 0)
+    c.error("dtype", fmt::format("missing required value: one of {}", enum_names(profile::DType_descriptor())));
+  if (curve.point_size() == 0) c.error("point", "a curve needs at least one point { flops: ... efficiency: ... }");
+  // The last point whose flops and efficiency both validated, for the order and slope checks.
+  int prev = -1;
+  for (int j = 0; j < curve.point_size(); ++j) {
+    ConfigScope p = c.child("point", j);
+    const profile::EfficiencyPoint& pt = curve.point(j);
+    const bool flops_ok = p.positive("flops", Need::kRequired);
+    const bool eff_ok = p.positive("efficiency", Need::kRequired, /*allow_zero=*/false, 1.0);
+    if (!flops_ok) continue;
+    if (prev >= 0 && pt.flops() <= curve.point(prev).flops()) {
+      p.error("flops", fmt::format("sizes must increase along a curve: {:g} follows {:g}", pt.flops(),
+                                   curve.point(prev).flops()));
+      continue;
+    }
+    if (!eff_ok) continue;
+    if (prev >= 0) {
+      const profile::EfficiencyPoint& a = curve.point(prev);
+      if (too_steep(a.flops(), a.efficiency(), pt.flops(), pt.efficiency()))
+        p.error("efficiency", fmt::format("rises too steeply from {:g} at {:g} FLOPs: a bigger kernel would run "
+                                          "faster; at most {:.4g} here (e * (1 + ln(flops / previous flops)))",
+                                          a.efficiency(), a.flops(),
+                                          steepest_next(a.flops(), a.efficiency(), pt.flops())));
+    }
+    prev = j;
+  }
+}
+
+void validate(const ConfigScope& root, const profile::DeviceProfile& p) {
+  if (root.require("device") && !p.device().has_preset()) topo::validate_device_type(root.child("device"), Need::kOptional);  // else reported
+  root.positive("memory_bandwidth_efficiency", Need::kOptional, /*allow_zero=*/false, 1.0);
+  topo::check_latency(root, "kernel_launch_overhead_s");
+  std::map<std::pair<int, int>, int> seen;  // (kind, dtype) -> curve index
+  for (int i = 0; i < p.compute_size(); ++i) {
+    ConfigScope c = root.child("compute", i);
+    const profile::EfficiencyCurve& curve = p.compute(i);
+    validate_curve(c, curve);
+    const int kind = index_of(curve.op()), dtype = index_of(curve.dtype());
+    if (!curve.has_op() || !curve.has_dtype() || kind < 0 || dtype < 0) continue;
+    auto [it, fresh] = seen.emplace(std::pair{kind, dtype}, i);
+    if (!fresh)
+      c.error("", fmt::format("a second curve for {} {}; the first is on line {}", profile::OpKind_Name(curve.op()),
+                              profile::DType_Name(curve.dtype()), root.line_of("compute", it->second)));
+  }
+}
+
+}  // namespace
+
+// Builds DeviceProfiles: resolves the preset, validates everything, lays the curves out.
+class ProfileBuilder {
+ public:
+  // `doc` is the parsed file of `spec` (null for a message built in code).
+  static DeviceProfile build(profile::DeviceProfile spec, const ConfigDocument* doc, const std::string& name) {
+    Diagnostics diags;
+    const profile::DeviceProfile written = spec;
+    auto scope_of = [&](const profile::DeviceProfile& m) {
+      return doc ? doc->root_for(m, &diags) : ConfigScope(m, nullptr, name, "", 0, &diags);
+    };
+    if (spec.has_device()) topo::resolve_device_preset(spec.mutable_device(), scope_of(written).child("device"));
+    validate(scope_of(spec), spec);
+    diags.throw_if_any();
+
+    DeviceProfile out;
+    out.spec_ = std::move(spec);
+    const profile::DeviceProfile& s = out.spec_;
+    out.source_ = s.has_source() ? s.source() : "unspecified";
+    if (s.has_memory_bandwidth_efficiency()) out.memory_efficiency_ = s.memory_bandwidth_efficiency();
+    if (s.has_kernel_launch_overhead_s()) out.launch_overhead_s_ = s.kernel_launch_overhead_s();
+    else if (s.device().has_kernel_launch_overhead_s()) out.launch_overhead_s_ = s.device().kernel_launch_overhead_s();
+
+    resolve_dtypes(s.device().peak_flops_per_s(), out);
+    for (const Prior& prior : builtin_priors())
+      for (DType d : prior.dtypes) out.curves_[slot(prior.kind, d)] = to_curve(prior.points);
+    for (const profile::EfficiencyCurve& c : s.compute()) {
+      std::vector<std::pair<double, double>> points;
+      for (const profile::EfficiencyPoint& p : c.point()) points.emplace_back(p.flops(), p.efficiency());
+      out.curves_[index_of(c.op()) * kDTypes + index_of(c.dtype())] = to_curve(points);
+    }
+    return out;
+  }
+
+ private:
+  static int slot(OpKind k, DType d) { return static_cast<int>(k) * kDTypes + static_cast<int>(d); }
+
+  static DeviceProfile::Curve to_curve(const std::vector<std::pair<double, double>>& points) {
+    MOESIM_ASSERT(!points.empty(), "an efficiency curve without points");
+    DeviceProfile::Curve c;
+    for (size_t i = 0; i < points.size(); ++i) {
+      MOESIM_ASSERT(i == 0 || (points[i].first > points[i - 1].first &&
+                               !too_steep(points[i - 1].first, points[i - 1].second, points[i].first, points[i].second)),
+                    "efficiency curve point {} out of order or too steep", i);
+      c.flops.push_back(points[i].first);
+      c.efficiency.push_back(points[i].second);
+    }
+    return c;
+  }
+
+  // Fallback chains; a device with none of a chain's types (no fp32 peak) uses its slowest peak.
+  static void resolve_dtypes(const hw::PeakFlops& peak, DeviceProfile& out) {
+    std::optional<std::pair<double, DType>> slowest;
+    for (int i = 0; i < kDTypes; ++i)
+      if (auto v = given_peak(peak, DType(i)); v && (!slowest || *v < slowest->first)) slowest = std::pair{*v, DType(i)};
+    MOESIM_ASSERT(slowest.has_value(), "a validated device without any peak");
+    for (int i = 0; i < kDTypes; ++i) {
+      out.effective_[i] = slowest->second;
+      out.peak_flops_per_s_[i] = slowest->first;
+      for (DType d : fallback_chain(DType(i))) {
+        if (auto v = given_peak(peak, d)) {
+          out.effective_[i] = d;
+          out.peak_flops_per_s_[i] = *v;
+          break;
+        }
+      }
+    }
+  }
+};
+
+double DeviceProfile::Curve::at(double f) const {
+  if (f <= flops.front()) return efficiency.front();
+  if (f >= flops.back()) return efficiency.back();
+  const size_t i = std::upper_bound(flops.begin(), flops.end(), f) - flops.begin();  // flops[i-1] < f < flops[i]
+  const double t = std::log(f / flops[i - 1]) / std::log(flops[i] / flops[i - 1]);
+  return efficiency[i - 1] + t * (efficiency[i] - efficiency[i - 1]);
+}
+
+const DeviceProfile::Curve& DeviceProfile::curve(OpKind kind, DType dtype) const {
+  return curves_[static_cast<int>(kind) * kDTypes + static_cast<int>(effective_dtype(dtype))];
+}
+
+DeviceProfile DeviceProfile::from_spec(profile::DeviceProfile spec, const std::string& name) {
+  return ProfileBuilder::build(std::move(spec), nullptr, name);
+}
+
+DType DeviceProfile::effective_dtype(DType dtype) const { return effective_[static_cast<int>(dtype)]; }
+
+double DeviceProfile::peak_flops_per_s(DType dtype) const { return peak_flops_per_s_[static_cast<int>(dtype)]; }
+
+double DeviceProfile::peak_flops_per_s(OpKind kind, DType dtype) const {
+  return peak_flops_per_s(is_vector_op(kind) ? DType::kFp32 : dtype);
+}
+
+double DeviceProfile::compute_efficiency(OpKind kind, DType dtype, double flops) const {
+  return curve(kind, dtype).at(flops);
+}
+
+DeviceProfile load_device_profile(const std::string& path) {
+  profile::DeviceProfile spec;
+  ConfigDocument doc = ConfigDocument::parse_file(path, &spec);
+  return ProfileBuilder::build(spec, &doc, path);
+}
+
+DeviceProfile load_device_profile_text(const std::string& text, const std::string& name) {
+  profile::DeviceProfile spec;
+  ConfigDocument doc = ConfigDocument::parse_text(text, name, &spec);
+  return ProfileBuilder::build(spec, &doc, name);
+}
+
+DeviceProfile default_profile(const hw::DeviceType& device) {
+  profile::DeviceProfile spec;
+  *spec.mutable_device() = device;
+  spec.set_source("prior (built-in)");
+  return ProfileBuilder::build(std::move(spec), nullptr, fmt::format("device type '{}'", device.name()));
+}
+
+OpTime op_time(const DeviceProfile& profile, const Op& op, DType dtype) {
+  MOESIM_ASSERT(std::isfinite(op.flops) && op.flops >= 0 && std::isfinite(op.bytes) && op.bytes >= 0,
+                "op {}: flops {} and bytes {} must be finite and >= 0", op.name, op.flops, op.bytes);
+  OpTime t;
+  t.dtype = profile.effective_dtype(dtype);
+  t.efficiency = profile.compute_efficiency(op.kind, dtype, op.flops);
+  t.compute_s = op.flops > 0 ? op.flops / (profile.peak_flops_per_s(op.kind, dtype) * t.efficiency) : 0;
+  const double bytes = op.bytes * dtype_bytes(t.dtype) / dtype_bytes(dtype);
+  t.memory_s = bytes / (profile.memory_bandwidth_Bps() * profile.memory_bandwidth_efficiency());
+  t.launch_s = profile.kernel_launch_overhead_s();
+  t.memory_bound = t.memory_s > t.compute_s;
+  t.time_s = t.launch_s + std::max(t.compute_s, t.memory_s);
+  return t;
+}
+
+OpsTime ops_time(const DeviceProfile& profile, std::span<const Op> ops, DType dtype) {
+  OpsTime total;
+  for (const Op& op : ops) {
+    const OpTime t = op_time(profile, op, dtype);
+    (t.memory_bound ? total.memory_bound_s : total.compute_bound_s) += t.time_s - t.launch_s;
+    total.launch_s += t.launch_s;
+    total.time_s += t.time_s;
+    total.flops += op.flops;
+    total.bytes += op.bytes;
+    ++total.kernels;
+  }
+  return total;
+}
+
+std::vector<Op> backward_ops(const Op& fwd) {
+  auto derived = [&](const char* suffix, double m, double n, double k, double flops, double bytes) {
+    Op op = fwd;
+    op.name = fwd.name + suffix;
+    op.m = m;
+    op.n = n;
+    op.k = k;
+    op.flops = flops;
+    op.bytes = bytes;
+    return op;
+  };
+  switch (fwd.kind) {
+    case OpKind::kGemm:
+    case OpKind::kGroupedGemm:
+      return {derived(".dgrad", fwd.m, fwd.k, fwd.n, fwd.flops, fwd.bytes),
+              derived(".wgrad", fwd.k, fwd.n, fwd.m, fwd.flops, fwd.bytes)};
+    case OpKind::kAttention: return {derived(".bwd", fwd.m, fwd.n, fwd.k, 2.5 * fwd.flops, 2 * fwd.bytes)};
+    case OpKind::kNorm:
+    case OpKind::kElementwise: return {derived(".bwd", fwd.m, fwd.n, fwd.k, 2 * fwd.flops, 2 * fwd.bytes)};
+    case OpKind::kEmbedding: return {derived(".bwd", fwd.m, fwd.n, fwd.k, 0, 2 * fwd.bytes)};
+  }
+  MOESIM_ASSERT(false, "op {}: unknown kind {}", fwd.name, static_cast<int>(fwd.kind));
+  return {};
+}
+
+}  // namespace moesim::cost

@@ -1,0 +1,156 @@
+// Compute cost: how long one kernel (an Op, costmodel/ops.h) takes on a device, on a roofline
+// whose efficiencies come from a device profile (costmodel/device_profile.proto).
+//
+//   cost::DeviceProfile p = cost::load_device_profile("configs/devices/h100-sxm5.textproto");
+//   cost::OpTime t = cost::op_time(p, op, cost::DType::kBf16);
+//
+// The model, per kernel:
+//
+//   time_s    = launch_s + max(compute_s, memory_s)
+//   launch_s  = kernel launch overhead (profile, else device type, else 4 us)
+//   compute_s = flops / (peak_flops(kind, dtype') * eff_compute(kind, dtype', flops))
+//   memory_s  = bytes * width(dtype') / width(dtype) / (memory_bandwidth_Bps * eff_memory)
+//
+// dtype' is the data type the op really runs in on this device (fallbacks below); width() is
+// dtype_bytes(). eff_compute is the profile's curve for (kind, dtype'): linear in log(flops)
+// between points, clamped at the ends,
+//
+//   eff(f) = e[i] + (e[i+1] - e[i]) * ln(f / f[i]) / ln(f[i+1] / f[i])   for f[i] <= f <= f[i+1],
+//
+// so at the geometric midpoint sqrt(f[i] f[i+1]) it is the mean of e[i] and e[i+1]. Validation
+// keeps e[i+1] <= e[i] (1 + ln(f[i+1]/f[i])), which makes compute_s non-decreasing in flops: a
+// bigger kernel never runs faster. An op with 0 flops has compute_s = 0.
+//
+// peak_flops(kind, dtype'):
+//   - GEMM, grouped GEMM, attention: the device's dense peak for dtype' (tensor cores);
+//   - norm, elementwise, embedding: the non-tensor fp32 peak whatever the dtype (vector units,
+//     math in fp32 registers); these are memory-bound in practice.
+//
+// Data-type fallbacks (dtype -> dtype'), for a device without a peak for the requested type:
+//   fp8  -> bf16 -> fp16 -> fp32   the op runs in 16 bits: its tensors are twice as wide, so the
+//                                  bytes term doubles (fp8 on an A100 is a bf16 op);
+//   bf16 -> fp16 -> fp32, fp16 -> bf16 -> fp32   (bf16 and fp16 share tensor-core rates);
+//   tf32 -> fp32;
+//   fp32 -> (nothing: if the device gives no fp32 peak, the slowest peak it does give is used).
+// The efficiency curve is that of dtype', as the kernel that runs is a dtype' kernel.
+//
+// Efficiency curves: the profile's curve for (kind, dtype') if it has one, else the built-in
+// prior for that pair (compute.cc; roughly an H100 with cuBLAS / FlashAttention-class kernels:
+// large bf16 GEMMs ~0.75 of peak, attention ~0.5, vector ops a flat 0.5 of the fp32 peak).
+// Memory efficiency defaults to 0.85 of datasheet HBM bandwidth.
+#pragma once
+
+#include "costmodel/device_profile.pb.h"
+#include "costmodel/ops.h"
+#include "topologies/hardware.pb.h"
+
+#include <array>
+#include <span>
+#include <string>
+#include <vector>
+
+namespace moesim::cost {
+
+inline constexpr double kDefaultMemoryBandwidthEfficiency = 0.85;
+inline constexpr double kDefaultKernelLaunchOverhead_s = 4e-6;
+
+// A validated device profile: the device (preset resolved) and one efficiency curve per
+// (op kind, dtype), the profile's own over the built-in priors. Cheap to copy.
+class DeviceProfile {
+ public:
+  // Validates a message built in code (diagnostics name `name` and field paths; no lines) and
+  // throws ConfigError with every problem. Files go through load_device_profile().
+  static DeviceProfile from_spec(profile::DeviceProfile spec, const std::string& name = "<device profile>");
+
+  // The profile with presets resolved: spec().device() is the full device type.
+  const profile::DeviceProfile& spec() const { return spec_; }
+  const hw::DeviceType& device() const { return spec_.device(); }
+  const std::string& name() const { return spec_.device().name(); }
+  // "prior", "calibrated on ..."; "unspecified" when the profile does not say.
+  const std::string& source() const { return source_; }
+
+  // The data type an op asked to run in `dtype` really runs in (fallbacks above).
+  DType effective_dtype(DType dtype) const;
+  // Dense peak FLOP/s for `dtype` after fallback (tensor-core ops).
+  double peak_flops_per_s(DType dtype) const;
+  // Peak FLOP/s for an op of `kind`: the vector (fp32) peak for norm/elementwise/embedding.
+  double peak_flops_per_s(OpKind kind, DType dtype) const;
+  // eff_compute(kind, dtype', flops) in (0, 1], dtype' = effective_dtype(dtype).
+  double compute_efficiency(OpKind kind, DType dtype, double flops) const;
+  double memory_bandwidth_Bps() const { return spec_.device().memory_bandwidth_bps(); }
+  double memory_bandwidth_efficiency() const { return memory_efficiency_; }
+  double kernel_launch_overhead_s() const { return launch_overhead_s_; }
+
+ private:
+  friend class ProfileBuilder;  // compute.cc: validation and curve resolution
+  struct Curve {
+    std::vector<double> flops, efficiency;  // increasing flops, at least one point
+    double at(double f) const;
+  };
+  static constexpr int kKinds = 6, kDTypes = 5;
+
+  DeviceProfile() = default;
+  const Curve& curve(OpKind kind, DType dtype) const;
+
+  profile::DeviceProfile spec_;
+  std::string source_;
+  std::array<Curve, kKinds * kDTypes> curves_;
+  std::array<DType, kDTypes> effective_{};  // by requested DType
+  std::array<double, kDTypes> peak_flops_per_s_{};  // by requested DType, after fallback
+  double memory_efficiency_ = kDefaultMemoryBandwidthEfficiency;
+  double launch_overhead_s_ = kDefaultKernelLaunchOverhead_s;
+};
+
+// Parses and validates a profile file. Throws ConfigError listing every problem, each as
+// FILE:LINE: field.path: message: a curve point's efficiency outside (0, 1] or flops not
+// increasing (or rising too steeply, see above), a curve without points or without op/dtype, two
+// curves for one pair, an unknown device preset (the message lists the registered ones), an
+// inline device without name, peaks or memory bandwidth. Curves left out use the priors.
+DeviceProfile load_device_profile(const std::string& path);
+DeviceProfile load_device_profile_text(const std::string& text, const std::string& name);
+
+// The priors for a device when no profile is given: built-in curves, memory efficiency 0.85,
+// the device's own launch overhead (else 4 us). Throws ConfigError if the device type lacks
+// peaks or memory bandwidth.
+DeviceProfile default_profile(const hw::DeviceType& device);
+
+struct OpTime {
+  double time_s = 0;     // launch_s + max(compute_s, memory_s)
+  double compute_s = 0;  // flops / (peak * efficiency)
+  double memory_s = 0;   // bytes / (bandwidth * memory efficiency)
+  double launch_s = 0;
+  double efficiency = 0;      // eff_compute applied to the compute term
+  bool memory_bound = false;  // memory_s > compute_s
+  DType dtype = DType::kFp32; // the data type the op ran in (after fallback)
+};
+
+// Times one kernel. `op` must have non-negative flops and bytes (asserted).
+OpTime op_time(const DeviceProfile& profile, const Op& op, DType dtype);
+
+// Total over a sequence of kernels run one after another on one stream.
+struct OpsTime {
+  double time_s = 0;           // compute_bound_s + memory_bound_s + launch_s
+  double compute_bound_s = 0;  // kernel time (launch excluded) of compute-bound kernels
+  double memory_bound_s = 0;   // kernel time (launch excluded) of memory-bound kernels
+  double launch_s = 0;
+  double flops = 0;
+  double bytes = 0;  // as given in the ops (before any dtype fallback)
+  int64_t kernels = 0;
+};
+OpsTime ops_time(const DeviceProfile& profile, std::span<const Op> ops, DType dtype);
+
+// The kernels of an op's backward pass (same dtype, names suffixed):
+//   GEMM C[m,n] = A[m,k] B[k,n]  -> ".dgrad" dA = dC B^T: GEMM (m, n'=k, k'=n)
+//                                   ".wgrad" dB = A^T dC: GEMM (m'=k, n, k'=m)
+//     each with the forward's FLOPs and bytes (the same three matrices, roles rotated);
+//   grouped GEMM                 -> the same per group, `groups` kept;
+//   attention                    -> ".bwd": one fused kernel, same shape, 2.5x the forward's FLOPs
+//     (flash-style: S = QK^T is recomputed; with dV, dP, dQ, dK that makes 5 matmuls to the
+//     forward's 2) and 2x its bytes (reads Q, K, V, O, dO; writes dQ, dK, dV);
+//   norm, elementwise            -> ".bwd": 2x the forward's FLOPs and bytes (reads the saved
+//     input and dY, writes dX, plus the weight-gradient reduction for norms);
+//   embedding                    -> ".bwd": scatter-add of dY into the touched table rows, 2x the
+//     forward's bytes (read dY, read-modify-write the gradient rows, atomics), no FLOPs counted.
+std::vector<Op> backward_ops(const Op& fwd);
+
+}  // namespace moesim::cost

@@ -1,0 +1,44 @@
+// The unit of compute cost: one kernel's worth of work, described by its shape so that a device
+// profile can say how efficiently a device runs it. The model zoo (model.h) breaks every layer
+// into Ops; compute.h times them; the simulator's lowering schedules them.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace moesim::cost {
+
+enum class OpKind {
+  kGemm,         // C[m,n] = A[m,k] B[k,n]
+  kGroupedGemm,  // `groups` GEMMs of (at most) this shape: experts of one MoE layer
+  kAttention,    // scores + softmax + weighted values (fused, flash-style): m = query tokens per
+                 // head, n = key tokens, k = head dim, groups = heads x sequences
+  kNorm,         // LayerNorm / RMSNorm: memory bound
+  kElementwise,  // activation functions, residual adds, softmax of the router, top-k
+  kEmbedding,    // table lookup: memory bound
+};
+
+enum class DType { kFp32, kTf32, kBf16, kFp16, kFp8 };
+
+inline double dtype_bytes(DType t) {
+  switch (t) {
+    case DType::kFp32:
+    case DType::kTf32: return 4;
+    case DType::kBf16:
+    case DType::kFp16: return 2;
+    case DType::kFp8: return 1;
+  }
+  return 4;
+}
+
+// One forward kernel. FLOPs and bytes are totals for the kernel (all groups).
+struct Op {
+  std::string name;  // "attn.qkv", "moe.experts.up"
+  OpKind kind = OpKind::kGemm;
+  double m = 0, n = 0, k = 0;  // GEMM/attention view (see OpKind); 0 for memory-bound ops
+  int64_t groups = 1;
+  double flops = 0;  // 2*m*n*k*groups for GEMMs
+  double bytes = 0;  // memory traffic: inputs read + outputs written + weights read
+};
+
+}  // namespace moesim::cost

@@ -1,0 +1,422 @@
+// Compute cost: the roofline with profile efficiencies (costmodel/compute.h), the dtype fallbacks,
+// backward ops, the bundled device profiles and the diagnostics of bad profiles.
+#include "costmodel/compute.h"
+
+#include "common/error.h"
+#include "topologies/registry.h"
+
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+using namespace moesim;
+using cost::DType;
+using cost::Op;
+using cost::OpKind;
+
+namespace {
+
+constexpr const char* kFile = "profile.textproto";
+
+std::string devices_dir() { return std::string(MOESIM_SOURCE_DIR) + "/configs/devices/"; }
+
+Op gemm(double m, double n, double k, DType dtype = DType::kBf16, int64_t groups = 1) {
+  Op op;
+  op.name = "gemm";
+  op.kind = groups > 1 ? OpKind::kGroupedGemm : OpKind::kGemm;
+  op.m = m;
+  op.n = n;
+  op.k = k;
+  op.groups = groups;
+  op.flops = 2 * m * n * k * groups;
+  op.bytes = (m * k + k * n + m * n) * groups * cost::dtype_bytes(dtype);
+  return op;
+}
+
+// A profile with known numbers: flat GEMM BF16 efficiency 0.7, memory 0.8, launch 5 us.
+cost::DeviceProfile flat_h100() {
+  return cost::load_device_profile_text(R"pb(
+    device { preset: "h100-sxm5" }
+    memory_bandwidth_efficiency: 0.8
+    kernel_launch_overhead_s: 5e-6
+    compute { op: GEMM dtype: BF16 point { flops: 1e9 efficiency: 0.7 } }
+  )pb", kFile);
+}
+
+std::string describe(const std::vector<Diagnostic>& diagnostics) {
+  std::string out;
+  for (const Diagnostic& d : diagnostics) out += d.to_string() + "\n";
+  return out;
+}
+
+// Every diagnostic loading `text` gives; fails the test when it loads.
+std::vector<Diagnostic> diagnostics_of(const std::string& text) {
+  try {
+    (void)cost::load_device_profile_text(text, kFile);
+  } catch (const ConfigError& e) {
+    return e.diagnostics();
+  }
+  FAIL("loaded without a ConfigError:\n" << text);
+  return {};
+}
+
+// The one diagnostic of a profile with one problem: file, line and field path exact.
+void check_only(const std::string& text, int line, const std::string& field_path, const std::string& gist) {
+  std::vector<Diagnostic> d = diagnostics_of(text);
+  INFO(text << "gave:\n" << describe(d));
+  REQUIRE(d.size() == 1);
+  CHECK(d[0].file == kFile);
+  CHECK(d[0].line == line);
+  CHECK(d[0].field_path == field_path);
+  CHECK_THAT(d[0].message, Catch::Contains(gist));
+}
+
+}  // namespace
+
+TEST_CASE("a huge GEMM is compute-bound: flops / (peak * eff) + launch") {
+  const cost::DeviceProfile p = flat_h100();
+  const Op op = gemm(16384, 16384, 16384);
+  const cost::OpTime t = cost::op_time(p, op, DType::kBf16);
+  // NVIDIA H100 SXM5 datasheet: 989.4 TFLOP/s dense BF16.
+  const double expected = op.flops / (989.4e12 * 0.7) + 5e-6;
+  CHECK_FALSE(t.memory_bound);
+  CHECK(t.efficiency == 0.7);
+  CHECK(t.launch_s == 5e-6);
+  CHECK(std::fabs(t.time_s - expected) <= 1e-9 * expected);
+  CHECK(t.time_s == Approx(t.launch_s + t.compute_s).epsilon(1e-12));
+  CHECK(t.dtype == DType::kBf16);
+}
+
+TEST_CASE("a GEMV-like GEMM (m = 1) is memory-bound: bytes / (bandwidth * eff)") {
+  const cost::DeviceProfile p = flat_h100();
+  const Op op = gemm(1, 8192, 8192);
+  const cost::OpTime t = cost::op_time(p, op, DType::kBf16);
+  // H100 SXM5: 3.35 TB/s HBM3.
+  const double expected = op.bytes / (3.35e12 * 0.8) + 5e-6;
+  CHECK(t.memory_bound);
+  CHECK(t.memory_s > 10 * t.compute_s);
+  CHECK(std::fabs(t.time_s - expected) <= 1e-9 * expected);
+}
+
+TEST_CASE("efficiency is linear in log(flops) between points and clamped at the ends") {
+  const cost::DeviceProfile p = cost::load_device_profile_text(R"pb(
+    device { preset: "h100-sxm5" }
+    compute {
+      op: GEMM dtype: BF16
+      point { flops: 1e9 efficiency: 0.2 }
+      point { flops: 1e11 efficiency: 0.6 }
+    }
+  )pb", kFile);
+  CHECK(p.compute_efficiency(OpKind::kGemm, DType::kBf16, std::sqrt(1e9 * 1e11)) == Approx(0.4).epsilon(1e-12));
+  CHECK(p.compute_efficiency(OpKind::kGemm, DType::kBf16, 1e9) == Approx(0.2));
+  CHECK(p.compute_efficiency(OpKind::kGemm, DType::kBf16, 1e3) == Approx(0.2));
+  CHECK(p.compute_efficiency(OpKind::kGemm, DType::kBf16, 1e11) == Approx(0.6));
+  CHECK(p.compute_efficiency(OpKind::kGemm, DType::kBf16, 1e18) == Approx(0.6));
+  // A quarter of the way in log size is a quarter of the way in efficiency, not halfway.
+  CHECK(p.compute_efficiency(OpKind::kGemm, DType::kBf16, 1e9 * std::pow(100.0, 0.25)) == Approx(0.3));
+  // op_time reports the same efficiency and uses it.
+  Op op = gemm(1, 1, 1);
+  op.flops = 1e10;
+  op.bytes = 0;
+  const cost::OpTime t = cost::op_time(p, op, DType::kBf16);
+  CHECK(t.efficiency == Approx(0.4));
+  CHECK(t.compute_s == Approx(1e10 / (989.4e12 * 0.4)));
+  // A pair without a curve in the profile keeps the built-in prior.
+  const cost::DeviceProfile prior = cost::default_profile(*topo::device_presets().find("h100-sxm5"));
+  CHECK(p.compute_efficiency(OpKind::kGemm, DType::kFp16, 1e13) ==
+        prior.compute_efficiency(OpKind::kGemm, DType::kFp16, 1e13));
+  CHECK(p.compute_efficiency(OpKind::kGemm, DType::kFp16, 1e13) != 0.6);
+}
+
+TEST_CASE("fp8 on an A100 (no fp8 peak) runs as bf16: bf16 peak and curve, twice the bytes") {
+  const cost::DeviceProfile p = cost::load_device_profile(devices_dir() + "a100-sxm4-80gb.textproto");
+  CHECK(p.effective_dtype(DType::kFp8) == DType::kBf16);
+  CHECK(p.peak_flops_per_s(DType::kFp8) == 312e12);  // A100 datasheet: 312 TFLOP/s BF16 dense
+
+  const Op big = gemm(8192, 8192, 8192, DType::kFp8);
+  const cost::OpTime fp8 = cost::op_time(p, big, DType::kFp8);
+  const cost::OpTime bf16 = cost::op_time(p, gemm(8192, 8192, 8192, DType::kBf16), DType::kBf16);
+  CHECK(fp8.dtype == DType::kBf16);
+  CHECK(fp8.compute_s == Approx(bf16.compute_s).epsilon(1e-12));
+  CHECK(fp8.efficiency == bf16.efficiency);
+
+  const Op gemv = gemm(1, 8192, 8192, DType::kFp8);
+  const cost::OpTime t = cost::op_time(p, gemv, DType::kFp8);
+  CHECK(t.memory_bound);
+  CHECK(t.memory_s == Approx(2 * gemv.bytes / (2.039e12 * p.memory_bandwidth_efficiency())));
+
+  // On an H100 fp8 is native: its own peak (1978.9 TFLOP/s) and the bytes as given.
+  const cost::DeviceProfile h = cost::load_device_profile(devices_dir() + "h100-sxm5.textproto");
+  CHECK(h.effective_dtype(DType::kFp8) == DType::kFp8);
+  CHECK(h.peak_flops_per_s(DType::kFp8) == 1978.9e12);
+  CHECK(cost::op_time(h, gemv, DType::kFp8).memory_s == Approx(gemv.bytes / (3.35e12 * h.memory_bandwidth_efficiency())));
+}
+
+TEST_CASE("tf32 without a tf32 peak falls back to fp32, and a device without fp32 uses its slowest peak") {
+  const cost::DeviceProfile p = cost::load_device_profile_text(R"pb(
+    device { name: "vec" peak_flops_per_s { fp32: 20e12 bf16: 200e12 } memory_bandwidth_Bps: 1e12 }
+  )pb", kFile);
+  CHECK(p.effective_dtype(DType::kTf32) == DType::kFp32);
+  CHECK(p.peak_flops_per_s(DType::kTf32) == 20e12);
+  CHECK(p.effective_dtype(DType::kFp16) == DType::kBf16);
+  CHECK(p.peak_flops_per_s(DType::kFp16) == 200e12);
+  CHECK(p.effective_dtype(DType::kFp8) == DType::kBf16);
+  // Vector ops run at the fp32 peak whatever the dtype.
+  CHECK(p.peak_flops_per_s(OpKind::kElementwise, DType::kBf16) == 20e12);
+  CHECK(p.peak_flops_per_s(OpKind::kGemm, DType::kBf16) == 200e12);
+
+  const cost::DeviceProfile q = cost::load_device_profile_text(R"pb(
+    device { name: "no-fp32" peak_flops_per_s { bf16: 200e12 fp8: 400e12 } memory_bandwidth_Bps: 1e12 }
+  )pb", kFile);
+  CHECK(q.effective_dtype(DType::kFp32) == DType::kBf16);
+  CHECK(q.peak_flops_per_s(DType::kTf32) == 200e12);
+  CHECK(q.peak_flops_per_s(DType::kFp8) == 400e12);
+}
+
+TEST_CASE("launch overhead and memory efficiency: profile, else device, else defaults") {
+  hw::DeviceType d = *topo::device_presets().find("a100-sxm4-80gb");
+  d.set_kernel_launch_overhead_s(7e-6);
+  const cost::DeviceProfile p = cost::default_profile(d);
+  CHECK(p.kernel_launch_overhead_s() == 7e-6);
+  CHECK(p.memory_bandwidth_efficiency() == cost::kDefaultMemoryBandwidthEfficiency);
+  CHECK(p.source() == "prior (built-in)");
+  CHECK(p.name() == "A100-SXM4-80GB");
+  d.clear_kernel_launch_overhead_s();
+  CHECK(cost::default_profile(d).kernel_launch_overhead_s() == cost::kDefaultKernelLaunchOverhead_s);
+  CHECK(flat_h100().kernel_launch_overhead_s() == 5e-6);
+
+  hw::DeviceType broken;
+  broken.set_name("broken");
+  CHECK_THROWS_AS(cost::default_profile(broken), ConfigError);
+}
+
+TEST_CASE("backward of a GEMM: dgrad (m,k,n) and wgrad (k,n,m), twice the forward FLOPs") {
+  for (int64_t groups : {1, 8}) {
+    const Op fwd = gemm(64, 128, 256, DType::kBf16, groups);
+    const std::vector<Op> bwd = cost::backward_ops(fwd);
+    REQUIRE(bwd.size() == 2);
+    CHECK(bwd[0].name == "gemm.dgrad");
+    CHECK((bwd[0].m == 64 && bwd[0].n == 256 && bwd[0].k == 128));
+    CHECK(bwd[1].name == "gemm.wgrad");
+    CHECK((bwd[1].m == 256 && bwd[1].n == 128 && bwd[1].k == 64));
+    for (const Op& op : bwd) {
+      CHECK(op.kind == fwd.kind);
+      CHECK(op.groups == groups);
+      CHECK(op.flops == 2 * op.m * op.n * op.k * groups);  // its own shape's FLOPs
+    }
+    CHECK(bwd[0].flops + bwd[1].flops == 2 * fwd.flops);
+    CHECK(cost::ops_time(flat_h100(), bwd, DType::kBf16).flops == 2 * fwd.flops);
+  }
+}
+
+TEST_CASE("backward of attention, norm, elementwise and embedding") {
+  Op attn{"attn", OpKind::kAttention, 4096, 4096, 128, 32, 4 * 4096.0 * 4096 * 128 * 32, 1e9};
+  std::vector<Op> b = cost::backward_ops(attn);
+  REQUIRE(b.size() == 1);
+  CHECK(b[0].flops == 2.5 * attn.flops);
+  CHECK(b[0].bytes == 2 * attn.bytes);
+  CHECK(b[0].kind == OpKind::kAttention);
+  CHECK(b[0].name == "attn.bwd");
+
+  for (OpKind kind : {OpKind::kNorm, OpKind::kElementwise, OpKind::kEmbedding}) {
+    Op op{"v", kind, 0, 0, 0, 1, kind == OpKind::kEmbedding ? 0.0 : 1e6, 4e6};
+    b = cost::backward_ops(op);
+    REQUIRE(b.size() == 1);
+    CHECK(b[0].kind == kind);
+    CHECK(b[0].bytes == 2 * op.bytes);
+    CHECK(b[0].flops == (kind == OpKind::kEmbedding ? 0.0 : 2 * op.flops));
+  }
+}
+
+TEST_CASE("ops_time sums kernels and splits compute-bound from memory-bound time") {
+  const cost::DeviceProfile p = flat_h100();
+  const std::vector<Op> ops = {gemm(8192, 8192, 8192), gemm(1, 8192, 8192), gemm(4096, 4096, 4096)};
+  const cost::OpsTime total = cost::ops_time(p, ops, DType::kBf16);
+  double sum = 0, memory = 0;
+  for (const Op& op : ops) {
+    const cost::OpTime t = cost::op_time(p, op, DType::kBf16);
+    sum += t.time_s;
+    if (t.memory_bound) memory += t.time_s - t.launch_s;
+  }
+  CHECK(total.kernels == 3);
+  CHECK(total.time_s == Approx(sum));
+  CHECK(total.launch_s == Approx(3 * 5e-6));
+  CHECK(total.memory_bound_s == Approx(memory));
+  CHECK(total.time_s == Approx(total.compute_bound_s + total.memory_bound_s + total.launch_s));
+}
+
+TEST_CASE("every bundled device profile loads, is a prior and keeps time non-decreasing in size") {
+  int seen = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(devices_dir())) {
+    if (entry.path().extension() != ".textproto") continue;
+    INFO(entry.path());
+    const cost::DeviceProfile p = cost::load_device_profile(entry.path().string());
+    CHECK_THAT(p.source(), Catch::StartsWith("prior"));
+    // Named after its preset: h100-sxm5.textproto describes "H100-SXM5".
+    const hw::DeviceType* preset = topo::device_presets().find(entry.path().stem().string());
+    REQUIRE(preset != nullptr);
+    CHECK(p.name() == preset->name());
+    // Public GEMM benchmarks: large bf16 GEMMs reach roughly 0.5-0.8 of dense peak.
+    const double large = p.compute_efficiency(OpKind::kGemm, DType::kBf16, 1e13);
+    CHECK((large >= 0.5 && large <= 0.8));
+    CHECK((p.memory_bandwidth_efficiency() >= 0.7 && p.memory_bandwidth_efficiency() <= 0.95));
+    for (OpKind kind : {OpKind::kGemm, OpKind::kGroupedGemm, OpKind::kAttention}) {
+      for (DType dtype : {DType::kFp32, DType::kTf32, DType::kBf16, DType::kFp16, DType::kFp8}) {
+        double previous = 0, first_drop = 0;
+        for (double f = 1e5; f <= 1e14 && first_drop == 0; f *= 1.1) {
+          Op op{"op", kind, 0, 0, 0, 1, f, 0};
+          const double t = cost::op_time(p, op, dtype).compute_s;
+          if (t < previous * (1 - 1e-12)) first_drop = f;
+          previous = t;
+        }
+        INFO("op kind " << static_cast<int>(kind) << ", dtype " << static_cast<int>(dtype));
+        CHECK(first_drop == 0);
+      }
+    }
+    ++seen;
+  }
+  CHECK(seen >= 3);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bad profiles: each names the line and field path of its one problem.
+
+TEST_CASE("bad profile: efficiency above 1") {
+  check_only("device { preset: \"h100-sxm5\" }\n"
+             "compute {\n"
+             "  op: GEMM dtype: BF16\n"
+             "  point { flops: 1e9 efficiency: 0.5 }\n"
+             "  point { flops: 1e10 efficiency: 1.5 }\n"
+             "}\n",
+             5, "compute[0].point[1].efficiency", "at most 1");
+}
+
+TEST_CASE("bad profile: efficiency 0") {
+  check_only("device { preset: \"h100-sxm5\" }\n"
+             "compute {\n"
+             "  op: GEMM dtype: BF16\n"
+             "  point { flops: 1e9 efficiency: 0 }\n"
+             "}\n",
+             4, "compute[0].point[0].efficiency", "greater than zero");
+}
+
+TEST_CASE("bad profile: sizes decreasing") {
+  check_only("device { preset: \"h100-sxm5\" }\n"
+             "compute {\n"
+             "  op: ATTENTION dtype: FP16\n"
+             "  point { flops: 1e10 efficiency: 0.3 }\n"
+             "  point { flops: 1e9 efficiency: 0.2 }\n"
+             "}\n",
+             5, "compute[0].point[1].flops", "must increase");
+}
+
+TEST_CASE("bad profile: efficiency rising so steeply that a bigger kernel runs faster") {
+  check_only("device { preset: \"h100-sxm5\" }\n"
+             "compute {\n"
+             "  op: GEMM dtype: BF16\n"
+             "  point { flops: 1e9 efficiency: 0.1 }\n"
+             "  point { flops: 1e10 efficiency: 0.9 }\n"
+             "}\n",
+             5, "compute[0].point[1].efficiency", "too steeply");
+}
+
+TEST_CASE("bad profile: unknown preset lists the registered ones") {
+  check_only("source: \"prior\"\n"
+             "device { preset: \"h100-pcie\" }\n",
+             2, "device.preset", "h100-sxm5, h800-sxm5, a100-sxm4-80gb");
+}
+
+TEST_CASE("bad profile: a point without efficiency") {
+  check_only("device { preset: \"h100-sxm5\" }\n"
+             "compute {\n"
+             "  op: GEMM dtype: BF16\n"
+             "  point { flops: 1e9 efficiency: 0.2 }\n"
+             "  point { flops: 1e10 }\n"
+             "}\n",
+             5, "compute[0].point[1].efficiency", "missing required value");
+}
+
+TEST_CASE("bad profile: a curve without op, an unspecified dtype, no points") {
+  const std::string text =
+      "device { preset: \"h100-sxm5\" }\n"
+      "compute {\n"
+      "  dtype: DTYPE_UNSPECIFIED\n"
+      "}\n";
+  std::vector<Diagnostic> d = diagnostics_of(text);
+  INFO(describe(d));
+  REQUIRE(d.size() == 3);
+  // A missing field points at the curve that should hold it (line 2).
+  CHECK((d[0].line == 2 && d[0].field_path == "compute[0].op"));
+  CHECK_THAT(d[0].message, Catch::Contains("GROUPED_GEMM"));
+  CHECK((d[1].line == 2 && d[1].field_path == "compute[0].point"));
+  CHECK((d[2].line == 3 && d[2].field_path == "compute[0].dtype"));
+  CHECK_THAT(d[2].message, Catch::Contains("BF16"));
+}
+
+TEST_CASE("bad profile: two curves for one (op, dtype)") {
+  check_only("device { preset: \"h100-sxm5\" }\n"
+             "compute { op: GEMM dtype: BF16 point { flops: 1e9 efficiency: 0.2 } }\n"
+             "compute { op: GEMM dtype: BF16 point { flops: 1e9 efficiency: 0.3 } }\n",
+             3, "compute[1]", "first is on line 2");
+}
+
+TEST_CASE("bad profile: unknown op kind and dtype names are parse errors on their line") {
+  // Text-format errors carry line and column, no field path; the message names the field.
+  //                                                     123456789012345678901234567
+  for (auto [line2, column, token, field] : {std::tuple{"compute { op: GEMMM dtype: BF16 }", 15, "GEMMM", "\"op\""},
+                                             std::tuple{"compute { op: GEMM dtype: BF15 }", 27, "BF15", "\"dtype\""}}) {
+    std::vector<Diagnostic> d = diagnostics_of(std::string("device { preset: \"h100-sxm5\" }\n") + line2 + "\n");
+    INFO(describe(d));
+    REQUIRE(d.size() == 1);
+    CHECK(d[0].file == kFile);
+    CHECK(d[0].line == 2);
+    CHECK(d[0].column == column);
+    CHECK(d[0].field_path.empty());
+    CHECK_THAT(d[0].message,
+               Catch::Contains(token) && Catch::Contains(field) && Catch::Contains("Unknown enumeration value"));
+  }
+}
+
+TEST_CASE("bad profile: every problem is reported, in file order") {
+  const std::string text =
+      "device { name: \"x\" peak_flops_per_s { } }\n"
+      "memory_bandwidth_efficiency: 1.2\n"
+      "kernel_launch_overhead_s: -1\n"
+      "compute { op: NORM dtype: FP32 point { flops: -5 efficiency: 0.5 } }\n";
+  std::vector<Diagnostic> d = diagnostics_of(text);
+  INFO(describe(d));
+  REQUIRE(d.size() == 5);
+  CHECK(d[0].field_path == "device.peak_flops_per_s");
+  CHECK(d[1].field_path == "device.memory_bandwidth_Bps");
+  CHECK((d[2].line == 2 && d[2].field_path == "memory_bandwidth_efficiency"));
+  CHECK((d[3].line == 3 && d[3].field_path == "kernel_launch_overhead_s"));
+  CHECK((d[4].line == 4 && d[4].field_path == "compute[0].point[0].flops"));
+}
+
+TEST_CASE("from_spec validates a profile built in code") {
+  profile::DeviceProfile spec;
+  spec.mutable_device()->set_preset("h100-sxm5");
+  profile::EfficiencyCurve* c = spec.add_compute();
+  c->set_op(profile::GEMM);
+  c->set_dtype(profile::BF16);
+  profile::EfficiencyPoint* pt = c->add_point();
+  pt->set_flops(1e9);
+  pt->set_efficiency(0.6);
+  const cost::DeviceProfile p = cost::DeviceProfile::from_spec(spec);
+  CHECK(p.compute_efficiency(OpKind::kGemm, DType::kBf16, 1) == 0.6);
+  CHECK(p.source() == "unspecified");
+  CHECK(p.device().memory_bandwidth_bps() == 3.35e12);
+
+  pt->set_efficiency(2);
+  try {
+    (void)cost::DeviceProfile::from_spec(spec, "code");
+    FAIL("accepted an efficiency of 2");
+  } catch (const ConfigError& e) {
+    REQUIRE(e.diagnostics().size() == 1);
+    CHECK(e.diagnostics()[0].file == "code");
+    CHECK(e.diagnostics()[0].field_path == "compute[0].point[0].efficiency");
+  }
+}
