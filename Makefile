@@ -17,15 +17,19 @@ configure: deps
 build: configure
 	@cmake --build $(BUILD_DIR) -j$(JOBS)
 
-# The main job on its defaults: until the simulator lands, the topology report of a bundled cluster.
+# The main job on its defaults: until the simulator lands, the topology report of the DeepSeek-V3
+# cluster and whether DeepSeek-V3's published layout fits in its memory.
 demo: build
 	$(MOESIM) topo show configs/hardware/h800-2048.textproto
+	@echo
+	$(MOESIM) memory --cluster configs/hardware/h800-2048.textproto --model configs/models/deepseek-v3.textproto \
+	  --workload configs/workloads/deepseek-v3-pretrain.textproto --strategy configs/strategies/deepseek-v3-published.textproto
 
 test: build
 	cd $(BUILD_DIR) && ctest --output-on-failure -j$(JOBS)
 
 bench: build
-	$(BUILD_DIR)/bench/topology_bench
+	$(BUILD_DIR)/bench/topology_bench; t=$$?; $(BUILD_DIR)/bench/costmodel_bench; c=$$?; exit $$((t | c))
 
 clean:
 	rm -rf $(BUILD_DIR)

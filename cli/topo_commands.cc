@@ -4,6 +4,7 @@
 #include "common/json.h"
 #include "common/progress.h"
 #include "costmodel/collectives.h"
+#include "costmodel/routing_model.h"
 #include "topologies/cluster.h"
 #include "topologies/metrics.h"
 #include "topologies/registry.h"
@@ -120,6 +121,7 @@ int list(const Args& a) {
   add_registry(out, topo::fabric_generators());
   add_registry(out, topo::device_presets());
   add_registry(out, cost::collective_algorithms());
+  add_registry(out, cost::routing_distributions());
   if (a.flag("--json")) {
     std::cout << to_json(out);
     return kExitOk;

@@ -21,7 +21,7 @@ namespace pb = google::protobuf;
 using workload::RoutingDistribution;
 
 // ---------------------------------------------------------------------------------------------
-// Random numbers: raw mt19937_64 bits through our own transforms, identical on every platform.
+// Random numbers: raw mt19937_64 bits through our own transforms (no std::*_distribution).
 
 double uniform01(std::mt19937_64& rng) { return static_cast<double>(rng() >> 11) * 0x1.0p-53; }       // [0, 1)
 double uniform_open0(std::mt19937_64& rng) { return static_cast<double>((rng() >> 11) + 1) * 0x1.0p-53; }  // (0, 1]
@@ -297,7 +297,9 @@ std::vector<double> uniform_probabilities(const RoutingDistribution&, int expert
 }
 
 constexpr double kMaxZipfExponent = 10;
-void validate_zipf(const ConfigScope& s, int) { s.child("zipf").in_range("exponent", 0, kMaxZipfExponent, Need::kRequired); }
+void validate_zipf(const ConfigScope& s, int) {
+  s.child("zipf").in_range("exponent", 0, kMaxZipfExponent, Need::kRequired);
+}
 std::vector<double> zipf_probabilities(const RoutingDistribution& d, int experts) {
   std::vector<double> w(experts);
   for (int e = 0; e < experts; ++e) w[e] = std::pow(static_cast<double>(e + 1), -d.zipf().exponent());
@@ -349,7 +351,8 @@ void validate_dataset_mixture(const ConfigScope& s, int experts) {
       fraction_sum += ds.fraction();
     else
       fractions_ok = false;
-    if (ds.experts_size() == 0) d.error("experts", "missing required value: a dataset needs at least one preferred expert");
+    if (ds.experts_size() == 0)
+      d.error("experts", "missing required value: a dataset needs at least one preferred expert");
     std::set<int> seen;
     for (int j = 0; j < ds.experts_size(); ++j) {
       const int x = ds.experts(j);

@@ -4,10 +4,12 @@
 // T tokens, E experts, k experts per token, C expert capacity, R EP ranks.
 //
 //   std::vector<double> p = cost::expert_probabilities(workload.routing(), E);
-//   cost::RoutingLoads loads = cost::routing_loads({T, E, k, 1.25, strategy::VANILLA, p, seed});
-//   cost::ExpertPlacementMap map = cost::place_experts(E, R, &strategy.placement(), p);
-//   double busiest = cost::max_rank_load(map, loads.sampled_load);
-//   auto bytes = cost::dispatch_bytes(map, problem, D * 2.0, /*dedup_per_rank=*/true);
+//   cost::RoutingProblem problem{T, E, k, strategy.capacity_factor(), strategy.drop_policy(), p,
+//                                workload.routing().seed()};
+//   cost::RoutingLoads loads = cost::routing_loads(problem);
+//   cost::ExpertPlacementMap map = cost::place_experts(E, R, &strategy.placement(), loads.expected_load);
+//   double busiest = cost::max_rank_load(map, loads.sampled_load);       // tokens on the busiest rank
+//   auto bytes = cost::dispatch_bytes(map, problem, D * 2.0, /*dedup_per_rank=*/true);  // bf16 tokens
 //
 // The router model. A token's router scores are s_e = log p_e + g_e with g_e i.i.d. standard
 // Gumbel noise; the token takes the k experts with the highest scores (the Gumbel-top-k trick:
@@ -18,7 +20,9 @@
 //
 // Randomness: every sample comes from a std::mt19937_64 seeded with the problem's seed (never
 // std::random_device) through moesim's own transforms (no std::*_distribution, whose algorithms
-// differ between standard libraries): the same seed gives the same output bits everywhere.
+// differ between standard libraries): the same seed gives the same output bits (across
+// platforms too, up to last-ulp differences between math libraries' exp/log, which can very
+// rarely change one draw).
 #pragma once
 
 #include "common/config.h"
@@ -81,7 +85,7 @@ std::vector<double> expert_probabilities(const workload::RoutingDistribution& ro
 // 1 - e^{-p_i t}. The integral is evaluated by the trapezoid rule in log t (exponentially
 // convergent for this smooth, doubly decaying integrand; relative error < 1e-9), with
 // leave-one-out Poisson-binomial tails from prefix/suffix dynamic programmes truncated at k
-// terms: O(points * E * k), a few ms for E = 256, k = 8. The result is rescaled by k'/sum(pi)
+// terms: O(points * E * k), about 1 ms for E = 256, k = 8. The result is rescaled by k'/sum(pi)
 // to remove the remaining quadrature error. `probabilities` may be any non-negative weights with
 // a positive sum.
 std::vector<double> inclusion_probabilities(const std::vector<double>& probabilities, int top_k);
@@ -130,9 +134,10 @@ struct RoutingLoads {
   int64_t simulated_tokens = 0;
 };
 
-// Per-token simulation costs one exponential draw per token and expert with p_e > 0; above this
-// many draws routing_loads switches to the multinomial approximation.
-inline constexpr int64_t kPerTokenDrawBudget = int64_t{1} << 22;
+// Per-token simulation costs one exponential draw per token and expert with p_e > 0 (a few ns
+// each, mostly the generator); above this many draws routing_loads switches to the multinomial
+// approximation, and this many draws is the subsample it simulates.
+inline constexpr int64_t kPerTokenDrawBudget = int64_t{1} << 21;
 
 // Samples a routing of the problem's tokens and fills the experts' buffers.
 //
@@ -156,7 +161,9 @@ inline constexpr int64_t kPerTokenDrawBudget = int64_t{1} << 22;
 // seed, in which expert e keeps L'_e - round(o_e L'_e) of its L'_e assignments, where
 // o_e = max(0, L_e - C) / L_e is the share the full sample dropped there: the subsample drops
 // what the full batch drops, and the policy chooses which.
-// DeepSeek-V3 sized problems (T = 65536, E = 256, k = 8) take the large path.
+// DeepSeek-V3 sized problems (T = 65536, E = 256, k = 8) take the large path, with an
+// 8192-token subsample: its policy-specific fractions carry a sampling error of about
+// sqrt(f (1 - f) / 8192) <= 0.6% (absolute).
 RoutingLoads routing_loads(const RoutingProblem& problem);
 
 // One sampled routing: token t's choices are expert[t*top_k + j], j = 0..top_k-1, in descending

@@ -1,8 +1,11 @@
-// Every bundled cluster loads, and its derived figures match the datasheets it cites.
+// Every bundled config loads; clusters' derived figures match the datasheets they cite; the
+// bundled studies (cluster, model, workload, strategy) fit together.
+#include "costmodel/memory.h"
 #include "topologies/metrics.h"
 #include "topologies/routing.h"
 
 #include <catch2/catch.hpp>
+#include <fmt/format.h>
 
 #include <filesystem>
 #include <fstream>
@@ -121,5 +124,63 @@ TEST_CASE("the README's config example is valid and means what it says") {
   for (const auto& d : m.devices) {
     CHECK(d.scaleup_Bps == Approx(450e9));
     CHECK(d.scaleout_Bps == Approx(50e9));
+  }
+}
+
+TEST_CASE("h100-64: 8 DGX H100 on one rail-optimised unit") {
+  topo::Cluster c = topo::load_cluster(config("h100-64.textproto"));
+  CHECK(c.device_count() == 64);
+  CHECK(c.node_count() == 8);
+  // Rail-optimised at 1:1: a GPU reaches a GPU of another node at its NIC's 400 Gb/s = 50 GB/s.
+  topo::Router router(c);
+  CHECK(router.route(0, 8).bottleneck_Bps == 50e9);
+}
+
+namespace {
+
+std::string source(const std::string& path) { return std::string(MOESIM_SOURCE_DIR) + "/" + path; }
+
+int load_all(const std::string& folder, void (*load)(const std::string&)) {
+  int seen = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(source(folder))) {
+    if (entry.path().extension() != ".textproto") continue;
+    INFO(entry.path());
+    CHECK_NOTHROW(load(entry.path().string()));
+    ++seen;
+  }
+  return seen;
+}
+
+}  // namespace
+
+TEST_CASE("every bundled model, workload and strategy loads") {
+  CHECK(load_all("configs/models", [](const std::string& p) { cost::load_model(p); }) >= 7);
+  CHECK(load_all("configs/workloads", [](const std::string& p) { cost::load_workload(p); }) >= 4);
+  CHECK(load_all("configs/strategies", [](const std::string& p) { cost::load_strategy(p); }) >= 4);
+}
+
+TEST_CASE("the bundled studies fit together and fit in memory") {
+  struct Study {
+    const char* cluster;
+    const char* model;
+    const char* workload;
+    const char* strategy;
+  };
+  const Study studies[] = {
+      {"h800-2048", "deepseek-v3", "deepseek-v3-pretrain", "deepseek-v3-published"},
+      {"h100-64", "mixtral-8x7b", "mixtral-8x7b-train", "mixtral-8x7b-megatron"},
+      {"dgx-h100", "mixtral-8x7b", "mixtral-8x7b-serve", "mixtral-8x7b-serve-ep8"},
+      {"dgx-a100", "vmoe-b16", "vmoe-b16-train", "vmoe-b16-ep8"},
+      {"dgx-a100", "resnet50-reid", "reid-train", "reid-dp8"},
+  };
+  for (const Study& s : studies) {
+    INFO(s.model << " / " << s.strategy);
+    const cost::Setup setup = cost::load_setup(
+        source(fmt::format("configs/hardware/{}.textproto", s.cluster)), source(fmt::format("configs/models/{}.textproto", s.model)),
+        source(fmt::format("configs/workloads/{}.textproto", s.workload)),
+        source(fmt::format("configs/strategies/{}.textproto", s.strategy)));
+    const cost::MemoryReport m = cost::estimate_memory(setup);
+    CHECK(m.fits);
+    CHECK(m.ranks.size() == static_cast<size_t>(setup.cluster->device_count()));
   }
 }

@@ -8,6 +8,7 @@
 #include <fmt/format.h>
 #include <google/protobuf/util/json_util.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdio>
 #include <filesystem>
@@ -191,6 +192,10 @@ TEST_CASE("list shows the registries") {
     }
   CHECK(fat_tree);
   CHECK(h100);
+  bool zipf = false;
+  for (const auto& reg : list.registries())
+    for (const auto& e : reg.entries()) zipf |= reg.kind() == "routing distribution" && e.name() == "zipf";
+  CHECK(zipf);
   Run text = moesim_run("list");
   CHECK(text.out.find("rail_optimized") != std::string::npos);
 }
@@ -327,18 +332,32 @@ TEST_CASE("memory: per-rank parts and whether it fits") {
   Run r = moesim_run(args + " --json");
   REQUIRE(r.exit_code == 0);
   auto m = parse_json<report::MemoryReport>(r.out);
-  REQUIRE(m.ranks_size() == 2048);
+  CHECK(m.rank_count() == 2048);
   CHECK(m.pp() == 16);
   CHECK(m.ep() == 64);
   CHECK(m.micro_batches() == 120);  // 15360 / (128 x 1)
+  // The groups cover every rank once; a group never mixes pipeline stages (16 stages, >= 16 groups).
+  std::vector<int> covered(2048, 0);
+  CHECK(m.ranks_size() >= 16);
   for (const auto& x : m.ranks()) {
+    for (int rank : x.rank_list()) {
+      ++covered[rank];
+      CHECK(rank / 128 == x.stage());  // ranks: dp fastest, then pp
+    }
     CHECK(x.total_bytes() == Approx(x.weights_bytes() + x.gradients_bytes() + x.optimizer_bytes() + x.activations_bytes() +
                                     x.moe_buffers_bytes() + x.comm_buffers_bytes() + x.kv_cache_bytes()));
     CHECK(x.capacity_bytes() == 80e9);  // H800: 80 GB HBM3
     CHECK(x.fits() == (x.total_bytes() <= x.capacity_bytes()));
   }
+  CHECK(std::count(covered.begin(), covered.end(), 1) == 2048);
   CHECK(m.fits());
-  CHECK(m.peak_total_bytes() == m.ranks(m.peak_rank()).total_bytes());
+  bool peak_found = false;
+  for (const auto& x : m.ranks())
+    if (std::find(x.rank_list().begin(), x.rank_list().end(), m.peak_rank()) != x.rank_list().end()) {
+      peak_found = true;
+      CHECK(m.peak_total_bytes() == Approx(x.total_bytes()));
+    }
+  CHECK(peak_found);
 
   Run table = moesim_run(args);
   REQUIRE(table.exit_code == 0);

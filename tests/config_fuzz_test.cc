@@ -1,15 +1,18 @@
 // Never crash on bad input: seeded random mutations of small valid configs either load (and then
 // route and derive figures) or fail with a ConfigError; nothing else may escape, nothing may hang.
 #include "common/error.h"
+#include "costmodel/memory.h"
 #include "topologies/metrics.h"
 
 #include <catch2/catch.hpp>
 #include <fmt/format.h>
 
+#include <filesystem>
 #include <fstream>
 #include <random>
 #include <regex>
 #include <sstream>
+#include <unistd.h>
 
 using namespace moesim;
 
@@ -80,6 +83,55 @@ TEST_CASE("mutated configs load or fail with a ConfigError, never anything else"
     }
   }
   // Both outcomes occur, so the test exercises both paths.
+  CHECK(loaded > 20);
+  CHECK(refused > 20);
+}
+
+TEST_CASE("mutated models, workloads and strategies load or fail with a ConfigError, never anything else") {
+  struct Study {
+    std::string cluster, model, workload, strategy;
+  };
+  const std::vector<Study> studies = {
+      {"h100-64", "mixtral-8x7b", "mixtral-8x7b-train", "mixtral-8x7b-megatron"},
+      {"dgx-h100", "mixtral-8x7b", "mixtral-8x7b-serve", "mixtral-8x7b-serve-ep8"},
+      {"dgx-a100", "vmoe-b16", "vmoe-b16-train", "vmoe-b16-ep8"},
+      {"dgx-a100", "resnet50-reid", "reid-train", "reid-dp8"},
+  };
+  const auto dir = std::filesystem::temp_directory_path() / ("moesim_fuzz_" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  std::mt19937_64 rng(20261126);
+  int loaded = 0, refused = 0;
+  for (const Study& st : studies) {
+    const std::string base[3] = {read("configs/models/" + st.model + ".textproto"),
+                                 read("configs/workloads/" + st.workload + ".textproto"),
+                                 read("configs/strategies/" + st.strategy + ".textproto")};
+    for (int round = 0; round < 45; ++round) {
+      std::string text[3] = {base[0], base[1], base[2]};
+      const int which = static_cast<int>(rng() % 3);
+      text[which] = mutate(text[which], rng);
+      if (rng() % 2) text[which] = mutate(text[which], rng);
+      std::string path[3];
+      for (int i = 0; i < 3; ++i) {
+        path[i] = (dir / fmt::format("f{}.textproto", i)).string();
+        std::ofstream(path[i]) << text[i];
+      }
+      INFO(st.model << " mutation " << round << " of file " << which << ":\n" << text[which]);
+      try {
+        const cost::Setup s = cost::load_setup(std::string(MOESIM_SOURCE_DIR) + "/configs/hardware/" + st.cluster + ".textproto",
+                                               path[0], path[1], path[2]);
+        const cost::MemoryReport m = cost::estimate_memory(s);
+        CHECK(std::isfinite(m.ranks[m.peak_rank].total_bytes));
+        CHECK(std::isfinite(s.cost.flops_fwd));
+        CHECK(s.cost.total_params > 0);
+        ++loaded;
+      } catch (const ConfigError& e) {
+        CHECK_FALSE(e.diagnostics().empty());
+        for (const Diagnostic& d : e.diagnostics()) CHECK(d.file == path[which]);
+        ++refused;
+      }
+    }
+  }
+  std::filesystem::remove_all(dir);
   CHECK(loaded > 20);
   CHECK(refused > 20);
 }

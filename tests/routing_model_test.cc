@@ -313,7 +313,7 @@ TEST_CASE("expert capacity is ceil(capacity_factor k T / E)") {
 }
 
 TEST_CASE("loads sum to T k, sampled or expected, on both sampling paths") {
-  // 4096 x 16 draws: per token; 2^17 x 64 > kPerTokenDrawBudget: multinomial.
+  // 4096 x 16 draws: per token; 2^17 x 64 = 2^23 > kPerTokenDrawBudget: multinomial.
   for (auto [T, E] : {std::pair<int64_t, int>{4096, 16}, {int64_t{1} << 17, 64}}) {
     for (int k : {1, 2, 4}) {
       INFO("T " << T << " E " << E << " k " << k);
@@ -328,6 +328,22 @@ TEST_CASE("loads sum to T k, sampled or expected, on both sampling paths") {
   }
 }
 
+TEST_CASE("edge cases: an empty batch, and top-k over every expert") {
+  cost::RoutingLoads empty = cost::routing_loads(problem(0, 8, 2, 1.0, strategy::BATCH_PRIORITY, zipf(8, 1)));
+  CHECK(empty.sampled_load == std::vector<int64_t>(8, 0));
+  CHECK(empty.capacity == 0);
+  CHECK(empty.dropped_fraction == 0);
+  CHECK(empty.dropped_gate_mass_fraction == 0);
+  CHECK(empty.imbalance == 0);
+  // k = E: every token takes every expert, so each load is T, and capacity factor 1 drops nothing.
+  cost::RoutingLoads all = cost::routing_loads(problem(100, 4, 4, 1.0, strategy::VANILLA, zipf(4, 2)));
+  CHECK(all.sampled_load == std::vector<int64_t>(4, 100));
+  CHECK(all.expected_load == std::vector<double>(4, 100.0));
+  CHECK(all.capacity == 100);
+  CHECK(all.dropped_fraction == 0);
+  CHECK(all.imbalance == 1);
+}
+
 TEST_CASE("the same seed gives the same loads, another seed different ones") {
   for (int64_t T : {int64_t{2000}, int64_t{1} << 17}) {
     RoutingProblem a = problem(T, 64, 2, 1.0, strategy::BATCH_PRIORITY, zipf(64, 0.8), 42);
@@ -340,22 +356,35 @@ TEST_CASE("the same seed gives the same loads, another seed different ones") {
   }
 }
 
-TEST_CASE("sampled loads average to the expected loads") {
-  // Per expert, the mean of n samples is within 5 sd/sqrt(n) of T pi_e; the per-sample variance is
-  // at most T pi_e (1 - pi_e / k) (multinomial) and below that for the per-token path.
-  for (auto [T, E] : {std::pair<int64_t, int>{2000, 8}, {int64_t{1} << 20, 8}}) {
-    const int k = 2, n = 200;
-    std::vector<double> mean(E, 0.0);
+TEST_CASE("sampled loads have the expected mean and variance") {
+  // Per token, load_e is a sum of T i.i.d. indicators: variance T pi_e (1 - pi_e). The multinomial
+  // over T k draws with probabilities pi_e / k has variance T pi_e (1 - pi_e / k): three times as
+  // large for the hot expert here (pi_0 ~ 0.8, k = 2). Over n = 200 seeds the mean is within 5
+  // standard errors, and the sample variance over the true one is chi^2_199 / 199 (sd 0.1), so
+  // within [0.6, 1.5]. T = 2^23 reaches the binomial sampler's normal branch (sd > 1000).
+  const int E = 8, k = 2, n = 200;
+  for (int64_t T : {int64_t{2000}, int64_t{1} << 20, int64_t{1} << 23}) {
+    const bool per_token = T * E <= cost::kPerTokenDrawBudget;
+    REQUIRE(per_token == (T == 2000));
+    std::vector<double> sum(E, 0.0), squares(E, 0.0);
     cost::RoutingLoads l;
     for (int s = 0; s < n; ++s) {
       l = cost::routing_loads(problem(T, E, k, 1.0, strategy::NO_DROP, zipf(E, 1.5), 1000 + s));
-      for (int e = 0; e < E; ++e) mean[e] += static_cast<double>(l.sampled_load[e]) / n;
+      for (int e = 0; e < E; ++e) {
+        const double x = static_cast<double>(l.sampled_load[e]) - l.expected_load[e];
+        sum[e] += x;
+        squares[e] += x * x;
+      }
     }
     for (int e = 0; e < E; ++e) {
       INFO("T " << T << " expert " << e);
-      const double want = l.expected_load[e];
-      const double sd = std::sqrt(want * (1 - want / (static_cast<double>(T) * k)));
-      CHECK(std::fabs(mean[e] - want) < 5 * sd / std::sqrt(n));
+      const double pi = l.expected_load[e] / static_cast<double>(T);
+      const double var = static_cast<double>(T) * pi * (1 - (per_token ? pi : pi / k));
+      const double mean_offset = sum[e] / n;
+      CHECK(std::fabs(mean_offset) < 5 * std::sqrt(var / n));
+      const double sample_var = (squares[e] - n * mean_offset * mean_offset) / (n - 1);
+      CHECK(sample_var / var > 0.6);
+      CHECK(sample_var / var < 1.5);
     }
   }
 }
@@ -396,6 +425,7 @@ TEST_CASE("dropped assignments are the overflow of the sampled loads") {
 TEST_CASE("batch-priority routing drops fewer primary assignments and less gate mass than vanilla") {
   // Same seed, same loads: the policies drop the same number of assignments, BPR chooses which.
   for (int64_t T : {int64_t{8192}, int64_t{1} << 18}) {  // per token; multinomial + subsample
+    REQUIRE((T * 32 <= cost::kPerTokenDrawBudget) == (T == 8192));
     for (int k : {1, 2}) {
       INFO("T " << T << " k " << k);
       RoutingProblem pr = problem(T, 32, k, 1.0, strategy::VANILLA, zipf(32, 1.2), 5);
@@ -545,6 +575,7 @@ TEST_CASE("large problems use expected dispatch bytes") {
   const int E = 8, R = 2;
   const int64_t T = int64_t{1} << 20;
   const double b = 2;
+  REQUIRE(T * E > cost::kPerTokenDrawBudget);
   RoutingProblem pr = problem(T, E, 2, 1.0, strategy::VANILLA, std::vector<double>(E, 1.0 / E));
   cost::ExpertPlacementMap m = cost::place_experts(E, R, nullptr, {});
   auto plain = cost::dispatch_bytes(m, pr, b, false);
@@ -571,7 +602,7 @@ TEST_CASE("a replicated expert is served locally where a copy exists, else in tu
   CHECK(bytes[1] == std::vector<double>{0, 100, 0, 0});
   for (int s : {2, 3}) CHECK(bytes[s] == std::vector<double>{50, 50, 0, 0});
   // Expected-value path (past the per-token budget): the same split in expectation.
-  const int64_t big = (int64_t{1} << 22) + 4;  // one positive expert: per token up to 2^22
+  const int64_t big = cost::kPerTokenDrawBudget + 4;  // one positive expert: per token up to the budget
   auto expected = cost::dispatch_bytes(m, problem(big, E, 1, 1.0, strategy::VANILLA, p), 1.0, true);
   const double n = static_cast<double>(big / R);
   CHECK(expected[0][0] == Approx(n));
