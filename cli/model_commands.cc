@@ -91,7 +91,7 @@ void print_model(const report::ModelReport& r, std::ostream& out) {
   const double fwd = per == "token" ? r.flops_per_token_fwd() : r.flops_per_sample_fwd();
   const double bwd = per == "token" ? r.flops_per_token_bwd() : r.flops_per_sample_bwd();
   out << fmt::format("\ntotal parameters     {} ({:.4g})\n", format_count(r.total_params()), r.total_params());
-  out << fmt::format("active per {:<9} {} ({:.4g}); input embeddings {}\n", per, format_count(r.active_params()),
+  out << fmt::format("active per token     {} ({:.4g}); input embeddings {}\n", format_count(r.active_params()),
                      r.active_params(), format_count(r.embedding_params()));
   if (r.moe_layers() > 0)
     out << fmt::format("routed experts       {} in {} MoE layers\n", format_count(r.expert_params()), r.moe_layers());
