@@ -19,8 +19,8 @@ class LayerBuilder {
   LayerBuilder(Layer* layer, double tokens, double elem_bytes, bool bias)
       : l_(layer), tokens_(tokens), e_(elem_bytes), bias_(bias) {}
 
-  // x[rows, d_in] W[d_in, d_out]: parameters, FLOPs and one GEMM kernel. `rows` defaults to the
-  // layer's tokens; `count` identical weight matrices share the kernel (a fused projection).
+  // x[rows, d_in] W[d_in, d_out]: parameters, FLOPs and one GEMM kernel (fused projections such
+  // as QKV are one wide matrix). `rows` defaults to the layer's tokens.
   void linear(const std::string& name, double d_in, double d_out, double rows = -1) {
     if (rows < 0) rows = tokens_;
     l_->dense_params += d_in * d_out + (bias_ ? d_out : 0);
