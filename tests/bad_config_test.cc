@@ -5,6 +5,8 @@
 #include "common/error.h"
 #include "topologies/cluster.h"
 
+#include "test_diagnostics.h"
+
 #include <catch2/catch.hpp>
 
 #include <string>
@@ -104,21 +106,11 @@ Config graph_cluster() {
   });
 }
 
-std::string describe(const std::vector<Diagnostic>& diagnostics) {
-  std::string out;
-  for (const Diagnostic& d : diagnostics) out += d.to_string() + "\n";
-  return out;
-}
-
 // Every diagnostic loading `text` gives; fails the test when the config loads.
+using moesim::test::describe;
+
 std::vector<Diagnostic> diagnostics_of(const std::string& text) {
-  try {
-    (void)moesim::topo::load_cluster_text(text, kFile);
-  } catch (const ConfigError& e) {
-    return e.diagnostics();
-  }
-  FAIL("loaded without a ConfigError:\n" << text);
-  return {};
+  return moesim::test::diagnostics_of([&] { (void)moesim::topo::load_cluster_text(text, kFile); }, text);
 }
 
 // The single diagnostic of a config with one problem.

@@ -5,6 +5,8 @@
 #include "common/error.h"
 #include "topologies/registry.h"
 
+#include "test_diagnostics.h"
+
 #include <catch2/catch.hpp>
 
 #include <cmath>
@@ -46,21 +48,11 @@ cost::DeviceProfile flat_h100() {
   )pb", kFile);
 }
 
-std::string describe(const std::vector<Diagnostic>& diagnostics) {
-  std::string out;
-  for (const Diagnostic& d : diagnostics) out += d.to_string() + "\n";
-  return out;
-}
-
 // Every diagnostic loading `text` gives; fails the test when it loads.
+using moesim::test::describe;
+
 std::vector<Diagnostic> diagnostics_of(const std::string& text) {
-  try {
-    (void)cost::load_device_profile_text(text, kFile);
-  } catch (const ConfigError& e) {
-    return e.diagnostics();
-  }
-  FAIL("loaded without a ConfigError:\n" << text);
-  return {};
+  return moesim::test::diagnostics_of([&] { (void)cost::load_device_profile_text(text, kFile); }, text);
 }
 
 // The one diagnostic of a profile with one problem: file, line and field path exact.
