@@ -27,6 +27,7 @@ report::ModelReport model_report(const cost::ModelCost& c, const std::string& fi
   r.set_total_params(c.total_params);
   r.set_active_params(c.active_params);
   r.set_embedding_params(c.embedding_params);
+  r.set_active_params_without_embedding(c.active_params - c.embedding_params);
   r.set_expert_params(c.expert_params);
   r.set_moe_layers(c.moe_layers);
   if (c.per_token) {
@@ -91,8 +92,9 @@ void print_model(const report::ModelReport& r, std::ostream& out) {
   const double fwd = per == "token" ? r.flops_per_token_fwd() : r.flops_per_sample_fwd();
   const double bwd = per == "token" ? r.flops_per_token_bwd() : r.flops_per_sample_bwd();
   out << fmt::format("\ntotal parameters     {} ({:.4g})\n", format_count(r.total_params()), r.total_params());
-  out << fmt::format("active per token     {} ({:.4g}); input embeddings {}\n", format_count(r.active_params()),
-                     r.active_params(), format_count(r.embedding_params()));
+  out << fmt::format("active per token     {} ({:.4g}); {} without the input embeddings ({})\n",
+                     format_count(r.active_params()), r.active_params(),
+                     format_count(r.active_params_without_embedding()), format_count(r.embedding_params()));
   if (r.moe_layers() > 0)
     out << fmt::format("routed experts       {} in {} MoE layers\n", format_count(r.expert_params()), r.moe_layers());
   out << fmt::format("FLOPs per {:<10} {} forward, {} backward{}\n", per, format_count(fwd), format_count(bwd),

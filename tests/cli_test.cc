@@ -305,6 +305,11 @@ TEST_CASE("model show: totals and a layers list as JSON, a table for people") {
   auto longer = parse_json<report::ModelReport>(moesim_run("model show configs/models/mixtral-8x7b.textproto --sequence 32768 --json").out);
   CHECK(longer.flops_per_token_fwd() > m.flops_per_token_fwd());
 
+  // DeepSeek-V3 Technical Report: 37B activated, counted without the input embedding table.
+  auto ds = parse_json<report::ModelReport>(moesim_run("model show configs/models/deepseek-v3.textproto --json").out);
+  CHECK(ds.active_params_without_embedding() == Approx(37e9).margin(0.5e9));
+  CHECK(ds.active_params_without_embedding() == Approx(ds.active_params() - ds.embedding_params()));
+
   auto cnn = parse_json<report::ModelReport>(moesim_run("model show configs/models/resnet50.textproto --json").out);
   CHECK(cnn.counted_per() == "sample");
   CHECK(cnn.has_flops_per_sample_fwd());
