@@ -1,5 +1,6 @@
 #include "costmodel/memory.h"
 
+#include "common/precision.h"
 #include "costmodel/routing_model.h"
 
 #include <algorithm>
@@ -202,7 +203,8 @@ MemoryReport estimate_memory(const Setup& s) {
     r.rank = rank;
     r.capacity_bytes = c.device_type(rank).memory_bytes();
     out.ranks[rank] = r;
-    if (r.margin_bytes() < out.ranks[out.peak_rank].margin_bytes()) out.peak_rank = rank;
+    // The first rank of the least margin (margins equal within the precision policy tie).
+    if (definitely_less(r.margin_bytes(), out.ranks[out.peak_rank].margin_bytes())) out.peak_rank = rank;
     out.fits &= r.fits();
     const int node = c.device(rank).node;
     if (node >= 0) node_offload[node] += r.offloaded_bytes;

@@ -80,7 +80,7 @@ struct RankMemory {
 
 struct MemoryReport {
   std::vector<RankMemory> ranks;  // every rank, by rank index
-  int peak_rank = 0;              // the rank with the least margin
+  int peak_rank = 0;              // the first rank with the least margin
   bool fits = true;               // every rank fits
   double host_offload_bytes_per_node = 0;  // the busiest node's offloaded bytes
   double host_memory_bytes_per_node = 0;   // 0 when the cluster does not say
