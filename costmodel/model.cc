@@ -13,7 +13,7 @@ constexpr double kWeightBytes = 2;  // 16-bit weights as the kernels read them
 
 bool gated(model::Activation a) { return a == model::SWIGLU || a == model::GEGLU; }
 
-// Accumulates one layer's parameters, FLOPs, activations and kernels for `tokens` rows.
+// Accumulates one layer's parameters, FLOPs and kernels for `tokens` rows.
 class LayerBuilder {
  public:
   LayerBuilder(Layer* layer, double tokens, double elem_bytes, bool bias)
