@@ -1,6 +1,7 @@
 // moesim: will this MoE setup fit, how fast will it run, and what should change.
 #include "cli/commands.h"
 #include "cli/cli.pb.h"
+#include "cli/launch.h"
 #include "common/json.h"
 
 #include <fmt/format.h>
@@ -42,6 +43,7 @@ int run(int argc, char** argv) {
   std::vector<Command> commands = topo_commands();
   for (Command& c : collective_commands()) commands.push_back(std::move(c));
   for (Command& c : model_commands()) commands.push_back(std::move(c));
+  for (Command& c : run_commands()) commands.push_back(std::move(c));
   std::vector<std::string> args(argv + 1, argv + argc);
   if (args.empty() || args[0] == "--help" || args[0] == "-h" || args[0] == "help") {
     std::cout << top_help(commands);
@@ -102,6 +104,7 @@ int report_config_error(const ConfigError& e, const std::string& file, bool json
 }  // namespace moesim::cli
 
 int main(int argc, char** argv) {
+  moesim::cli::set_invocation(argc, argv);
   try {
     return moesim::cli::run(argc, argv);
   } catch (const moesim::ConfigError& e) {

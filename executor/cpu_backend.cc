@@ -1,0 +1,146 @@
+// The CPU back end: the reference every CUDA kernel is tested against. GEMMs go to OpenBLAS;
+// everything else is a plain loop over kernels.h.
+#include "executor/backend.h"
+#include "executor/cuda_memory.h"
+#include "executor/error.h"
+#include "executor/kernels.h"
+
+#include <cblas.h>
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace moesim::exec {
+
+namespace {
+
+// Row-major leading dimensions of op(A)[m,k] and op(B)[k,n] as stored; BLAS wants them >= 1
+// even when a dimension is 0.
+int64_t lead_a(bool trans_a, int64_t m, int64_t k) { return std::max<int64_t>(1, trans_a ? m : k); }
+int64_t lead_b(bool trans_b, int64_t k, int64_t n) { return std::max<int64_t>(1, trans_b ? k : n); }
+
+void check_blas_int(int64_t m, int64_t n, int64_t k) {
+  // OpenBLAS's cblas interface takes 32-bit ints (blasint) in the Debian build.
+  constexpr int64_t kMax = static_cast<int64_t>(std::numeric_limits<blasint>::max());
+  if (m > kMax || n > kMax || k > kMax || m < 0 || n < 0 || k < 0)
+    throw Error(fmt::format("gemm: dimensions m={} n={} k={} out of range for OpenBLAS ({} at most)", m, n, k, kMax));
+}
+
+class CpuBackend final : public Backend {
+ public:
+  explicit CpuBackend(int threads) {
+    if (threads > 0) openblas_set_num_threads(threads);
+  }
+
+  Device device() const override { return Device::kCpu; }
+
+  std::string name() const override {
+    const int threads = openblas_get_num_threads();
+    return fmt::format("cpu (OpenBLAS, {} thread{})", threads, threads == 1 ? "" : "s");
+  }
+
+  void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+            const float* b, float beta, float* c) override {
+    check_blas_int(m, n, k);
+    if (m == 0 || n == 0) return;
+    cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans,
+                static_cast<blasint>(m), static_cast<blasint>(n), static_cast<blasint>(k), alpha, a,
+                static_cast<blasint>(lead_a(trans_a, m, k)), b, static_cast<blasint>(lead_b(trans_b, k, n)), beta, c,
+                static_cast<blasint>(std::max<int64_t>(1, n)));
+  }
+
+  void gemm_bf16(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a,
+                 const uint16_t* b, float beta, float* c) override {
+    const std::vector<float> a32 = widen(a, m * k);
+    const std::vector<float> b32 = widen(b, k * n);
+    gemm(trans_a, trans_b, m, n, k, alpha, a32.data(), b32.data(), beta, c);
+  }
+
+  void gelu(const float* x, float* y, int64_t n) override {
+    for (int64_t i = 0; i < n; ++i) y[i] = kernels::gelu(x[i]);
+  }
+
+  void gelu_backward(const float* x, const float* dy, float* dx, int64_t n) override {
+    for (int64_t i = 0; i < n; ++i) dx[i] = dy[i] * kernels::gelu_grad(x[i]);
+  }
+
+  void softmax_rows(const float* x, float* y, int64_t rows, int64_t cols) override {
+    for (int64_t r = 0; r < rows; ++r) kernels::softmax_row(x + r * cols, y + r * cols, cols);
+  }
+
+  void add(const float* a, const float* b, float* y, int64_t n) override {
+    for (int64_t i = 0; i < n; ++i) y[i] = a[i] + b[i];
+  }
+
+  void axpy(float alpha, const float* x, float* y, int64_t n) override {
+    for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+  }
+
+  void layernorm(const float* x, const float* gamma, const float* beta, float* y, float* mean, float* rstd,
+                 int64_t rows, int64_t cols, float eps) override {
+    for (int64_t r = 0; r < rows; ++r)
+      kernels::layernorm_row(x + r * cols, gamma, beta, y + r * cols, mean ? mean + r : nullptr,
+                             rstd ? rstd + r : nullptr, cols, eps);
+  }
+
+  void layernorm_backward(const float* x, const float* gamma, const float* mean, const float* rstd, const float* dy,
+                          float* dx, float* dgamma, float* dbeta, int64_t rows, int64_t cols) override {
+    std::vector<float> dgamma_sum(static_cast<size_t>(cols), 0.0f), dbeta_sum(static_cast<size_t>(cols), 0.0f);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* xr = x + r * cols;
+      const float* dyr = dy + r * cols;
+      kernels::layernorm_backward_row(xr, gamma, mean[r], rstd[r], dyr, dx + r * cols, cols);
+      for (int64_t j = 0; j < cols; ++j)
+        kernels::layernorm_param_grads_add(xr[j], dyr[j], mean[r], rstd[r], &dgamma_sum[static_cast<size_t>(j)],
+                                           &dbeta_sum[static_cast<size_t>(j)]);
+    }
+    for (int64_t j = 0; j < cols; ++j) {
+      dgamma[j] += dgamma_sum[static_cast<size_t>(j)];
+      dbeta[j] += dbeta_sum[static_cast<size_t>(j)];
+    }
+  }
+
+  void copy(const void* src, void* dst, size_t bytes) override {
+    if (bytes > 0) std::memmove(dst, src, bytes);
+  }
+
+  void synchronize() override {}
+
+ private:
+  static std::vector<float> widen(const uint16_t* p, int64_t n) {
+    std::vector<float> out(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) out[static_cast<size_t>(i)] = kernels::bf16_to_f32(p[i]);
+    return out;
+  }
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cpu_backend(int threads) { return std::make_unique<CpuBackend>(threads); }
+
+#ifndef MOESIM_HAVE_CUDA
+// Builds without nvcc: every CUDA request fails with the same clear message.
+namespace {
+[[noreturn]] void no_cuda(const char* what) {
+  throw Error(fmt::format("{}: moesim was built without CUDA (configure with nvcc available, MOESIM_CUDA=ON)", what));
+}
+}  // namespace
+
+std::unique_ptr<Backend> make_cuda_backend(int device) {
+  no_cuda(fmt::format("CUDA back end on device {}", device).c_str());
+}
+bool cuda_available() { return false; }
+
+namespace detail {
+std::shared_ptr<void> cuda_alloc(size_t) { no_cuda("CUDA tensor allocation"); }
+void cuda_memset_zero(void*, size_t) { no_cuda("cudaMemset"); }
+void cuda_copy(void*, const void*, size_t, CopyKind) { no_cuda("CUDA tensor copy"); }
+void cuda_f32_to_bf16(const float*, uint16_t*, int64_t) { no_cuda("CUDA bf16 conversion"); }
+void cuda_bf16_to_f32(const uint16_t*, float*, int64_t) { no_cuda("CUDA bf16 conversion"); }
+}  // namespace detail
+#endif
+
+}  // namespace moesim::exec

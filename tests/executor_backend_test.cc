@@ -1,0 +1,568 @@
+// The executor's tensors (executor/tensor.h), shared kernel math (executor/kernels.h) and compute
+// back ends (executor/backend.h). Each kernel test is one body run over every available back end:
+// every back end is checked against a naive reference in double, and the CUDA back end also
+// against the CPU back end's output (llm.c dev/cuda: *_cpu + validate_result). Without a device
+// the CUDA half is skipped with a visible warning.
+#include "executor/backend.h"
+#include "executor/error.h"
+#include "executor/kernels.h"
+#include "executor/tensor.h"
+
+#include "common/error.h"
+
+#include <catch2/catch.hpp>
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <random>
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+using namespace moesim::exec;
+
+namespace {
+
+// |got - ref| <= abs + |ref| * rel, per dtype.
+struct Tolerance {
+  double abs;
+  double rel;
+};
+// fp32 results against a double reference: fp32's unit roundoff is 2^-24 ~ 6e-8, and the
+// elementwise kernels here do a few dozen operations per value (tanhf/expf are a few ulps).
+constexpr Tolerance kF32{1e-5, 1e-5};
+// One rounding to bf16: half an ulp of an 8-bit significand (7 stored bits), at most 2^-8
+// relative.
+constexpr Tolerance kBF16{0.0, 1.0 / 256};
+// A reduction over `terms` fp32 values of magnitude ~1: rounding errors of independent signs grow
+// like sqrt(terms) (Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed., sec. 3.5),
+// whatever order the back end sums in.
+Tolerance f32_sum(int64_t terms) {
+  return {kF32.abs * std::sqrt(static_cast<double>(std::max<int64_t>(terms, 1))), kF32.rel};
+}
+
+// Checks every value and reports the worst absolute and relative error and the first value out
+// of tolerance (shown by Catch2 when the check fails).
+void expect_close(const std::vector<float>& got, const std::vector<double>& ref, Tolerance tol,
+                  const std::string& what) {
+  REQUIRE(got.size() == ref.size());
+  double max_abs = 0, max_rel = 0;
+  size_t bad = 0, first_bad = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const double err = std::fabs(static_cast<double>(got[i]) - ref[i]);
+    if (!(err <= tol.abs + std::fabs(ref[i]) * tol.rel)) {  // NaN counts as out of tolerance
+      if (bad++ == 0) first_bad = i;
+    }
+    if (std::isnan(err)) continue;
+    max_abs = std::max(max_abs, err);
+    if (ref[i] != 0) max_rel = std::max(max_rel, err / std::fabs(ref[i]));
+  }
+  std::string report =
+      fmt::format("{}: {} values, max abs error {:.3g}, max rel error {:.3g}, tolerance {:g} + |ref|*{:g}", what,
+                  got.size(), max_abs, max_rel, tol.abs, tol.rel);
+  if (bad > 0)
+    report += fmt::format("; {} out of tolerance, first at [{}]: got {:.9g}, expected {:.9g}", bad, first_bad,
+                          got[first_bad], ref[first_bad]);
+  INFO(report);
+  CHECK(bad == 0);
+}
+
+std::vector<double> widen(const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); }
+
+// Collects one kernel's output per back end: each is checked against the reference; back ends
+// after the CPU one (listed first) also against the CPU back end's output.
+class CrossCheck {
+ public:
+  CrossCheck(std::string what, std::vector<double> reference, Tolerance tol)
+      : what_(std::move(what)), reference_(std::move(reference)), tol_(tol) {}
+
+  void check(const Backend& backend, const std::vector<float>& got) {
+    expect_close(got, reference_, tol_, what_ + " on " + backend.name() + " vs reference");
+    if (backend.device() == Device::kCpu) {
+      cpu_ = got;
+    } else {
+      REQUIRE(cpu_.size() == got.size());
+      expect_close(got, widen(cpu_), tol_, what_ + " on " + backend.name() + " vs the CPU back end");
+    }
+  }
+
+ private:
+  std::string what_;
+  std::vector<double> reference_;
+  Tolerance tol_;
+  std::vector<float> cpu_;
+};
+
+// The CPU back end first (the reference), then CUDA when a device is present.
+std::vector<std::unique_ptr<Backend>> backends_under_test() {
+  std::vector<std::unique_ptr<Backend>> list;
+  list.push_back(make_cpu_backend(1));
+  if (cuda_available())
+    list.push_back(make_cuda_backend(0));
+  else
+    WARN("CUDA back end skipped: no device");
+  return list;
+}
+
+std::vector<float> random_values(size_t n, uint32_t seed, float lo = -1.0f, float hi = 1.0f) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> dist(lo, hi);
+  std::vector<float> v(n);
+  for (float& x : v) x = dist(rng);
+  return v;
+}
+
+Tensor on(const Backend& backend, std::vector<int64_t> shape, const std::vector<float>& values) {
+  return Tensor::from(std::move(shape), values).to(backend.device());
+}
+
+std::vector<float> read(Backend& backend, const Tensor& t) {
+  backend.synchronize();
+  return t.to_vector();
+}
+
+}  // namespace
+
+// ---- tensors and bf16 --------------------------------------------------------------------------
+
+TEST_CASE("tensors: shape, zeros, alignment, views and copies") {
+  Tensor z = Tensor::zeros({4, 3});
+  CHECK(z.rank() == 2);
+  CHECK(z.dim(1) == 3);
+  CHECK(z.numel() == 12);
+  CHECK(z.bytes() == 48);
+  CHECK(z.describe() == "f32[4, 3] cpu");
+  for (float v : z.to_vector()) CHECK(v == 0.0f);
+
+  for (int64_t n : {1, 3, 17, 1000}) {
+    Tensor t = Tensor::empty({n}, DType::kBF16);
+    CHECK(reinterpret_cast<uintptr_t>(t.data()) % 64 == 0);
+  }
+
+  Tensor x = Tensor::from({2, 3}, {1, 2, 3, 4, 5, 6});
+  Tensor view = x.reshaped({3, 2});
+  CHECK(view.describe() == "f32[3, 2] cpu");
+  view.f32()[5] = 60;
+  CHECK(x.f32()[5] == 60);  // same buffer
+  Tensor copy = x.clone();
+  copy.f32()[0] = 10;
+  CHECK(x.f32()[0] == 1);  // deep copy
+
+  Tensor empty = Tensor::zeros({0, 5});
+  CHECK(empty.numel() == 0);
+  CHECK(empty.to_vector().empty());
+  CHECK(empty.to(DType::kBF16).bytes() == 0);
+
+  CHECK_THROWS_AS(Tensor::from({2, 2}, {1, 2, 3}), moesim::InternalError);
+  CHECK_THROWS_AS(x.reshaped({4, 2}), moesim::InternalError);
+  CHECK_THROWS_AS(x.to(DType::kBF16).f32(), moesim::InternalError);
+  CHECK_THROWS_AS(Tensor::zeros({-1, 2}), moesim::InternalError);
+}
+
+TEST_CASE("CUDA requests without a device or without CUDA throw exec::Error") {
+  if (cuda_available()) {
+    CHECK_THROWS_AS(make_cuda_backend(1 << 20), Error);  // no such device
+    return;
+  }
+  CHECK_THROWS_AS(Tensor::zeros({2}, DType::kF32, Device::kCuda), Error);
+  CHECK_THROWS_AS(Tensor::from({2}, {1, 2}).to(Device::kCuda), Error);
+  CHECK_THROWS_AS(make_cuda_backend(0), Error);
+#ifndef MOESIM_HAVE_CUDA
+  CHECK_THROWS_WITH(make_cuda_backend(0), Catch::Contains("built without CUDA"));
+#endif
+}
+
+TEST_CASE("bf16 conversion rounds to nearest even and round-trips") {
+  using kernels::bf16_to_f32;
+  using kernels::f32_to_bf16;
+  const auto from_bits = [](uint32_t u) { return kernels::bits_float(u); };
+  CHECK(f32_to_bf16(1.0f) == 0x3f80);
+  CHECK(f32_to_bf16(-2.0f) == 0xc000);
+  CHECK(f32_to_bf16(from_bits(0x3f808000u)) == 0x3f80);  // tie, kept bit even: down
+  CHECK(f32_to_bf16(from_bits(0x3f818000u)) == 0x3f82);  // tie, kept bit odd: up to even
+  CHECK(f32_to_bf16(from_bits(0x3f808001u)) == 0x3f81);  // just above the tie: up
+  CHECK(f32_to_bf16(from_bits(0x3f807fffu)) == 0x3f80);  // just below the tie: down
+  CHECK(f32_to_bf16(std::numeric_limits<float>::max()) == 0x7f80);  // rounds up to +inf
+  CHECK(f32_to_bf16(std::numeric_limits<float>::infinity()) == 0x7f80);
+  CHECK(f32_to_bf16(-0.0f) == 0x8000);
+  CHECK(std::isnan(bf16_to_f32(f32_to_bf16(std::numeric_limits<float>::quiet_NaN()))));
+  CHECK(std::isnan(bf16_to_f32(f32_to_bf16(from_bits(0x7f800001u)))));  // a NaN whose payload is all low bits
+
+  // Every bf16 value is an fp32 value and converts back to itself.
+  int mismatches = 0;
+  for (uint32_t h = 0; h <= 0xffff; ++h) {
+    const float f = bf16_to_f32(static_cast<uint16_t>(h));
+    if (std::isnan(f) ? !std::isnan(bf16_to_f32(f32_to_bf16(f))) : f32_to_bf16(f) != h) ++mismatches;
+  }
+  CHECK(mismatches == 0);
+
+  // Random values: the result is the nearer of the two neighbouring bf16 values.
+  std::vector<float> values = random_values(4096, 7, -1000.0f, 1000.0f);
+  mismatches = 0;
+  for (float v : values) {
+    const uint32_t u = kernels::float_bits(v);
+    const double below = bf16_to_f32(static_cast<uint16_t>(u >> 16));
+    const double above = bf16_to_f32(static_cast<uint16_t>((u >> 16) + 1));
+    const double got = bf16_to_f32(f32_to_bf16(v));
+    const double best = std::fabs(v - below) <= std::fabs(above - v) ? below : above;
+    if (got != best && std::fabs(v - below) != std::fabs(above - v)) ++mismatches;
+  }
+  CHECK(mismatches == 0);
+
+  // Tensor conversions on every back end's device give the same bits as the kernel on the host.
+  for (const auto& backend : backends_under_test()) {
+    Tensor x = on(*backend, {64, 64}, values);
+    Tensor half = x.to(DType::kBF16);
+    CHECK(half.dtype() == DType::kBF16);
+    CHECK(half.bytes() == 2 * 4096);
+    const std::vector<float> round_trip = half.to(DType::kF32).to_vector();
+    expect_close(round_trip, widen(values), kBF16, "bf16 round trip on " + backend->name());
+    std::vector<double> host_rounded;
+    for (float v : values) host_rounded.push_back(bf16_to_f32(f32_to_bf16(v)));
+    expect_close(half.to_vector(), host_rounded, {0, 0}, "bf16 bits on " + backend->name());
+  }
+}
+
+// ---- GEMM ---------------------------------------------------------------------------------
+
+namespace {
+
+// C = alpha op(A) op(B) + beta C in double, by the definition.
+std::vector<double> reference_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double alpha,
+                                   const std::vector<float>& a, const std::vector<float>& b, double beta,
+                                   const std::vector<float>& c) {
+  std::vector<double> out(static_cast<size_t>(m * n));
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      double s = 0;
+      for (int64_t p = 0; p < k; ++p) {
+        const double aip = trans_a ? a[static_cast<size_t>(p * m + i)] : a[static_cast<size_t>(i * k + p)];
+        const double bpj = trans_b ? b[static_cast<size_t>(j * k + p)] : b[static_cast<size_t>(p * n + j)];
+        s += aip * bpj;
+      }
+      out[static_cast<size_t>(i * n + j)] = alpha * s + beta * c[static_cast<size_t>(i * n + j)];
+    }
+  return out;
+}
+
+struct GemmSize {
+  int64_t m, n, k;
+};
+constexpr GemmSize kGemmSizes[] = {{37, 29, 43}, {1, 7, 5}, {64, 1, 3}, {5, 6, 0}, {130, 70, 257}};
+
+}  // namespace
+
+TEST_CASE("gemm matches a naive reference for every transpose combination and odd sizes") {
+  const auto backends = backends_under_test();
+  uint32_t seed = 1;
+  for (const GemmSize& s : kGemmSizes)
+    for (bool trans_a : {false, true})
+      for (bool trans_b : {false, true}) {
+        const std::vector<float> a = random_values(static_cast<size_t>(s.m * s.k), seed++);
+        const std::vector<float> b = random_values(static_cast<size_t>(s.k * s.n), seed++);
+        const std::vector<float> c = random_values(static_cast<size_t>(s.m * s.n), seed++);
+        const float alpha = 0.75f, beta = -0.5f;
+        CrossCheck check(fmt::format("gemm m={} n={} k={} trans_a={} trans_b={}", s.m, s.n, s.k, trans_a, trans_b),
+                         reference_gemm(trans_a, trans_b, s.m, s.n, s.k, alpha, a, b, beta, c), f32_sum(s.k));
+        for (const auto& backend : backends) {
+          const Tensor ta = on(*backend, {static_cast<int64_t>(a.size())}, a);
+          const Tensor tb = on(*backend, {static_cast<int64_t>(b.size())}, b);
+          Tensor tc = on(*backend, {s.m, s.n}, c);
+          backend->gemm(trans_a, trans_b, s.m, s.n, s.k, alpha, ta.device_f32(), tb.device_f32(), beta,
+                        tc.device_f32());
+          check.check(*backend, read(*backend, tc));
+        }
+      }
+}
+
+TEST_CASE("gemm on row views by pointer offset leaves the rest of C untouched") {
+  // Two "experts" over one token buffer: rows [0, 3) use W0, rows [3, 8) use W1.
+  const int64_t tokens = 8, k = 6, n = 5, split = 3;
+  const std::vector<float> x = random_values(static_cast<size_t>(tokens * k), 11);
+  const std::vector<float> w = random_values(static_cast<size_t>(2 * k * n), 12);
+  std::vector<double> ref(static_cast<size_t>(tokens * n));
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t e = t < split ? 0 : 1;
+      double s = 0;
+      for (int64_t p = 0; p < k; ++p)
+        s += double{x[static_cast<size_t>(t * k + p)]} * w[static_cast<size_t>(e * k * n + p * n + j)];
+      ref[static_cast<size_t>(t * n + j)] = s;
+    }
+  CrossCheck check("grouped gemm by views", ref, f32_sum(k));
+  for (const auto& backend : backends_under_test()) {
+    const Tensor tx = on(*backend, {tokens, k}, x);
+    const Tensor tw = on(*backend, {2, k, n}, w);
+    Tensor ty = Tensor::zeros({tokens, n}, DType::kF32, backend->device());
+    backend->gemm(false, false, split, n, k, 1.0f, tx.device_f32(), tw.device_f32(), 0.0f, ty.device_f32());
+    backend->gemm(false, false, tokens - split, n, k, 1.0f, tx.device_f32() + split * k, tw.device_f32() + k * n,
+                  0.0f, ty.device_f32() + split * n);
+    check.check(*backend, read(*backend, ty));
+  }
+}
+
+TEST_CASE("bf16 gemm accumulates bf16 inputs in fp32") {
+  const auto backends = backends_under_test();
+  uint32_t seed = 100;
+  for (const GemmSize& s : kGemmSizes)
+    for (bool trans_a : {false, true})
+      for (bool trans_b : {false, true}) {
+        // Inputs already on the bf16 grid: the reference sees exactly what the kernels see.
+        const Tensor a16 =
+            Tensor::from({s.m * s.k}, random_values(static_cast<size_t>(s.m * s.k), seed++)).to(DType::kBF16);
+        const Tensor b16 =
+            Tensor::from({s.k * s.n}, random_values(static_cast<size_t>(s.k * s.n), seed++)).to(DType::kBF16);
+        const std::vector<float> c = random_values(static_cast<size_t>(s.m * s.n), seed++);
+        const float alpha = 1.5f, beta = 0.25f;
+        CrossCheck check(
+            fmt::format("bf16 gemm m={} n={} k={} trans_a={} trans_b={}", s.m, s.n, s.k, trans_a, trans_b),
+            reference_gemm(trans_a, trans_b, s.m, s.n, s.k, alpha, a16.to_vector(), b16.to_vector(), beta, c),
+            f32_sum(s.k));
+        for (const auto& backend : backends) {
+          const Tensor ta = a16.to(backend->device());
+          const Tensor tb = b16.to(backend->device());
+          Tensor tc = on(*backend, {s.m, s.n}, c);
+          backend->gemm_bf16(trans_a, trans_b, s.m, s.n, s.k, alpha, static_cast<const uint16_t*>(ta.data()),
+                             static_cast<const uint16_t*>(tb.data()), beta, tc.device_f32());
+          check.check(*backend, read(*backend, tc));
+        }
+      }
+}
+
+// ---- elementwise ---------------------------------------------------------------------------
+
+namespace {
+
+double reference_gelu(double x) {
+  const double pi = 3.14159265358979323846;
+  return 0.5 * x * (1.0 + std::tanh(std::sqrt(2.0 / pi) * (x + 0.044715 * x * x * x)));
+}
+
+}  // namespace
+
+TEST_CASE("gelu matches its formula and gelu_backward a central finite difference") {
+  std::vector<float> x = random_values(1000, 21, -6.0f, 6.0f);
+  for (float v : {0.0f, 1e-3f, -1e-3f, 10.0f, -10.0f, 30.0f, -30.0f}) x.push_back(v);
+  const std::vector<float> dy = random_values(x.size(), 22);
+  std::vector<double> ref_y, ref_dx;
+  const double h = 1e-5;
+  for (size_t i = 0; i < x.size(); ++i) {
+    ref_y.push_back(reference_gelu(x[i]));
+    ref_dx.push_back(dy[i] * (reference_gelu(x[i] + h) - reference_gelu(x[i] - h)) / (2 * h));
+  }
+  const int64_t n = static_cast<int64_t>(x.size());
+  CrossCheck check_y("gelu", ref_y, kF32), check_dx("gelu_backward", ref_dx, kF32);
+  for (const auto& backend : backends_under_test()) {
+    const Tensor tx = on(*backend, {n}, x), tdy = on(*backend, {n}, dy);
+    Tensor ty = Tensor::empty({n}, DType::kF32, backend->device());
+    Tensor tdx = Tensor::empty({n}, DType::kF32, backend->device());
+    backend->gelu(tx.device_f32(), ty.device_f32(), n);
+    backend->gelu_backward(tx.device_f32(), tdy.device_f32(), tdx.device_f32(), n);
+    check_y.check(*backend, read(*backend, ty));
+    check_dx.check(*backend, read(*backend, tdx));
+  }
+}
+
+TEST_CASE("add, axpy and copy are exact on small integers") {
+  const int64_t n = 1001;
+  std::vector<float> a(n), b(n);
+  std::vector<double> sum(n), axpy(n);
+  for (int64_t i = 0; i < n; ++i) {
+    a[static_cast<size_t>(i)] = static_cast<float>(i % 97 - 48);
+    b[static_cast<size_t>(i)] = static_cast<float>(i % 31 - 15);
+    sum[static_cast<size_t>(i)] = a[static_cast<size_t>(i)] + b[static_cast<size_t>(i)];
+    axpy[static_cast<size_t>(i)] = b[static_cast<size_t>(i)] + 0.5 * a[static_cast<size_t>(i)];
+  }
+  const Tolerance exact{0, 0};
+  CrossCheck check_add("add", sum, exact), check_axpy("axpy", axpy, exact), check_copy("copy", widen(a), exact);
+  for (const auto& backend : backends_under_test()) {
+    const Tensor ta = on(*backend, {n}, a), tb = on(*backend, {n}, b);
+    Tensor ty = Tensor::empty({n}, DType::kF32, backend->device());
+    backend->add(ta.device_f32(), tb.device_f32(), ty.device_f32(), n);
+    check_add.check(*backend, read(*backend, ty));
+    Tensor tz = tb.clone();
+    backend->axpy(0.5f, ta.device_f32(), tz.device_f32(), n);
+    check_axpy.check(*backend, read(*backend, tz));
+    Tensor tc = Tensor::zeros({n}, DType::kF32, backend->device());
+    backend->copy(ta.data(), tc.data(), ta.bytes());
+    check_copy.check(*backend, read(*backend, tc));
+  }
+}
+
+// ---- softmax --------------------------------------------------------------------------------
+
+TEST_CASE("softmax rows sum to one, match a reference and stay finite for large inputs") {
+  struct Shape {
+    int64_t rows, cols;
+  };
+  const auto backends = backends_under_test();
+  uint32_t seed = 30;
+  for (const Shape s : {Shape{7, 33}, Shape{3, 1000}, Shape{2, 1}}) {
+    std::vector<float> x = random_values(static_cast<size_t>(s.rows * s.cols), seed++, -5.0f, 5.0f);
+    // Rows that overflow (or underflow to 0/0) in exp() without the max subtraction, and a one-hot row.
+    if (s.rows > 2)
+      for (int64_t j = 0; j < s.cols; ++j) {
+        x[static_cast<size_t>(0 * s.cols + j)] += 1e4f;
+        x[static_cast<size_t>(1 * s.cols + j)] -= 1e4f;
+        x[static_cast<size_t>(2 * s.cols + j)] = j == 0 ? 200.0f : -200.0f;
+      }
+    std::vector<double> ref(x.size());
+    for (int64_t r = 0; r < s.rows; ++r) {
+      const float* xr = &x[static_cast<size_t>(r * s.cols)];
+      double m = -INFINITY, sum = 0;
+      for (int64_t j = 0; j < s.cols; ++j) m = std::max(m, double{xr[j]});
+      for (int64_t j = 0; j < s.cols; ++j) sum += std::exp(xr[j] - m);
+      for (int64_t j = 0; j < s.cols; ++j) ref[static_cast<size_t>(r * s.cols + j)] = std::exp(xr[j] - m) / sum;
+    }
+    std::vector<double> ones(static_cast<size_t>(s.rows), 1.0);
+    const std::string what = fmt::format("softmax {}x{}", s.rows, s.cols);
+    CrossCheck check(what, ref, kF32), check_sums(what + " row sums", ones, f32_sum(s.cols));
+    for (const auto& backend : backends) {
+      const Tensor tx = on(*backend, {s.rows, s.cols}, x);
+      Tensor ty = Tensor::empty({s.rows, s.cols}, DType::kF32, backend->device());
+      backend->softmax_rows(tx.device_f32(), ty.device_f32(), s.rows, s.cols);
+      const std::vector<float> y = read(*backend, ty);
+      check.check(*backend, y);
+      std::vector<float> sums(static_cast<size_t>(s.rows), 0.0f);
+      for (int64_t r = 0; r < s.rows; ++r)
+        for (int64_t j = 0; j < s.cols; ++j) sums[static_cast<size_t>(r)] += y[static_cast<size_t>(r * s.cols + j)];
+      check_sums.check(*backend, sums);
+    }
+  }
+}
+
+// ---- layernorm ------------------------------------------------------------------------------
+
+namespace {
+
+struct LayerNormInputs {
+  int64_t rows, cols;
+  std::vector<float> x, gamma, beta, dy;
+};
+
+// sum_{r,j} dy[r,j] * y[r,j] in double: the loss whose gradients layernorm_backward returns.
+// Rows in [row_begin, row_end) only (the others do not change when one x perturbs).
+double weighted_output(const LayerNormInputs& in, const std::vector<double>& x, const std::vector<double>& gamma,
+                       const std::vector<double>& beta, int64_t row_begin, int64_t row_end, double eps) {
+  double loss = 0;
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const double* xr = &x[static_cast<size_t>(r * in.cols)];
+    double mean = 0, var = 0;
+    for (int64_t j = 0; j < in.cols; ++j) mean += xr[j];
+    mean /= static_cast<double>(in.cols);
+    for (int64_t j = 0; j < in.cols; ++j) var += (xr[j] - mean) * (xr[j] - mean);
+    const double rstd = 1 / std::sqrt(var / static_cast<double>(in.cols) + eps);
+    for (int64_t j = 0; j < in.cols; ++j)
+      loss += in.dy[static_cast<size_t>(r * in.cols + j)] * ((xr[j] - mean) * rstd * gamma[static_cast<size_t>(j)] +
+                                                            beta[static_cast<size_t>(j)]);
+  }
+  return loss;
+}
+
+}  // namespace
+
+TEST_CASE("layernorm matches a double reference and its backward central finite differences") {
+  const float eps = 1e-5f;
+  const auto backends = backends_under_test();
+  uint32_t seed = 50;
+  // cols = 300 > 256 threads: the CUDA row kernels stride; cols = 1: zero variance, dx = 0.
+  for (const auto& [rows, cols, offset] :
+       {std::tuple<int64_t, int64_t, float>{5, 67, 0.0f}, {3, 300, 10.0f}, {2, 1, 0.0f}}) {
+    const size_t n = static_cast<size_t>(rows * cols);
+    LayerNormInputs in{rows, cols, random_values(n, seed++, -2.0f, 2.0f),
+                       random_values(static_cast<size_t>(cols), seed++, 0.5f, 1.5f),
+                       random_values(static_cast<size_t>(cols), seed++), random_values(n, seed++)};
+    for (float& v : in.x) v += offset;  // a row mean far from 0: the two-pass variance must not cancel
+
+    // Forward reference in double.
+    std::vector<double> ref_y(in.x.size()), ref_mean(static_cast<size_t>(rows)), ref_rstd(static_cast<size_t>(rows));
+    for (int64_t r = 0; r < rows; ++r) {
+      double mean = 0, var = 0;
+      for (int64_t j = 0; j < cols; ++j) mean += in.x[static_cast<size_t>(r * cols + j)];
+      mean /= static_cast<double>(cols);
+      for (int64_t j = 0; j < cols; ++j) var += std::pow(in.x[static_cast<size_t>(r * cols + j)] - mean, 2);
+      const double rstd = 1 / std::sqrt(var / static_cast<double>(cols) + eps);
+      ref_mean[static_cast<size_t>(r)] = mean;
+      ref_rstd[static_cast<size_t>(r)] = rstd;
+      for (int64_t j = 0; j < cols; ++j) {
+        const size_t i = static_cast<size_t>(r * cols + j);
+        ref_y[i] = (in.x[i] - mean) * rstd * in.gamma[static_cast<size_t>(j)] + in.beta[static_cast<size_t>(j)];
+      }
+    }
+
+    // Backward reference: central differences of the weighted output, in double.
+    const double h = 1e-4;
+    std::vector<double> x = widen(in.x), gamma = widen(in.gamma), beta = widen(in.beta);
+    std::vector<double> fd_dx(x.size()), fd_dgamma(gamma.size()), fd_dbeta(beta.size());
+    const double prior = 0.25;  // dgamma and dbeta start here: they accumulate
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < cols; ++j) {
+        double& v = x[static_cast<size_t>(r * cols + j)];
+        const double saved = v;
+        v = saved + h;
+        const double up = weighted_output(in, x, gamma, beta, r, r + 1, eps);
+        v = saved - h;
+        const double down = weighted_output(in, x, gamma, beta, r, r + 1, eps);
+        v = saved;
+        fd_dx[static_cast<size_t>(r * cols + j)] = (up - down) / (2 * h);
+      }
+    for (auto [param, grad] : {std::pair{&gamma, &fd_dgamma}, std::pair{&beta, &fd_dbeta}})
+      for (size_t j = 0; j < param->size(); ++j) {
+        const double saved = (*param)[j];
+        (*param)[j] = saved + h;
+        const double up = weighted_output(in, x, gamma, beta, 0, rows, eps);
+        (*param)[j] = saved - h;
+        const double down = weighted_output(in, x, gamma, beta, 0, rows, eps);
+        (*param)[j] = saved;
+        (*grad)[j] = prior + (up - down) / (2 * h);
+      }
+
+    const std::string what = fmt::format("layernorm {}x{} offset {}", rows, cols, offset);
+    const Tolerance row_tol = f32_sum(cols);
+    CrossCheck check_y(what + " y", ref_y, row_tol), check_mean(what + " mean", ref_mean, row_tol),
+        check_rstd(what + " rstd", ref_rstd, row_tol), check_dx(what + " dx", fd_dx, row_tol),
+        check_dgamma(what + " dgamma", fd_dgamma, f32_sum(rows * cols)),
+        check_dbeta(what + " dbeta", fd_dbeta, f32_sum(rows));
+    for (const auto& backend : backends) {
+      const Device dev = backend->device();
+      const Tensor tx = on(*backend, {rows, cols}, in.x), tgamma = on(*backend, {cols}, in.gamma),
+                   tbeta = on(*backend, {cols}, in.beta), tdy = on(*backend, {rows, cols}, in.dy);
+      Tensor ty = Tensor::empty({rows, cols}, DType::kF32, dev), tmean = Tensor::empty({rows}, DType::kF32, dev),
+             trstd = Tensor::empty({rows}, DType::kF32, dev);
+      backend->layernorm(tx.device_f32(), tgamma.device_f32(), tbeta.device_f32(), ty.device_f32(), tmean.device_f32(),
+                         trstd.device_f32(), rows, cols, eps);
+      check_y.check(*backend, read(*backend, ty));
+      check_mean.check(*backend, read(*backend, tmean));
+      check_rstd.check(*backend, read(*backend, trstd));
+
+      // Without saved statistics (inference) y is the same.
+      Tensor ty2 = Tensor::empty({rows, cols}, DType::kF32, dev);
+      backend->layernorm(tx.device_f32(), tgamma.device_f32(), tbeta.device_f32(), ty2.device_f32(), nullptr, nullptr,
+                         rows, cols, eps);
+      CHECK(read(*backend, ty2) == read(*backend, ty));
+
+      Tensor tdx = on(*backend, {rows, cols}, std::vector<float>(in.x.size(), 7.0f));  // overwritten
+      Tensor tdgamma = on(*backend, {cols}, std::vector<float>(static_cast<size_t>(cols), static_cast<float>(prior)));
+      Tensor tdbeta = tdgamma.clone();
+      backend->layernorm_backward(tx.device_f32(), tgamma.device_f32(), tmean.device_f32(), trstd.device_f32(),
+                                  tdy.device_f32(), tdx.device_f32(), tdgamma.device_f32(), tdbeta.device_f32(), rows,
+                                  cols);
+      check_dx.check(*backend, read(*backend, tdx));
+      check_dgamma.check(*backend, read(*backend, tdgamma));
+      check_dbeta.check(*backend, read(*backend, tdbeta));
+    }
+  }
+}
+
+TEST_CASE("back ends name themselves") {
+  for (const auto& backend : backends_under_test()) {
+    CHECK(!backend->name().empty());
+    if (backend->device() == Device::kCpu) CHECK(backend->name().rfind("cpu (OpenBLAS, ", 0) == 0);
+    if (backend->device() == Device::kCuda) CHECK(backend->name().rfind("cuda:0 (", 0) == 0);
+  }
+}
