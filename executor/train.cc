@@ -6,6 +6,7 @@
 #include "traces/recorder.h"
 
 #include <fmt/format.h>
+#include <sys/resource.h>
 
 #include <chrono>
 #include <memory>
@@ -18,6 +19,13 @@ bool is_moe_layer(const model::Transformer& t, int i) {
   if (!t.has_moe()) return false;
   const model::Moe& m = t.moe();
   return i >= m.first_k_dense() && (i - m.first_k_dense()) % m.every_n_layers() == m.moe_layer_offset();
+}
+
+// This process's peak resident memory (Linux reports ru_maxrss in KiB).
+double peak_rss_bytes() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return static_cast<double>(u.ru_maxrss) * 1024;
 }
 
 int default_ep(int ranks, int experts) {
@@ -191,7 +199,7 @@ class Model {
     MoeForwardOptions options;
     options.step = static_cast<uint64_t>(step);
     Tensor y = blk.moe->forward(h, options);
-    record_parts(blk.name, "fwd", start, blk.moe->forward_times());
+    record_parts(*blk.moe, blk.name, "fwd", start, blk.moe->forward_times());
     const MoeRoutingStats& st = blk.moe->routing_stats();
     trace::ExpertLoad load;
     load.set_layer(static_cast<int>(&blk - blocks_.data()));
@@ -204,11 +212,24 @@ class Model {
   Tensor moe_backward(Block& blk, const Tensor& dy) {
     const int64_t start = rec_.now_ns();
     Tensor dx = blk.moe->backward(dy);
-    record_parts(blk.name, "bwd", start, blk.moe->backward_times());
+    record_parts(*blk.moe, blk.name, "bwd", start, blk.moe->backward_times());
     return dx;
   }
-  // The layer's parts, one after the other from `start`, with their measured durations.
-  void record_parts(const std::string& layer, const char* pass, int64_t start, const MoePartTimes& t) {
+  // Bytes this rank sends to other EP ranks in the dispatch (and the combine sends back): its
+  // kept assignments to experts held elsewhere, d fp32 values each.
+  double a2a_bytes(const MoeLayer& m) const {
+    const std::span<const int32_t> experts = m.chosen_experts();
+    const std::span<const uint8_t> kept = m.kept();
+    const int first = m.first_local_expert(), last = first + m.local_experts();
+    int64_t rows = 0;
+    for (size_t i = 0; i < experts.size(); ++i) rows += kept[i] && (experts[i] < first || experts[i] >= last);
+    return static_cast<double>(rows) * static_cast<double>(t_.hidden()) * sizeof(float);
+  }
+
+  // The layer's parts, one after the other from `start`, with their measured durations; the
+  // dispatch and combine carry the bytes this rank sends and algBw/busBw over the EP group.
+  void record_parts(const MoeLayer& m, const std::string& layer, const char* pass, int64_t start,
+                    const MoePartTimes& t) {
     const std::pair<const char*, double> parts[] = {
         {"gate", t.gate_s}, {"dispatch", t.dispatch_s}, {"experts", t.experts_s}, {"combine", t.combine_s}};
     const trace::OpKind kinds[] = {trace::GATE, trace::DISPATCH, trace::GROUPED_GEMM, trace::COMBINE};
@@ -225,6 +246,17 @@ class Model {
       at += static_cast<int64_t>(parts[i].second * 1e9);
       span.set_end_ns(at);
       span.set_step(rec_.step());
+      if ((i == 1 || i == 3) && m.ep_size() > 1) {
+        const double bytes = a2a_bytes(m) * m.ep_size();  // the group's total, as nccl-tests counts a2a
+        const double seconds = parts[i].second;
+        span.set_bytes(bytes);
+        trace::CollectiveStats* c = span.mutable_collective();
+        c->set_ranks(m.ep_size());
+        c->set_bus_factor(trace::bus_factor(trace::ALL_TO_ALL, m.ep_size()));
+        c->set_alg_bw_bps(seconds > 0 ? bytes / seconds : 0);
+        c->set_bus_bw_bps(c->alg_bw_bps() * c->bus_factor());
+        c->set_algorithm("direct");
+      }
       rec_.add(std::move(span));
     }
   }
@@ -357,6 +389,7 @@ TrainResult train(const TrainOptions& o, Comm* world, Backend& backend) {
     }
     r.steps.push_back({step, global_loss, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()});
   }
+  rec.note_peak_memory(rank, "cpu", peak_rss_bytes());
   trace::RunInfo info;
   info.set_source(trace::MEASURED);
   info.set_model(o.model.name());

@@ -27,8 +27,10 @@
 // Tracing: every op is a span with the Schedule-style op id "L<i>.<part> <pass>" (for example
 // "L1.moe.dispatch fwd", "L0.attn bwd", "grad_all_reduce", "optimizer"), on the compute or comm
 // stream; the MoE layer's gate/dispatch/experts/combine parts are laid out one after the other
-// inside the layer's span from its measured part times. Per-layer expert loads (before drops) are
-// recorded every step.
+// inside the layer's span from its measured part times, the dispatch and combine with the bytes
+// this rank's tokens send to other EP ranks (x the group size, nccl-tests' all-to-all size) and
+// algBw/busBw. Per-layer expert loads (before drops) are recorded every step, and the process's
+// peak resident memory at the end (CPU ranks: getrusage).
 #pragma once
 
 #include "costmodel/model.pb.h"

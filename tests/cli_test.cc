@@ -27,9 +27,11 @@ struct Run {
 };
 
 // Runs `moesim ARGS` from the source tree, capturing stdout and stderr separately.
-Run moesim_run(const std::string& args) {
+// `env`: variable assignments put before the command ("MOESIM_MPIRUN=/x"); `launcher`: a command
+// that runs moesim ("mpirun -np 2").
+Run moesim_run(const std::string& args, const std::string& env = "", const std::string& launcher = "") {
   const std::string err_file = (std::filesystem::temp_directory_path() / fmt::format("moesim_cli_test_{}.err", ::getpid())).string();
-  const std::string cmd = fmt::format("cd '{}' && '{}' {} 2>'{}'", MOESIM_SOURCE_DIR, MOESIM_BINARY, args, err_file);
+  const std::string cmd = fmt::format("cd '{}' && {} {} '{}' {} 2>'{}'", MOESIM_SOURCE_DIR, env, launcher, MOESIM_BINARY, args, err_file);
   Run r;
   FILE* pipe = ::popen(cmd.c_str(), "r");
   REQUIRE(pipe != nullptr);
@@ -201,7 +203,8 @@ TEST_CASE("list shows the registries") {
 }
 
 TEST_CASE("every command has --help, and usage errors exit 2") {
-  for (const char* cmd : {"topo show", "topo route", "topo check", "topo dot", "list", "collective", "model show", "memory"}) {
+  for (const char* cmd : {"topo show", "topo route", "topo check", "topo dot", "list", "collective", "model show", "memory",
+                          "run", "bench-layer"}) {
     Run r = moesim_run(fmt::format("{} --help", cmd));
     INFO(cmd);
     CHECK(r.exit_code == 0);
@@ -378,4 +381,77 @@ TEST_CASE("memory: per-rank parts and whether it fits") {
   CHECK(b.err.find("bad_strategy.textproto:3: tp:") != std::string::npos);
   CHECK(b.out.empty());
   CHECK(moesim_run("memory --cluster configs/hardware/h100-64.textproto").exit_code == 2);  // missing files
+}
+
+TEST_CASE("run: moe-tiny trains on one rank, per-step loss and step time as JSON") {
+  Run r = moesim_run("run --model configs/models/moe-tiny.textproto --steps 30 --json");
+  REQUIRE(r.exit_code == 0);
+  auto out = parse_json<cli::RunResult>(r.out);
+  CHECK(out.ranks() == 1);
+  REQUIRE(out.steps_size() == 30);
+  for (const auto& s : out.steps()) CHECK(s.step_time_s() > 0);
+  CHECK(out.steps(29).loss() < 0.8 * out.steps(0).loss());
+  CHECK(out.tokens_per_step() == 8 * 32);  // 8 sequences of moe-tiny's 32 tokens
+  CHECK(out.tokens_per_s() > 0);
+}
+
+TEST_CASE("run: two ranks under mpirun, experts split over both, trace and store written") {
+  const std::string trace = write_temp("run_trace.json", "");
+  const std::string db = write_temp("run.db", "");
+  std::filesystem::remove(db);
+  Run r = moesim_run(fmt::format("run --model configs/models/moe-tiny.textproto --ranks 2 --steps 3 --json --trace {} --db {}",
+                                 trace, db));
+  INFO(r.err);
+  REQUIRE(r.exit_code == 0);
+  auto out = parse_json<cli::RunResult>(r.out);  // rank 0 alone prints
+  CHECK(out.ranks() == 2);
+  CHECK(out.dp() == 2);
+  CHECK(out.ep() == 2);
+  CHECK(out.steps_size() == 3);
+  CHECK_FALSE(out.run_id().empty());
+  CHECK(std::filesystem::file_size(db) > 0);
+  std::ifstream in(trace);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  // Both ranks' spans, with the Schedule-style op ids.
+  CHECK(ss.str().find("\"pid\":1") != std::string::npos);
+  CHECK(ss.str().find("L0.moe.dispatch fwd") != std::string::npos);
+}
+
+TEST_CASE("bench-layer: tokens/s and its parts as JSON") {
+  Run r = moesim_run("bench-layer --experts 4 --top-k 2 --tokens 512 --hidden 64 --ffn 128 --iterations 2 --json");
+  REQUIRE(r.exit_code == 0);
+  auto b = parse_json<cli::BenchLayerResult>(r.out);
+  CHECK(b.tokens() == 512);
+  CHECK(b.tokens_per_s() == Approx(512 / b.step_s()));
+  CHECK(b.gate_s() > 0);
+  CHECK(b.experts_s() > 0);
+  CHECK(b.gate_s() + b.dispatch_s() + b.experts_s() + b.combine_s() <= b.step_s() * 1.01);
+  CHECK(b.gemm_efficiency_vs_blas() > 0);
+}
+
+TEST_CASE("run and bench-layer: bad input exits 2 before any rank starts") {
+  Run gqa = moesim_run("run --model configs/models/mixtral-8x7b.textproto --steps 1");
+  CHECK(gqa.exit_code == 2);
+  CHECK(gqa.err.find("GQA and MLA models are not supported") != std::string::npos);
+  CHECK(gqa.out.empty());
+  Run nompi = moesim_run("run --model configs/models/moe-tiny.textproto --ranks 2 --steps 1", "MOESIM_MPIRUN=/nonexistent/mpirun");
+  CHECK(nompi.exit_code == 2);
+  CHECK(nompi.err.find("cannot start /nonexistent/mpirun") != std::string::npos);
+  Run topk = moesim_run("bench-layer --experts 4 --top-k 5");
+  CHECK(topk.exit_code == 2);
+  Run split = moesim_run("bench-layer --tokens 1001 --ranks 2");
+  CHECK(split.exit_code == 2);
+  CHECK(split.err.find("does not split evenly") != std::string::npos);
+  Run batch = moesim_run("run --model configs/models/moe-tiny.textproto --ranks 2 --batch 3");
+  CHECK(batch.exit_code == 2);
+  Run strategy = moesim_run("run --model configs/models/moe-tiny.textproto --strategy configs/strategies/reid-dp8.textproto");
+  CHECK(strategy.exit_code == 2);
+  CHECK(strategy.err.find("dp 8 but 1 ranks") != std::string::npos);
+  CHECK(moesim_run("run --model configs/models/missing.textproto").exit_code == 2);
+  // Inside a launch of 2 ranks, --ranks 3 is refused by every rank.
+  Run launch = moesim_run("run --model configs/models/moe-tiny.textproto --ranks 3", "",
+                          fmt::format("'{}' --allow-run-as-root --oversubscribe -np 2", MOESIM_MPIEXEC));
+  CHECK(launch.exit_code != 0);
+  CHECK(launch.err.find("this launch has 2 ranks but --ranks is 3") != std::string::npos);
 }
