@@ -5,6 +5,8 @@ JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 # Warnings in moesim's own code are errors in CI (CI=true there).
 WERROR := $(if $(filter true 1,$(CI)),ON,OFF)
 MOESIM := $(BUILD_DIR)/cli/moesim
+# Two MPI ranks on this machine (root needs --allow-run-as-root; --oversubscribe: 2 cores).
+MPIRUN := mpirun --oversubscribe $(if $(filter 0,$(shell id -u)),--allow-run-as-root)
 
 .PHONY: deps configure build demo test bench clean
 
@@ -28,8 +30,13 @@ demo: build
 test: build
 	cd $(BUILD_DIR) && ctest --output-on-failure -j$(JOBS)
 
+# Every benchmark runs even when one misses its target; the exit code says whether all passed.
 bench: build
-	$(BUILD_DIR)/bench/topology_bench; t=$$?; $(BUILD_DIR)/bench/costmodel_bench; c=$$?; exit $$((t | c))
+	$(BUILD_DIR)/bench/topology_bench; t=$$?; \
+	$(BUILD_DIR)/bench/costmodel_bench; c=$$?; \
+	$(BUILD_DIR)/bench/moe_layer_bench; m=$$?; \
+	$(MPIRUN) -np 2 $(BUILD_DIR)/bench/comm_bench; a=$$?; \
+	exit $$((t | c | m | a))
 
 clean:
 	rm -rf $(BUILD_DIR)

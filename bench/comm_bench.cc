@@ -5,8 +5,9 @@
 // Target: ours at >= 90% of raw MPI's speed (t_raw / t_ours >= 0.90) at every size.
 //
 // Sizes are bytes sent per rank, split evenly over the ranks (itself included), 1 KiB .. 64 MiB.
-// A time is the slowest rank's mean per call over a batch of calls sized to ~20 ms, the median
-// of 7 batches; ours and raw alternate batch by batch. Bandwidths as nccl-tests reports alltoall:
+// Ours and raw alternate call by call (which goes first alternates too), each call timed alone,
+// so that the noise of a shared machine falls on both alike; a time is the median call on the
+// slowest rank. Bandwidths as nccl-tests reports alltoall:
 //   algBw = S / t            (S = bytes sent per rank)
 //   busBw = algBw * (n-1)/n  (the share of S that crosses the network; n ranks)
 #include "executor/comm.h"
@@ -30,20 +31,27 @@ struct Timing {
   double ours_s = 0;
 };
 
-// The slowest rank's mean seconds per call over `iterations` calls.
-template <typename Fn>
-double batch_s(int iterations, Fn&& fn) {
-  MPI_Barrier(MPI_COMM_WORLD);
-  const double t0 = MPI_Wtime();
-  for (int i = 0; i < iterations; ++i) fn();
-  double mine = (MPI_Wtime() - t0) / iterations, slowest = 0;
-  MPI_Allreduce(&mine, &slowest, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
-  return slowest;
-}
-
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
+}
+
+// `calls` of each, alternating; the median call of each on the slowest rank.
+template <typename Raw, typename Ours>
+Timing time_side_by_side(int calls, Raw&& raw, Ours&& ours) {
+  std::vector<double> raw_s, ours_s;
+  MPI_Barrier(MPI_COMM_WORLD);
+  for (int i = 0; i < calls; ++i) {
+    for (int k = 0; k < 2; ++k) {
+      const bool raw_now = (i + k) % 2 == 0;
+      const double t0 = MPI_Wtime();
+      if (raw_now) raw(); else ours();
+      (raw_now ? raw_s : ours_s).push_back(MPI_Wtime() - t0);
+    }
+  }
+  double mine[2] = {median(raw_s), median(ours_s)}, slowest[2] = {0, 0};
+  MPI_Allreduce(mine, slowest, 2, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+  return {slowest[0], slowest[1]};
 }
 
 }  // namespace
@@ -52,7 +60,7 @@ int main(int argc, char** argv) {
   bool quick = false;
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--quick") == 0) {
-      quick = true;  // up to 1 MiB, 3 batches: a smoke run
+      quick = true;  // up to 1 MiB, ~50 ms per size: a smoke run
     } else {
       std::fprintf(stderr, "usage: mpirun -np N comm_bench [--quick]\n");
       return std::strcmp(argv[i], "--help") == 0 ? 0 : 2;
@@ -61,11 +69,10 @@ int main(int argc, char** argv) {
   try {
     auto comm = exec::make_mpi_comm(120);  // initialises MPI; the raw calls below use MPI_COMM_WORLD
     const int n = comm->size(), me = comm->rank();
-    const int batches = quick ? 3 : 7;
     const size_t max_bytes = quick ? (size_t{1} << 20) : (size_t{64} << 20);
     const double bus_factor = static_cast<double>(n - 1) / n;
     if (me == 0) {
-      fmt::print("all_to_all_v, {} ranks, fp32, even counts; median of {} batches, slowest rank\n", n, batches);
+      fmt::print("all_to_all_v, {} ranks, fp32, even counts; median call of the slowest rank, alternating\n", n);
       fmt::print("bandwidths in GB/s: algBw = S/t, busBw = algBw * (n-1)/n = algBw * {:.3f} (nccl-tests alltoall); S = bytes per rank\n",
                  bus_factor);
       fmt::print("{:>10} | {:^30} | {:^30} | {:>9}\n", "", "raw MPI_Alltoallv", "moesim all_to_all_v", "ours/raw");
@@ -87,26 +94,18 @@ int main(int argc, char** argv) {
                       displs.data(), MPI_FLOAT, MPI_COMM_WORLD);
       };
       auto ours = [&] { comm->all_to_all_v(send.data(), counts, recv_ours.data(), counts); };
-      // Warm up both (and size the batches from the slower), then check they agree bit for bit.
+      // Warm up both and check they agree bit for bit; then ~0.5 s of calls (at least 21 of each).
       raw();
       ours();
-      const double one_s = std::max(batch_s(3, raw), batch_s(3, ours));
-      const int iterations = std::clamp(static_cast<int>(0.02 / one_s), 1, 20000);
       int same = recv_raw == recv_ours, all_same = 0;
       MPI_Allreduce(&same, &all_same, 1, MPI_INT, MPI_LAND, MPI_COMM_WORLD);
       if (!all_same) throw exec::Error(fmt::format("all_to_all_v and MPI_Alltoallv disagree at {} bytes", bytes));
-
-      std::vector<double> raw_s, ours_s;
-      for (int b = 0; b < batches; ++b) {
-        if (b % 2 == 0) {
-          raw_s.push_back(batch_s(iterations, raw));
-          ours_s.push_back(batch_s(iterations, ours));
-        } else {
-          ours_s.push_back(batch_s(iterations, ours));
-          raw_s.push_back(batch_s(iterations, raw));
-        }
-      }
-      const Timing t{median(raw_s), median(ours_s)};
+      const Timing probe = time_side_by_side(3, raw, ours);
+      const double budget_s = quick ? 0.05 : 0.5;
+      double calls_d = budget_s / (probe.raw_s + probe.ours_s);
+      MPI_Allreduce(MPI_IN_PLACE, &calls_d, 1, MPI_DOUBLE, MPI_MIN, MPI_COMM_WORLD);  // the same on every rank
+      const int calls = std::clamp(static_cast<int>(calls_d), 21, 100000);
+      const Timing t = time_side_by_side(calls, raw, ours);
       const double S = static_cast<double>(total * sizeof(float));
       const double speed = t.raw_s / t.ours_s;
       all_ok = all_ok && speed >= 0.9;

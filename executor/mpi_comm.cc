@@ -125,7 +125,9 @@ Outcome poll(std::vector<MPI_Request>& requests, std::vector<MPI_Status>& status
 }
 
 Clock::time_point deadline_after(double timeout_s) {
-  return Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s));
+  constexpr double kForever_s = 1e8;  // ~3 years: keeps the conversion to clock ticks from overflowing
+  return Clock::now() +
+         std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(std::min(timeout_s, kForever_s)));
 }
 
 void validate_options(const MpiCommOptions& o) {
@@ -188,7 +190,9 @@ class MpiComm final : public Comm {
   void check_counts(std::string_view what, std::string_view field, const std::vector<int64_t>& counts) const {
     if (static_cast<int>(counts.size()) != size_)
       usage_error(what, fmt::format("{} has {} entries, the group has {} ranks", field, counts.size(), size_));
-    for (int r = 0; r < size_; ++r) check_count(what, fmt::format("{}[{}]", field, r), counts[static_cast<size_t>(r)]);
+    for (int r = 0; r < size_; ++r)
+      if (counts[static_cast<size_t>(r)] < 0)
+        usage_error(what, fmt::format("{}[{}] = {} is negative", field, r, counts[static_cast<size_t>(r)]));
   }
   void check_peer(std::string_view what, int peer, int tag) const {
     if (peer < 0 || peer >= size_ || peer == rank_)
@@ -218,7 +222,7 @@ class MpiComm final : public Comm {
   void complete(std::string_view what, Clock::time_point deadline);
   // For receives only: on a timeout they are cancelled and the Comm stays usable.
   void complete_receives(std::string_view what, Clock::time_point deadline);
-  void check_received(std::string_view what, size_t first_recv) const;
+  void check_received(std::string_view what) const;  // the counts that arrived, against expected_
 
   MPI_Comm comm_;
   std::string name_;
@@ -235,6 +239,7 @@ class MpiComm final : public Comm {
     int count;
   };
   std::vector<ExpectedRecv> expected_;
+  std::vector<int64_t> send_offset_, recv_offset_;  // all_to_all_v's displacements
 };
 
 void MpiComm::post_sends(const float* data, int64_t n, int peer, int tag) {
@@ -291,9 +296,8 @@ void MpiComm::complete_receives(std::string_view what, Clock::time_point deadlin
   fail(message + " (part of the message was consumed)");
 }
 
-void MpiComm::check_received(std::string_view what, size_t first_recv) const {
-  for (size_t i = first_recv; i < expected_.size(); ++i) {
-    const ExpectedRecv& e = expected_[i];
+void MpiComm::check_received(std::string_view what) const {
+  for (const ExpectedRecv& e : expected_) {
     int got = 0;
     MOESIM_MPI_CHECK(MPI_Get_count(&statuses_[e.request], MPI_FLOAT, &got));
     if (got != e.count)
@@ -314,33 +318,37 @@ void MpiComm::all_to_all_v(const float* send, const std::vector<int64_t>& send_c
   if (send_counts[me] != recv_counts[me])
     usage_error(what, fmt::format("send_counts[{0}] = {1} but recv_counts[{0}] = {2} (this rank to itself)", rank_,
                                   send_counts[me], recv_counts[me]));
-  std::vector<int64_t> send_offset(static_cast<size_t>(size_)), recv_offset(static_cast<size_t>(size_));
+  send_offset_.resize(static_cast<size_t>(size_));
+  recv_offset_.resize(static_cast<size_t>(size_));
   int64_t send_total = 0, recv_total = 0;
   for (size_t r = 0; r < static_cast<size_t>(size_); ++r) {
-    send_offset[r] = send_total;
-    recv_offset[r] = recv_total;
+    send_offset_[r] = send_total;
+    recv_offset_[r] = recv_total;
     send_total += send_counts[r];
     recv_total += recv_counts[r];
   }
   if ((send_total > 0 && !send) || (recv_total > 0 && !recv)) usage_error(what, "null buffer with non-zero counts");
 
-  // A pairwise exchange posted all at once (what MPI_Alltoallv does for its basic algorithm): it
-  // splits counts above INT_MAX per pair, which both ranks of a pair agree on from the count
-  // alone. Peers are visited in rotated order so that no rank is everyone's first target.
+  // Not MPI_Ialltoallv: its counts and displacements are int, and whether a call needs more would
+  // have to be decided alike on every rank, which no rank can tell from its own counts. Instead a
+  // pairwise exchange posted all at once (what Open MPI's alltoallv does for its basic
+  // algorithm; as fast, see bench/comm_bench): counts above max_message_elements are split, and
+  // both ranks of a pair split alike since they know the same count. Peers go in rotated order
+  // so that no rank is everyone's first target.
   requests_.clear();
   expected_.clear();
   for (int k = 1; k < size_; ++k) {
     const size_t peer = static_cast<size_t>((rank_ - k + size_) % size_);
-    post_recvs(recv + recv_offset[peer], recv_counts[peer], static_cast<int>(peer), kAllToAllTag);
+    post_recvs(recv + recv_offset_[peer], recv_counts[peer], static_cast<int>(peer), kAllToAllTag);
   }
   for (int k = 1; k < size_; ++k) {
     const size_t peer = static_cast<size_t>((rank_ + k) % size_);
-    post_sends(send + send_offset[peer], send_counts[peer], static_cast<int>(peer), kAllToAllTag);
+    post_sends(send + send_offset_[peer], send_counts[peer], static_cast<int>(peer), kAllToAllTag);
   }
   if (send_counts[me] > 0)
-    std::memcpy(recv + recv_offset[me], send + send_offset[me], static_cast<size_t>(send_counts[me]) * sizeof(float));
+    std::memcpy(recv + recv_offset_[me], send + send_offset_[me], static_cast<size_t>(send_counts[me]) * sizeof(float));
   complete(what, deadline);
-  check_received(what, 0);
+  check_received(what);
 }
 
 void MpiComm::all_reduce_sum(float* data, int64_t n) {
@@ -433,7 +441,7 @@ void MpiComm::recv(float* data, int64_t n, int peer, int tag) {
   expected_.clear();
   post_recvs(data, n, peer, tag);
   complete_receives(what, deadline);
-  check_received(what, 0);
+  check_received(what);
 }
 
 void MpiComm::all_to_all_counts(const std::vector<int64_t>& send_counts, std::vector<int64_t>& recv_counts) {

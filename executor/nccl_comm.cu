@@ -201,7 +201,9 @@ class NcclComm final : public Comm {
   void check_counts(std::string_view what, std::string_view field, const std::vector<int64_t>& counts) const {
     if (static_cast<int>(counts.size()) != size_)
       usage_error(what, fmt::format("{} has {} entries, the group has {} ranks", field, counts.size(), size_));
-    for (int r = 0; r < size_; ++r) check_count(what, fmt::format("{}[{}]", field, r), counts[static_cast<size_t>(r)]);
+    for (int r = 0; r < size_; ++r)
+      if (counts[static_cast<size_t>(r)] < 0)
+        usage_error(what, fmt::format("{}[{}] = {} is negative", field, r, counts[static_cast<size_t>(r)]));
   }
   void check_peer(std::string_view what, int peer, int tag) const {
     if (peer < 0 || peer >= size_ || peer == rank_)
