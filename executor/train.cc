@@ -74,7 +74,7 @@ struct Block {
 
 class Model {
  public:
-  Model(const TrainOptions& o, Backend& b, Comm* ep_comm, trace::Recorder& rec)
+  Model(const TrainOptions& o, int ep, Backend& b, Comm* ep_comm, trace::Recorder& rec)
       : o_(o), t_(o.model.transformer()), backend_(b), rec_(rec) {
     const int64_t d = t_.hidden();
     const uint64_t seed = o.seed;
@@ -97,7 +97,10 @@ class Model {
         c.capacity_factor = o.capacity_factor;
         c.routing = o.routing;
         c.seed = derive_seed(seed, blk.name + ".moe");
-        c.switch_loss_weight = 0.01;  // Switch Transformer's load-balancing loss at its paper's weight
+        // Switch Transformer's load-balancing loss at its paper's weight 0.01. Every rank of an EP
+        // group back-propagates the group's loss through its own tokens and the trainer divides
+        // summed gradients by dp: weighting it by ep gives the mean over EP groups at 0.01.
+        c.switch_loss_weight = 0.01 * ep;
         c.importance_loss_weight = 0;
         c.load_loss_weight = 0;
         c.damex_loss_weight = 0;
@@ -346,7 +349,7 @@ TrainResult train(const TrainOptions& o, Comm* world, Backend& backend) {
     edp_comm = world->split(rank % r.ep, rank);
   }
   trace::Recorder rec(rank, "cpu");
-  Model model(o, backend, ep_comm.get(), rec);
+  Model model(o, r.ep, backend, ep_comm.get(), rec);
   for (const Param& p : model.params().params())
     r.parameters += p.sharing == ParamSharing::kLocal ? p.value.numel() * r.ep : p.value.numel();
   std::unique_ptr<Optimizer> opt;

@@ -2,6 +2,7 @@
 // the same losses on 1 rank and on 2 ranks (data parallel, experts split over both), and models
 // the executor cannot run are refused before anything is computed.
 #include "costmodel/model.h"
+#include "executor/comm.h"
 #include "executor/error.h"
 #include "executor/train.h"
 #include "traces/recorder.h"
@@ -66,6 +67,26 @@ TEST_CASE("models and options the executor cannot run are refused with every rea
   tiny.ep = 3;
   CHECK_FALSE(validate(tiny, 2).empty());  // ep 3 divides neither 2 ranks nor 4 experts
   CHECK(validate(tiny, 1).size() == 1);
+}
+
+// Run by CTest under mpirun -np 2 (hidden from the plain run): data parallel over 2 ranks with the
+// experts split over both trains the same model as one rank on the whole batch.
+TEST_CASE("2 ranks (DP 2, EP 2) and 1 rank give the same losses", "[.ep2]") {
+  auto world = make_mpi_comm(60);
+  REQUIRE(world->size() == 2);
+  auto backend = make_cpu_backend(1);
+  TrainOptions o;
+  o.model = moe_tiny();
+  o.steps = 8;
+  o.batch = 4;
+  const TrainResult two = train(o, world.get(), *backend);
+  CHECK(two.ep == 2);
+  const TrainResult one = train(o, nullptr, *backend);  // every rank alone, the whole batch
+  for (int i = 0; i < o.steps; ++i) {
+    INFO("step " << i);
+    CHECK(two.steps[i].loss == Approx(one.steps[i].loss).epsilon(1e-4));
+  }
+  CHECK(two.steps.back().loss < two.steps.front().loss);
 }
 
 }  // namespace
