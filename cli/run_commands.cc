@@ -45,6 +45,14 @@ exec::RoutingPolicy policy_of(const Args& a, exec::RoutingPolicy fallback) {
   return *p;
 }
 
+// Every problem found, as one usage error (exit 2, before any rank starts).
+void refuse_if_any(const std::string& heading, const std::vector<std::string>& problems) {
+  if (problems.empty()) return;
+  std::string msg = heading;
+  for (const std::string& p : problems) msg += "\n  " + p;
+  throw UsageError(msg);
+}
+
 // Brings rank r's trace to rank 0 (serialized, carried in fp32 words) and merges them there.
 trace::Trace gather_traces(const trace::Trace& mine, exec::Comm* world) {
   if (!world || world->size() == 1) return mine;
@@ -123,11 +131,7 @@ int run(const Args& a) {
   }
   o.capacity_factor = get_double(a, "--capacity-factor", o.capacity_factor, 1e-6, 1e6);
   o.routing = policy_of(a, o.routing);
-  if (std::vector<std::string> problems = exec::validate(o, ranks); !problems.empty()) {
-    std::string msg = fmt::format("{} cannot run on {} rank(s):", a.get("--model"), ranks);
-    for (const std::string& p : problems) msg += "\n  " + p;
-    throw UsageError(msg);
-  }
+  refuse_if_any(fmt::format("{} cannot run on {} rank(s):", a.get("--model"), ranks), exec::validate(o, ranks));
   const Launch launch = launch_ranks(ranks);
   if (launch.relaunched) return launch.exit_code;
 
@@ -204,11 +208,7 @@ int bench_layer(const Args& a) {
   const double timeout_s = get_double(a, "--timeout", 60, 0.1, 86400);
   std::vector<std::string> problems = exec::validate(o.layer, ranks);
   if (o.tokens % ranks != 0) problems.push_back(fmt::format("--tokens {} does not split evenly over {} ranks", o.tokens, ranks));
-  if (!problems.empty()) {
-    std::string msg = "bad layer:";
-    for (const std::string& p : problems) msg += "\n  " + p;
-    throw UsageError(msg);
-  }
+  refuse_if_any("bad layer:", problems);
   const Launch launch = launch_ranks(ranks);
   if (launch.relaunched) return launch.exit_code;
 

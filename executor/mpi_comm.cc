@@ -1,4 +1,5 @@
 #include "executor/comm.h"
+#include "executor/comm_checks.h"
 
 #include "executor/error.h"
 
@@ -21,7 +22,7 @@ using Clock = std::chrono::steady_clock;
 
 // Tags 0..32766 belong to send/recv; all_to_all_v's messages use the last one MPI guarantees
 // (MPI_TAG_UB >= 32767), so the two never match each other.
-constexpr int kAllToAllTag = 32767;
+constexpr int kAllToAllTag = detail::kMaxUserTag;
 
 int g_world_rank = -1;  // known once MPI is initialised; error messages name it
 
@@ -177,29 +178,19 @@ class MpiComm final : public Comm {
       throw Error(fmt::format("rank {}: {} on {}: the communicator is unusable after an earlier failure: {}",
                               rank_label(), what, name_, broken_));
   }
-  [[noreturn]] void usage_error(std::string_view what, const std::string& message) const {
-    throw Error(fmt::format("rank {}: {} on {}: {}", rank_label(), what, name_, message));
-  }
   [[noreturn]] void fail(const std::string& message) const {
     broken_ = message;
     throw Error(message);
   }
-  void check_count(std::string_view what, std::string_view field, int64_t n) const {
-    if (n < 0) usage_error(what, fmt::format("{} = {} is negative", field, n));
+  detail::CallSite site(std::string_view what) const { return {rank_label(), name_, rank_, size_, what}; }
+  [[noreturn]] void usage_error(std::string_view what, const std::string& message) const {
+    site(what).usage_error(message);
   }
+  void check_count(std::string_view what, std::string_view field, int64_t n) const { site(what).check_count(field, n); }
   void check_counts(std::string_view what, std::string_view field, const std::vector<int64_t>& counts) const {
-    if (static_cast<int>(counts.size()) != size_)
-      usage_error(what, fmt::format("{} has {} entries, the group has {} ranks", field, counts.size(), size_));
-    for (int r = 0; r < size_; ++r)
-      if (counts[static_cast<size_t>(r)] < 0)
-        usage_error(what, fmt::format("{}[{}] = {} is negative", field, r, counts[static_cast<size_t>(r)]));
+    site(what).check_counts(field, counts);
   }
-  void check_peer(std::string_view what, int peer, int tag) const {
-    if (peer < 0 || peer >= size_ || peer == rank_)
-      usage_error(what, fmt::format("peer {} is not another rank of this group of {}", peer, size_));
-    if (tag < 0 || tag >= kAllToAllTag)
-      usage_error(what, fmt::format("tag {} is outside [0, {})", tag, kAllToAllTag));
-  }
+  void check_peer(std::string_view what, int peer, int tag) const { site(what).check_peer(peer, tag); }
 
   // Pieces of at most max_message_elements; always at least one (an empty one for n == 0), so
   // both sides of a pair post the same number of messages and a count mismatch is caught.

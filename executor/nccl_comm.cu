@@ -1,6 +1,7 @@
 // The NCCL engine of exec::Comm (comm.h): device buffers, one GPU per rank, bootstrapped over
 // MPI. Host code only (NCCL launches its own kernels); built in CUDA builds that find NCCL.
 #include "executor/comm.h"
+#include "executor/comm_checks.h"
 
 #include "executor/error.h"
 
@@ -192,24 +193,15 @@ class NcclComm final : public Comm {
     MOESIM_CUDA_CHECK(cudaSetDevice(device_));
     return Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(timeout_s_));
   }
+  detail::CallSite site(std::string_view what) const { return {std::to_string(world_rank()), name_, rank_, size_, what}; }
   [[noreturn]] void usage_error(std::string_view what, const std::string& message) const {
-    throw Error(fmt::format("rank {}: {} on {}: {}", world_rank(), what, name_, message));
+    site(what).usage_error(message);
   }
-  void check_count(std::string_view what, std::string_view field, int64_t n) const {
-    if (n < 0) usage_error(what, fmt::format("{} = {} is negative", field, n));
-  }
+  void check_count(std::string_view what, std::string_view field, int64_t n) const { site(what).check_count(field, n); }
   void check_counts(std::string_view what, std::string_view field, const std::vector<int64_t>& counts) const {
-    if (static_cast<int>(counts.size()) != size_)
-      usage_error(what, fmt::format("{} has {} entries, the group has {} ranks", field, counts.size(), size_));
-    for (int r = 0; r < size_; ++r)
-      if (counts[static_cast<size_t>(r)] < 0)
-        usage_error(what, fmt::format("{}[{}] = {} is negative", field, r, counts[static_cast<size_t>(r)]));
+    site(what).check_counts(field, counts);
   }
-  void check_peer(std::string_view what, int peer, int tag) const {
-    if (peer < 0 || peer >= size_ || peer == rank_)
-      usage_error(what, fmt::format("peer {} is not another rank of this group of {}", peer, size_));
-    if (tag < 0 || tag >= 32767) usage_error(what, fmt::format("tag {} is outside [0, 32767)", tag));
-  }
+  void check_peer(std::string_view what, int peer, int tag) const { site(what).check_peer(peer, tag); }
 
   // Polls the stream and NCCL's asynchronous error until done or the deadline; a failure or a
   // timeout aborts the NCCL communicator (which frees its kernels) and leaves this Comm unusable.
