@@ -45,6 +45,18 @@ exec::RoutingPolicy policy_of(const Args& a, exec::RoutingPolicy fallback) {
   return *p;
 }
 
+// --device: the executor's layers run on the CPU back end; the CUDA back end (kernels, cuBLAS,
+// NCCL) exists but the layers are not ported to it yet, so asking for it is refused plainly
+// rather than silently running on the CPU.
+void check_device(const Args& a) {
+  const std::string device = a.get("--device", "cpu");
+  if (device == "cpu") return;
+  if (device == "cuda")
+    throw UsageError("--device cuda: the executor's layers run on CPU ranks only for now (the CUDA back end and "
+                     "NCCL engine are built but the layers are not ported to them; see docs/EXECUTOR.md)");
+  throw UsageError(fmt::format("--device: expected cpu or cuda, got '{}'", device));
+}
+
 // Every problem found, as one usage error (exit 2, before any rank starts).
 void refuse_if_any(const std::string& heading, const std::vector<std::string>& problems) {
   if (problems.empty()) return;
@@ -96,6 +108,7 @@ int on_ranks(int ranks, double timeout_s, Body body) {
 int run(const Args& a) {
   if (!a.positional().empty()) throw UsageError("run takes no positional arguments");
   if (!a.has("--model")) throw UsageError("missing --model FILE (or --plan, when plans land)");
+  check_device(a);
   const int ranks = a.get_int("--ranks", 1, 1, 4096);
   exec::TrainOptions o;
   o.steps = a.get_int("--steps", 20, 1, 1000000);
@@ -195,6 +208,7 @@ int run(const Args& a) {
 
 int bench_layer(const Args& a) {
   if (!a.positional().empty()) throw UsageError("bench-layer takes no positional arguments");
+  check_device(a);
   const int ranks = a.get_int("--ranks", 1, 1, 4096);
   exec::BenchLayerOptions o;
   o.layer.num_experts = a.get_int("--experts", 8, 1, 1 << 16);
@@ -255,7 +269,7 @@ std::vector<Command> run_commands() {
        "usage: moesim run --model M [--strategy S] [--ranks N] [--steps K] [--batch B] [--sequence L]\n"
        "                  [--lr X] [--optimizer adam|sgd] [--capacity-factor F]\n"
        "                  [--routing vanilla|batch_priority|no_drop] [--seed N] [--timeout S]\n"
-       "                  [--trace t.json] [--db results.db] [--json]\n\n"
+       "                  [--device cpu] [--trace t.json] [--db results.db] [--json]\n\n"
        "  --model M      a transformer of configs/models (moe-tiny.textproto trains in seconds)\n"
        "  --strategy S   dp must equal --ranks; its ep, capacity factor and drop policy are used (tp and\n"
        "                 pp 1). Without it, experts are spread over all ranks (EP = ranks)\n"
@@ -263,24 +277,25 @@ std::vector<Command> run_commands() {
        "                 itself under mpirun; inside one, N must match its size\n"
        "  --batch B      sequences per step over all ranks (default 8 per rank)\n"
        "  --timeout S    a rank waiting longer than S seconds on a peer ends the job (default 60)\n"
+       "  --device cpu   where the layers run; cuda is refused for now (docs/EXECUTOR.md)\n"
        "  --trace FILE   Chrome-trace JSON of every rank's ops (chrome://tracing, ui.perfetto.dev)\n"
        "  --db FILE      add a row to the SQLite results store (created on first use)\n"
        "  --json         per-step step_time_s and loss, tokens_per_s, ...\n\n"
        "The task is synthetic (executor/train.h): the next token is 3t + 1 mod vocab, so the loss falls\n"
        "from ln(vocab). Exit 2 on bad input (before any rank starts), 1 when a rank fails.\n",
        {{}, {"--model", "--strategy", "--ranks", "--steps", "--batch", "--sequence", "--lr", "--optimizer",
-             "--capacity-factor", "--routing", "--seed", "--timeout", "--trace", "--db"}},
+             "--capacity-factor", "--routing", "--seed", "--timeout", "--trace", "--db", "--device"}},
        run},
       {"bench-layer", "time one MoE layer forward + backward on real ranks: tokens/s and its parts",
        "usage: moesim bench-layer [--experts E] [--top-k K] [--tokens T] [--hidden D] [--ffn F] [--ranks N]\n"
        "                          [--capacity-factor C] [--routing vanilla|batch_priority|no_drop]\n"
-       "                          [--iterations I] [--timeout S] [--json]\n\n"
+       "                          [--iterations I] [--timeout S] [--device cpu] [--json]\n\n"
        "Defaults: 8 experts, top-2, 4096 tokens (of the whole EP group), d 512, ffn 4d, 1 rank.\n"
        "--json carries tokens_per_s, gate_s, dispatch_s, experts_s, combine_s and\n"
        "gemm_efficiency_vs_blas (the layer's expert GEMMs against cblas_sgemm on the same shapes, timed\n"
        "side by side in the same run).\n",
        {{}, {"--experts", "--top-k", "--tokens", "--hidden", "--ffn", "--ranks", "--capacity-factor", "--routing",
-             "--iterations", "--timeout"}},
+             "--iterations", "--timeout", "--device"}},
        bench_layer},
   };
 }

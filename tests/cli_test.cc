@@ -449,6 +449,9 @@ TEST_CASE("run and bench-layer: bad input exits 2 before any rank starts") {
   CHECK(strategy.exit_code == 2);
   CHECK(strategy.err.find("dp 8 but 1 ranks") != std::string::npos);
   CHECK(moesim_run("run --model configs/models/missing.textproto").exit_code == 2);
+  Run cuda = moesim_run("bench-layer --device cuda");
+  CHECK(cuda.exit_code == 2);
+  CHECK(cuda.err.find("CPU ranks only for now") != std::string::npos);
   // Inside a launch of 2 ranks, --ranks 3 is refused by every rank.
   Run launch = moesim_run("run --model configs/models/moe-tiny.textproto --ranks 3", "",
                           fmt::format("'{}' --allow-run-as-root --oversubscribe -np 2", MOESIM_MPIEXEC));
