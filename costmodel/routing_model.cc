@@ -402,30 +402,19 @@ FillCounts fill_buffers(const TokenRoutes& r, strategy::DropPolicy policy, const
   const int k = r.top_k;
   std::vector<int64_t> used(keep.size(), 0);
   std::vector<int> lost(r.tokens, 0);
-  auto place = [&](int64_t t, int j) {
-    const size_t a = static_cast<size_t>(t) * k + j;
+  std::vector<double> priority(static_cast<size_t>(r.tokens));
+  for (int64_t t = 0; t < r.tokens; ++t) priority[t] = k > 0 ? r.gate[static_cast<size_t>(t) * k] : 0;
+  for (int64_t a : fill_order(policy, r.tokens, k, priority)) {
     const int e = r.expert[a];
     c.total_gate += r.gate[a];
     if (used[e] < keep[e]) {
       ++used[e];
-      return;
+      continue;
     }
     ++c.dropped;
     c.dropped_gate += r.gate[a];
-    ++lost[t];
-    if (j == 0) ++c.primary_dropped;
-  };
-  if (policy == strategy::BATCH_PRIORITY) {
-    std::vector<int64_t> order(r.tokens);
-    std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
-      return r.gate[static_cast<size_t>(a) * k] > r.gate[static_cast<size_t>(b) * k];
-    });
-    for (int j = 0; j < k; ++j)
-      for (int64_t t : order) place(t, j);
-  } else {
-    for (int64_t t = 0; t < r.tokens; ++t)
-      for (int j = 0; j < k; ++j) place(t, j);
+    ++lost[a / k];
+    if (a % k == 0) ++c.primary_dropped;
   }
   for (int x : lost) c.fully_dropped_tokens += (k > 0 && x == k);
   return c;
@@ -523,6 +512,23 @@ int64_t expert_capacity(int64_t tokens, int experts, int top_k, double capacity_
   const double slots = capacity_factor * top_k * static_cast<double>(tokens) / experts;
   const double nearest = std::round(slots);
   return static_cast<int64_t>(approx_eq(slots, nearest) ? nearest : std::ceil(slots));
+}
+
+std::vector<int64_t> fill_order(strategy::DropPolicy policy, int64_t tokens, int k, std::span<const double> priority) {
+  MOESIM_ASSERT(tokens >= 0 && k >= 0, "fill_order: tokens {} k {}", tokens, k);
+  std::vector<int64_t> order(static_cast<size_t>(tokens) * static_cast<size_t>(k));
+  if (policy != strategy::BATCH_PRIORITY) {
+    std::iota(order.begin(), order.end(), 0);
+    return order;
+  }
+  MOESIM_ASSERT(priority.size() == static_cast<size_t>(tokens), "{} priorities for {} tokens", priority.size(), tokens);
+  std::vector<int64_t> by_priority(static_cast<size_t>(tokens));
+  std::iota(by_priority.begin(), by_priority.end(), 0);
+  std::stable_sort(by_priority.begin(), by_priority.end(), [&](int64_t a, int64_t b) { return priority[a] > priority[b]; });
+  size_t i = 0;
+  for (int j = 0; j < k; ++j)
+    for (int64_t t : by_priority) order[i++] = t * k + j;
+  return order;
 }
 
 TokenRoutes sample_token_routes(const std::vector<double>& probabilities, int64_t tokens, int top_k, uint64_t seed) {

@@ -31,6 +31,7 @@
 #include "costmodel/workload.pb.h"
 
 #include <cstdint>
+#include <span>
 #include <string_view>
 #include <vector>
 
@@ -109,6 +110,14 @@ struct RoutingProblem {
 // C >= the mean load whenever capacity_factor >= 1). A product within moesim's relative epsilon
 // of an integer counts as that integer, so 1.1 * 100 gives 110, not 111.
 int64_t expert_capacity(int64_t tokens, int experts, int top_k, double capacity_factor);
+
+// The order in which a capacity policy fills the experts' buffers, as assignment indices t*k + j
+// (token t's j-th choice): VANILLA (and NO_DROP) token by token, a token's choices in order;
+// BATCH_PRIORITY every token's 1st choice first, tokens by descending priority[t] (ties by token
+// index), then every 2nd choice in the same token order, and so on. Each expert keeps the first
+// assignments that reach it. The executor's MoE layer fills its buffers in this same order, so a
+// predicted and an executed layer drop the same assignments.
+std::vector<int64_t> fill_order(strategy::DropPolicy policy, int64_t tokens, int k, std::span<const double> priority);
 
 struct RoutingLoads {
   // T * pi_e: the expected number of tokens choosing expert e (sums to T k').

@@ -2,6 +2,7 @@
 
 #include "common/error.h"
 #include "common/precision.h"
+#include "costmodel/routing_model.h"
 #include "executor/error.h"
 
 #include <cblas.h>
@@ -120,13 +121,6 @@ std::vector<std::string> validate(const MoeLayerConfig& c, int ep_size) {
   return bad;
 }
 
-int64_t moe_expert_capacity(int64_t tokens, int experts, int top_k, double capacity_factor) {
-  MOESIM_ASSERT(experts > 0 && tokens >= 0 && top_k >= 1, "bad capacity inputs");
-  const double slots = capacity_factor * top_k * static_cast<double>(tokens) / experts;
-  const double nearest = std::round(slots);
-  return static_cast<int64_t>(approx_eq(slots, nearest) ? nearest : std::ceil(slots));
-}
-
 float gate_noise_sample(uint64_t key, uint64_t step, int64_t token, int expert) {
   const uint64_t row = hash2(hash2(key, step), static_cast<uint64_t>(token));
   const double u1 = unit_open(hash2(row, 2 * static_cast<uint64_t>(expert)));
@@ -161,24 +155,16 @@ std::vector<uint8_t> assign_capacity(RoutingPolicy policy, int64_t capacity, int
     return keep;
   }
   std::vector<int64_t> used(static_cast<size_t>(experts), 0);
-  auto place = [&](size_t a) {
-    const int e = expert_of_assignment[a];
+  const strategy::DropPolicy order_policy =
+      policy == RoutingPolicy::kBatchPriority ? strategy::BATCH_PRIORITY : strategy::VANILLA;
+  const std::vector<double> priority(top_prob.begin(), top_prob.end());
+  for (int64_t a : cost::fill_order(order_policy, tokens, k, priority)) {
+    const int e = expert_of_assignment[static_cast<size_t>(a)];
     MOESIM_ASSERT(e >= 0 && e < experts, "assignment {} goes to expert {} of {}", a, e, experts);
     if (used[e] < capacity) {
       ++used[e];
-      keep[a] = 1;
+      keep[static_cast<size_t>(a)] = 1;
     }
-  };
-  if (policy == RoutingPolicy::kBatchPriority) {
-    MOESIM_ASSERT(top_prob.size() == static_cast<size_t>(tokens), "{} priorities for {} tokens", top_prob.size(),
-                  tokens);
-    std::vector<int64_t> order(static_cast<size_t>(tokens));
-    std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return top_prob[a] > top_prob[b]; });
-    for (int j = 0; j < k; ++j)
-      for (int64_t t : order) place(static_cast<size_t>(t) * k + j);
-  } else {
-    for (size_t a = 0; a < n; ++a) place(a);
   }
   return keep;
 }
@@ -390,7 +376,7 @@ void MoeLayer::route() {
 
   const int64_t capacity = config_.routing == RoutingPolicy::kNoDrop
                                ? 0
-                               : moe_expert_capacity(T, E, k, config_.capacity_factor);
+                               : cost::expert_capacity(T, E, k, config_.capacity_factor);
   const std::vector<uint8_t> keep_all = assign_capacity(config_.routing, capacity, E, k, T, experts_g, prio_g);
 
   // Per (rank, expert) counts: every rank derives the whole exchange pattern from the metadata.

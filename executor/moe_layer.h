@@ -116,9 +116,7 @@ struct MoeLayerConfig {
 // Every problem of `config` for an EP group of `ep_size` ranks, one message each (empty: valid).
 std::vector<std::string> validate(const MoeLayerConfig& config, int ep_size);
 
-// C = ceil(capacity_factor * top_k * tokens / experts), snapped to an integer within the precision
-// policy (the cost model's expert_capacity).
-int64_t moe_expert_capacity(int64_t tokens, int experts, int top_k, double capacity_factor);
+// The capacity C is the cost model's cost::expert_capacity (costmodel/routing_model.h).
 
 // The noise eps ~ N(0, 1) added (times sigma) to logit `expert` of global token `token` in the
 // forward call with `step`, for a layer whose noise key is `key` (MoeLayer::gate_noise_key()): a

@@ -8,6 +8,7 @@
 // Test cases tagged [.ep2] are hidden from the plain run: CTest runs them under
 // `mpirun -np 2 executor_moe_test "[ep2]"` and compares EP=1 (one rank, all experts, the whole
 // batch) with EP=2 (two ranks, half the experts and half the tokens each).
+#include "costmodel/routing_model.h"
 #include "executor/backend.h"
 #include "executor/comm.h"
 #include "executor/error.h"
@@ -309,12 +310,12 @@ void check_against_reference(const MoeLayerConfig& config, bool with_dy, bool wi
 // ---------------------------------------------------------------------------------------------
 
 TEST_CASE("Capacity: ceil(capacity_factor k T / E), snapped within the precision policy", "[moe]") {
-  CHECK(moe_expert_capacity(6, 2, 1, 1.0) == 3);
-  CHECK(moe_expert_capacity(8, 3, 2, 0.5) == 3);       // 2.67 -> 3
-  CHECK(moe_expert_capacity(100, 10, 1, 1.1) == 11);   // 11.000000000000002 is 11
-  CHECK(moe_expert_capacity(12, 4, 2, 0.75) == 5);     // 4.5 -> 5
-  CHECK(moe_expert_capacity(4096, 8, 2, 1.25) == 1280);
-  CHECK(moe_expert_capacity(0, 8, 2, 1.25) == 0);
+  CHECK(moesim::cost::expert_capacity(6, 2, 1, 1.0) == 3);
+  CHECK(moesim::cost::expert_capacity(8, 3, 2, 0.5) == 3);       // 2.67 -> 3
+  CHECK(moesim::cost::expert_capacity(100, 10, 1, 1.1) == 11);   // 11.000000000000002 is 11
+  CHECK(moesim::cost::expert_capacity(12, 4, 2, 0.75) == 5);     // 4.5 -> 5
+  CHECK(moesim::cost::expert_capacity(4096, 8, 2, 1.25) == 1280);
+  CHECK(moesim::cost::expert_capacity(0, 8, 2, 1.25) == 0);
 }
 
 TEST_CASE("top_k_rows: the k largest probabilities, descending, ties to the lower index", "[moe]") {
