@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <charconv>
+#include <cmath>
 
 namespace moesim::cli {
 
@@ -45,6 +46,17 @@ int Args::get_int(const std::string& name, int fallback, int lo, int hi) const {
   auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
   if (ec != std::errc() || end != s.data() + s.size() || v < lo || v > hi)
     throw UsageError(fmt::format("{} must be an integer between {} and {}, got '{}'", name, lo, hi, s));
+  return v;
+}
+
+double Args::get_double(const std::string& name, double fallback, double lo, double hi) const {
+  auto it = options_.find(name);
+  if (it == options_.end()) return fallback;
+  double v = 0;
+  const std::string& s = it->second;
+  auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+  if (ec != std::errc() || end != s.data() + s.size() || !std::isfinite(v) || v < lo || v > hi)
+    throw UsageError(fmt::format("{} must be a number between {:g} and {:g}, got '{}'", name, lo, hi, s));
   return v;
 }
 

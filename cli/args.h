@@ -29,6 +29,8 @@ class Args {
   std::string get(const std::string& name, const std::string& fallback = "") const;
   // An integer option within [lo, hi]; UsageError naming the option otherwise.
   int get_int(const std::string& name, int fallback, int lo, int hi) const;
+  // A finite number option within [lo, hi]; UsageError naming the option otherwise.
+  double get_double(const std::string& name, double fallback, double lo, double hi) const;
 
  private:
   std::vector<std::string> positional_;

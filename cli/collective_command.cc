@@ -88,14 +88,6 @@ std::vector<int> parse_ranks(const std::string& text, int devices) {
   return ranks;
 }
 
-double parse_seconds(const std::string& option, const std::string& text) {
-  double v = 0;
-  auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
-  if (ec != std::errc() || end != text.data() + text.size() || !std::isfinite(v) || v < 0)
-    throw UsageError(fmt::format("{}: expected a number of seconds >= 0 such as 2e-6, got '{}'", option, text));
-  return v;
-}
-
 void print_table(const report::CollectiveReport& r, std::ostream& out) {
   out << fmt::format("{:<11}{}\n", "op", r.op());
   out << fmt::format("{:<11}{}\n", "algorithm", r.algorithm());
@@ -126,7 +118,7 @@ int collective(const Args& a) {
   }
   const double bytes = parse_bytes(a.get("--bytes"));
   cost::CollectiveParams params;
-  if (a.has("--step-overhead")) params.step_overhead_s = parse_seconds("--step-overhead", a.get("--step-overhead"));
+  params.step_overhead_s = a.get_double("--step-overhead", params.step_overhead_s, 0, 1);
 
   const std::string file = a.get("--cluster");
   std::optional<topo::Cluster> cluster;

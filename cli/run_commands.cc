@@ -28,16 +28,6 @@
 namespace moesim::cli {
 namespace {
 
-double get_double(const Args& a, const std::string& name, double fallback, double lo, double hi) {
-  if (!a.has(name)) return fallback;
-  const std::string v = a.get(name);
-  char* end = nullptr;
-  const double x = std::strtod(v.c_str(), &end);
-  if (v.empty() || *end != '\0' || !(x >= lo && x <= hi))
-    throw UsageError(fmt::format("{}: expected a number between {} and {}, got '{}'", name, lo, hi, v));
-  return x;
-}
-
 exec::RoutingPolicy policy_of(const Args& a, exec::RoutingPolicy fallback) {
   if (!a.has("--routing")) return fallback;
   auto p = exec::routing_policy_from_name(a.get("--routing"));
@@ -115,8 +105,8 @@ int run(const Args& a) {
   o.batch = a.get_int("--batch", 8 * ranks, 1, 1 << 24);
   o.sequence = a.get_int("--sequence", 0, 2, 1 << 20);
   o.seed = static_cast<uint64_t>(a.get_int("--seed", 1, 0, INT32_MAX));
-  o.lr = static_cast<float>(get_double(a, "--lr", 3e-3, 1e-9, 10));
-  const double timeout_s = get_double(a, "--timeout", 60, 0.1, 86400);
+  o.lr = static_cast<float>(a.get_double("--lr", 3e-3, 1e-9, 10));
+  const double timeout_s = a.get_double("--timeout", 60, 0.1, 86400);
   if (a.has("--optimizer")) {
     const std::string opt = a.get("--optimizer");
     if (opt != "adam" && opt != "sgd") throw UsageError(fmt::format("--optimizer: expected adam or sgd, got '{}'", opt));
@@ -142,7 +132,7 @@ int run(const Args& a) {
   } catch (const ConfigError& e) {
     return report_config_error(e, a.get("--model"), json);
   }
-  o.capacity_factor = get_double(a, "--capacity-factor", o.capacity_factor, 1e-6, 1e6);
+  o.capacity_factor = a.get_double("--capacity-factor", o.capacity_factor, 1e-6, 1e6);
   o.routing = policy_of(a, o.routing);
   refuse_if_any(fmt::format("{} cannot run on {} rank(s):", a.get("--model"), ranks), exec::validate(o, ranks));
   const Launch launch = launch_ranks(ranks);
@@ -215,11 +205,11 @@ int bench_layer(const Args& a) {
   o.layer.top_k = a.get_int("--top-k", 2, 1, 1 << 16);
   o.layer.hidden = a.get_int("--hidden", 512, 1, 1 << 16);
   o.layer.ffn_hidden = a.get_int("--ffn", static_cast<int>(4 * o.layer.hidden), 1, 1 << 18);
-  o.layer.capacity_factor = get_double(a, "--capacity-factor", 1.25, 1e-6, 1e6);
+  o.layer.capacity_factor = a.get_double("--capacity-factor", 1.25, 1e-6, 1e6);
   o.layer.routing = policy_of(a, exec::RoutingPolicy::kVanilla);
   o.tokens = a.get_int("--tokens", 4096, 1, 1 << 26);
   o.iterations = a.get_int("--iterations", 3, 1, 10000);
-  const double timeout_s = get_double(a, "--timeout", 60, 0.1, 86400);
+  const double timeout_s = a.get_double("--timeout", 60, 0.1, 86400);
   std::vector<std::string> problems = exec::validate(o.layer, ranks);
   if (o.tokens % ranks != 0) problems.push_back(fmt::format("--tokens {} does not split evenly over {} ranks", o.tokens, ranks));
   refuse_if_any("bad layer:", problems);

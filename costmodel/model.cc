@@ -92,12 +92,6 @@ TransformerDims dims_of(const model::Transformer& t) {
   return d;
 }
 
-bool is_moe_layer(const model::Transformer& t, int i) {
-  if (!t.has_moe()) return false;
-  const model::Moe& m = t.moe();
-  return i >= m.first_k_dense() && (i - m.first_k_dense()) % m.every_n_layers() == m.moe_layer_offset();
-}
-
 // Self- or cross-attention sublayer. Returns activation bytes per token.
 ActivationBytes attention_block(LayerBuilder& b, const model::Transformer& t, const TransformerDims& d,
                                 const std::string& prefix, double seq, bool causal, bool cross, double e,
@@ -415,6 +409,12 @@ void analyze_cnn(const model::Model& m, const ModelOptions& o, ModelCost* c) {
 }
 
 }  // namespace
+
+bool is_moe_layer(const model::Transformer& t, int i) {
+  if (!t.has_moe() || t.moe().every_n_layers() < 1) return false;
+  const model::Moe& m = t.moe();
+  return i >= m.first_k_dense() && (i - m.first_k_dense()) % m.every_n_layers() == m.moe_layer_offset();
+}
 
 const char* layer_kind_name(LayerKind k) {
   switch (k) {

@@ -127,6 +127,10 @@ model::Model load_model_text(const std::string& text, const std::string& name);
 // Validates a model message given its file's locations (used when a model is inlined elsewhere).
 void validate_model(const ConfigScope& scope);
 
+// Whether transformer layer `layer` (from 0, encoder layers first) is an MoE layer under the
+// model's `moe` rules (model.proto); false when the rules are not usable (every_n_layers < 1).
+bool is_moe_layer(const model::Transformer& transformer, int layer);
+
 // The per-layer breakdown. `model` must have been validated.
 ModelCost analyze(const model::Model& model, const ModelOptions& options = {});
 

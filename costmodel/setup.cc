@@ -95,12 +95,7 @@ void validate_transformer(const ConfigScope& s) {
   // Dense FFN: needed unless every layer is MoE with its own expert width and activation.
   const int total = t.encoder_layers() + t.layers();
   bool any_dense = !t.has_moe();
-  if (t.has_moe() && layers_ok) {
-    const model::Moe& m = t.moe();
-    for (int i = 0; i < total && !any_dense; ++i)
-      any_dense = !(i >= m.first_k_dense() && m.every_n_layers() > 0 &&
-                    (i - m.first_k_dense()) % m.every_n_layers() == m.moe_layer_offset());
-  }
+  for (int i = 0; layers_ok && i < total && !any_dense; ++i) any_dense = !is_moe_layer(t, i);
   const bool expert_ffn_own = t.has_moe() && t.moe().has_expert_ffn_hidden();
   const bool expert_act_own = t.has_moe() && t.moe().has_expert_activation();
   s.in_range("ffn_hidden", 1, kMaxWidth, any_dense || !expert_ffn_own ? Need::kRequired : Need::kOptional);

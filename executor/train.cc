@@ -1,5 +1,6 @@
 #include "executor/train.h"
 
+#include "costmodel/model.h"
 #include "executor/error.h"
 #include "executor/layers.h"
 #include "executor/optimizer.h"
@@ -14,12 +15,6 @@
 
 namespace moesim::exec {
 namespace {
-
-bool is_moe_layer(const model::Transformer& t, int i) {
-  if (!t.has_moe()) return false;
-  const model::Moe& m = t.moe();
-  return i >= m.first_k_dense() && (i - m.first_k_dense()) % m.every_n_layers() == m.moe_layer_offset();
-}
 
 // This process's peak resident memory (Linux reports ru_maxrss in KiB).
 double peak_rss_bytes() {
@@ -87,7 +82,7 @@ class Model {
       blk.ln2 = std::make_unique<LayerNorm>(b, blk.name + ".ln2", d);
       blk.attn = std::make_unique<CausalSelfAttention>(b, blk.name + ".attn", d, t_.heads(),
                                                        derive_seed(seed, blk.name + ".attn"));
-      if (is_moe_layer(t_, i)) {
+      if (cost::is_moe_layer(t_, i)) {
         const model::Moe& m = t_.moe();
         MoeLayerConfig c;
         c.hidden = d;
