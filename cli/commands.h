@@ -29,6 +29,7 @@ std::vector<Command> topo_commands();
 std::vector<Command> collective_commands();
 std::vector<Command> model_commands();
 std::vector<Command> run_commands();
+std::vector<Command> simulate_commands();
 
 // Reports a ConfigError: every diagnostic on stderr, and as a CheckResult on stdout under --json.
 int report_config_error(const ConfigError& e, const std::string& file, bool json);

@@ -3,6 +3,7 @@
 #include "cli/cli.pb.h"
 #include "cli/launch.h"
 #include "common/json.h"
+#include "traces/store.h"
 
 #include <fmt/format.h>
 
@@ -44,6 +45,7 @@ int run(int argc, char** argv) {
   for (Command& c : collective_commands()) commands.push_back(std::move(c));
   for (Command& c : model_commands()) commands.push_back(std::move(c));
   for (Command& c : run_commands()) commands.push_back(std::move(c));
+  for (Command& c : simulate_commands()) commands.push_back(std::move(c));
   std::vector<std::string> args(argv + 1, argv + argc);
   if (args.empty() || args[0] == "--help" || args[0] == "-h" || args[0] == "help") {
     std::cout << top_help(commands);
@@ -109,6 +111,10 @@ int main(int argc, char** argv) {
     return moesim::cli::run(argc, argv);
   } catch (const moesim::ConfigError& e) {
     return moesim::cli::report_config_error(e, "", false);
+  } catch (const moesim::StoreError& e) {
+    // A results database that cannot be used (another schema, newer, corrupt, locked): bad input.
+    std::cerr << "moesim: results store " << e.what() << '\n';
+    return moesim::cli::kExitBadInput;
   } catch (const std::exception& e) {
     std::cerr << "moesim: internal error: " << e.what() << '\n';
     return moesim::cli::kExitInternal;

@@ -384,6 +384,12 @@ Layout check_layout(int devices, const model::Model& m, const ModelCost& cost, c
 
 Setup load_setup(const std::string& cluster_path, const std::string& model_path, const std::string& workload_path,
                  const std::string& strategy_path) {
+  return load_setup(ConfigSource{cluster_path, std::nullopt}, ConfigSource{model_path, std::nullopt},
+                    ConfigSource{workload_path, std::nullopt}, ConfigSource{strategy_path, std::nullopt});
+}
+
+Setup load_setup(const ConfigSource& cluster, const ConfigSource& model, const ConfigSource& workload,
+                 const ConfigSource& strategy) {
   // Each file on its own first, collecting every file's problems before giving up.
   std::vector<Diagnostic> problems;
   Setup s;
@@ -394,10 +400,13 @@ Setup load_setup(const std::string& cluster_path, const std::string& model_path,
       problems.insert(problems.end(), e.diagnostics().begin(), e.diagnostics().end());
     }
   };
-  attempt([&] { s.cluster = std::make_unique<topo::Cluster>(topo::load_cluster(cluster_path)); });
-  attempt([&] { s.model = load_model_config(model_path); });
-  attempt([&] { s.workload = load_workload(workload_path); });
-  attempt([&] { s.strategy = load_strategy(strategy_path); });
+  attempt([&] {
+    s.cluster = std::make_unique<topo::Cluster>(cluster.text ? topo::load_cluster_text(*cluster.text, cluster.path)
+                                                             : topo::load_cluster(cluster.path));
+  });
+  attempt([&] { s.model = parse<model::Model>(model.path, model.text ? &*model.text : nullptr, validate_model); });
+  attempt([&] { s.workload = parse<workload::Workload>(workload.path, workload.text ? &*workload.text : nullptr, validate_workload); });
+  attempt([&] { s.strategy = parse<strategy::Strategy>(strategy.path, strategy.text ? &*strategy.text : nullptr, validate_strategy); });
   if (!problems.empty()) throw ConfigError(std::move(problems));
 
   ModelOptions o;

@@ -21,6 +21,7 @@
 #include "topologies/cluster.h"
 
 #include <memory>
+#include <optional>
 #include <string>
 
 namespace moesim::cost {
@@ -79,5 +80,14 @@ struct Setup {
 // every problem of every file.
 Setup load_setup(const std::string& cluster_path, const std::string& model_path, const std::string& workload_path,
                  const std::string& strategy_path);
+
+// A config given by path, or as text named `path` (a config inlined in another file: the text
+// keeps that file's line numbers, so diagnostics point into it).
+struct ConfigSource {
+  std::string path;
+  std::optional<std::string> text;
+};
+Setup load_setup(const ConfigSource& cluster, const ConfigSource& model, const ConfigSource& workload,
+                 const ConfigSource& strategy);
 
 }  // namespace moesim::cost

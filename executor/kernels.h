@@ -137,13 +137,26 @@ MOESIM_HOST_DEVICE inline void layernorm_apply_part(const float* x, const float*
   for (int64_t j = begin; j < cols; j += stride) y[j] = (x[j] - mean) * rstd * gamma[j] + beta[j];
 }
 
+// a * b rounded to fp32, never fused into a following add. nvcc contracts `a * b - c` into
+// fma(a, b, -c) by default, which subtracts c from the unrounded product: in the backward pass
+// below, g_j - mean_i(g_i) then misses the exact cancellation it has when every g_j equals the
+// mean (cols = 1: dx must be 0, not rstd times g's rounding error, ~1.6e-5 at eps = 1e-5). The
+// host build does not contract (ISO C++ mode, no -ffp-contract=fast).
+MOESIM_HOST_DEVICE inline float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
 // Partial sums of g_j and g_j xhat_j for the backward pass.
 MOESIM_HOST_DEVICE inline void layernorm_backward_sums_part(const float* x, const float* gamma, const float* dy,
                                                             float mean, float rstd, int64_t cols, int64_t begin,
                                                             int64_t stride, float* sum_g, float* sum_g_xhat) {
   float sg = 0.0f, sgx = 0.0f;
   for (int64_t j = begin; j < cols; j += stride) {
-    const float g = gamma[j] * dy[j];
+    const float g = mul_rn(gamma[j], dy[j]);
     sg += g;
     sgx += g * (x[j] - mean) * rstd;
   }
@@ -158,7 +171,8 @@ MOESIM_HOST_DEVICE inline void layernorm_backward_dx_part(const float* x, const 
   const float mean_g_xhat = sum_g_xhat / static_cast<float>(cols);
   for (int64_t j = begin; j < cols; j += stride) {
     const float xhat = (x[j] - mean) * rstd;
-    dx[j] = rstd * (gamma[j] * dy[j] - mean_g - xhat * mean_g_xhat);
+    const float g = mul_rn(gamma[j], dy[j]);  // the same rounded g the sums saw
+    dx[j] = rstd * (g - mean_g - xhat * mean_g_xhat);
   }
 }
 

@@ -64,7 +64,10 @@ class NcclComm final : public Comm {
   NcclComm(ncclComm_t comm, std::unique_ptr<Comm> host, std::string name, double timeout_s, int device)
       : comm_(comm), host_(std::move(host)), name_(std::move(name)), timeout_s_(timeout_s), device_(device) {
     MOESIM_CUDA_CHECK(cudaSetDevice(device_));
-    MOESIM_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    // A blocking stream: it waits for earlier work on the legacy default stream, where the CUDA
+    // back end's kernels and Tensor copies that produce the buffers run (cuda_memory.h). A
+    // non-blocking stream could start a collective before its input is written.
+    MOESIM_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamDefault));
     MOESIM_NCCL_CHECK(ncclCommUserRank(comm_, &rank_));
     MOESIM_NCCL_CHECK(ncclCommCount(comm_, &size_));
   }
