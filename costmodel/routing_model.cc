@@ -580,7 +580,7 @@ RoutingLoads routing_loads(const RoutingProblem& problem) {
   const bool no_drop = problem.drop_policy == strategy::NO_DROP;
 
   RoutingLoads out;
-  const std::vector<double> pi = inclusion_probabilities(p, problem.top_k);
+  const std::vector<double> pi = problem.inclusion.size() == p.size() ? problem.inclusion : inclusion_probabilities(p, problem.top_k);
   out.expected_load.resize(problem.experts);
   for (int e = 0; e < problem.experts; ++e) out.expected_load[e] = static_cast<double>(T) * pi[e];
   out.capacity = no_drop ? 0 : expert_capacity(T, problem.experts, problem.top_k, problem.capacity_factor);

@@ -22,6 +22,7 @@ using trace::OpKind;
 
 constexpr double kGradientBucketElements = 40e6;  // Megatron-LM's default bucket
 constexpr double kActElemBytes = 2;               // activations and a2a payloads at 16 bits
+constexpr double kDefaultPcie_Bps = 32e9;         // PCIe Gen4 x16 per direction, when the cluster does not say
 
 // Streams: compute 0; comm 0 carries the layers' TP and EP collectives, comm 1 the data-parallel
 // gradients and ZeRO gathers, comm 2 + 4 c + {0, 1, 2, 3} the pipeline's point-to-point channels
@@ -313,6 +314,9 @@ class Lowering {
     prob.capacity_factor = st_.capacity_factor();
     prob.drop_policy = st_.drop_policy();
     prob.probabilities = probabilities_;
+    auto inc = inclusion_.find(prob.top_k);
+    if (inc == inclusion_.end()) inc = inclusion_.emplace(prob.top_k, cost::inclusion_probabilities(probabilities_, prob.top_k)).first;
+    prob.inclusion = inc->second;
     prob.seed = mix(mix(mix(mix(o_.seed, static_cast<uint64_t>(layer_index)), static_cast<uint64_t>(draw)),
                         static_cast<uint64_t>(g)), salt);
     const cost::RoutingLoads loads = cost::routing_loads(prob);
@@ -350,6 +354,7 @@ class Lowering {
   };
 
   int emit(const Emit& e) {
+    const int index = rs_->ops_size();
     Op* op = rs_->add_ops();
     op->set_id(e.id);
     op->set_name(e.name);
@@ -360,6 +365,13 @@ class Lowering {
     op->set_flops(e.flops);
     for (int d : e.deps)
       if (d >= 0) op->add_deps(d);
+    // Deps gathered by dep_after (a received activation, gathered weights) go onto the next
+    // compute op.
+    if (e.stream == trace::COMPUTE) {
+      for (int d : pending_deps_)
+        if (d < index) op->add_deps(d);
+      pending_deps_.clear();
+    }
     op->set_collective(e.collective);
     op->set_alloc_bytes(e.alloc);
     op->set_free_bytes(e.free);
@@ -471,10 +483,11 @@ class Lowering {
       const int coll = a2a(id, group, r.matrix, /*transpose=*/false, chunks);
       in[c] = comm(id, in_name, trace::ALL_TO_ALL, kLayerComm, coll, {first}, mb, li, bwd);
     }
+    const int fetched = prefetch(li, mb, phase, bwd);
     for (int c = 0; c < chunks; ++c) {
       const std::string sfx = chunks > 1 ? fmt::format(".c{}", c) : "";
-      experts[c] = compute(op_id(n + ".moe.experts" + sfx, mb, phase), "moe.experts", dur(ex), fl(ex), {in[c]}, mb, li, bwd,
-                           trace::GROUPED_GEMM);
+      experts[c] = compute(op_id(n + ".moe.experts" + sfx, mb, phase), "moe.experts", dur(ex), fl(ex), {in[c], fetched}, mb, li,
+                           bwd, trace::GROUPED_GEMM);
       last_compute = experts[c];
       if (l_.ep == 1) {
         out[c] = experts[c];
@@ -485,12 +498,38 @@ class Lowering {
       const int coll = a2a(id, group, r.matrix, /*transpose=*/true, chunks);
       out[c] = comm(id, out_name, trace::ALL_TO_ALL, kLayerComm, coll, {experts[c]}, mb, li, bwd);
     }
+    recent_experts_.push_back(experts.back());
     std::vector<int> deps = out;
     deps.push_back(last_compute);
     const int end = compute(op_id(n + (bwd ? ".moe.gate" : ".moe.combine"), mb, phase), bwd ? "moe.gate" : "moe.combine",
                             bwd ? dur(gate) : dur(combine), bwd ? fl(gate) : fl(combine), deps, mb, li, bwd,
                             bwd ? trace::GATE : trace::COMBINE);
     return tp_sync(n + ".moe.tp_allreduce", end, mb, li, bwd, phase);
+  }
+
+  // Expert offload: the layer's offloaded expert weights copied in over PCIe on the copy stream,
+  // once the buffer of the MoE layer prefetch_layers uses back is free. -1 without offload.
+  int prefetch(int li, int mb, const char* phase, bool bwd) {
+    if (!st_.has_offload() || st_.offload().expert_fraction() <= 0) return -1;
+    const Layer& layer = mc_.layers[li];
+    const double weight_bytes = mixed(precision_) ? 2 : 4;
+    const double bytes = layer.expert_params / l_.ep / l_.tp * weight_bytes * st_.offload().expert_fraction();
+    const double pcie = s_.cluster->spec().has_node() && s_.cluster->spec().node().pcie().device_bandwidth_bps() > 0
+                            ? s_.cluster->spec().node().pcie().device_bandwidth_bps()
+                            : kDefaultPcie_Bps;
+    Emit e;
+    e.id = op_id(layer.name + ".moe.prefetch", mb, phase);
+    e.name = "moe.prefetch";
+    e.kind = trace::MEMCPY;
+    e.stream = trace::COPY;
+    e.duration_s = bytes / pcie;
+    e.bytes = bytes;
+    const size_t ahead = static_cast<size_t>(std::max(1, st_.offload().prefetch_layers()));
+    if (recent_experts_.size() >= ahead) e.deps.push_back(recent_experts_[recent_experts_.size() - ahead]);
+    e.micro_batch = mb;
+    e.layer = li;
+    e.backward = bwd;
+    return emit(e);
   }
 
   // An all-to-all-v of one overlap chunk (1/chunks of the matrix).
@@ -520,6 +559,7 @@ class Lowering {
     if (layer.kind != LayerKind::kTransformer) {
       const Times& t = part_times(rank_, li, Part::kWhole);
       OpKind kind = layer.kind == LayerKind::kEmbedding ? trace::ELEMENTWISE : trace::GEMM;
+      if (!bwd && !recompute_pass) stored_[{li, mb}] = stored;
       return compute(op_id(n, mb, phase), n, dur(t), fl(t), {before}, mb, li, bwd, kind, bwd ? 0 : stored,
                      bwd ? stored_of(li, mb) : 0);
     }
@@ -697,8 +737,8 @@ class Lowering {
     return x;
   }
 
-  // The op to depend on next: `extra` when there is one, combined with `x` by a zero-time join
-  // only when both exist (compute ops take a single "before").
+  // The op to depend on next: `x`, with `extra` (when there is one) added to the deps of the next
+  // compute op emitted.
   int dep_after(int extra, int x) {
     if (extra < 0) return x;
     if (x < 0) return extra;
@@ -721,6 +761,7 @@ class Lowering {
     rs_->set_capacity_bytes(static_cast<int64_t>(m.capacity_bytes));
     stored_.clear();
     grad_ops_.clear();
+    recent_experts_.clear();
     gathers_.clear();
     dense_bucket_ = expert_bucket_ = 0;
     dense_buckets_ = expert_buckets_ = 0;
@@ -771,10 +812,7 @@ class Lowering {
     for (size_t i = 0; i < order.size(); ++i) {
       const Step& s = order[i];
       const int chunk = s.local_chunk * l_.pp + p_;
-      pending_deps_.clear();
-      const int first = rs_->ops_size();
       x = micro_step(s.bwd, chunk, s.mb, x, last_bwd[s.local_chunk] == i);
-      attach_pending(first);
     }
     // Flush what is left in the buckets, then the optimizer.
     if (dense_bucket_ > 0) flush(false);
@@ -782,27 +820,11 @@ class Lowering {
     optimizer_step(x);
   }
 
-  // Extra deps gathered by dep_after go onto the first compute op emitted after them.
-  void attach_pending(int first) {
-    if (pending_deps_.empty()) return;
-    for (int i = first; i < rs_->ops_size(); ++i) {
-      Op* op = rs_->mutable_ops(i);
-      if (op->stream().kind() != trace::COMPUTE) continue;
-      for (int dep : pending_deps_)
-        if (dep < i) op->add_deps(dep);
-      break;
-    }
-    pending_deps_.clear();
-  }
-
   void inference_steps() {
     // Prefill: forward micro-steps of every chunk in pipeline order.
     int x = -1;
     for (const Step& s : pipeline_order()) {
-      pending_deps_.clear();
-      const int first = rs_->ops_size();
       x = micro_step(false, s.local_chunk * l_.pp + p_, s.mb, x, false);
-      attach_pending(first);
     }
     const workload::Inference& inf = s_.workload->inference();
     const int generated = inf.generated_tokens();
@@ -820,7 +842,6 @@ class Lowering {
         tokens_now_ = batch;
         const std::string step = fmt::format("decode{}", i);
         if (chunk > 0) x = dep_after(p2p(false, false, chunk, chunk - 1, -1 - i, -1), x);
-        pending_deps_.clear();
         for (int li : chunk_layers_[chunk]) x = decode_layer(decode, li, i, ctx, batch, x, step);
         if (chunk + 1 < chunks_) p2p(true, false, chunk, chunk + 1, -1 - i, x);
       }
@@ -900,6 +921,7 @@ class Lowering {
   double grad_bytes_ = 2, bucket_bytes_ = 0;
   int experts_ = 0;
   std::vector<double> probabilities_;
+  std::map<int, std::vector<double>> inclusion_;  // by top_k
   cost::ExpertPlacementMap placement_;
 
   Schedule out_;
@@ -915,7 +937,7 @@ class Lowering {
   RankSchedule* rs_ = nullptr;
   int p_ = 0, d_ = 0, t_ = 0, rank_ = 0;
   std::map<std::pair<int, int>, int64_t> stored_;  // (layer, mb) -> activation bytes held
-  std::vector<int> grad_ops_, pending_deps_;
+  std::vector<int> grad_ops_, pending_deps_, recent_experts_;
   struct Gather {
     std::string what;
     double bytes;
