@@ -19,13 +19,15 @@ configure: deps
 build: configure
 	@cmake --build $(BUILD_DIR) -j$(JOBS)
 
-# The main job on its defaults: until the simulator lands, the topology report of the DeepSeek-V3
-# cluster and whether DeepSeek-V3's published layout fits in its memory.
+# The main job on its defaults: the topology report of the DeepSeek-V3 cluster, whether
+# DeepSeek-V3's published layout fits in its memory, and one simulated training step of it.
 demo: build
 	$(MOESIM) topo show configs/hardware/h800-2048.textproto
 	@echo
 	$(MOESIM) memory --cluster configs/hardware/h800-2048.textproto --model configs/models/deepseek-v3.textproto \
 	  --workload configs/workloads/deepseek-v3-pretrain.textproto --strategy configs/strategies/deepseek-v3-published.textproto
+	@echo
+	$(MOESIM) simulate configs/scenarios/deepseek-v3-h800.textproto
 
 test: build
 	cd $(BUILD_DIR) && ctest --output-on-failure -j$(JOBS)
@@ -36,7 +38,8 @@ bench: build
 	$(BUILD_DIR)/bench/costmodel_bench; c=$$?; \
 	$(BUILD_DIR)/bench/moe_layer_bench; m=$$?; \
 	$(MPIRUN) -np 2 $(BUILD_DIR)/bench/comm_bench; a=$$?; \
-	exit $$((t | c | m | a))
+	$(BUILD_DIR)/bench/sim_bench; s=$$?; \
+	exit $$((t | c | m | a | s))
 
 clean:
 	rm -rf $(BUILD_DIR)

@@ -14,11 +14,9 @@
 #include <array>
 #include <chrono>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <memory>
 #include <numeric>
-#include <optional>
 #include <stdexcept>
 #include <string_view>
 #include <unordered_map>
@@ -250,7 +248,8 @@ class Engine {
   int64_t net_version_ = 0;
   int64_t net_scheduled_ns_ = -1;
   bool net_dirty_ = false;
-  std::vector<uint64_t> finished_tags_;
+  std::vector<uint64_t> finished_tags_;  // collective ids of flows finished, not yet handled
+  std::vector<uint64_t> tag_batch_;
 };
 
 // ---- building --------------------------------------------------------------------------------
@@ -641,7 +640,7 @@ void Engine::on_network_event(int64_t version) {
 
 void Engine::handle_finished_flows() {
   // Finishing a phase may start flows, which may finish more at once: loop until quiet.
-  std::vector<uint64_t> batch;
+  std::vector<uint64_t>& batch = tag_batch_;
   while (!finished_tags_.empty()) {
     batch.swap(finished_tags_);
     for (uint64_t tag : batch) {
@@ -719,33 +718,32 @@ SimResult Engine::run() {
 }
 
 void Engine::deadlock() const {
-  // Per rank, the first op that never finished: what it waits for.
+  // Per rank, the first op that never finished: its predecessors are all earlier, so they
+  // finished and it is ready, waiting in a collective for ranks that never joined.
   std::vector<std::string> stuck;
   int stuck_ranks = 0;
   const int64_t left = static_cast<int64_t>(ops_.size()) - finished_;
   for (int r = 0; r < s_.ranks_size(); ++r) {
-    for (int g = rank_begin_[r]; g < rank_begin_[r + 1]; ++g) {
-      const OpState& op = ops_[g];
-      if (op.end_ns >= 0) continue;
-      ++stuck_ranks;
-      if (stuck.size() >= 6) break;
-      // Follow the first unfinished predecessor chain back to an op that is ready (pending 0).
-      std::string why;
-      if (op.pending > 0) {
-        why = fmt::format("waits for {} unfinished predecessor(s)", op.pending);
-      } else if (op.collective >= 0) {
-        const Collective& col = s_.collectives(op.collective);
-        std::vector<int> missing;
-        for (int k = coll_begin_[op.collective]; k < coll_begin_[op.collective + 1]; ++k)
-          if (ops_[coll_ops_[k]].ready_ns < 0) missing.push_back(s_.ranks(ops_[coll_ops_[k]].rank).rank());
-        why = fmt::format("waits in collective {} ({} over {} ranks) for rank(s) {}", op.collective + 1,
-                          cost::op_name(colls_[op.collective].cost_op), col.ranks_size(), fmt::join(missing, ", "));
-      } else {
-        why = "is ready but never ran";
-      }
-      stuck.push_back(fmt::format("{} {}", op_label(s_, op.rank, op.local), why));
-      break;
+    int at = rank_begin_[r];
+    while (at < rank_begin_[r + 1] && ops_[at].end_ns >= 0) ++at;
+    if (at == rank_begin_[r + 1]) continue;
+    ++stuck_ranks;
+    if (stuck.size() >= 6) continue;
+    const OpState& op = ops_[at];
+    std::string why;
+    if (op.pending > 0) {
+      why = fmt::format("waits for {} unfinished predecessor(s)", op.pending);
+    } else if (op.collective >= 0) {
+      const Collective& col = s_.collectives(op.collective);
+      std::vector<int> missing;
+      for (int k = coll_begin_[op.collective]; k < coll_begin_[op.collective + 1]; ++k)
+        if (ops_[coll_ops_[k]].ready_ns < 0) missing.push_back(s_.ranks(ops_[coll_ops_[k]].rank).rank());
+      why = fmt::format("waits in collective {} ({} over {} ranks) for rank(s) {}", op.collective + 1,
+                        cost::op_name(colls_[op.collective].cost_op), col.ranks_size(), fmt::join(missing, ", "));
+    } else {
+      why = "is ready but never ran";
     }
+    stuck.push_back(fmt::format("{} {}", op_label(s_, op.rank, op.local), why));
   }
   throw std::runtime_error(fmt::format("simulate: deadlock: {} ops on {} ranks can never run; {}", left, stuck_ranks,
                                        fmt::join(stuck, "; ")));

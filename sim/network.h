@@ -20,7 +20,8 @@
 // separate ECMP paths, listing the vertex path once for each, so the weights follow its counts).
 // The split is fixed: a flow whose ECMP paths are unequally loaded is held back by the busiest.
 // Routes are computed on a pair's first flow (topo::Router::route, one Dijkstra) and cached as
-// (edge, weight) lists. Rates are recomputed lazily, on the first query after flows start or end.
+// (edge, weight) lists. Rates are recomputed lazily, on the first query after flows start or end;
+// a recompute costs O(H log E) for the H (flow, edge) pairs of the active flows over E edges.
 //
 // Latency is not charged here: the collective decomposition (sim/flows.h) puts each phase's
 // alpha (software overhead + route latency) before its flows start, as the analytic model does.

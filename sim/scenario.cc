@@ -7,6 +7,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <sstream>
 
 namespace moesim::sim {
@@ -54,6 +55,29 @@ std::optional<std::string> inline_text(const std::string& file_text, const std::
   return std::nullopt;
 }
 
+struct InlineField {
+  std::string field;  // "strategy_inline"
+  int line = 0;       // where it is written in the scenario file
+};
+
+// Problems of inline configs (each loaded under its label "<scenario>#<field>_inline") as problems
+// of the scenario file: field paths under the inline field, and problems of an inline message as a
+// whole (its root, line 1 of the padded text) at the line where the inline field is written.
+[[noreturn]] void throw_in_scenario(const ConfigError& e, const std::string& path,
+                                    const std::map<std::string, InlineField>& inline_at) {
+  Diagnostics out;
+  for (Diagnostic d : e.diagnostics()) {
+    if (auto it = inline_at.find(d.file); it != inline_at.end()) {
+      d.file = path;
+      d.field_path = d.field_path.empty() ? it->second.field : it->second.field + "." + d.field_path;
+      if (d.line <= 1) d.line = it->second.line, d.column = 0;
+    }
+    out.add(std::move(d));
+  }
+  out.throw_if_any();
+  throw e;
+}
+
 }  // namespace
 
 Scenario load_scenario(const std::string& path) {
@@ -74,7 +98,9 @@ Scenario load_scenario(const std::string& path) {
   if (spec.routing_samples() < 0) root.error("routing_samples", "must be 0 (a fresh draw per micro-batch) or more");
   s.routing_samples = spec.routing_samples();
 
-  // One of the four: a path that exists, or an inline message.
+  // One of the four: a path that exists, or an inline message (loaded under its label, so that its
+  // problems can be told apart from the other inline messages' below).
+  std::map<std::string, InlineField> inline_at;
   auto source = [&](const char* field, bool has_path, const std::string& rel, bool has_inline,
                     std::string* label) -> cost::ConfigSource {
     const std::string inline_field = std::string(field) + "_inline";
@@ -87,9 +113,10 @@ Scenario load_scenario(const std::string& path) {
     }
     if (has_inline) {
       *label = fmt::format("{}#{}", path, inline_field);
+      inline_at[*label] = {inline_field, root.line_of(inline_field)};
       std::optional<std::string> t = inline_text(text, inline_field, root.line_of(inline_field));
       if (!t) root.error(inline_field, "cannot find the inline message's braces");
-      return {path, t};
+      return {*label, t};
     }
     root.error(field, fmt::format("missing: give `{0}: \"PATH\"` or `{0}_inline {{ ... }}`", field));
     return {};
@@ -107,7 +134,11 @@ Scenario load_scenario(const std::string& path) {
     profile_path = p.lexically_normal().string();
   }
   diags.throw_if_any();
-  s.setup = cost::load_setup(cluster, model, workload, strategy);
+  try {
+    s.setup = cost::load_setup(cluster, model, workload, strategy);
+  } catch (const ConfigError& e) {
+    throw_in_scenario(e, path, inline_at);
+  }
   if (!profile_path.empty()) s.profile = cost::load_device_profile(profile_path);
   return s;
 }

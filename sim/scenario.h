@@ -10,6 +10,7 @@
 
 #include "costmodel/compute.h"
 #include "costmodel/setup.h"
+#include "schedule/lowering.h"
 
 #include <cstdint>
 #include <optional>
@@ -22,7 +23,7 @@ struct Scenario {
   std::string name;
   cost::Setup setup;
   uint64_t seed = 1;
-  int routing_samples = 0;
+  int routing_samples = schedule::kDefaultRoutingSamples;
   std::optional<cost::DeviceProfile> profile;
   // What each of the four came from: a path, or "<scenario>#cluster_inline".
   std::string cluster, model, workload, strategy;
