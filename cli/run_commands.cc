@@ -176,6 +176,7 @@ int run(const Args& a) {
       rec.step_time_s = r.steps.back().step_time_s;
       rec.tokens_per_s = out.tokens_per_s();
       rec.result_json = to_json(out);
+      rec.version = MOESIM_VERSION;
       out.set_run_id(store.insert_run(rec, {{"final_loss", r.steps.back().loss}, {"ranks", double(r.ranks)}}, {merged}));
     }
     if (json) {

@@ -12,6 +12,8 @@
 #include "traces/store.h"
 
 #include <fmt/format.h>
+#include <google/protobuf/io/coded_stream.h>
+#include <google/protobuf/io/zero_copy_stream_impl_lite.h>
 
 #include <chrono>
 #include <filesystem>
@@ -46,6 +48,33 @@ double total_peak_flops(const cost::Setup& s, const std::optional<cost::DevicePr
     sum += it->second;
   }
   return sum;
+}
+
+// What the result was computed from: the four configs as loaded (presets resolved), the seed,
+// the routing draws and the device profile; FNV-1a over their serialized bytes.
+std::string inputs_hash(const sim::Scenario& sc) {
+  uint64_t h = 0xcbf29ce484222325ULL;
+  auto add = [&h](const std::string& bytes) {
+    for (unsigned char c : bytes) h = (h ^ c) * 0x100000001b3ULL;
+    h = (h ^ 0xff) * 0x100000001b3ULL;  // separator
+  };
+  std::string bytes;
+  auto add_msg = [&](const google::protobuf::Message& m) {
+    bytes.clear();
+    google::protobuf::io::StringOutputStream out(&bytes);
+    google::protobuf::io::CodedOutputStream coded(&out);
+    coded.SetSerializationDeterministic(true);
+    m.SerializeToCodedStream(&coded);
+    coded.Trim();
+    add(bytes);
+  };
+  add_msg(sc.setup.cluster->spec());
+  add_msg(*sc.setup.model);
+  add_msg(*sc.setup.workload);
+  add_msg(*sc.setup.strategy);
+  if (sc.profile) add_msg(sc.profile->spec());
+  add(fmt::format("seed {} routing_samples {}", sc.seed, sc.routing_samples));
+  return fmt::format("fnv1a64:{:016x}", h);
 }
 
 cost::DType precision_dtype(const workload::Workload& w) {
@@ -220,6 +249,8 @@ int simulate(const Args& a) {
     rec.peak_memory_bytes = out.peak_memory_bytes();
     rec.fits = out.fits();
     rec.result_json = to_json(out);
+    rec.inputs_hash = inputs_hash(*sc);
+    rec.version = MOESIM_VERSION;
     std::vector<RunMetric> metrics;
     for (const auto& [k, v] : r.breakdown) metrics.push_back({"breakdown." + k, v});
     metrics.push_back({"samples_per_s", out.samples_per_s()});
@@ -247,8 +278,8 @@ std::vector<Command> simulate_commands() {
        "                      contend), analytic (each collective's alpha-beta time alone), or auto\n"
        "                      (default: flows unless the schedule is folded)\n"
        "  --fold MODE         auto (default: fold data-parallel replicas above 256 devices), never, dp\n"
-       "  --routing-samples N distinct routing draws per MoE layer, cycled over micro-batches (0: one\n"
-       "                      per micro-batch, the default)\n"
+       "  --routing-samples N distinct routing draws per MoE layer, cycled over micro-batches\n"
+       "                      (default 16; 0: a fresh draw for every micro-batch)\n"
        "  --trace FILE        Chrome-trace/Perfetto JSON timeline (one process per device, one thread\n"
        "                      per stream, microseconds)\n"
        "  --db FILE           add a row to the SQLite results store (created on first use)\n"

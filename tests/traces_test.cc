@@ -626,6 +626,32 @@ TEST_CASE("schema version: the current store reopens, a newer one is refused, an
   CHECK(store_error_of([&] { Store::open(path); }).find("no valid schema_version") != std::string::npos);
 }
 
+TEST_CASE("a schema 1 store is migrated to schema 2 in place: its runs keep their data, new ones record inputs and version") {
+  TempDir dir;
+  const std::string path = dir.file("results.db");
+  RunRecord old;
+  old.model = "mixtral";
+  old.step_time_s = 1.5;
+  { Store::open(path).insert_run(old); }
+  // Turn it back into what schema 1 wrote.
+  raw_sql(path, "ALTER TABLE runs DROP COLUMN inputs_hash");
+  raw_sql(path, "ALTER TABLE runs DROP COLUMN version");
+  raw_sql(path, "UPDATE meta SET value = '1' WHERE key = 'schema_version'");
+  Store store = Store::open(path);
+  CHECK(store.schema_version() == 2);
+  std::vector<RunRecord> runs = store.list_runs();
+  REQUIRE(runs.size() == 1);
+  CHECK(runs[0].model == "mixtral");
+  CHECK(runs[0].step_time_s == 1.5);
+  CHECK(runs[0].inputs_hash.empty());
+  RunRecord now;
+  now.inputs_hash = "fnv1a64:0123456789abcdef";
+  now.version = "0.1.0";
+  const std::string id = store.insert_run(now);
+  CHECK(store.find_run(id)->inputs_hash == now.inputs_hash);
+  CHECK(store.find_run(id)->version == "0.1.0");
+}
+
 TEST_CASE("a non-SQLite file, another application's database or another schema are refused, byte for byte untouched") {
   TempDir dir;
   SECTION("a text file") {

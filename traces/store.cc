@@ -64,6 +64,10 @@ constexpr Migration kMigrations[] = {
      "  name TEXT NOT NULL,"
      "  value REAL,"
      "  PRIMARY KEY (run_id, name));"},
+    // 2: what a run was computed from, so results can be told apart and reproduced.
+    {2,
+     "ALTER TABLE runs ADD COLUMN inputs_hash TEXT NOT NULL DEFAULT '';"
+     "ALTER TABLE runs ADD COLUMN version TEXT NOT NULL DEFAULT '';"},
 };
 static_assert(std::size(kMigrations) == Store::kSchemaVersion, "one migration per schema version");
 
@@ -287,12 +291,14 @@ RunRecord read_run(const Statement& q, const std::string& path) {
   if (!q.is_null(12)) r.fits = q.int64(12) != 0;
   r.result_json = q.text(13);
   r.status = q.text(14);
+  r.inputs_hash = q.text(15);
+  r.version = q.text(16);
   return r;
 }
 
 constexpr const char* kRunColumns =
     "id, kind, created, cluster, model, workload, strategy, seed, step_time_s, tokens_per_s, mfu, "
-    "peak_memory_bytes, fits, result_json, status";
+    "peak_memory_bytes, fits, result_json, status, inputs_hash, version";
 
 bool run_exists(const Connection& s, const std::string& id) {
   Statement q(s, "SELECT 1 FROM runs WHERE id = ?1");
@@ -448,13 +454,13 @@ std::string Store::insert_run(const RunRecord& run, const std::vector<RunMetric>
   }
   Statement q(*impl_,
               "INSERT INTO runs (id, kind, created, cluster, model, workload, strategy, seed, step_time_s, "
-              "tokens_per_s, mfu, peak_memory_bytes, fits, result_json, status) "
-              "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)");
+              "tokens_per_s, mfu, peak_memory_bytes, fits, result_json, status, inputs_hash, version) "
+              "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)");
   q.bind(1, id).bind(2, kind).bind(3, run.created.empty() ? trace::utc_now_iso8601() : run.created);
   q.bind(4, run.cluster).bind(5, run.model).bind(6, run.workload).bind(7, run.strategy);
   q.bind(8, static_cast<int64_t>(run.seed));
   q.bind(9, run.step_time_s).bind(10, run.tokens_per_s).bind(11, run.mfu).bind(12, run.peak_memory_bytes);
-  q.bind(13, run.fits).bind(14, run.result_json).bind(15, run.status);
+  q.bind(13, run.fits).bind(14, run.result_json).bind(15, run.status).bind(16, run.inputs_hash).bind(17, run.version);
   q.run();
   upsert_metrics(*impl_, id, metrics);
   for (const trace::Trace& t : traces) insert_trace(*impl_, id, t);

@@ -4,7 +4,8 @@
 // Schema (version Store::kSchemaVersion; the `meta` table holds schema_version):
 //   runs        id TEXT PRIMARY KEY, kind (simulate, run, plan, sweep, validate), created (UTC ISO
 //               8601), cluster, model, workload, strategy, seed, step_time_s, tokens_per_s, mfu,
-//               peak_memory_bytes, fits (NULL when unknown), result_json (the full result), status
+//               peak_memory_bytes, fits (NULL when unknown), result_json (the full result), status,
+//               inputs_hash, version (schema 2)
 //   traces      run_id -> runs.id, source ("predicted", "measured"), span_count, duration_ns,
 //               trace (the serialized moesim.trace.Trace); one per (run_id, source)
 //   run_metrics run_id -> runs.id, name, value: any further figure, without a migration
@@ -66,6 +67,8 @@ struct RunRecord {
   std::optional<bool> fits;
   std::string result_json;
   std::string status = "ok";
+  std::string inputs_hash;  // a digest of the inputs' contents (the simulator: the four configs and the seed)
+  std::string version;      // moesim's version that computed it
 
   bool operator==(const RunRecord&) const = default;
 };
@@ -83,7 +86,7 @@ struct TraceSummary {
 
 class Store {
  public:
-  static constexpr int kSchemaVersion = 1;
+  static constexpr int kSchemaVersion = 2;
 
   // Opens `path`, creating the file on first use (its folder must exist) and migrating an older
   // schema. Throws StoreError (see above).
