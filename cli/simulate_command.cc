@@ -77,16 +77,6 @@ std::string inputs_hash(const sim::Scenario& sc) {
   return fmt::format("fnv1a64:{:016x}", h);
 }
 
-cost::DType precision_dtype(const workload::Workload& w) {
-  switch (w.has_training() ? w.training().precision() : w.inference().precision()) {
-    case workload::FP32: return cost::DType::kFp32;
-    case workload::TF32: return cost::DType::kTf32;
-    case workload::FP16: return cost::DType::kFp16;
-    case workload::FP8: return cost::DType::kFp8;
-    default: return cost::DType::kBf16;
-  }
-}
-
 void print_result(const SimulateResult& r, std::ostream& out) {
   out << fmt::format("{}: {} devices, {}{}\n", r.scenario(), r.devices(), r.network() == "flows" ? "max-min flows" : "analytic collectives",
                      r.folded() ? fmt::format(", folded to {} simulated ranks", r.simulated_ranks()) : "");
@@ -181,7 +171,7 @@ int simulate(const Args& a) {
   if (r.step_time_s > 0) {
     out.set_samples_per_s(sequences / r.step_time_s);
     if (sch.per_token()) out.set_tokens_per_s(sch.tokens() / r.step_time_s);
-    out.set_mfu(sch.model_flops() / (r.step_time_s * total_peak_flops(sc->setup, sc->profile, precision_dtype(*sc->setup.workload))));
+    out.set_mfu(sch.model_flops() / (r.step_time_s * total_peak_flops(sc->setup, sc->profile, schedule::compute_dtype(*sc->setup.workload))));
   }
   for (const auto& [k, v] : r.breakdown) (*out.mutable_breakdown())[k] = v;
   out.set_critical_rank(r.critical_rank);

@@ -30,16 +30,6 @@ constexpr double kDefaultPcie_Bps = 32e9;         // PCIe Gen4 x16 per direction
 // channel is used in micro-batch order on both of its ends; copy 0 carries offload prefetches.
 constexpr int kLayerComm = 0, kDataParallelComm = 1, kFirstP2pComm = 2;
 
-cost::DType compute_dtype(workload::Precision p) {
-  switch (p) {
-    case workload::FP32: return cost::DType::kFp32;
-    case workload::TF32: return cost::DType::kTf32;
-    case workload::FP16: return cost::DType::kFp16;
-    case workload::FP8: return cost::DType::kFp8;
-    default: return cost::DType::kBf16;
-  }
-}
-
 bool mixed(workload::Precision p) { return p == workload::BF16 || p == workload::FP16 || p == workload::FP8; }
 
 uint64_t mix(uint64_t h, uint64_t v) {  // splitmix64-style combination for derived seeds
@@ -92,7 +82,7 @@ class Lowering {
     const workload::Workload& wk = *s.workload;
     training_ = wk.has_training();
     precision_ = training_ ? wk.training().precision() : wk.inference().precision();
-    dtype_ = compute_dtype(precision_);
+    dtype_ = compute_dtype(wk);
     recompute_ = training_ ? wk.training().recompute() : workload::NONE;
     seq_ = training_ ? l_.sequence : wk.inference().prompt_tokens();
     tokens_ = static_cast<double>(l_.micro_batch) * seq_;
@@ -950,6 +940,16 @@ class Lowering {
 };
 
 }  // namespace
+
+cost::DType compute_dtype(const workload::Workload& w) {
+  switch (w.has_training() ? w.training().precision() : w.inference().precision()) {
+    case workload::FP32: return cost::DType::kFp32;
+    case workload::TF32: return cost::DType::kTf32;
+    case workload::FP16: return cost::DType::kFp16;
+    case workload::FP8: return cost::DType::kFp8;
+    default: return cost::DType::kBf16;
+  }
+}
 
 const char* collective_op_name(Collective::Op op) {
   switch (op) {

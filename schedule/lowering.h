@@ -101,6 +101,10 @@ class LoweringError : public std::runtime_error {
 // `setup` must come from cost::load_setup (validated).
 Schedule lower(const cost::Setup& setup, const LoweringOptions& options = {});
 
+// The data type a workload's GEMMs run in: FP8 for FP8 training (DeepSeek-V3 style), else the
+// precision's own type.
+cost::DType compute_dtype(const workload::Workload& workload);
+
 // Collective names as costmodel/collectives.h writes the op ("all_to_all_v" for ALL_TO_ALL_V).
 const char* collective_op_name(Collective::Op op);
 
