@@ -291,12 +291,23 @@ class Lowering {
 
   const char* a2a_algorithm() const { return st_.all_to_all() == strategy::HIERARCHICAL ? "hierarchical" : "direct"; }
 
-  // The routing of MoE layer `layer_index`, draw `draw`, for the EP group starting at dp index `g`.
-  const Routing& routing(int layer_index, int draw, int g, double tokens_per_rank, uint64_t salt) {
-    const auto key = std::make_tuple(layer_index, draw, g, static_cast<int64_t>(tokens_per_rank), salt);
+  // The routing of MoE layer li in micro-batch mb (decode iteration, for inference) for the EP
+  // group starting at data-parallel index g. With routing_samples = N > 0 there is a pool of N
+  // draws per (experts, top-k, tokens) shape, and every (layer, micro-batch, group) picks one by a
+  // seeded hash: layers and groups do not share their stragglers, and the cost is N draws, not
+  // one per layer, micro-batch and group. With 0, every (layer, micro-batch, group) draws afresh.
+  const Routing& routing(int li, int mb, int g, double tokens_per_rank, uint64_t salt) {
+    const Layer& layer = mc_.layers[li];
+    const bool pooled = o_.routing_samples > 0;
+    const int64_t draw =
+        pooled ? static_cast<int64_t>(mix(mix(mix(mix(o_.seed, salt), static_cast<uint64_t>(li)), static_cast<uint64_t>(mb)),
+                                          static_cast<uint64_t>(g)) %
+                                      static_cast<uint64_t>(o_.routing_samples))
+               : mb;
+    const auto key = std::make_tuple(pooled ? -1 : li, draw, layer.experts * 1024 + layer.top_k, pooled ? 0 : g,
+                                     static_cast<int64_t>(tokens_per_rank), salt);
     auto it = routings_.find(key);
     if (it != routings_.end()) return it->second;
-    const Layer& layer = mc_.layers[layer_index];
     cost::RoutingProblem prob;
     prob.tokens = std::max<int64_t>(1, static_cast<int64_t>(std::llround(tokens_per_rank * l_.ep)));
     prob.experts = layer.experts;
@@ -307,8 +318,10 @@ class Lowering {
     auto inc = inclusion_.find(prob.top_k);
     if (inc == inclusion_.end()) inc = inclusion_.emplace(prob.top_k, cost::inclusion_probabilities(probabilities_, prob.top_k)).first;
     prob.inclusion = inc->second;
-    prob.seed = mix(mix(mix(mix(o_.seed, static_cast<uint64_t>(layer_index)), static_cast<uint64_t>(draw)),
-                        static_cast<uint64_t>(g)), salt);
+    prob.seed = mix(mix(mix(mix(mix(o_.seed, static_cast<uint64_t>(std::get<0>(key) + 1)), static_cast<uint64_t>(draw)),
+                            static_cast<uint64_t>(std::get<2>(key))),
+                        static_cast<uint64_t>(std::get<3>(key))),
+                    salt);
     const cost::RoutingLoads loads = cost::routing_loads(prob);
     std::vector<double> kept(loads.sampled_load.size());
     for (size_t e = 0; e < kept.size(); ++e)
@@ -439,10 +452,8 @@ class Lowering {
     const Layer& layer = mc_.layers[li];
     const std::string& n = layer.name;
     const int chunks = std::max(1, st_.overlap_chunks());
-    const int draw = o_.routing_samples > 0 ? mb % o_.routing_samples : mb;
     const std::vector<int> group = ep_group(p_, d_, t_);
-    const int g = d_ / l_.ep * l_.ep;
-    const Routing& r = l_.ep > 1 ? routing(li, draw, g, tokens, salt) : routing(li, draw, 0, tokens, salt);
+    const Routing& r = routing(li, mb, d_ / l_.ep * l_.ep, tokens, salt);
     double load = r.rank_load[d_ % l_.ep];
     if (fold_) load = *std::max_element(r.rank_load.begin(), r.rank_load.end());  // the group's straggler
     const Times ex = expert_times(layer, load / chunks, tokens / chunks);
@@ -594,8 +605,7 @@ class Lowering {
         t += part_times(rank_, li, part).recompute;
       if (layer.moe) {
         // The routed experts' down projections for the rank's tokens.
-        const int draw = o_.routing_samples > 0 ? mb % o_.routing_samples : mb;
-        const Routing& r = routing(li, draw, d_ / l_.ep * l_.ep, tokens, salt);
+        const Routing& r = routing(li, mb, d_ / l_.ep * l_.ep, tokens, salt);
         const double load = fold_ ? *std::max_element(r.rank_load.begin(), r.rank_load.end()) : r.rank_load[d_ % l_.ep];
         t += expert_times(layer, load, tokens).recompute;
       }
@@ -871,7 +881,7 @@ class Lowering {
                     layer.kind == LayerKind::kTransformer ? trace::ATTENTION : trace::GEMM);
     if (layer.moe && l_.ep > 1) {
       // Each sequence's token goes to its experts: a small all-to-all-v, its experts, and back.
-      const Routing& r = routing(li, o_.routing_samples > 0 ? iter % o_.routing_samples : iter, d_ / l_.ep * l_.ep,
+      const Routing& r = routing(li, iter, d_ / l_.ep * l_.ep,
                                  batch, 0x6465636f6465ULL);
       const std::vector<int> group = ep_group(p_, d_, t_);
       const std::string in_id = fmt::format("{}.moe.dispatch_a2a {}", layer.name, phase);
@@ -918,7 +928,7 @@ class Lowering {
   std::map<int, cost::DeviceProfile> profiles_;
   std::map<std::tuple<int, int, int>, Times> times_;
   std::unordered_map<std::string, int> collective_index_;
-  std::map<std::tuple<int, int, int, int64_t, uint64_t>, Routing> routings_;
+  std::map<std::tuple<int, int64_t, int, int, int64_t, uint64_t>, Routing> routings_;
   std::map<int, int> chunk_matrix_;
   double imbalance_sum_ = 0, imbalance_max_ = 0, dropped_sum_ = 0;
   int routing_draws_ = 0;

@@ -74,16 +74,17 @@
 namespace moesim::schedule {
 
 inline constexpr int kFoldAboveDevices = 256;
-inline constexpr int kDefaultRoutingSamples = 16;
+inline constexpr int kDefaultRoutingSamples = 64;
 
 enum class Fold { kAuto, kNever, kDataParallel };
 
 struct LoweringOptions {
   uint64_t seed = 1;
   Fold fold = Fold::kAuto;
-  // Distinct routing draws per MoE layer and EP group, cycled over the micro-batches; 0 = a fresh
-  // draw for every micro-batch. Each draw keeps its own straggler; 16 draws give DeepSeek-V3's
-  // 120 micro-batches the step time of fresh draws within 0.01% at an eighth of the cost.
+  // Routing draws in the pool (one pool per expert-count/top-k/token-count shape); each (MoE layer,
+  // micro-batch, EP group) picks one by a seeded hash, so layers and groups do not share
+  // stragglers. 0 = a fresh draw for every (layer, micro-batch, EP group). Each draw keeps its own
+  // straggler.
   int routing_samples = kDefaultRoutingSamples;
   // The profile of every device; null: each device type's priors (cost::default_profile).
   const cost::DeviceProfile* profile = nullptr;

@@ -2,6 +2,7 @@
 #include "cli/cli.pb.h"
 #include "costmodel/collectives.pb.h"
 #include "costmodel/cost_report.pb.h"
+#include "tests/cli_helpers.h"
 #include "topologies/report.pb.h"
 
 #include <catch2/catch.hpp>
@@ -9,60 +10,12 @@
 #include <google/protobuf/util/json_util.h>
 
 #include <algorithm>
-#include <array>
-#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
-#include <sys/wait.h>
 
 using namespace moesim;
-
-namespace {
-
-struct Run {
-  int exit_code = -1;
-  std::string out;
-  std::string err;
-};
-
-// Runs `moesim ARGS` from the source tree, capturing stdout and stderr separately.
-// `env`: variable assignments put before the command ("MOESIM_MPIRUN=/x"); `launcher`: a command
-// that runs moesim ("mpirun -np 2").
-Run moesim_run(const std::string& args, const std::string& env = "", const std::string& launcher = "") {
-  const std::string err_file = (std::filesystem::temp_directory_path() / fmt::format("moesim_cli_test_{}.err", ::getpid())).string();
-  const std::string cmd = fmt::format("cd '{}' && {} {} '{}' {} 2>'{}'", MOESIM_SOURCE_DIR, env, launcher, MOESIM_BINARY, args, err_file);
-  Run r;
-  FILE* pipe = ::popen(cmd.c_str(), "r");
-  REQUIRE(pipe != nullptr);
-  std::array<char, 4096> buf;
-  for (size_t n; (n = std::fread(buf.data(), 1, buf.size(), pipe)) > 0;) r.out.append(buf.data(), n);
-  const int status = ::pclose(pipe);
-  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  std::ifstream in(err_file);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  r.err = ss.str();
-  std::filesystem::remove(err_file);
-  return r;
-}
-
-template <typename Msg>
-Msg parse_json(const std::string& text) {
-  Msg msg;
-  auto status = google::protobuf::util::JsonStringToMessage(text, &msg);
-  INFO(text.substr(0, 500));
-  REQUIRE(status.ok());
-  return msg;
-}
-
-std::string write_temp(const std::string& name, const std::string& text) {
-  auto path = std::filesystem::temp_directory_path() / fmt::format("{}_{}", ::getpid(), name);
-  std::ofstream(path) << text;
-  return path.string();
-}
-
-}  // namespace
+using namespace moesim::testing;
 
 TEST_CASE("topo show --json carries the derived figures") {
   Run r = moesim_run("topo show configs/hardware/h800-2048.textproto --json");

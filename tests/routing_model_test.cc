@@ -64,7 +64,7 @@ std::vector<double> zipf(int experts, double s) {
 
 RoutingProblem problem(int64_t tokens, int experts, int top_k, double capacity_factor, strategy::DropPolicy policy,
                        std::vector<double> p, uint64_t seed = 1) {
-  return RoutingProblem{tokens, experts, top_k, capacity_factor, policy, std::move(p), seed};
+  return RoutingProblem{tokens, experts, top_k, capacity_factor, policy, std::move(p), seed, {}};
 }
 
 int64_t overflow(const cost::RoutingLoads& l) {

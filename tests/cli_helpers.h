@@ -1,0 +1,74 @@
+// Helpers for the end-to-end tests that run the moesim binary (cli_test, sim_cli_test): run it as
+// a user does, parse its --json output, write per-process temp files (CTest runs tests in
+// parallel, so every name carries the process id).
+#pragma once
+
+#include <catch2/catch.hpp>
+#include <fmt/format.h>
+#include <google/protobuf/util/json_util.h>
+
+#include <array>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <sys/wait.h>
+#include <unistd.h>
+
+namespace moesim::testing {
+
+struct Run {
+  int exit_code = -1;
+  std::string out;
+  std::string err;
+};
+
+// The whole content of a file ("" when it cannot be read).
+inline std::string read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+// A path in the temp folder unique to this process: "<tmp>/<pid>_<name>".
+inline std::string temp_path(const std::string& name) {
+  return (std::filesystem::temp_directory_path() / fmt::format("{}_{}", ::getpid(), name)).string();
+}
+
+// Writes `text` to temp_path(name) and returns that path.
+inline std::string write_temp(const std::string& name, const std::string& text) {
+  const std::string path = temp_path(name);
+  std::ofstream(path, std::ios::binary) << text;
+  return path;
+}
+
+// Runs `moesim ARGS` from the source tree, capturing stdout and stderr separately.
+// `env`: variable assignments put before the command ("MOESIM_MPIRUN=/x"); `launcher`: a command
+// that runs moesim ("mpirun -np 2").
+inline Run moesim_run(const std::string& args, const std::string& env = "", const std::string& launcher = "") {
+  const std::string err_file = temp_path("moesim_cli.err");
+  const std::string cmd = fmt::format("cd '{}' && {} {} '{}' {} 2>'{}'", MOESIM_SOURCE_DIR, env, launcher, MOESIM_BINARY, args, err_file);
+  Run r;
+  FILE* pipe = ::popen(cmd.c_str(), "r");
+  REQUIRE(pipe != nullptr);
+  std::array<char, 4096> buf;
+  for (size_t n; (n = std::fread(buf.data(), 1, buf.size(), pipe)) > 0;) r.out.append(buf.data(), n);
+  const int status = ::pclose(pipe);
+  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  r.err = read_file(err_file);
+  std::filesystem::remove(err_file);
+  return r;
+}
+
+template <typename Msg>
+Msg parse_json(const std::string& text) {
+  Msg msg;
+  auto status = google::protobuf::util::JsonStringToMessage(text, &msg);
+  INFO(text.substr(0, 500));
+  REQUIRE(status.ok());
+  return msg;
+}
+
+}  // namespace moesim::testing
