@@ -87,12 +87,24 @@ void print_result(const SimulateResult& r, std::ostream& out) {
   out << fmt::format("memory         peak {} on rank {} ({})", format_bytes(r.peak_memory_bytes()), r.peak_rank(),
                      r.fits() ? "fits" : "DOES NOT FIT");
   if (!r.overflow_op().empty()) out << fmt::format(", overflows at {}", r.overflow_op());
-  out << "\n\nbreakdown of the critical rank " << r.critical_rank() << ":\n";
-  std::vector<std::pair<std::string, double>> parts(r.breakdown().begin(), r.breakdown().end());
-  std::sort(parts.begin(), parts.end(), [](const auto& a, const auto& b) { return a.second > b.second; });
-  for (const auto& [name, s] : parts)
-    if (s > 0)
-      out << fmt::format("  {:<18} {:>12} {:>6.1f}%\n", name, format_seconds(s), r.step_time_s() > 0 ? 100 * s / r.step_time_s() : 0);
+  auto print_breakdown = [&](const std::string& title, const google::protobuf::Map<std::string, double>& b) {
+    out << "\n" << title << ":\n";
+    std::vector<std::pair<std::string, double>> parts(b.begin(), b.end());
+    std::sort(parts.begin(), parts.end(), [](const auto& x, const auto& y) { return x.second > y.second; });
+    for (const auto& [name, s] : parts)
+      if (s > 0)
+        out << fmt::format("  {:<18} {:>12} {:>6.1f}%\n", name, format_seconds(s), r.step_time_s() > 0 ? 100 * s / r.step_time_s() : 0);
+  };
+  out << "\n";
+  print_breakdown(fmt::format("breakdown of the critical rank {} (the last to finish)", r.critical_rank()), r.breakdown());
+  if (r.bottleneck_rank() != r.critical_rank())
+    print_breakdown(fmt::format("breakdown of rank {} (stage {}: the one that waits least for other stages)", r.bottleneck_rank(),
+                                [&] {
+                                  for (const RankPeak& p : r.ranks())
+                                    if (p.rank() == r.bottleneck_rank()) return p.stage();
+                                  return 0;
+                                }()),
+                    r.bottleneck_breakdown());
   if (r.expert_imbalance() > 0)
     out << fmt::format("\nexperts: load imbalance {:.2f} mean, {:.2f} worst (busiest / mean); {:.2f}% of assignments dropped\n",
                        r.expert_imbalance(), r.max_expert_imbalance(), 100 * r.dropped_fraction());
@@ -175,6 +187,17 @@ int simulate(const Args& a) {
   }
   for (const auto& [k, v] : r.breakdown) (*out.mutable_breakdown())[k] = v;
   out.set_critical_rank(r.critical_rank);
+  const sim::RankResult* bottleneck = nullptr;
+  auto busy = [](const sim::RankResult& rr) {
+    auto it = rr.breakdown.find("pipeline_bubble");
+    return rr.end_s - (it == rr.breakdown.end() ? 0.0 : it->second);
+  };
+  for (const sim::RankResult& rr : r.ranks)
+    if (!bottleneck || busy(rr) > busy(*bottleneck)) bottleneck = &rr;
+  if (bottleneck) {
+    out.set_bottleneck_rank(bottleneck->rank);
+    for (const auto& [k, v] : bottleneck->breakdown) (*out.mutable_bottleneck_breakdown())[k] = v;
+  }
   out.set_peak_memory_bytes(r.peak_memory_bytes);
   out.set_peak_rank(r.peak_rank);
   out.set_fits(r.fits);

@@ -92,6 +92,8 @@ class Lowering {
     mc_ = cost::analyze(*s.model, mo);
     chunks_ = l_.pp * l_.virtual_stages;
     chunk_layers_ = split_layers(chunks_);
+    // Routing draws depend on the run's seed and the workload's routing seed.
+    o_.seed = mix(o.seed, wk.has_routing() ? wk.routing().seed() : 1);
     fold_ = l_.dp > 1 && (o.fold == Fold::kDataParallel || (o.fold == Fold::kAuto && l_.devices > kFoldAboveDevices));
     memory_ = cost::estimate_memory(s);
     grad_bytes_ = mixed(precision_) ? 2 : 4;

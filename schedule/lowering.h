@@ -79,7 +79,7 @@ inline constexpr int kDefaultRoutingSamples = 64;
 enum class Fold { kAuto, kNever, kDataParallel };
 
 struct LoweringOptions {
-  uint64_t seed = 1;
+  uint64_t seed = 1;  // the run's seed, mixed with the workload's routing seed for routing draws
   Fold fold = Fold::kAuto;
   // Routing draws in the pool (one pool per expert-count/top-k/token-count shape); each (MoE layer,
   // micro-batch, EP group) picks one by a seeded hash, so layers and groups do not share
