@@ -374,7 +374,7 @@ TEST_CASE("overlap chunks: every dispatch queued before the first experts chunk,
   CHECK(total(two, coll(two, find(r, "L0.moe.dispatch_a2a.c1 mb0 fwd"))) == Approx(whole / 2));
 }
 
-TEST_CASE("memory: every activation freed by its backward; the timeline's peak is the cost model's estimate", "[lowering]") {
+TEST_CASE("memory: every activation freed by its backward, the timeline peak is the cost model estimate", "[lowering]") {
   for (const char* strategy : {"dp: 4 pp: 2 ep: 4 schedule: ONE_F_ONE_B", "dp: 4 pp: 2 ep: 4 schedule: GPIPE",
                                "dp: 8 ep: 8 zero_stage: 1"}) {
     INFO(strategy);
