@@ -12,6 +12,8 @@
 #include "common/units.h"
 #include "costmodel/model.h"
 #include "costmodel/setup.h"
+#include "executor/backend.h"
+#include "executor/comm.h"
 #include "executor/error.h"
 #include "executor/moe_layer.h"
 #include "executor/train.h"
@@ -35,16 +37,25 @@ exec::RoutingPolicy policy_of(const Args& a, exec::RoutingPolicy fallback) {
   return *p;
 }
 
-// --device: the executor's layers run on the CPU back end; the CUDA back end (kernels, cuBLAS,
-// NCCL) exists but the layers are not ported to it yet, so asking for it is refused plainly
-// rather than silently running on the CPU.
-void check_device(const Args& a) {
+// --device: cpu (OpenBLAS back end, MPI between ranks) or cuda (CUDA back end, one GPU per rank:
+// local rank % devices, NCCL between ranks, bootstrapped over MPI). A CUDA request this build or
+// machine cannot serve is refused before any rank starts (exit 2), never run on the CPU instead.
+exec::Device check_device(const Args& a, int ranks) {
   const std::string device = a.get("--device", "cpu");
-  if (device == "cpu") return;
-  if (device == "cuda")
-    throw UsageError("--device cuda: the executor's layers run on CPU ranks only for now (the CUDA back end and "
-                     "NCCL engine are built but the layers are not ported to them; see docs/EXECUTOR.md)");
-  throw UsageError(fmt::format("--device: expected cpu or cuda, got '{}'", device));
+  if (device == "cpu") return exec::Device::kCpu;
+  if (device != "cuda") throw UsageError(fmt::format("--device: expected cpu or cuda, got '{}'", device));
+  if (!exec::built_with_cuda())
+    throw UsageError("--device cuda: this moesim was built without CUDA (configure with nvcc available, "
+                     "-DMOESIM_CUDA=ON)");
+  const int devices = exec::cuda_device_count();
+  if (devices == 0) throw UsageError("--device cuda: no CUDA device is visible on this machine");
+  if (ranks > 1 && !exec::have_nccl())
+    throw UsageError(fmt::format("--device cuda with {} ranks needs the NCCL engine, which is not in this build",
+                                 ranks));
+  // moesim's own mpirun launch puts every rank on this machine; a launch from outside may span nodes.
+  if (ranks > devices && !exec::launched_by_mpi())
+    throw UsageError(fmt::format("--device cuda: {} ranks need one GPU each, but this machine has {}", ranks, devices));
+  return exec::Device::kCuda;
 }
 
 // Every problem found, as one usage error (exit 2, before any rank starts).
@@ -81,13 +92,26 @@ trace::Trace gather_traces(const trace::Trace& mine, exec::Comm* world) {
   return world->rank() == 0 ? trace::merge(parts) : mine;
 }
 
-// Runs `body` on every rank; an exec::Error on any rank ends all of them with its message.
+// Runs body(world, host_world, backend) on every rank; an exec::Error on any rank ends all of them
+// with its message. CPU ranks: an OpenBLAS back end and one MPI world for both. CUDA ranks: device
+// local_rank % devices, `world` the NCCL engine over device buffers and `host_world` MPI for host
+// data (the trace gathering).
 template <typename Body>
-int on_ranks(int ranks, double timeout_s, Body body) {
-  std::unique_ptr<exec::Comm> world;
+int on_ranks(int ranks, double timeout_s, exec::Device device, Body body) {
+  std::unique_ptr<exec::Comm> host_world, device_world;
   try {
-    if (ranks > 1) world = exec::make_mpi_comm(timeout_s);
-    return body(world.get());
+    if (ranks > 1) host_world = exec::make_mpi_comm(timeout_s);
+    std::unique_ptr<exec::Backend> backend;
+    if (device == exec::Device::kCuda) {
+      const int devices = exec::cuda_device_count();
+      if (devices == 0) throw exec::Error("no CUDA device is visible to this rank");
+      backend = exec::make_cuda_backend(exec::local_rank() % devices);
+      if (ranks > 1) device_world = exec::make_nccl_comm(timeout_s);
+    } else {
+      backend = exec::make_cpu_backend(ranks > 1 ? 1 : 0);
+    }
+    exec::Comm* world = device_world ? device_world.get() : host_world.get();
+    return body(world, host_world.get(), *backend);
   } catch (const exec::Error& e) {
     if (ranks > 1) exec::abort_all(e.what());
     std::cerr << "moesim: " << e.what() << '\n';
@@ -98,8 +122,8 @@ int on_ranks(int ranks, double timeout_s, Body body) {
 int run(const Args& a) {
   if (!a.positional().empty()) throw UsageError("run takes no positional arguments");
   if (!a.has("--model")) throw UsageError("missing --model FILE (or --plan, when plans land)");
-  check_device(a);
   const int ranks = a.get_int("--ranks", 1, 1, 4096);
+  const exec::Device device = check_device(a, ranks);
   exec::TrainOptions o;
   o.steps = a.get_int("--steps", 20, 1, 1000000);
   o.batch = a.get_int("--batch", 8 * ranks, 1, 1 << 24);
@@ -138,10 +162,9 @@ int run(const Args& a) {
   const Launch launch = launch_ranks(ranks);
   if (launch.relaunched) return launch.exit_code;
 
-  return on_ranks(ranks, timeout_s, [&](exec::Comm* world) {
-    auto backend = exec::make_cpu_backend(ranks > 1 ? 1 : 0);
-    const exec::TrainResult r = exec::train(o, world, *backend);
-    const trace::Trace merged = gather_traces(r.trace, world);
+  return on_ranks(ranks, timeout_s, device, [&](exec::Comm* world, exec::Comm* host_world, exec::Backend& backend) {
+    const exec::TrainResult r = exec::train(o, world, backend);
+    const trace::Trace merged = gather_traces(r.trace, host_world);
     if (world && world->rank() != 0) return kExitOk;
 
     RunResult out;
@@ -182,9 +205,9 @@ int run(const Args& a) {
     if (json) {
       std::cout << to_json(out);
     } else {
-      std::cout << fmt::format("{} on {} rank(s): dp {} ep {}, {} parameters, {} tokens per step\n\n", out.model(),
-                               out.ranks(), out.dp(), out.ep(), format_count(double(out.parameters())),
-                               out.tokens_per_step());
+      std::cout << fmt::format("{} on {} rank(s) ({}): dp {} ep {}, {} parameters, {} tokens per step\n\n",
+                               out.model(), out.ranks(), backend.name(), out.dp(), out.ep(),
+                               format_count(double(out.parameters())), out.tokens_per_step());
       std::cout << fmt::format("{:>6} {:>12} {:>10}\n", "step", "time", "loss");
       for (const RunStep& s : out.steps())
         std::cout << fmt::format("{:>6} {:>12} {:>10.4f}\n", s.step(), format_seconds(s.step_time_s()), s.loss());
@@ -199,8 +222,8 @@ int run(const Args& a) {
 
 int bench_layer(const Args& a) {
   if (!a.positional().empty()) throw UsageError("bench-layer takes no positional arguments");
-  check_device(a);
   const int ranks = a.get_int("--ranks", 1, 1, 4096);
+  const exec::Device device = check_device(a, ranks);
   exec::BenchLayerOptions o;
   o.layer.num_experts = a.get_int("--experts", 8, 1, 1 << 16);
   o.layer.top_k = a.get_int("--top-k", 2, 1, 1 << 16);
@@ -217,9 +240,8 @@ int bench_layer(const Args& a) {
   const Launch launch = launch_ranks(ranks);
   if (launch.relaunched) return launch.exit_code;
 
-  return on_ranks(ranks, timeout_s, [&](exec::Comm* world) {
-    auto backend = exec::make_cpu_backend(ranks > 1 ? 1 : 0);
-    const exec::BenchLayerResult r = exec::bench_layer(o, world, *backend);
+  return on_ranks(ranks, timeout_s, device, [&](exec::Comm* world, exec::Comm*, exec::Backend& backend) {
+    const exec::BenchLayerResult r = exec::bench_layer(o, world, backend);
     if (world && world->rank() != 0) return kExitOk;
     BenchLayerResult out;
     out.set_ranks(ranks);
@@ -240,14 +262,16 @@ int bench_layer(const Args& a) {
       std::cout << to_json(out);
       return kExitOk;
     }
-    std::cout << fmt::format("MoE layer: {} experts top-{}, d {} ffn {}, {} tokens over {} rank(s)\n\n", out.experts(),
-                             out.top_k(), out.hidden(), out.ffn_hidden(), out.tokens(), out.ranks());
+    std::cout << fmt::format("MoE layer: {} experts top-{}, d {} ffn {}, {} tokens over {} rank(s) ({})\n\n",
+                             out.experts(), out.top_k(), out.hidden(), out.ffn_hidden(), out.tokens(), out.ranks(),
+                             backend.name());
     std::cout << fmt::format("forward + backward  {}  ({:.0f} tokens/s)\n", format_seconds(out.step_s()), out.tokens_per_s());
     for (const auto& [name, s] : {std::pair{"gate", out.gate_s()}, {"dispatch", out.dispatch_s()},
                                   {"experts", out.experts_s()}, {"combine", out.combine_s()}})
       std::cout << fmt::format("  {:<10} {:>10}\n", name, format_seconds(s));
-    std::cout << fmt::format("expert GEMMs at {:.0f}% of cblas_sgemm on the same shapes; {} assignments dropped\n",
-                             100 * out.gemm_efficiency_vs_blas(), out.dropped_assignments());
+    std::cout << fmt::format("expert GEMMs at {:.0f}% of {} on the same shapes; {} assignments dropped\n",
+                             100 * out.gemm_efficiency_vs_blas(),
+                             device == exec::Device::kCuda ? "cublasSgemm" : "cblas_sgemm", out.dropped_assignments());
     return kExitOk;
   });
 }
@@ -256,11 +280,11 @@ int bench_layer(const Args& a) {
 
 std::vector<Command> run_commands() {
   return {
-      {"run", "train a model for real on CPU ranks (MPI), traced: loss and step time per step",
+      {"run", "train a model for real on CPU ranks (MPI) or GPU ranks (NCCL), traced: loss and step time per step",
        "usage: moesim run --model M [--strategy S] [--ranks N] [--steps K] [--batch B] [--sequence L]\n"
        "                  [--lr X] [--optimizer adam|sgd] [--capacity-factor F]\n"
        "                  [--routing vanilla|batch_priority|no_drop] [--seed N] [--timeout S]\n"
-       "                  [--device cpu] [--trace t.json] [--db results.db] [--json]\n\n"
+       "                  [--device cpu|cuda] [--trace t.json] [--db results.db] [--json]\n\n"
        "  --model M      a transformer of configs/models (moe-tiny.textproto trains in seconds)\n"
        "  --strategy S   dp must equal --ranks; its ep, capacity factor and drop policy are used (tp and\n"
        "                 pp 1). Without it, experts are spread over all ranks (EP = ranks)\n"
@@ -268,7 +292,9 @@ std::vector<Command> run_commands() {
        "                 itself under mpirun; inside one, N must match its size\n"
        "  --batch B      sequences per step over all ranks (default 8 per rank)\n"
        "  --timeout S    a rank waiting longer than S seconds on a peer ends the job (default 60)\n"
-       "  --device cpu   where the layers run; cuda is refused for now (docs/EXECUTOR.md)\n"
+       "  --device D     cpu (default: OpenBLAS, MPI between ranks) or cuda (one GPU per rank, local rank\n"
+       "                 % GPUs; NCCL between ranks, bootstrapped over MPI). cuda is refused (exit 2)\n"
+       "                 without a CUDA build, without a device, or with more ranks than GPUs here\n"
        "  --trace FILE   Chrome-trace JSON of every rank's ops (chrome://tracing, ui.perfetto.dev)\n"
        "  --db FILE      add a row to the SQLite results store (created on first use)\n"
        "  --json         per-step step_time_s and loss, tokens_per_s, ...\n\n"
@@ -280,11 +306,13 @@ std::vector<Command> run_commands() {
       {"bench-layer", "time one MoE layer forward + backward on real ranks: tokens/s and its parts",
        "usage: moesim bench-layer [--experts E] [--top-k K] [--tokens T] [--hidden D] [--ffn F] [--ranks N]\n"
        "                          [--capacity-factor C] [--routing vanilla|batch_priority|no_drop]\n"
-       "                          [--iterations I] [--timeout S] [--device cpu] [--json]\n\n"
+       "                          [--iterations I] [--timeout S] [--device cpu|cuda] [--json]\n\n"
        "Defaults: 8 experts, top-2, 4096 tokens (of the whole EP group), d 512, ffn 4d, 1 rank.\n"
        "--json carries tokens_per_s, gate_s, dispatch_s, experts_s, combine_s and\n"
-       "gemm_efficiency_vs_blas (the layer's expert GEMMs against cblas_sgemm on the same shapes, timed\n"
-       "side by side in the same run).\n",
+       "gemm_efficiency_vs_blas (the layer's expert GEMMs against the vendor BLAS on the same shapes:\n"
+       "cblas_sgemm, or cublasSgemm with --device cuda; timed side by side in the same run).\n"
+       "--device cuda runs the layer on one GPU per rank (local rank % GPUs) with NCCL all-to-alls;\n"
+       "refused (exit 2) without a CUDA build, without a device, or with more ranks than GPUs here.\n",
        {{}, {"--experts", "--top-k", "--tokens", "--hidden", "--ffn", "--ranks", "--capacity-factor", "--routing",
              "--iterations", "--timeout", "--device"}},
        bench_layer},

@@ -12,6 +12,7 @@
 // tolerance.
 #pragma once
 
+#include "executor/kernels.h"
 #include "executor/tensor.h"
 
 #include <memory>
@@ -50,6 +51,51 @@ class Backend {
                                   const float* dy, float* dx, float* dgamma, float* dbeta, int64_t rows,
                                   int64_t cols) = 0;
 
+  // ---- rows, gathers and scatters (the layers' data movement; index math in kernels.h) ----
+  // Sums below run in a fixed order on both back ends (deterministic; exact on small integers).
+  virtual void add_bias(float* y, const float* bias, int64_t rows, int64_t cols) = 0;   // y[r, c] += bias[c]
+  virtual void repeat_row(const float* row, float* y, int64_t rows, int64_t cols) = 0;  // y[r, c] = row[c]
+  // sums[c] += x[r, c], r = 0, 1, ... in order (a bias gradient).
+  virtual void column_sums_add(const float* x, float* sums, int64_t rows, int64_t cols) = 0;
+  // dst[i, :] = src[index[i], :] for i < rows (embedding lookup, MoE dispatch). index is int32 on
+  // the device, each in range (the caller checks ids on the host).
+  virtual void gather_rows(const float* src, const int32_t* index, float* dst, int64_t rows, int64_t cols) = 0;
+  // dst[index[i], :] += src[i, :], i = 0, 1, ... in order: a repeated index collects its rows in
+  // order (embedding backward).
+  virtual void scatter_add_rows(const float* src, const int32_t* index, float* dst, int64_t rows, int64_t cols) = 0;
+  // MoE combine (kernels::combine_element): dst[t, :] = sum over j < k with slot[t k + j] >= 0, in
+  // j order, of weight[t k + j] src[slot[t k + j], :]; weight null: 1 (the dispatch backward).
+  virtual void gather_sum_rows(const float* src, const int32_t* slot, const float* weight, float* dst,
+                               int64_t tokens, int k, int64_t cols) = 0;
+  // Its backward: for each a = t k + j with slot[a] >= 0, grad_src[slot[a], :] = weight[a] dy[t, :]
+  // and dweight[a] = dy[t, :] . src[slot[a], :] (summed in double); dweight[a] = 0 where slot < 0.
+  virtual void gather_sum_rows_backward(const float* dy, const float* src, const int32_t* slot, const float* weight,
+                                        float* grad_src, float* dweight, int64_t tokens, int k, int64_t cols) = 0;
+  // Attention heads (kernels::heads_source_index): x [B, S, G, H, d] -> y [G, B, H, S, d], and back.
+  virtual void split_heads(const float* x, float* y, int64_t B, int64_t S, int64_t G, int64_t H, int64_t d) = 0;
+  virtual void merge_heads(const float* y, float* x, int64_t B, int64_t S, int64_t G, int64_t H, int64_t d) = 0;
+  // x [batches, S, S]: every entry above the diagonal (key after query) to -inf.
+  virtual void causal_mask(float* x, int64_t batches, int64_t S) = 0;
+  // dx = y (dy - rowsum(y dy)) over rows of y = softmax(x); dx may alias dy.
+  virtual void softmax_backward_rows(const float* y, const float* dy, float* dx, int64_t rows, int64_t cols) = 0;
+  // Softmax cross-entropy per row of logits [rows, V] against int32 targets (in range):
+  // row_loss[r] (double) and dlogits = (softmax - onehot) grad_scale (kernels.h, ce_*).
+  virtual void cross_entropy(const float* logits, const int32_t* targets, float* dlogits, double* row_loss,
+                             int64_t rows, int64_t V, double grad_scale) = 0;
+  virtual void scale(float alpha, float* x, int64_t n) = 0;  // x *= alpha
+
+  // ---- the MoE router -------------------------------------------------------------------------
+  // noisy[t, e] = logits[t, e] + sigma kernels::gate_noise_sample(key, step, token_offset + t, e).
+  virtual void gate_noise(const float* logits, float* noisy, int64_t tokens, int experts, uint64_t key,
+                          uint64_t step, int64_t token_offset, float sigma) = 0;
+  // kernels::router_backward_token for every token (all pointers on the device).
+  virtual void router_backward(const kernels::RouterBackward& args) = 0;
+
+  // ---- optimizer steps over n elements (kernels::sgd_update, adam_update) -----------------------
+  virtual void sgd_step(float* param, const float* grad, float* velocity, int64_t n, const kernels::SgdHyper& h) = 0;
+  virtual void adam_step(float* param, const float* grad, float* m, float* v, int64_t n,
+                         const kernels::AdamHyper& h) = 0;
+
   // Memory on the back end's device.
   virtual void copy(const void* src, void* dst, size_t bytes) = 0;  // device to device
   virtual void synchronize() = 0;
@@ -58,10 +104,22 @@ class Backend {
 // threads > 0 sets OpenBLAS's thread count, which is process-wide; threads <= 0 keeps its default
 // (OPENBLAS_NUM_THREADS or the core count). The elementwise and row kernels run on the caller's
 // thread.
+//
+// Host-side decisions: the layers run every tensor op through a Backend, except the MoE layer's
+// routing decisions (top-k, the capacity assignment in the cost model's fill order, the aux-loss
+// batch statistics), which run on the host over an explicit device-to-host copy of the router's
+// probabilities ([tokens, experts], small), as MoE frameworks do for the capacity assignment.
 std::unique_ptr<Backend> make_cpu_backend(int threads = 0);
 // Throws exec::Error when moesim was built without CUDA or no device `device` exists.
 std::unique_ptr<Backend> make_cuda_backend(int device = 0);
 // True when a CUDA build sees at least one device.
 bool cuda_available();
+// True when moesim was built with CUDA (whether or not a device is present).
+bool built_with_cuda();
+// Visible CUDA devices (0 without CUDA or without a driver).
+int cuda_device_count();
+// A CPU back end shared by the CPU-only conveniences (cross_entropy without a back end, optimizers
+// built without one); it leaves OpenBLAS's thread count alone.
+Backend& default_cpu_backend();
 
 }  // namespace moesim::exec

@@ -22,6 +22,8 @@
 // usable.
 #pragma once
 
+#include "executor/tensor.h"
+
 #include <climits>
 #include <cstdint>
 #include <memory>
@@ -36,6 +38,9 @@ class Comm {
   virtual int rank() const = 0;
   virtual int size() const = 0;
   virtual std::string name() const = 0;  // "mpi world", "mpi world/color 1"
+  // Where this engine's buffers live: kCpu for MPI, kCuda for NCCL. Layers hand it buffers of their
+  // back end's device, and stage host data through all_reduce_sum_host / all_gather_host below.
+  virtual Device buffer_device() const { return Device::kCpu; }
 
   // Every rank sends send_counts[r] elements to rank r, packed in rank order in `send`, and
   // receives recv_counts[r] from rank r packed in rank order in `recv`. Zero counts are fine;
@@ -87,6 +92,16 @@ bool launched_by_mpi();
 // make_nccl_comm and answer false from have_nccl().
 std::unique_ptr<Comm> make_nccl_comm(double timeout_s = 60);
 bool have_nccl();
+
+// Collectives over host data on any engine: direct for a CPU engine, else staged through a buffer
+// on the engine's device (small metadata: token counts, routing decisions, losses).
+void all_reduce_sum_host(Comm& comm, float* data, int64_t n);
+void all_gather_host(Comm& comm, const float* send, float* recv, int64_t n_per_rank);
+
+// This process's rank among the ranks of its node: OMPI_COMM_WORLD_LOCAL_RANK, MPI_LOCALRANKID,
+// SLURM_LOCALID, else (MPI initialised) a shared-memory split of MPI_COMM_WORLD, else 0. A rank
+// takes CUDA device local_rank() % device count.
+int local_rank();
 
 // For the CLI, after an exec::Error from a Comm: prints "moesim: aborting all ranks: <why>" to
 // stderr and ends every rank of the job (MPI_Abort on MPI_COMM_WORLD, exit code 1); without MPI

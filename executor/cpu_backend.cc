@@ -103,6 +103,109 @@ class CpuBackend final : public Backend {
     }
   }
 
+  void add_bias(float* y, const float* bias, int64_t rows, int64_t cols) override {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) y[r * cols + c] += bias[c];
+  }
+
+  void repeat_row(const float* row, float* y, int64_t rows, int64_t cols) override {
+    for (int64_t r = 0; r < rows; ++r) std::memcpy(y + r * cols, row, sizeof(float) * static_cast<size_t>(cols));
+  }
+
+  void column_sums_add(const float* x, float* sums, int64_t rows, int64_t cols) override {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) sums[c] += x[r * cols + c];
+  }
+
+  void gather_rows(const float* src, const int32_t* index, float* dst, int64_t rows, int64_t cols) override {
+    for (int64_t i = 0; i < rows; ++i)
+      std::memcpy(dst + i * cols, src + static_cast<int64_t>(index[i]) * cols, sizeof(float) * static_cast<size_t>(cols));
+  }
+
+  void scatter_add_rows(const float* src, const int32_t* index, float* dst, int64_t rows, int64_t cols) override {
+    for (int64_t i = 0; i < rows; ++i) {
+      float* d = dst + static_cast<int64_t>(index[i]) * cols;
+      for (int64_t c = 0; c < cols; ++c) d[c] += src[i * cols + c];
+    }
+  }
+
+  void gather_sum_rows(const float* src, const int32_t* slot, const float* weight, float* dst, int64_t tokens, int k,
+                       int64_t cols) override {
+    for (int64_t t = 0; t < tokens; ++t)
+      for (int64_t c = 0; c < cols; ++c) dst[t * cols + c] = kernels::combine_element(src, slot, weight, t, k, cols, c);
+  }
+
+  void gather_sum_rows_backward(const float* dy, const float* src, const int32_t* slot, const float* weight,
+                                float* grad_src, float* dweight, int64_t tokens, int k, int64_t cols) override {
+    for (int64_t a = 0; a < tokens * k; ++a) {
+      if (slot[a] < 0) {
+        dweight[a] = 0.0f;
+        continue;
+      }
+      const int64_t row = static_cast<int64_t>(slot[a]) * cols;
+      dweight[a] = static_cast<float>(
+          kernels::combine_backward_part(dy + (a / k) * cols, src + row, weight[a], grad_src + row, cols, 0, 1));
+    }
+  }
+
+  void split_heads(const float* x, float* y, int64_t B, int64_t S, int64_t G, int64_t H, int64_t d) override {
+    const int64_t n = B * S * G * H * d;
+    for (int64_t i = 0; i < n; ++i) y[i] = x[kernels::heads_source_index(i, B, S, G, H, d)];
+  }
+
+  void merge_heads(const float* y, float* x, int64_t B, int64_t S, int64_t G, int64_t H, int64_t d) override {
+    const int64_t n = B * S * G * H * d;
+    for (int64_t i = 0; i < n; ++i) x[kernels::heads_source_index(i, B, S, G, H, d)] = y[i];
+  }
+
+  void causal_mask(float* x, int64_t batches, int64_t S) override {
+    const int64_t n = batches * S * S;
+    for (int64_t i = 0; i < n; ++i)
+      if (kernels::causal_masked(i, S)) x[i] = -std::numeric_limits<float>::infinity();
+  }
+
+  void softmax_backward_rows(const float* y, const float* dy, float* dx, int64_t rows, int64_t cols) override {
+    for (int64_t r = 0; r < rows; ++r) {
+      const float dot = kernels::dot_part(y + r * cols, dy + r * cols, cols, 0, 1);
+      kernels::softmax_backward_write_part(y + r * cols, dy + r * cols, dot, dx + r * cols, cols, 0, 1);
+    }
+  }
+
+  void cross_entropy(const float* logits, const int32_t* targets, float* dlogits, double* row_loss, int64_t rows,
+                     int64_t V, double grad_scale) override {
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* z = logits + r * V;
+      const double m = kernels::row_max_part(z, V, 0, 1);
+      const double sum = kernels::ce_exp_sum_part(z, m, V, 0, 1);
+      row_loss[r] = kernels::ce_row_loss(z, m, sum, targets[r]);
+      kernels::ce_grad_part(z, m, sum, targets[r], grad_scale, dlogits + r * V, V, 0, 1);
+    }
+  }
+
+  void scale(float alpha, float* x, int64_t n) override {
+    for (int64_t i = 0; i < n; ++i) x[i] *= alpha;
+  }
+
+  void gate_noise(const float* logits, float* noisy, int64_t tokens, int experts, uint64_t key, uint64_t step,
+                  int64_t token_offset, float sigma) override {
+    for (int64_t t = 0; t < tokens; ++t)
+      for (int e = 0; e < experts; ++e)
+        noisy[t * experts + e] =
+            logits[t * experts + e] + kernels::mul_rn(sigma, kernels::gate_noise_sample(key, step, token_offset + t, e));
+  }
+
+  void router_backward(const kernels::RouterBackward& args) override {
+    for (int64_t t = 0; t < args.tokens; ++t) kernels::router_backward_token(args, t);
+  }
+
+  void sgd_step(float* param, const float* grad, float* velocity, int64_t n, const kernels::SgdHyper& h) override {
+    for (int64_t i = 0; i < n; ++i) kernels::sgd_update(param + i, grad[i], velocity + i, h);
+  }
+
+  void adam_step(float* param, const float* grad, float* m, float* v, int64_t n, const kernels::AdamHyper& h) override {
+    for (int64_t i = 0; i < n; ++i) kernels::adam_update(param + i, grad[i], m + i, v + i, h);
+  }
+
   void copy(const void* src, void* dst, size_t bytes) override {
     if (bytes > 0) std::memmove(dst, src, bytes);
   }
@@ -121,6 +224,11 @@ class CpuBackend final : public Backend {
 
 std::unique_ptr<Backend> make_cpu_backend(int threads) { return std::make_unique<CpuBackend>(threads); }
 
+Backend& default_cpu_backend() {
+  static CpuBackend backend(0);
+  return backend;
+}
+
 #ifndef MOESIM_HAVE_CUDA
 // Builds without nvcc: every CUDA request fails with the same clear message.
 namespace {
@@ -133,10 +241,13 @@ std::unique_ptr<Backend> make_cuda_backend(int device) {
   no_cuda(fmt::format("CUDA back end on device {}", device).c_str());
 }
 bool cuda_available() { return false; }
+bool built_with_cuda() { return false; }
+int cuda_device_count() { return 0; }
 
 namespace detail {
 std::shared_ptr<void> cuda_alloc(size_t) { no_cuda("CUDA tensor allocation"); }
 void cuda_memset_zero(void*, size_t) { no_cuda("cudaMemset"); }
+size_t cuda_peak_allocated_bytes() { return 0; }
 void cuda_copy(void*, const void*, size_t, CopyKind) { no_cuda("CUDA tensor copy"); }
 void cuda_f32_to_bf16(const float*, uint16_t*, int64_t) { no_cuda("CUDA bf16 conversion"); }
 void cuda_bf16_to_f32(const uint16_t*, float*, int64_t) { no_cuda("CUDA bf16 conversion"); }

@@ -1,5 +1,7 @@
 // The CUDA back end: cuBLAS GEMMs and CUDA kernels over the kernels.h math, plus the CUDA side of
-// exec::Tensor (cuda_memory.h). C++17 (nvcc). Everything runs on the legacy default stream, so
+// exec::Tensor (cuda_memory.h: allocation through a block cache). Row kernels run one block per
+// row and reduce across it in a fixed tree order; sums that must match the CPU's order exactly
+// (column sums, scatter-adds) run one thread per column over the rows in order, without atomics. C++17 (nvcc). Everything runs on the legacy default stream, so
 // kernels, cuBLAS calls and Tensor copies stay in issue order without events.
 #include "executor/backend.h"
 #include "executor/cuda_memory.h"
@@ -10,6 +12,9 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
 #include <climits>
 #include <string>
 
@@ -93,22 +98,23 @@ __global__ void bf16_to_f32_kernel(const uint16_t* src, float* dst, int64_t n) {
 // Tree reduction over the block in a fixed order (deterministic). Every thread gets the result.
 // All threads of the block must call it.
 struct Sum {
-  __device__ float operator()(float a, float b) const { return a + b; }
+  template <class T>
+  __device__ T operator()(T a, T b) const { return a + b; }
 };
 struct Max {
   __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
 };
 
-template <class Op>
-__device__ float block_reduce(float v, Op op) {
-  __shared__ float scratch[kThreads];
+template <class T, class Op>
+__device__ T block_reduce(T v, Op op) {
+  __shared__ T scratch[kThreads];
   scratch[threadIdx.x] = v;
   __syncthreads();
   for (int s = kThreads / 2; s > 0; s >>= 1) {
     if (static_cast<int>(threadIdx.x) < s) scratch[threadIdx.x] = op(scratch[threadIdx.x], scratch[threadIdx.x + s]);
     __syncthreads();
   }
-  const float result = scratch[0];
+  const T result = scratch[0];
   __syncthreads();  // scratch is reused by the next call
   return result;
 }
@@ -117,8 +123,8 @@ __device__ float block_reduce(float v, Op op) {
 __global__ void softmax_rows_kernel(const float* x, float* y, int64_t rows, int64_t cols) {
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const float* xr = x + r * cols;
-    const float m = block_reduce(kernels::row_max_part(xr, cols, threadIdx.x, blockDim.x), Max{});
-    const float s = block_reduce(kernels::softmax_exp_sum_part(xr, m, cols, threadIdx.x, blockDim.x), Sum{});
+    const float m = block_reduce<float>(kernels::row_max_part(xr, cols, threadIdx.x, blockDim.x), Max{});
+    const float s = block_reduce<float>(kernels::softmax_exp_sum_part(xr, m, cols, threadIdx.x, blockDim.x), Sum{});
     kernels::softmax_write_part(xr, m, s, y + r * cols, cols, threadIdx.x, blockDim.x);
   }
 }
@@ -127,9 +133,9 @@ __global__ void layernorm_kernel(const float* x, const float* gamma, const float
                                  float* rstd_out, int64_t rows, int64_t cols, float eps) {
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const float* xr = x + r * cols;
-    const float mean = block_reduce(kernels::row_sum_part(xr, cols, threadIdx.x, blockDim.x), Sum{}) /
+    const float mean = block_reduce<float>(kernels::row_sum_part(xr, cols, threadIdx.x, blockDim.x), Sum{}) /
                        static_cast<float>(cols);
-    const float sq = block_reduce(kernels::row_sq_dev_sum_part(xr, mean, cols, threadIdx.x, blockDim.x), Sum{});
+    const float sq = block_reduce<float>(kernels::row_sq_dev_sum_part(xr, mean, cols, threadIdx.x, blockDim.x), Sum{});
     const float rstd = kernels::layernorm_rstd(sq, cols, eps);
     kernels::layernorm_apply_part(xr, gamma, beta, mean, rstd, y + r * cols, cols, threadIdx.x, blockDim.x);
     if (threadIdx.x == 0) {
@@ -145,8 +151,8 @@ __global__ void layernorm_backward_dx_kernel(const float* x, const float* gamma,
     float sum_g = 0.0f, sum_g_xhat = 0.0f;
     kernels::layernorm_backward_sums_part(x + r * cols, gamma, dy + r * cols, mean[r], rstd[r], cols, threadIdx.x,
                                           blockDim.x, &sum_g, &sum_g_xhat);
-    sum_g = block_reduce(sum_g, Sum{});
-    sum_g_xhat = block_reduce(sum_g_xhat, Sum{});
+    sum_g = block_reduce<float>(sum_g, Sum{});
+    sum_g_xhat = block_reduce<float>(sum_g_xhat, Sum{});
     kernels::layernorm_backward_dx_part(x + r * cols, gamma, dy + r * cols, mean[r], rstd[r], sum_g, sum_g_xhat,
                                         dx + r * cols, cols, threadIdx.x, blockDim.x);
   }
@@ -163,6 +169,120 @@ __global__ void layernorm_param_grads_kernel(const float* x, const float* mean, 
     dgamma[j] += dgamma_sum;
     dbeta[j] += dbeta_sum;
   }
+}
+
+// Grid-stride loop over [0, n).
+#define MOESIM_FOR_EACH(i, n)                                                                    \
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < (n);        \
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+
+__global__ void add_bias_kernel(float* y, const float* bias, int64_t rows, int64_t cols) {
+  MOESIM_FOR_EACH(i, rows * cols) y[i] += bias[i % cols];
+}
+
+__global__ void repeat_row_kernel(const float* row, float* y, int64_t rows, int64_t cols) {
+  MOESIM_FOR_EACH(i, rows * cols) y[i] = row[i % cols];
+}
+
+// One thread per column, rows in order (the CPU's order: the same bits).
+__global__ void column_sums_add_kernel(const float* x, float* sums, int64_t rows, int64_t cols) {
+  MOESIM_FOR_EACH(c, cols) {
+    float s = sums[c];
+    for (int64_t r = 0; r < rows; ++r) s += x[r * cols + c];
+    sums[c] = s;
+  }
+}
+
+__global__ void gather_rows_kernel(const float* src, const int32_t* index, float* dst, int64_t rows, int64_t cols) {
+  MOESIM_FOR_EACH(i, rows * cols) dst[i] = src[static_cast<int64_t>(index[i / cols]) * cols + i % cols];
+}
+
+// One thread per column, source rows in order: deterministic without atomics.
+__global__ void scatter_add_rows_kernel(const float* src, const int32_t* index, float* dst, int64_t rows,
+                                        int64_t cols) {
+  MOESIM_FOR_EACH(c, cols) {
+    for (int64_t i = 0; i < rows; ++i) dst[static_cast<int64_t>(index[i]) * cols + c] += src[i * cols + c];
+  }
+}
+
+__global__ void gather_sum_rows_kernel(const float* src, const int32_t* slot, const float* weight, float* dst,
+                                       int64_t tokens, int k, int64_t cols) {
+  MOESIM_FOR_EACH(i, tokens * cols) dst[i] = kernels::combine_element(src, slot, weight, i / cols, k, cols, i % cols);
+}
+
+// One block per assignment; the dot product reduced across the block in double.
+__global__ void gather_sum_rows_backward_kernel(const float* dy, const float* src, const int32_t* slot,
+                                                const float* weight, float* grad_src, float* dweight,
+                                                int64_t assignments, int k, int64_t cols) {
+  for (int64_t a = blockIdx.x; a < assignments; a += gridDim.x) {
+    if (slot[a] < 0) {
+      if (threadIdx.x == 0) dweight[a] = 0.0f;
+      continue;  // uniform across the block: no thread reaches block_reduce
+    }
+    const int64_t row = static_cast<int64_t>(slot[a]) * cols;
+    const double part = kernels::combine_backward_part(dy + (a / k) * cols, src + row, weight[a], grad_src + row,
+                                                       cols, threadIdx.x, blockDim.x);
+    const double dot = block_reduce<double>(part, Sum{});
+    if (threadIdx.x == 0) dweight[a] = static_cast<float>(dot);
+  }
+}
+
+__global__ void split_heads_kernel(const float* x, float* y, int64_t B, int64_t S, int64_t G, int64_t H, int64_t d) {
+  MOESIM_FOR_EACH(i, B * S * G * H * d) y[i] = x[kernels::heads_source_index(i, B, S, G, H, d)];
+}
+
+__global__ void merge_heads_kernel(const float* y, float* x, int64_t B, int64_t S, int64_t G, int64_t H, int64_t d) {
+  MOESIM_FOR_EACH(i, B * S * G * H * d) x[kernels::heads_source_index(i, B, S, G, H, d)] = y[i];
+}
+
+__global__ void causal_mask_kernel(float* x, int64_t batches, int64_t S) {
+  MOESIM_FOR_EACH(i, batches * S * S) if (kernels::causal_masked(i, S)) x[i] = -INFINITY;
+}
+
+__global__ void softmax_backward_rows_kernel(const float* y, const float* dy, float* dx, int64_t rows, int64_t cols) {
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const float dot =
+        block_reduce<float>(kernels::dot_part(y + r * cols, dy + r * cols, cols, threadIdx.x, blockDim.x), Sum{});
+    kernels::softmax_backward_write_part(y + r * cols, dy + r * cols, dot, dx + r * cols, cols, threadIdx.x,
+                                         blockDim.x);
+  }
+}
+
+__global__ void cross_entropy_kernel(const float* logits, const int32_t* targets, float* dlogits, double* row_loss,
+                                     int64_t rows, int64_t V, double grad_scale) {
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const float* z = logits + r * V;
+    const double m = block_reduce<float>(kernels::row_max_part(z, V, threadIdx.x, blockDim.x), Max{});
+    const double sum = block_reduce<double>(kernels::ce_exp_sum_part(z, m, V, threadIdx.x, blockDim.x), Sum{});
+    if (threadIdx.x == 0) row_loss[r] = kernels::ce_row_loss(z, m, sum, targets[r]);
+    kernels::ce_grad_part(z, m, sum, targets[r], grad_scale, dlogits + r * V, V, threadIdx.x, blockDim.x);
+  }
+}
+
+__global__ void scale_kernel(float alpha, float* x, int64_t n) {
+  MOESIM_FOR_EACH(i, n) x[i] *= alpha;
+}
+
+__global__ void gate_noise_kernel(const float* logits, float* noisy, int64_t tokens, int experts, uint64_t key,
+                                  uint64_t step, int64_t token_offset, float sigma) {
+  MOESIM_FOR_EACH(i, tokens * experts) {
+    const int64_t t = i / experts;
+    const int e = static_cast<int>(i % experts);
+    noisy[i] = logits[i] + kernels::mul_rn(sigma, kernels::gate_noise_sample(key, step, token_offset + t, e));
+  }
+}
+
+// One thread per token (a token's work is O(E k): the experts of one router).
+__global__ void router_backward_kernel(kernels::RouterBackward args) {
+  MOESIM_FOR_EACH(t, args.tokens) kernels::router_backward_token(args, t);
+}
+
+__global__ void sgd_step_kernel(float* param, const float* grad, float* velocity, int64_t n, kernels::SgdHyper h) {
+  MOESIM_FOR_EACH(i, n) kernels::sgd_update(param + i, grad[i], velocity + i, h);
+}
+
+__global__ void adam_step_kernel(float* param, const float* grad, float* m, float* v, int64_t n, kernels::AdamHyper h) {
+  MOESIM_FOR_EACH(i, n) kernels::adam_update(param + i, grad[i], m + i, v + i, h);
 }
 
 // ---- the back end ------------------------------------------------------------------------
@@ -273,6 +393,116 @@ class CudaBackend final : public Backend {
     MOESIM_CUDA_CHECK_LAUNCH(layernorm_param_grads_kernel);
   }
 
+  void add_bias(float* y, const float* bias, int64_t rows, int64_t cols) override {
+    if (rows * cols == 0) return;
+    add_bias_kernel<<<blocks_for(rows * cols), kThreads>>>(y, bias, rows, cols);
+    MOESIM_CUDA_CHECK_LAUNCH(add_bias_kernel);
+  }
+
+  void repeat_row(const float* row, float* y, int64_t rows, int64_t cols) override {
+    if (rows * cols == 0) return;
+    repeat_row_kernel<<<blocks_for(rows * cols), kThreads>>>(row, y, rows, cols);
+    MOESIM_CUDA_CHECK_LAUNCH(repeat_row_kernel);
+  }
+
+  void column_sums_add(const float* x, float* sums, int64_t rows, int64_t cols) override {
+    if (rows == 0 || cols == 0) return;
+    column_sums_add_kernel<<<blocks_for(cols), kThreads>>>(x, sums, rows, cols);
+    MOESIM_CUDA_CHECK_LAUNCH(column_sums_add_kernel);
+  }
+
+  void gather_rows(const float* src, const int32_t* index, float* dst, int64_t rows, int64_t cols) override {
+    if (rows * cols == 0) return;
+    gather_rows_kernel<<<blocks_for(rows * cols), kThreads>>>(src, index, dst, rows, cols);
+    MOESIM_CUDA_CHECK_LAUNCH(gather_rows_kernel);
+  }
+
+  void scatter_add_rows(const float* src, const int32_t* index, float* dst, int64_t rows, int64_t cols) override {
+    if (rows == 0 || cols == 0) return;
+    scatter_add_rows_kernel<<<blocks_for(cols), kThreads>>>(src, index, dst, rows, cols);
+    MOESIM_CUDA_CHECK_LAUNCH(scatter_add_rows_kernel);
+  }
+
+  void gather_sum_rows(const float* src, const int32_t* slot, const float* weight, float* dst, int64_t tokens, int k,
+                       int64_t cols) override {
+    if (tokens * cols == 0) return;
+    gather_sum_rows_kernel<<<blocks_for(tokens * cols), kThreads>>>(src, slot, weight, dst, tokens, k, cols);
+    MOESIM_CUDA_CHECK_LAUNCH(gather_sum_rows_kernel);
+  }
+
+  void gather_sum_rows_backward(const float* dy, const float* src, const int32_t* slot, const float* weight,
+                                float* grad_src, float* dweight, int64_t tokens, int k, int64_t cols) override {
+    if (tokens * k == 0) return;
+    gather_sum_rows_backward_kernel<<<blocks_for_rows(tokens * k), kThreads>>>(dy, src, slot, weight, grad_src,
+                                                                                dweight, tokens * k, k, cols);
+    MOESIM_CUDA_CHECK_LAUNCH(gather_sum_rows_backward_kernel);
+  }
+
+  void split_heads(const float* x, float* y, int64_t B, int64_t S, int64_t G, int64_t H, int64_t d) override {
+    const int64_t n = B * S * G * H * d;
+    if (n == 0) return;
+    split_heads_kernel<<<blocks_for(n), kThreads>>>(x, y, B, S, G, H, d);
+    MOESIM_CUDA_CHECK_LAUNCH(split_heads_kernel);
+  }
+
+  void merge_heads(const float* y, float* x, int64_t B, int64_t S, int64_t G, int64_t H, int64_t d) override {
+    const int64_t n = B * S * G * H * d;
+    if (n == 0) return;
+    merge_heads_kernel<<<blocks_for(n), kThreads>>>(y, x, B, S, G, H, d);
+    MOESIM_CUDA_CHECK_LAUNCH(merge_heads_kernel);
+  }
+
+  void causal_mask(float* x, int64_t batches, int64_t S) override {
+    if (batches * S == 0) return;
+    causal_mask_kernel<<<blocks_for(batches * S * S), kThreads>>>(x, batches, S);
+    MOESIM_CUDA_CHECK_LAUNCH(causal_mask_kernel);
+  }
+
+  void softmax_backward_rows(const float* y, const float* dy, float* dx, int64_t rows, int64_t cols) override {
+    if (rows == 0 || cols == 0) return;
+    softmax_backward_rows_kernel<<<blocks_for_rows(rows), kThreads>>>(y, dy, dx, rows, cols);
+    MOESIM_CUDA_CHECK_LAUNCH(softmax_backward_rows_kernel);
+  }
+
+  void cross_entropy(const float* logits, const int32_t* targets, float* dlogits, double* row_loss, int64_t rows,
+                     int64_t V, double grad_scale) override {
+    if (rows == 0 || V == 0) return;
+    cross_entropy_kernel<<<blocks_for_rows(rows), kThreads>>>(logits, targets, dlogits, row_loss, rows, V, grad_scale);
+    MOESIM_CUDA_CHECK_LAUNCH(cross_entropy_kernel);
+  }
+
+  void scale(float alpha, float* x, int64_t n) override {
+    if (n == 0) return;
+    scale_kernel<<<blocks_for(n), kThreads>>>(alpha, x, n);
+    MOESIM_CUDA_CHECK_LAUNCH(scale_kernel);
+  }
+
+  void gate_noise(const float* logits, float* noisy, int64_t tokens, int experts, uint64_t key, uint64_t step,
+                  int64_t token_offset, float sigma) override {
+    if (tokens * experts == 0) return;
+    gate_noise_kernel<<<blocks_for(tokens * experts), kThreads>>>(logits, noisy, tokens, experts, key, step,
+                                                                  token_offset, sigma);
+    MOESIM_CUDA_CHECK_LAUNCH(gate_noise_kernel);
+  }
+
+  void router_backward(const kernels::RouterBackward& args) override {
+    if (args.tokens == 0) return;
+    router_backward_kernel<<<blocks_for(args.tokens), kThreads>>>(args);
+    MOESIM_CUDA_CHECK_LAUNCH(router_backward_kernel);
+  }
+
+  void sgd_step(float* param, const float* grad, float* velocity, int64_t n, const kernels::SgdHyper& h) override {
+    if (n == 0) return;
+    sgd_step_kernel<<<blocks_for(n), kThreads>>>(param, grad, velocity, n, h);
+    MOESIM_CUDA_CHECK_LAUNCH(sgd_step_kernel);
+  }
+
+  void adam_step(float* param, const float* grad, float* m, float* v, int64_t n, const kernels::AdamHyper& h) override {
+    if (n == 0) return;
+    adam_step_kernel<<<blocks_for(n), kThreads>>>(param, grad, m, v, n, h);
+    MOESIM_CUDA_CHECK_LAUNCH(adam_step_kernel);
+  }
+
   void copy(const void* src, void* dst, size_t bytes) override {
     if (bytes == 0) return;
     MOESIM_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, 0));
@@ -298,6 +528,17 @@ bool cuda_available() {
   return count > 0;
 }
 
+bool built_with_cuda() { return true; }
+
+int cuda_device_count() {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return count;
+}
+
 std::unique_ptr<Backend> make_cuda_backend(int device) {
   int count = 0;
   MOESIM_CUDA_CHECK(cudaGetDeviceCount(&count));
@@ -309,11 +550,77 @@ std::unique_ptr<Backend> make_cuda_backend(int device) {
 
 namespace detail {
 
+namespace {
+
+// A caching allocator: freed blocks go to a free list by (rounded) size and are handed out again,
+// so the layers' per-call temporaries do not pay cudaMalloc and the synchronising cudaFree every
+// step. Safe without events because every user of these buffers is ordered with the legacy default
+// stream (the back end's kernels and copies run on it; the NCCL engine's blocking stream syncs with
+// it and is waited for on the host). Blocks go back to the driver only at process exit.
+class BlockCache {
+ public:
+  static BlockCache& instance() {
+    static BlockCache* cache = new BlockCache;  // never destroyed: deleters may run at exit
+    return *cache;
+  }
+  void* take(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = free_.find(bytes);
+      if (it != free_.end() && !it->second.empty()) {
+        void* p = it->second.back();
+        it->second.pop_back();
+        note_use(bytes);
+        return p;
+      }
+    }
+    void* p = nullptr;
+    cudaError_t rc = cudaMalloc(&p, bytes);
+    if (rc == cudaErrorMemoryAllocation) {  // give the cached blocks back and try once more
+      cudaGetLastError();
+      release_all();
+      rc = cudaMalloc(&p, bytes);
+    }
+    MOESIM_CUDA_CHECK(rc);
+    std::lock_guard<std::mutex> lock(mu_);
+    note_use(bytes);
+    return p;
+  }
+  void give(void* p, size_t bytes) {
+    std::lock_guard<std::mutex> lock(mu_);
+    free_[bytes].push_back(p);
+    in_use_ -= bytes;
+  }
+  size_t peak() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return peak_;
+  }
+
+ private:
+  void note_use(size_t bytes) {
+    in_use_ += bytes;
+    peak_ = std::max(peak_, in_use_);
+  }
+  void release_all() {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& [size, blocks] : free_)
+      for (void* p : blocks) cudaFree(p);
+    free_.clear();
+  }
+  std::mutex mu_;
+  std::unordered_map<size_t, std::vector<void*>> free_;
+  size_t in_use_ = 0, peak_ = 0;
+};
+
+}  // namespace
+
 std::shared_ptr<void> cuda_alloc(size_t bytes) {
-  void* p = nullptr;
-  MOESIM_CUDA_CHECK(cudaMalloc(&p, bytes));
-  return std::shared_ptr<void>(p, [](void* q) { cudaFree(q); });  // a deleter must not throw
+  const size_t rounded = (bytes + 511) / 512 * 512;
+  void* p = BlockCache::instance().take(rounded);
+  return std::shared_ptr<void>(p, [rounded](void* q) { BlockCache::instance().give(q, rounded); });
 }
+
+size_t cuda_peak_allocated_bytes() { return BlockCache::instance().peak(); }
 
 void cuda_memset_zero(void* device_ptr, size_t bytes) { MOESIM_CUDA_CHECK(cudaMemset(device_ptr, 0, bytes)); }
 

@@ -11,9 +11,12 @@
 
 namespace moesim::exec::detail {
 
-// `bytes` of device memory, freed with cudaFree when the last owner goes.
+// `bytes` of device memory, returned to a cache of blocks when the last owner goes (reused by later
+// allocations of the same rounded size; see cuda_backend.cu).
 std::shared_ptr<void> cuda_alloc(size_t bytes);
 void cuda_memset_zero(void* device_ptr, size_t bytes);
+// The most bytes cuda_alloc's callers have held at once in this process (0 without CUDA).
+size_t cuda_peak_allocated_bytes();
 
 enum class CopyKind { kHostToDevice, kDeviceToHost, kDeviceToDevice };
 // Synchronous with respect to the host for host copies.

@@ -201,4 +201,217 @@ MOESIM_HOST_DEVICE inline void layernorm_backward_row(const float* x, const floa
   layernorm_backward_dx_part(x, gamma, dy, mean, rstd, sum_g, sum_g_xhat, dx, cols, 0, 1);
 }
 
+// ---- index maps of the gathers, scatters and attention heads ---------------------------------
+
+// Attention heads: x [B, S, G, H, d] (a token's G groups of H heads of d values: [Q | K | V] with
+// G = 3, or O with G = 1) <-> y [G, B, H, S, d] (per group, head-major rows for the per-head GEMMs).
+// Element i of y comes from element heads_source_index(i) of x.
+MOESIM_HOST_DEVICE inline int64_t heads_source_index(int64_t i, int64_t B, int64_t S, int64_t G, int64_t H,
+                                                    int64_t d) {
+  const int64_t e = i % d;
+  int64_t r = i / d;
+  const int64_t s = r % S;
+  r /= S;
+  const int64_t h = r % H;
+  r /= H;
+  const int64_t b = r % B;
+  const int64_t g = r / B;
+  return (((b * S + s) * G + g) * H + h) * d + e;
+}
+
+// Element i of x [batches, S, S] lies above the diagonal (key u after query t): masked by -inf.
+MOESIM_HOST_DEVICE inline bool causal_masked(int64_t i, int64_t S) { return i % S > (i / S) % S; }
+
+// ---- softmax backward over a row ---------------------------------------------------------------
+//   dx_j = y_j (dy_j - sum_i y_i dy_i)
+// (y = softmax(x)). Masked entries (y = 0) get dx = 0. dx may alias dy: every dy is read by the
+// dot product before any dx is written (the CUDA kernel reduces across the block in between).
+
+MOESIM_HOST_DEVICE inline float dot_part(const float* a, const float* b, int64_t n, int64_t begin, int64_t stride) {
+  float s = 0.0f;
+  for (int64_t j = begin; j < n; j += stride) s += mul_rn(a[j], b[j]);
+  return s;
+}
+
+MOESIM_HOST_DEVICE inline void softmax_backward_write_part(const float* y, const float* dy, float dot, float* dx,
+                                                           int64_t cols, int64_t begin, int64_t stride) {
+  for (int64_t j = begin; j < cols; j += stride) dx[j] = y[j] * (dy[j] - dot);
+}
+
+// ---- softmax cross-entropy over a row of logits z [V] with target y ----------------------------
+//   loss = m + log sum_v exp(z_v - m) - z_y,  m = max_v z_v
+//   dz_v = (exp(z_v - m) / sum - [v == y]) * grad_scale         (grad_scale = 1/T for a mean over T rows)
+// in double from the fp32 logits (the sum of V exponentials keeps its digits for large V).
+
+MOESIM_HOST_DEVICE inline double ce_exp_sum_part(const float* z, double m, int64_t V, int64_t begin, int64_t stride) {
+  double s = 0.0;
+  for (int64_t v = begin; v < V; v += stride) s += exp(static_cast<double>(z[v]) - m);
+  return s;
+}
+
+MOESIM_HOST_DEVICE inline double ce_row_loss(const float* z, double m, double exp_sum, int32_t y) {
+  return m + log(exp_sum) - static_cast<double>(z[y]);
+}
+
+MOESIM_HOST_DEVICE inline void ce_grad_part(const float* z, double m, double exp_sum, int32_t y, double grad_scale,
+                                            float* dz, int64_t V, int64_t begin, int64_t stride) {
+  for (int64_t v = begin; v < V; v += stride)
+    dz[v] = static_cast<float>((exp(static_cast<double>(z[v]) - m) / exp_sum - (v == y ? 1.0 : 0.0)) * grad_scale);
+}
+
+// ---- MoE combine and its backward ---------------------------------------------------------------
+// combine:  y[t] = sum over kept choices j (slot >= 0), in j order from 0, of w_tj * out[slot_tj]
+// backward: d out[slot_tj] = w_tj dy[t],  d w_tj = dy[t] . out[slot_tj] (in double)
+
+MOESIM_HOST_DEVICE inline float combine_element(const float* src, const int32_t* slot, const float* weight,
+                                                int64_t t, int k, int64_t cols, int64_t c) {
+  float acc = 0.0f;
+  for (int j = 0; j < k; ++j) {
+    const int64_t a = t * k + j;
+    if (slot[a] < 0) continue;
+    const float o = src[static_cast<int64_t>(slot[a]) * cols + c];
+    acc += weight ? mul_rn(weight[a], o) : o;
+  }
+  return acc;
+}
+
+// Writes grad_src's row for one assignment over its part of the columns; returns the part's dot.
+MOESIM_HOST_DEVICE inline double combine_backward_part(const float* dy_row, const float* src_row, float w,
+                                                       float* grad_row, int64_t cols, int64_t begin, int64_t stride) {
+  double dot = 0.0;
+  for (int64_t c = begin; c < cols; c += stride) {
+    dot += static_cast<double>(dy_row[c]) * static_cast<double>(src_row[c]);
+    grad_row[c] = w * dy_row[c];
+  }
+  return dot;
+}
+
+// ---- counter-based random numbers (the MoE gate noise) ------------------------------------------
+// Every value is a hash of (stream key, index), so it does not depend on how many were drawn
+// before it or on which rank (or thread) draws it.
+
+MOESIM_HOST_DEVICE inline uint64_t mix64(uint64_t z) {  // splitmix64's finaliser
+  z += 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+MOESIM_HOST_DEVICE inline uint64_t hash2(uint64_t key, uint64_t index) {
+  return mix64(key ^ mix64(index + 0x632BE59BD9B4E019ull));
+}
+MOESIM_HOST_DEVICE inline double unit_open(uint64_t h) {  // (0, 1)
+  return (static_cast<double>(h >> 11) + 0.5) * 0x1.0p-53;
+}
+
+inline constexpr double kPi = 3.14159265358979323846;
+
+// eps ~ N(0, 1) for logit `expert` of global token `token` in step `step` (Box-Muller on two
+// hashed uniforms). The CUDA and C libraries' log/cos may differ in the last bits of the double,
+// which moves the fp32 result only when it lies on a rounding boundary.
+MOESIM_HOST_DEVICE inline float gate_noise_sample(uint64_t key, uint64_t step, int64_t token, int expert) {
+  const uint64_t row = hash2(hash2(key, step), static_cast<uint64_t>(token));
+  const double u1 = unit_open(hash2(row, 2 * static_cast<uint64_t>(expert)));
+  const double u2 = unit_open(hash2(row, 2 * static_cast<uint64_t>(expert) + 1));
+  return static_cast<float>(sqrt(-2 * log(u1)) * cos(2 * kPi * u2));
+}
+
+// ---- the MoE router's backward pass, per token ----------------------------------------------------
+// From d(gate weight) of the token's k choices and the aux losses' coefficients to d(logits):
+//   dp_e = dp_const_e + [e = c_j] (dgate_j                           without renormalisation,
+//                                  (dgate_j - sum_i dgate_i w_i) / sum_i p_{c_i}   with it)
+//   dz_e = p_e (dp_e - sum_i p_i dp_i)                               (softmax backward)
+//        + damex_coef (p_e - [e = h(dataset)])                       (tokens with a DAMEX label)
+//        + load_coef_e phi((logit_e - eta) / sigma) / sigma          (load loss, noisy gate)
+//   dz_{c_k} -= sum_e of the load terms                              (through eta, the k-th noisy logit)
+// In double, rounded to fp32 once per term as the CPU layer always did.
+struct RouterBackward {
+  const float* probs = nullptr;          // p [T, E]
+  const int32_t* choice = nullptr;       // c [T, k]
+  const float* dgate = nullptr;          // [T, k]
+  const float* gate_w = nullptr;         // w [T, k]
+  const double* dp_const = nullptr;      // [E]: d(switch + importance losses)/dp_e, the same for every token
+  bool renormalize = false;
+  const int32_t* dataset = nullptr;      // [T]: -1 or a dataset id; null: none
+  const int32_t* damex_expert = nullptr; // h(d)
+  double damex_coef = 0;                 // damex weight / labelled tokens of the group
+  const double* load_coef = nullptr;     // [E]: load weight * d CV^2 / d L_e; null: no load term
+  const float* logits = nullptr;         // clean g [T, E] (load term)
+  const float* eta = nullptr;            // [T] (load term)
+  double sigma = 1;                      // noise scale (load term)
+  float* dlogits = nullptr;              // out: [T, E]
+  int64_t tokens = 0;
+  int experts = 0;
+  int k = 1;
+};
+
+MOESIM_HOST_DEVICE inline void router_backward_token(const RouterBackward& a, int64_t t) {
+  const int E = a.experts, k = a.k;
+  const float* p = a.probs + t * E;
+  const int32_t* c = a.choice + t * k;
+  const float* dg = a.dgate + t * k;
+  float* dz = a.dlogits + t * E;
+  double sum = 0, dot = 0;
+  if (a.renormalize)
+    for (int j = 0; j < k; ++j) {
+      sum += p[c[j]];
+      dot += static_cast<double>(dg[j]) * a.gate_w[t * k + j];
+    }
+  // dp_e, recomputed wherever needed: the k choices are distinct experts.
+  auto dp = [&](int e) {
+    double v = a.dp_const[e];
+    for (int j = 0; j < k; ++j)
+      if (c[j] == e) v += a.renormalize ? (dg[j] - dot) / sum : static_cast<double>(dg[j]);
+    return v;
+  };
+  double pdp = 0;
+  for (int e = 0; e < E; ++e) pdp += p[e] * dp(e);
+  for (int e = 0; e < E; ++e) dz[e] = static_cast<float>(p[e] * (dp(e) - pdp));
+  const int d = a.dataset ? a.dataset[t] : -1;
+  if (d >= 0 && a.damex_coef > 0) {
+    const int h = a.damex_expert[d];
+    for (int e = 0; e < E; ++e) dz[e] += static_cast<float>(a.damex_coef * (p[e] - (e == h ? 1.0 : 0.0)));
+  }
+  if (a.load_coef) {
+    double to_eta = 0;
+    for (int e = 0; e < E; ++e) {
+      const double u = (a.logits[t * E + e] - a.eta[t]) / a.sigma;
+      const double v = a.load_coef[e] * (exp(-0.5 * u * u) / sqrt(2 * kPi)) / a.sigma;
+      dz[e] += static_cast<float>(v);
+      to_eta += v;
+    }
+    dz[c[k - 1]] -= static_cast<float>(to_eta);
+  }
+}
+
+// ---- optimizers, per element (executor/optimizer.h has the formulas) ------------------------------
+// Every product that feeds an add is rounded first (mul_rn), so CUDA computes the same bits as the
+// CPU.
+
+struct SgdHyper {
+  float lr = 0, momentum = 0, weight_decay = 0;
+  bool nesterov = false;
+};
+
+MOESIM_HOST_DEVICE inline void sgd_update(float* p, float grad, float* velocity, const SgdHyper& h) {
+  const float g = grad + mul_rn(h.weight_decay, *p);
+  *velocity = mul_rn(h.momentum, *velocity) + g;
+  *p = *p - mul_rn(h.lr, h.nesterov ? g + mul_rn(h.momentum, *velocity) : *velocity);
+}
+
+struct AdamHyper {
+  float step_size = 0;  // lr / (1 - beta1^t)
+  float bc2_sqrt = 1;   // sqrt(1 - beta2^t)
+  float beta1 = 0.9f, beta2 = 0.999f, eps = 1e-8f;
+  float decay = 1;  // 1 - lr wd (AdamW) or 1
+  float l2 = 0;     // wd (Adam with an L2 term) or 0
+};
+
+MOESIM_HOST_DEVICE inline void adam_update(float* p, float grad, float* m, float* v, const AdamHyper& h) {
+  const float g = grad + mul_rn(h.l2, *p);
+  *p = mul_rn(*p, h.decay);
+  *m = mul_rn(h.beta1, *m) + mul_rn(1.0f - h.beta1, g);
+  *v = mul_rn(h.beta2, *v) + mul_rn(mul_rn(1.0f - h.beta2, g), g);
+  *p = *p - mul_rn(h.step_size, *m) / (sqrtf(*v) / h.bc2_sqrt + h.eps);
+}
+
 }  // namespace moesim::exec::kernels

@@ -31,7 +31,24 @@ uint64_t fnv1a64(std::string_view s) {
   return h;
 }
 
-Tensor zeros_like(const Tensor& t) { return Tensor::zeros(t.shape()); }
+// Tensors of a back end: on its device, fp32.
+Tensor empty_on(const Backend& b, std::vector<int64_t> shape) {
+  return Tensor::empty(std::move(shape), DType::kF32, b.device());
+}
+Tensor zeros_on(const Backend& b, std::vector<int64_t> shape) {
+  return Tensor::zeros(std::move(shape), DType::kF32, b.device());
+}
+// Parameters are drawn on the host (one Rng stream each, in memory order) and then moved.
+Tensor normal_on(const Backend& b, std::vector<int64_t> shape, uint64_t seed, float std) {
+  Tensor host = Tensor::zeros(std::move(shape));
+  Rng(seed).fill_normal(host, 0.0f, std);
+  return b.device() == Device::kCpu ? host : host.to(b.device());
+}
+
+void check_device(const Backend& b, const Tensor& t, const std::string& who) {
+  if (t.device() != b.device() || t.dtype() != DType::kF32)
+    throw Error(fmt::format("{}: got {}, but the layer runs on {} (f32 on its device)", who, t.describe(), b.name()));
+}
 
 std::string shape_str(const Tensor& t) { return t.describe(); }
 
@@ -121,7 +138,7 @@ int64_t ParamRegistry::numel(ParamSharing sharing) const {
 }
 
 void ParamRegistry::zero_grad() {
-  for (Param& p : params_) std::fill_n(p.grad.f32(), p.grad.numel(), 0.0f);
+  for (Param& p : params_) p.grad.fill_zero();
 }
 
 // ---- Linear ----------------------------------------------------------------------------------
@@ -130,35 +147,34 @@ Linear::Linear(Backend& backend, std::string name, int64_t in_features, int64_t 
                LinearOptions options)
     : backend_(&backend), name_(std::move(name)), in_(in_features), out_(out_features), has_bias_(options.bias) {
   MOESIM_ASSERT(in_ > 0 && out_ > 0, "{}: bad shape {} x {}", name_, in_, out_);
-  weight_ = Tensor::zeros({in_, out_});
-  dweight_ = Tensor::zeros({in_, out_});
-  Rng(derive_seed(seed, name_ + ".weight")).fill_normal(weight_, 0.0f, options.init_std);
+  weight_ = normal_on(backend, {in_, out_}, derive_seed(seed, name_ + ".weight"), options.init_std);
+  dweight_ = zeros_on(backend, {in_, out_});
   if (has_bias_) {
-    bias_ = Tensor::zeros({out_});
-    dbias_ = Tensor::zeros({out_});
+    bias_ = zeros_on(backend, {out_});
+    dbias_ = zeros_on(backend, {out_});
   }
 }
 
 Tensor Linear::forward(const Tensor& x) {
   const int64_t rows = rows_of(x, in_, name_);
+  check_device(*backend_, x, name_);
   x_ = x;
-  Tensor y = Tensor::empty(with_last(x.shape(), out_));
-  float* yp = y.f32();
-  backend_->gemm(false, false, rows, out_, in_, 1.0f, x.f32(), weight_.f32(), 0.0f, yp);
-  if (has_bias_)
-    for (int64_t r = 0; r < rows; ++r) backend_->axpy(1.0f, bias_.f32(), yp + r * out_, out_);
+  Tensor y = empty_on(*backend_, with_last(x.shape(), out_));
+  float* yp = y.device_f32();
+  backend_->gemm(false, false, rows, out_, in_, 1.0f, x.device_f32(), weight_.device_f32(), 0.0f, yp);
+  if (has_bias_) backend_->add_bias(yp, bias_.device_f32(), rows, out_);
   return y;
 }
 
 Tensor Linear::backward(const Tensor& dy) {
   const int64_t rows = rows_of(dy, out_, name_);
   MOESIM_ASSERT(x_.numel() == rows * in_, "{}: backward of {} without a matching forward", name_, shape_str(dy));
-  const float* dyp = dy.f32();
-  backend_->gemm(true, false, in_, out_, rows, 1.0f, x_.f32(), dyp, 1.0f, dweight_.f32());
-  if (has_bias_)
-    for (int64_t r = 0; r < rows; ++r) backend_->axpy(1.0f, dyp + r * out_, dbias_.f32(), out_);
-  Tensor dx = Tensor::empty(x_.shape());
-  backend_->gemm(false, true, rows, in_, out_, 1.0f, dyp, weight_.f32(), 0.0f, dx.f32());
+  check_device(*backend_, dy, name_);
+  const float* dyp = dy.device_f32();
+  backend_->gemm(true, false, in_, out_, rows, 1.0f, x_.device_f32(), dyp, 1.0f, dweight_.device_f32());
+  if (has_bias_) backend_->column_sums_add(dyp, dbias_.device_f32(), rows, out_);
+  Tensor dx = empty_on(*backend_, x_.shape());
+  backend_->gemm(false, true, rows, in_, out_, 1.0f, dyp, weight_.device_f32(), 0.0f, dx.device_f32());
   return dx;
 }
 
@@ -172,9 +188,8 @@ void Linear::register_params(ParamRegistry& registry, ParamSharing sharing) {
 Embedding::Embedding(Backend& backend, std::string name, int64_t vocab, int64_t dim, uint64_t seed, float init_std)
     : backend_(&backend), name_(std::move(name)), vocab_(vocab), dim_(dim) {
   MOESIM_ASSERT(vocab_ > 0 && dim_ > 0, "{}: bad shape {} x {}", name_, vocab_, dim_);
-  table_ = Tensor::zeros({vocab_, dim_});
-  dtable_ = Tensor::zeros({vocab_, dim_});
-  Rng(derive_seed(seed, name_ + ".weight")).fill_normal(table_, 0.0f, init_std);
+  table_ = normal_on(backend, {vocab_, dim_}, derive_seed(seed, name_ + ".weight"), init_std);
+  dtable_ = zeros_on(backend, {vocab_, dim_});
 }
 
 Tensor Embedding::forward(std::span<const int32_t> ids) {
@@ -182,23 +197,18 @@ Tensor Embedding::forward(std::span<const int32_t> ids) {
     if (ids[t] < 0 || ids[t] >= vocab_)
       throw Error(fmt::format("{}: token id {} at position {} is outside the vocabulary [0, {})", name_, ids[t], t,
                               vocab_));
-  ids_.assign(ids.begin(), ids.end());
   const auto n = static_cast<int64_t>(ids.size());
-  Tensor y = Tensor::empty({n, dim_});
-  const float* table = table_.f32();
-  float* yp = y.f32();
-  for (int64_t t = 0; t < n; ++t)
-    std::memcpy(yp + t * dim_, table + static_cast<int64_t>(ids_[t]) * dim_, sizeof(float) * dim_);
+  ids_ = Tensor::from_i32({n}, ids.data(), ids.size(), backend_->device());
+  Tensor y = empty_on(*backend_, {n, dim_});
+  backend_->gather_rows(table_.device_f32(), ids_.device_i32(), y.device_f32(), n, dim_);
   return y;
 }
 
 void Embedding::backward(const Tensor& dy) {
-  const auto n = static_cast<int64_t>(ids_.size());
+  const int64_t n = ids_.numel();
   MOESIM_ASSERT(dy.numel() == n * dim_, "{}: backward of {} after a forward of {} ids", name_, shape_str(dy), n);
-  const float* dyp = dy.f32();
-  float* dtable = dtable_.f32();
-  for (int64_t t = 0; t < n; ++t)
-    backend_->axpy(1.0f, dyp + t * dim_, dtable + static_cast<int64_t>(ids_[t]) * dim_, dim_);
+  check_device(*backend_, dy, name_);
+  backend_->scatter_add_rows(dy.device_f32(), ids_.device_i32(), dtable_.device_f32(), n, dim_);
 }
 
 void Embedding::register_params(ParamRegistry& registry, ParamSharing sharing) {
@@ -210,28 +220,32 @@ void Embedding::register_params(ParamRegistry& registry, ParamSharing sharing) {
 LayerNorm::LayerNorm(Backend& backend, std::string name, int64_t dim, float eps)
     : backend_(&backend), name_(std::move(name)), dim_(dim), eps_(eps) {
   MOESIM_ASSERT(dim_ > 0 && eps_ > 0, "{}: bad dim {} or eps {}", name_, dim_, eps_);
-  gamma_ = Tensor::from({dim_}, std::vector<float>(static_cast<size_t>(dim_), 1.0f));
-  beta_ = Tensor::zeros({dim_});
-  dgamma_ = Tensor::zeros({dim_});
-  dbeta_ = Tensor::zeros({dim_});
+  gamma_ = Tensor::from({dim_}, std::vector<float>(static_cast<size_t>(dim_), 1.0f), backend.device());
+  beta_ = zeros_on(backend, {dim_});
+  dgamma_ = zeros_on(backend, {dim_});
+  dbeta_ = zeros_on(backend, {dim_});
 }
 
 Tensor LayerNorm::forward(const Tensor& x) {
   const int64_t rows = rows_of(x, dim_, name_);
+  check_device(*backend_, x, name_);
   x_ = x;
-  mean_ = Tensor::empty({rows});
-  rstd_ = Tensor::empty({rows});
-  Tensor y = Tensor::empty(x.shape());
-  backend_->layernorm(x.f32(), gamma_.f32(), beta_.f32(), y.f32(), mean_.f32(), rstd_.f32(), rows, dim_, eps_);
+  mean_ = empty_on(*backend_, {rows});
+  rstd_ = empty_on(*backend_, {rows});
+  Tensor y = empty_on(*backend_, x.shape());
+  backend_->layernorm(x.device_f32(), gamma_.device_f32(), beta_.device_f32(), y.device_f32(), mean_.device_f32(),
+                      rstd_.device_f32(), rows, dim_, eps_);
   return y;
 }
 
 Tensor LayerNorm::backward(const Tensor& dy) {
   const int64_t rows = rows_of(dy, dim_, name_);
   MOESIM_ASSERT(x_.numel() == rows * dim_, "{}: backward of {} without a matching forward", name_, shape_str(dy));
-  Tensor dx = Tensor::zeros(x_.shape());
-  backend_->layernorm_backward(x_.f32(), gamma_.f32(), mean_.f32(), rstd_.f32(), dy.f32(), dx.f32(), dgamma_.f32(),
-                               dbeta_.f32(), rows, dim_);
+  check_device(*backend_, dy, name_);
+  Tensor dx = empty_on(*backend_, x_.shape());
+  backend_->layernorm_backward(x_.device_f32(), gamma_.device_f32(), mean_.device_f32(), rstd_.device_f32(),
+                               dy.device_f32(), dx.device_f32(), dgamma_.device_f32(), dbeta_.device_f32(), rows,
+                               dim_);
   return dx;
 }
 
@@ -261,49 +275,31 @@ Tensor CausalSelfAttention::forward(const Tensor& x) {
   const int64_t B = x.dim(0), S = x.dim(1), D = d_model_, H = n_heads_, d = head_dim_;
   batch_ = B;
   seq_ = S;
-  const Tensor qkv = qkv_.forward(x);  // [B, S, 3D]
-  q_ = Tensor::empty({B, H, S, d});
-  k_ = Tensor::empty({B, H, S, d});
-  v_ = Tensor::empty({B, H, S, d});
-  const float* src = qkv.f32();
-  float* q = q_.f32();
-  float* k = k_.f32();
-  float* v = v_.f32();
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t s = 0; s < S; ++s) {
-      const float* row = src + (b * S + s) * 3 * D;
-      for (int64_t h = 0; h < H; ++h) {
-        const int64_t dst = ((b * H + h) * S + s) * d;
-        std::memcpy(q + dst, row + h * d, sizeof(float) * d);
-        std::memcpy(k + dst, row + D + h * d, sizeof(float) * d);
-        std::memcpy(v + dst, row + 2 * D + h * d, sizeof(float) * d);
-      }
-    }
+  const Tensor qkv = qkv_.forward(x);  // [B, S, 3D] = [B, S, 3, H, d]
+  qkv_heads_ = empty_on(*backend_, {3, B, H, S, d});  // Q, K, V one after the other
+  backend_->split_heads(qkv.device_f32(), qkv_heads_.device_f32(), B, S, 3, H, d);
+  const float* q = qkv_heads_.device_f32();
+  const float* k = q + B * H * S * d;
+  const float* v = k + B * H * S * d;
 
   // Scores, causally masked, then a row softmax over all B H S rows at once.
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  Tensor scores = Tensor::empty({B, H, S, S});
-  float* sc = scores.f32();
-  for (int64_t bh = 0; bh < B * H; ++bh) {
-    float* s_bh = sc + bh * S * S;
-    backend_->gemm(false, true, S, S, d, scale, q + bh * S * d, k + bh * S * d, 0.0f, s_bh);
-    for (int64_t t = 0; t < S; ++t)
-      for (int64_t u = t + 1; u < S; ++u) s_bh[t * S + u] = -INFINITY;
-  }
-  att_ = Tensor::empty({B, H, S, S});
-  float* att = att_.f32();
-  backend_->softmax_rows(sc, att, B * H * S, S);
+  Tensor scores = empty_on(*backend_, {B, H, S, S});
+  float* sc = scores.device_f32();
+  for (int64_t bh = 0; bh < B * H; ++bh)
+    backend_->gemm(false, true, S, S, d, scale, q + bh * S * d, k + bh * S * d, 0.0f, sc + bh * S * S);
+  backend_->causal_mask(sc, B * H, S);
+  att_ = empty_on(*backend_, {B, H, S, S});
+  const float* att = att_.device_f32();
+  backend_->softmax_rows(sc, att_.device_f32(), B * H * S, S);
 
-  // O = A V per head, written into the heads' columns of [B, S, D].
-  Tensor o_bh = Tensor::empty({S, d});
-  Tensor o = Tensor::empty({B, S, D});
-  float* op = o.f32();
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t h = 0; h < H; ++h) {
-      const int64_t bh = b * H + h;
-      backend_->gemm(false, false, S, d, S, 1.0f, att + bh * S * S, v + bh * S * d, 0.0f, o_bh.f32());
-      for (int64_t s = 0; s < S; ++s) std::memcpy(op + (b * S + s) * D + h * d, o_bh.f32() + s * d, sizeof(float) * d);
-    }
+  // O = A V per head [B, H, S, d], then the heads' columns of [B, S, D].
+  Tensor o_heads = empty_on(*backend_, {B, H, S, d});
+  float* oh = o_heads.device_f32();
+  for (int64_t bh = 0; bh < B * H; ++bh)
+    backend_->gemm(false, false, S, d, S, 1.0f, att + bh * S * S, v + bh * S * d, 0.0f, oh + bh * S * d);
+  Tensor o = empty_on(*backend_, {B, S, D});
+  backend_->merge_heads(oh, o.device_f32(), B, S, 1, H, d);
   return proj_.forward(o);
 }
 
@@ -313,41 +309,33 @@ Tensor CausalSelfAttention::backward(const Tensor& dy) {
                 "{}: backward of {} after a forward of [{}, {}, {}]", name_, shape_str(dy), B, S, D);
   const Tensor d_o = proj_.backward(dy);  // [B, S, D]
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  const float* dop = d_o.f32();
-  const float* q = q_.f32();
-  const float* k = k_.f32();
-  const float* v = v_.f32();
-  const float* att = att_.f32();
+  const int64_t head_block = B * H * S * d;
+  const float* q = qkv_heads_.device_f32();
+  const float* k = q + head_block;
+  const float* v = k + head_block;
+  const float* att = att_.device_f32();
 
-  Tensor dqkv = Tensor::empty({B, S, 3 * D});
-  float* dqkvp = dqkv.f32();
-  Tensor do_bh = Tensor::empty({S, d});
-  Tensor da = Tensor::empty({S, S});
-  Tensor dq = Tensor::empty({S, d}), dk = Tensor::empty({S, d}), dv = Tensor::empty({S, d});
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t h = 0; h < H; ++h) {
-      const int64_t bh = b * H + h;
-      const float* a = att + bh * S * S;
-      for (int64_t s = 0; s < S; ++s)
-        std::memcpy(do_bh.f32() + s * d, dop + (b * S + s) * D + h * d, sizeof(float) * d);
-      backend_->gemm(false, true, S, S, d, 1.0f, do_bh.f32(), v + bh * S * d, 0.0f, da.f32());
-      backend_->gemm(true, false, S, d, S, 1.0f, a, do_bh.f32(), 0.0f, dv.f32());
-      // Softmax backward in place over dA (masked entries have A = 0, so their dS is 0).
-      float* ds = da.f32();
-      for (int64_t t = 0; t < S; ++t) {
-        float dot = 0.0f;
-        for (int64_t u = 0; u <= t; ++u) dot += a[t * S + u] * ds[t * S + u];
-        for (int64_t u = 0; u < S; ++u) ds[t * S + u] = u <= t ? a[t * S + u] * (ds[t * S + u] - dot) : 0.0f;
-      }
-      backend_->gemm(false, false, S, d, S, scale, ds, k + bh * S * d, 0.0f, dq.f32());
-      backend_->gemm(true, false, S, d, S, scale, ds, q + bh * S * d, 0.0f, dk.f32());
-      for (int64_t s = 0; s < S; ++s) {
-        float* row = dqkvp + (b * S + s) * 3 * D;
-        std::memcpy(row + h * d, dq.f32() + s * d, sizeof(float) * d);
-        std::memcpy(row + D + h * d, dk.f32() + s * d, sizeof(float) * d);
-        std::memcpy(row + 2 * D + h * d, dv.f32() + s * d, sizeof(float) * d);
-      }
-    }
+  Tensor do_heads = empty_on(*backend_, {B, H, S, d});
+  backend_->split_heads(d_o.device_f32(), do_heads.device_f32(), B, S, 1, H, d);
+  const float* dop = do_heads.device_f32();
+  Tensor dqkv_heads = empty_on(*backend_, {3, B, H, S, d});
+  float* dq = dqkv_heads.device_f32();
+  float* dk = dq + head_block;
+  float* dv = dk + head_block;
+  Tensor da = empty_on(*backend_, {B, H, S, S});
+  float* ds = da.device_f32();
+  for (int64_t bh = 0; bh < B * H; ++bh) {
+    backend_->gemm(false, true, S, S, d, 1.0f, dop + bh * S * d, v + bh * S * d, 0.0f, ds + bh * S * S);
+    backend_->gemm(true, false, S, d, S, 1.0f, att + bh * S * S, dop + bh * S * d, 0.0f, dv + bh * S * d);
+  }
+  // Softmax backward in place over dA (masked entries have A = 0, so their dS is 0).
+  backend_->softmax_backward_rows(att, ds, ds, B * H * S, S);
+  for (int64_t bh = 0; bh < B * H; ++bh) {
+    backend_->gemm(false, false, S, d, S, scale, ds + bh * S * S, k + bh * S * d, 0.0f, dq + bh * S * d);
+    backend_->gemm(true, false, S, d, S, scale, ds + bh * S * S, q + bh * S * d, 0.0f, dk + bh * S * d);
+  }
+  Tensor dqkv = empty_on(*backend_, {B, S, 3 * D});
+  backend_->merge_heads(dqkv_heads.device_f32(), dqkv.device_f32(), B, S, 3, H, d);
   return qkv_.backward(dqkv);
 }
 
@@ -360,45 +348,49 @@ void CausalSelfAttention::register_params(ParamRegistry& registry, ParamSharing 
 
 Tensor residual_add(Backend& backend, const Tensor& a, const Tensor& b) {
   check_same_shape(a, b, "residual_add");
-  Tensor y = Tensor::empty(a.shape());
-  backend.add(a.f32(), b.f32(), y.f32(), a.numel());
+  check_device(backend, a, "residual_add");
+  check_device(backend, b, "residual_add");
+  Tensor y = empty_on(backend, a.shape());
+  backend.add(a.device_f32(), b.device_f32(), y.device_f32(), a.numel());
   return y;
 }
 
 void accumulate(Backend& backend, Tensor& dst, const Tensor& src) {
   MOESIM_ASSERT(dst.numel() == src.numel(), "accumulate: {} += {}", shape_str(dst), shape_str(src));
-  backend.axpy(1.0f, src.f32(), dst.f32(), dst.numel());
+  check_device(backend, dst, "accumulate");
+  check_device(backend, src, "accumulate");
+  backend.axpy(1.0f, src.device_f32(), dst.device_f32(), dst.numel());
 }
 
 // ---- Loss ------------------------------------------------------------------------------------
 
-LossAndGrad cross_entropy(const Tensor& logits, std::span<const int32_t> targets) {
+LossAndGrad cross_entropy(Backend& backend, const Tensor& logits, std::span<const int32_t> targets) {
   MOESIM_ASSERT(logits.rank() >= 1, "cross_entropy: logits {}", shape_str(logits));
+  check_device(backend, logits, "cross_entropy");
   const int64_t V = logits.dim(logits.rank() - 1);
   const int64_t T = logits.numel() / V;
   MOESIM_ASSERT(T > 0 && static_cast<int64_t>(targets.size()) == T, "cross_entropy: {} targets for logits {}",
                 targets.size(), shape_str(logits));
-  LossAndGrad out;
-  out.dlogits = zeros_like(logits);
-  const float* z = logits.f32();
-  float* dz = out.dlogits.f32();
-  const double inv_T = 1.0 / static_cast<double>(T);
-  double total = 0;
   for (int64_t t = 0; t < T; ++t) {
     const int32_t y = targets[static_cast<size_t>(t)];
     if (y < 0 || y >= V)
       throw Error(fmt::format("cross_entropy: target {} at row {} is outside the vocabulary [0, {})", y, t, V));
-    const float* zt = z + t * V;
-    float* dzt = dz + t * V;
-    const double m = *std::max_element(zt, zt + V);
-    double sum = 0;
-    for (int64_t v = 0; v < V; ++v) sum += std::exp(zt[v] - m);
-    total += m + std::log(sum) - zt[y];
-    for (int64_t v = 0; v < V; ++v)
-      dzt[v] = static_cast<float>((std::exp(zt[v] - m) / sum - (v == y ? 1.0 : 0.0)) * inv_T);
   }
-  out.loss = total * inv_T;
+  LossAndGrad out;
+  out.dlogits = empty_on(backend, logits.shape());
+  const Tensor device_targets = Tensor::from_i32({T}, targets.data(), targets.size(), backend.device());
+  Tensor row_loss = Tensor::empty({T}, DType::kF64, backend.device());
+  backend.cross_entropy(logits.device_f32(), device_targets.device_i32(), out.dlogits.device_f32(),
+                        row_loss.device_f64(), T, V, 1.0 / static_cast<double>(T));
+  // The T row losses come to the host (synchronously) and are summed there in row order.
+  double total = 0;
+  for (double l : row_loss.to_f64_vector()) total += l;
+  out.loss = total / static_cast<double>(T);
   return out;
+}
+
+LossAndGrad cross_entropy(const Tensor& logits, std::span<const int32_t> targets) {
+  return cross_entropy(default_cpu_backend(), logits, targets);
 }
 
 }  // namespace moesim::exec

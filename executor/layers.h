@@ -12,16 +12,18 @@
 //
 //   Tensor x = tok.forward(ids).reshaped({B, S, d_model});
 //   Tensor h = exec::residual_add(backend, x, attn.forward(x));
-//   exec::LossAndGrad out = exec::cross_entropy(head.forward(h), targets);
+//   exec::LossAndGrad out = exec::cross_entropy(backend, head.forward(h), targets);
 //   Tensor dh = head.backward(out.dlogits);
 //   Tensor dx = attn.backward(dh);
 //   exec::accumulate(backend, dx, dh);                  // the residual branch
 //   tok.backward(dx.reshaped({B * S, d_model}));
 //
-// Tensors are CPU fp32, row-major. GEMMs, layer norms, softmax and the residual adds go through
-// the Backend; the gathers and scatters (embedding, attention heads), the causal mask, the softmax
-// backward and the loss are plain loops over host memory here, so the layers run on the CPU back
-// end only until those have Backend kernels.
+// Tensors are fp32, row-major, on the back end's device (CPU or CUDA): a layer allocates its
+// parameters, gradients and outputs there and takes inputs there (else exec::Error). Every tensor
+// op goes through the Backend (GEMMs, layer norms, softmax and its backward, the causal mask, head
+// permutations, gathers and scatters, bias adds and sums, the loss), so the same layer code runs
+// on both back ends. Host data: token ids and targets (checked on the host, then copied to the
+// device) and the loss, whose per-row values come back to the host to be summed.
 //
 // A forward keeps *handles* to its inputs (Tensor copies share their buffer): an input must not be
 // overwritten between a layer's forward and its backward. Layers move but do not copy (a copy
@@ -67,7 +69,8 @@ class Rng {
   // agree between C libraries unless their log/cos differ across an fp32 rounding boundary.
   double normal();
 
-  // Fill a CPU fp32 tensor, element by element in memory order.
+  // Fill a CPU fp32 tensor, element by element in memory order (layers draw on the host and then
+  // copy to their device).
   void fill_uniform(Tensor& t, float lo, float hi);    // lo + (hi - lo) u
   void fill_normal(Tensor& t, float mean, float std);  // mean + std z
 
@@ -192,7 +195,7 @@ class Embedding {
   std::string name_;
   int64_t vocab_, dim_;
   Tensor table_, dtable_;
-  std::vector<int32_t> ids_;  // the last forward's ids
+  Tensor ids_;  // the last forward's ids, i32 on the device
 };
 
 // Layer normalisation over the last dimension (Backend::layernorm; the math is in
@@ -241,7 +244,7 @@ struct AttentionOptions {
 // so position t of a sequence sees positions <= t of the same sequence only. Backward, per head,
 // with dA = dO_h V_h^T:
 //   dV_h = A_h^T dO_h,  dS = A_h * (dA - rowsum(A_h * dA)),  dQ_h = dS K_h / sqrt(d),  dK_h = dS^T Q_h / sqrt(d).
-// Keeps Q, K, V ([B, H, S, d]) and A ([B, H, S, S]) for the backward.
+// Keeps Q, K, V ([3, B, H, S, d], one buffer) and A ([B, H, S, S]) for the backward.
 class CausalSelfAttention {
  public:
   CausalSelfAttention(Backend& backend, std::string name, int64_t d_model, int64_t n_heads, uint64_t seed,
@@ -270,7 +273,7 @@ class CausalSelfAttention {
   int64_t d_model_, n_heads_, head_dim_;
   Linear qkv_, proj_;
   int64_t batch_ = 0, seq_ = 0;
-  Tensor q_, k_, v_, att_;
+  Tensor qkv_heads_, att_;
 };
 
 // ---- Residual connections --------------------------------------------------------------------
@@ -293,6 +296,9 @@ struct LossAndGrad {
 // The log-sum-exp subtracts the row maximum and sums in double. Targets outside [0, V) throw
 // exec::Error. Under data parallelism each rank's loss is its local mean: averaging the
 // all-reduced gradients over equal-sized local batches gives the global mean's gradient.
+// Backend::cross_entropy computes the rows on the device; their losses are summed on the host.
+LossAndGrad cross_entropy(Backend& backend, const Tensor& logits, std::span<const int32_t> targets);
+// The same for CPU logits, on default_cpu_backend().
 LossAndGrad cross_entropy(const Tensor& logits, std::span<const int32_t> targets);
 
 }  // namespace moesim::exec

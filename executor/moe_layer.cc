@@ -22,21 +22,13 @@ namespace {
 using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
-// Counter-based random numbers: every value is a hash of (stream key, index), so a value does not
-// depend on how many were drawn before it (or on which rank draws it).
-uint64_t mix64(uint64_t z) {  // splitmix64's finaliser
-  z += 0x9E3779B97F4A7C15ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-uint64_t hash2(uint64_t key, uint64_t index) { return mix64(key ^ mix64(index + 0x632BE59BD9B4E019ull)); }
-double unit_open(uint64_t h) { return (static_cast<double>(h >> 11) + 0.5) * 0x1.0p-53; }  // (0, 1)
+// Counter-based random numbers (kernels.h): every value is a hash of (stream key, index).
+using kernels::hash2;
+using kernels::unit_open;
 
 constexpr uint64_t kDataStream = 4;
 
 double normal_cdf(double u) { return 0.5 * std::erfc(-u / std::sqrt(2.0)); }
-double normal_pdf(double u) { return std::exp(-0.5 * u * u) / std::sqrt(2 * std::numbers::pi); }
 
 // Squared coefficient of variation Var(v) / Mean(v)^2 (population variance) and its gradient.
 double cv2(const std::vector<double>& v) {
@@ -59,11 +51,12 @@ std::vector<double> cv2_grad(const std::vector<double>& v) {
   return g;
 }
 
-void check_cpu_f32(const Tensor& t, const char* what, int64_t rows, int64_t cols) {
-  if (t.device() != Device::kCpu || t.dtype() != DType::kF32 || t.rank() != 2 || (rows >= 0 && t.dim(0) != rows) ||
+void check_input(const Tensor& t, Device device, const char* what, int64_t rows, int64_t cols) {
+  if (t.device() != device || t.dtype() != DType::kF32 || t.rank() != 2 || (rows >= 0 && t.dim(0) != rows) ||
       t.dim(1) != cols)
-    throw Error(fmt::format("MoE layer: {} must be f32[{}, {}] on the CPU, got {}", what,
-                            rows >= 0 ? std::to_string(rows) : "T", cols, t.describe()));
+    throw Error(fmt::format("MoE layer: {} must be f32[{}, {}] on the {} (the back end's device), got {}", what,
+                            rows >= 0 ? std::to_string(rows) : "T", cols, device == Device::kCpu ? "CPU" : "GPU",
+                            t.describe()));
 }
 
 constexpr std::array<std::pair<RoutingPolicy, const char*>, 6> kPolicyNames{{
@@ -122,10 +115,7 @@ std::vector<std::string> validate(const MoeLayerConfig& c, int ep_size) {
 }
 
 float gate_noise_sample(uint64_t key, uint64_t step, int64_t token, int expert) {
-  const uint64_t row = hash2(hash2(key, step), static_cast<uint64_t>(token));
-  const double u1 = unit_open(hash2(row, 2 * static_cast<uint64_t>(expert)));
-  const double u2 = unit_open(hash2(row, 2 * static_cast<uint64_t>(expert) + 1));
-  return static_cast<float>(std::sqrt(-2 * std::log(u1)) * std::cos(2 * std::numbers::pi * u2));
+  return kernels::gate_noise_sample(key, step, token, expert);
 }
 
 void top_k_rows(const float* probs, int64_t rows, int cols, int k, int32_t* experts) {
@@ -184,10 +174,20 @@ MoeLayer::MoeLayer(MoeLayerConfig config, Backend& backend, Comm* ep_comm)
     for (const std::string& b : bad) msg += "\n  " + b;
     throw Error(msg);
   }
-  if (backend_.device() != Device::kCpu)
-    throw Error(fmt::format("the MoE layer runs on the CPU back end, got {}", backend_.name()));
+  if (comm_ != nullptr && comm_->buffer_device() != backend_.device())
+    throw Error(fmt::format("the MoE layer on {} needs a Comm over buffers of the same device, got {}", backend_.name(),
+                            comm_->name()));
   local_experts_ = config_.num_experts / ep_size_;
   init_parameters();
+}
+
+Tensor MoeLayer::device_tensor(std::vector<int64_t> shape) const {
+  return Tensor::empty(std::move(shape), DType::kF32, backend_.device());
+}
+
+double MoeLayer::elapsed_s(Clock::time_point t0) {
+  backend_.synchronize();
+  return seconds_since(t0);
 }
 
 void MoeLayer::init_parameters() {
@@ -197,22 +197,27 @@ void MoeLayer::init_parameters() {
     const double bound = 1 / std::sqrt(static_cast<double>(fan_in));
     for (int64_t i = 0; i < n; ++i) p[i] = static_cast<float>((2 * rng.uniform() - 1) * bound);
   };
-  w_router_ = Tensor::empty({D, E});
-  fill(w_router_.f32(), D * E, ".router.weight", D);
-  w1_ = Tensor::empty({El, D, F});
-  w2_ = Tensor::empty({El, F, D});
-  b1_ = Tensor::zeros({El, F});
-  b2_ = Tensor::zeros({El, D});
+  // Drawn on the host, then copied to the back end's device.
+  Tensor w_router = Tensor::empty({D, E});
+  fill(w_router.f32(), D * E, ".router.weight", D);
+  Tensor w1 = Tensor::empty({El, D, F});
+  Tensor w2 = Tensor::empty({El, F, D});
   for (int64_t le = 0; le < El; ++le) {
     const std::string expert = fmt::format(".experts.{}", first_local_expert() + le);
-    fill(w1_.f32() + le * D * F, D * F, expert + ".w1", D);
-    fill(w2_.f32() + le * F * D, F * D, expert + ".w2", F);
+    fill(w1.f32() + le * D * F, D * F, expert + ".w1", D);
+    fill(w2.f32() + le * F * D, F * D, expert + ".w2", F);
   }
-  dw_router_ = Tensor::zeros({D, E});
-  dw1_ = Tensor::zeros({El, D, F});
-  db1_ = Tensor::zeros({El, F});
-  dw2_ = Tensor::zeros({El, F, D});
-  db2_ = Tensor::zeros({El, D});
+  const Device dev = backend_.device();
+  w_router_ = w_router.to(dev);
+  w1_ = w1.to(dev);
+  w2_ = w2.to(dev);
+  b1_ = Tensor::zeros({El, F}, DType::kF32, dev);
+  b2_ = Tensor::zeros({El, D}, DType::kF32, dev);
+  dw_router_ = Tensor::zeros({D, E}, DType::kF32, dev);
+  dw1_ = Tensor::zeros({El, D, F}, DType::kF32, dev);
+  db1_ = Tensor::zeros({El, F}, DType::kF32, dev);
+  dw2_ = Tensor::zeros({El, F, D}, DType::kF32, dev);
+  db2_ = Tensor::zeros({El, D}, DType::kF32, dev);
 }
 
 void MoeLayer::register_params(ParamRegistry& registry) {
@@ -227,12 +232,12 @@ void MoeLayer::register_params(ParamRegistry& registry) {
 uint64_t MoeLayer::gate_noise_key() const { return derive_seed(config_.seed, config_.name + ".gate_noise"); }
 
 void MoeLayer::zero_grad() {
-  for (Tensor* g : {&dw_router_, &dw1_, &db1_, &dw2_, &db2_}) std::fill_n(g->f32(), g->numel(), 0.0f);
+  for (Tensor* g : {&dw_router_, &dw1_, &db1_, &dw2_, &db2_}) g->fill_zero();
 }
 
 Tensor MoeLayer::forward(const Tensor& x, const MoeForwardOptions& options) {
   const int64_t D = config_.hidden;
-  check_cpu_f32(x, "x", -1, D);
+  check_input(x, backend_.device(), "x", -1, D);
   tokens_ = x.dim(0);
   if (!options.dataset_ids.empty() && static_cast<int64_t>(options.dataset_ids.size()) != tokens_)
     throw Error(fmt::format("MoE layer: {} dataset ids for {} tokens", options.dataset_ids.size(), tokens_));
@@ -254,43 +259,39 @@ Tensor MoeLayer::forward(const Tensor& x, const MoeForwardOptions& options) {
   gate_forward(options);
   route();
   aux_forward();
-  fwd_times_.gate_s = seconds_since(t0);
+  fwd_times_.gate_s = elapsed_s(t0);
 
   // Dispatch: this rank's kept assignments, grouped by expert, to the experts' ranks.
   t0 = Clock::now();
-  const float* xp = x_.f32();
-  send_buf_.resize(static_cast<size_t>(send_rows_ * D));
   const int k = config_.top_k;
+  std::vector<int32_t> token_of_slot(static_cast<size_t>(send_rows_));
   for (int64_t a = 0; a < tokens_ * k; ++a)
-    if (slot_[a] >= 0) std::memcpy(send_buf_.data() + slot_[a] * D, xp + (a / k) * D, sizeof(float) * D);
+    if (slot_[a] >= 0) token_of_slot[static_cast<size_t>(slot_[a])] = static_cast<int32_t>(a / k);
+  const Tensor token_of_slot_dev =
+      Tensor::from_i32({send_rows_}, token_of_slot.data(), token_of_slot.size(), backend_.device());
+  send_buf_ = device_tensor({send_rows_, D});
+  backend_.gather_rows(x_.device_f32(), token_of_slot_dev.device_i32(), send_buf_.device_f32(), send_rows_, D);
   if (comm_ != nullptr) {
-    expert_in_.resize(static_cast<size_t>(expert_rows_ * D));
-    exchange(send_buf_.data(), expert_in_.data(), true);
+    expert_in_ = device_tensor({expert_rows_, D});
+    exchange(send_buf_.device_f32(), expert_in_.device_f32(), true);
   }
-  fwd_times_.dispatch_s = seconds_since(t0);
+  fwd_times_.dispatch_s = elapsed_s(t0);
 
   t0 = Clock::now();
   experts_forward();
-  fwd_times_.experts_s = seconds_since(t0);
+  fwd_times_.experts_s = elapsed_s(t0);
 
   // Combine: outputs back to the tokens' ranks, y = sum over kept choices of w * output.
   t0 = Clock::now();
-  const float* ret = expert_out_.data();
+  const float* ret = expert_out_.device_f32();
   if (comm_ != nullptr) {
-    returned_.resize(static_cast<size_t>(send_rows_ * D));
-    exchange(expert_out_.data(), returned_.data(), false);
-    ret = returned_.data();
+    returned_ = device_tensor({send_rows_, D});
+    exchange(expert_out_.device_f32(), returned_.device_f32(), false);
+    ret = returned_.device_f32();
   }
-  Tensor y = Tensor::zeros({tokens_, D});
-  float* yp = y.f32();
-  for (int64_t a = 0; a < tokens_ * k; ++a) {
-    if (slot_[a] < 0) continue;
-    const float w = gate_w_[a];
-    const float* o = ret + slot_[a] * D;
-    float* yt = yp + (a / k) * D;
-    for (int64_t d = 0; d < D; ++d) yt[d] += w * o[d];
-  }
-  fwd_times_.combine_s = seconds_since(t0);
+  Tensor y = device_tensor({tokens_, D});
+  backend_.gather_sum_rows(ret, slot_dev_.device_i32(), gate_w_dev_.device_f32(), y.device_f32(), tokens_, k, D);
+  fwd_times_.combine_s = elapsed_s(t0);
   have_forward_ = true;
   return y;
 }
@@ -303,43 +304,50 @@ void MoeLayer::gate_forward(const MoeForwardOptions& options) {
   if (comm_ != nullptr) {
     std::vector<float> counts(static_cast<size_t>(ep_size_));
     const float mine = static_cast<float>(T);
-    comm_->all_gather(&mine, counts.data(), 1);
+    all_gather_host(*comm_, &mine, counts.data(), 1);
     for (int r = 0; r < ep_size_; ++r) tokens_of_rank_[r] = static_cast<int64_t>(counts[r]);
   }
   token_offset_ = std::accumulate(tokens_of_rank_.begin(), tokens_of_rank_.begin() + ep_rank_, int64_t{0});
   group_tokens_ = std::accumulate(tokens_of_rank_.begin(), tokens_of_rank_.end(), int64_t{0});
 
-  logits_.resize(static_cast<size_t>(T * E));
-  probs_.resize(static_cast<size_t>(T * E));
-  if (T > 0) backend_.gemm(false, false, T, E, D, 1.0f, x_.f32(), w_router_.f32(), 0.0f, logits_.data());
+  logits_ = device_tensor({T, E});
+  probs_ = device_tensor({T, E});
+  backend_.gemm(false, false, T, E, D, 1.0f, x_.device_f32(), w_router_.device_f32(), 0.0f, logits_.device_f32());
   noisy_ = options.training && config_.gate_noise_std > 0;
   const float sigma = static_cast<float>(config_.gate_noise_std / E);
-  const float* z = logits_.data();
+  const Tensor* z = &logits_;
   if (noisy_) {
-    const uint64_t key = gate_noise_key();
-    noisy_logits_.resize(static_cast<size_t>(T * E));
-    for (int64_t t = 0; t < T; ++t)
-      for (int e = 0; e < E; ++e)
-        noisy_logits_[t * E + e] =
-            logits_[t * E + e] + sigma * gate_noise_sample(key, options.step, token_offset_ + t, e);
-    z = noisy_logits_.data();
+    noisy_logits_ = device_tensor({T, E});
+    backend_.gate_noise(logits_.device_f32(), noisy_logits_.device_f32(), T, E, gate_noise_key(), options.step,
+                        token_offset_, sigma);
+    z = &noisy_logits_;
+  } else {
+    noisy_logits_ = Tensor();
   }
-  if (T > 0) backend_.softmax_rows(z, probs_.data(), T, E);
+  backend_.softmax_rows(z->device_f32(), probs_.device_f32(), T, E);
 
+  // The routing decisions run on the host over a copy of the probabilities (and of the logits the
+  // load and DAMEX losses read).
+  host_probs_ = probs_.to_vector();
+  const bool damex_labels =
+      std::any_of(dataset_of_token_.begin(), dataset_of_token_.end(), [](int32_t d) { return d >= 0; });
+  host_z_ = noisy_ || damex_labels ? z->to_vector() : std::vector<float>();
+  host_logits_ = noisy_ ? logits_.to_vector() : std::vector<float>();
   choice_.resize(static_cast<size_t>(T * k));
   gate_w_.resize(static_cast<size_t>(T * k));
   top_prob_.resize(static_cast<size_t>(T));
   eta_.assign(noisy_ ? static_cast<size_t>(T) : 0, 0.0f);
-  top_k_rows(probs_.data(), T, E, k, choice_.data());
+  top_k_rows(host_probs_.data(), T, E, k, choice_.data());
   for (int64_t t = 0; t < T; ++t) {
-    const float* p = probs_.data() + t * E;
+    const float* p = host_probs_.data() + t * E;
     const int32_t* c = choice_.data() + t * k;
     top_prob_[t] = p[c[0]];
     float sum = 0;
     for (int j = 0; j < k; ++j) sum += p[c[j]];
     for (int j = 0; j < k; ++j) gate_w_[t * k + j] = config_.renormalize_gates ? p[c[j]] / sum : p[c[j]];
-    if (noisy_) eta_[t] = z[t * E + c[k - 1]];
+    if (noisy_) eta_[t] = host_z_[t * E + c[k - 1]];
   }
+  gate_w_dev_ = Tensor::from({T * k}, gate_w_, backend_.device());
 }
 
 void MoeLayer::route() {
@@ -361,7 +369,7 @@ void MoeLayer::route() {
       mine[t * (1 + k)] = top_prob_[t];
       for (int j = 0; j < k; ++j) mine[t * (1 + k) + 1 + j] = static_cast<float>(choice_[t * k + j]);
     }
-    comm_->all_gather(mine.data(), all.data(), per_rank);
+    all_gather_host(*comm_, mine.data(), all.data(), per_rank);
     experts_all.reserve(static_cast<size_t>(T * k));
     prio_all.reserve(static_cast<size_t>(T));
     for (int r = 0; r < ep_size_; ++r)
@@ -412,6 +420,8 @@ void MoeLayer::route() {
   slot_.assign(static_cast<size_t>(tokens_ * k), -1);
   for (int64_t b = 0; b < tokens_ * k; ++b)
     if (keep_[b]) slot_[b] = next[choice_[b]]++;
+  const std::vector<int32_t> slot32(slot_.begin(), slot_.end());
+  slot_dev_ = Tensor::from_i32({tokens_ * k}, slot32.data(), slot32.size(), backend_.device());
 
   // Expert layout: this rank's experts' rows, by local expert, then by source rank.
   expert_row_begin_.assign(static_cast<size_t>(El + 1), 0);
@@ -430,14 +440,14 @@ void MoeLayer::aux_forward() {
   // Local sums: I_i, L_i, DAMEX's sum of -log p and its labelled tokens.
   std::vector<double> sums(static_cast<size_t>(2 * E + 2), 0.0);
   for (int64_t t = 0; t < T; ++t) {
-    const float* p = probs_.data() + t * E;
+    const float* p = host_probs_.data() + t * E;
     for (int e = 0; e < E; ++e) sums[e] += p[e];
     if (noisy_)
-      for (int e = 0; e < E; ++e) sums[E + e] += normal_cdf((logits_[t * E + e] - eta_[t]) / sigma);
+      for (int e = 0; e < E; ++e) sums[E + e] += normal_cdf((host_logits_[t * E + e] - eta_[t]) / sigma);
     const int d = dataset_of_token_[t];
     if (d >= 0) {
       // -log p_h from the logits (log-sum-exp), stable when p_h underflows.
-      const float* z = (noisy_ ? noisy_logits_.data() : logits_.data()) + t * E;
+      const float* z = host_z_.data() + t * E;
       const double zmax = *std::max_element(z, z + E);
       double s = 0;
       for (int e = 0; e < E; ++e) s += std::exp(z[e] - zmax);
@@ -447,7 +457,7 @@ void MoeLayer::aux_forward() {
   }
   if (comm_ != nullptr) {
     std::vector<float> f(sums.begin(), sums.end());
-    comm_->all_reduce_sum(f.data(), static_cast<int64_t>(f.size()));
+    all_reduce_sum_host(*comm_, f.data(), static_cast<int64_t>(f.size()));
     std::copy(f.begin(), f.end(), sums.begin());
   }
   importance_.assign(sums.begin(), sums.begin() + E);
@@ -468,7 +478,6 @@ void MoeLayer::aux_forward() {
 }
 
 void MoeLayer::exchange(const float* from, float* to, bool to_experts) {
-  std::vector<float>& scratch = scratch_;
   const int64_t D = config_.hidden;
   const int E = config_.num_experts, El = local_experts_, first = first_local_expert();
   // Rows this rank sends to rank q (its kept assignments to q's experts) and receives from rank r
@@ -480,98 +489,92 @@ void MoeLayer::exchange(const float* from, float* to, bool to_experts) {
       from_rank[q] += D * kept_by_rank_[q * E + first + le];
     }
   // Received (or to be sent) rows from/to the experts' side come by source rank, then local
-  // expert; the expert layout is by local expert, then source rank.
-  scratch.resize(static_cast<size_t>(expert_rows_ * D));
+  // expert; the expert layout is by local expert, then source rank. Blocks move by device copies.
+  Tensor scratch_tensor = device_tensor({expert_rows_ * D});
+  float* scratch = scratch_tensor.device_f32();
   auto regroup = [&](bool source_major_to_expert_major) {
     std::vector<int64_t> expert_next(expert_row_begin_.begin(), expert_row_begin_.end() - 1);
     int64_t src_row = 0;
     for (int r = 0; r < ep_size_; ++r)
       for (int le = 0; le < El; ++le) {
         const int64_t rows = kept_by_rank_[r * E + first + le];
-        float* s = scratch.data() + src_row * D;
-        float* x = to + expert_next[le] * D;
-        const float* xs = from + expert_next[le] * D;
+        const size_t bytes = sizeof(float) * static_cast<size_t>(rows * D);
         if (source_major_to_expert_major)
-          std::memcpy(x, s, sizeof(float) * rows * D);
+          backend_.copy(scratch + src_row * D, to + expert_next[le] * D, bytes);
         else
-          std::memcpy(s, xs, sizeof(float) * rows * D);
+          backend_.copy(from + expert_next[le] * D, scratch + src_row * D, bytes);
         src_row += rows;
         expert_next[le] += rows;
       }
   };
   if (to_experts) {
-    comm_->all_to_all_v(from, to_rank, scratch.data(), from_rank);
+    comm_->all_to_all_v(from, to_rank, scratch, from_rank);
     regroup(true);
   } else {
     regroup(false);
-    comm_->all_to_all_v(scratch.data(), from_rank, to, to_rank);
+    comm_->all_to_all_v(scratch, from_rank, to, to_rank);
   }
 }
 
 void MoeLayer::experts_forward() {
   const int64_t D = config_.hidden, F = config_.ffn_hidden;
   const bool gelu = config_.activation == ExpertActivation::kGelu;
-  const float* xin = comm_ != nullptr ? expert_in_.data() : send_buf_.data();
-  hidden_pre_.resize(static_cast<size_t>(expert_rows_ * F));
-  if (gelu) hidden_act_.resize(static_cast<size_t>(expert_rows_ * F));
-  expert_out_.resize(static_cast<size_t>(expert_rows_ * D));
+  const float* xin = comm_ != nullptr ? expert_in_.device_f32() : send_buf_.device_f32();
+  hidden_pre_ = device_tensor({expert_rows_, F});
+  hidden_act_ = gelu ? device_tensor({expert_rows_, F}) : Tensor();
+  expert_out_ = device_tensor({expert_rows_, D});
   for (int le = 0; le < local_experts_; ++le) {
     const int64_t begin = expert_row_begin_[le], n = expert_row_begin_[le + 1] - begin;
     if (n == 0) continue;
     const float* x = xin + begin * D;
-    float* h = hidden_pre_.data() + begin * F;
-    float* act = gelu ? hidden_act_.data() + begin * F : h;
-    float* o = expert_out_.data() + begin * D;
-    const float* b1 = b1_.f32() + le * F;
-    const float* b2 = b2_.f32() + le * D;
-    for (int64_t i = 0; i < n; ++i) std::memcpy(h + i * F, b1, sizeof(float) * F);
-    timed_gemm(fwd_times_, false, false, n, F, D, x, w1_.f32() + le * D * F, 1.0f, h);
+    float* h = hidden_pre_.device_f32() + begin * F;
+    float* act = gelu ? hidden_act_.device_f32() + begin * F : h;
+    float* o = expert_out_.device_f32() + begin * D;
+    backend_.repeat_row(b1_.device_f32() + le * F, h, n, F);
+    timed_gemm(fwd_times_, false, false, n, F, D, x, w1_.device_f32() + le * D * F, 1.0f, h);
     if (gelu) backend_.gelu(h, act, n * F);
-    for (int64_t i = 0; i < n; ++i) std::memcpy(o + i * D, b2, sizeof(float) * D);
-    timed_gemm(fwd_times_, false, false, n, D, F, act, w2_.f32() + le * F * D, 1.0f, o);
+    backend_.repeat_row(b2_.device_f32() + le * D, o, n, D);
+    timed_gemm(fwd_times_, false, false, n, D, F, act, w2_.device_f32() + le * F * D, 1.0f, o);
   }
 }
 
 void MoeLayer::timed_gemm(MoePartTimes& times, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t kk,
                           const float* a, const float* b, float beta, float* c) {
+  backend_.synchronize();
   const auto t0 = Clock::now();
   backend_.gemm(trans_a, trans_b, m, n, kk, 1.0f, a, b, beta, c);
-  times.expert_gemm_s += seconds_since(t0);
+  times.expert_gemm_s += elapsed_s(t0);
   times.expert_gemm_flops += 2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(kk);
 }
 
 void MoeLayer::experts_backward(const float* grad_out, float* grad_in) {
   const int64_t D = config_.hidden, F = config_.ffn_hidden;
   const bool gelu = config_.activation == ExpertActivation::kGelu;
-  const float* xin = comm_ != nullptr ? expert_in_.data() : send_buf_.data();
-  grad_hidden_.resize(static_cast<size_t>(expert_rows_ * F));
+  const float* xin = comm_ != nullptr ? expert_in_.device_f32() : send_buf_.device_f32();
+  grad_hidden_ = device_tensor({expert_rows_, F});
   for (int le = 0; le < local_experts_; ++le) {
     const int64_t begin = expert_row_begin_[le], n = expert_row_begin_[le + 1] - begin;
     if (n == 0) continue;
     const float* x = xin + begin * D;
-    const float* h = hidden_pre_.data() + begin * F;
-    const float* act = gelu ? hidden_act_.data() + begin * F : h;
+    const float* h = hidden_pre_.device_f32() + begin * F;
+    const float* act = gelu ? hidden_act_.device_f32() + begin * F : h;
     const float* dout = grad_out + begin * D;
-    float* dact = grad_hidden_.data() + begin * F;
+    float* dact = grad_hidden_.device_f32() + begin * F;
     // dW2 += act^T dout, db2 += column sums of dout, dact = dout W2^T.
-    timed_gemm(bwd_times_, true, false, F, D, n, act, dout, 1.0f, dw2_.f32() + le * F * D);
-    float* db2 = db2_.f32() + le * D;
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t d = 0; d < D; ++d) db2[d] += dout[i * D + d];
-    timed_gemm(bwd_times_, false, true, n, F, D, dout, w2_.f32() + le * F * D, 0.0f, dact);
+    timed_gemm(bwd_times_, true, false, F, D, n, act, dout, 1.0f, dw2_.device_f32() + le * F * D);
+    backend_.column_sums_add(dout, db2_.device_f32() + le * D, n, D);
+    timed_gemm(bwd_times_, false, true, n, F, D, dout, w2_.device_f32() + le * F * D, 0.0f, dact);
     // dh = gelu'(h) * dact, written over the activations (no longer needed).
     float* dh = dact;
     if (gelu) {
-      dh = hidden_act_.data() + begin * F;
+      dh = hidden_act_.device_f32() + begin * F;
       backend_.gelu_backward(h, dact, dh, n * F);
     }
     // dW1 += x^T dh, db1 += column sums of dh, dx = dh W1^T.
-    timed_gemm(bwd_times_, true, false, D, F, n, x, dh, 1.0f, dw1_.f32() + le * D * F);
-    float* db1 = db1_.f32() + le * F;
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t f = 0; f < F; ++f) db1[f] += dh[i * F + f];
+    timed_gemm(bwd_times_, true, false, D, F, n, x, dh, 1.0f, dw1_.device_f32() + le * D * F);
+    backend_.column_sums_add(dh, db1_.device_f32() + le * F, n, F);
     float* dx = grad_in + begin * D;
-    timed_gemm(bwd_times_, false, true, n, D, F, dh, w1_.f32() + le * D * F, 0.0f, dx);
+    timed_gemm(bwd_times_, false, true, n, D, F, dh, w1_.device_f32() + le * D * F, 0.0f, dx);
   }
 }
 
@@ -580,62 +583,46 @@ Tensor MoeLayer::backward(const Tensor& dy) {
     throw Error("MoE layer: backward() needs a forward() first (and runs once per forward: it reuses its buffers)");
   const int64_t D = config_.hidden, T = tokens_;
   const int E = config_.num_experts, k = config_.top_k;
-  check_cpu_f32(dy, "dy", T, D);
+  check_input(dy, backend_.device(), "dy", T, D);
   have_forward_ = false;
   bwd_times_ = {};
-  const float* dyp = dy.f32();
+  const Device dev = backend_.device();
 
   // Combine backward: d(gate weight) = dy . output, d(output) = w dy, sent to the experts' ranks.
   auto t0 = Clock::now();
-  const float* ret = comm_ != nullptr ? returned_.data() : expert_out_.data();
-  std::vector<float> dgate(static_cast<size_t>(T * k), 0.0f);
-  grad_send_.resize(static_cast<size_t>(send_rows_ * D));
-  for (int64_t a = 0; a < T * k; ++a) {
-    if (slot_[a] < 0) continue;
-    const float* o = ret + slot_[a] * D;
-    const float* g = dyp + (a / k) * D;
-    float* dout = grad_send_.data() + slot_[a] * D;
-    const float w = gate_w_[a];
-    double dot = 0;
-    for (int64_t d = 0; d < D; ++d) {
-      dot += static_cast<double>(g[d]) * o[d];
-      dout[d] = w * g[d];
-    }
-    dgate[a] = static_cast<float>(dot);
-  }
-  const float* grad_out = grad_send_.data();
+  const float* ret = comm_ != nullptr ? returned_.device_f32() : expert_out_.device_f32();
+  Tensor dgate = device_tensor({T * k});
+  grad_send_ = device_tensor({send_rows_, D});
+  backend_.gather_sum_rows_backward(dy.device_f32(), ret, slot_dev_.device_i32(), gate_w_dev_.device_f32(),
+                                    grad_send_.device_f32(), dgate.device_f32(), T, k, D);
+  const float* grad_out = grad_send_.device_f32();
   if (comm_ != nullptr) {
-    grad_expert_out_.resize(static_cast<size_t>(expert_rows_ * D));
-    exchange(grad_send_.data(), grad_expert_out_.data(), true);
-    grad_out = grad_expert_out_.data();
+    grad_expert_out_ = device_tensor({expert_rows_, D});
+    exchange(grad_send_.device_f32(), grad_expert_out_.device_f32(), true);
+    grad_out = grad_expert_out_.device_f32();
   }
-  bwd_times_.combine_s = seconds_since(t0);
+  bwd_times_.combine_s = elapsed_s(t0);
 
   t0 = Clock::now();
-  grad_expert_in_.resize(static_cast<size_t>(expert_rows_ * D));
-  experts_backward(grad_out, grad_expert_in_.data());
-  bwd_times_.experts_s = seconds_since(t0);
+  grad_expert_in_ = device_tensor({expert_rows_, D});
+  experts_backward(grad_out, grad_expert_in_.device_f32());
+  bwd_times_.experts_s = elapsed_s(t0);
 
   // Dispatch backward: input gradients back to the tokens' ranks, summed over a token's choices.
   t0 = Clock::now();
-  const float* grad_rows = grad_expert_in_.data();
+  const float* grad_rows = grad_expert_in_.device_f32();
   if (comm_ != nullptr) {
-    grad_send_.resize(static_cast<size_t>(send_rows_ * D));
-    exchange(grad_expert_in_.data(), grad_send_.data(), false);
-    grad_rows = grad_send_.data();
+    grad_send_ = device_tensor({send_rows_, D});
+    exchange(grad_expert_in_.device_f32(), grad_send_.device_f32(), false);
+    grad_rows = grad_send_.device_f32();
   }
-  Tensor dx = Tensor::zeros({T, D});
-  float* dxp = dx.f32();
-  for (int64_t a = 0; a < T * k; ++a) {
-    if (slot_[a] < 0) continue;
-    const float* g = grad_rows + slot_[a] * D;
-    float* dxt = dxp + (a / k) * D;
-    for (int64_t d = 0; d < D; ++d) dxt[d] += g[d];
-  }
-  bwd_times_.dispatch_s = seconds_since(t0);
+  Tensor dx = device_tensor({T, D});
+  backend_.gather_sum_rows(grad_rows, slot_dev_.device_i32(), nullptr, dx.device_f32(), T, k, D);
+  bwd_times_.dispatch_s = elapsed_s(t0);
 
   // Gate backward: gate weights and aux losses -> dp -> softmax -> d(logits) (+ DAMEX and load
-  // terms on the logits) -> dW_r, dx.
+  // terms on the logits) -> dW_r, dx. The per-expert coefficients are batch statistics from the
+  // host; the per-token math runs on the device (kernels::router_backward_token).
   t0 = Clock::now();
   const double Tg = static_cast<double>(group_tokens_);
   std::vector<double> dp_const(static_cast<size_t>(E), 0.0);  // d(aux)/dp_i, the same for every token
@@ -652,49 +639,45 @@ Tensor MoeLayer::backward(const Tensor& dy) {
     const std::vector<double> g = cv2_grad(load_);
     for (int e = 0; e < E; ++e) load_coef[e] = config_.load_loss_weight * g[e];
   }
-  const double sigma = config_.gate_noise_std / E;
   const double damex_coef = damex_tokens_ > 0 ? config_.damex_loss_weight / damex_tokens_ : 0.0;
-  std::vector<float> dlogits(static_cast<size_t>(T * E));
-  std::vector<double> dp(static_cast<size_t>(E));
-  for (int64_t t = 0; t < T; ++t) {
-    const float* p = probs_.data() + t * E;
-    const int32_t* c = choice_.data() + t * k;
-    const float* dg = dgate.data() + t * k;
-    std::copy(dp_const.begin(), dp_const.end(), dp.begin());
-    if (config_.renormalize_gates) {
-      double sum = 0, dot = 0;
-      for (int j = 0; j < k; ++j) {
-        sum += p[c[j]];
-        dot += static_cast<double>(dg[j]) * gate_w_[t * k + j];
-      }
-      for (int j = 0; j < k; ++j) dp[c[j]] += (dg[j] - dot) / sum;
-    } else {
-      for (int j = 0; j < k; ++j) dp[c[j]] += dg[j];
-    }
-    double pdp = 0;
-    for (int e = 0; e < E; ++e) pdp += p[e] * dp[e];
-    float* dz = dlogits.data() + t * E;
-    for (int e = 0; e < E; ++e) dz[e] = static_cast<float>(p[e] * (dp[e] - pdp));
-    const int d = dataset_of_token_[t];
-    if (d >= 0 && damex_coef > 0) {
-      const int h = config_.damex_expert_of_dataset[d];
-      for (int e = 0; e < E; ++e) dz[e] += static_cast<float>(damex_coef * (p[e] - (e == h ? 1.0 : 0.0)));
-    }
-    if (load_grad) {
-      double to_eta = 0;
-      for (int e = 0; e < E; ++e) {
-        const double v = load_coef[e] * normal_pdf((logits_[t * E + e] - eta_[t]) / sigma) / sigma;
-        dz[e] += static_cast<float>(v);
-        to_eta += v;
-      }
-      dz[c[k - 1]] -= static_cast<float>(to_eta);
-    }
-  }
+  const std::vector<int32_t> damex_expert(config_.damex_expert_of_dataset.begin(),
+                                          config_.damex_expert_of_dataset.end());
+  const Tensor dp_const_dev = Tensor::from_f64({E}, dp_const.data(), dp_const.size(), dev);
+  const Tensor load_coef_dev = load_grad ? Tensor::from_f64({E}, load_coef.data(), load_coef.size(), dev) : Tensor();
+  const Tensor eta_dev = load_grad ? Tensor::from({T}, eta_, dev) : Tensor();
+  const Tensor choice_dev = Tensor::from_i32({T * k}, choice_.data(), choice_.size(), dev);
+  const bool damex_grad = damex_coef > 0;
+  const Tensor dataset_dev =
+      damex_grad ? Tensor::from_i32({T}, dataset_of_token_.data(), dataset_of_token_.size(), dev) : Tensor();
+  const Tensor damex_expert_dev =
+      damex_grad ? Tensor::from_i32({static_cast<int64_t>(damex_expert.size())}, damex_expert.data(),
+                                    damex_expert.size(), dev)
+                 : Tensor();
+  Tensor dlogits = device_tensor({T, E});
+  kernels::RouterBackward args;
+  args.probs = probs_.device_f32();
+  args.choice = choice_dev.device_i32();
+  args.dgate = dgate.device_f32();
+  args.gate_w = gate_w_dev_.device_f32();
+  args.dp_const = dp_const_dev.device_f64();
+  args.renormalize = config_.renormalize_gates;
+  args.dataset = damex_grad ? dataset_dev.device_i32() : nullptr;
+  args.damex_expert = damex_grad ? damex_expert_dev.device_i32() : nullptr;
+  args.damex_coef = damex_coef;
+  args.load_coef = load_grad ? load_coef_dev.device_f64() : nullptr;
+  args.logits = logits_.device_f32();
+  args.eta = load_grad ? eta_dev.device_f32() : nullptr;
+  args.sigma = config_.gate_noise_std / E;
+  args.dlogits = dlogits.device_f32();
+  args.tokens = T;
+  args.experts = E;
+  args.k = k;
+  backend_.router_backward(args);
   if (T > 0) {
-    backend_.gemm(true, false, D, E, T, 1.0f, x_.f32(), dlogits.data(), 1.0f, dw_router_.f32());
-    backend_.gemm(false, true, T, D, E, 1.0f, dlogits.data(), w_router_.f32(), 1.0f, dxp);
+    backend_.gemm(true, false, D, E, T, 1.0f, x_.device_f32(), dlogits.device_f32(), 1.0f, dw_router_.device_f32());
+    backend_.gemm(false, true, T, D, E, 1.0f, dlogits.device_f32(), w_router_.device_f32(), 1.0f, dx.device_f32());
   }
-  bwd_times_.gate_s = seconds_since(t0);
+  bwd_times_.gate_s = elapsed_s(t0);
   return dx;
 }
 
@@ -711,21 +694,30 @@ BenchLayerResult bench_layer(const BenchLayerOptions& options, Comm* comm, Backe
   MoeLayer layer(options.layer, backend, comm);
   const int64_t D = options.layer.hidden, F = options.layer.ffn_hidden, T = options.tokens / ep;
   // Inputs and output gradients indexed by global token, so every EP split sees the same batch.
-  Tensor x = Tensor::empty({T, D}), dy = Tensor::empty({T, D});
+  Tensor x_host = Tensor::empty({T, D}), dy_host = Tensor::empty({T, D});
   const uint64_t data_key = hash2(options.data_seed, kDataStream);
   const uint64_t xkey = hash2(data_key, 1), gkey = hash2(data_key, 2);
   for (int64_t t = 0; t < T; ++t)
     for (int64_t d = 0; d < D; ++d) {
       const uint64_t i = static_cast<uint64_t>((rank * T + t) * D + d);
-      x.f32()[t * D + d] = static_cast<float>(2 * unit_open(hash2(xkey, i)) - 1);
-      dy.f32()[t * D + d] = static_cast<float>((2 * unit_open(hash2(gkey, i)) - 1) * 1e-2);
+      x_host.f32()[t * D + d] = static_cast<float>(2 * unit_open(hash2(xkey, i)) - 1);
+      dy_host.f32()[t * D + d] = static_cast<float>((2 * unit_open(hash2(gkey, i)) - 1) * 1e-2);
     }
+  const Tensor x = x_host.to(backend.device()), dy = dy_host.to(backend.device());
 
-  // cblas_sgemm over the same shapes, transposes and beta as the layer's expert GEMMs.
+  // The vendor BLAS over the same shapes, transposes and beta as the layer's expert GEMMs: CPU
+  // cblas_sgemm; CUDA cublasSgemm (the back end's gemm, synchronised around each call).
   const int64_t rows_max = T * options.layer.top_k * ep;  // an expert's rows never exceed the group's assignments
   const int64_t big = std::max({rows_max * std::max(D, F), D * F});
-  std::vector<float> ba(static_cast<size_t>(big), 0.01f), bb(static_cast<size_t>(big), 0.01f),
-      bc(static_cast<size_t>(big), 0.0f);
+  const bool on_cpu = backend.device() == Device::kCpu;
+  const size_t host_big = on_cpu ? static_cast<size_t>(big) : 0;
+  std::vector<float> ba(host_big, 0.01f), bb(host_big, 0.01f), bc(host_big, 0.0f);
+  Tensor da, db, dc;
+  if (!on_cpu) {
+    da = Tensor::from({big}, std::vector<float>(static_cast<size_t>(big), 0.01f), backend.device());
+    db = da.clone();
+    dc = Tensor::zeros({big}, DType::kF32, backend.device());
+  }
   auto blas_s = [&](const std::vector<int64_t>& rows) {
     struct Shape {
       bool ta, tb;
@@ -738,6 +730,15 @@ BenchLayerResult bench_layer(const BenchLayerOptions& options, Comm* comm, Backe
       const Shape shapes[] = {{false, false, n, F, D, 1}, {false, false, n, D, F, 1}, {true, false, F, D, n, 1},
                               {false, true, n, F, D, 0},  {true, false, D, F, n, 1},  {false, true, n, D, F, 0}};
       for (const Shape& sh : shapes) {
+        if (!on_cpu) {
+          backend.synchronize();
+          const auto t0 = Clock::now();
+          backend.gemm(sh.ta, sh.tb, sh.m, sh.n, sh.k, 1.0f, da.device_f32(), db.device_f32(), sh.beta,
+                       dc.device_f32());
+          backend.synchronize();
+          s += seconds_since(t0);
+          continue;
+        }
         const auto t0 = Clock::now();
         cblas_sgemm(CblasRowMajor, sh.ta ? CblasTrans : CblasNoTrans, sh.tb ? CblasTrans : CblasNoTrans,
                     static_cast<int>(sh.m), static_cast<int>(sh.n), static_cast<int>(sh.k), 1.0f, ba.data(),
@@ -761,6 +762,7 @@ BenchLayerResult bench_layer(const BenchLayerOptions& options, Comm* comm, Backe
     fo.step = static_cast<uint64_t>(it);
     layer.forward(x, fo);
     layer.backward(dy);
+    backend.synchronize();
     const double step_s = seconds_since(t0);
     std::vector<int64_t> rows;
     for (int le = 0; le < layer.local_experts(); ++le)

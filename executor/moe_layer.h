@@ -1,6 +1,6 @@
 // The mixture-of-experts layer of the executor: gate, capacity, expert-parallel dispatch, a grouped
 // expert FFN, combine and the load-balancing losses, with hand-written forward and backward (the
-// llm.c way). CPU, fp32, row-major. Math and policies follow ../shared/SEEDS.md ("MoE layer",
+// llm.c way). fp32, row-major, on the back end's device (CPU or CUDA). Math and policies follow ../shared/SEEDS.md ("MoE layer",
 // "DAMEX"); the capacity rule and fill orders are the cost model's (costmodel/routing_model.h), so
 // a simulated and an executed layer drop the same assignments.
 //
@@ -57,6 +57,16 @@
 // batch statistics are one all_reduce_sum of 2E+2 floats. Expert ids and counts travel as fp32,
 // exact below 2^24: the group must route fewer than 2^24 assignments per step.
 //
+// Devices: every tensor op (router GEMM, noise, softmax, dispatch gather, expert FFN, combine,
+// their backward and the router backward) runs through the Backend on its device, and the
+// all-to-alls take device buffers (the Comm's engine must match: NCCL for CUDA). The routing
+// decisions run on the host over one explicit device-to-host copy of the router's probabilities
+// [T_local, E] (and the logits when the load or DAMEX loss needs them), as MoE frameworks do for
+// the capacity assignment: top-k, gate weights, the capacity assignment in the cost model's fill
+// order, the exchange layout and the aux-loss batch statistics; the slots and gate weights then go
+// back to the device. The small metadata exchanges (token counts, routing metadata, aux sums) go
+// through all_gather_host / all_reduce_sum_host.
+//
 // Parameters and gradients:
 //   W_r [D, E] replicated; backward() adds this rank's tokens' share to router_weight_grad(): the
 //     CALLER must sum it over the ranks that share W_r (the EP group, and DP replicas) before the
@@ -76,6 +86,7 @@
 #include "executor/layers.h"
 #include "executor/tensor.h"
 
+#include <chrono>
 #include <cstdint>
 #include <optional>
 #include <span>
@@ -158,7 +169,8 @@ struct MoeRoutingStats {
   int64_t dropped_assignments = 0;
 };
 
-// Wall-clock seconds (steady clock) of the parts of one forward or backward on this rank.
+// Wall-clock seconds (steady clock, read after a device synchronize: on a GPU the device's time)
+// of the parts of one forward or backward on this rank.
 //   gate_s      router GEMM, noise, softmax, top-k, the capacity decision and its metadata
 //               all_gather, aux losses and their all_reduce (backward: gate-weight, softmax and
 //               aux-loss gradients, dW_r and the router's share of dx)
@@ -182,11 +194,11 @@ struct MoePartTimes {
 class MoeLayer {
  public:
   // ep_comm: the EP group (null or size 1: EP = 1, no communication at all). Throws exec::Error
-  // listing every problem of the config, or when `backend` is not a CPU back end. `backend` and
-  // `ep_comm` must outlive the layer.
+  // listing every problem of the config, or when ep_comm's buffers are not on `backend`'s device.
+  // `backend` and `ep_comm` must outlive the layer.
   MoeLayer(MoeLayerConfig config, Backend& backend, Comm* ep_comm = nullptr);
 
-  // x [T_local, D] fp32 on the CPU -> y [T_local, D]. Collective over the EP group: every rank
+  // x [T_local, D] fp32 on the back end's device -> y [T_local, D]. Collective over the EP group: every rank
   // calls it (T_local may differ between ranks). x's buffer is kept (shared, not copied) for
   // backward: do not modify it in between.
   Tensor forward(const Tensor& x, const MoeForwardOptions& options = {});
@@ -243,6 +255,9 @@ class MoeLayer {
   void experts_backward(const float* grad_out, float* grad_in);
   void timed_gemm(MoePartTimes& times, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* a,
                   const float* b, float beta, float* c);
+  // Seconds since t0 once the device has finished the work issued so far.
+  double elapsed_s(std::chrono::steady_clock::time_point t0);
+  Tensor device_tensor(std::vector<int64_t> shape) const;
   // Moves rows between the send layout (this rank's kept assignments by expert, so by destination
   // rank) and the expert layout (this rank's experts' rows by local expert, then source rank):
   // send -> expert when to_experts, else back.
@@ -266,15 +281,19 @@ class MoeLayer {
   int64_t token_offset_ = 0;  // global index of local token 0
   int64_t group_tokens_ = 0;  // T
   std::vector<int64_t> tokens_of_rank_;
-  std::vector<float> logits_;        // g [T_local, E] (clean)
-  std::vector<float> noisy_logits_;  // z [T_local, E] when noisy_
-  std::vector<float> probs_;         // p [T_local, E]
+  Tensor logits_;                      // g [T_local, E] (clean), on the device
+  Tensor noisy_logits_;                // z [T_local, E] when noisy_
+  Tensor probs_;                       // p [T_local, E]
+  std::vector<float> host_probs_;      // p, copied to the host for the routing decisions
+  std::vector<float> host_logits_;     // g on the host, when the load loss needs it
+  std::vector<float> host_z_;          // the logits softmax saw, on the host, for DAMEX and eta
   std::vector<float> eta_;           // k-th largest noisy logit per token (load loss)
   std::vector<float> top_prob_;      // p of the 1st choice per token (BPR priority)
   std::vector<int32_t> choice_;
   std::vector<float> gate_w_;
   std::vector<uint8_t> keep_;
   std::vector<int64_t> slot_;              // row of assignment t*k+j in the send layout, -1 dropped
+  Tensor slot_dev_, gate_w_dev_;           // the same on the device (i32, f32 [T_local k])
   std::vector<int32_t> dataset_of_token_;  // -1: none
   std::vector<int64_t> kept_by_rank_;      // [ep, E]: kept assignments of rank r's tokens to expert e
   int64_t send_rows_ = 0;                  // kept assignments of this rank's tokens
@@ -287,9 +306,10 @@ class MoeLayer {
   MoeAuxLosses aux_;
   MoeRoutingStats stats_;
 
-  // Buffers, reused across calls (send layout: send_rows_ x D; expert layout: expert_rows_ x D or F).
-  std::vector<float> send_buf_, expert_in_, hidden_pre_, hidden_act_, expert_out_, returned_, scratch_;
-  std::vector<float> grad_send_, grad_expert_out_, grad_hidden_, grad_expert_in_;
+  // Device buffers of the last call (send layout: send_rows_ x D; expert layout: expert_rows_ x D
+  // or F), allocated per call from the device's allocator (CUDA: a block cache).
+  Tensor send_buf_, expert_in_, hidden_pre_, hidden_act_, expert_out_, returned_;
+  Tensor grad_send_, grad_expert_out_, grad_hidden_, grad_expert_in_;
   MoePartTimes fwd_times_, bwd_times_;
 };
 
@@ -319,8 +339,9 @@ struct BenchLayerResult {
   // Per iteration (forward + backward), this rank.
   double gate_s = 0, dispatch_s = 0, experts_s = 0, combine_s = 0;
   double expert_gemm_s = 0;  // the GEMM calls inside experts_s (the rest: GELU, biases, bias grads)
-  // The expert GEMMs in the layer vs cblas_sgemm on the same shapes and transposes, timed
-  // alternately in the same run: gemm_efficiency_vs_blas = blas time / layer GEMM time.
+  // The expert GEMMs in the layer vs the vendor BLAS on the same shapes and transposes (CPU:
+  // cblas_sgemm; CUDA: cublasSgemm through the back end on separate buffers), timed alternately in
+  // the same run: gemm_efficiency_vs_blas = blas time / layer GEMM time.
   double expert_gemm_flops_per_s = 0;
   double blas_gemm_flops_per_s = 0;
   double gemm_efficiency_vs_blas = 0;

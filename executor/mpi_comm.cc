@@ -509,6 +509,39 @@ bool launched_by_mpi() {
   return MPI_Initialized(&initialized) == MPI_SUCCESS && initialized;
 }
 
+void all_reduce_sum_host(Comm& comm, float* data, int64_t n) {
+  if (comm.buffer_device() == Device::kCpu) return comm.all_reduce_sum(data, n);
+  Tensor staged = Tensor::from({n}, std::vector<float>(data, data + n), comm.buffer_device());
+  comm.all_reduce_sum(staged.device_f32(), n);
+  const std::vector<float> back = staged.to_vector();
+  std::copy(back.begin(), back.end(), data);
+}
+
+void all_gather_host(Comm& comm, const float* send, float* recv, int64_t n_per_rank) {
+  if (comm.buffer_device() == Device::kCpu) return comm.all_gather(send, recv, n_per_rank);
+  const Tensor staged_send = Tensor::from({n_per_rank}, std::vector<float>(send, send + n_per_rank), comm.buffer_device());
+  Tensor staged_recv = Tensor::empty({n_per_rank * comm.size()}, DType::kF32, comm.buffer_device());
+  comm.all_gather(staged_send.device_f32(), staged_recv.device_f32(), n_per_rank);
+  const std::vector<float> back = staged_recv.to_vector();
+  std::copy(back.begin(), back.end(), recv);
+}
+
+int local_rank() {
+  for (const char* var : {"OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"})
+    if (const char* v = std::getenv(var)) return std::max(0, std::atoi(v));
+  int initialized = 0, finalized = 0;
+  if (MPI_Initialized(&initialized) != MPI_SUCCESS || !initialized || MPI_Finalized(&finalized) != MPI_SUCCESS ||
+      finalized)
+    return 0;
+  MPI_Comm node = MPI_COMM_NULL;
+  int rank = 0, node_rank = 0;
+  MOESIM_MPI_CHECK(MPI_Comm_rank(MPI_COMM_WORLD, &rank));
+  MOESIM_MPI_CHECK(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, rank, MPI_INFO_NULL, &node));
+  MOESIM_MPI_CHECK(MPI_Comm_rank(node, &node_rank));
+  MOESIM_MPI_CHECK(MPI_Comm_free(&node));
+  return node_rank;
+}
+
 #ifndef MOESIM_HAVE_NCCL
 // Builds without NCCL (nccl_comm.cu defines these in builds with it).
 bool have_nccl() { return false; }

@@ -25,17 +25,22 @@ void throw_if_any(const char* who, const std::vector<std::string>& problems) {
 std::vector<Tensor> zero_states(const std::vector<Param>& params) {
   std::vector<Tensor> states;
   states.reserve(params.size());
-  for (const Param& p : params) states.push_back(Tensor::zeros(p.value.shape()));
+  for (const Param& p : params) states.push_back(Tensor::zeros(p.value.shape(), DType::kF32, p.value.device()));
   return states;
 }
 
 }  // namespace
 
-Optimizer::Optimizer(const ParamRegistry& params, float lr)
-    : params_(params.params().begin(), params.params().end()), lr_(lr) {}
+Optimizer::Optimizer(const ParamRegistry& params, float lr, Backend& backend)
+    : params_(params.params().begin(), params.params().end()), backend_(&backend), lr_(lr) {
+  for (const Param& p : params_)
+    if (p.value.device() != backend.device() || p.grad.device() != backend.device())
+      throw Error(fmt::format("optimizer: parameter '{}' is {} but the optimizer runs on {}", p.name,
+                              p.value.describe(), backend.name()));
+}
 
 void Optimizer::zero_grad() {
-  for (Param& p : params_) std::fill_n(p.grad.f32(), p.grad.numel(), 0.0f);
+  for (Param& p : params_) p.grad.fill_zero();
 }
 
 void Optimizer::set_lr(float lr) {
@@ -45,7 +50,8 @@ void Optimizer::set_lr(float lr) {
 
 // ---- SGD -------------------------------------------------------------------------------------
 
-Sgd::Sgd(const ParamRegistry& params, SgdOptions options) : Optimizer(params, options.lr), options_(options) {
+Sgd::Sgd(const ParamRegistry& params, SgdOptions options, Backend& backend)
+    : Optimizer(params, options.lr, backend), options_(options) {
   std::vector<std::string> problems;
   if (!(options.lr >= 0)) problems.push_back(fmt::format("lr = {} is negative", options.lr));
   if (!(options.momentum >= 0 && options.momentum < 1))
@@ -58,24 +64,17 @@ Sgd::Sgd(const ParamRegistry& params, SgdOptions options) : Optimizer(params, op
 }
 
 void Sgd::step() {
-  const float lr = lr_, mu = options_.momentum, wd = options_.weight_decay;
-  for (size_t i = 0; i < params_.size(); ++i) {
-    float* p = params_[i].value.f32();
-    const float* grad = params_[i].grad.f32();
-    float* vel = velocity_[i].f32();
-    const int64_t n = params_[i].value.numel();
-    for (int64_t j = 0; j < n; ++j) {
-      const float g = grad[j] + wd * p[j];
-      vel[j] = mu * vel[j] + g;
-      p[j] -= lr * (options_.nesterov ? g + mu * vel[j] : vel[j]);
-    }
-  }
+  const kernels::SgdHyper h{lr_, options_.momentum, options_.weight_decay, options_.nesterov};
+  for (size_t i = 0; i < params_.size(); ++i)
+    backend_->sgd_step(params_[i].value.device_f32(), params_[i].grad.device_f32(), velocity_[i].device_f32(),
+                       params_[i].value.numel(), h);
   ++steps_;
 }
 
 // ---- Adam ------------------------------------------------------------------------------------
 
-Adam::Adam(const ParamRegistry& params, AdamOptions options) : Optimizer(params, options.lr), options_(options) {
+Adam::Adam(const ParamRegistry& params, AdamOptions options, Backend& backend)
+    : Optimizer(params, options.lr, backend), options_(options) {
   std::vector<std::string> problems;
   if (!(options.lr >= 0)) problems.push_back(fmt::format("lr = {} is negative", options.lr));
   if (!(options.beta1 >= 0 && options.beta1 < 1))
@@ -93,26 +92,19 @@ Adam::Adam(const ParamRegistry& params, AdamOptions options) : Optimizer(params,
 void Adam::step() {
   ++steps_;
   const auto t = static_cast<double>(steps_);
-  const float b1 = options_.beta1, b2 = options_.beta2, eps = options_.eps, wd = options_.weight_decay;
+  const float b1 = options_.beta1, b2 = options_.beta2, wd = options_.weight_decay;
+  kernels::AdamHyper h;
   // Bias corrections in double: b^t for large t underflows gracefully to 0.
-  const auto step_size = static_cast<float>(lr_ / (1.0 - std::pow(static_cast<double>(b1), t)));
-  const auto bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(static_cast<double>(b2), t)));
-  const float decay = options_.decoupled_weight_decay ? 1.0f - lr_ * wd : 1.0f;
-  const float l2 = options_.decoupled_weight_decay ? 0.0f : wd;
-  for (size_t i = 0; i < params_.size(); ++i) {
-    float* p = params_[i].value.f32();
-    const float* grad = params_[i].grad.f32();
-    float* m = m_[i].f32();
-    float* v = v_[i].f32();
-    const int64_t n = params_[i].value.numel();
-    for (int64_t j = 0; j < n; ++j) {
-      const float g = grad[j] + l2 * p[j];
-      p[j] *= decay;
-      m[j] = b1 * m[j] + (1.0f - b1) * g;
-      v[j] = b2 * v[j] + (1.0f - b2) * g * g;
-      p[j] -= step_size * m[j] / (std::sqrt(v[j]) / bc2_sqrt + eps);
-    }
-  }
+  h.step_size = static_cast<float>(lr_ / (1.0 - std::pow(static_cast<double>(b1), t)));
+  h.bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(static_cast<double>(b2), t)));
+  h.beta1 = b1;
+  h.beta2 = b2;
+  h.eps = options_.eps;
+  h.decay = options_.decoupled_weight_decay ? 1.0f - lr_ * wd : 1.0f;
+  h.l2 = options_.decoupled_weight_decay ? 0.0f : wd;
+  for (size_t i = 0; i < params_.size(); ++i)
+    backend_->adam_step(params_[i].value.device_f32(), params_[i].grad.device_f32(), m_[i].device_f32(),
+                        v_[i].device_f32(), params_[i].value.numel(), h);
 }
 
 }  // namespace moesim::exec

@@ -1,6 +1,7 @@
 // Optimizers of the executor: they update the parameters of a ParamRegistry (executor/layers.h)
-// from their gradients, holding one state per parameter in registration order. CPU fp32; the
-// per-element math is plain loops.
+// from their gradients, holding one state per parameter in registration order. fp32 on the
+// parameters' device: the per-element math is kernels::sgd_update / adam_update, run by the
+// Backend's sgd_step / adam_step (the CPU back end unless another is given).
 //
 //   exec::Adam adam(params, {.lr = 3e-4f, .weight_decay = 0.1f});   // AdamW
 //   adam.zero_grad();  ...forward, backward, all-reduce the replicated gradients...  adam.step();
@@ -18,7 +19,8 @@ namespace moesim::exec {
 
 class Optimizer {
  public:
-  explicit Optimizer(const ParamRegistry& params, float lr);
+  // Every parameter must live on `backend`'s device.
+  Optimizer(const ParamRegistry& params, float lr, Backend& backend);
   virtual ~Optimizer() = default;
   Optimizer(const Optimizer&) = delete;
   Optimizer& operator=(const Optimizer&) = delete;
@@ -33,6 +35,7 @@ class Optimizer {
 
  protected:
   std::vector<Param> params_;
+  Backend* backend_;
   float lr_;
   int64_t steps_ = 0;
 };
@@ -53,7 +56,7 @@ struct SgdOptions {
 class Sgd final : public Optimizer {
  public:
   // Throws exec::Error for lr < 0, momentum outside [0, 1), weight_decay < 0, or Nesterov without momentum.
-  Sgd(const ParamRegistry& params, SgdOptions options);
+  Sgd(const ParamRegistry& params, SgdOptions options, Backend& backend = default_cpu_backend());
   void step() override;
   const SgdOptions& options() const { return options_; }
   Tensor velocity(size_t param_index) const { return velocity_.at(param_index); }
@@ -82,7 +85,7 @@ struct AdamOptions {
 class Adam final : public Optimizer {
  public:
   // Throws exec::Error for lr < 0, betas outside [0, 1), eps <= 0 or weight_decay < 0.
-  Adam(const ParamRegistry& params, AdamOptions options);
+  Adam(const ParamRegistry& params, AdamOptions options, Backend& backend = default_cpu_backend());
   void step() override;
   const AdamOptions& options() const { return options_; }
   Tensor first_moment(size_t param_index) const { return m_.at(param_index); }

@@ -44,9 +44,25 @@ const char* device_name(Device d) { return d == Device::kCpu ? "cpu" : "cuda"; }
 
 }  // namespace
 
-size_t dtype_size(DType t) { return t == DType::kF32 ? 4 : 2; }
+size_t dtype_size(DType t) {
+  switch (t) {
+    case DType::kF32: return 4;
+    case DType::kBF16: return 2;
+    case DType::kI32: return 4;
+    case DType::kF64: return 8;
+  }
+  return 0;
+}
 
-const char* dtype_name(DType t) { return t == DType::kF32 ? "f32" : "bf16"; }
+const char* dtype_name(DType t) {
+  switch (t) {
+    case DType::kF32: return "f32";
+    case DType::kBF16: return "bf16";
+    case DType::kI32: return "i32";
+    case DType::kF64: return "f64";
+  }
+  return "?";
+}
 
 Tensor Tensor::empty(std::vector<int64_t> shape, DType dtype, Device device) {
   Tensor t;
@@ -68,12 +84,30 @@ Tensor Tensor::zeros(std::vector<int64_t> shape, DType dtype, Device device) {
   return t;
 }
 
-Tensor Tensor::from(std::vector<int64_t> shape, const std::vector<float>& values) {
-  Tensor t = empty(std::move(shape));
-  MOESIM_ASSERT(static_cast<int64_t>(values.size()) == t.numel_, "Tensor::from: {} values for {} ({} elements)",
-                values.size(), t.describe(), t.numel_);
-  if (t.numel_ > 0) std::memcpy(t.data(), values.data(), t.bytes());
+namespace {
+Tensor from_host(std::vector<int64_t> shape, DType dtype, const void* values, size_t count, Device device) {
+  Tensor t = Tensor::empty(std::move(shape), dtype, device);
+  MOESIM_ASSERT(static_cast<int64_t>(count) == t.numel(), "Tensor::from: {} values for {} ({} elements)", count,
+                t.describe(), t.numel());
+  if (t.numel() == 0) return t;
+  if (device == Device::kCpu)
+    std::memcpy(t.data(), values, t.bytes());
+  else
+    detail::cuda_copy(t.data(), values, t.bytes(), detail::CopyKind::kHostToDevice);
   return t;
+}
+}  // namespace
+
+Tensor Tensor::from(std::vector<int64_t> shape, const std::vector<float>& values, Device device) {
+  return from_host(std::move(shape), DType::kF32, values.data(), values.size(), device);
+}
+
+Tensor Tensor::from_i32(std::vector<int64_t> shape, const int32_t* values, size_t count, Device device) {
+  return from_host(std::move(shape), DType::kI32, values, count, device);
+}
+
+Tensor Tensor::from_f64(std::vector<int64_t> shape, const double* values, size_t count, Device device) {
+  return from_host(std::move(shape), DType::kF64, values, count, device);
 }
 
 float* Tensor::f32() {
@@ -94,6 +128,63 @@ uint16_t* Tensor::bf16() {
 const uint16_t* Tensor::bf16() const {
   MOESIM_ASSERT(device_ == Device::kCpu && dtype_ == DType::kBF16, "bf16() on {}", describe());
   return static_cast<const uint16_t*>(data());
+}
+
+int32_t* Tensor::i32() {
+  MOESIM_ASSERT(device_ == Device::kCpu && dtype_ == DType::kI32, "i32() on {}", describe());
+  return static_cast<int32_t*>(data());
+}
+
+const int32_t* Tensor::i32() const {
+  MOESIM_ASSERT(device_ == Device::kCpu && dtype_ == DType::kI32, "i32() on {}", describe());
+  return static_cast<const int32_t*>(data());
+}
+
+double* Tensor::f64() {
+  MOESIM_ASSERT(device_ == Device::kCpu && dtype_ == DType::kF64, "f64() on {}", describe());
+  return static_cast<double*>(data());
+}
+
+const double* Tensor::f64() const {
+  MOESIM_ASSERT(device_ == Device::kCpu && dtype_ == DType::kF64, "f64() on {}", describe());
+  return static_cast<const double*>(data());
+}
+
+int32_t* Tensor::device_i32() {
+  MOESIM_ASSERT(dtype_ == DType::kI32, "device_i32() on {}", describe());
+  return static_cast<int32_t*>(data());
+}
+
+const int32_t* Tensor::device_i32() const {
+  MOESIM_ASSERT(dtype_ == DType::kI32, "device_i32() on {}", describe());
+  return static_cast<const int32_t*>(data());
+}
+
+double* Tensor::device_f64() {
+  MOESIM_ASSERT(dtype_ == DType::kF64, "device_f64() on {}", describe());
+  return static_cast<double*>(data());
+}
+
+const double* Tensor::device_f64() const {
+  MOESIM_ASSERT(dtype_ == DType::kF64, "device_f64() on {}", describe());
+  return static_cast<const double*>(data());
+}
+
+void Tensor::fill_zero() {
+  if (numel_ == 0) return;
+  if (device_ == Device::kCpu)
+    std::memset(data(), 0, bytes());
+  else
+    detail::cuda_memset_zero(data(), bytes());
+}
+
+void Tensor::copy_from(const Tensor& src) {
+  MOESIM_ASSERT(src.dtype_ == dtype_ && src.numel_ == numel_, "copy_from: {} into {}", src.describe(), describe());
+  if (numel_ == 0) return;
+  if (src.device_ == Device::kCpu && device_ == Device::kCpu)
+    std::memcpy(data(), src.data(), bytes());
+  else
+    detail::cuda_copy(data(), src.data(), bytes(), copy_kind(src.device_, device_));
 }
 
 float* Tensor::device_f32() {
@@ -118,6 +209,8 @@ Tensor Tensor::to(Device device) const {
 
 Tensor Tensor::to(DType dtype) const {
   if (dtype == dtype_) return clone();
+  MOESIM_ASSERT((dtype_ == DType::kF32 || dtype_ == DType::kBF16) && (dtype == DType::kF32 || dtype == DType::kBF16),
+                "to({}): {} converts between f32 and bf16 only", dtype_name(dtype), describe());
   Tensor t = empty(shape_, dtype, device_);
   if (numel_ == 0) return t;
   const bool to_bf16 = dtype == DType::kBF16;
@@ -147,7 +240,20 @@ Tensor Tensor::reshaped(std::vector<int64_t> shape) const {
   return t;
 }
 
+std::vector<int32_t> Tensor::to_i32_vector() const {
+  const Tensor host = device_ == Device::kCpu ? *this : to(Device::kCpu);
+  const int32_t* p = host.i32();
+  return std::vector<int32_t>(p, p + numel_);
+}
+
+std::vector<double> Tensor::to_f64_vector() const {
+  const Tensor host = device_ == Device::kCpu ? *this : to(Device::kCpu);
+  const double* p = host.f64();
+  return std::vector<double>(p, p + numel_);
+}
+
 std::vector<float> Tensor::to_vector() const {
+  MOESIM_ASSERT(dtype_ == DType::kF32 || dtype_ == DType::kBF16, "to_vector() on {}", describe());
   const Tensor host = device_ == Device::kCpu ? *this : to(Device::kCpu);
   if (dtype_ == DType::kF32) {
     const float* p = host.f32();

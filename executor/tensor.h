@@ -5,6 +5,7 @@
 //   exec::Tensor x = exec::Tensor::zeros({tokens, hidden});       // CPU, fp32
 //   float* p = x.f32();                                          // CPU fp32 data
 //   exec::Tensor g = x.to(exec::Device::kCuda);                  // a copy on the GPU (CUDA builds)
+//   exec::Tensor ids = exec::Tensor::from_i32({n}, ids.data(), ids.size(), exec::Device::kCuda);
 #pragma once
 
 #include <cstddef>
@@ -15,7 +16,9 @@
 
 namespace moesim::exec {
 
-enum class DType { kF32, kBF16 };
+// kF32 and kBF16 are the compute types; kI32 holds indices (token ids, slots) and kF64 the few
+// per-row values kept in double (cross-entropy row losses, router coefficients).
+enum class DType { kF32, kBF16, kI32, kF64 };
 enum class Device { kCpu, kCuda };
 
 size_t dtype_size(DType t);
@@ -30,8 +33,13 @@ class Tensor {
   // exec::Error is thrown). Every dimension must be >= 0; a zero-element tensor holds no buffer.
   static Tensor empty(std::vector<int64_t> shape, DType dtype = DType::kF32, Device device = Device::kCpu);
   static Tensor zeros(std::vector<int64_t> shape, DType dtype = DType::kF32, Device device = Device::kCpu);
-  // A CPU fp32 tensor holding `values` (size must match the shape).
-  static Tensor from(std::vector<int64_t> shape, const std::vector<float>& values);
+  // A tensor on `device` holding `values` (size must match the shape).
+  static Tensor from(std::vector<int64_t> shape, const std::vector<float>& values, Device device = Device::kCpu);
+  // The same from `count` host values (C++17 here: nvcc compiles this header too, so no std::span).
+  static Tensor from_i32(std::vector<int64_t> shape, const int32_t* values, size_t count,
+                         Device device = Device::kCpu);
+  static Tensor from_f64(std::vector<int64_t> shape, const double* values, size_t count,
+                         Device device = Device::kCpu);
 
   const std::vector<int64_t>& shape() const { return shape_; }
   int64_t dim(int i) const { return shape_.at(static_cast<size_t>(i)); }
@@ -49,11 +57,24 @@ class Tensor {
   const float* f32() const;
   uint16_t* bf16();
   const uint16_t* bf16() const;
+  int32_t* i32();
+  const int32_t* i32() const;
+  double* f64();
+  const double* f64() const;
   // The fp32 buffer on the tensor's own device, CPU or CUDA, to hand to a Backend of that device
   // (MOESIM_ASSERTs dtype only; a CUDA pointer must not be dereferenced on the host).
   float* device_f32();
   const float* device_f32() const;
+  int32_t* device_i32();
+  const int32_t* device_i32() const;
+  double* device_f64();
+  const double* device_f64() const;
 
+  // Every byte to zero, on the tensor's device (CUDA: cudaMemset on the default stream).
+  void fill_zero();
+  // Copies src's bytes into this tensor's buffer, whatever the two devices (same dtype and element
+  // count; host copies are synchronous with the host).
+  void copy_from(const Tensor& src);
   // A deep copy on `device` (and `dtype`: fp32 <-> bf16 converts, rounding to nearest even, on the
   // tensor's own device). Copies to or from the host are synchronous with the host.
   Tensor to(Device device) const;
@@ -61,7 +82,9 @@ class Tensor {
   Tensor clone() const { return to(device_); }
   // The same buffer seen with another shape of the same element count.
   Tensor reshaped(std::vector<int64_t> shape) const;
-  std::vector<float> to_vector() const;  // fp32 values, copied to the host
+  std::vector<float> to_vector() const;  // fp32 values (from fp32 or bf16), copied to the host
+  std::vector<int32_t> to_i32_vector() const;  // kI32 only
+  std::vector<double> to_f64_vector() const;   // kF64 only
 
   std::string describe() const;  // "f32[4096, 512] cpu"
 

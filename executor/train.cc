@@ -1,6 +1,7 @@
 #include "executor/train.h"
 
 #include "costmodel/model.h"
+#include "executor/cuda_memory.h"
 #include "executor/error.h"
 #include "executor/layers.h"
 #include "executor/optimizer.h"
@@ -23,6 +24,39 @@ double peak_rss_bytes() {
   return static_cast<double>(u.ru_maxrss) * 1024;
 }
 
+// A span on the steady clock that starts and ends once the device has finished the work issued
+// before it (CPU: no wait), so it measures the device's time for its ops, not their launch.
+class DeviceSpan {
+ public:
+  DeviceSpan(Backend& backend, trace::Recorder& rec, std::string op_id, trace::OpKind kind,
+             trace::StreamId stream = {})
+      : backend_(backend), span_((backend.synchronize(), rec.begin(std::move(op_id), kind, stream))) {}
+  DeviceSpan(const DeviceSpan&) = delete;
+  DeviceSpan& operator=(const DeviceSpan&) = delete;
+  ~DeviceSpan() {
+    try {
+      end();
+    } catch (...) {  // a failed device surfaces at the next call; a destructor must not throw
+    }
+  }
+  trace::ScopedSpan& span() { return span_; }
+  void end() {
+    if (!span_.is_open()) return;
+    backend_.synchronize();
+    span_.end();
+  }
+
+ private:
+  Backend& backend_;
+  trace::ScopedSpan span_;
+};
+
+// "cpu", "cuda:0": the device named on a rank's spans.
+std::string device_label(const Backend& backend) {
+  const std::string name = backend.name();
+  return name.substr(0, name.find(' '));
+}
+
 int default_ep(int ranks, int experts) {
   int ep = 1;
   for (int e = 1; e <= ranks; ++e)
@@ -38,14 +72,14 @@ class Mlp {
         fc2_(b, name + ".fc2", f, d, derive_seed(seed, name + ".fc2")) {}
   Tensor forward(const Tensor& x) {
     pre_ = fc1_.forward(x);
-    Tensor act = Tensor::empty(pre_.shape());
-    backend_.gelu(pre_.f32(), act.f32(), act.numel());
+    Tensor act = Tensor::empty(pre_.shape(), DType::kF32, backend_.device());
+    backend_.gelu(pre_.device_f32(), act.device_f32(), act.numel());
     return fc2_.forward(act);
   }
   Tensor backward(const Tensor& dy) {
     Tensor dact = fc2_.backward(dy);
-    Tensor dpre = Tensor::empty(pre_.shape());
-    backend_.gelu_backward(pre_.f32(), dact.f32(), dpre.f32(), dpre.numel());
+    Tensor dpre = Tensor::empty(pre_.shape(), DType::kF32, backend_.device());
+    backend_.gelu_backward(pre_.device_f32(), dact.device_f32(), dpre.device_f32(), dpre.numel());
     return fc1_.backward(dpre);
   }
   void register_params(ParamRegistry& r) {
@@ -141,12 +175,12 @@ class Model {
 
     Tensor x;
     {
-      auto span = rec_.begin("embed fwd", trace::OTHER);
+      DeviceSpan span(backend_, rec_, "embed fwd", trace::OTHER);
       x = residual_add(backend_, tok_->forward(ids), pos_->forward(positions));
     }
     for (Block& blk : blocks_) {
       {
-        auto span = rec_.begin(blk.name + ".attn fwd", trace::ATTENTION);
+        DeviceSpan span(backend_, rec_, blk.name + ".attn fwd", trace::ATTENTION);
         Tensor a = blk.attn->forward(blk.ln1->forward(x).reshaped({seqs, s, d}));
         x = residual_add(backend_, x, a.reshaped({tokens, d}));
       }
@@ -157,26 +191,26 @@ class Model {
     Tensor logits;
     LossAndGrad loss;
     {
-      auto span = rec_.begin("head fwd", trace::GEMM);
+      DeviceSpan span(backend_, rec_, "head fwd", trace::GEMM);
       logits = head_->forward(lnf_->forward(x));
-      loss = cross_entropy(logits, targets);
+      loss = cross_entropy(backend_, logits, targets);
     }
 
     Tensor dx;
     {
-      auto span = rec_.begin("head bwd", trace::GEMM);
+      DeviceSpan span(backend_, rec_, "head bwd", trace::GEMM);
       dx = lnf_->backward(head_->backward(loss.dlogits));
     }
     for (auto it = blocks_.rbegin(); it != blocks_.rend(); ++it) {
       Block& blk = *it;
       Tensor dh = blk.moe ? moe_backward(blk, dx) : mlp_backward(blk, dx);
       accumulate(backend_, dx, blk.ln2->backward(dh));
-      auto span = rec_.begin(blk.name + ".attn bwd", trace::ATTENTION);
+      DeviceSpan span(backend_, rec_, blk.name + ".attn bwd", trace::ATTENTION);
       Tensor da = blk.attn->backward(dx.reshaped({seqs, s, d}));
       accumulate(backend_, dx, blk.ln1->backward(da.reshaped({tokens, d})));
     }
     {
-      auto span = rec_.begin("embed bwd", trace::OTHER);
+      DeviceSpan span(backend_, rec_, "embed bwd", trace::OTHER);
       tok_->backward(dx);
       pos_->backward(dx);
     }
@@ -185,14 +219,15 @@ class Model {
 
  private:
   Tensor mlp_forward(Block& blk, const Tensor& h) {
-    auto span = rec_.begin(blk.name + ".mlp fwd", trace::GEMM);
+    DeviceSpan span(backend_, rec_, blk.name + ".mlp fwd", trace::GEMM);
     return blk.mlp->forward(h);
   }
   Tensor mlp_backward(Block& blk, const Tensor& dy) {
-    auto span = rec_.begin(blk.name + ".mlp bwd", trace::GEMM);
+    DeviceSpan span(backend_, rec_, blk.name + ".mlp bwd", trace::GEMM);
     return blk.mlp->backward(dy);
   }
   Tensor moe_forward(Block& blk, const Tensor& h, int step) {
+    backend_.synchronize();
     const int64_t start = rec_.now_ns();
     MoeForwardOptions options;
     options.step = static_cast<uint64_t>(step);
@@ -208,6 +243,7 @@ class Model {
     return y;
   }
   Tensor moe_backward(Block& blk, const Tensor& dy) {
+    backend_.synchronize();
     const int64_t start = rec_.now_ns();
     Tensor dx = blk.moe->backward(dy);
     record_parts(*blk.moe, blk.name, "bwd", start, blk.moe->backward_times());
@@ -338,18 +374,24 @@ TrainResult train(const TrainOptions& o, Comm* world, Backend& backend) {
   r.ep = o.ep > 0 ? o.ep : default_ep(ranks, experts);
 
   // EP groups: consecutive ranks; expert data-parallel groups: the same index in every EP group.
+  if (world && ranks > 1 && world->buffer_device() != backend.device())
+    throw Error(fmt::format("cannot train on {} over {}: the Comm's engine must take that device's buffers (MPI for "
+                            "the CPU, NCCL for CUDA)",
+                            backend.name(), world->name()));
   std::unique_ptr<Comm> ep_comm, edp_comm;
   if (world && ranks > 1) {
     ep_comm = world->split(rank / r.ep, rank);
     edp_comm = world->split(rank % r.ep, rank);
   }
-  trace::Recorder rec(rank, "cpu");
+  trace::Recorder rec(rank, device_label(backend));
   Model model(o, r.ep, backend, ep_comm.get(), rec);
   for (const Param& p : model.params().params())
     r.parameters += p.sharing == ParamSharing::kLocal ? p.value.numel() * r.ep : p.value.numel();
   std::unique_ptr<Optimizer> opt;
-  if (o.optimizer == OptimizerKind::kSgd) opt = std::make_unique<Sgd>(model.params(), SgdOptions{.lr = o.lr, .momentum = 0.9f});
-  else opt = std::make_unique<Adam>(model.params(), AdamOptions{.lr = o.lr});
+  if (o.optimizer == OptimizerKind::kSgd)
+    opt = std::make_unique<Sgd>(model.params(), SgdOptions{.lr = o.lr, .momentum = 0.9f}, backend);
+  else
+    opt = std::make_unique<Adam>(model.params(), AdamOptions{.lr = o.lr}, backend);
 
   const int64_t local = o.batch / ranks;
   std::vector<int32_t> ids, targets;
@@ -360,34 +402,38 @@ TrainResult train(const TrainOptions& o, Comm* world, Backend& backend) {
     opt->zero_grad();
     double loss = model.step(step, ids, targets, local);
     {
-      auto span = rec.begin("grad_all_reduce", trace::ALL_REDUCE, trace::StreamId::comm());
+      DeviceSpan span(backend, rec, "grad_all_reduce", trace::ALL_REDUCE, trace::StreamId::comm());
       double bytes = 0;
       for (const Param& p : model.params().params()) {
         Comm* group = p.sharing == ParamSharing::kLocal ? edp_comm.get() : world;
         Tensor g = p.grad;
         if (group && group->size() > 1) {
-          group->all_reduce_sum(g.f32(), g.numel());
+          group->all_reduce_sum(g.device_f32(), g.numel());  // device buffers: NCCL on GPU ranks
           bytes += static_cast<double>(g.bytes());
         }
-        float* gp = g.f32();
-        for (int64_t i = 0; i < g.numel(); ++i) gp[i] /= static_cast<float>(ranks);
+        if (ranks > 1) backend.scale(1.0f / static_cast<float>(ranks), g.device_f32(), g.numel());
       }
-      if (world && ranks > 1) span.collective(ranks, trace::bus_factor(trace::ALL_REDUCE, ranks));
-      span.end(bytes);
+      if (world && ranks > 1) span.span().collective(ranks, trace::bus_factor(trace::ALL_REDUCE, ranks));
+      span.span().bytes(bytes);
+      span.end();
     }
     {
-      auto span = rec.begin("optimizer", trace::OPTIMIZER);
+      DeviceSpan span(backend, rec, "optimizer", trace::OPTIMIZER);
       opt->step();
     }
     double global_loss = loss;
     if (world && ranks > 1) {
       float l = static_cast<float>(loss);
-      world->all_reduce_sum(&l, 1);
+      all_reduce_sum_host(*world, &l, 1);
       global_loss = l / ranks;
     }
+    backend.synchronize();
     r.steps.push_back({step, global_loss, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()});
   }
-  rec.note_peak_memory(rank, "cpu", peak_rss_bytes());
+  // CPU ranks: the process's peak resident memory; GPU ranks: the most device memory held in tensors.
+  rec.note_peak_memory(rank, device_label(backend),
+                       backend.device() == Device::kCpu ? peak_rss_bytes()
+                                                        : static_cast<double>(detail::cuda_peak_allocated_bytes()));
   trace::RunInfo info;
   info.set_source(trace::MEASURED);
   info.set_model(o.model.name());

@@ -1,4 +1,4 @@
-// Training a small MoE transformer for real on CPU ranks: the model of a configs/models file
+// Training a small MoE transformer for real on CPU or GPU ranks: the model of a configs/models file
 // (costmodel/model.proto, the same file the cost model and simulator read), data parallel over
 // the ranks with its experts spread over an expert-parallel group, on a synthetic task.
 //
@@ -29,8 +29,14 @@
 // stream; the MoE layer's gate/dispatch/experts/combine parts are laid out one after the other
 // inside the layer's span from its measured part times, the dispatch and combine with the bytes
 // this rank's tokens send to other EP ranks (x the group size, nccl-tests' all-to-all size) and
-// algBw/busBw. Per-layer expert loads (before drops) are recorded every step, and the process's
-// peak resident memory at the end (CPU ranks: getrusage).
+// algBw/busBw. Spans are timed on the steady clock after a device synchronize at both ends (on a
+// GPU they measure the device's work, not the launches). Per-layer expert loads (before drops) are
+// recorded every step, and each rank's peak memory at the end (CPU ranks: getrusage's peak RSS;
+// GPU ranks: the most device memory held in tensors).
+//
+// Devices: everything runs on `backend` (tensors on its device); `world` must be an engine over
+// that device's buffers (MPI for the CPU, NCCL for CUDA: gradients are all-reduced in place on the
+// device), else exec::Error.
 #pragma once
 
 #include "costmodel/model.pb.h"

@@ -566,3 +566,397 @@ TEST_CASE("back ends name themselves") {
     if (backend->device() == Device::kCuda) CHECK(backend->name().rfind("cuda:0 (", 0) == 0);
   }
 }
+
+// ---- the layers' data movement: bias, sums, gathers, scatters, heads, mask --------------------
+
+namespace {
+
+Tensor on_i32(const Backend& backend, const std::vector<int32_t>& values) {
+  return Tensor::from_i32({static_cast<int64_t>(values.size())}, values.data(), values.size(), backend.device());
+}
+
+std::vector<float> small_integers(size_t n, int modulus, int offset) {
+  std::vector<float> v(n);
+  for (size_t i = 0; i < n; ++i) v[i] = static_cast<float>(static_cast<int>((i * 7919) % modulus) - offset);
+  return v;
+}
+
+}  // namespace
+
+TEST_CASE("bias add, row repeat, column sums and scale are exact on small integers") {
+  const int64_t rows = 37, cols = 300;  // cols > 256 threads: the CUDA kernels stride
+  const std::vector<float> y0 = small_integers(static_cast<size_t>(rows * cols), 41, 20);
+  const std::vector<float> bias = small_integers(static_cast<size_t>(cols), 13, 6);
+  const std::vector<float> sums0 = small_integers(static_cast<size_t>(cols), 5, 2);
+  std::vector<double> ref_bias(y0.size()), ref_repeat(y0.size()), ref_sums(sums0.begin(), sums0.end()),
+      ref_scale(y0.size());
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) {
+      const size_t i = static_cast<size_t>(r * cols + c);
+      ref_bias[i] = y0[i] + bias[static_cast<size_t>(c)];
+      ref_repeat[i] = bias[static_cast<size_t>(c)];
+      ref_sums[static_cast<size_t>(c)] += y0[i];
+      ref_scale[i] = 0.25 * y0[i];
+    }
+  const Tolerance exact{0, 0};
+  CrossCheck check_bias("add_bias", ref_bias, exact), check_repeat("repeat_row", ref_repeat, exact),
+      check_sums("column_sums_add", ref_sums, exact), check_scale("scale", ref_scale, exact);
+  for (const auto& backend : backends_under_test()) {
+    const Tensor tb = on(*backend, {cols}, bias);
+    Tensor ty = on(*backend, {rows, cols}, y0);
+    backend->add_bias(ty.device_f32(), tb.device_f32(), rows, cols);
+    check_bias.check(*backend, read(*backend, ty));
+    Tensor tr = on(*backend, {rows, cols}, y0);
+    backend->repeat_row(tb.device_f32(), tr.device_f32(), rows, cols);
+    check_repeat.check(*backend, read(*backend, tr));
+    const Tensor tx = on(*backend, {rows, cols}, y0);
+    Tensor ts = on(*backend, {cols}, sums0);
+    backend->column_sums_add(tx.device_f32(), ts.device_f32(), rows, cols);
+    check_sums.check(*backend, read(*backend, ts));
+    Tensor tsc = on(*backend, {rows, cols}, y0);
+    backend->scale(0.25f, tsc.device_f32(), rows * cols);
+    check_scale.check(*backend, read(*backend, tsc));
+  }
+}
+
+TEST_CASE("gathers, scatter-adds and the MoE combine move rows exactly") {
+  const int64_t src_rows = 6, cols = 5;
+  const std::vector<float> src = small_integers(static_cast<size_t>(src_rows * cols), 17, 8);
+  // Gather with repeats; scatter-add with a repeated index (rows collect in order).
+  const std::vector<int32_t> index = {3, 0, 3, 5, 1};
+  const int64_t n = static_cast<int64_t>(index.size());
+  std::vector<double> ref_gather, ref_scatter(static_cast<size_t>(src_rows * cols), 1.0);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t c = 0; c < cols; ++c) {
+      ref_gather.push_back(src[static_cast<size_t>(index[static_cast<size_t>(i)] * cols + c)]);
+      ref_scatter[static_cast<size_t>(index[static_cast<size_t>(i)] * cols + c)] += src[static_cast<size_t>(i * cols + c)];
+    }
+  // Combine: 3 tokens, k = 2, one dropped assignment; weights on the binary grid (exact products).
+  const int64_t tokens = 3;
+  const int k = 2;
+  const std::vector<int32_t> slot = {2, 0, -1, 4, 1, 5};
+  const std::vector<float> weight = {0.5f, 0.25f, 0.75f, 1.5f, 2.0f, 0.125f};
+  const std::vector<float> dy = small_integers(static_cast<size_t>(tokens * cols), 9, 4);
+  std::vector<double> ref_combine(static_cast<size_t>(tokens * cols), 0.0), ref_sum(ref_combine),
+      ref_grad_src(static_cast<size_t>(src_rows * cols), 3.0), ref_dweight(slot.size(), 0.0);
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int j = 0; j < k; ++j) {
+      const size_t a = static_cast<size_t>(t * k + j);
+      if (slot[a] < 0) continue;
+      for (int64_t c = 0; c < cols; ++c) {
+        const double o = src[static_cast<size_t>(slot[a] * cols + c)];
+        const double g = dy[static_cast<size_t>(t * cols + c)];
+        ref_combine[static_cast<size_t>(t * cols + c)] += weight[a] * o;
+        ref_sum[static_cast<size_t>(t * cols + c)] += o;
+        ref_grad_src[static_cast<size_t>(slot[a] * cols + c)] = weight[a] * g;
+        ref_dweight[a] += g * o;
+      }
+    }
+  const Tolerance exact{0, 0};
+  CrossCheck check_gather("gather_rows", ref_gather, exact), check_scatter("scatter_add_rows", ref_scatter, exact),
+      check_combine("gather_sum_rows", ref_combine, exact), check_sum("gather_sum_rows (weight 1)", ref_sum, exact),
+      check_grad("gather_sum_rows_backward grad_src", ref_grad_src, exact),
+      check_dweight("gather_sum_rows_backward dweight", ref_dweight, exact);
+  for (const auto& backend : backends_under_test()) {
+    const Device dev = backend->device();
+    const Tensor tsrc = on(*backend, {src_rows, cols}, src);
+    const Tensor tindex = on_i32(*backend, index);
+    Tensor tg = Tensor::empty({n, cols}, DType::kF32, dev);
+    backend->gather_rows(tsrc.device_f32(), tindex.device_i32(), tg.device_f32(), n, cols);
+    check_gather.check(*backend, read(*backend, tg));
+    Tensor tsc = on(*backend, {src_rows, cols}, std::vector<float>(static_cast<size_t>(src_rows * cols), 1.0f));
+    backend->scatter_add_rows(tsrc.device_f32(), tindex.device_i32(), tsc.device_f32(), n, cols);
+    check_scatter.check(*backend, read(*backend, tsc));
+
+    const Tensor tslot = on_i32(*backend, slot);
+    const Tensor tw = on(*backend, {tokens * k}, weight);
+    const Tensor tdy = on(*backend, {tokens, cols}, dy);
+    Tensor ty = on(*backend, {tokens, cols}, std::vector<float>(static_cast<size_t>(tokens * cols), 9.0f));
+    backend->gather_sum_rows(tsrc.device_f32(), tslot.device_i32(), tw.device_f32(), ty.device_f32(), tokens, k, cols);
+    check_combine.check(*backend, read(*backend, ty));
+    backend->gather_sum_rows(tsrc.device_f32(), tslot.device_i32(), nullptr, ty.device_f32(), tokens, k, cols);
+    check_sum.check(*backend, read(*backend, ty));
+    Tensor tgrad = on(*backend, {src_rows, cols}, std::vector<float>(static_cast<size_t>(src_rows * cols), 3.0f));
+    Tensor tdw = on(*backend, {tokens * k}, std::vector<float>(slot.size(), 9.0f));
+    backend->gather_sum_rows_backward(tdy.device_f32(), tsrc.device_f32(), tslot.device_i32(), tw.device_f32(),
+                                      tgrad.device_f32(), tdw.device_f32(), tokens, k, cols);
+    check_grad.check(*backend, read(*backend, tgrad));
+    check_dweight.check(*backend, read(*backend, tdw));
+  }
+}
+
+TEST_CASE("attention head permutations match their index map and invert, and the causal mask") {
+  const int64_t B = 2, S = 5, G = 3, H = 4, d = 3;
+  const int64_t n = B * S * G * H * d;
+  std::vector<float> x(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) x[static_cast<size_t>(i)] = static_cast<float>(i);
+  // y [G, B, H, S, d] from x [B, S, G, H, d], written out with loops (not the shared index map).
+  std::vector<double> ref_y;
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t s = 0; s < S; ++s)
+          for (int64_t e = 0; e < d; ++e) ref_y.push_back(static_cast<double>((((b * S + s) * G + g) * H + h) * d + e));
+  const std::vector<float> scores = random_values(static_cast<size_t>(B * S * S), 70);
+  std::vector<double> ref_mask;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < S; ++t)
+      for (int64_t u = 0; u < S; ++u)
+        ref_mask.push_back(u > t ? -INFINITY : double{scores[static_cast<size_t>((b * S + t) * S + u)]});
+  const Tolerance exact{0, 0};
+  CrossCheck check_split("split_heads", ref_y, exact), check_merge("merge_heads", widen(x), exact);
+  for (const auto& backend : backends_under_test()) {
+    const Device dev = backend->device();
+    const Tensor tx = on(*backend, {n}, x);
+    Tensor ty = Tensor::empty({n}, DType::kF32, dev), tback = Tensor::empty({n}, DType::kF32, dev);
+    backend->split_heads(tx.device_f32(), ty.device_f32(), B, S, G, H, d);
+    check_split.check(*backend, read(*backend, ty));
+    backend->merge_heads(ty.device_f32(), tback.device_f32(), B, S, G, H, d);
+    check_merge.check(*backend, read(*backend, tback));
+    Tensor ts = on(*backend, {B, S, S}, scores);
+    backend->causal_mask(ts.device_f32(), B, S);
+    const std::vector<float> masked = read(*backend, ts);
+    REQUIRE(masked.size() == ref_mask.size());
+    for (size_t i = 0; i < masked.size(); ++i) CHECK(double{masked[i]} == ref_mask[i]);  // -inf == -inf
+  }
+}
+
+// ---- softmax backward and cross-entropy ----------------------------------------------------------
+
+TEST_CASE("softmax backward matches a double reference, in place too") {
+  const auto backends = backends_under_test();
+  uint32_t seed = 80;
+  for (const auto& [rows, cols] : {std::pair<int64_t, int64_t>{6, 33}, {3, 700}, {2, 1}}) {
+    const size_t n = static_cast<size_t>(rows * cols);
+    const std::vector<float> x = random_values(n, seed++, -4.0f, 4.0f), dy = random_values(n, seed++);
+    std::vector<float> y(n);
+    for (int64_t r = 0; r < rows; ++r) kernels::softmax_row(&x[static_cast<size_t>(r * cols)], &y[static_cast<size_t>(r * cols)], cols);
+    std::vector<double> ref(n);
+    for (int64_t r = 0; r < rows; ++r) {
+      double dot = 0;
+      for (int64_t j = 0; j < cols; ++j) dot += double{y[static_cast<size_t>(r * cols + j)]} * dy[static_cast<size_t>(r * cols + j)];
+      for (int64_t j = 0; j < cols; ++j) {
+        const size_t i = static_cast<size_t>(r * cols + j);
+        ref[i] = y[i] * (dy[i] - dot);
+      }
+    }
+    const std::string what = fmt::format("softmax_backward {}x{}", rows, cols);
+    CrossCheck check(what, ref, f32_sum(cols)), check_in_place(what + " in place", ref, f32_sum(cols));
+    for (const auto& backend : backends) {
+      const Tensor ty = on(*backend, {rows, cols}, y), tdy = on(*backend, {rows, cols}, dy);
+      Tensor tdx = Tensor::empty({rows, cols}, DType::kF32, backend->device());
+      backend->softmax_backward_rows(ty.device_f32(), tdy.device_f32(), tdx.device_f32(), rows, cols);
+      check.check(*backend, read(*backend, tdx));
+      Tensor tinplace = tdy.clone();
+      backend->softmax_backward_rows(ty.device_f32(), tinplace.device_f32(), tinplace.device_f32(), rows, cols);
+      check_in_place.check(*backend, read(*backend, tinplace));
+    }
+  }
+}
+
+TEST_CASE("cross-entropy rows match a double reference: losses and gradients") {
+  const auto backends = backends_under_test();
+  uint32_t seed = 90;
+  for (const auto& [rows, V] : {std::pair<int64_t, int64_t>{9, 64}, {3, 1000}, {2, 1}}) {
+    const size_t n = static_cast<size_t>(rows * V);
+    std::vector<float> z = random_values(n, seed++, -6.0f, 6.0f);
+    if (V > 1) z[0] = 500.0f;  // a dominant logit: the max subtraction keeps exp() finite
+    std::vector<int32_t> targets;
+    for (int64_t r = 0; r < rows; ++r) targets.push_back(static_cast<int32_t>((r * 37) % V));
+    const double scale = 1.0 / static_cast<double>(rows);
+    std::vector<double> ref_loss, ref_dz(n);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* zr = &z[static_cast<size_t>(r * V)];
+      double m = -INFINITY, sum = 0;
+      for (int64_t v = 0; v < V; ++v) m = std::max(m, double{zr[v]});
+      for (int64_t v = 0; v < V; ++v) sum += std::exp(zr[v] - m);
+      const int32_t y = targets[static_cast<size_t>(r)];
+      ref_loss.push_back(m + std::log(sum) - zr[y]);
+      for (int64_t v = 0; v < V; ++v)
+        ref_dz[static_cast<size_t>(r * V + v)] = (std::exp(zr[v] - m) / sum - (v == y ? 1.0 : 0.0)) * scale;
+    }
+    const std::string what = fmt::format("cross_entropy {}x{}", rows, V);
+    CrossCheck check_loss(what + " row losses", ref_loss, kF32), check_dz(what + " dlogits", ref_dz, kF32);
+    for (const auto& backend : backends) {
+      const Device dev = backend->device();
+      const Tensor tz = on(*backend, {rows, V}, z);
+      const Tensor ty = Tensor::from_i32({rows}, targets.data(), targets.size(), dev);
+      Tensor tdz = Tensor::empty({rows, V}, DType::kF32, dev);
+      Tensor tloss = Tensor::empty({rows}, DType::kF64, dev);
+      backend->cross_entropy(tz.device_f32(), ty.device_i32(), tdz.device_f32(), tloss.device_f64(), rows, V, scale);
+      backend->synchronize();
+      const std::vector<double> losses = tloss.to_f64_vector();
+      check_loss.check(*backend, std::vector<float>(losses.begin(), losses.end()));
+      check_dz.check(*backend, read(*backend, tdz));
+    }
+  }
+}
+
+// ---- the MoE router: gate noise and backward ------------------------------------------------------
+
+TEST_CASE("gate noise is the counter-based normal draw on every back end") {
+  const int64_t tokens = 50;
+  const int experts = 7;
+  const uint64_t key = 12345, step = 3;
+  const int64_t offset = 100;
+  const float sigma = 0.25f;
+  const std::vector<float> logits = random_values(static_cast<size_t>(tokens * experts), 95);
+  std::vector<double> ref;
+  double sum = 0, sum_sq = 0;
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int e = 0; e < experts; ++e) {
+      const double eps = kernels::gate_noise_sample(key, step, offset + t, e);
+      sum += eps;
+      sum_sq += eps * eps;
+      ref.push_back(logits[static_cast<size_t>(t * experts + e)] + double{sigma} * eps);
+    }
+  // Roughly standard normal: 350 draws.
+  CHECK(std::fabs(sum / 350) < 0.2);
+  CHECK(sum_sq / 350 == Approx(1.0).margin(0.25));
+  CrossCheck check("gate_noise", ref, kF32);
+  for (const auto& backend : backends_under_test()) {
+    const Tensor tl = on(*backend, {tokens, experts}, logits);
+    Tensor tn = Tensor::empty({tokens, experts}, DType::kF32, backend->device());
+    backend->gate_noise(tl.device_f32(), tn.device_f32(), tokens, experts, key, step, offset, sigma);
+    check.check(*backend, read(*backend, tn));
+  }
+}
+
+TEST_CASE("router backward matches a double reference with every term on") {
+  const int64_t T = 11;
+  const int E = 5, k = 2;
+  const double sigma = 0.3;
+  for (bool renormalize : {false, true}) {
+    const std::vector<float> logits = random_values(static_cast<size_t>(T * E), 101, -2.0f, 2.0f);
+    std::vector<float> probs(logits.size());
+    for (int64_t t = 0; t < T; ++t)
+      kernels::softmax_row(&logits[static_cast<size_t>(t * E)], &probs[static_cast<size_t>(t * E)], E);
+    std::vector<int32_t> choice(static_cast<size_t>(T * k));
+    std::vector<float> gate_w(choice.size()), eta(static_cast<size_t>(T));
+    for (int64_t t = 0; t < T; ++t) {
+      choice[static_cast<size_t>(t * k)] = static_cast<int32_t>(t % E);
+      choice[static_cast<size_t>(t * k + 1)] = static_cast<int32_t>((t + 2) % E);
+      const float p0 = probs[static_cast<size_t>(t * E + t % E)], p1 = probs[static_cast<size_t>(t * E + (t + 2) % E)];
+      gate_w[static_cast<size_t>(t * k)] = renormalize ? p0 / (p0 + p1) : p0;
+      gate_w[static_cast<size_t>(t * k + 1)] = renormalize ? p1 / (p0 + p1) : p1;
+      eta[static_cast<size_t>(t)] = logits[static_cast<size_t>(t * E + (t + 2) % E)];
+    }
+    const std::vector<float> dgate = random_values(choice.size(), 102);
+    const std::vector<double> dp_const = {0.01, -0.02, 0.03, 0.0, 0.05}, load_coef = {0.1, 0.2, -0.1, 0.05, 0.0};
+    std::vector<int32_t> dataset(static_cast<size_t>(T), -1);
+    dataset[1] = 0;
+    dataset[4] = 1;
+    const std::vector<int32_t> damex_expert = {3, 0};
+    const double damex_coef = 0.5;
+
+    std::vector<double> ref(static_cast<size_t>(T * E));
+    for (int64_t t = 0; t < T; ++t) {
+      const float* p = &probs[static_cast<size_t>(t * E)];
+      const int32_t* c = &choice[static_cast<size_t>(t * k)];
+      const float* dg = &dgate[static_cast<size_t>(t * k)];
+      std::vector<double> dp(dp_const);
+      double sum = 0, dot = 0;
+      for (int j = 0; j < k; ++j) {
+        sum += p[c[j]];
+        dot += double{dg[j]} * gate_w[static_cast<size_t>(t * k + j)];
+      }
+      for (int j = 0; j < k; ++j) dp[static_cast<size_t>(c[j])] += renormalize ? (dg[j] - dot) / sum : dg[j];
+      double pdp = 0;
+      for (int e = 0; e < E; ++e) pdp += p[e] * dp[static_cast<size_t>(e)];
+      double to_eta = 0;
+      for (int e = 0; e < E; ++e) {
+        double v = p[e] * (dp[static_cast<size_t>(e)] - pdp);
+        const int d = dataset[static_cast<size_t>(t)];
+        if (d >= 0) v += damex_coef * (p[e] - (e == damex_expert[static_cast<size_t>(d)] ? 1.0 : 0.0));
+        const double u = (logits[static_cast<size_t>(t * E + e)] - eta[static_cast<size_t>(t)]) / sigma;
+        const double l = load_coef[static_cast<size_t>(e)] * std::exp(-0.5 * u * u) / std::sqrt(2 * kernels::kPi) / sigma;
+        ref[static_cast<size_t>(t * E + e)] = v + l;
+        to_eta += l;
+      }
+      ref[static_cast<size_t>(t * E + c[k - 1])] -= to_eta;
+    }
+    CrossCheck check(fmt::format("router_backward renormalize={}", renormalize), ref, kF32);
+    for (const auto& backend : backends_under_test()) {
+      const Device dev = backend->device();
+      const Tensor tp = on(*backend, {T, E}, probs), tl = on(*backend, {T, E}, logits), tdg = on(*backend, {T * k}, dgate),
+                   tw = on(*backend, {T * k}, gate_w), teta = on(*backend, {T}, eta), tc = on_i32(*backend, choice),
+                   tds = on_i32(*backend, dataset), th = on_i32(*backend, damex_expert),
+                   tdp = Tensor::from_f64({E}, dp_const.data(), dp_const.size(), dev),
+                   tlc = Tensor::from_f64({E}, load_coef.data(), load_coef.size(), dev);
+      Tensor tdz = Tensor::empty({T, E}, DType::kF32, dev);
+      kernels::RouterBackward a;
+      a.probs = tp.device_f32();
+      a.choice = tc.device_i32();
+      a.dgate = tdg.device_f32();
+      a.gate_w = tw.device_f32();
+      a.dp_const = tdp.device_f64();
+      a.renormalize = renormalize;
+      a.dataset = tds.device_i32();
+      a.damex_expert = th.device_i32();
+      a.damex_coef = damex_coef;
+      a.load_coef = tlc.device_f64();
+      a.logits = tl.device_f32();
+      a.eta = teta.device_f32();
+      a.sigma = sigma;
+      a.dlogits = tdz.device_f32();
+      a.tokens = T;
+      a.experts = E;
+      a.k = k;
+      backend->router_backward(a);
+      check.check(*backend, read(*backend, tdz));
+    }
+  }
+}
+
+// ---- optimizer steps --------------------------------------------------------------------------------
+
+TEST_CASE("sgd and adam steps match their formulas in double, and the back ends agree") {
+  const int64_t n = 1000;
+  const std::vector<float> p0 = random_values(static_cast<size_t>(n), 110), grad = random_values(static_cast<size_t>(n), 111),
+                           vel0 = random_values(static_cast<size_t>(n), 112, -0.1f, 0.1f),
+                           m0 = random_values(static_cast<size_t>(n), 113, -0.1f, 0.1f),
+                           v0 = random_values(static_cast<size_t>(n), 114, 0.0f, 0.01f);
+  for (bool nesterov : {false, true}) {
+    const kernels::SgdHyper h{0.1f, 0.9f, 0.01f, nesterov};
+    std::vector<double> ref_p, ref_v;
+    for (size_t i = 0; i < p0.size(); ++i) {
+      const double g = grad[i] + double{h.weight_decay} * p0[i];
+      const double v = double{h.momentum} * vel0[i] + g;
+      ref_v.push_back(v);
+      ref_p.push_back(p0[i] - double{h.lr} * (nesterov ? g + double{h.momentum} * v : v));
+    }
+    CrossCheck check_p(fmt::format("sgd nesterov={} param", nesterov), ref_p, kF32),
+        check_v(fmt::format("sgd nesterov={} velocity", nesterov), ref_v, kF32);
+    for (const auto& backend : backends_under_test()) {
+      Tensor tp = on(*backend, {n}, p0), tv = on(*backend, {n}, vel0);
+      const Tensor tg = on(*backend, {n}, grad);
+      backend->sgd_step(tp.device_f32(), tg.device_f32(), tv.device_f32(), n, h);
+      check_p.check(*backend, read(*backend, tp));
+      check_v.check(*backend, read(*backend, tv));
+    }
+  }
+  kernels::AdamHyper h;
+  h.step_size = 0.01f;
+  h.bc2_sqrt = 0.3f;
+  h.decay = 0.999f;
+  h.l2 = 0.0f;
+  std::vector<double> ref_p, ref_m, ref_v;
+  for (size_t i = 0; i < p0.size(); ++i) {
+    const double g = grad[i];
+    const double m = double{h.beta1} * m0[i] + (1 - double{h.beta1}) * g;
+    const double v = double{h.beta2} * v0[i] + (1 - double{h.beta2}) * g * g;
+    ref_m.push_back(m);
+    ref_v.push_back(v);
+    ref_p.push_back(p0[i] * double{h.decay} - double{h.step_size} * m / (std::sqrt(v) / h.bc2_sqrt + h.eps));
+  }
+  // Adam divides by sqrt(v) ~ 0.05 after a few roundings: a few fp32 ulps of p.
+  CrossCheck check_p("adam param", ref_p, {1e-6, 1e-5}), check_m("adam m", ref_m, kF32), check_v("adam v", ref_v, kF32);
+  for (const auto& backend : backends_under_test()) {
+    Tensor tp = on(*backend, {n}, p0), tm = on(*backend, {n}, m0), tv = on(*backend, {n}, v0);
+    const Tensor tg = on(*backend, {n}, grad);
+    backend->adam_step(tp.device_f32(), tg.device_f32(), tm.device_f32(), tv.device_f32(), n, h);
+    check_p.check(*backend, read(*backend, tp));
+    check_m.check(*backend, read(*backend, tm));
+    check_v.check(*backend, read(*backend, tv));
+  }
+}

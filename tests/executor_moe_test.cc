@@ -854,3 +854,66 @@ TEST_CASE("EP=2 over 2 ranks matches EP=1 bit for bit with small integers", "[.e
     }
   });
 }
+
+// The same layer on the CUDA back end (tensors on the GPU, routing decisions on the host over a copy
+// of the probabilities) matches the CPU back end: outputs, input and parameter gradients and aux
+// losses within fp32 round-off, and the same routing. Skips with a visible message without a device.
+TEST_CASE("The MoE layer on the CUDA back end matches the CPU back end", "[moe][cuda]") {
+  if (!cuda_available()) {
+    WARN("CUDA half skipped: no CUDA device (or a build without CUDA)");
+    return;
+  }
+  auto gpu = make_cuda_backend(0);
+  MoeLayerConfig c;
+  c.hidden = 24;
+  c.ffn_hidden = 40;
+  c.num_experts = 6;
+  c.top_k = 2;
+  c.capacity_factor = 0.75;
+  c.routing = GENERATE(RoutingPolicy::kVanilla, RoutingPolicy::kBatchPriority, RoutingPolicy::kNoDrop);
+  c.renormalize_gates = c.routing == RoutingPolicy::kBatchPriority;
+  c.switch_loss_weight = 0.1;
+  c.importance_loss_weight = 0.2;
+  c.load_loss_weight = 0.3;
+  c.damex_loss_weight = 0.4;
+  c.gate_noise_std = 1;
+  c.damex_expert_of_dataset = {3, 1};
+  c.seed = 5;
+  constexpr int64_t T = 96;
+  TestRng rng{99};
+  Tensor x = Tensor::empty({T, c.hidden}), dy = Tensor::empty({T, c.hidden});
+  fill(x, rng, -2, 2);
+  fill(dy, rng, -1, 1);
+  std::vector<int32_t> ids(T);
+  for (int64_t t = 0; t < T; ++t) ids[t] = static_cast<int32_t>(t % 3) - 1;
+  MoeForwardOptions fo;
+  fo.dataset_ids = ids;
+  fo.step = 2;
+
+  MoeLayer on_cpu(c, cpu());
+  MoeLayer on_gpu(c, *gpu);
+  const Tensor y_cpu = on_cpu.forward(x, fo);
+  const Tensor y_gpu = on_gpu.forward(x.to(Device::kCuda), fo);
+  const Tensor dx_cpu = on_cpu.backward(dy);
+  const Tensor dx_gpu = on_gpu.backward(dy.to(Device::kCuda));
+  gpu->synchronize();
+  CHECK(y_gpu.device() == Device::kCuda);
+  CHECK(std::vector<int32_t>(on_gpu.chosen_experts().begin(), on_gpu.chosen_experts().end()) ==
+        std::vector<int32_t>(on_cpu.chosen_experts().begin(), on_cpu.chosen_experts().end()));
+  CHECK(std::vector<uint8_t>(on_gpu.kept().begin(), on_gpu.kept().end()) ==
+        std::vector<uint8_t>(on_cpu.kept().begin(), on_cpu.kept().end()));
+  std::printf("MoE layer, CUDA vs CPU, %s\n", routing_policy_name(c.routing));
+  auto same = [](const std::string& what, const Tensor& gpu_t, const Tensor& cpu_t) {
+    const Tensor host = gpu_t.to(Device::kCpu);
+    CHECK(close(what, host.f32(), to_double(cpu_t), 1e-5, 1e-4));
+  };
+  same("y", y_gpu, y_cpu);
+  same("dx", dx_gpu, dx_cpu);
+  same("dW_router", on_gpu.router_weight_grad(), on_cpu.router_weight_grad());
+  same("dW1", on_gpu.w1_grad(), on_cpu.w1_grad());
+  same("db1", on_gpu.b1_grad(), on_cpu.b1_grad());
+  same("dW2", on_gpu.w2_grad(), on_cpu.w2_grad());
+  same("db2", on_gpu.b2_grad(), on_cpu.b2_grad());
+  CHECK(on_gpu.aux_losses().weighted_total == Approx(on_cpu.aux_losses().weighted_total).epsilon(1e-5));
+  CHECK(on_gpu.routing_stats().dropped_assignments == on_cpu.routing_stats().dropped_assignments);
+}
