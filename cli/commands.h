@@ -30,6 +30,9 @@ std::vector<Command> collective_commands();
 std::vector<Command> model_commands();
 std::vector<Command> run_commands();
 std::vector<Command> simulate_commands();
+std::vector<Command> plan_commands();
+std::vector<Command> sweep_commands();
+std::vector<Command> report_commands();
 
 // Reports a ConfigError: every diagnostic on stderr, and as a CheckResult on stdout under --json.
 int report_config_error(const ConfigError& e, const std::string& file, bool json);

@@ -1,6 +1,8 @@
 // `moesim simulate`: one training or inference step, op by op (schedule/lowering.h, sim/engine.h).
 #include "cli/cli.pb.h"
 #include "cli/commands.h"
+#include "planner/plan_file.h"
+#include "cli/simulate.h"
 #include "common/json.h"
 #include "common/progress.h"
 #include "common/units.h"
@@ -50,33 +52,6 @@ double total_peak_flops(const cost::Setup& s, const std::optional<cost::DevicePr
   return sum;
 }
 
-// What the result was computed from: the four configs as loaded (presets resolved), the seed,
-// the routing draws and the device profile; FNV-1a over their serialized bytes.
-std::string inputs_hash(const sim::Scenario& sc) {
-  uint64_t h = 0xcbf29ce484222325ULL;
-  auto add = [&h](const std::string& bytes) {
-    for (unsigned char c : bytes) h = (h ^ c) * 0x100000001b3ULL;
-    h = (h ^ 0xff) * 0x100000001b3ULL;  // separator
-  };
-  std::string bytes;
-  auto add_msg = [&](const google::protobuf::Message& m) {
-    bytes.clear();
-    google::protobuf::io::StringOutputStream out(&bytes);
-    google::protobuf::io::CodedOutputStream coded(&out);
-    coded.SetSerializationDeterministic(true);
-    m.SerializeToCodedStream(&coded);
-    coded.Trim();
-    add(bytes);
-  };
-  add_msg(sc.setup.cluster->spec());
-  add_msg(*sc.setup.model);
-  add_msg(*sc.setup.workload);
-  add_msg(*sc.setup.strategy);
-  if (sc.profile) add_msg(sc.profile->spec());
-  add(fmt::format("seed {} routing_samples {}", sc.seed, sc.routing_samples));
-  return fmt::format("fnv1a64:{:016x}", h);
-}
-
 void print_result(const SimulateResult& r, std::ostream& out) {
   out << fmt::format("{}: {} devices, {}{}\n", r.scenario(), r.devices(), r.network() == "flows" ? "max-min flows" : "analytic collectives",
                      r.folded() ? fmt::format(", folded to {} simulated ranks", r.simulated_ranks()) : "");
@@ -119,59 +94,52 @@ void print_result(const SimulateResult& r, std::ostream& out) {
   out << '\n';
 }
 
-int simulate(const Args& a) {
-  const bool json = a.flag("--json");
-  const bool by_files = a.has("--cluster") || a.has("--model") || a.has("--workload") || a.has("--strategy");
-  if (by_files && !a.positional().empty()) throw UsageError("give a scenario file or --cluster/--model/--workload/--strategy, not both");
-  if (!by_files && a.positional().size() != 1) throw UsageError("expected one scenario file (configs/scenarios/*.textproto)");
-  if (by_files)
-    for (const char* o : {"--cluster", "--model", "--workload", "--strategy"})
-      if (!a.has(o)) throw UsageError(fmt::format("missing {} FILE", o));
-  std::string network = a.has("--network") ? a.get("--network") : "auto";
-  if (network != "auto" && network != "flows" && network != "analytic")
-    throw UsageError(fmt::format("--network: expected auto, flows or analytic, got '{}'", network));
-  std::string fold = a.has("--fold") ? a.get("--fold") : "auto";
-  if (fold != "auto" && fold != "never" && fold != "dp") throw UsageError(fmt::format("--fold: expected auto, never or dp, got '{}'", fold));
-  if (a.has("--trace")) check_writable("--trace", a.get("--trace"));
+}  // namespace
 
-  std::optional<sim::Scenario> sc;
-  const std::string input = by_files ? a.get("--strategy") : a.positional()[0];
-  try {
-    sc.emplace(by_files ? sim::scenario_from_files(a.get("--cluster"), a.get("--model"), a.get("--workload"), a.get("--strategy"))
-                        : sim::load_scenario(input));
-  } catch (const ConfigError& e) {
-    return report_config_error(e, input, json);
-  }
-  if (a.has("--seed")) sc->seed = static_cast<uint64_t>(a.get_int("--seed", 1, 0, INT32_MAX));
-  if (a.has("--routing-samples")) sc->routing_samples = a.get_int("--routing-samples", 0, 0, 1 << 20);
+std::string inputs_hash(const sim::Scenario& sc) {
+  uint64_t h = 0xcbf29ce484222325ULL;
+  auto add = [&h](const std::string& bytes) {
+    for (unsigned char c : bytes) h = (h ^ c) * 0x100000001b3ULL;
+    h = (h ^ 0xff) * 0x100000001b3ULL;  // separator
+  };
+  std::string bytes;
+  auto add_msg = [&](const google::protobuf::Message& m) {
+    bytes.clear();
+    google::protobuf::io::StringOutputStream out(&bytes);
+    google::protobuf::io::CodedOutputStream coded(&out);
+    coded.SetSerializationDeterministic(true);
+    m.SerializeToCodedStream(&coded);
+    coded.Trim();
+    add(bytes);
+  };
+  add_msg(sc.setup.cluster->spec());
+  add_msg(*sc.setup.model);
+  add_msg(*sc.setup.workload);
+  add_msg(*sc.setup.strategy);
+  if (sc.profile) add_msg(sc.profile->spec());
+  add(fmt::format("seed {} routing_samples {}", sc.seed, sc.routing_samples));
+  return fmt::format("fnv1a64:{:016x}", h);
+}
 
-  // The store is opened (and checked) before the work, so a bad database fails fast.
-  std::optional<Store> store;
-  if (a.has("--db")) store.emplace(Store::open(a.get("--db")));
-
+SimulateOutput simulate_scenario(const sim::Scenario& scenario, const SimulateOptions& options) {
+  const sim::Scenario* sc = &scenario;
   const auto t0 = std::chrono::steady_clock::now();
   schedule::LoweringOptions lo;
   lo.seed = sc->seed;
   lo.routing_samples = sc->routing_samples;
-  lo.fold = fold == "never" ? schedule::Fold::kNever : fold == "dp" ? schedule::Fold::kDataParallel : schedule::Fold::kAuto;
+  lo.fold = options.fold;
   if (sc->profile) lo.profile = &*sc->profile;
   const schedule::Schedule sch = schedule::lower(sc->setup, lo);
   const double lowering_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
   sim::SimOptions so;
-  so.network = network == "flows" ? sim::NetworkMode::kFlows
-               : network == "analytic" ? sim::NetworkMode::kAnalytic
-               : (sch.folded() ? sim::NetworkMode::kAnalytic : sim::NetworkMode::kFlows);
-  so.record_trace = a.has("--trace") || store.has_value();
-  Progress progress("simulate", 1000);
-  so.progress = [&](double f) {
-    static size_t shown = 0;
-    const size_t now = static_cast<size_t>(f * 1000);
-    if (now > shown) progress.advance(now - shown), shown = now;
-  };
+  so.network = options.network ? *options.network : (sch.folded() ? sim::NetworkMode::kAnalytic : sim::NetworkMode::kFlows);
+  so.record_trace = options.record_trace;
+  so.progress = options.progress;
   const sim::SimResult r = sim::simulate(sch, *sc->setup.cluster, so);
 
-  SimulateResult out;
+  SimulateOutput result;
+  SimulateResult& out = result.result;
   out.set_scenario(sc->name);
   out.set_cluster(sc->cluster);
   out.set_model(sc->model);
@@ -225,6 +193,20 @@ int simulate(const Args& a) {
     u->set_capacity_bps(l.capacity_Bps);
     u->set_utilisation(l.utilisation);
   }
+  {
+    std::map<int, std::vector<double>> by_layer;
+    for (const trace::ExpertLoad& e : sch.expert_load()) {
+      std::vector<double>& sum = by_layer[e.layer()];
+      sum.resize(e.tokens_per_expert_size(), 0);
+      for (int i = 0; i < e.tokens_per_expert_size(); ++i) sum[i] += static_cast<double>(e.tokens_per_expert(i));
+    }
+    for (const auto& [layer, load] : by_layer) {
+      LayerExpertLoad* l = out.add_expert_load();
+      l->set_layer(layer);
+      l->set_name(sc->setup.cost.layers[layer].name);
+      for (double v : load) l->add_tokens_per_expert(v);
+    }
+  }
   out.set_expert_imbalance(sch.expert_imbalance());
   out.set_max_expert_imbalance(sch.max_expert_imbalance());
   out.set_dropped_fraction(sch.dropped_fraction());
@@ -237,41 +219,96 @@ int simulate(const Args& a) {
   out.set_folded(sch.folded());
   out.set_network(so.network == sim::NetworkMode::kFlows ? "flows" : "analytic");
 
-  trace::Trace tr = r.trace;
+  trace::Trace& tr = result.trace;
+  tr = r.trace;
   tr.mutable_run()->set_cluster(sc->cluster);
   tr.mutable_run()->set_model(sc->model);
   tr.mutable_run()->set_workload(sc->workload);
   tr.mutable_run()->set_strategy(sc->strategy);
   tr.mutable_run()->set_seed(sc->seed);
   tr.mutable_run()->set_source(trace::PREDICTED);
+  *tr.mutable_expert_load() = sch.expert_load();
+
+  RunRecord& rec = result.record;
+  rec.kind = RunKind::kSimulate;
+  rec.cluster = sc->cluster;
+  rec.model = sc->model;
+  rec.workload = sc->workload;
+  rec.strategy = sc->strategy;
+  rec.seed = sc->seed;
+  rec.step_time_s = out.step_time_s();
+  if (out.tokens_per_s() > 0) rec.tokens_per_s = out.tokens_per_s();
+  rec.mfu = out.mfu();
+  rec.peak_memory_bytes = out.peak_memory_bytes();
+  rec.fits = out.fits();
+  rec.result_json = to_json(out);
+  rec.inputs_hash = inputs_hash(*sc);
+  rec.version = MOESIM_VERSION;
+  std::vector<RunMetric>& metrics = result.metrics;
+  for (const auto& [k, v] : r.breakdown) metrics.push_back({"breakdown." + k, v});
+  metrics.push_back({"samples_per_s", out.samples_per_s()});
+  metrics.push_back({"events", static_cast<double>(r.events)});
+  metrics.push_back({"sim_wall_s", r.sim_wall_s});
+  metrics.push_back({"expert_imbalance", out.expert_imbalance()});
+  metrics.push_back({"dropped_fraction", out.dropped_fraction()});
+  return result;
+}
+
+namespace {
+
+int simulate(const Args& a) {
+  const bool json = a.flag("--json");
+  const bool by_files = a.has("--cluster") || a.has("--model") || a.has("--workload") || a.has("--strategy");
+  const bool by_plan = a.has("--plan");
+  if (int(by_files) + int(by_plan) + int(!a.positional().empty()) > 1)
+    throw UsageError("give one of: a scenario file, --plan FILE, or --cluster/--model/--workload/--strategy");
+  if (!by_files && !by_plan && a.positional().size() != 1) throw UsageError("expected one scenario file (configs/scenarios/*.textproto)");
+  if (by_files)
+    for (const char* o : {"--cluster", "--model", "--workload", "--strategy"})
+      if (!a.has(o)) throw UsageError(fmt::format("missing {} FILE", o));
+  const std::string network = a.has("--network") ? a.get("--network") : "auto";
+  if (network != "auto" && network != "flows" && network != "analytic")
+    throw UsageError(fmt::format("--network: expected auto, flows or analytic, got '{}'", network));
+  const std::string fold = a.has("--fold") ? a.get("--fold") : "auto";
+  if (fold != "auto" && fold != "never" && fold != "dp") throw UsageError(fmt::format("--fold: expected auto, never or dp, got '{}'", fold));
+  if (a.has("--trace")) check_writable("--trace", a.get("--trace"));
+
+  std::optional<sim::Scenario> sc;
+  const std::string input = by_files ? a.get("--strategy") : by_plan ? a.get("--plan") : a.positional()[0];
+  try {
+    sc.emplace(by_files  ? sim::scenario_from_files(a.get("--cluster"), a.get("--model"), a.get("--workload"), a.get("--strategy"))
+               : by_plan ? planner::load_plan(input)
+                         : sim::load_scenario(input));
+  } catch (const ConfigError& e) {
+    return report_config_error(e, input, json);
+  }
+  if (a.has("--seed")) sc->seed = static_cast<uint64_t>(a.get_int("--seed", 1, 0, INT32_MAX));
+  if (a.has("--routing-samples")) sc->routing_samples = a.get_int("--routing-samples", 0, 0, 1 << 20);
+
+  // The store is opened (and checked) before the work, so a bad database fails fast.
+  std::optional<Store> store;
+  if (a.has("--db")) store.emplace(Store::open(a.get("--db")));
+
+  SimulateOptions so;
+  if (network == "flows") so.network = sim::NetworkMode::kFlows;
+  if (network == "analytic") so.network = sim::NetworkMode::kAnalytic;
+  so.fold = fold == "never" ? schedule::Fold::kNever : fold == "dp" ? schedule::Fold::kDataParallel : schedule::Fold::kAuto;
+  so.record_trace = a.has("--trace") || store.has_value();
+  Progress progress("simulate", 1000);
+  size_t shown = 0;
+  so.progress = [&](double f) {
+    const size_t now = static_cast<size_t>(f * 1000);
+    if (now > shown) progress.advance(now - shown), shown = now;
+  };
+  SimulateOutput result = simulate_scenario(*sc, so);
+  SimulateResult& out = result.result;
   if (a.has("--trace")) {
-    trace::write_chrome_trace(tr, a.get("--trace"));
+    trace::write_chrome_trace(result.trace, a.get("--trace"));
     out.set_trace_file(a.get("--trace"));
   }
   if (store) {
-    RunRecord rec;
-    rec.kind = RunKind::kSimulate;
-    rec.cluster = sc->cluster;
-    rec.model = sc->model;
-    rec.workload = sc->workload;
-    rec.strategy = sc->strategy;
-    rec.seed = sc->seed;
-    rec.step_time_s = out.step_time_s();
-    if (out.tokens_per_s() > 0) rec.tokens_per_s = out.tokens_per_s();
-    rec.mfu = out.mfu();
-    rec.peak_memory_bytes = out.peak_memory_bytes();
-    rec.fits = out.fits();
-    rec.result_json = to_json(out);
-    rec.inputs_hash = inputs_hash(*sc);
-    rec.version = MOESIM_VERSION;
-    std::vector<RunMetric> metrics;
-    for (const auto& [k, v] : r.breakdown) metrics.push_back({"breakdown." + k, v});
-    metrics.push_back({"samples_per_s", out.samples_per_s()});
-    metrics.push_back({"events", static_cast<double>(r.events)});
-    metrics.push_back({"sim_wall_s", r.sim_wall_s});
-    metrics.push_back({"expert_imbalance", out.expert_imbalance()});
-    metrics.push_back({"dropped_fraction", out.dropped_fraction()});
-    out.set_run_id(store->insert_run(rec, metrics, {tr}));
+    result.record.result_json = to_json(out);
+    out.set_run_id(store->insert_run(result.record, result.metrics, {result.trace}));
   }
   if (json) std::cout << to_json(out);
   else print_result(out, std::cout);
@@ -284,7 +321,8 @@ std::vector<Command> simulate_commands() {
   return {
       {"simulate", "simulate one training or inference step op by op: time, breakdown, memory, links",
        "usage: moesim simulate SCENARIO [options]\n"
-       "       moesim simulate --cluster C --model M --workload W --strategy S [options]\n\n"
+       "       moesim simulate --cluster C --model M --workload W --strategy S [options]\n"
+       "       moesim simulate --plan best.plan.textproto [options]    (a plan from `moesim plan --out`)\n\n"
        "  SCENARIO            a scenario file (configs/scenarios/*.textproto) naming the four configs\n"
        "  --seed N            routing draws (default: the scenario's seed, else 1)\n"
        "  --network MODE      flows (max-min fair flows over the routed links, concurrent collectives\n"
@@ -301,7 +339,7 @@ std::vector<Command> simulate_commands() {
        "                      peak_rank, fits, busiest_links, sim_wall_s, events, ...\n\n"
        "A setup that does not fit in memory is a result (fits: false, with the op that overflowed),\n"
        "not an error: the exit code is 0. Bad configs exit 2 naming file, line and field.\n",
-       {{}, {"--cluster", "--model", "--workload", "--strategy", "--seed", "--network", "--fold", "--routing-samples", "--trace",
+       {{}, {"--cluster", "--model", "--workload", "--strategy", "--plan", "--seed", "--network", "--fold", "--routing-samples", "--trace",
              "--db"}},
        simulate},
   };

@@ -382,15 +382,15 @@ Layout check_layout(int devices, const model::Model& m, const ModelCost& cost, c
   return l;
 }
 
-Setup load_setup(const std::string& cluster_path, const std::string& model_path, const std::string& workload_path,
-                 const std::string& strategy_path) {
-  return load_setup(ConfigSource{cluster_path, std::nullopt}, ConfigSource{model_path, std::nullopt},
-                    ConfigSource{workload_path, std::nullopt}, ConfigSource{strategy_path, std::nullopt});
+// The model analysed at the workload's sequence length.
+static ModelCost analyze_for(const model::Model& model, const workload::Workload& workload) {
+  ModelOptions o;
+  if (workload.has_training() && workload.training().has_sequence()) o.sequence = workload.training().sequence();
+  if (workload.has_inference()) o.sequence = workload.inference().prompt_tokens() + workload.inference().generated_tokens();
+  return analyze(model, o);
 }
 
-Setup load_setup(const ConfigSource& cluster, const ConfigSource& model, const ConfigSource& workload,
-                 const ConfigSource& strategy) {
-  // Each file on its own first, collecting every file's problems before giving up.
+Setup load_setup_without_strategy(const ConfigSource& cluster, const ConfigSource& model, const ConfigSource& workload) {
   std::vector<Diagnostic> problems;
   Setup s;
   auto attempt = [&](auto&& load) {
@@ -401,22 +401,49 @@ Setup load_setup(const ConfigSource& cluster, const ConfigSource& model, const C
     }
   };
   attempt([&] {
-    s.cluster = std::make_unique<topo::Cluster>(cluster.text ? topo::load_cluster_text(*cluster.text, cluster.path)
+    s.cluster = std::make_shared<topo::Cluster>(cluster.text ? topo::load_cluster_text(*cluster.text, cluster.path)
                                                              : topo::load_cluster(cluster.path));
   });
   attempt([&] { s.model = parse<model::Model>(model.path, model.text ? &*model.text : nullptr, validate_model); });
   attempt([&] { s.workload = parse<workload::Workload>(workload.path, workload.text ? &*workload.text : nullptr, validate_workload); });
-  attempt([&] { s.strategy = parse<strategy::Strategy>(strategy.path, strategy.text ? &*strategy.text : nullptr, validate_strategy); });
   if (!problems.empty()) throw ConfigError(std::move(problems));
+  s.cost = analyze_for(*s.model, *s.workload);
+  return s;
+}
 
-  ModelOptions o;
-  if (s.workload->has_training() && s.workload->training().has_sequence()) o.sequence = s.workload->training().sequence();
-  if (s.workload->has_inference()) o.sequence = s.workload->inference().prompt_tokens() + s.workload->inference().generated_tokens();
-  s.cost = analyze(*s.model, o);
+Setup with_strategy(const Setup& base, Loaded<strategy::Strategy> strategy) {
+  Setup s = base;
+  s.strategy = std::move(strategy);
   Diagnostics diags;
   s.layout = check_layout(s.cluster->device_count(), *s.model, s.cost, s.workload, s.strategy, &diags);
   diags.throw_if_any();
   return s;
+}
+
+Setup load_setup(const std::string& cluster_path, const std::string& model_path, const std::string& workload_path,
+                 const std::string& strategy_path) {
+  return load_setup(ConfigSource{cluster_path, std::nullopt}, ConfigSource{model_path, std::nullopt},
+                    ConfigSource{workload_path, std::nullopt}, ConfigSource{strategy_path, std::nullopt});
+}
+
+Setup load_setup(const ConfigSource& cluster, const ConfigSource& model, const ConfigSource& workload,
+                 const ConfigSource& strategy) {
+  // Each file on its own first, collecting every file's problems before giving up.
+  std::vector<Diagnostic> problems;
+  std::optional<Setup> s;
+  Loaded<strategy::Strategy> st;
+  try {
+    s.emplace(load_setup_without_strategy(cluster, model, workload));
+  } catch (const ConfigError& e) {
+    problems.insert(problems.end(), e.diagnostics().begin(), e.diagnostics().end());
+  }
+  try {
+    st = parse<strategy::Strategy>(strategy.path, strategy.text ? &*strategy.text : nullptr, validate_strategy);
+  } catch (const ConfigError& e) {
+    problems.insert(problems.end(), e.diagnostics().begin(), e.diagnostics().end());
+  }
+  if (!problems.empty()) throw ConfigError(std::move(problems));
+  return with_strategy(*s, std::move(st));
 }
 
 }  // namespace moesim::cost

@@ -27,10 +27,11 @@
 namespace moesim::cost {
 
 // A parsed config with its file's locations (so later cross-checks can point at lines).
+// Shared, so that setups differing in one file (the planner's candidates) share the others.
 template <typename T>
 struct Loaded {
-  std::unique_ptr<T> msg;
-  std::unique_ptr<ConfigDocument> doc;
+  std::shared_ptr<T> msg;
+  std::shared_ptr<ConfigDocument> doc;
   const T& operator*() const { return *msg; }
   const T* operator->() const { return msg.get(); }
 };
@@ -68,7 +69,7 @@ Layout check_layout(int devices, const model::Model& model, const ModelCost& cos
                     Diagnostics* diags);
 
 struct Setup {
-  std::unique_ptr<topo::Cluster> cluster;
+  std::shared_ptr<topo::Cluster> cluster;
   Loaded<model::Model> model;
   Loaded<workload::Workload> workload;
   Loaded<strategy::Strategy> strategy;
@@ -81,6 +82,10 @@ struct Setup {
 Setup load_setup(const std::string& cluster_path, const std::string& model_path, const std::string& workload_path,
                  const std::string& strategy_path);
 
+// The same cluster, model and workload (shared, not reloaded) with another strategy: the layout
+// checked again. Throws ConfigError with the strategy's problems.
+Setup with_strategy(const Setup& base, Loaded<strategy::Strategy> strategy);
+
 // A config given by path, or as text named `path` (a config inlined in another file: the text
 // keeps that file's line numbers, so diagnostics point into it).
 struct ConfigSource {
@@ -89,5 +94,9 @@ struct ConfigSource {
 };
 Setup load_setup(const ConfigSource& cluster, const ConfigSource& model, const ConfigSource& workload,
                  const ConfigSource& strategy);
+
+// The cluster, model and workload alone (no strategy, no layout): what the planner starts from.
+// Throws ConfigError with every problem of the three.
+Setup load_setup_without_strategy(const ConfigSource& cluster, const ConfigSource& model, const ConfigSource& workload);
 
 }  // namespace moesim::cost

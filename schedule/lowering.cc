@@ -72,8 +72,9 @@ struct Times {
 
 // One EP group's routing of one MoE layer for one routing draw.
 struct Routing {
-  int matrix = 0;                 // 1-based index into Schedule.matrices
-  std::vector<double> rank_load;  // kept token->expert assignments per EP rank
+  int matrix = 0;                   // 1-based index into Schedule.matrices
+  std::vector<double> rank_load;    // kept token->expert assignments per EP rank
+  std::vector<double> expert_load;  // kept assignments per expert
 };
 
 class Lowering {
@@ -127,6 +128,12 @@ class Lowering {
     // The model's FLOPs are per token, or per sample (image) for vision and CNN models.
     const double flops_per_unit = training_ ? mc_.flops_fwd + mc_.flops_bwd : mc_.flops_fwd;
     out_.set_model_flops(flops_per_unit * (mc_.per_token ? steps_tokens : static_cast<double>(l_.global_batch)));
+    for (const auto& [key, load] : expert_load_) {
+      trace::ExpertLoad* e = out_.add_expert_load();
+      e->set_layer(key.first);
+      e->set_rank(key.second);
+      for (double v : load) e->add_tokens_per_expert(std::llround(v));
+    }
     if (routing_draws_ > 0) {
       out_.set_expert_imbalance(imbalance_sum_ / routing_draws_);
       out_.set_max_expert_imbalance(imbalance_max_);
@@ -330,6 +337,7 @@ class Lowering {
       kept[e] = static_cast<double>(std::min(loads.sampled_load[e], loads.capacity));
     Routing r;
     r.rank_load = cost::rank_loads(placement_, kept);
+    r.expert_load = kept;
     // Every source sends rank j an equal share of the tokens j keeps.
     ByteMatrix* m = out_.add_matrices();
     m->set_n(l_.ep);
@@ -458,6 +466,7 @@ class Lowering {
     const Routing& r = routing(li, mb, d_ / l_.ep * l_.ep, tokens, salt);
     double load = r.rank_load[d_ % l_.ep];
     if (fold_) load = *std::max_element(r.rank_load.begin(), r.rank_load.end());  // the group's straggler
+    if (!bwd && std::string(phase) == "fwd" && d_ % l_.ep == 0 && t_ == 0) count_expert_load(li, group[0], r.expert_load);
     const Times ex = expert_times(layer, load / chunks, tokens / chunks);
     const Times& gate = part_times(rank_, li, Part::kGate);
     const Times& shared = part_times(rank_, li, Part::kShared);
@@ -508,6 +517,13 @@ class Lowering {
                             bwd ? dur(gate) : dur(combine), bwd ? fl(gate) : fl(combine), deps, mb, li, bwd,
                             bwd ? trace::GATE : trace::COMBINE);
     return tp_sync(n + ".moe.tp_allreduce", end, mb, li, bwd, phase);
+  }
+
+  // The step's expert histogram: kept tokens per expert, per MoE layer and EP group.
+  void count_expert_load(int li, int group_rank, const std::vector<double>& load) {
+    std::vector<double>& sum = expert_load_[{li, group_rank}];
+    sum.resize(load.size(), 0);
+    for (size_t e = 0; e < load.size(); ++e) sum[e] += load[e];
   }
 
   // Expert offload: the layer's offloaded expert weights copied in over PCIe on the copy stream,
@@ -932,6 +948,7 @@ class Lowering {
   std::unordered_map<std::string, int> collective_index_;
   std::map<std::tuple<int, int64_t, int, int, int64_t, uint64_t>, Routing> routings_;
   std::map<int, int> chunk_matrix_;
+  std::map<std::pair<int, int>, std::vector<double>> expert_load_;  // (layer, group's first rank)
   double imbalance_sum_ = 0, imbalance_max_ = 0, dropped_sum_ = 0;
   int routing_draws_ = 0;
 

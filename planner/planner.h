@@ -1,0 +1,67 @@
+// The planner: every valid strategy for a (cluster, model, workload), pruned by memory, ranked by
+// an analytic estimate, the best simulated with the event simulator, returned best first.
+//
+//   planner::SearchOptions o;
+//   planner::SearchResult r = planner::search(cluster, model, workload, o);
+//   r.plans[0].strategy;   // the winner
+//
+// Strategy space (planner/space.cc): dp x tp x pp = devices, tp within a node by default and
+// dividing the heads, pp at most the layers, ep dividing dp and the experts, ZeRO stage, micro-batch
+// size (hence count), pipeline schedule (1F1B; interleaved with 2 chunks), recompute, all-to-all
+// algorithm (hierarchical only across nodes), MoE overlap chunks, capacity factor (only when
+// allowed), expert offload (only when nothing fits without it). A pinned knob (any field set in
+// SearchOptions::pinned) is not varied; bounds limit the others.
+#pragma once
+
+#include "costmodel/setup.h"
+#include "planner/plan.pb.h"
+#include "schedule/lowering.h"
+
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace moesim::planner {
+
+struct SearchOptions {
+  strategy::Strategy pinned;          // fields set here are fixed (name/description ignored)
+  int max_tp = 0;                     // 0: the node's device count (TP within a node)
+  int max_pp = 0;                     // 0: the layers
+  bool vary_capacity_factor = false;  // else the pinned or default capacity factor
+  bool vary_recompute = true;         // also try the recompute modes (the workload's is the default)
+  double target_tokens_per_s = 0;     // > 0: report when the best plan does not reach it
+  int top = 10;                       // plans returned
+  int simulate_top = 20;              // candidates simulated with the event simulator
+  uint64_t seed = 1;
+  int routing_samples = schedule::kDefaultRoutingSamples;  // for the simulations (as `moesim simulate`)
+  std::function<void(size_t done, size_t total)> progress;
+};
+
+struct RankedPlan {
+  plan::Plan plan;                    // strategy (and predicted figures) filled in
+  double estimate_s = 0;              // analytic step-time estimate
+  bool simulated = false;
+  double step_time_s = 0;             // simulated when simulated, else the estimate
+};
+
+struct SearchResult {
+  std::vector<RankedPlan> plans;      // best first, at most `top`
+  int64_t layouts_considered = 0;     // (dp, tp, pp, ep) layouts
+  int64_t candidates = 0;             // layouts x every other knob
+  int64_t pruned_divisibility = 0;
+  int64_t pruned_memory = 0;
+  int64_t simulated = 0;
+  double search_wall_s = 0;
+  // When nothing fits or the target is not reached: the closest plan and the constraint that binds.
+  std::string no_plan_reason;
+  cost::Setup base;                   // the loaded cluster, model and workload (for callers to reuse)
+};
+
+// Searches the space (shortest step first). `cluster`, `model`, `workload` are sources
+// (cost::ConfigSource: path or inline text); throws ConfigError for bad inputs.
+SearchResult search(const cost::ConfigSource& cluster, const cost::ConfigSource& model, const cost::ConfigSource& workload,
+                    const SearchOptions& options);
+
+}  // namespace moesim::planner

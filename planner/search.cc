@@ -1,0 +1,209 @@
+// The search (planner/planner.h): enumerate, prune by divisibility and memory, rank by the analytic
+// estimate, simulate the best, rank again by simulated step time.
+#include "costmodel/memory.h"
+#include "planner/estimate.h"
+#include "planner/planner.h"
+#include "planner/space.h"
+#include "schedule/lowering.h"
+#include "sim/engine.h"
+
+#include <fmt/format.h>
+#include <google/protobuf/text_format.h>
+
+#include <algorithm>
+#include <chrono>
+#include <map>
+
+namespace moesim::planner {
+namespace {
+
+struct Survivor {
+  Candidate candidate;
+  double estimate_s = 0;
+  std::string bottleneck;
+  double peak_bytes = 0;
+  int peak_rank = 0;
+};
+
+// The workload with the candidate's micro-batch size and recompute mode, loaded once per pair.
+class Workloads {
+ public:
+  explicit Workloads(const cost::Setup& base) : base_(base) {}
+  const cost::Setup& for_candidate(const Candidate& c) {
+    const auto key = std::make_pair(c.micro_batch, static_cast<int>(c.recompute));
+    auto it = setups_.find(key);
+    if (it != setups_.end()) return it->second;
+    workload::Workload w = *base_.workload;
+    if (w.has_training()) {
+      w.mutable_training()->set_micro_batch(c.micro_batch);
+      w.mutable_training()->set_recompute(c.recompute);
+    }
+    std::string text;
+    google::protobuf::TextFormat::PrintToString(w, &text);
+    cost::Setup s = base_;
+    s.workload = cost::load_workload_text(text, base_.workload.doc ? base_.workload.doc->file() : "workload");
+    return setups_.emplace(key, std::move(s)).first->second;
+  }
+
+ private:
+  const cost::Setup& base_;
+  std::map<std::pair<int64_t, int>, cost::Setup> setups_;
+};
+
+cost::Setup setup_of(Workloads& workloads, const Candidate& c) {
+  std::string text;
+  google::protobuf::TextFormat::PrintToString(c.strategy, &text);
+  return cost::with_strategy(workloads.for_candidate(c), cost::load_strategy_text(text, c.strategy.name()));
+}
+
+std::string bottleneck_of(const std::map<std::string, double>& breakdown) {
+  std::string best = "compute";
+  double most = 0;
+  for (const auto& [k, v] : breakdown)
+    if (k != "compute" && v > most) most = v, best = k;
+  auto c = breakdown.find("compute");
+  return c != breakdown.end() && c->second >= most ? "compute" : best;
+}
+
+}  // namespace
+
+SearchResult search(const cost::ConfigSource& cluster, const cost::ConfigSource& model, const cost::ConfigSource& workload,
+                    const SearchOptions& o) {
+  const auto t0 = std::chrono::steady_clock::now();
+  SearchResult out;
+  out.base = cost::load_setup_without_strategy(cluster, model, workload);
+  const cost::Setup& base = out.base;
+  const bool training = base.workload->has_training();
+  // The base layout's global batch and sequence (enumerate reads them); dp = 1 needs no division.
+  out.base.layout.global_batch = training ? base.workload->training().global_batch() : base.workload->inference().batch();
+
+  const Space space = enumerate(base, o);
+  out.layouts_considered = space.layouts;
+  out.candidates = static_cast<int64_t>(space.candidates.size());
+  out.pruned_divisibility = space.pruned_divisibility;
+
+  Workloads workloads(base);
+  Estimator estimator(*base.cluster);
+  std::vector<Survivor> survivors;
+  // Memory depends on neither the all-to-all algorithm nor the overlap chunks: one estimate per rest.
+  std::map<std::string, MemorySummary> memory_cache;
+  double closest_overflow = -1;
+  std::string closest;
+  size_t done = 0;
+  for (const Candidate& c : space.candidates) {
+    if (o.progress && (++done % 256 == 0 || done == space.candidates.size())) o.progress(done, space.candidates.size());
+    std::optional<cost::Setup> s;
+    try {
+      s.emplace(setup_of(workloads, c));
+    } catch (const ConfigError&) {
+      ++out.pruned_divisibility;  // heads, kv heads or experts that tp / ep do not divide, ...
+      continue;
+    }
+    strategy::Strategy mem_key = c.strategy;
+    mem_key.clear_all_to_all();
+    mem_key.clear_overlap_chunks();
+    mem_key.clear_name();
+    const std::string key = mem_key.SerializeAsString() + fmt::format("|{}|{}", c.micro_batch, static_cast<int>(c.recompute));
+    auto it = memory_cache.find(key);
+    if (it == memory_cache.end()) it = memory_cache.emplace(key, summarize(cost::estimate_memory(*s))).first;
+    const MemorySummary& mem = it->second;
+    if (!mem.fits) {
+      ++out.pruned_memory;
+      const double over = mem.peak_bytes - mem.capacity_bytes;
+      if (closest_overflow < 0 || over < closest_overflow) {
+        closest_overflow = over;
+        closest = fmt::format("{} needs {:.1f} GB on rank {} of {:.1f} GB", c.strategy.name(), mem.peak_bytes / 1e9, mem.peak_rank,
+                              mem.capacity_bytes / 1e9);
+      }
+      continue;
+    }
+    Survivor sv{c, 0, "", mem.peak_bytes, mem.peak_rank};
+    const Estimate e = estimator.estimate(*s, mem);
+    sv.estimate_s = e.step_s;
+    sv.bottleneck = e.bottleneck;
+    survivors.push_back(std::move(sv));
+  }
+  if (survivors.empty()) {
+    out.no_plan_reason = closest.empty() ? "no strategy divides this cluster, model and workload"
+                                         : fmt::format("no strategy fits in device memory; the closest: {}", closest);
+    out.search_wall_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    return out;
+  }
+  std::stable_sort(survivors.begin(), survivors.end(), [](const Survivor& a, const Survivor& b) { return a.estimate_s < b.estimate_s; });
+
+  // The best by estimate, simulated.
+  const size_t n_sim = std::min(survivors.size(), static_cast<size_t>(std::max(0, o.simulate_top)));
+  std::vector<RankedPlan> ranked;
+  for (size_t i = 0; i < survivors.size() && (i < n_sim || ranked.size() < static_cast<size_t>(o.top)); ++i) {
+    const Survivor& sv = survivors[i];
+    const cost::Setup setup = setup_of(workloads, sv.candidate);
+    RankedPlan rp;
+    rp.estimate_s = sv.estimate_s;
+    rp.step_time_s = sv.estimate_s;
+    plan::Plan& p = rp.plan;
+    *p.mutable_strategy() = sv.candidate.strategy;
+    p.set_seed(o.seed);
+    if (training) {
+      p.set_micro_batch(sv.candidate.micro_batch);
+      p.set_recompute(sv.candidate.recompute);
+    }
+    plan::Prediction* pr = p.mutable_predicted();
+    pr->set_estimate_s(sv.estimate_s);
+    pr->set_peak_memory_bytes(sv.peak_bytes);
+    pr->set_peak_rank(sv.peak_rank);
+    pr->set_bottleneck(sv.bottleneck);
+    if (i < n_sim) {
+      schedule::LoweringOptions lo;
+      lo.seed = o.seed;
+      lo.routing_samples = o.routing_samples;
+      const schedule::Schedule sch = schedule::lower(setup, lo);
+      sim::SimOptions so;
+      so.network = sch.folded() ? sim::NetworkMode::kAnalytic : sim::NetworkMode::kFlows;
+      so.record_trace = false;
+      const sim::SimResult r = sim::simulate(sch, *setup.cluster, so);
+      ++out.simulated;
+      rp.simulated = true;
+      rp.step_time_s = r.step_time_s;
+      pr->set_simulated(true);
+      pr->set_peak_memory_bytes(r.peak_memory_bytes);
+      pr->set_peak_rank(r.peak_rank);
+      // The bottleneck rank: the one that waits least for other stages.
+      const sim::RankResult* b = &r.ranks.front();
+      auto busy = [](const sim::RankResult& x) {
+        auto it = x.breakdown.find("pipeline_bubble");
+        return x.end_s - (it == x.breakdown.end() ? 0.0 : it->second);
+      };
+      for (const sim::RankResult& x : r.ranks)
+        if (busy(x) > busy(*b)) b = &x;
+      for (const auto& [k, v] : b->breakdown) (*pr->mutable_breakdown())[k] = v;
+      pr->set_bottleneck(bottleneck_of(b->breakdown));
+    }
+    pr->set_step_time_s(rp.step_time_s);
+    if (rp.step_time_s > 0) {
+      pr->set_samples_per_s(static_cast<double>(setup.layout.global_batch) / rp.step_time_s);
+      if (setup.cost.per_token) {
+        const double tokens = training ? static_cast<double>(setup.layout.global_batch) * setup.layout.sequence
+                                       : static_cast<double>(setup.layout.global_batch) *
+                                             (base.workload->inference().prompt_tokens() + base.workload->inference().generated_tokens());
+        pr->set_tokens_per_s(tokens / rp.step_time_s);
+      }
+    }
+    ranked.push_back(std::move(rp));
+  }
+  // Simulated plans by their simulated time; the rest after them by their estimate.
+  std::stable_sort(ranked.begin(), ranked.end(), [](const RankedPlan& a, const RankedPlan& b) {
+    if (a.simulated != b.simulated) return a.simulated;
+    return a.step_time_s < b.step_time_s;
+  });
+  if (ranked.size() > static_cast<size_t>(o.top)) ranked.resize(static_cast<size_t>(std::max(1, o.top)));
+  for (size_t i = 0; i < ranked.size(); ++i) ranked[i].plan.set_rank_in_search(static_cast<int>(i) + 1);
+  out.plans = std::move(ranked);
+  if (o.target_tokens_per_s > 0 && !out.plans.empty() && out.plans[0].plan.predicted().tokens_per_s() < o.target_tokens_per_s)
+    out.no_plan_reason = fmt::format("no plan reaches {:.0f} tokens/s; the closest, {}, reaches {:.0f} tokens/s, its bottleneck {}",
+                                     o.target_tokens_per_s, out.plans[0].plan.strategy().name(),
+                                     out.plans[0].plan.predicted().tokens_per_s(), out.plans[0].plan.predicted().bottleneck());
+  out.search_wall_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return out;
+}
+
+}  // namespace moesim::planner

@@ -1,0 +1,190 @@
+// The planner: the strategy space counted by hand on one 8-GPU node, pruning that keeps every plan
+// that fits, the winner against brute-force simulation of every candidate, answers when nothing
+// fits or reaches a target, and `moesim plan` / `simulate --plan` end to end.
+#include "cli/cli.pb.h"
+#include "cli_helpers.h"
+#include "costmodel/memory.h"
+#include "planner/planner.h"
+#include "planner/space.h"
+
+#include <catch2/catch.hpp>
+#include <fmt/format.h>
+#include <google/protobuf/text_format.h>
+
+#include <filesystem>
+#include <fstream>
+
+using namespace moesim;
+using namespace moesim::testing;
+
+namespace {
+
+std::string src(const std::string& rel) { return std::string(MOESIM_SOURCE_DIR) + "/" + rel; }
+
+// moe-tiny with 8 experts: 2 blocks, 4 heads, 8 experts.
+constexpr const char* kModel = R"(name: "moe-tiny8"
+transformer { layers: 2 hidden: 64 heads: 4 ffn_hidden: 128 activation: GELU norm: LAYER_NORM bias: true vocab: 64
+  max_sequence: 32 learned_positions: true moe { experts: 8 top_k: 2 } })";
+constexpr const char* kWorkload = R"(name: "tiny-train"
+training { global_batch: 16 micro_batch: 1 sequence: 32 precision: BF16 optimizer: ADAMW recompute: NONE }
+routing { zipf { exponent: 1.0 } })";
+
+cost::ConfigSource dgx() { return {src("configs/hardware/dgx-h100.textproto"), std::nullopt}; }
+cost::ConfigSource tiny_model() { return {"moe-tiny8.textproto", kModel}; }
+cost::ConfigSource tiny_work() { return {"tiny-train.textproto", kWorkload}; }
+
+planner::SearchOptions pinned(const std::string& pins) {
+  planner::SearchOptions o;
+  REQUIRE(google::protobuf::TextFormat::ParseFromString(pins, &o.pinned));
+  o.vary_recompute = false;
+  return o;
+}
+
+}  // namespace
+
+TEST_CASE("the strategy space on one 8-GPU node, counted by hand", "[planner]") {
+  const cost::Setup base = [] {
+    cost::Setup s = cost::load_setup_without_strategy(dgx(), tiny_model(), tiny_work());
+    s.layout.global_batch = 16;
+    return s;
+  }();
+  // Layouts (dp, tp, pp, ep) with tp | 8 (a node), pp | 8/tp and pp <= 2 blocks, ep | dp and ep | 8:
+  //   tp1: pp1 dp8 ep{1,2,4,8} = 4, pp2 dp4 ep{1,2,4} = 3;   tp2: pp1 dp4 = 3, pp2 dp2 = 2;
+  //   tp4: pp1 dp2 = 2, pp2 dp1 = 1;                         tp8: pp1 dp1 = 1.   Total 16.
+  // With every other knob pinned, candidates = layouts x micro-batch sizes in {1, 2, 4, 8} with
+  // 16 % (dp mb) == 0: dp8 {1,2}, dp4 {1,2,4}, dp2 and dp1 {1,2,4,8}:
+  //   4 x 2 + (3 + 3) x 3 + (2 + 2) x 4 + (1 + 1) x 4 = 8 + 18 + 16 + 8 = 50.
+  const planner::Space space = planner::enumerate(base, pinned("zero_stage: 0 schedule: ONE_F_ONE_B all_to_all: DIRECT overlap_chunks: 1"));
+  CHECK(space.layouts == 16);
+  CHECK(space.candidates.size() == 50);
+  // Unpinned, 1-node EP never tries hierarchical all-to-all; ZeRO varies only with dp > 1, the
+  // interleaved schedule only with pp > 1 and micro-batches divisible by pp.
+  const planner::Space all = planner::enumerate(base, planner::SearchOptions{});
+  for (const planner::Candidate& c : all.candidates) {
+    CHECK(c.strategy.all_to_all() == strategy::DIRECT);
+    if (c.strategy.dp() == 1) CHECK(c.strategy.zero_stage() == 0);
+    if (c.strategy.schedule() == strategy::INTERLEAVED_1F1B) {
+      CHECK(c.strategy.pp() > 1);
+      CHECK(c.strategy.micro_batches() % c.strategy.pp() == 0);
+    }
+    CHECK(c.strategy.dp() * c.strategy.tp() * c.strategy.pp() == 8);
+  }
+  CHECK(all.candidates.size() > space.candidates.size());
+  CHECK(planner::divisors(12) == std::vector<int>{1, 2, 3, 4, 6, 12});
+}
+
+TEST_CASE("pruning by memory drops exactly the candidates that do not fit", "[planner]") {
+  // Devices of 0.3 GB: some layouts fit, others do not.
+  std::ifstream in(src("configs/hardware/dgx-h100.textproto"));
+  std::string text((std::istreambuf_iterator<char>(in)), {});
+  text.replace(text.find("device { preset: \"h100-sxm5\" }"), std::string("device { preset: \"h100-sxm5\" }").size(),
+               "device { preset: \"h100-sxm5\" memory_bytes: 3.1e8 }");
+  const cost::ConfigSource small{"small-dgx.textproto", text};
+  planner::SearchOptions o = pinned("schedule: ONE_F_ONE_B all_to_all: DIRECT overlap_chunks: 1");
+  o.simulate_top = 3;
+  const planner::SearchResult r = planner::search(small, tiny_model(), tiny_work(), o);
+  // Recount independently: every candidate that divides, its memory estimated here.
+  cost::Setup base = cost::load_setup_without_strategy(small, tiny_model(), tiny_work());
+  base.layout.global_batch = 16;
+  int64_t fit = 0, no_fit = 0, bad = 0;
+  for (const planner::Candidate& c : planner::enumerate(base, o).candidates) {
+    workload::Workload w = *base.workload;
+    w.mutable_training()->set_micro_batch(c.micro_batch);
+    std::string wt, st;
+    google::protobuf::TextFormat::PrintToString(w, &wt);
+    google::protobuf::TextFormat::PrintToString(c.strategy, &st);
+    try {
+      const cost::Setup s = cost::load_setup(small, tiny_model(), {"w", wt}, {"s", st});
+      (cost::estimate_memory(s).fits ? fit : no_fit)++;
+    } catch (const ConfigError&) {
+      ++bad;
+    }
+  }
+  REQUIRE(fit > 0);
+  REQUIRE(no_fit > 0);
+  CHECK(r.pruned_memory == no_fit);
+  CHECK(r.candidates - r.pruned_memory - (r.pruned_divisibility - 0) >= 0);
+  CHECK(r.candidates == fit + no_fit + bad);
+  // Every plan returned fits, by the estimate and in the simulated timeline.
+  REQUIRE_FALSE(r.plans.empty());
+  for (const planner::RankedPlan& p : r.plans) CHECK(p.plan.predicted().peak_memory_bytes() <= 3.1e8);
+}
+
+TEST_CASE("the winner equals the best of simulating every candidate", "[planner]") {
+  planner::SearchOptions o = pinned("zero_stage: 1 schedule: ONE_F_ONE_B all_to_all: DIRECT overlap_chunks: 1");
+  o.simulate_top = 1000;  // brute force: every candidate simulated
+  o.top = 1000;
+  const planner::SearchResult all = planner::search(dgx(), tiny_model(), tiny_work(), o);
+  REQUIRE(all.simulated == static_cast<int64_t>(all.plans.size()));
+  o.simulate_top = 5;     // the planner: the analytic estimate picks which to simulate
+  o.top = 3;
+  const planner::SearchResult best = planner::search(dgx(), tiny_model(), tiny_work(), o);
+  REQUIRE_FALSE(best.plans.empty());
+  CHECK(best.plans[0].plan.strategy().name() == all.plans[0].plan.strategy().name());
+  CHECK(best.plans[0].step_time_s == Approx(all.plans[0].step_time_s).epsilon(1e-12));
+  for (size_t i = 1; i < all.plans.size(); ++i) CHECK(all.plans[i - 1].step_time_s <= all.plans[i].step_time_s);
+}
+
+TEST_CASE("no plan: nothing fits, or the target is out of reach, answered with the closest", "[planner]") {
+  std::ifstream in(src("configs/hardware/dgx-h100.textproto"));
+  std::string text((std::istreambuf_iterator<char>(in)), {});
+  text.replace(text.find("device { preset: \"h100-sxm5\" }"), std::string("device { preset: \"h100-sxm5\" }").size(),
+               "device { preset: \"h100-sxm5\" memory_bytes: 1e6 }");
+  const planner::SearchResult none = planner::search({"tiny-dgx.textproto", text}, tiny_model(), tiny_work(), pinned("zero_stage: 3"));
+  CHECK(none.plans.empty());
+  CHECK(none.no_plan_reason.find("no strategy fits") != std::string::npos);
+  CHECK(none.no_plan_reason.find("closest") != std::string::npos);
+
+  planner::SearchOptions o = pinned("zero_stage: 1 schedule: ONE_F_ONE_B overlap_chunks: 1");
+  o.target_tokens_per_s = 1e15;
+  o.simulate_top = 2;
+  const planner::SearchResult far = planner::search(dgx(), tiny_model(), tiny_work(), o);
+  REQUIRE_FALSE(far.plans.empty());
+  CHECK(far.no_plan_reason.find("no plan reaches") != std::string::npos);
+  CHECK(far.no_plan_reason.find(far.plans[0].plan.strategy().name()) != std::string::npos);
+}
+
+TEST_CASE("moesim plan --json and --out, then simulate --plan replays the winner", "[planner][cli]") {
+  const std::string dir = (std::filesystem::temp_directory_path() / fmt::format("planner_test_{}", ::getpid())).string();
+  std::filesystem::create_directories(dir);
+  const std::string model_path = dir + "/moe-tiny8.textproto", work_path = dir + "/tiny-train.textproto";
+  std::ofstream(model_path) << kModel;
+  std::ofstream(work_path) << kWorkload;
+  const std::string args = fmt::format("plan --cluster configs/hardware/dgx-h100.textproto --model {} --workload {} --simulate-top 4 "
+                                       "--top 3 --pin 'zero_stage: 1 overlap_chunks: 1' --out {}/best.plan.textproto --json",
+                                       model_path, work_path, dir);
+  const Run r = moesim_run(args);
+  INFO(r.err);
+  REQUIRE(r.exit_code == 0);
+  const cli::PlanResult pr = parse_json<cli::PlanResult>(r.out);
+  REQUIRE(pr.plans_size() == 3);
+  CHECK(pr.layouts_considered() == 16);
+  CHECK(pr.simulated() == 4);
+  CHECK(pr.search_wall_s() > 0);
+  CHECK(pr.plans(0).simulated());
+  CHECK(pr.plans(0).dp() * pr.plans(0).tp() * pr.plans(0).pp() == 8);
+  CHECK(pr.plans(0).zero_stage() == 1);
+  CHECK(!pr.plans(0).bottleneck().empty());
+  CHECK(pr.plans(0).step_time_s() <= pr.plans(1).step_time_s());
+  CHECK(pr.out_file() == dir + "/best.plan.textproto");
+
+  const Run replay = moesim_run(fmt::format("simulate --plan {}/best.plan.textproto --json", dir));
+  INFO(replay.err);
+  REQUIRE(replay.exit_code == 0);
+  const cli::SimulateResult sr = parse_json<cli::SimulateResult>(replay.out);
+  CHECK(sr.step_time_s() == Approx(pr.plans(0).step_time_s()).epsilon(1e-9));
+
+  // Bad input: a pin that is not a strategy, a missing file, a plan naming a missing input.
+  CHECK(moesim_run("plan --cluster configs/hardware/dgx-h100.textproto --model " + model_path + " --workload " + work_path +
+                   " --pin 'nonsense: 1'")
+            .exit_code == 2);
+  const Run missing = moesim_run("plan --cluster configs/hardware/nope.textproto --model " + model_path + " --workload " + work_path);
+  CHECK(missing.exit_code == 2);
+  CHECK(missing.err.find("nope.textproto") != std::string::npos);
+  std::ofstream(dir + "/bad.plan.textproto") << "cluster: \"missing.textproto\"\nmodel: \"moe-tiny8.textproto\"\n";
+  const Run bad = moesim_run(fmt::format("simulate --plan {}/bad.plan.textproto", dir));
+  CHECK(bad.exit_code == 2);
+  CHECK(bad.err.find("bad.plan.textproto:1: cluster") != std::string::npos);
+  CHECK(bad.err.find("workload") != std::string::npos);
+  std::filesystem::remove_all(dir);
+}
