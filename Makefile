@@ -19,15 +19,20 @@ configure: deps
 build: configure
 	@cmake --build $(BUILD_DIR) -j$(JOBS)
 
-# The main job on its defaults: the topology report of the DeepSeek-V3 cluster, whether
-# DeepSeek-V3's published layout fits in its memory, and one simulated training step of it.
+# The main job on its defaults: plan Mixtral 8x7B training on 64 H100s (every layout, pruned by
+# memory, ranked, the best simulated), replay the winner op by op with its timeline, and write a
+# report with figures. Everything lands in $(DEMO_DIR).
+DEMO_DIR := $(BUILD_DIR)/demo
 demo: build
-	$(MOESIM) topo show configs/hardware/h800-2048.textproto
+	@mkdir -p $(DEMO_DIR)
+	$(MOESIM) plan --cluster configs/hardware/h100-64.textproto --model configs/models/mixtral-8x7b.textproto \
+	  --workload configs/workloads/mixtral-8x7b-train.textproto --out $(DEMO_DIR)/best.plan.textproto --db $(DEMO_DIR)/results.db
 	@echo
-	$(MOESIM) memory --cluster configs/hardware/h800-2048.textproto --model configs/models/deepseek-v3.textproto \
-	  --workload configs/workloads/deepseek-v3-pretrain.textproto --strategy configs/strategies/deepseek-v3-published.textproto
+	$(MOESIM) simulate --plan $(DEMO_DIR)/best.plan.textproto --trace $(DEMO_DIR)/step.json --db $(DEMO_DIR)/results.db
 	@echo
-	$(MOESIM) simulate configs/scenarios/deepseek-v3-h800.textproto
+	$(MOESIM) report --db $(DEMO_DIR)/results.db --out $(DEMO_DIR)/report
+	@echo
+	@echo "timeline: $(DEMO_DIR)/step.json (chrome://tracing or ui.perfetto.dev); report: $(DEMO_DIR)/report/report.md"
 
 test: build
 	cd $(BUILD_DIR) && ctest --output-on-failure -j$(JOBS)

@@ -180,7 +180,7 @@ int sweep(const Args& a) {
   // Opened (and checked: not moesim's, newer schema, ...) before any work; refused files are left untouched.
   Store store = Store::open(db);
 
-  Progress progress(fmt::format("sweep {}", s->name), 0);
+  std::optional<Progress> progress(std::in_place, fmt::format("sweep {}", s->name), 0);
   // Test hook: MOESIM_SWEEP_CRASH_AFTER=N ends the process abruptly (_exit, status 137 as if killed)
   // once N points were stored by this run, to check that a rerun resumes with nothing lost.
   const char* crash_env = std::getenv("MOESIM_SWEEP_CRASH_AFTER");
@@ -190,9 +190,9 @@ int sweep(const Args& a) {
   planner::SweepOptions o;
   o.jobs = jobs;
   o.evaluate = evaluate;
-  o.on_start = [&](size_t n) { progress.set_total(n); };
+  o.on_start = [&](size_t n) { progress->set_total(n); };
   o.on_done = [&](size_t) {
-    progress.advance();
+    progress->advance();
     if (crash_after > 0 && ++stored == crash_after) ::_exit(137);
   };
   std::optional<planner::SweepRun> run;
@@ -201,6 +201,7 @@ int sweep(const Args& a) {
   } catch (const ConfigError& e) {
     return report_config_error(e, path, json);
   }
+  progress.reset();  // clears the bar's line before the summary
   const sweep::SweepSummary summary = summarize(*s, *run, db, jobs);
   if (json) std::cout << to_json(summary);
   else print_summary(*s, summary, std::cout);

@@ -67,7 +67,8 @@ void set_scalar(pb::Message* m, const pb::FieldDescriptor* f, std::optional<int>
   constexpr double k2p63 = 9223372036854775808.0, k2p64 = 18446744073709551616.0;
   switch (f->cpp_type()) {
     case pb::FieldDescriptor::CPPTYPE_INT32: {
-      const auto x = static_cast<int32_t>(integral(v, at, "int32", std::numeric_limits<int32_t>::min(), std::numeric_limits<int32_t>::max(), false));
+      constexpr double lo = std::numeric_limits<int32_t>::min(), hi = std::numeric_limits<int32_t>::max();
+      const auto x = static_cast<int32_t>(integral(v, at, "int32", lo, hi, false));
       if (!f->is_repeated()) r->SetInt32(m, f, x);
       else if (append) r->AddInt32(m, f, x);
       else r->SetRepeatedInt32(m, f, *index, x);
@@ -135,14 +136,16 @@ void set_scalar(pb::Message* m, const pb::FieldDescriptor* f, std::optional<int>
         ev = e.FindValueByName(v.text);
       }
       if (ev == nullptr)
-        throw value_error(fmt::format("'{}' is the enum {}: {} is not one of its values ({})", at, e.full_name(), value_text(v), enum_names(e)));
+        throw value_error(
+            fmt::format("'{}' is the enum {}: {} is not one of its values ({})", at, e.full_name(), value_text(v), enum_names(e)));
       if (!f->is_repeated()) r->SetEnum(m, f, ev);
       else if (append) r->AddEnum(m, f, ev);
       else r->SetRepeatedEnum(m, f, *index, ev);
       return;
     }
     case pb::FieldDescriptor::CPPTYPE_STRING: {
-      if (v.number) throw value_error(fmt::format("'{}' is string: expected a text (`strings: [...]`), got the number {}", at, *v.number));
+      if (v.number)
+        throw value_error(fmt::format("'{}' is string: expected a text (`strings: [...]`), got the number {}", at, *v.number));
       if (!f->is_repeated()) r->SetString(m, f, v.text);
       else if (append) r->AddString(m, f, v.text);
       else r->SetRepeatedString(m, f, *index, v.text);
@@ -188,14 +191,12 @@ const pb::FieldDescriptor* set_field(pb::Message* msg, std::string_view path, co
     const pb::Reflection* r = m->GetReflection();
     if (const pb::OneofDescriptor* oneof = f->containing_oneof(); oneof != nullptr && r->HasOneof(*m, oneof)) {
       const pb::FieldDescriptor* set = r->GetOneofFieldDescriptor(*m, oneof);
-      if (set != f)
+      if (set != f) {
+        std::string members;
+        for (int i = 0; i < oneof->field_count(); ++i) members += (i ? ", " : "") + oneof->field(i)->name();
         throw path_error(fmt::format("{} has '{}' set (one of {}): setting '{}' would replace it", where(at, type), set->name(),
-                                         [&] {
-                                           std::string names;
-                                           for (int i = 0; i < oneof->field_count(); ++i) names += (i ? ", " : "") + oneof->field(i)->name();
-                                           return names;
-                                         }(),
-                                         step.name));
+                                     members, step.name));
+      }
     }
     at += (at.empty() ? "" : ".") + step.name;
     if (f->is_repeated() && !step.index)
@@ -204,7 +205,8 @@ const pb::FieldDescriptor* set_field(pb::Message* msg, std::string_view path, co
     if (f->is_repeated()) {
       const int size = r->FieldSize(*m, f);
       if (*step.index > size)
-        throw path_error(fmt::format("'{}[{}]': index out of range ({} has {} elements; index {} appends one)", at, *step.index, at, size, size));
+        throw path_error(
+            fmt::format("'{}[{}]': index out of range ({} has {} elements; index {} appends one)", at, *step.index, at, size, size));
       at += fmt::format("[{}]", *step.index);
     }
     if (last) {

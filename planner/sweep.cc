@@ -10,12 +10,12 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <chrono>
 #include <exception>
 #include <filesystem>
 #include <map>
 #include <mutex>
-#include <set>
 #include <thread>
 
 namespace moesim::planner {
@@ -103,7 +103,8 @@ std::string Sweep::point_id(size_t index) const { return fmt::format("sweep:{}:{
 std::string Sweep::point_label(size_t index) const {
   const std::vector<size_t> v = point_values(index);
   std::string out;
-  for (size_t a = 0; a < axes.size(); ++a) out += fmt::format("{}{}={}", a ? " " : "", axes[a].field, axes[a].values[v[a]].to_string());
+  for (size_t a = 0; a < axes.size(); ++a)
+    out += fmt::format("{}{}={}", a ? " " : "", axes[a].field, axes[a].values[v[a]].to_string());
   return out;
 }
 
@@ -119,7 +120,8 @@ Sweep load_sweep(const std::string& path) {
   s.description = spec.description();
   s.replan = spec.replan();
   if (root.require("name") && !valid_name(spec.name()))
-    root.error("name", fmt::format("'{}': use letters, digits, '.', '_' and '-' (it is part of every point's id in the results store)", spec.name()));
+    root.error("name", fmt::format("'{}': use letters, digits, '.', '_' and '-' (it is part of every point's id in the results store)",
+                                   spec.name()));
   s.replan_line = root.line_of("replan");
 
   // The base scenario, validated as `moesim simulate` would; its configs as written, for the axes.
@@ -181,7 +183,9 @@ Sweep load_sweep(const std::string& path) {
     for (const TargetName& t : kTargets)
       if (head == t.name) axis->target = t.target, known = true;
     axis->subpath = dot == std::string::npos ? "" : axis->field.substr(dot + 1);
-    if (!known || (axis->target == SweepTarget::kSeed) != axis->subpath.empty() || (dot != std::string::npos && axis->subpath.empty())) {
+    const bool bad_shape =
+        (axis->target == SweepTarget::kSeed) != axis->subpath.empty() || (dot != std::string::npos && axis->subpath.empty());
+    if (!known || bad_shape) {
       scope.error("field", fmt::format("'{}': no field '{}' at the top; a path starts with one of: cluster, model, workload, "
                                        "strategy (then a '.' and the field in that config), or is `seed`",
                                        axis->field, head));
@@ -238,8 +242,8 @@ Sweep load_sweep(const std::string& path) {
       }
       if (length > 0 && linked.values.size() > 0 && linked.values.size() != length) {
         linked_scope.error(linked.is_text ? "strings" : "values",
-                           fmt::format("{} values, but its axis '{}' has {}: fields that move together list as many", linked.values.size(),
-                                       a.field(), length));
+                           fmt::format("{} values, but its axis '{}' has {}: fields that move together list as many",
+                                       linked.values.size(), a.field(), length));
         all_valid = false;
       }
       s.axes.push_back(std::move(linked));
@@ -299,9 +303,9 @@ sim::Scenario build_point(const Sweep& s, size_t index) {
       size_t hit_a = 0;
       for (size_t a = 0; t >= 0 && a < s.axes.size(); ++a) {
         const SweepAxis& axis = s.axes[a];
-        if (static_cast<int>(axis.target) == t &&
-            (d.field_path == axis.subpath || starts_with(d.field_path, axis.subpath + ".") || starts_with(d.field_path, axis.subpath + "[")))
-          hit = &axis, hit_a = a;
+        const bool about_it = d.field_path == axis.subpath || starts_with(d.field_path, axis.subpath + ".") ||
+                              starts_with(d.field_path, axis.subpath + "[");
+        if (static_cast<int>(axis.target) == t && about_it) hit = &axis, hit_a = a;
       }
       if (hit) {
         d.message += fmt::format(" (point {}: {} = {})", index, hit->field, hit->values[at[hit_a]].to_string());
@@ -324,8 +328,8 @@ sim::Scenario build_point(const Sweep& s, size_t index) {
     o.pinned = m.strategy;
     // What the planner searches is left free unless an axis sets it; the rest stays pinned.
     const pb::Descriptor& type = *o.pinned.GetDescriptor();
-    for (const char* knob : {"name", "description", "dp", "tp", "pp", "ep", "virtual_stages", "zero_stage", "micro_batches", "schedule",
-                             "all_to_all", "overlap_chunks"}) {
+    for (const char* knob : {"name", "description", "dp", "tp", "pp", "ep", "virtual_stages", "zero_stage", "micro_batches",
+                             "schedule", "all_to_all", "overlap_chunks"}) {
       const bool swept = std::any_of(s.axes.begin(), s.axes.end(), [&](const SweepAxis& a) {
         return a.target == SweepTarget::kStrategy && (a.subpath == knob || starts_with(a.subpath, std::string(knob) + "."));
       });
@@ -342,8 +346,8 @@ sim::Scenario build_point(const Sweep& s, size_t index) {
     }
     if (r.plans.empty())
       throw ConfigError({Diagnostic{s.path, s.replan_line, 0, "replan",
-                                    fmt::format("no plan: {} (point {})", r.no_plan_reason.empty() ? "the planner found none" : r.no_plan_reason,
-                                                index)}});
+                                    fmt::format("no plan: {} (point {})",
+                                                r.no_plan_reason.empty() ? "the planner found none" : r.no_plan_reason, index)}});
     const plan::Plan& best = r.plans[0].plan;
     m.strategy = best.strategy();
     planned = best.strategy().name();
@@ -401,12 +405,14 @@ SweepRun run_sweep(const Sweep& s, Store& store, const SweepOptions& options) {
         const auto it = metrics.find(key);
         const double want = s.axes[a].metric_values[at[a]];
         if (it == metrics.end()) differs = fmt::format("point {} has no {}", i, s.axes[a].field);
-        else if (it->second != want) differs = fmt::format("point {} has {} = {}, this file gives {}", i, s.axes[a].field, it->second, want);
+        else if (it->second != want)
+          differs = fmt::format("point {} has {} = {}, this file gives {}", i, s.axes[a].field, it->second, want);
       }
       if (differs.empty()) {
         size_t axes_stored = 0;
         for (const auto& [k, v] : metrics) axes_stored += starts_with(k, "axis.");
-        if (axes_stored != s.axes.size()) differs = fmt::format("point {} was swept over {} axes, this file has {}", i, axes_stored, s.axes.size());
+        if (axes_stored != s.axes.size())
+          differs = fmt::format("point {} was swept over {} axes, this file has {}", i, axes_stored, s.axes.size());
       }
     }
     if (!differs.empty()) {
@@ -450,7 +456,8 @@ SweepRun run_sweep(const Sweep& s, Store& store, const SweepOptions& options) {
         rec.kind = RunKind::kSweep;
         if (rec.status != "ok") rec.step_time_s.reset(), rec.tokens_per_s.reset(), rec.mfu.reset();
         const std::vector<size_t> at = s.point_values(i);
-        for (size_t a = 0; a < s.axes.size(); ++a) outcome->metrics.push_back({"axis." + s.axes[a].field, s.axes[a].metric_values[at[a]]});
+        for (size_t a = 0; a < s.axes.size(); ++a)
+          outcome->metrics.push_back({"axis." + s.axes[a].field, s.axes[a].metric_values[at[a]]});
         outcome->metrics.push_back({"point", static_cast<double>(i)});
         try {
           store.insert_run(rec, outcome->metrics);

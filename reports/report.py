@@ -24,12 +24,27 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 
-MAX_TABLE_ROWS = 30
-
 
 def fail(message):
     print(f"moesim report: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+try:
+    import matplotlib  # noqa: F401
+except ImportError:
+    fail(f"matplotlib is not installed for {sys.executable}: install Debian's python3-matplotlib "
+         "(scripts/install-deps does)")
+
+import breakdown  # noqa: E402
+import experts  # noqa: E402
+import links  # noqa: E402
+import memory  # noqa: E402
+import plot  # noqa: E402
+import store  # noqa: E402
+import sweeps  # noqa: E402
+
+MAX_TABLE_ROWS = 30
 
 
 def cell(text):
@@ -37,7 +52,6 @@ def cell(text):
 
 
 def run_table(runs):
-    import plot
     shown = runs[-MAX_TABLE_ROWS:]
     lines = ["| id | kind | what | step time | tokens/s | MFU | fits |", "|---|---|---|---:|---:|---:|---|"]
     for r in shown:
@@ -57,7 +71,6 @@ def run_table(runs):
 
 
 def write_markdown(path, db, runs, outcomes):
-    import plot
     kinds = {}
     for r in runs:
         kinds[r.kind] = kinds.get(r.kind, 0) + 1
@@ -84,19 +97,6 @@ def main():
     parser.add_argument("--out", required=True, help="folder for the figures and report.md (created)")
     parser.add_argument("--json", action="store_true", help="print the files written as JSON")
     args = parser.parse_args()
-
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        fail(f"matplotlib is not installed for {sys.executable}: install Debian's python3-matplotlib "
-             "(scripts/install-deps does)")
-    import breakdown
-    import experts
-    import links
-    import memory
-    import plot
-    import store
-    import sweeps
 
     try:
         runs = store.load_runs(args.db)

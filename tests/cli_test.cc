@@ -404,7 +404,8 @@ TEST_CASE("run and bench-layer: bad input exits 2 before any rank starts") {
   CHECK(moesim_run("run --model configs/models/missing.textproto").exit_code == 2);
   Run cuda = moesim_run("bench-layer --device cuda");
   CHECK(cuda.exit_code == 2);
-  CHECK(cuda.err.find("CPU ranks only for now") != std::string::npos);
+  // Refused plainly on this machine: either the build has no CUDA or there is no device.
+  CHECK(cuda.err.find("--device cuda") != std::string::npos);
   // Inside a launch of 2 ranks, --ranks 3 is refused by every rank.
   Run launch = moesim_run("run --model configs/models/moe-tiny.textproto --ranks 3", "",
                           fmt::format("'{}' --allow-run-as-root --oversubscribe -np 2", MOESIM_MPIEXEC));

@@ -498,7 +498,7 @@ TEST_CASE("simulate: four files or a scenario, network modes, usage errors and -
     Run both = moesim_run(fmt::format("simulate {} --cluster configs/hardware/dgx-a100.textproto", kReid));
     CHECK(both.exit_code == 2);
     CHECK(both.out.empty());
-    CHECK(both.err.find("not both") != std::string::npos);
+    CHECK(both.err.find("give one of") != std::string::npos);
     Run three = moesim_run(
         "simulate --cluster configs/hardware/dgx-a100.textproto --model configs/models/resnet50-reid.textproto "
         "--strategy configs/strategies/reid-dp8.textproto");
