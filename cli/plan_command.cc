@@ -49,6 +49,8 @@ PlanEntry entry(const planner::RankedPlan& rp) {
   e.set_overlap_chunks(s.overlap_chunks());
   e.set_capacity_factor(s.capacity_factor());
   for (const auto& [k, v] : pr.breakdown()) (*e.mutable_breakdown())[k] = v;
+  e.set_nodes(rp.nodes);
+  e.set_cost_per_million_tokens(pr.cost_per_million_tokens());
   return e;
 }
 
@@ -91,6 +93,11 @@ int plan_command(const Args& a) {
   o.vary_capacity_factor = a.flag("--vary-capacity-factor");
   o.vary_recompute = !a.flag("--keep-recompute");
   o.target_tokens_per_s = a.get_double("--target-tokens-per-s", 0, 0, 1e18);
+  const std::string objective = a.has("--objective") ? a.get("--objective") : "step-time";
+  if (objective == "step-time") o.objective = planner::Objective::kStepTime;
+  else if (objective == "cost") o.objective = planner::Objective::kCostPerToken;
+  else if (objective == "fewest-devices") o.objective = planner::Objective::kFewestDevices;
+  else throw UsageError(fmt::format("--objective: expected step-time, cost or fewest-devices, got '{}'", objective));
   if (a.has("--pin")) {
     const std::string pin = a.get("--pin");
     std::string text = pin;
@@ -121,6 +128,8 @@ int plan_command(const Args& a) {
                               {a.get("--workload"), std::nullopt}, o));
   } catch (const ConfigError& e) {
     return report_config_error(e, a.get("--workload"), json);
+  } catch (const std::invalid_argument& e) {
+    throw UsageError(e.what());
   }
 
   PlanResult out;
@@ -166,10 +175,13 @@ int plan_command(const Args& a) {
                            out.layouts_considered(), out.candidates(), out.pruned_divisibility(), out.pruned_memory(),
                            out.simulated(), format_seconds(out.search_wall_s()));
   if (out.plans_size() > 0) {
-    std::cout << fmt::format("{:>4}  {:<48} {:>10} {:>14} {:>10}  {}\n", "rank", "strategy", "step", "tokens/s", "memory", "bottleneck");
+    const bool nodes = o.objective != planner::Objective::kStepTime;
+    std::cout << fmt::format("{:>4}  {:<48} {:>10} {:>14} {:>10}{}  {}\n", "rank", "strategy", "step", "tokens/s", "memory",
+                             nodes ? fmt::format(" {:>6} {:>12}", "nodes", "cost/Mtok") : "", "bottleneck");
     for (const PlanEntry& e : out.plans())
-      std::cout << fmt::format("{:>4}  {:<48} {:>10} {:>14.0f} {:>10}  {}{}\n", e.rank(), e.name(), format_seconds(e.step_time_s()),
-                               e.tokens_per_s(), format_bytes(e.peak_memory_bytes()), e.bottleneck(),
+      std::cout << fmt::format("{:>4}  {:<48} {:>10} {:>14.0f} {:>10}{}  {}{}\n", e.rank(), e.name(), format_seconds(e.step_time_s()),
+                               e.tokens_per_s(), format_bytes(e.peak_memory_bytes()),
+                               nodes ? fmt::format(" {:>6} {:>12.4g}", e.nodes(), e.cost_per_million_tokens()) : "", e.bottleneck(),
                                e.simulated() ? "" : " (estimate)");
   }
   if (!out.no_plan_reason().empty()) std::cout << "\n" << out.no_plan_reason() << "\n";
@@ -192,6 +204,9 @@ std::vector<Command> plan_commands() {
        "  --vary-capacity-factor  also try capacity factors 1.0, 1.25, 1.5\n"
        "  --keep-recompute        keep the workload's recompute mode (default: try none, selective, full)\n"
        "  --target-tokens-per-s X say so when the best plan does not reach X, naming the closest\n"
+       "  --objective O           step-time (default: all devices, shortest step), cost (cheapest per token\n"
+       "                          over 1, 2, 4, ... nodes: needs price_per_device_hour in the cluster), or\n"
+       "                          fewest-devices (the fewest nodes whose best plan reaches the target)\n"
        "  --seed N                routing draws of the simulations\n"
        "  --out FILE              write the winner as a plan (replay: moesim simulate --plan FILE)\n"
        "  --db FILE               add a row to the SQLite results store\n"
@@ -202,7 +217,7 @@ std::vector<Command> plan_commands() {
        "by memory (costmodel/memory.h), ranked by the analytic estimate, the best simulated.\n",
        {{"--vary-capacity-factor", "--keep-recompute"},
         {"--cluster", "--model", "--workload", "--top", "--simulate-top", "--pin", "--max-tp", "--max-pp", "--target-tokens-per-s",
-         "--seed", "--out", "--db"}},
+         "--objective", "--seed", "--out", "--db"}},
        plan_command},
   };
 }

@@ -7,6 +7,7 @@
 #include <google/protobuf/text_format.h>
 
 #include <filesystem>
+#include <optional>
 
 namespace moesim::planner {
 
@@ -44,11 +45,25 @@ sim::Scenario load_plan(const std::string& path) {
   google::protobuf::TextFormat::PrintToString(chosen, &workload_text);
   google::protobuf::TextFormat::PrintToString(p.strategy(), &strategy_text);
 
+  // The plan's share of the cluster: its first `nodes` nodes.
+  std::optional<std::string> cluster_text;
+  if (p.has_nodes()) {
+    const topo::Cluster full = topo::load_cluster(cluster);
+    hw::Cluster spec = full.spec();
+    if (!spec.has_node() || p.nodes() < 1 || p.nodes() > spec.nodes()) {
+      root.error("nodes", fmt::format("{} is not between 1 and the cluster's {} nodes", p.nodes(), spec.nodes()));
+      diags.throw_if_any();
+    }
+    spec.set_nodes(p.nodes());
+    cluster_text.emplace();
+    google::protobuf::TextFormat::PrintToString(spec, &*cluster_text);
+  }
+
   sim::Scenario s;
   s.path = path;
   s.name = p.has_name() ? p.name() : fs::path(path).stem().string();
   s.seed = p.seed();
-  s.setup = cost::load_setup(cost::ConfigSource{cluster, std::nullopt}, cost::ConfigSource{model, std::nullopt},
+  s.setup = cost::load_setup(cost::ConfigSource{cluster, cluster_text}, cost::ConfigSource{model, std::nullopt},
                              cost::ConfigSource{workload, workload_text}, cost::ConfigSource{path + "#strategy", strategy_text});
   s.cluster = cluster;
   s.model = model;

@@ -25,13 +25,20 @@
 
 namespace moesim::planner {
 
+enum class Objective {
+  kStepTime,       // shortest step on all of the cluster's devices
+  kCostPerToken,   // cheapest per token over 1, 2, 4, ... of the cluster's nodes: needs price_per_device_hour
+  kFewestDevices,  // the fewest nodes (1, 2, 4, ...) whose best plan reaches target_tokens_per_s
+};
+
 struct SearchOptions {
+  Objective objective = Objective::kStepTime;
   strategy::Strategy pinned;          // fields set here are fixed (name/description ignored)
   int max_tp = 0;                     // 0: the node's device count (TP within a node)
   int max_pp = 0;                     // 0: the layers
   bool vary_capacity_factor = false;  // else the pinned or default capacity factor
   bool vary_recompute = true;         // also try the recompute modes (the workload's is the default)
-  double target_tokens_per_s = 0;     // > 0: report when the best plan does not reach it
+  double target_tokens_per_s = 0;     // > 0: report when the best plan does not reach it (kFewestDevices: required)
   int top = 10;                       // plans returned
   int simulate_top = 20;              // candidates simulated with the event simulator
   uint64_t seed = 1;
@@ -44,6 +51,7 @@ struct RankedPlan {
   double estimate_s = 0;              // analytic step-time estimate
   bool simulated = false;
   double step_time_s = 0;             // simulated when simulated, else the estimate
+  int nodes = 0;                      // the nodes it uses (kCostPerToken, kFewestDevices); 0 = all
 };
 
 struct SearchResult {
@@ -59,8 +67,10 @@ struct SearchResult {
   cost::Setup base;                   // the loaded cluster, model and workload (for callers to reuse)
 };
 
-// Searches the space (shortest step first). `cluster`, `model`, `workload` are sources
+// Searches the space, best first by the objective. `cluster`, `model`, `workload` are sources
 // (cost::ConfigSource: path or inline text); throws ConfigError for bad inputs.
+// Throws std::invalid_argument for an objective the inputs cannot serve (cost without a price,
+// fewest devices without a target, a cluster that is not nodes x a node template).
 SearchResult search(const cost::ConfigSource& cluster, const cost::ConfigSource& model, const cost::ConfigSource& workload,
                     const SearchOptions& options);
 

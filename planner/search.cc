@@ -65,13 +65,11 @@ std::string bottleneck_of(const std::map<std::string, double>& breakdown) {
   return c != breakdown.end() && c->second >= most ? "compute" : best;
 }
 
-}  // namespace
-
-SearchResult search(const cost::ConfigSource& cluster, const cost::ConfigSource& model, const cost::ConfigSource& workload,
-                    const SearchOptions& o) {
+// The search on one cluster: every candidate, pruned, estimated, the best simulated.
+SearchResult search_cluster(cost::Setup loaded, const SearchOptions& o) {
   const auto t0 = std::chrono::steady_clock::now();
   SearchResult out;
-  out.base = cost::load_setup_without_strategy(cluster, model, workload);
+  out.base = std::move(loaded);
   const cost::Setup& base = out.base;
   const bool training = base.workload->has_training();
   // The base layout's global batch and sequence (enumerate reads them); dp = 1 needs no division.
@@ -202,6 +200,106 @@ SearchResult search(const cost::ConfigSource& cluster, const cost::ConfigSource&
     out.no_plan_reason = fmt::format("no plan reaches {:.0f} tokens/s; the closest, {}, reaches {:.0f} tokens/s, its bottleneck {}",
                                      o.target_tokens_per_s, out.plans[0].plan.strategy().name(),
                                      out.plans[0].plan.predicted().tokens_per_s(), out.plans[0].plan.predicted().bottleneck());
+  out.search_wall_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return out;
+}
+
+// The cluster with only its first `nodes` nodes, as text named after it.
+cost::ConfigSource with_nodes(const topo::Cluster& cluster, int nodes) {
+  hw::Cluster spec = cluster.spec();
+  spec.set_nodes(nodes);
+  std::string text;
+  google::protobuf::TextFormat::PrintToString(spec, &text);
+  return {fmt::format("{} (first {} nodes)", cluster.source(), nodes), text};
+}
+
+double tokens_per_step(const cost::Setup& s) {
+  const workload::Workload& w = *s.workload;
+  if (w.has_training()) return static_cast<double>(w.training().global_batch()) * (s.cost.per_token ? s.cost.sequence : 1);
+  return static_cast<double>(w.inference().batch()) * (w.inference().prompt_tokens() + w.inference().generated_tokens());
+}
+
+}  // namespace
+
+SearchResult search(const cost::ConfigSource& cluster, const cost::ConfigSource& model, const cost::ConfigSource& workload,
+                    const SearchOptions& o) {
+  const auto t0 = std::chrono::steady_clock::now();
+  cost::Setup full = cost::load_setup_without_strategy(cluster, model, workload);
+  if (o.objective == Objective::kStepTime) {
+    SearchResult r = search_cluster(std::move(full), o);
+    const double price = r.base.cluster->spec().price_per_device_hour();
+    const double tokens = tokens_per_step(r.base);
+    if (price > 0 && tokens > 0)
+      for (RankedPlan& p : r.plans)
+        p.plan.mutable_predicted()->set_cost_per_million_tokens(price * r.base.cluster->device_count() * p.step_time_s / 3600 / tokens * 1e6);
+    return r;
+  }
+
+  const hw::Cluster& spec = full.cluster->spec();
+  if (!spec.has_node() || spec.has_graph())
+    throw std::invalid_argument("cost and fewest-devices objectives need a cluster of `nodes` copies of a node template");
+  if (o.objective == Objective::kCostPerToken && !spec.has_price_per_device_hour())
+    throw std::invalid_argument(fmt::format("{}: the cost objective needs price_per_device_hour in the cluster", full.cluster->source()));
+  if (o.objective == Objective::kFewestDevices && !(o.target_tokens_per_s > 0))
+    throw std::invalid_argument("the fewest-devices objective needs a target (--target-tokens-per-s)");
+  const double price = spec.price_per_device_hour();
+
+  // 1, 2, 4, ... nodes, and all of them.
+  std::vector<int> counts;
+  for (int n = 1; n < spec.nodes(); n *= 2) counts.push_back(n);
+  counts.push_back(spec.nodes());
+  SearchResult out;
+  std::string best_reach;
+  double best_tokens = -1;
+  for (int n : counts) {
+    std::optional<cost::Setup> part;
+    try {
+      part.emplace(n == spec.nodes() ? full : cost::load_setup_without_strategy(with_nodes(*full.cluster, n), model, workload));
+    } catch (const ConfigError&) {
+      continue;  // a fabric that cannot be cut to n nodes
+    }
+    SearchResult r = search_cluster(std::move(*part), o);
+    out.layouts_considered += r.layouts_considered;
+    out.candidates += r.candidates;
+    out.pruned_divisibility += r.pruned_divisibility;
+    out.pruned_memory += r.pruned_memory;
+    out.simulated += r.simulated;
+    const int devices = r.base.cluster->device_count();
+    const double tokens = tokens_per_step(r.base);
+    for (RankedPlan& p : r.plans) {
+      p.nodes = n;
+      p.plan.set_nodes(n);
+      const double step = p.step_time_s;
+      if (price > 0 && tokens > 0)
+        p.plan.mutable_predicted()->set_cost_per_million_tokens(price * devices * step / 3600 / tokens * 1e6);
+    }
+    if (!r.plans.empty() && r.plans[0].plan.predicted().tokens_per_s() > best_tokens) {
+      best_tokens = r.plans[0].plan.predicted().tokens_per_s();
+      best_reach = fmt::format("{} on {} nodes ({:.0f} tokens/s, bottleneck {})", r.plans[0].plan.strategy().name(), n, best_tokens,
+                               r.plans[0].plan.predicted().bottleneck());
+    }
+    if (o.objective == Objective::kFewestDevices) {
+      if (!r.plans.empty() && r.plans[0].plan.predicted().tokens_per_s() >= o.target_tokens_per_s) {
+        out.plans = std::move(r.plans);
+        out.base = std::move(r.base);
+        break;
+      }
+      continue;
+    }
+    for (RankedPlan& p : r.plans) out.plans.push_back(std::move(p));
+    if (n == spec.nodes()) out.base = std::move(r.base);
+  }
+  if (o.objective == Objective::kCostPerToken) {
+    std::stable_sort(out.plans.begin(), out.plans.end(), [](const RankedPlan& a, const RankedPlan& b) {
+      return a.plan.predicted().cost_per_million_tokens() < b.plan.predicted().cost_per_million_tokens();
+    });
+    if (out.plans.size() > static_cast<size_t>(o.top)) out.plans.resize(static_cast<size_t>(o.top));
+  } else if (out.plans.empty()) {
+    out.no_plan_reason = best_tokens < 0 ? "no strategy fits on any node count"
+                                         : fmt::format("no node count reaches {:.0f} tokens/s; the closest: {}", o.target_tokens_per_s,
+                                                       best_reach);
+  }
+  for (size_t i = 0; i < out.plans.size(); ++i) out.plans[i].plan.set_rank_in_search(static_cast<int>(i) + 1);
   out.search_wall_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return out;
 }

@@ -566,3 +566,8 @@ TEST_CASE("missing file: a ConfigError naming the file") {
     CHECK_THAT(std::string(e.what()), Catch::Contains(path));
   }
 }
+
+TEST_CASE("a price per device hour must be a positive number") {
+  Config c = fat_tree_cluster().set(1, "name: \"bad\"\nprice_per_device_hour: -2");
+  check(only_diagnostic(c), 2, "price_per_device_hour", "must be");
+}

@@ -13,6 +13,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <set>
 
 using namespace moesim;
 using namespace moesim::testing;
@@ -178,6 +179,13 @@ TEST_CASE("moesim plan --json and --out, then simulate --plan replays the winner
   CHECK(moesim_run("plan --cluster configs/hardware/dgx-h100.textproto --model " + model_path + " --workload " + work_path +
                    " --pin 'nonsense: 1'")
             .exit_code == 2);
+  const Run no_price = moesim_run("plan --cluster configs/hardware/dgx-h100.textproto --model " + model_path + " --workload " +
+                                  work_path + " --objective cost");
+  CHECK(no_price.exit_code == 2);
+  CHECK(no_price.err.find("price_per_device_hour") != std::string::npos);
+  CHECK(moesim_run("plan --cluster configs/hardware/dgx-h100.textproto --model " + model_path + " --workload " + work_path +
+                   " --objective fastest")
+            .exit_code == 2);
   const Run missing = moesim_run("plan --cluster configs/hardware/nope.textproto --model " + model_path + " --workload " + work_path);
   CHECK(missing.exit_code == 2);
   CHECK(missing.err.find("nope.textproto") != std::string::npos);
@@ -187,4 +195,53 @@ TEST_CASE("moesim plan --json and --out, then simulate --plan replays the winner
   CHECK(bad.err.find("bad.plan.textproto:1: cluster") != std::string::npos);
   CHECK(bad.err.find("workload") != std::string::npos);
   std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("objectives over node counts: cheapest per token, fewest devices for a target", "[planner]") {
+  std::ifstream in(src("configs/hardware/h100-64.textproto"));
+  std::string text((std::istreambuf_iterator<char>(in)), {});
+  const cost::ConfigSource plain{"h100-64.textproto", text};
+  const cost::ConfigSource priced{"h100-64-priced.textproto", text + "\nprice_per_device_hour: 2.5\n"};
+  planner::SearchOptions o = pinned("tp: 1 zero_stage: 1 schedule: ONE_F_ONE_B overlap_chunks: 1 all_to_all: DIRECT");
+  o.simulate_top = 2;
+  o.top = 50;
+
+  // Cost per token needs a price; fewest devices needs a target.
+  o.objective = planner::Objective::kCostPerToken;
+  CHECK_THROWS_WITH(planner::search(plain, tiny_model(), tiny_work(), o), Catch::Contains("price_per_device_hour"));
+  o.objective = planner::Objective::kFewestDevices;
+  CHECK_THROWS_WITH(planner::search(plain, tiny_model(), tiny_work(), o), Catch::Contains("target"));
+
+  o.objective = planner::Objective::kCostPerToken;
+  const planner::SearchResult cheap = planner::search(priced, tiny_model(), tiny_work(), o);
+  REQUIRE_FALSE(cheap.plans.empty());
+  std::set<int> counts;
+  for (size_t i = 0; i < cheap.plans.size(); ++i) {
+    const planner::RankedPlan& p = cheap.plans[i];
+    counts.insert(p.nodes);
+    // cost = price x devices x step time / 3600 / tokens, per million tokens (16 x 32 tokens a step)
+    const int devices = p.nodes * 8;
+    CHECK(p.plan.predicted().cost_per_million_tokens() == Approx(2.5 * devices * p.step_time_s / 3600 / (16.0 * 32) * 1e6));
+    CHECK(p.plan.strategy().dp() * p.plan.strategy().tp() * p.plan.strategy().pp() == devices);
+    if (i > 0) CHECK(cheap.plans[i - 1].plan.predicted().cost_per_million_tokens() <= p.plan.predicted().cost_per_million_tokens());
+  }
+  CHECK(counts.size() > 1);  // several node counts compete
+
+  // Fewest devices: a target half the best throughput any node count reached.
+  double best = 0;
+  int best_nodes = 0;
+  for (const planner::RankedPlan& p : cheap.plans)
+    if (p.plan.predicted().tokens_per_s() > best) best = p.plan.predicted().tokens_per_s(), best_nodes = p.nodes;
+  o.objective = planner::Objective::kFewestDevices;
+  o.target_tokens_per_s = best / 2;
+  const planner::SearchResult few = planner::search(plain, tiny_model(), tiny_work(), o);
+  REQUIRE_FALSE(few.plans.empty());
+  CHECK(few.plans[0].plan.predicted().tokens_per_s() >= o.target_tokens_per_s);
+  CHECK(few.plans[0].nodes <= best_nodes);
+  CHECK(few.plans[0].plan.nodes() == few.plans[0].nodes);
+  o.target_tokens_per_s = 1e15;
+  const planner::SearchResult none = planner::search(plain, tiny_model(), tiny_work(), o);
+  CHECK(none.plans.empty());
+  CHECK(none.no_plan_reason.find("no node count reaches") != std::string::npos);
+  CHECK(none.no_plan_reason.find("closest") != std::string::npos);
 }

@@ -118,6 +118,7 @@ void validate_template_cluster(const ConfigScope& root, const hw::Cluster& c) {
     node_ok = root.problem_count() == before && !c.node().device().has_preset();
   }
   const bool nodes_ok = root.in_range("nodes", 1, static_cast<double>(kMaxDevices), Need::kRequired);
+  root.positive("price_per_device_hour", Need::kOptional);
 
   const pb::FieldDescriptor* fcase = c.has_fabric() ? fabric_case(c.fabric()) : nullptr;
   const FabricGenerator* gen = nullptr;
