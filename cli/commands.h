@@ -5,6 +5,7 @@
 #pragma once
 
 #include "cli/args.h"
+#include "cli/cli.pb.h"
 #include "common/error.h"
 
 #include <functional>
@@ -33,6 +34,9 @@ std::vector<Command> simulate_commands();
 std::vector<Command> plan_commands();
 std::vector<Command> sweep_commands();
 std::vector<Command> report_commands();
+
+// A ConfigError's diagnostics as the CheckResult `--json` prints.
+CheckResult check_result(const ConfigError& e, const std::string& file);
 
 // Reports a ConfigError: every diagnostic on stderr, and as a CheckResult on stdout under --json.
 int report_config_error(const ConfigError& e, const std::string& file, bool json);

@@ -87,21 +87,25 @@ int run(int argc, char** argv) {
 
 }  // namespace
 
+CheckResult check_result(const ConfigError& e, const std::string& file) {
+  CheckResult r;
+  r.set_file(file);
+  r.set_ok(false);
+  for (const Diagnostic& d : e.diagnostics()) {
+    Problem* p = r.add_errors();
+    p->set_file(d.file);
+    p->set_line(d.line);
+    p->set_column(d.column);
+    p->set_field(d.field_path);
+    p->set_message(d.message);
+  }
+  return r;
+}
+
 int report_config_error(const ConfigError& e, const std::string& file, bool json) {
   for (const Diagnostic& d : e.diagnostics()) std::cerr << d.to_string() << '\n';
   if (json) {
-    CheckResult r;
-    r.set_file(file);
-    r.set_ok(false);
-    for (const Diagnostic& d : e.diagnostics()) {
-      Problem* p = r.add_errors();
-      p->set_file(d.file);
-      p->set_line(d.line);
-      p->set_column(d.column);
-      p->set_field(d.field_path);
-      p->set_message(d.message);
-    }
-    std::cout << to_json(r);
+    std::cout << to_json(check_result(e, file));
   }
   return kExitBadInput;
 }

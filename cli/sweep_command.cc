@@ -22,21 +22,6 @@
 namespace moesim::cli {
 namespace {
 
-CheckResult check_result(const ConfigError& e, const std::string& file) {
-  CheckResult r;
-  r.set_file(file);
-  r.set_ok(false);
-  for (const Diagnostic& d : e.diagnostics()) {
-    Problem* p = r.add_errors();
-    p->set_file(d.file);
-    p->set_line(d.line);
-    p->set_column(d.column);
-    p->set_field(d.field_path);
-    p->set_message(d.message);
-  }
-  return r;
-}
-
 // One point: simulated like `moesim simulate SCENARIO --db` (default network and folding, no
 // trace), or, when its configs are not a valid setup, its problems as a CheckResult.
 planner::PointOutcome evaluate(const planner::Sweep& s, size_t index) {

@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <sys/wait.h>
@@ -43,6 +44,22 @@ inline std::string write_temp(const std::string& name, const std::string& text) 
   std::ofstream(path, std::ios::binary) << text;
   return path;
 }
+
+// A temp file removed at the end of the scope (with SQLite's -wal/-shm companions).
+struct TempFile {
+  std::string path;
+  explicit TempFile(const std::string& name, const std::optional<std::string>& text = std::nullopt) : path(temp_path(name)) {
+    remove_all();
+    if (text) write_temp(name, *text);
+  }
+  ~TempFile() { remove_all(); }
+  TempFile(const TempFile&) = delete;
+  TempFile& operator=(const TempFile&) = delete;
+  void remove_all() const {
+    std::error_code ec;
+    for (const char* suffix : {"", "-wal", "-shm", "-journal"}) std::filesystem::remove_all(path + suffix, ec);
+  }
+};
 
 // Runs `moesim ARGS` from the source tree, capturing stdout and stderr separately.
 // `env`: variable assignments put before the command ("MOESIM_MPIRUN=/x"); `launcher`: a command

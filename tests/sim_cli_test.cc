@@ -61,22 +61,6 @@ const std::string kTinySkewed = head() +
                                 "  drop_policy: NO_DROP\n"
                                 "}\n";
 
-// A temp file removed at the end of the scope (with SQLite's -wal/-shm companions).
-struct TempFile {
-  std::string path;
-  explicit TempFile(const std::string& name, const std::optional<std::string>& text = std::nullopt)
-      : path(temp_path(name)) {
-    remove_all();
-    if (text) write_temp(name, *text);
-  }
-  ~TempFile() { remove_all(); }
-  TempFile(const TempFile&) = delete;
-  TempFile& operator=(const TempFile&) = delete;
-  void remove_all() const {
-    std::error_code ec;
-    for (const char* suffix : {"", "-wal", "-shm", "-journal"}) fs::remove_all(path + suffix, ec);
-  }
-};
 
 cli::SimulateResult simulate_json(const std::string& args) {
   Run r = moesim_run(fmt::format("simulate {} --json", args));

@@ -45,21 +45,6 @@ std::string src(const std::string& rel) { return fmt::format("{}/{}", MOESIM_SOU
 
 const std::string kTinyScenario = src("configs/scenarios/examples/tiny-moe-dgx.textproto");
 
-// A temp file removed at the end of the scope (with SQLite's -wal/-shm companions).
-struct TempFile {
-  std::string path;
-  explicit TempFile(const std::string& name, const std::optional<std::string>& text = std::nullopt) : path(temp_path(name)) {
-    remove_all();
-    if (text) write_temp(name, *text);
-  }
-  ~TempFile() { remove_all(); }
-  TempFile(const TempFile&) = delete;
-  TempFile& operator=(const TempFile&) = delete;
-  void remove_all() const {
-    std::error_code ec;
-    for (const char* suffix : {"", "-wal", "-shm", "-journal"}) fs::remove_all(path + suffix, ec);
-  }
-};
 
 // A sweep over tiny-moe-dgx: `name`, then `axes` (lines 3 on).
 std::string sweep_text(const std::string& name, const std::string& axes) {
