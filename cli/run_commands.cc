@@ -7,6 +7,7 @@
 // ranks with a message naming it (exit 1).
 #include "cli/cli.pb.h"
 #include "cli/commands.h"
+#include "planner/plan_file.h"
 #include "cli/launch.h"
 #include "common/json.h"
 #include "common/units.h"
@@ -121,14 +122,25 @@ int on_ranks(int ranks, double timeout_s, exec::Device device, Body body) {
 
 int run(const Args& a) {
   if (!a.positional().empty()) throw UsageError("run takes no positional arguments");
-  if (!a.has("--model")) throw UsageError("missing --model FILE (or --plan, when plans land)");
-  const int ranks = a.get_int("--ranks", 1, 1, 4096);
+  if (a.has("--model") == a.has("--plan")) throw UsageError("give --model FILE or --plan FILE (one of them)");
+  if (a.has("--plan") && a.has("--strategy")) throw UsageError("--plan carries its strategy: drop --strategy");
+  const bool json = a.flag("--json");
+  // A plan (moesim plan --out): its model, strategy, workload and seed.
+  std::optional<sim::Scenario> plan;
+  if (a.has("--plan")) {
+    try {
+      plan.emplace(planner::load_plan(a.get("--plan")));
+    } catch (const ConfigError& e) {
+      return report_config_error(e, a.get("--plan"), json);
+    }
+  }
+  const int ranks = a.get_int("--ranks", plan ? plan->setup.layout.devices : 1, 1, 4096);
   const exec::Device device = check_device(a, ranks);
   exec::TrainOptions o;
   o.steps = a.get_int("--steps", 20, 1, 1000000);
-  o.batch = a.get_int("--batch", 8 * ranks, 1, 1 << 24);
-  o.sequence = a.get_int("--sequence", 0, 2, 1 << 20);
-  o.seed = static_cast<uint64_t>(a.get_int("--seed", 1, 0, INT32_MAX));
+  o.batch = a.get_int("--batch", plan ? static_cast<int>(plan->setup.layout.global_batch) : 8 * ranks, 1, 1 << 24);
+  o.sequence = a.get_int("--sequence", plan && plan->setup.cost.per_token ? plan->setup.layout.sequence : 0, 2, 1 << 20);
+  o.seed = static_cast<uint64_t>(a.get_int("--seed", plan ? static_cast<int>(plan->seed) : 1, 0, INT32_MAX));
   o.lr = static_cast<float>(a.get_double("--lr", 3e-3, 1e-9, 10));
   const double timeout_s = a.get_double("--timeout", 60, 0.1, 86400);
   if (a.has("--optimizer")) {
@@ -136,16 +148,16 @@ int run(const Args& a) {
     if (opt != "adam" && opt != "sgd") throw UsageError(fmt::format("--optimizer: expected adam or sgd, got '{}'", opt));
     o.optimizer = opt == "sgd" ? exec::OptimizerKind::kSgd : exec::OptimizerKind::kAdam;
   }
-  const bool json = a.flag("--json");
   std::string strategy_name = "ep=ranks";
+  const std::string strategy_file = plan ? a.get("--plan") : a.get("--strategy");
   try {
-    o.model = cost::load_model(a.get("--model"));
-    if (a.has("--strategy")) {
-      const auto s = cost::load_strategy(a.get("--strategy"));
+    o.model = plan ? *plan->setup.model : cost::load_model(a.get("--model"));
+    if (plan || a.has("--strategy")) {
+      const cost::Loaded<strategy::Strategy> s = plan ? plan->setup.strategy : cost::load_strategy(a.get("--strategy"));
       if (s->tp() != 1 || s->pp() != 1)
-        throw UsageError(fmt::format("{}: the executor runs data and expert parallelism (tp 1, pp 1) for now", a.get("--strategy")));
+        throw UsageError(fmt::format("{}: the executor runs data and expert parallelism (tp 1, pp 1) for now", strategy_file));
       if (s->dp() != ranks)
-        throw UsageError(fmt::format("{}: dp {} but {} ranks: give --ranks {}", a.get("--strategy"), s->dp(), ranks, s->dp()));
+        throw UsageError(fmt::format("{}: dp {} but {} ranks: give --ranks {}", strategy_file, s->dp(), ranks, s->dp()));
       o.ep = s->ep();
       o.capacity_factor = s->capacity_factor();
       o.routing = s->drop_policy() == strategy::BATCH_PRIORITY ? exec::RoutingPolicy::kBatchPriority
@@ -154,11 +166,11 @@ int run(const Args& a) {
       strategy_name = s->name();
     }
   } catch (const ConfigError& e) {
-    return report_config_error(e, a.get("--model"), json);
+    return report_config_error(e, plan ? a.get("--plan") : a.get("--model"), json);
   }
   o.capacity_factor = a.get_double("--capacity-factor", o.capacity_factor, 1e-6, 1e6);
   o.routing = policy_of(a, o.routing);
-  refuse_if_any(fmt::format("{} cannot run on {} rank(s):", a.get("--model"), ranks), exec::validate(o, ranks));
+  refuse_if_any(fmt::format("{} cannot run on {} rank(s):", plan ? a.get("--plan") : a.get("--model"), ranks), exec::validate(o, ranks));
   const Launch launch = launch_ranks(ranks);
   if (launch.relaunched) return launch.exit_code;
 
@@ -282,10 +294,13 @@ std::vector<Command> run_commands() {
   return {
       {"run", "train a model for real on CPU ranks (MPI) or GPU ranks (NCCL), traced: loss and step time per step",
        "usage: moesim run --model M [--strategy S] [--ranks N] [--steps K] [--batch B] [--sequence L]\n"
+       "       moesim run --plan best.plan.textproto [--steps K] ...   (a plan from `moesim plan --out`)\n"
        "                  [--lr X] [--optimizer adam|sgd] [--capacity-factor F]\n"
        "                  [--routing vanilla|batch_priority|no_drop] [--seed N] [--timeout S]\n"
        "                  [--device cpu|cuda] [--trace t.json] [--db results.db] [--json]\n\n"
        "  --model M      a transformer of configs/models (moe-tiny.textproto trains in seconds)\n"
+       "  --plan P       the plan's model and strategy (DP x EP: tp 1, pp 1), its workload's batch and\n"
+       "                 sequence, its seed; ranks default to its devices\n"
        "  --strategy S   dp must equal --ranks; its ep, capacity factor and drop policy are used (tp and\n"
        "                 pp 1). Without it, experts are spread over all ranks (EP = ranks)\n"
        "  --ranks N      ranks to launch (default 1). Outside an mpirun/srun launch moesim starts\n"
@@ -300,7 +315,7 @@ std::vector<Command> run_commands() {
        "  --json         per-step step_time_s and loss, tokens_per_s, ...\n\n"
        "The task is synthetic (executor/train.h): the next token is 3t + 1 mod vocab, so the loss falls\n"
        "from ln(vocab). Exit 2 on bad input (before any rank starts), 1 when a rank fails.\n",
-       {{}, {"--model", "--strategy", "--ranks", "--steps", "--batch", "--sequence", "--lr", "--optimizer",
+       {{}, {"--model", "--plan", "--strategy", "--ranks", "--steps", "--batch", "--sequence", "--lr", "--optimizer",
              "--capacity-factor", "--routing", "--seed", "--timeout", "--trace", "--db", "--device"}},
        run},
       {"bench-layer", "time one MoE layer forward + backward on real ranks: tokens/s and its parts",

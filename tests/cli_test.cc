@@ -383,6 +383,38 @@ TEST_CASE("bench-layer: tokens/s and its parts as JSON") {
   CHECK(b.gemm_efficiency_vs_blas() > 0);
 }
 
+TEST_CASE("run --plan: a plan's model, strategy, batch and seed on the plan's ranks") {
+  const std::string dir = (std::filesystem::temp_directory_path() / fmt::format("cli_test_plan_{}", ::getpid())).string();
+  std::filesystem::create_directories(dir);
+  std::ofstream(dir + "/two.textproto") << "name: \"two\" nodes: 1 node { device { preset: \"h100-sxm5\" } devices_per_node: 2 "
+                                           "intra_fabric: NVSWITCH scaleup_bandwidth_Bps: 450e9 pcie { device_bandwidth_Bps: 64e9 } }\n";
+  std::ofstream(dir + "/tiny.workload.textproto")
+      << "name: \"tiny\" training { global_batch: 4 micro_batch: 1 sequence: 16 precision: FP32 }\n";
+  std::ofstream(dir + "/p.plan.textproto") << fmt::format(
+      "cluster: \"two.textproto\"\nmodel: \"{}/configs/models/moe-tiny.textproto\"\nworkload: \"tiny.workload.textproto\"\n"
+      "strategy {{ name: \"dp2-ep2\" dp: 2 ep: 2 drop_policy: NO_DROP }}\nseed: 5\n",
+      MOESIM_SOURCE_DIR);
+  Run r = moesim_run(fmt::format("run --plan {}/p.plan.textproto --steps 2 --json", dir));
+  INFO(r.err);
+  REQUIRE(r.exit_code == 0);
+  auto out = parse_json<cli::RunResult>(r.out);
+  CHECK(out.ranks() == 2);  // the plan's devices
+  CHECK(out.dp() == 2);
+  CHECK(out.ep() == 2);
+  CHECK(out.tokens_per_step() == 4 * 16);  // the plan's workload
+  CHECK(out.steps_size() == 2);
+  // A plan with a strategy the executor cannot run, and --plan with --model, are refused.
+  std::ofstream(dir + "/tp.plan.textproto") << fmt::format(
+      "cluster: \"two.textproto\"\nmodel: \"{}/configs/models/moe-tiny.textproto\"\nworkload: \"tiny.workload.textproto\"\n"
+      "strategy {{ name: \"tp2\" tp: 2 dp: 1 }}\n",
+      MOESIM_SOURCE_DIR);
+  Run tp = moesim_run(fmt::format("run --plan {}/tp.plan.textproto", dir));
+  CHECK(tp.exit_code == 2);
+  CHECK(tp.err.find("tp 1, pp 1") != std::string::npos);
+  CHECK(moesim_run(fmt::format("run --plan {}/p.plan.textproto --model configs/models/moe-tiny.textproto", dir)).exit_code == 2);
+  std::filesystem::remove_all(dir);
+}
+
 TEST_CASE("run and bench-layer: bad input exits 2 before any rank starts") {
   Run gqa = moesim_run("run --model configs/models/mixtral-8x7b.textproto --steps 1");
   CHECK(gqa.exit_code == 2);
