@@ -9,8 +9,9 @@
 // dividing the heads, pp at most the layers, ep dividing dp and the experts, ZeRO stage, micro-batch
 // size (hence count), pipeline schedule (1F1B; interleaved with 2 chunks), recompute, all-to-all
 // algorithm (hierarchical only across nodes), MoE overlap chunks, capacity factor (only when
-// allowed), expert offload (only when nothing fits without it). A pinned knob (any field set in
-// SearchOptions::pinned) is not varied; bounds limit the others.
+// allowed), expert offload (half or all of the expert weights in host memory, tried only when
+// nothing fits without it). Expert replication and placement are not varied: pin them. A pinned
+// knob (any field set in SearchOptions::pinned) is not varied; bounds limit the others.
 #pragma once
 
 #include "costmodel/setup.h"

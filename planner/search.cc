@@ -88,8 +88,9 @@ SearchResult search_cluster(cost::Setup loaded, const SearchOptions& o) {
   double closest_overflow = -1;
   std::string closest;
   size_t done = 0;
-  for (const Candidate& c : space.candidates) {
-    if (o.progress && (++done % 256 == 0 || done == space.candidates.size())) o.progress(done, space.candidates.size());
+  auto consider = [&](const std::vector<Candidate>& candidates) {
+  for (const Candidate& c : candidates) {
+    if (o.progress && (++done % 256 == 0 || done == candidates.size())) o.progress(done, candidates.size());
     std::optional<cost::Setup> s;
     try {
       s.emplace(setup_of(workloads, c));
@@ -120,6 +121,26 @@ SearchResult search_cluster(cost::Setup loaded, const SearchOptions& o) {
     sv.estimate_s = e.step_s;
     sv.bottleneck = e.bottleneck;
     survivors.push_back(std::move(sv));
+  }
+  };
+  consider(space.candidates);
+  // Nothing fits: expert offload (half, then all of each rank's expert weights in host memory,
+  // prefetched a layer ahead) for MoE models, unless the user pinned offload.
+  bool moe = false;
+  for (const cost::Layer& layer : base.cost.layers) moe |= layer.moe;
+  if (survivors.empty() && moe && !o.pinned.has_offload()) {
+    for (double fraction : {0.5, 1.0}) {
+      std::vector<Candidate> offloaded = space.candidates;
+      for (Candidate& c : offloaded) {
+        c.strategy.mutable_offload()->set_expert_fraction(fraction);
+        c.strategy.mutable_offload()->set_prefetch_layers(1);
+        c.strategy.set_name(fmt::format("{} offload{:g}", c.strategy.name(), fraction));
+      }
+      out.candidates += static_cast<int64_t>(offloaded.size());
+      done = 0;
+      consider(offloaded);
+      if (!survivors.empty()) break;
+    }
   }
   if (survivors.empty()) {
     out.no_plan_reason = closest.empty() ? "no strategy divides this cluster, model and workload"

@@ -245,3 +245,32 @@ TEST_CASE("objectives over node counts: cheapest per token, fewest devices for a
   CHECK(none.no_plan_reason.find("no node count reaches") != std::string::npos);
   CHECK(none.no_plan_reason.find("closest") != std::string::npos);
 }
+
+TEST_CASE("when nothing fits, expert offload is tried before giving up", "[planner]") {
+  // One layout pinned; its memory with and without the experts' weights in host memory decides a
+  // device size that only the offloaded candidates fit.
+  const std::string pins = "dp: 8 tp: 1 pp: 1 ep: 8 zero_stage: 0 schedule: ONE_F_ONE_B all_to_all: DIRECT overlap_chunks: 1";
+  // A global batch of 8 on dp 8 leaves one micro-batch size: one candidate (and its offloaded twins).
+  std::string w = kWorkload;
+  w.replace(w.find("global_batch: 16"), 16, "global_batch: 8");
+  const cost::ConfigSource work8{"tiny-train8.textproto", w};
+  auto peak = [&](const std::string& extra) {
+    const cost::Setup s = cost::load_setup(dgx(), tiny_model(), work8, {"s", "name: \"s\" " + pins + " " + extra});
+    const cost::MemoryReport m = cost::estimate_memory(s);
+    return m.ranks[m.peak_rank].total_bytes;
+  };
+  const double plain = peak("");
+  const double offloaded = peak("offload { expert_fraction: 1 prefetch_layers: 1 }");
+  REQUIRE(offloaded < plain);
+  std::ifstream in(src("configs/hardware/dgx-h100.textproto"));
+  std::string text((std::istreambuf_iterator<char>(in)), {});
+  text.replace(text.find("device { preset: \"h100-sxm5\" }"), std::string("device { preset: \"h100-sxm5\" }").size(),
+               fmt::format("device {{ preset: \"h100-sxm5\" memory_bytes: {:.0f} }}", (plain + offloaded) / 2));
+  planner::SearchOptions o = pinned(pins);
+  o.simulate_top = 1;
+  const planner::SearchResult r = planner::search({"offload-dgx.textproto", text}, tiny_model(), work8, o);
+  REQUIRE_FALSE(r.plans.empty());
+  CHECK(r.plans[0].plan.strategy().offload().expert_fraction() > 0);
+  CHECK(r.plans[0].plan.strategy().name().find("offload") != std::string::npos);
+  CHECK(r.pruned_memory >= 1);  // the candidate without offload
+}
