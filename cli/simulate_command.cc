@@ -155,16 +155,10 @@ SimulateOutput simulate_scenario(const sim::Scenario& scenario, const SimulateOp
   }
   for (const auto& [k, v] : r.breakdown) (*out.mutable_breakdown())[k] = v;
   out.set_critical_rank(r.critical_rank);
-  const sim::RankResult* bottleneck = nullptr;
-  auto busy = [](const sim::RankResult& rr) {
-    auto it = rr.breakdown.find("pipeline_bubble");
-    return rr.end_s - (it == rr.breakdown.end() ? 0.0 : it->second);
-  };
-  for (const sim::RankResult& rr : r.ranks)
-    if (!bottleneck || busy(rr) > busy(*bottleneck)) bottleneck = &rr;
-  if (bottleneck) {
-    out.set_bottleneck_rank(bottleneck->rank);
-    for (const auto& [k, v] : bottleneck->breakdown) (*out.mutable_bottleneck_breakdown())[k] = v;
+  if (!r.ranks.empty()) {
+    const sim::RankResult& bottleneck = sim::bottleneck_rank(r);
+    out.set_bottleneck_rank(bottleneck.rank);
+    for (const auto& [k, v] : bottleneck.breakdown) (*out.mutable_bottleneck_breakdown())[k] = v;
   }
   out.set_peak_memory_bytes(r.peak_memory_bytes);
   out.set_peak_rank(r.peak_rank);

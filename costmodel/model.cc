@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string_view>
 
 namespace moesim::cost {
 namespace {
@@ -474,6 +475,12 @@ ModelCost analyze(const model::Model& m, const ModelOptions& o) {
     c.moe_layers += l.moe ? 1 : 0;
   }
   return c;
+}
+
+bool recomputed_selectively(const Op& op) {
+  const std::string& n = op.name;
+  auto ends = [&](std::string_view suffix) { return n.size() >= suffix.size() && n.compare(n.size() - suffix.size(), suffix.size(), suffix) == 0; };
+  return op.kind == OpKind::kNorm || ends(".core") || ends(".act") || ends("experts.down");
 }
 
 }  // namespace moesim::cost

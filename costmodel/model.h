@@ -131,6 +131,11 @@ void validate_model(const ConfigScope& scope);
 // model's `moe` rules (model.proto); false when the rules are not usable (every_n_layers < 1).
 bool is_moe_layer(const model::Transformer& transformer, int layer);
 
+// Whether SELECTIVE recompute re-runs this forward kernel before its layer's backward (see the
+// counting rules above): norms, the attention core, activation functions, routed experts' down
+// projections.
+bool recomputed_selectively(const Op& op);
+
 // The per-layer breakdown. `model` must have been validated.
 ModelCost analyze(const model::Model& model, const ModelOptions& options = {});
 

@@ -60,6 +60,9 @@ struct Layout {
   // stage and head on the last; transformer layers split as evenly as possible, earlier stages
   // taking the remainder.
   std::vector<std::vector<int>> stage_layers;
+
+  // The device rank of (pipeline stage, data-parallel index, tensor-parallel index).
+  int rank(int stage, int dp_index, int tp_index) const { return tp_index + tp * (dp_index + dp * stage); }
 };
 
 // Checks the strategy and workload against the model and the device count; reports problems on

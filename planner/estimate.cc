@@ -10,16 +10,7 @@
 namespace moesim::planner {
 namespace {
 
-bool selective_kernel(const cost::Op& op) {
-  const std::string& n = op.name;
-  auto ends = [&](const char* s) {
-    const size_t l = std::char_traits<char>::length(s);
-    return n.size() >= l && n.compare(n.size() - l, l, s) == 0;
-  };
-  return op.kind == cost::OpKind::kNorm || ends(".core") || ends(".act") || ends("experts.down");
-}
 
-int rank_of(const cost::Layout& l, int p, int d, int t) { return t + l.tp * (d + l.dp * p); }
 
 }  // namespace
 
@@ -75,7 +66,7 @@ const Estimator::LayerTimes& Estimator::layer_times(const cost::Setup& s, int li
     t.fwd += fwd;
     if (experts) t.experts_fwd += fwd;
     for (const cost::Op& b : cost::backward_ops(op)) t.bwd += cost::op_time(profile_, b, dtype).time_s;
-    if (rc == workload::FULL || (rc == workload::SELECTIVE && selective_kernel(op))) t.recompute += fwd;
+    if (rc == workload::FULL || (rc == workload::SELECTIVE && cost::recomputed_selectively(op))) t.recompute += fwd;
   }
   return layer_cache_.emplace(key, t).first->second;
 }
@@ -135,8 +126,8 @@ Estimate Estimator::estimate(const cost::Setup& s, const MemorySummary& mem) {
   double worst_stage = 0, worst_compute = 0, worst_a2a = 0, worst_tp = 0, last_bwd = 0;
   for (int p = 0; p < l.pp; ++p) {
     std::vector<int> tp_group, ep_group;
-    for (int t = 0; t < l.tp; ++t) tp_group.push_back(rank_of(l, p, 0, t));
-    for (int d = 0; d < l.ep; ++d) ep_group.push_back(rank_of(l, p, d, 0));
+    for (int t = 0; t < l.tp; ++t) tp_group.push_back(l.rank(p, 0, t));
+    for (int d = 0; d < l.ep; ++d) ep_group.push_back(l.rank(p, d, 0));
     double compute = 0, a2a = 0, tpc = 0, bwd = 0;
     for (int li : l.stage_layers[p]) {
       const cost::Layer& layer = s.cost.layers[li];
@@ -177,7 +168,7 @@ Estimate Estimator::estimate(const cost::Setup& s, const MemorySummary& mem) {
   if (training && l.dp > 1) {
     // Gradient sync of stage 0's parameters over its data-parallel group.
     std::vector<int> dp_group;
-    for (int d = 0; d < l.dp; ++d) dp_group.push_back(rank_of(l, 0, d, 0));
+    for (int d = 0; d < l.dp; ++d) dp_group.push_back(l.rank(0, d, 0));
     double dense = 0, experts = 0;
     for (int li : l.stage_layers[0]) {
       dense += s.cost.layers[li].dense_params / l.tp;
@@ -189,7 +180,7 @@ Estimate Estimator::estimate(const cost::Setup& s, const MemorySummary& mem) {
     double sync = collective_s(sync_op, cost::CollectiveAlgo::kRing, dp_group, dense * grad);
     if (l.expert_dp > 1 && experts > 0) {
       std::vector<int> edp;
-      for (int d = 0; d < l.dp; d += l.ep) edp.push_back(rank_of(l, 0, d, 0));
+      for (int d = 0; d < l.dp; d += l.ep) edp.push_back(l.rank(0, d, 0));
       sync += collective_s(sync_op, cost::CollectiveAlgo::kRing, edp, experts * grad);
     }
     e.dp_s = std::max(0.0, sync - last_bwd);

@@ -186,16 +186,9 @@ SearchResult search_cluster(cost::Setup loaded, const SearchOptions& o) {
       pr->set_simulated(true);
       pr->set_peak_memory_bytes(r.peak_memory_bytes);
       pr->set_peak_rank(r.peak_rank);
-      // The bottleneck rank: the one that waits least for other stages.
-      const sim::RankResult* b = &r.ranks.front();
-      auto busy = [](const sim::RankResult& x) {
-        auto it = x.breakdown.find("pipeline_bubble");
-        return x.end_s - (it == x.breakdown.end() ? 0.0 : it->second);
-      };
-      for (const sim::RankResult& x : r.ranks)
-        if (busy(x) > busy(*b)) b = &x;
-      for (const auto& [k, v] : b->breakdown) (*pr->mutable_breakdown())[k] = v;
-      pr->set_bottleneck(bottleneck_of(b->breakdown));
+      const sim::RankResult& b = sim::bottleneck_rank(r);
+      for (const auto& [k, v] : b.breakdown) (*pr->mutable_breakdown())[k] = v;
+      pr->set_bottleneck(bottleneck_of(b.breakdown));
     }
     pr->set_step_time_s(rp.step_time_s);
     if (rp.step_time_s > 0) {

@@ -55,17 +55,6 @@ Part part_of(const Layer& layer, const std::string& op_name) {
   return Part::kMlp;
 }
 
-// The kernels SELECTIVE recompute re-runs (model.h): norms, attention core, activation functions,
-// routed experts' down projections.
-bool selective_recompute(const cost::Op& op) {
-  const std::string& n = op.name;
-  auto ends = [&](const char* s) {
-    const size_t l = std::char_traits<char>::length(s);
-    return n.size() >= l && n.compare(n.size() - l, l, s) == 0;
-  };
-  return op.kind == cost::OpKind::kNorm || ends(".core") || ends(".act") || ends("experts.down");
-}
-
 struct Times {
   double fwd = 0, bwd = 0, recompute = 0, flops_fwd = 0, flops_bwd = 0;
 };
@@ -143,7 +132,7 @@ class Lowering {
   }
 
  private:
-  int rank_of(int p, int d, int t) const { return t + l_.tp * (d + l_.dp * p); }
+  int rank_of(int p, int d, int t) const { return l_.rank(p, d, t); }
 
   // Layer indices of each of `n` chunks: setup.h's stage rule applied to n pieces.
   std::vector<std::vector<int>> split_layers(int n) const {
@@ -206,7 +195,7 @@ class Lowering {
     const cost::DeviceProfile& prof = profile(rank);
     for (const cost::Op& op : layer.ops) {
       if (part_of(layer, op.name) != part) continue;
-      add_times(&t, prof, tp_split(op), recompute_ == workload::SELECTIVE && selective_recompute(op));
+      add_times(&t, prof, tp_split(op), recompute_ == workload::SELECTIVE && cost::recomputed_selectively(op));
     }
     return times_.emplace(key, t).first->second;
   }
@@ -234,7 +223,7 @@ class Lowering {
         e.flops *= share;
         e.bytes *= share;
       }
-      add_times(&t, prof, tp_split(e), recompute_ == workload::SELECTIVE && selective_recompute(op));
+      add_times(&t, prof, tp_split(e), recompute_ == workload::SELECTIVE && cost::recomputed_selectively(op));
     }
     return t;
   }
@@ -977,19 +966,6 @@ cost::DType compute_dtype(const workload::Workload& w) {
     case workload::FP16: return cost::DType::kFp16;
     case workload::FP8: return cost::DType::kFp8;
     default: return cost::DType::kBf16;
-  }
-}
-
-const char* collective_op_name(Collective::Op op) {
-  switch (op) {
-    case Collective::ALL_REDUCE: return "all_reduce";
-    case Collective::ALL_GATHER: return "all_gather";
-    case Collective::REDUCE_SCATTER: return "reduce_scatter";
-    case Collective::ALL_TO_ALL: return "all_to_all";
-    case Collective::ALL_TO_ALL_V: return "all_to_all_v";
-    case Collective::SEND_RECV: return "send_recv";
-    case Collective::BROADCAST: return "broadcast";
-    default: return "unspecified";
   }
 }
 

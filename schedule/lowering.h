@@ -69,7 +69,6 @@
 #include "schedule/schedule.pb.h"
 
 #include <cstdint>
-#include <stdexcept>
 
 namespace moesim::schedule {
 
@@ -92,21 +91,11 @@ struct LoweringOptions {
   double bucket_bytes = 0;
 };
 
-// A setup the lowering cannot schedule (none today beyond what load_setup validates; kept for
-// limits such as schedules too large to build).
-class LoweringError : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
-
 // `setup` must come from cost::load_setup (validated).
 Schedule lower(const cost::Setup& setup, const LoweringOptions& options = {});
 
 // The data type a workload's GEMMs run in: FP8 for FP8 training (DeepSeek-V3 style), else the
 // precision's own type.
 cost::DType compute_dtype(const workload::Workload& workload);
-
-// Collective names as costmodel/collectives.h writes the op ("all_to_all_v" for ALL_TO_ALL_V).
-const char* collective_op_name(Collective::Op op);
 
 }  // namespace moesim::schedule

@@ -916,4 +916,15 @@ SimResult simulate(const schedule::Schedule& schedule, const topo::Cluster& clus
   return engine.run();
 }
 
+const RankResult& bottleneck_rank(const SimResult& result) {
+  auto busy = [](const RankResult& r) {
+    auto it = r.breakdown.find("pipeline_bubble");
+    return r.end_s - (it == r.breakdown.end() ? 0.0 : it->second);
+  };
+  const RankResult* best = &result.ranks.at(0);
+  for (const RankResult& r : result.ranks)
+    if (busy(r) > busy(*best)) best = &r;
+  return *best;
+}
+
 }  // namespace moesim::sim

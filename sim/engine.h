@@ -106,6 +106,11 @@ struct SimResult {
   trace::Trace trace;                         // predicted spans (when record_trace)
 };
 
+// The rank that waits least for other pipeline stages: the largest end time minus its
+// "pipeline_bubble". In 1F1B the critical rank (stage 0) mostly waits; this one sets the pace.
+// `result` must have ranks.
+const RankResult& bottleneck_rank(const SimResult& result);
+
 // Times `schedule` on `cluster`. Throws std::invalid_argument, naming the rank and op id (or the
 // collective's 1-based index), for a schedule that is not well-formed: a dep out of range or not
 // earlier in the list; a collective index out of range; a collective whose simulated participants

@@ -31,6 +31,27 @@ using Catch::Matchers::Contains;
 
 namespace {
 
+// A layer with capacity drops, top-2 and every auxiliary loss and the noisy gate on: the
+// configuration the cross-checks (EP=2 vs EP=1, CUDA vs CPU) run under each routing policy.
+MoeLayerConfig every_loss_config(int hidden, int ffn_hidden, int experts, RoutingPolicy routing, uint64_t seed) {
+  MoeLayerConfig c;
+  c.hidden = hidden;
+  c.ffn_hidden = ffn_hidden;
+  c.num_experts = experts;
+  c.top_k = 2;
+  c.capacity_factor = 0.75;
+  c.routing = routing;
+  c.renormalize_gates = routing == RoutingPolicy::kBatchPriority;
+  c.switch_loss_weight = 0.1;
+  c.importance_loss_weight = 0.2;
+  c.load_loss_weight = 0.3;
+  c.damex_loss_weight = 0.4;
+  c.gate_noise_std = 1;
+  c.damex_expert_of_dataset = {3, 1};
+  c.seed = seed;
+  return c;
+}
+
 Backend& cpu() {
   static std::unique_ptr<Backend> b = make_cpu_backend(1);
   return *b;
@@ -786,21 +807,8 @@ void compare_ep(const MoeLayerConfig& c, const Tensor& x, const Tensor& dy, cons
 }  // namespace
 
 TEST_CASE("EP=2 over 2 ranks matches EP=1: random inputs, every loss, noisy gate", "[.ep2]") {
-  MoeLayerConfig c;
-  c.hidden = 8;
-  c.ffn_hidden = 16;
-  c.num_experts = 4;
-  c.top_k = 2;
-  c.capacity_factor = 0.75;
-  c.routing = GENERATE(RoutingPolicy::kVanilla, RoutingPolicy::kBatchPriority, RoutingPolicy::kNoDrop);
-  c.renormalize_gates = c.routing == RoutingPolicy::kBatchPriority;
-  c.switch_loss_weight = 0.1;
-  c.importance_loss_weight = 0.2;
-  c.load_loss_weight = 0.3;
-  c.damex_loss_weight = 0.4;
-  c.gate_noise_std = 1;
-  c.damex_expert_of_dataset = {3, 1};
-  c.seed = 21;
+  const MoeLayerConfig c =
+      every_loss_config(8, 16, 4, GENERATE(RoutingPolicy::kVanilla, RoutingPolicy::kBatchPriority, RoutingPolicy::kNoDrop), 21);
   constexpr int64_t T = 40;
   TestRng rng{1234};
   Tensor x = Tensor::empty({T, c.hidden}), dy = Tensor::empty({T, c.hidden});
@@ -864,21 +872,8 @@ TEST_CASE("The MoE layer on the CUDA back end matches the CPU back end", "[moe][
     return;
   }
   auto gpu = make_cuda_backend(0);
-  MoeLayerConfig c;
-  c.hidden = 24;
-  c.ffn_hidden = 40;
-  c.num_experts = 6;
-  c.top_k = 2;
-  c.capacity_factor = 0.75;
-  c.routing = GENERATE(RoutingPolicy::kVanilla, RoutingPolicy::kBatchPriority, RoutingPolicy::kNoDrop);
-  c.renormalize_gates = c.routing == RoutingPolicy::kBatchPriority;
-  c.switch_loss_weight = 0.1;
-  c.importance_loss_weight = 0.2;
-  c.load_loss_weight = 0.3;
-  c.damex_loss_weight = 0.4;
-  c.gate_noise_std = 1;
-  c.damex_expert_of_dataset = {3, 1};
-  c.seed = 5;
+  const MoeLayerConfig c =
+      every_loss_config(24, 40, 6, GENERATE(RoutingPolicy::kVanilla, RoutingPolicy::kBatchPriority, RoutingPolicy::kNoDrop), 5);
   constexpr int64_t T = 96;
   TestRng rng{99};
   Tensor x = Tensor::empty({T, c.hidden}), dy = Tensor::empty({T, c.hidden});

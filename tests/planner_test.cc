@@ -104,7 +104,6 @@ TEST_CASE("pruning by memory drops exactly the candidates that do not fit", "[pl
   REQUIRE(fit > 0);
   REQUIRE(no_fit > 0);
   CHECK(r.pruned_memory == no_fit);
-  CHECK(r.candidates - r.pruned_memory - (r.pruned_divisibility - 0) >= 0);
   CHECK(r.candidates == fit + no_fit + bad);
   // Every plan returned fits, by the estimate and in the simulated timeline.
   REQUIRE_FALSE(r.plans.empty());

@@ -7,6 +7,7 @@
 //
 // The figure cases need /usr/bin/python3 with matplotlib (scripts/install-deps installs Debian's
 // python3-matplotlib); without it they pass with a visible warning.
+#include "sqlite_helpers.h"
 #include "cli/cli.pb.h"
 #include "tests/cli_helpers.h"
 #include "traces/store.h"
@@ -241,14 +242,6 @@ TEST_CASE("report says which figures it skipped and why when the store lacks the
 }
 
 // Runs a raw SQL statement on a store file behind the Store's back (to fake a newer schema).
-void raw_sql(const std::string& path, const std::string& sql) {
-  sqlite3* db = nullptr;
-  REQUIRE(sqlite3_open(path.c_str(), &db) == SQLITE_OK);
-  const int rc = sqlite3_exec(db, sql.c_str(), nullptr, nullptr, nullptr);
-  sqlite3_close(db);
-  REQUIRE(rc == SQLITE_OK);
-}
-
 TEST_CASE("report refuses a missing store, a file that is not one, a newer one and an --out that is a file") {
   Temp out("report_bad_out"), missing("report_missing.db"), text("report_not_a_db.db"), empty("report_empty.db"),
       newer("report_newer.db"), file_out("report_out_is_a_file");

@@ -4,6 +4,7 @@
 //
 // Runs stay small (the 8-GPU bundled scenarios, or moe-tiny / a small-batch Mixtral written to
 // temp files): every case takes well under a second or two.
+#include "sqlite_helpers.h"
 #include "cli/cli.pb.h"
 #include "common/error.h"
 #include "sim/scenario.h"
@@ -85,17 +86,6 @@ std::string without_wall_clock(const std::string& json) {
 }
 
 // Runs a raw SQL statement on a store file behind the Store's back (to fake a newer schema).
-void raw_sql(const std::string& path, const std::string& sql) {
-  sqlite3* db = nullptr;
-  REQUIRE(sqlite3_open(path.c_str(), &db) == SQLITE_OK);
-  char* err = nullptr;
-  const int rc = sqlite3_exec(db, sql.c_str(), nullptr, nullptr, &err);
-  INFO((err != nullptr ? err : ""));
-  sqlite3_free(err);
-  sqlite3_close(db);
-  REQUIRE(rc == SQLITE_OK);
-}
-
 // The checks every successful result passes, whatever the scenario. `tokens_per_step`: 0 for
 // models without tokens (CNNs); nullopt: not checked.
 void check_consistent(const cli::SimulateResult& r, double global_batch, std::optional<double> tokens_per_step) {

@@ -5,6 +5,7 @@
 //
 // Sweeps here run on the inline example configs/scenarios/examples/tiny-moe-dgx.textproto (8 H100s,
 // a 2-layer MoE: a few ms a point) so that every case stays well under a few seconds.
+#include "sqlite_helpers.h"
 #include "cli/cli.pb.h"
 #include "common/error.h"
 #include "costmodel/strategy.pb.h"
@@ -92,17 +93,6 @@ std::vector<Diagnostic> config_errors(F&& f) {
     return e.diagnostics();
   }
   return {};
-}
-
-void raw_sql(const std::string& path, const std::string& sql) {
-  sqlite3* db = nullptr;
-  REQUIRE(sqlite3_open(path.c_str(), &db) == SQLITE_OK);
-  char* err = nullptr;
-  const int rc = sqlite3_exec(db, sql.c_str(), nullptr, nullptr, &err);
-  INFO((err != nullptr ? err : ""));
-  sqlite3_free(err);
-  sqlite3_close(db);
-  REQUIRE(rc == SQLITE_OK);
 }
 
 sweep::SweepSummary sweep_json(const std::string& args, const std::string& env = "") {

@@ -1,6 +1,7 @@
 // Traces: the recorder (ordering, threads, RAII spans, collectives, merge), Chrome-trace JSON
 // (units, metadata, escaping, a golden file), trace files, and the SQLite results store
 // (create/reopen, schema versions, refused paths left untouched, concurrent writers, atomic writes).
+#include "sqlite_helpers.h"
 #include "common/error.h"
 #include "traces/chrome_trace.h"
 #include "traces/recorder.h"
@@ -27,6 +28,7 @@
 #include <thread>
 
 using namespace moesim;
+using moesim::testing::raw_sql;
 using namespace moesim::trace;
 namespace fs = std::filesystem;
 namespace pb = google::protobuf;
@@ -100,17 +102,6 @@ std::string str(const pb::Struct& s, const std::string& key) { return s.fields()
 const pb::Struct& args(const pb::Struct& s) { return s.fields().at("args").struct_value(); }
 
 // Runs a raw SQL statement on a store file behind the Store's back (to fake other schemas).
-void raw_sql(const std::string& path, const std::string& sql) {
-  sqlite3* db = nullptr;
-  REQUIRE(sqlite3_open(path.c_str(), &db) == SQLITE_OK);
-  char* err = nullptr;
-  int rc = sqlite3_exec(db, sql.c_str(), nullptr, nullptr, &err);
-  INFO((err != nullptr ? err : ""));
-  sqlite3_free(err);
-  sqlite3_close(db);
-  REQUIRE(rc == SQLITE_OK);
-}
-
 int64_t raw_count(const std::string& path, const std::string& table) {
   sqlite3* db = nullptr;
   REQUIRE(sqlite3_open(path.c_str(), &db) == SQLITE_OK);
