@@ -8,6 +8,7 @@
 #include "cli/cli.pb.h"
 #include "cli/commands.h"
 #include "planner/plan_file.h"
+#include "schedule/lowering.h"
 #include "cli/launch.h"
 #include "common/json.h"
 #include "common/units.h"
@@ -170,6 +171,8 @@ int run(const Args& a) {
   }
   o.capacity_factor = a.get_double("--capacity-factor", o.capacity_factor, 1e-6, 1e6);
   o.routing = policy_of(a, o.routing);
+  // A plan's step runs op by op as the simulator lowers it, so both traces carry the same op ids.
+  if (plan) o.schedule = std::make_shared<schedule::Schedule>(schedule::lower(plan->setup, {.seed = plan->seed, .fold = schedule::Fold::kNever}));
   refuse_if_any(fmt::format("{} cannot run on {} rank(s):", plan ? a.get("--plan") : a.get("--model"), ranks), exec::validate(o, ranks));
   const Launch launch = launch_ranks(ranks);
   if (launch.relaunched) return launch.exit_code;

@@ -236,8 +236,46 @@ void MoeLayer::zero_grad() {
 }
 
 Tensor MoeLayer::forward(const Tensor& x, const MoeForwardOptions& options) {
+  fwd_times_ = {};
+  auto t0 = Clock::now();
+  forward_gate(x, options);
+  fwd_times_.gate_s = elapsed_s(t0);
+  t0 = Clock::now();
+  forward_dispatch();
+  fwd_times_.dispatch_s = elapsed_s(t0);
+  t0 = Clock::now();
+  forward_experts();
+  fwd_times_.experts_s = elapsed_s(t0);
+  t0 = Clock::now();
+  forward_combine_exchange();
+  Tensor y = forward_combine();
+  fwd_times_.combine_s = elapsed_s(t0);
+  return y;
+}
+
+void MoeLayer::expect_part(Part part, const char* name) {
+  // With EP = 1 the exchanges move nothing: a schedule without all-to-alls skips them.
+  auto exchange_part = [](Part p) {
+    return p == Part::kForwardDispatch || p == Part::kForwardCombineExchange || p == Part::kBackwardCombineExchange ||
+           p == Part::kBackwardDispatch;
+  };
+  if (comm_ == nullptr && next_part_ != part && exchange_part(next_part_) &&
+      static_cast<int>(next_part_) + 1 == static_cast<int>(part))
+    next_part_ = part;
+  if (next_part_ != part)
+    throw Error(fmt::format("MoE layer {}: {} out of order (the parts run gate, dispatch, experts, combine exchange, "
+                            "combine, then the same backwards)",
+                            config_.name, name));
+  next_part_ = static_cast<Part>(static_cast<int>(part) + 1);
+  if (next_part_ == Part::kEnd) next_part_ = Part::kForwardGate;
+}
+
+void MoeLayer::forward_gate(const Tensor& x, const MoeForwardOptions& options) {
   const int64_t D = config_.hidden;
   check_input(x, backend_.device(), "x", -1, D);
+  // A new forward may start over at any point (a forward without its backward: evaluation).
+  next_part_ = Part::kForwardGate;
+  expect_part(Part::kForwardGate, "forward_gate");
   tokens_ = x.dim(0);
   if (!options.dataset_ids.empty() && static_cast<int64_t>(options.dataset_ids.size()) != tokens_)
     throw Error(fmt::format("MoE layer: {} dataset ids for {} tokens", options.dataset_ids.size(), tokens_));
@@ -252,17 +290,11 @@ Tensor MoeLayer::forward(const Tensor& x, const MoeForwardOptions& options) {
     dataset_of_token_[t] = d;
   }
   x_ = x;
-  fwd_times_ = {};
-  have_forward_ = false;
-
-  auto t0 = Clock::now();
   gate_forward(options);
   route();
   aux_forward();
-  fwd_times_.gate_s = elapsed_s(t0);
 
-  // Dispatch: this rank's kept assignments, grouped by expert, to the experts' ranks.
-  t0 = Clock::now();
+  // The permutation: this rank's kept assignments, grouped by expert (so by destination rank).
   const int k = config_.top_k;
   std::vector<int32_t> token_of_slot(static_cast<size_t>(send_rows_));
   for (int64_t a = 0; a < tokens_ * k; ++a)
@@ -271,28 +303,34 @@ Tensor MoeLayer::forward(const Tensor& x, const MoeForwardOptions& options) {
       Tensor::from_i32({send_rows_}, token_of_slot.data(), token_of_slot.size(), backend_.device());
   send_buf_ = device_tensor({send_rows_, D});
   backend_.gather_rows(x_.device_f32(), token_of_slot_dev.device_i32(), send_buf_.device_f32(), send_rows_, D);
-  if (comm_ != nullptr) {
-    expert_in_ = device_tensor({expert_rows_, D});
-    exchange(send_buf_.device_f32(), expert_in_.device_f32(), true);
-  }
-  fwd_times_.dispatch_s = elapsed_s(t0);
+}
 
-  t0 = Clock::now();
+void MoeLayer::forward_dispatch() {
+  expect_part(Part::kForwardDispatch, "forward_dispatch");
+  if (comm_ == nullptr) return;
+  expert_in_ = device_tensor({expert_rows_, config_.hidden});
+  exchange(send_buf_.device_f32(), expert_in_.device_f32(), true);
+}
+
+void MoeLayer::forward_experts() {
+  expect_part(Part::kForwardExperts, "forward_experts");
   experts_forward();
-  fwd_times_.experts_s = elapsed_s(t0);
+}
 
-  // Combine: outputs back to the tokens' ranks, y = sum over kept choices of w * output.
-  t0 = Clock::now();
-  const float* ret = expert_out_.device_f32();
-  if (comm_ != nullptr) {
-    returned_ = device_tensor({send_rows_, D});
-    exchange(expert_out_.device_f32(), returned_.device_f32(), false);
-    ret = returned_.device_f32();
-  }
-  Tensor y = device_tensor({tokens_, D});
-  backend_.gather_sum_rows(ret, slot_dev_.device_i32(), gate_w_dev_.device_f32(), y.device_f32(), tokens_, k, D);
-  fwd_times_.combine_s = elapsed_s(t0);
-  have_forward_ = true;
+void MoeLayer::forward_combine_exchange() {
+  expect_part(Part::kForwardCombineExchange, "forward_combine_exchange");
+  if (comm_ == nullptr) return;
+  returned_ = device_tensor({send_rows_, config_.hidden});
+  exchange(expert_out_.device_f32(), returned_.device_f32(), false);
+}
+
+Tensor MoeLayer::forward_combine() {
+  expect_part(Part::kForwardCombine, "forward_combine");
+  // y = sum over kept choices of w * output.
+  const float* ret = comm_ != nullptr ? returned_.device_f32() : expert_out_.device_f32();
+  Tensor y = device_tensor({tokens_, config_.hidden});
+  backend_.gather_sum_rows(ret, slot_dev_.device_i32(), gate_w_dev_.device_f32(), y.device_f32(), tokens_,
+                           config_.top_k, config_.hidden);
   return y;
 }
 
@@ -579,51 +617,72 @@ void MoeLayer::experts_backward(const float* grad_out, float* grad_in) {
 }
 
 Tensor MoeLayer::backward(const Tensor& dy) {
-  if (!have_forward_)
+  bwd_times_ = {};
+  auto t0 = Clock::now();
+  backward_combine(dy);
+  backward_combine_exchange();
+  bwd_times_.combine_s = elapsed_s(t0);
+  t0 = Clock::now();
+  backward_experts();
+  bwd_times_.experts_s = elapsed_s(t0);
+  t0 = Clock::now();
+  backward_dispatch();
+  bwd_times_.dispatch_s = elapsed_s(t0);
+  t0 = Clock::now();
+  Tensor dx = backward_gate();
+  bwd_times_.gate_s = elapsed_s(t0);
+  return dx;
+}
+
+void MoeLayer::backward_combine(const Tensor& dy) {
+  if (next_part_ != Part::kBackwardCombine)
     throw Error("MoE layer: backward() needs a forward() first (and runs once per forward: it reuses its buffers)");
   const int64_t D = config_.hidden, T = tokens_;
-  const int E = config_.num_experts, k = config_.top_k;
-  check_input(dy, backend_.device(), "dy", T, D);
-  have_forward_ = false;
-  bwd_times_ = {};
-  const Device dev = backend_.device();
-
-  // Combine backward: d(gate weight) = dy . output, d(output) = w dy, sent to the experts' ranks.
-  auto t0 = Clock::now();
+  check_input(dy, backend_.device(), "dy", T, D);  // a bad dy does not consume the forward
+  expect_part(Part::kBackwardCombine, "backward_combine");
+  // d(gate weight) = dy . output, d(output) = w dy.
   const float* ret = comm_ != nullptr ? returned_.device_f32() : expert_out_.device_f32();
-  Tensor dgate = device_tensor({T * k});
+  dgate_ = device_tensor({T * config_.top_k});
   grad_send_ = device_tensor({send_rows_, D});
   backend_.gather_sum_rows_backward(dy.device_f32(), ret, slot_dev_.device_i32(), gate_w_dev_.device_f32(),
-                                    grad_send_.device_f32(), dgate.device_f32(), T, k, D);
-  const float* grad_out = grad_send_.device_f32();
-  if (comm_ != nullptr) {
-    grad_expert_out_ = device_tensor({expert_rows_, D});
-    exchange(grad_send_.device_f32(), grad_expert_out_.device_f32(), true);
-    grad_out = grad_expert_out_.device_f32();
-  }
-  bwd_times_.combine_s = elapsed_s(t0);
+                                    grad_send_.device_f32(), dgate_.device_f32(), T, config_.top_k, D);
+}
 
-  t0 = Clock::now();
-  grad_expert_in_ = device_tensor({expert_rows_, D});
-  experts_backward(grad_out, grad_expert_in_.device_f32());
-  bwd_times_.experts_s = elapsed_s(t0);
+void MoeLayer::backward_combine_exchange() {
+  expect_part(Part::kBackwardCombineExchange, "backward_combine_exchange");
+  if (comm_ == nullptr) return;  // d(output) to the experts' ranks, along the dispatch direction
+  grad_expert_out_ = device_tensor({expert_rows_, config_.hidden});
+  exchange(grad_send_.device_f32(), grad_expert_out_.device_f32(), true);
+}
 
-  // Dispatch backward: input gradients back to the tokens' ranks, summed over a token's choices.
-  t0 = Clock::now();
-  const float* grad_rows = grad_expert_in_.device_f32();
-  if (comm_ != nullptr) {
-    grad_send_ = device_tensor({send_rows_, D});
-    exchange(grad_expert_in_.device_f32(), grad_send_.device_f32(), false);
-    grad_rows = grad_send_.device_f32();
-  }
+void MoeLayer::backward_experts() {
+  expect_part(Part::kBackwardExperts, "backward_experts");
+  grad_expert_in_ = device_tensor({expert_rows_, config_.hidden});
+  experts_backward(comm_ != nullptr ? grad_expert_out_.device_f32() : grad_send_.device_f32(),
+                   grad_expert_in_.device_f32());
+}
+
+void MoeLayer::backward_dispatch() {
+  expect_part(Part::kBackwardDispatch, "backward_dispatch");
+  if (comm_ == nullptr) return;  // input gradients back to the tokens' ranks
+  grad_send_ = device_tensor({send_rows_, config_.hidden});
+  exchange(grad_expert_in_.device_f32(), grad_send_.device_f32(), false);
+}
+
+Tensor MoeLayer::backward_gate() {
+  expect_part(Part::kBackwardGate, "backward_gate");
+  const int64_t D = config_.hidden, T = tokens_;
+  const int E = config_.num_experts, k = config_.top_k;
+  const Device dev = backend_.device();
+  // dx from the experts: summed over each token's choices.
+  const float* grad_rows = comm_ != nullptr ? grad_send_.device_f32() : grad_expert_in_.device_f32();
   Tensor dx = device_tensor({T, D});
   backend_.gather_sum_rows(grad_rows, slot_dev_.device_i32(), nullptr, dx.device_f32(), T, k, D);
-  bwd_times_.dispatch_s = elapsed_s(t0);
+  const Tensor dgate = dgate_;
 
   // Gate backward: gate weights and aux losses -> dp -> softmax -> d(logits) (+ DAMEX and load
   // terms on the logits) -> dW_r, dx. The per-expert coefficients are batch statistics from the
   // host; the per-token math runs on the device (kernels::router_backward_token).
-  t0 = Clock::now();
   const double Tg = static_cast<double>(group_tokens_);
   std::vector<double> dp_const(static_cast<size_t>(E), 0.0);  // d(aux)/dp_i, the same for every token
   if (config_.switch_loss_weight > 0 && Tg > 0)
@@ -677,7 +736,6 @@ Tensor MoeLayer::backward(const Tensor& dy) {
     backend_.gemm(true, false, D, E, T, 1.0f, x_.device_f32(), dlogits.device_f32(), 1.0f, dw_router_.device_f32());
     backend_.gemm(false, true, T, D, E, 1.0f, dlogits.device_f32(), w_router_.device_f32(), 1.0f, dx.device_f32());
   }
-  bwd_times_.gate_s = elapsed_s(t0);
   return dx;
 }
 

@@ -206,6 +206,26 @@ class MoeLayer {
   // weighted aux losses. Accumulates (+=) into the parameter gradients. Collective. Once per
   // forward: it overwrites the forward's activations (a second call throws exec::Error).
   Tensor backward(const Tensor& dy);
+
+  // The same forward and backward in the Schedule's parts (schedule/lowering.h: moe.gate,
+  // moe.dispatch_a2a, moe.experts, moe.combine_a2a, moe.combine), for an executor that runs a
+  // Schedule op by op; forward() and backward() are these in order. The gate includes the local
+  // permutation into the send layout; the exchanges are the all-to-all-v's (no-ops with EP = 1);
+  // the combine is the weighted sum. Backward runs them in reverse: backward_combine (d(output),
+  // d(gate weight)), backward_combine_exchange (d(output) to the experts' ranks), backward_experts,
+  // backward_dispatch (input gradients back), backward_gate (dx and the router's gradients). Each
+  // part must follow the one before (else exec::Error); forward_gate may start over at any time.
+  void forward_gate(const Tensor& x, const MoeForwardOptions& options = {});
+  void forward_dispatch();
+  void forward_experts();
+  void forward_combine_exchange();
+  Tensor forward_combine();
+  void backward_combine(const Tensor& dy);
+  void backward_combine_exchange();
+  void backward_experts();
+  void backward_dispatch();
+  Tensor backward_gate();
+
   void zero_grad();
   // "<name>.router.weight" (replicated: sum its gradient over the EP and DP groups) and the local
   // experts' "<name>.experts.w1", ".b1", ".w2", ".b2" (local: E_local experts stacked).
@@ -273,8 +293,24 @@ class MoeLayer {
   Tensor w_router_, w1_, b1_, w2_, b2_;
   Tensor dw_router_, dw1_, db1_, dw2_, db2_;
 
+  // The part that runs next (forward_gate .. backward_gate, then forward_gate again).
+  enum class Part {
+    kForwardGate,
+    kForwardDispatch,
+    kForwardExperts,
+    kForwardCombineExchange,
+    kForwardCombine,
+    kBackwardCombine,
+    kBackwardCombineExchange,
+    kBackwardExperts,
+    kBackwardDispatch,
+    kBackwardGate,
+    kEnd
+  };
+  void expect_part(Part part, const char* name);
+  Part next_part_ = Part::kForwardGate;
+
   // State of the last forward, for backward.
-  bool have_forward_ = false;
   bool noisy_ = false;  // the noisy gate (and so the load loss) was on
   Tensor x_;
   int64_t tokens_ = 0;        // T_local
@@ -309,7 +345,7 @@ class MoeLayer {
   // Device buffers of the last call (send layout: send_rows_ x D; expert layout: expert_rows_ x D
   // or F), allocated per call from the device's allocator (CUDA: a block cache).
   Tensor send_buf_, expert_in_, hidden_pre_, hidden_act_, expert_out_, returned_;
-  Tensor grad_send_, grad_expert_out_, grad_hidden_, grad_expert_in_;
+  Tensor grad_send_, grad_expert_out_, grad_hidden_, grad_expert_in_, dgate_;
   MoePartTimes fwd_times_, bwd_times_;
 };
 

@@ -10,6 +10,7 @@
 #include <fmt/format.h>
 #include <sys/resource.h>
 
+#include <algorithm>
 #include <chrono>
 #include <memory>
 #include <optional>
@@ -101,6 +102,166 @@ struct Block {
   std::unique_ptr<Mlp> mlp;
 };
 
+// What an op of the Schedule does in the executor.
+enum class Action { kEmbed, kAttn, kMlp, kMoeGate, kMoeDispatch, kMoeExperts, kMoeCombineA2a, kMoeCombine, kHead,
+                    kGradSync, kExpertGradSync, kOptimizer };
+
+struct ExecOp {
+  Action action = Action::kOptimizer;
+  bool backward = false;
+  int block = -1;        // transformer block (layer - 1), -1 for others
+  int micro_batch = 0;
+  const schedule::Op* op = nullptr;
+};
+
+// The schedule's ops of one rank as executor actions, or every problem (empty ops then).
+struct Program {
+  std::vector<ExecOp> ops;
+  int micro_batches = 1;
+  std::vector<std::string> problems;
+};
+
+// Layers of the cost model (costmodel/model.h): "embed", "L0" .. "L<n-1>", "head".
+Program compile(const schedule::RankSchedule& rs, const model::Transformer& t, int ep) {
+  Program p;
+  const int layers = t.layers();
+  auto refuse = [&](const schedule::Op& op, const std::string& why) {
+    if (p.problems.size() < 5)
+      p.problems.push_back(fmt::format("op '{}' ({}): {}", op.id(), op.name(), why));
+  };
+  static const std::pair<const char*, Action> kLayerParts[] = {
+      {"attn", Action::kAttn},
+      {"mlp", Action::kMlp},
+      {"moe.gate", Action::kMoeGate},
+      {"moe.dispatch_a2a", Action::kMoeDispatch},
+      {"moe.experts", Action::kMoeExperts},
+      {"moe.combine_a2a", Action::kMoeCombineA2a},
+      {"moe.combine", Action::kMoeCombine}};
+  int open_mb = -1;  // the micro-batch whose forward ran and backward has not finished
+  for (const schedule::Op& op : rs.ops()) {
+    ExecOp e;
+    e.op = &op;
+    e.backward = op.backward();
+    e.micro_batch = std::max(0, op.micro_batch());
+    p.micro_batches = std::max(p.micro_batches, e.micro_batch + 1);
+    const std::string& id = op.id();
+    const bool recompute = id.size() >= 10 && id.compare(id.size() - 10, 10, " recompute") == 0;
+    if (recompute || op.name() == "recompute") {
+      refuse(op, "activation recompute is not supported by the executor (use recompute: NONE)");
+      continue;
+    }
+    if (op.name() == "optimizer") {
+      e.action = Action::kOptimizer;
+    } else if (id.rfind("grad_bucket", 0) == 0 || id.rfind("expert_grad_bucket", 0) == 0) {
+      if (op.kind() != trace::ALL_REDUCE) refuse(op, "the executor all-reduces gradients (ZeRO 0); ZeRO >= 1 is not supported");
+      e.action = id[0] == 'e' ? Action::kExpertGradSync : Action::kGradSync;
+    } else if (op.layer() == 0 && op.name() == "embed") {
+      e.action = Action::kEmbed;
+    } else if (op.layer() == layers + 1 && op.name() == "head") {
+      e.action = Action::kHead;
+    } else if (op.layer() >= 1 && op.layer() <= layers) {
+      e.block = op.layer() - 1;
+      bool known = false;
+      for (const auto& [name, action] : kLayerParts)
+        if (op.name() == name && id.find(".c1 ") == std::string::npos) {
+          e.action = action;
+          known = true;
+        }
+      if (!known) {
+        refuse(op, "not an executor op: it runs DP x EP training without recompute, ZeRO, offload, overlap chunks or "
+                   "tensor/pipeline parallelism");
+        continue;
+      }
+      if (e.action != Action::kAttn && (e.action != Action::kMlp) != cost::is_moe_layer(t, e.block))
+        refuse(op, "does not match the model's layer kind (MoE or dense)");
+    } else {
+      refuse(op, "not an executor op: it runs DP x EP training without recompute, ZeRO, offload, overlap chunks or "
+                 "tensor/pipeline parallelism");
+      continue;
+    }
+    // One micro-batch's activations at a time: each forward's backward before the next forward
+    // (1F1B on one stage), as the layers keep one set of activations.
+    if (e.action == Action::kEmbed && !e.backward) {
+      if (open_mb >= 0) refuse(op, fmt::format("starts before micro-batch {}'s backward ended: the executor keeps one "
+                                               "micro-batch's activations (use the 1F1B schedule)", open_mb));
+      open_mb = e.micro_batch;
+    }
+    if (e.action == Action::kEmbed && e.backward) open_mb = -1;
+    p.ops.push_back(e);
+  }
+  if (rs.ops_size() == 0) p.problems.push_back("the rank's schedule has no ops");
+  // The MoE layer exchanges tokens exactly when EP > 1: four all-to-alls per MoE block and micro-batch.
+  int a2a = 0, moe_blocks = 0;
+  for (const ExecOp& e : p.ops) a2a += e.action == Action::kMoeDispatch || e.action == Action::kMoeCombineA2a;
+  for (int i = 0; i < t.layers(); ++i) moe_blocks += cost::is_moe_layer(t, i);
+  if (ep > 1 && a2a != 4 * moe_blocks * p.micro_batches)
+    p.problems.push_back(fmt::format("the schedule has {} all-to-alls where EP {} needs {} (4 per MoE layer and "
+                                     "micro-batch): was it lowered with another strategy?",
+                                     a2a, ep, 4 * moe_blocks * p.micro_batches));
+  if (ep == 1 && a2a > 0) p.problems.push_back("the schedule exchanges tokens (all-to-alls) but EP is 1");
+  if (!p.problems.empty()) p.ops.clear();
+  return p;
+}
+
+// The ops the lowering (schedule/lowering.h) gives one rank of a DP x EP training step of this
+// model with one micro-batch, the default gradient bucket (one bucket: the model is small) and no
+// overlap chunks: for runs without a plan.
+schedule::RankSchedule default_schedule(const model::Transformer& t, int rank, int ranks, int ep) {
+  schedule::RankSchedule rs;
+  rs.set_rank(rank);
+  rs.set_represents(1);
+  const int layers = t.layers();
+  auto add = [&](std::string what, std::string name, trace::OpKind kind, int layer, bool bwd, bool comm = false) {
+    schedule::Op* op = rs.add_ops();
+    op->set_id(layer >= 0 ? fmt::format("{} mb0 {}", what, bwd ? "bwd" : "fwd") : what);
+    op->set_name(std::move(name));
+    op->set_kind(kind);
+    op->mutable_stream()->set_kind(comm ? trace::COMM : trace::COMPUTE);
+    op->set_micro_batch(layer >= 0 ? 0 : -1);
+    op->set_layer(layer);
+    op->set_backward(bwd);
+    return op;
+  };
+  auto block = [&](int i, bool bwd) {
+    const std::string n = fmt::format("L{}", i);
+    if (!cost::is_moe_layer(t, i)) {
+      if (bwd) add(n + ".mlp", "mlp", trace::GEMM, i + 1, true);
+      add(n + ".attn", "attn", trace::ATTENTION, i + 1, bwd);
+      if (!bwd) add(n + ".mlp", "mlp", trace::GEMM, i + 1, false);
+      return;
+    }
+    if (!bwd) add(n + ".attn", "attn", trace::ATTENTION, i + 1, false);
+    const bool a2a = ep > 1;
+    if (bwd) add(n + ".moe.combine", "moe.combine", trace::COMBINE, i + 1, true);
+    else add(n + ".moe.gate", "moe.gate", trace::GATE, i + 1, false);
+    if (a2a) add(n + (bwd ? ".moe.combine_a2a" : ".moe.dispatch_a2a"), bwd ? "moe.combine_a2a" : "moe.dispatch_a2a",
+                 trace::ALL_TO_ALL, i + 1, bwd, true);
+    add(n + ".moe.experts", "moe.experts", trace::GROUPED_GEMM, i + 1, bwd);
+    if (a2a) add(n + (bwd ? ".moe.dispatch_a2a" : ".moe.combine_a2a"), bwd ? "moe.dispatch_a2a" : "moe.combine_a2a",
+                 trace::ALL_TO_ALL, i + 1, bwd, true);
+    if (bwd) add(n + ".moe.gate", "moe.gate", trace::GATE, i + 1, true);
+    else add(n + ".moe.combine", "moe.combine", trace::COMBINE, i + 1, false);
+    if (bwd) add(n + ".attn", "attn", trace::ATTENTION, i + 1, true);
+  };
+  add("embed", "embed", trace::ELEMENTWISE, 0, false);
+  for (int i = 0; i < layers; ++i) block(i, false);
+  add("head", "head", trace::GEMM, layers + 1, false);
+  add("head", "head", trace::GEMM, layers + 1, true);
+  for (int i = layers - 1; i >= 0; --i) block(i, true);
+  add("embed", "embed", trace::ELEMENTWISE, 0, true);
+  if (ranks > 1) {
+    schedule::Op* g = add("grad_bucket0", "grad_allreduce", trace::ALL_REDUCE, -1, true, true);
+    for (int li = layers + 1; li >= 0; --li) g->add_grad_layers(li);  // in the backward's order
+  }
+  if (ranks / ep > 1 && t.has_moe()) {
+    schedule::Op* g = add("expert_grad_bucket0", "grad_allreduce", trace::ALL_REDUCE, -1, true, true);
+    for (int i = layers - 1; i >= 0; --i)
+      if (cost::is_moe_layer(t, i)) g->add_grad_layers(i + 1);
+  }
+  add("optimizer", "optimizer", trace::OPTIMIZER, -1, false);
+  return rs;
+}
+
 class Model {
  public:
   Model(const TrainOptions& o, int ep, Backend& b, Comm* ep_comm, trace::Recorder& rec)
@@ -143,115 +304,145 @@ class Model {
     lnf_ = std::make_unique<LayerNorm>(b, "head.ln", d);
     head_ = std::make_unique<Linear>(b, "head.logits", d, t_.vocab(), derive_seed(seed, "head.logits"));
 
-    tok_->register_params(params_);
-    pos_->register_params(params_);
-    for (Block& blk : blocks_) {
-      blk.ln1->register_params(params_);
-      blk.attn->register_params(params_);
-      blk.ln2->register_params(params_);
-      if (blk.mlp) blk.mlp->register_params(params_);
-      if (blk.moe) {
-        MoeLayer& m = *blk.moe;
-        params_.add(blk.name + ".moe.router", m.router_weight(), m.router_weight_grad(), ParamSharing::kReplicated);
-        params_.add(blk.name + ".moe.w1", m.w1(), m.w1_grad(), ParamSharing::kLocal);
-        params_.add(blk.name + ".moe.b1", m.b1(), m.b1_grad(), ParamSharing::kLocal);
-        params_.add(blk.name + ".moe.w2", m.w2(), m.w2_grad(), ParamSharing::kLocal);
-        params_.add(blk.name + ".moe.b2", m.b2(), m.b2_grad(), ParamSharing::kLocal);
-      }
+    // Parameters by the cost model's layer (embed = 0, block i = i + 1, head = n + 1).
+    auto layer_params = [&](int layer, auto&& register_into) {
+      const size_t before = params_.size();
+      register_into();
+      for (size_t i = before; i < params_.size(); ++i) layer_of_param_.push_back(layer);
+    };
+    layer_params(0, [&] {
+      tok_->register_params(params_);
+      pos_->register_params(params_);
+    });
+    for (size_t i = 0; i < blocks_.size(); ++i) {
+      Block& blk = blocks_[i];
+      layer_params(static_cast<int>(i) + 1, [&] {
+        blk.ln1->register_params(params_);
+        blk.attn->register_params(params_);
+        blk.ln2->register_params(params_);
+        if (blk.mlp) blk.mlp->register_params(params_);
+        if (blk.moe) {
+          MoeLayer& m = *blk.moe;
+          params_.add(blk.name + ".moe.router", m.router_weight(), m.router_weight_grad(), ParamSharing::kReplicated);
+          params_.add(blk.name + ".moe.w1", m.w1(), m.w1_grad(), ParamSharing::kLocal);
+          params_.add(blk.name + ".moe.b1", m.b1(), m.b1_grad(), ParamSharing::kLocal);
+          params_.add(blk.name + ".moe.w2", m.w2(), m.w2_grad(), ParamSharing::kLocal);
+          params_.add(blk.name + ".moe.b2", m.b2(), m.b2_grad(), ParamSharing::kLocal);
+        }
+      });
     }
-    lnf_->register_params(params_);
-    head_->register_params(params_);
+    layer_params(t_.layers() + 1, [&] {
+      lnf_->register_params(params_);
+      head_->register_params(params_);
+    });
+    expert_load_.resize(blocks_.size());
   }
 
   int sequence() const { return o_.sequence > 0 ? o_.sequence : t_.max_sequence(); }
   ParamRegistry& params() { return params_; }
-  const std::vector<Block>& blocks() const { return blocks_; }
+  int layer_of_param(size_t i) const { return layer_of_param_[i]; }
 
-  // Forward and backward of one local batch; returns the local mean loss. Gradients accumulate.
-  double step(int step, const std::vector<int32_t>& ids, const std::vector<int32_t>& targets, int64_t seqs) {
-    const int64_t s = sequence(), d = t_.hidden(), tokens = seqs * s;
-    std::vector<int32_t> positions(tokens);
-    for (int64_t i = 0; i < tokens; ++i) positions[i] = static_cast<int32_t>(i % s);
-
-    Tensor x;
-    {
-      DeviceSpan span(backend_, rec_, "embed fwd", trace::OTHER);
-      x = residual_add(backend_, tok_->forward(ids), pos_->forward(positions));
+  // Starts a step of `micro_batches` micro-batches of `seqs` sequences each, the first of this
+  // rank's at global sequence `first`.
+  void begin_step(int step, int micro_batches, int64_t seqs, int64_t first) {
+    step_ = step;
+    micro_batches_ = micro_batches;
+    seqs_ = seqs;
+    first_ = first;
+    loss_sum_ = 0;
+    for (std::vector<int64_t>& l : expert_load_) l.clear();
+  }
+  // The mean loss over this rank's micro-batches; records the step's expert loads.
+  double end_step() {
+    for (size_t i = 0; i < blocks_.size(); ++i) {
+      if (expert_load_[i].empty()) continue;
+      trace::ExpertLoad load;
+      load.set_layer(static_cast<int>(i) + 1);
+      load.set_rank(rec_.rank());
+      load.set_step(step_);
+      for (int64_t c : expert_load_[i]) load.add_tokens_per_expert(c);
+      rec_.add_expert_load(std::move(load));
     }
-    for (Block& blk : blocks_) {
-      {
-        DeviceSpan span(backend_, rec_, blk.name + ".attn fwd", trace::ATTENTION);
-        Tensor a = blk.attn->forward(blk.ln1->forward(x).reshaped({seqs, s, d}));
-        x = residual_add(backend_, x, a.reshaped({tokens, d}));
-      }
-      Tensor h = blk.ln2->forward(x);
-      Tensor f = blk.moe ? moe_forward(blk, h, step) : mlp_forward(blk, h);
-      x = residual_add(backend_, x, f);
-    }
-    Tensor logits;
-    LossAndGrad loss;
-    {
-      DeviceSpan span(backend_, rec_, "head fwd", trace::GEMM);
-      logits = head_->forward(lnf_->forward(x));
-      loss = cross_entropy(backend_, logits, targets);
-    }
-
-    Tensor dx;
-    {
-      DeviceSpan span(backend_, rec_, "head bwd", trace::GEMM);
-      dx = lnf_->backward(head_->backward(loss.dlogits));
-    }
-    for (auto it = blocks_.rbegin(); it != blocks_.rend(); ++it) {
-      Block& blk = *it;
-      Tensor dh = blk.moe ? moe_backward(blk, dx) : mlp_backward(blk, dx);
-      accumulate(backend_, dx, blk.ln2->backward(dh));
-      DeviceSpan span(backend_, rec_, blk.name + ".attn bwd", trace::ATTENTION);
-      Tensor da = blk.attn->backward(dx.reshaped({seqs, s, d}));
-      accumulate(backend_, dx, blk.ln1->backward(da.reshaped({tokens, d})));
-    }
-    {
-      DeviceSpan span(backend_, rec_, "embed bwd", trace::OTHER);
-      tok_->backward(dx);
-      pos_->backward(dx);
-    }
-    return loss.loss;
+    return loss_sum_ / micro_batches_;
   }
 
- private:
-  Tensor mlp_forward(Block& blk, const Tensor& h) {
-    DeviceSpan span(backend_, rec_, blk.name + ".mlp fwd", trace::GEMM);
-    return blk.mlp->forward(h);
+  // Runs one layer op of the schedule (not gradient syncs or the optimizer).
+  void run(const ExecOp& e) {
+    const int64_t s = sequence(), d = t_.hidden(), tokens = seqs_ * s;
+    Block* blk = e.block >= 0 ? &blocks_[static_cast<size_t>(e.block)] : nullptr;
+    switch (e.action) {
+      case Action::kEmbed:
+        if (!e.backward) {
+          synthetic_batch(o_.seed, step_, t_.vocab(), static_cast<int>(s), first_ + e.micro_batch * seqs_, seqs_, ids_,
+                          targets_);
+          std::vector<int32_t> positions(static_cast<size_t>(tokens));
+          for (int64_t i = 0; i < tokens; ++i) positions[i] = static_cast<int32_t>(i % s);
+          x_ = residual_add(backend_, tok_->forward(ids_), pos_->forward(positions));
+        } else {
+          tok_->backward(dx_);
+          pos_->backward(dx_);
+        }
+        return;
+      case Action::kAttn:
+        if (!e.backward) {
+          Tensor a = blk->attn->forward(blk->ln1->forward(x_).reshaped({seqs_, s, d}));
+          x_ = residual_add(backend_, x_, a.reshaped({tokens, d}));
+        } else {
+          Tensor da = blk->attn->backward(dx_.reshaped({seqs_, s, d}));
+          accumulate(backend_, dx_, blk->ln1->backward(da.reshaped({tokens, d})));
+        }
+        return;
+      case Action::kMlp:
+        if (!e.backward) x_ = residual_add(backend_, x_, blk->mlp->forward(blk->ln2->forward(x_)));
+        else accumulate(backend_, dx_, blk->ln2->backward(blk->mlp->backward(dx_)));
+        return;
+      case Action::kMoeGate:
+        if (!e.backward) {
+          MoeForwardOptions options;
+          options.step = static_cast<uint64_t>(step_);
+          blk->moe->forward_gate(blk->ln2->forward(x_), options);
+          std::vector<int64_t>& load = expert_load_[static_cast<size_t>(e.block)];
+          const std::vector<int64_t>& now = blk->moe->routing_stats().assigned_per_expert;
+          load.resize(now.size(), 0);
+          for (size_t i = 0; i < now.size(); ++i) load[i] += now[i];
+        } else {
+          accumulate(backend_, dx_, blk->ln2->backward(blk->moe->backward_gate()));
+        }
+        return;
+      case Action::kMoeDispatch:
+        e.backward ? blk->moe->backward_dispatch() : blk->moe->forward_dispatch();
+        return;
+      case Action::kMoeExperts:
+        e.backward ? blk->moe->backward_experts() : blk->moe->forward_experts();
+        return;
+      case Action::kMoeCombineA2a:
+        e.backward ? blk->moe->backward_combine_exchange() : blk->moe->forward_combine_exchange();
+        return;
+      case Action::kMoeCombine:
+        if (!e.backward) x_ = residual_add(backend_, x_, blk->moe->forward_combine());
+        else blk->moe->backward_combine(dx_);  // the residual passes dx through unchanged
+        return;
+      case Action::kHead:
+        if (!e.backward) {
+          LossAndGrad loss = cross_entropy(backend_, head_->forward(lnf_->forward(x_)), targets_);
+          loss_sum_ += loss.loss;
+          dlogits_ = loss.dlogits;
+          // The step's loss is the mean over its micro-batches.
+          if (micro_batches_ > 1)
+            backend_.scale(1.0f / static_cast<float>(micro_batches_), dlogits_.device_f32(), dlogits_.numel());
+        } else {
+          dx_ = lnf_->backward(head_->backward(dlogits_));
+        }
+        return;
+      default:
+        MOESIM_ASSERT(false, "not a layer op");
+    }
   }
-  Tensor mlp_backward(Block& blk, const Tensor& dy) {
-    DeviceSpan span(backend_, rec_, blk.name + ".mlp bwd", trace::GEMM);
-    return blk.mlp->backward(dy);
-  }
-  Tensor moe_forward(Block& blk, const Tensor& h, int step) {
-    backend_.synchronize();
-    const int64_t start = rec_.now_ns();
-    MoeForwardOptions options;
-    options.step = static_cast<uint64_t>(step);
-    Tensor y = blk.moe->forward(h, options);
-    record_parts(*blk.moe, blk.name, "fwd", start, blk.moe->forward_times());
-    const MoeRoutingStats& st = blk.moe->routing_stats();
-    trace::ExpertLoad load;
-    load.set_layer(static_cast<int>(&blk - blocks_.data()));
-    load.set_rank(rec_.rank());
-    load.set_step(step);
-    for (int64_t c : st.assigned_per_expert) load.add_tokens_per_expert(c);
-    rec_.add_expert_load(std::move(load));
-    return y;
-  }
-  Tensor moe_backward(Block& blk, const Tensor& dy) {
-    backend_.synchronize();
-    const int64_t start = rec_.now_ns();
-    Tensor dx = blk.moe->backward(dy);
-    record_parts(*blk.moe, blk.name, "bwd", start, blk.moe->backward_times());
-    return dx;
-  }
-  // Bytes this rank sends to other EP ranks in the dispatch (and the combine sends back): its
-  // kept assignments to experts held elsewhere, d fp32 values each.
-  double a2a_bytes(const MoeLayer& m) const {
+
+  // Bytes this rank sends to other EP ranks in an MoE block's dispatch (and the combine sends
+  // back): its kept assignments to experts held elsewhere, d fp32 values each.
+  double a2a_bytes(int block) const {
+    const MoeLayer& m = *blocks_[static_cast<size_t>(block)].moe;
     const std::span<const int32_t> experts = m.chosen_experts();
     const std::span<const uint8_t> kept = m.kept();
     const int first = m.first_local_expert(), last = first + m.local_experts();
@@ -259,42 +450,9 @@ class Model {
     for (size_t i = 0; i < experts.size(); ++i) rows += kept[i] && (experts[i] < first || experts[i] >= last);
     return static_cast<double>(rows) * static_cast<double>(t_.hidden()) * sizeof(float);
   }
+  int ep_size(int block) const { return blocks_[static_cast<size_t>(block)].moe->ep_size(); }
 
-  // The layer's parts, one after the other from `start`, with their measured durations; the
-  // dispatch and combine carry the bytes this rank sends and algBw/busBw over the EP group.
-  void record_parts(const MoeLayer& m, const std::string& layer, const char* pass, int64_t start,
-                    const MoePartTimes& t) {
-    const std::pair<const char*, double> parts[] = {
-        {"gate", t.gate_s}, {"dispatch", t.dispatch_s}, {"experts", t.experts_s}, {"combine", t.combine_s}};
-    const trace::OpKind kinds[] = {trace::GATE, trace::DISPATCH, trace::GROUPED_GEMM, trace::COMBINE};
-    int64_t at = start;
-    for (int i = 0; i < 4; ++i) {
-      trace::Span span;
-      span.set_op_id(fmt::format("{}.moe.{} {}", layer, parts[i].first, pass));
-      span.set_name(parts[i].first);
-      span.set_kind(kinds[i]);
-      span.set_rank(rec_.rank());
-      span.set_device(rec_.device());
-      span.mutable_stream()->set_kind(i == 1 || i == 3 ? trace::COMM : trace::COMPUTE);
-      span.set_start_ns(at);
-      at += static_cast<int64_t>(parts[i].second * 1e9);
-      span.set_end_ns(at);
-      span.set_step(rec_.step());
-      if ((i == 1 || i == 3) && m.ep_size() > 1) {
-        const double bytes = a2a_bytes(m) * m.ep_size();  // the group's total, as nccl-tests counts a2a
-        const double seconds = parts[i].second;
-        span.set_bytes(bytes);
-        trace::CollectiveStats* c = span.mutable_collective();
-        c->set_ranks(m.ep_size());
-        c->set_bus_factor(trace::bus_factor(trace::ALL_TO_ALL, m.ep_size()));
-        c->set_alg_bw_bps(seconds > 0 ? bytes / seconds : 0);
-        c->set_bus_bw_bps(c->alg_bw_bps() * c->bus_factor());
-        c->set_algorithm("direct");
-      }
-      rec_.add(std::move(span));
-    }
-  }
-
+ private:
   const TrainOptions& o_;
   const model::Transformer& t_;
   Backend& backend_;
@@ -304,7 +462,45 @@ class Model {
   std::unique_ptr<LayerNorm> lnf_;
   std::unique_ptr<Linear> head_;
   ParamRegistry params_;
+  std::vector<int> layer_of_param_;
+  // The running step.
+  int step_ = 0, micro_batches_ = 1;
+  int64_t seqs_ = 0, first_ = 0;
+  double loss_sum_ = 0;
+  std::vector<int32_t> ids_, targets_;
+  Tensor x_, dx_, dlogits_;                       // the residual stream and its gradient
+  std::vector<std::vector<int64_t>> expert_load_;  // per block, this step's assignments per expert
 };
+
+const schedule::RankSchedule* rank_schedule(const schedule::Schedule& sch, int rank) {
+  for (const schedule::RankSchedule& rs : sch.ranks())
+    if (rs.rank() == rank) return &rs;
+  return nullptr;
+}
+
+std::vector<std::string> validate_schedule(const TrainOptions& o, int ranks) {
+  std::vector<std::string> out;
+  if (!o.schedule) return out;
+  const schedule::Schedule& sch = *o.schedule;
+  if (sch.folded()) out.push_back("the schedule is folded: lower it with every rank (Fold::kNever)");
+  if (sch.devices() != ranks)
+    out.push_back(fmt::format("the schedule is for {} ranks, {} launched", sch.devices(), ranks));
+  const int ep = o.ep > 0 ? o.ep : default_ep(ranks, o.model.transformer().has_moe() ? o.model.transformer().moe().experts() : 1);
+  for (int r = 0; r < std::min(ranks, sch.devices()); ++r) {
+    const schedule::RankSchedule* rs = rank_schedule(sch, r);
+    if (rs == nullptr) {
+      out.push_back(fmt::format("the schedule has no ops for rank {}", r));
+      continue;
+    }
+    Program p = compile(*rs, o.model.transformer(), ep);
+    for (const std::string& problem : p.problems) out.push_back(fmt::format("rank {}: {}", r, problem));
+    const int64_t local = ranks > 0 ? o.batch / ranks : 0;
+    if (p.problems.empty() && local % p.micro_batches != 0)
+      out.push_back(fmt::format("{} sequences per rank do not split into the schedule's {} micro-batches", local,
+                                p.micro_batches));
+  }
+  return out;
+}
 
 }  // namespace
 
@@ -339,6 +535,8 @@ std::vector<std::string> validate(const TrainOptions& o, int ranks) {
   if (o.steps < 1) out.push_back("steps must be at least 1");
   if (!(o.capacity_factor > 0)) out.push_back("capacity factor must be greater than zero");
   if (!(o.lr > 0)) out.push_back("learning rate must be greater than zero");
+  if (out.empty())
+    for (std::string& problem : validate_schedule(o, ranks)) out.push_back(std::move(problem));
   return out;
 }
 
@@ -372,6 +570,10 @@ TrainResult train(const TrainOptions& o, Comm* world, Backend& backend) {
   r.ranks = ranks;
   r.dp = ranks;
   r.ep = o.ep > 0 ? o.ep : default_ep(ranks, experts);
+  const schedule::RankSchedule own = o.schedule ? *rank_schedule(*o.schedule, rank) : default_schedule(t, rank, ranks, r.ep);
+  const Program program = compile(own, t, r.ep);
+  MOESIM_ASSERT(program.problems.empty(), "validate() checked the schedule: {}",
+                program.problems.empty() ? "" : program.problems[0]);
 
   // EP groups: consecutive ranks; expert data-parallel groups: the same index in every EP group.
   if (world && ranks > 1 && world->buffer_device() != backend.device())
@@ -393,34 +595,61 @@ TrainResult train(const TrainOptions& o, Comm* world, Backend& backend) {
   else
     opt = std::make_unique<Adam>(model.params(), AdamOptions{.lr = o.lr}, backend);
 
+  // Gradient syncs: sum a bucket's layers' gradients over the ranks sharing them (dense: all;
+  // experts: the expert data-parallel group). Returns the bytes reduced.
+  auto sync = [&](const schedule::Op& op, bool experts) {
+    Comm* group = experts ? edp_comm.get() : world;
+    double bytes = 0;
+    if (!group || group->size() <= 1) return bytes;
+    std::span<Param> params = model.params().params();
+    for (size_t i = 0; i < params.size(); ++i) {
+      const bool local = params[i].sharing == ParamSharing::kLocal;
+      if (local != experts) continue;
+      if (std::find(op.grad_layers().begin(), op.grad_layers().end(), model.layer_of_param(i)) == op.grad_layers().end())
+        continue;
+      Tensor g = params[i].grad;
+      group->all_reduce_sum(g.device_f32(), g.numel());  // device buffers: NCCL on GPU ranks
+      bytes += static_cast<double>(g.bytes());
+    }
+    return bytes;
+  };
+
   const int64_t local = o.batch / ranks;
-  std::vector<int32_t> ids, targets;
+  const int64_t seqs = local / program.micro_batches;
   for (int step = 0; step < o.steps; ++step) {
     rec.set_step(step);
     const auto t0 = std::chrono::steady_clock::now();
-    synthetic_batch(o.seed, step, t.vocab(), model.sequence(), rank * local, local, ids, targets);
     opt->zero_grad();
-    double loss = model.step(step, ids, targets, local);
-    {
-      DeviceSpan span(backend, rec, "grad_all_reduce", trace::ALL_REDUCE, trace::StreamId::comm());
-      double bytes = 0;
-      for (const Param& p : model.params().params()) {
-        Comm* group = p.sharing == ParamSharing::kLocal ? edp_comm.get() : world;
-        Tensor g = p.grad;
-        if (group && group->size() > 1) {
-          group->all_reduce_sum(g.device_f32(), g.numel());  // device buffers: NCCL on GPU ranks
-          bytes += static_cast<double>(g.bytes());
+    model.begin_step(step, program.micro_batches, seqs, rank * local);
+    for (const ExecOp& e : program.ops) {
+      const schedule::Op& op = *e.op;
+      trace::StreamId stream{op.stream().kind() == trace::STREAM_KIND_UNSPECIFIED ? trace::COMPUTE : op.stream().kind(),
+                             op.stream().index()};
+      DeviceSpan span(backend, rec, op.id(), op.kind(), stream);
+      span.span().name(op.name());
+      if (e.action == Action::kGradSync || e.action == Action::kExpertGradSync) {
+        const double bytes = sync(op, e.action == Action::kExpertGradSync);
+        Comm* group = e.action == Action::kExpertGradSync ? edp_comm.get() : world;
+        if (group && group->size() > 1)
+          span.span().collective(group->size(), trace::bus_factor(trace::ALL_REDUCE, group->size()), "ring");
+        span.span().bytes(bytes);
+      } else if (e.action == Action::kOptimizer) {
+        // Summed gradients / dp: the gradient of the global mean loss.
+        if (ranks > 1)
+          for (Param& p : model.params().params())
+            backend.scale(1.0f / static_cast<float>(ranks), p.grad.device_f32(), p.grad.numel());
+        opt->step();
+      } else {
+        model.run(e);
+        if ((e.action == Action::kMoeDispatch || e.action == Action::kMoeCombineA2a) && model.ep_size(e.block) > 1) {
+          const int n = model.ep_size(e.block);
+          span.span().bytes(model.a2a_bytes(e.block) * n);  // the group's total, as nccl-tests counts a2a
+          span.span().collective(n, trace::bus_factor(trace::ALL_TO_ALL, n), "direct");
         }
-        if (ranks > 1) backend.scale(1.0f / static_cast<float>(ranks), g.device_f32(), g.numel());
       }
-      if (world && ranks > 1) span.span().collective(ranks, trace::bus_factor(trace::ALL_REDUCE, ranks));
-      span.span().bytes(bytes);
       span.end();
     }
-    {
-      DeviceSpan span(backend, rec, "optimizer", trace::OPTIMIZER);
-      opt->step();
-    }
+    double loss = model.end_step();
     double global_loss = loss;
     if (world && ranks > 1) {
       float l = static_cast<float>(loss);
@@ -441,6 +670,10 @@ TrainResult train(const TrainOptions& o, Comm* world, Backend& backend) {
   info.set_created(trace::utc_now_iso8601());
   r.trace = rec.snapshot(info);
   return r;
+}
+
+schedule::RankSchedule default_rank_schedule(const model::Model& model, int rank, int ranks, int ep) {
+  return default_schedule(model.transformer(), rank, ranks, ep);
 }
 
 }  // namespace moesim::exec

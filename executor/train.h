@@ -24,15 +24,23 @@
 // weights: all ranks; experts: their expert data-parallel group) and divided by dp: the gradient of
 // the global mean loss.
 //
-// Tracing: every op is a span with the Schedule-style op id "L<i>.<part> <pass>" (for example
-// "L1.moe.dispatch fwd", "L0.attn bwd", "grad_all_reduce", "optimizer"), on the compute or comm
-// stream; the MoE layer's gate/dispatch/experts/combine parts are laid out one after the other
-// inside the layer's span from its measured part times, the dispatch and combine with the bytes
-// this rank's tokens send to other EP ranks (x the group size, nccl-tests' all-to-all size) and
-// algBw/busBw. Spans are timed on the steady clock after a device synchronize at both ends (on a
-// GPU they measure the device's work, not the launches). Per-layer expert loads (before drops) are
-// recorded every step, and each rank's peak memory at the end (CPU ranks: getrusage's peak RSS;
-// GPU ranks: the most device memory held in tensors).
+// The step runs op by op: the ops of this rank's RankSchedule (TrainOptions::schedule, lowered
+// from the same model, strategy and batch by schedule/lowering.h, or without one the lowering's
+// order for one micro-batch), each a span carrying the op's id, name, kind and stream ("embed mb0
+// fwd", "L1.moe.dispatch_a2a mb0 fwd", "L0.attn mb1 bwd", "grad_bucket0", "optimizer"), so the
+// measured trace joins the simulator's op by op. Ops map to the executor's work: "attn" is
+// LN + attention + residual, "moe.gate" LN + router + top-k + capacity + the permutation,
+// "moe.dispatch_a2a" / "moe.combine_a2a" the all-to-all-v's (backward: the other direction),
+// "moe.experts" the expert FFNs, "moe.combine" the weighted sum + residual, "head" final LN +
+// logits + loss, a gradient bucket the all-reduce of its layers' gradients (Op.grad_layers),
+// "optimizer" the 1/dp scaling and the update. Schedules with recompute, ZeRO >= 1, offload,
+// overlap chunks, TP or PP, or several micro-batches in flight (GPipe) are refused. The
+// all-to-alls carry the bytes this rank's tokens send to other EP ranks (x the group size,
+// nccl-tests' all-to-all size) and algBw/busBw. Spans are timed on the steady clock after a
+// device synchronize at both ends (on a GPU they measure the device's work, not the launches).
+// Per-layer expert loads (before drops, summed over micro-batches; layer = the cost model's layer
+// index) are recorded every step, and each rank's peak memory at the end (CPU ranks: getrusage's
+// peak RSS; GPU ranks: the most device memory held in tensors).
 //
 // Devices: everything runs on `backend` (tensors on its device); `world` must be an engine over
 // that device's buffers (MPI for the CPU, NCCL for CUDA: gradients are all-reduced in place on the
@@ -43,7 +51,10 @@
 #include "executor/backend.h"
 #include "executor/comm.h"
 #include "executor/moe_layer.h"
+#include "schedule/schedule.pb.h"
 #include "traces/trace.pb.h"
+
+#include <memory>
 
 #include <cstdint>
 #include <vector>
@@ -63,6 +74,11 @@ struct TrainOptions {
   OptimizerKind optimizer = OptimizerKind::kAdam;
   float lr = 3e-3f;
   uint64_t seed = 1;
+  // The step to run, op by op (schedule/lowering.h of the same model, strategy and batch, every
+  // rank lowered: not folded): each rank runs its RankSchedule's ops in order and its spans carry
+  // their ids. Null: the lowering's op order for this model with one micro-batch
+  // (default_rank_schedule).
+  std::shared_ptr<const schedule::Schedule> schedule;
 };
 
 struct StepRecord {
@@ -78,7 +94,11 @@ struct TrainResult {
   trace::Trace trace;      // this rank's spans (merge ranks with traces/recorder.h)
 };
 
-// Every problem with the options and model for `ranks` ranks, one message each (empty: fine).
+// The ops one rank runs without a schedule: what the lowering gives a DP x EP training step of
+// `model` with one micro-batch and one gradient bucket (tested against schedule::lower).
+schedule::RankSchedule default_rank_schedule(const model::Model& model, int rank, int ranks, int ep);
+
+// Every problem with the options, model and schedule for `ranks` ranks, one message each (empty: fine).
 std::vector<std::string> validate(const TrainOptions& options, int ranks);
 
 // Collective over `world` (null: one rank, no MPI). Throws exec::Error listing every problem of

@@ -48,7 +48,7 @@ Part part_of(const Layer& layer, const std::string& op_name) {
   const std::string rest = op_name.substr(std::min(op_name.size(), layer.name.size() + 1));
   auto starts = [&](const char* p) { return rest.rfind(p, 0) == 0; };
   if (starts("attn") || starts("cross")) return Part::kAttn;
-  if (starts("moe.router") || starts("moe.topk") || starts("moe.dispatch")) return Part::kGate;
+  if (starts("moe.norm") || starts("moe.router") || starts("moe.topk") || starts("moe.dispatch")) return Part::kGate;
   if (starts("moe.shared")) return Part::kShared;
   if (starts("moe.experts")) return Part::kExperts;
   if (starts("moe.combine") || starts("residual")) return layer.moe ? Part::kCombine : Part::kMlp;
@@ -635,7 +635,11 @@ class Lowering {
   void add_gradients(int li, int done, bool flush_all) {
     const Layer& layer = mc_.layers[li];
     dense_bucket_ += layer.dense_params / l_.tp * grad_bytes_;
-    if (layer.moe) expert_bucket_ += layer.expert_params / l_.ep / l_.tp * grad_bytes_;
+    if (layer.dense_params > 0) dense_bucket_layers_.push_back(li);
+    if (layer.moe) {
+      expert_bucket_ += layer.expert_params / l_.ep / l_.tp * grad_bytes_;
+      expert_bucket_layers_.push_back(li);
+    }
     bucket_dep_ = done;
     if (dense_bucket_ >= bucket_bytes_ || flush_all) flush(false);
     if (expert_bucket_ >= bucket_bytes_ || flush_all) flush(true);
@@ -643,6 +647,7 @@ class Lowering {
 
   void flush(bool experts) {
     double& bytes = experts ? expert_bucket_ : dense_bucket_;
+    std::vector<int>& layers = experts ? expert_bucket_layers_ : dense_bucket_layers_;
     if (bytes <= 0) return;
     const std::vector<int> group = experts ? expert_dp_group(p_, d_, t_) : dp_group(p_, t_);
     if (group.size() > 1) {
@@ -653,9 +658,11 @@ class Lowering {
                                "ring", group, bytes);
       grad_ops_.push_back(comm(what, rs ? "grad_reduce_scatter" : "grad_allreduce", rs ? trace::REDUCE_SCATTER : trace::ALL_REDUCE,
                                kDataParallelComm, c, {bucket_dep_}, -1, -1, true));
+      for (int li : layers) rs_->mutable_ops(grad_ops_.back())->add_grad_layers(li);
       if (st_.zero_stage() == 1 || st_.zero_stage() == 2) gathers_.push_back({what, bytes, experts});
     }
     bytes = 0;
+    layers.clear();
   }
 
   void optimizer_step(int last) {
@@ -771,6 +778,8 @@ class Lowering {
     recent_experts_.clear();
     gathers_.clear();
     dense_bucket_ = expert_bucket_ = 0;
+    dense_bucket_layers_.clear();
+    expert_bucket_layers_.clear();
     dense_buckets_ = expert_buckets_ = 0;
     if (training_) train_steps();
     else inference_steps();
@@ -946,6 +955,7 @@ class Lowering {
   int p_ = 0, d_ = 0, t_ = 0, rank_ = 0;
   std::map<std::pair<int, int>, int64_t> stored_;  // (layer, mb) -> activation bytes held
   std::vector<int> grad_ops_, pending_deps_, recent_experts_;
+  std::vector<int> dense_bucket_layers_, expert_bucket_layers_;  // layers whose gradients the open buckets hold
   struct Gather {
     std::string what;
     double bytes;

@@ -368,7 +368,7 @@ TEST_CASE("run: two ranks under mpirun, experts split over both, trace and store
   ss << in.rdbuf();
   // Both ranks' spans, with the Schedule-style op ids.
   CHECK(ss.str().find("\"pid\":1") != std::string::npos);
-  CHECK(ss.str().find("L0.moe.dispatch fwd") != std::string::npos);
+  CHECK(ss.str().find("L0.moe.dispatch_a2a mb0 fwd") != std::string::npos);
 }
 
 TEST_CASE("bench-layer: tokens/s and its parts as JSON") {

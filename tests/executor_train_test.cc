@@ -2,10 +2,13 @@
 // the same losses on 1 rank and on 2 ranks (data parallel, experts split over both), and models
 // the executor cannot run are refused before anything is computed.
 #include "costmodel/model.h"
+#include "costmodel/setup.h"
 #include "executor/backend.h"
 #include "executor/comm.h"
 #include "executor/error.h"
 #include "executor/train.h"
+#include "schedule/lowering.h"
+#include "test_clusters.h"
 #include "traces/recorder.h"
 
 #include <catch2/catch.hpp>
@@ -15,6 +18,7 @@
 #include <array>
 #include <cmath>
 #include <cstdio>
+#include <memory>
 #include <string>
 
 namespace moesim::exec {
@@ -46,7 +50,7 @@ TEST_CASE("50 steps of moe-tiny on one rank lower the loss by more than half") {
   CHECK(r.steps.back().loss < 0.5 * r.steps.front().loss);
   // Every step and MoE layer left spans and expert loads in the trace.
   int moe_spans = 0, loads = 0;
-  for (const trace::Span& s : r.trace.spans()) moe_spans += s.op_id() == "L1.moe.dispatch fwd";
+  for (const trace::Span& s : r.trace.spans()) moe_spans += s.op_id() == "L1.moe.experts mb0 fwd";
   for (const trace::ExpertLoad& l : r.trace.expert_load()) {
     int64_t sum = 0;
     for (int64_t c : l.tokens_per_expert()) sum += c;
@@ -58,6 +62,86 @@ TEST_CASE("50 steps of moe-tiny on one rank lower the loss by more than half") {
   // Same seed, same losses.
   const TrainResult again = train(o, nullptr, *backend);
   for (int i = 0; i < 50; ++i) CHECK(again.steps[i].loss == r.steps[i].loss);
+}
+
+// The lowering of moe-tiny on `ranks` devices (any device: the op order does not depend on it).
+schedule::Schedule lower_tiny(int ranks, const std::string& strategy, const std::string& training) {
+  const cost::Setup s = cost::load_setup(
+      cost::ConfigSource{"cluster.textproto", test::cluster_text(1, "", test::SmallNode{.devices = ranks})},
+      cost::ConfigSource{std::string(MOESIM_SOURCE_DIR) + "/configs/models/moe-tiny.textproto", std::nullopt},
+      cost::ConfigSource{"workload.textproto", "name: \"w\" training { " + training + " precision: FP32 }"},
+      cost::ConfigSource{"strategy.textproto", "name: \"s\" " + strategy});
+  return schedule::lower(s, {.fold = schedule::Fold::kNever});
+}
+
+TEST_CASE("Without a plan the executor runs the lowering's ops for the same step, in its order") {
+  const model::Model m = moe_tiny();
+  for (const auto& [ranks, ep] : {std::pair{1, 1}, std::pair{2, 2}, std::pair{2, 1}, std::pair{4, 2}}) {
+    INFO("ranks " << ranks << " ep " << ep);
+    const schedule::Schedule lowered =
+        lower_tiny(ranks, fmt::format("dp: {} ep: {}", ranks, ep), fmt::format("global_batch: {} micro_batch: 4", 4 * ranks));
+    for (const schedule::RankSchedule& rs : lowered.ranks()) {
+      const schedule::RankSchedule own = default_rank_schedule(m, rs.rank(), ranks, ep);
+      REQUIRE(own.ops_size() == rs.ops_size());
+      for (int i = 0; i < rs.ops_size(); ++i) {
+        INFO("op " << i << " " << rs.ops(i).id());
+        CHECK(own.ops(i).id() == rs.ops(i).id());
+        CHECK(own.ops(i).name() == rs.ops(i).name());
+        CHECK(own.ops(i).kind() == rs.ops(i).kind());
+        CHECK(own.ops(i).layer() == rs.ops(i).layer());
+        CHECK(std::vector<int>(own.ops(i).grad_layers().begin(), own.ops(i).grad_layers().end()) ==
+              std::vector<int>(rs.ops(i).grad_layers().begin(), rs.ops(i).grad_layers().end()));
+      }
+    }
+  }
+}
+
+TEST_CASE("A lowered schedule runs op by op: its ids on the spans, micro-batches accumulated") {
+  auto backend = make_cpu_backend(1);
+  TrainOptions o;
+  o.model = moe_tiny();
+  o.steps = 2;
+  o.batch = 8;
+  o.routing = RoutingPolicy::kNoDrop;  // no drops: micro-batches route the same tokens
+  const TrainResult whole = train(o, nullptr, *backend);
+  // The same batch as 2 micro-batches of 4 sequences (1F1B: each forward's backward next).
+  o.schedule = std::make_shared<schedule::Schedule>(lower_tiny(1, "dp: 1 ep: 1", "global_batch: 8 micro_batch: 4"));
+  REQUIRE(validate(o, 1).empty());
+  const TrainResult split = train(o, nullptr, *backend);
+  // Step 0's loss is the mean over the same tokens before any update.
+  CHECK(split.steps[0].loss == Approx(whole.steps[0].loss).epsilon(1e-6));
+  std::vector<std::string> ids;
+  for (const trace::Span& s : split.trace.spans())
+    if (s.step() == 0) ids.push_back(s.op_id());
+  std::vector<std::string> expected;
+  for (const schedule::Op& op : o.schedule->ranks(0).ops()) expected.push_back(op.id());
+  CHECK(ids == expected);
+  CHECK(std::count(ids.begin(), ids.end(), "L1.moe.experts mb1 bwd") == 1);
+}
+
+TEST_CASE("Schedules the executor cannot run are refused before computing, naming the op") {
+  TrainOptions o;
+  o.model = moe_tiny();
+  o.batch = 8;
+  auto problems = [&](const schedule::Schedule& s, int ranks) {
+    o.schedule = std::make_shared<schedule::Schedule>(s);
+    std::string all;
+    for (const std::string& p : validate(o, ranks)) all += p + "\n";
+    return all;
+  };
+  // GPipe keeps every micro-batch's activations; recompute and ZeRO are not executor ops.
+  CHECK_THAT(problems(lower_tiny(1, "dp: 1 schedule: GPIPE", "global_batch: 8 micro_batch: 4"), 1),
+             Catch::Contains("keeps one micro-batch's activations"));
+  CHECK_THAT(problems(lower_tiny(1, "dp: 1", "global_batch: 8 micro_batch: 8 recompute: FULL"), 1),
+             Catch::Contains("recompute is not supported"));
+  CHECK_THAT(problems(lower_tiny(2, "dp: 2 ep: 2 zero_stage: 1", "global_batch: 8 micro_batch: 4"), 2),
+             Catch::Contains("ZeRO"));
+  // A schedule for other ranks or another strategy.
+  CHECK_THAT(problems(lower_tiny(2, "dp: 2 ep: 2", "global_batch: 8 micro_batch: 4"), 1),
+             Catch::Contains("the schedule is for 2 ranks, 1 launched"));
+  o.ep = 1;
+  CHECK_THAT(problems(lower_tiny(2, "dp: 2 ep: 2", "global_batch: 8 micro_batch: 4"), 2),
+             Catch::Contains("exchanges tokens (all-to-alls) but EP is 1"));
 }
 
 TEST_CASE("models and options the executor cannot run are refused with every reason") {
