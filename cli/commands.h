@@ -34,6 +34,8 @@ std::vector<Command> simulate_commands();
 std::vector<Command> plan_commands();
 std::vector<Command> sweep_commands();
 std::vector<Command> report_commands();
+std::vector<Command> validate_commands();
+std::vector<Command> calibrate_commands();
 
 // A ConfigError's diagnostics as the CheckResult `--json` prints.
 CheckResult check_result(const ConfigError& e, const std::string& file);

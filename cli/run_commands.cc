@@ -9,6 +9,7 @@
 #include "cli/commands.h"
 #include "planner/plan_file.h"
 #include "schedule/lowering.h"
+#include "cli/executor_runs.h"
 #include "cli/launch.h"
 #include "common/json.h"
 #include "common/units.h"
@@ -31,95 +32,6 @@
 
 namespace moesim::cli {
 namespace {
-
-exec::RoutingPolicy policy_of(const Args& a, exec::RoutingPolicy fallback) {
-  if (!a.has("--routing")) return fallback;
-  auto p = exec::routing_policy_from_name(a.get("--routing"));
-  if (!p) throw UsageError(fmt::format("--routing: expected vanilla, batch_priority or no_drop, got '{}'", a.get("--routing")));
-  return *p;
-}
-
-// --device: cpu (OpenBLAS back end, MPI between ranks) or cuda (CUDA back end, one GPU per rank:
-// local rank % devices, NCCL between ranks, bootstrapped over MPI). A CUDA request this build or
-// machine cannot serve is refused before any rank starts (exit 2), never run on the CPU instead.
-exec::Device check_device(const Args& a, int ranks) {
-  const std::string device = a.get("--device", "cpu");
-  if (device == "cpu") return exec::Device::kCpu;
-  if (device != "cuda") throw UsageError(fmt::format("--device: expected cpu or cuda, got '{}'", device));
-  if (!exec::built_with_cuda())
-    throw UsageError("--device cuda: this moesim was built without CUDA (configure with nvcc available, "
-                     "-DMOESIM_CUDA=ON)");
-  const int devices = exec::cuda_device_count();
-  if (devices == 0) throw UsageError("--device cuda: no CUDA device is visible on this machine");
-  if (ranks > 1 && !exec::have_nccl())
-    throw UsageError(fmt::format("--device cuda with {} ranks needs the NCCL engine, which is not in this build",
-                                 ranks));
-  // moesim's own mpirun launch puts every rank on this machine; a launch from outside may span nodes.
-  if (ranks > devices && !exec::launched_by_mpi())
-    throw UsageError(fmt::format("--device cuda: {} ranks need one GPU each, but this machine has {}", ranks, devices));
-  return exec::Device::kCuda;
-}
-
-// Every problem found, as one usage error (exit 2, before any rank starts).
-void refuse_if_any(const std::string& heading, const std::vector<std::string>& problems) {
-  if (problems.empty()) return;
-  std::string msg = heading;
-  for (const std::string& p : problems) msg += "\n  " + p;
-  throw UsageError(msg);
-}
-
-// Brings rank r's trace to rank 0 (serialized, carried in fp32 words) and merges them there.
-trace::Trace gather_traces(const trace::Trace& mine, exec::Comm* world) {
-  if (!world || world->size() == 1) return mine;
-  std::vector<trace::Trace> parts;
-  if (world->rank() == 0) parts.push_back(mine);
-  for (int r = 1; r < world->size(); ++r) {
-    if (world->rank() == r) {
-      const std::string bytes = mine.SerializeAsString();
-      float n = static_cast<float>(bytes.size());
-      std::vector<float> words((bytes.size() + 3) / 4);
-      std::memcpy(words.data(), bytes.data(), bytes.size());
-      world->send(&n, 1, 0, r);
-      world->send(words.data(), static_cast<int64_t>(words.size()), 0, r);
-    } else if (world->rank() == 0) {
-      float n = 0;
-      world->recv(&n, 1, r, r);
-      std::vector<float> words((static_cast<size_t>(n) + 3) / 4);
-      world->recv(words.data(), static_cast<int64_t>(words.size()), r, r);
-      trace::Trace t;
-      if (!t.ParseFromArray(words.data(), static_cast<int>(n))) throw exec::Error(fmt::format("rank {}: trace garbled", r));
-      parts.push_back(std::move(t));
-    }
-  }
-  return world->rank() == 0 ? trace::merge(parts) : mine;
-}
-
-// Runs body(world, host_world, backend) on every rank; an exec::Error on any rank ends all of them
-// with its message. CPU ranks: an OpenBLAS back end and one MPI world for both. CUDA ranks: device
-// local_rank % devices, `world` the NCCL engine over device buffers and `host_world` MPI for host
-// data (the trace gathering).
-template <typename Body>
-int on_ranks(int ranks, double timeout_s, exec::Device device, Body body) {
-  std::unique_ptr<exec::Comm> host_world, device_world;
-  try {
-    if (ranks > 1) host_world = exec::make_mpi_comm(timeout_s);
-    std::unique_ptr<exec::Backend> backend;
-    if (device == exec::Device::kCuda) {
-      const int devices = exec::cuda_device_count();
-      if (devices == 0) throw exec::Error("no CUDA device is visible to this rank");
-      backend = exec::make_cuda_backend(exec::local_rank() % devices);
-      if (ranks > 1) device_world = exec::make_nccl_comm(timeout_s);
-    } else {
-      backend = exec::make_cpu_backend(ranks > 1 ? 1 : 0);
-    }
-    exec::Comm* world = device_world ? device_world.get() : host_world.get();
-    return body(world, host_world.get(), *backend);
-  } catch (const exec::Error& e) {
-    if (ranks > 1) exec::abort_all(e.what());
-    std::cerr << "moesim: " << e.what() << '\n';
-    return kExitInternal;
-  }
-}
 
 int run(const Args& a) {
   if (!a.positional().empty()) throw UsageError("run takes no positional arguments");
@@ -155,15 +67,7 @@ int run(const Args& a) {
     o.model = plan ? *plan->setup.model : cost::load_model(a.get("--model"));
     if (plan || a.has("--strategy")) {
       const cost::Loaded<strategy::Strategy> s = plan ? plan->setup.strategy : cost::load_strategy(a.get("--strategy"));
-      if (s->tp() != 1 || s->pp() != 1)
-        throw UsageError(fmt::format("{}: the executor runs data and expert parallelism (tp 1, pp 1) for now", strategy_file));
-      if (s->dp() != ranks)
-        throw UsageError(fmt::format("{}: dp {} but {} ranks: give --ranks {}", strategy_file, s->dp(), ranks, s->dp()));
-      o.ep = s->ep();
-      o.capacity_factor = s->capacity_factor();
-      o.routing = s->drop_policy() == strategy::BATCH_PRIORITY ? exec::RoutingPolicy::kBatchPriority
-                  : s->drop_policy() == strategy::NO_DROP     ? exec::RoutingPolicy::kNoDrop
-                                                              : exec::RoutingPolicy::kVanilla;
+      apply_strategy(*s, strategy_file, ranks, o);
       strategy_name = s->name();
     }
   } catch (const ConfigError& e) {

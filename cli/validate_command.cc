@@ -1,0 +1,499 @@
+// `moesim validate`: the executor and the simulator on the same Schedule, joined op by op
+// (traces/validation.h), and the validation suite.
+//
+//   moesim validate --plan P | --scenario S [--profile F] [--steps K] [--feedback] ...
+//       every rank runs the lowered Schedule for real; rank 0 simulates the same Schedule on the
+//       scenario's cluster and compares;
+//   moesim validate --suite [--cluster C] [--profile F] ...
+//       the bundled plans (moe-tiny and dense-tiny on 1 and 2 ranks), each validated by a child
+//       `moesim validate --scenario` (which launches its own ranks), then the summary;
+//   moesim validate --predicted A --measured B
+//       two trace files (moesim simulate/run --trace-pb) joined without running anything.
+#include "cli/cli.pb.h"
+#include "cli/commands.h"
+#include "cli/executor_runs.h"
+#include "cli/launch.h"
+#include "common/json.h"
+#include "common/units.h"
+#include "costmodel/setup.h"
+#include "executor/train.h"
+#include "planner/plan_file.h"
+#include "schedule/lowering.h"
+#include "sim/engine.h"
+#include "sim/scenario.h"
+#include "traces/chrome_trace.h"
+#include "traces/recorder.h"
+#include "traces/store.h"
+#include "traces/validation.h"
+
+#include <fmt/format.h>
+#include <google/protobuf/text_format.h>
+#include <google/protobuf/util/json_util.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <memory>
+#include <optional>
+
+namespace moesim::cli {
+namespace {
+
+namespace fs = std::filesystem;
+
+constexpr int kWorstOps = 8;
+
+void fill(const trace::ErrorStats& s, KindErrors* k) {
+  k->set_ops(s.count);
+  k->set_median_abs_pct(s.median_abs_pct);
+  k->set_p90_abs_pct(s.p90_abs_pct);
+  k->set_max_abs_pct(s.max_abs_pct);
+  k->set_mean_pct(s.mean_pct);
+}
+
+// The comparison's figures into `out` (step errors, per kind, worst ops, op-order tau).
+void fill(const trace::Comparison& c, ValidateResult* out) {
+  out->set_compared_steps(c.compared_steps);
+  out->set_predicted_step_s(c.predicted_step_s);
+  out->set_measured_step_s(c.measured_step_median_s);
+  out->set_median_abs_pct_error(c.step.median_abs_pct);
+  out->set_p90_abs_pct_error(c.step.p90_abs_pct);
+  out->set_max_abs_pct_error(c.step.max_abs_pct);
+  out->set_step_bias_pct(c.step.mean_pct);
+  for (const auto& [kind, stats] : c.per_kind) {
+    (*out->mutable_per_kind())[kind] = stats.median_abs_pct;
+    fill(stats, &(*out->mutable_per_kind_detail())[kind]);
+  }
+  std::vector<double> predicted, measured;
+  for (const trace::OpError& e : c.ops) {
+    predicted.push_back(e.predicted_s);
+    measured.push_back(e.measured_s);
+  }
+  out->set_kendall_tau(trace::kendall_tau(predicted, measured));
+  out->set_matched_ops(static_cast<int>(c.ops.size()));
+  out->set_unmatched_ops(0);
+  for (const trace::OpError& e : c.worst(kWorstOps)) {
+    OpErrorEntry* w = out->add_worst_ops();
+    w->set_op_id(e.op_id);
+    w->set_kind(e.kind);
+    w->set_rank(e.rank);
+    w->set_predicted_s(e.predicted_s);
+    w->set_measured_s(e.measured_s);
+    w->set_error_pct(e.error_pct);
+  }
+}
+
+std::string signed_pct(double v) { return fmt::format("{:+.1f}%", v); }
+
+void print_result(const ValidateResult& r) {
+  std::cout << fmt::format("{}: {} on {} rank(s), {} compared step(s), profile {}\n", r.name(), r.model(), r.ranks(),
+                           r.compared_steps(), r.device_profile().empty() ? "(device priors)" : r.device_profile());
+  std::cout << fmt::format("step time      predicted {}  measured {}  error {} (median |error| {:.1f}%, p90 {:.1f}%)\n",
+                           format_seconds(r.predicted_step_s()), format_seconds(r.measured_step_s()),
+                           signed_pct(r.step_bias_pct()), r.median_abs_pct_error(), r.p90_abs_pct_error());
+  std::cout << fmt::format("ops matched    {} (unmatched {}); op-order Kendall tau {:.2f}\n\n", r.matched_ops(),
+                           r.unmatched_ops(), r.kendall_tau());
+  std::cout << fmt::format("{:<14} {:>5} {:>14} {:>10}\n", "op kind", "ops", "median |err|", "bias");
+  for (const auto& [kind, k] : r.per_kind_detail())
+    std::cout << fmt::format("{:<14} {:>5} {:>13.1f}% {:>10}\n", kind, k.ops(), k.median_abs_pct(), signed_pct(k.mean_pct()));
+  std::cout << "\nworst ops:\n";
+  for (const OpErrorEntry& w : r.worst_ops())
+    std::cout << fmt::format("  {:<34} rank {}  predicted {:>10}  measured {:>10}  {}\n", w.op_id(), w.rank(),
+                             format_seconds(w.predicted_s()), format_seconds(w.measured_s()), signed_pct(w.error_pct()));
+  if (r.routing_feedback()) std::cout << "\nthe prediction used the measured expert loads (--feedback)\n";
+  if (!r.routing_out().empty()) std::cout << fmt::format("measured routing written to {}\n", r.routing_out());
+  if (!r.run_id().empty()) std::cout << fmt::format("stored as {}\n", r.run_id());
+}
+
+// Writes `text` to `path` through a temporary file and a rename: a reader never sees half a file.
+void write_atomically(const std::string& path, const std::string& text) {
+  const std::string tmp = path + fmt::format(".tmp{}", ::getpid());
+  {
+    std::ofstream f(tmp);
+    f << text;
+    if (!f) throw UsageError(fmt::format("{}: cannot write", path));
+  }
+  fs::rename(tmp, path);
+}
+
+// Tokens per expert over MoE layers, ranks and the compared steps.
+std::vector<double> measured_histogram(const trace::Trace& measured, int first_step) {
+  std::vector<double> h;
+  for (const trace::ExpertLoad& l : measured.expert_load()) {
+    if (l.step() < first_step) continue;
+    h.resize(std::max<size_t>(h.size(), static_cast<size_t>(l.tokens_per_expert_size())), 0.0);
+    for (int e = 0; e < l.tokens_per_expert_size(); ++e) h[static_cast<size_t>(e)] += static_cast<double>(l.tokens_per_expert(e));
+  }
+  return h;
+}
+
+// The workload with the measured histogram as its routing distribution.
+workload::Workload with_routing(const workload::Workload& w, const std::vector<double>& histogram) {
+  workload::Workload out = w;
+  workload::RoutingDistribution* r = out.mutable_routing();
+  const uint64_t seed = r->seed();
+  r->Clear();
+  r->set_seed(seed);
+  for (double x : histogram) r->mutable_histogram()->add_weight(std::max(x, 1.0));  // a never-chosen expert keeps a sliver
+  return out;
+}
+
+struct Input {
+  sim::Scenario scenario;
+  std::string file;
+  exec::TrainOptions options;
+  std::optional<cost::DeviceProfile> profile;
+  std::string profile_file;
+};
+
+int validate_one(const Args& a) {
+  const bool json = a.flag("--json");
+  const std::string file = a.has("--plan") ? a.get("--plan") : a.get("--scenario");
+  Input in;
+  in.file = file;
+  try {
+    in.scenario = a.has("--plan") ? planner::load_plan(file) : sim::load_scenario(file);
+    if (a.has("--profile")) {
+      in.profile = cost::load_device_profile(a.get("--profile"));
+      in.profile_file = a.get("--profile");
+    } else if (in.scenario.profile) {
+      in.profile = in.scenario.profile;
+      in.profile_file = in.scenario.profile->source();
+    }
+  } catch (const ConfigError& e) {
+    return report_config_error(e, file, json);
+  }
+  const cost::Setup& setup = in.scenario.setup;
+  const int ranks = setup.layout.devices;
+  if (a.has("--ranks") && a.get_int("--ranks", ranks, 1, 4096) != ranks)
+    throw UsageError(fmt::format("{}: its strategy runs on {} ranks, not --ranks {}", file, ranks, a.get("--ranks")));
+  if (!setup.workload->has_training())
+    throw UsageError(fmt::format("{}: the executor runs training steps; this workload is inference", file));
+  if (setup.workload->training().precision() != workload::FP32)
+    throw UsageError(fmt::format("{}: the executor computes in fp32; give the workload precision: FP32 so that the "
+                                 "prediction times the same arithmetic",
+                                 file));
+  const exec::Device device = check_device(a, ranks);
+  exec::TrainOptions& o = in.options;
+  o.model = *setup.model;
+  apply_strategy(*setup.strategy, file, ranks, o);
+  o.batch = setup.layout.global_batch;
+  o.sequence = setup.layout.sequence;
+  o.seed = in.scenario.seed;
+  o.optimizer = setup.workload->training().optimizer() == workload::SGD ? exec::OptimizerKind::kSgd
+                                                                         : exec::OptimizerKind::kAdam;
+  const int warmup = a.get_int("--warmup", 1, 0, 1000);
+  o.steps = a.get_int("--steps", 6, warmup + 1, 100000);
+  schedule::LoweringOptions lo;
+  lo.seed = in.scenario.seed;
+  lo.fold = schedule::Fold::kNever;
+  lo.routing_samples = in.scenario.routing_samples;
+  lo.profile = in.profile ? &*in.profile : nullptr;
+  auto lowered = std::make_shared<schedule::Schedule>(schedule::lower(setup, lo));
+  o.schedule = lowered;
+  refuse_if_any(fmt::format("{} cannot run on {} rank(s):", file, ranks), exec::validate(o, ranks));
+  const double timeout_s = a.get_double("--timeout", 60, 0.1, 86400);
+  const Launch launch = launch_ranks(ranks);
+  if (launch.relaunched) return launch.exit_code;
+
+  return on_ranks(ranks, timeout_s, device, [&](exec::Comm* world, exec::Comm* host_world, exec::Backend& backend) {
+    const exec::TrainResult run = exec::train(o, world, backend);
+    const trace::Trace measured = gather_traces(run.trace, host_world);
+    if (world && world->rank() != 0) return kExitOk;
+
+    ValidateResult out;
+    out.set_name(in.scenario.name.empty() ? fs::path(file).stem().string() : in.scenario.name);
+    out.set_scenario(file);
+    out.set_cluster(in.scenario.cluster);
+    out.set_model(setup.model->name());
+    out.set_strategy(setup.strategy->name());
+    out.set_device_profile(in.profile_file);
+    out.set_ranks(ranks);
+    out.set_steps(o.steps);
+    const int first_step = o.steps > warmup ? warmup : 0;
+    const std::vector<double> histogram = measured_histogram(measured, first_step);
+    for (double x : histogram) out.add_measured_expert_load(x);
+
+    // The prediction: the same Schedule, or with --feedback the same ops lowered with the measured
+    // expert loads as the routing distribution (op ids do not depend on routing).
+    std::shared_ptr<const schedule::Schedule> predicted_schedule = lowered;
+    if (a.flag("--feedback") && !histogram.empty()) {
+      cost::Setup fed = setup;
+      fed.workload.msg = std::make_shared<workload::Workload>(with_routing(*setup.workload, histogram));
+      predicted_schedule = std::make_shared<schedule::Schedule>(schedule::lower(fed, lo));
+      out.set_routing_feedback(true);
+    }
+    sim::SimOptions so;
+    so.network = sim::NetworkMode::kFlows;
+    const sim::SimResult sim = sim::simulate(*predicted_schedule, *setup.cluster, so);
+    trace::Comparison c;
+    try {
+      c = trace::compare(sim.trace, measured, {.predicted_step_s = sim.step_time_s, .skip_steps = warmup});
+    } catch (const trace::TraceMismatch& e) {
+      std::cerr << "moesim: " << e.what() << '\n';
+      return kExitBadInput;
+    }
+    fill(c, &out);
+    if (a.has("--routing-out") && !histogram.empty()) {
+      std::string text;
+      google::protobuf::TextFormat::PrintToString(with_routing(*setup.workload, histogram), &text);
+      write_atomically(a.get("--routing-out"),
+                       fmt::format("# {}'s workload with the expert loads measured by `moesim validate` as its "
+                                   "routing distribution.\n{}",
+                                   file, text));
+      out.set_routing_out(a.get("--routing-out"));
+    }
+    if (a.has("--trace")) {
+      const std::string prefix = a.get("--trace");
+      trace::Trace predicted = sim.trace;
+      predicted.mutable_run()->set_source(trace::PREDICTED);
+      trace::write_chrome_trace(predicted, prefix + ".predicted.json");
+      trace::write_chrome_trace(measured, prefix + ".measured.json");
+      out.set_predicted_trace(prefix + ".predicted.json");
+      out.set_measured_trace(prefix + ".measured.json");
+    }
+    if (a.has("--db")) {
+      Store store = Store::open(a.get("--db"));
+      RunRecord rec;
+      rec.kind = RunKind::kValidate;
+      rec.cluster = in.scenario.cluster;
+      rec.model = setup.model->name();
+      rec.workload = in.scenario.workload;
+      rec.strategy = setup.strategy->name();
+      rec.seed = in.scenario.seed;
+      rec.step_time_s = c.measured_step_median_s;
+      rec.result_json = to_json(out);
+      rec.version = MOESIM_VERSION;
+      trace::Trace predicted = sim.trace;
+      predicted.mutable_run()->set_source(trace::PREDICTED);
+      std::vector<RunMetric> metrics = {{"predicted_step_s", c.predicted_step_s},
+                                        {"measured_step_s", c.measured_step_median_s},
+                                        {"median_abs_pct_error", c.step.median_abs_pct},
+                                        {"p90_abs_pct_error", c.step.p90_abs_pct},
+                                        {"step_bias_pct", c.step.mean_pct}};
+      for (const auto& [kind, stats] : c.per_kind) metrics.push_back({"kind." + kind, stats.median_abs_pct});
+      out.set_run_id(store.insert_run(rec, metrics, {predicted, measured}));
+    }
+    if (json) std::cout << to_json(out);
+    else print_result(out);
+    return kExitOk;
+  });
+}
+
+// Two trace files joined without running anything.
+int validate_files(const Args& a) {
+  const bool json = a.flag("--json");
+  trace::Trace predicted, measured;
+  for (const char* flag : {"--predicted", "--measured"}) {
+    try {
+      (flag[2] == 'p' ? predicted : measured) = trace::read_trace(a.get(flag));
+    } catch (const ConfigError& e) {
+      return report_config_error(e, a.get(flag), json);
+    }
+  }
+  int64_t first = INT64_MAX, last = 0;
+  for (const trace::Span& s : predicted.spans()) {
+    first = std::min(first, s.start_ns());
+    last = std::max(last, s.end_ns());
+  }
+  const double predicted_step_s = predicted.spans_size() > 0 ? static_cast<double>(last - first) * 1e-9 : 0;
+  trace::Comparison c;
+  try {
+    c = trace::compare(predicted, measured,
+                       {.predicted_step_s = predicted_step_s, .skip_steps = a.get_int("--warmup", 1, 0, 1000)});
+  } catch (const std::exception& e) {  // TraceMismatch, or a measured trace without spans
+    std::cerr << fmt::format("moesim: {} vs {}: {}\n", a.get("--predicted"), a.get("--measured"), e.what());
+    return kExitBadInput;
+  }
+  ValidateResult out;
+  out.set_name(fs::path(a.get("--measured")).stem().string());
+  out.set_scenario(a.get("--predicted"));
+  out.set_model(measured.run().model());
+  fill(c, &out);
+  if (json) std::cout << to_json(out);
+  else print_result(out);
+  return kExitOk;
+}
+
+// ---- the suite ---------------------------------------------------------------------------------
+
+struct SuitePlan {
+  const char* name;
+  const char* model;  // under configs/models
+  int ranks, batch, micro_batch, ep;
+  double capacity_factor;
+  const char* drop_policy;
+};
+
+// moe-tiny and dense-tiny on 1 and 2 ranks: EP and DP, micro-batches, capacity factors (drops at
+// 0.5 and 0.75, with both drop policies), batch sizes.
+constexpr SuitePlan kSuite[] = {
+    {"moe-1r", "moe-tiny", 1, 8, 8, 1, 1.25, "VANILLA"},
+    {"moe-1r-2mb", "moe-tiny", 1, 16, 8, 1, 1.25, "VANILLA"},
+    {"moe-2r-ep2", "moe-tiny", 2, 16, 8, 2, 1.25, "VANILLA"},
+    {"moe-2r-ep1", "moe-tiny", 2, 16, 8, 1, 1.25, "VANILLA"},
+    {"moe-2r-ep2-cf2", "moe-tiny", 2, 16, 8, 2, 2.0, "VANILLA"},
+    {"moe-2r-ep2-cf0.5", "moe-tiny", 2, 16, 8, 2, 0.5, "VANILLA"},
+    {"moe-2r-ep2-bpr", "moe-tiny", 2, 16, 8, 2, 0.75, "BATCH_PRIORITY"},
+    {"moe-2r-ep2-b32", "moe-tiny", 2, 32, 16, 2, 1.25, "VANILLA"},
+    {"dense-1r", "dense-tiny", 1, 8, 8, 1, 1.25, "VANILLA"},
+    {"dense-2r", "dense-tiny", 2, 16, 8, 1, 1.25, "VANILLA"},
+};
+
+std::string quoted(const std::string& s) {
+  std::string out = "'";
+  for (char ch : s) out += ch == '\'' ? std::string("'\\''") : std::string(1, ch);
+  return out + "'";
+}
+
+// Runs `command` through the shell; its stdout, and its exit status in `status`.
+std::string capture(const std::string& command, int& status) {
+  FILE* pipe = ::popen(command.c_str(), "r");
+  if (pipe == nullptr) throw UsageError(fmt::format("cannot run {}", command));
+  std::string text;
+  char buf[4096];
+  for (size_t n; (n = std::fread(buf, 1, sizeof buf, pipe)) > 0;) text.append(buf, n);
+  status = ::pclose(pipe);
+  return text;
+}
+
+int validate_suite(const Args& a) {
+  const bool json = a.flag("--json");
+  const std::string configs = MOESIM_CONFIGS_DIR;
+  const std::string cluster = fs::absolute(a.get("--cluster", configs + "/hardware/local.textproto")).string();
+  if (!fs::exists(cluster))
+    throw UsageError(fmt::format("{}: no such cluster; describe this machine first: moesim calibrate --out {}", cluster,
+                                 cluster));
+  std::string profile = a.get("--profile");
+  if (profile.empty()) {
+    const fs::path beside = fs::path(cluster).replace_extension().string() + ".profile.textproto";
+    if (fs::exists(beside)) profile = beside.string();
+  }
+  if (!profile.empty()) profile = fs::absolute(profile).string();
+  const fs::path dir = a.get("--out", (fs::temp_directory_path() / fmt::format("moesim-suite-{}", ::getpid())).string());
+  fs::create_directories(dir);
+  const std::string self = fs::canonical("/proc/self/exe").string();
+  const int steps = a.get_int("--steps", 6, 2, 100000);
+  const bool progress = ::isatty(STDERR_FILENO) && !json;
+  const auto t0 = std::chrono::steady_clock::now();
+
+  ValidateSuiteResult suite;
+  suite.set_cluster(cluster);
+  suite.set_device_profile(profile);
+  std::vector<double> step_errors, predicted, measured;
+  int index = 0;
+  for (const SuitePlan& p : kSuite) {
+    ++index;
+    const std::string scenario = (dir / fmt::format("{}.scenario.textproto", p.name)).string();
+    std::ofstream(scenario) << fmt::format(
+        "# moesim validate --suite: plan {} ({} on {} rank(s))\n"
+        "name: \"{}\"\ncluster: \"{}\"\nmodel: \"{}/models/{}.textproto\"\n{}"
+        "workload_inline {{ name: \"suite\" training {{ global_batch: {} micro_batch: {} sequence: 32 precision: FP32 "
+        "optimizer: ADAM }} }}\n"
+        "strategy_inline {{ name: \"dp{}-ep{}-cf{}-{}\" dp: {} ep: {} capacity_factor: {} drop_policy: {} }}\n",
+        p.name, p.model, p.ranks, p.name, cluster, configs, p.model,
+        profile.empty() ? "" : fmt::format("device_profile: \"{}\"\n", profile), p.batch, p.micro_batch, p.ranks, p.ep,
+        p.capacity_factor, p.drop_policy, p.ranks, p.ep, p.capacity_factor, p.drop_policy);
+    if (progress) std::cerr << fmt::format("\r[{}/{}] {:<24}", index, std::size(kSuite), p.name) << std::flush;
+    std::string cmd = fmt::format("{} validate --scenario {} --json --steps {} --feedback", quoted(self), quoted(scenario), steps);
+    if (a.has("--timeout")) cmd += " --timeout " + quoted(a.get("--timeout"));
+    if (a.has("--db")) cmd += " --db " + quoted(a.get("--db"));
+    if (a.has("--trace")) cmd += " --trace " + quoted(a.get("--trace") + "." + p.name);
+    int status = 0;
+    const std::string text = capture(cmd, status);
+    ValidateResult* r = suite.add_plans();
+    if (status != 0 || !google::protobuf::util::JsonStringToMessage(text, r).ok()) {
+      if (progress) std::cerr << '\n';
+      std::cerr << fmt::format("moesim: suite plan {} failed (scenario {}): {}\n", p.name, scenario, text);
+      return kExitInternal;
+    }
+    step_errors.push_back(r->step_bias_pct());
+    predicted.push_back(r->predicted_step_s());
+    measured.push_back(r->measured_step_s());
+    suite.set_unmatched_ops(suite.unmatched_ops() + r->unmatched_ops());
+  }
+  if (progress) std::cerr << '\r' << std::string(40, ' ') << '\r';
+  // Per kind over every plan: each plan's median for a kind stands for its ops of that kind.
+  std::map<std::string, std::vector<double>> pooled;
+  for (const ValidateResult& r : suite.plans())
+    for (const auto& [kind, k] : r.per_kind_detail())
+      for (int i = 0; i < k.ops(); ++i) pooled[kind].push_back(k.median_abs_pct());
+  for (const auto& [kind, v] : pooled) (*suite.mutable_per_kind())[kind] = trace::quantile(v, 0.5);
+  const trace::ErrorStats s = trace::error_stats(step_errors);
+  suite.set_median_abs_pct_error(s.median_abs_pct);
+  suite.set_p90_abs_pct_error(s.p90_abs_pct);
+  suite.set_max_abs_pct_error(s.max_abs_pct);
+  suite.set_kendall_tau(trace::kendall_tau(predicted, measured));
+  suite.set_wall_s(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  if (json) {
+    std::cout << to_json(suite);
+    return kExitOk;
+  }
+  std::cout << fmt::format("validation suite on {} (profile {}), {} plans, {} steps each\n\n", cluster,
+                           profile.empty() ? "(device priors)" : profile, suite.plans_size(), steps);
+  std::cout << fmt::format("{:<18} {:>5} {:>11} {:>11} {:>8} {:>9}\n", "plan", "ranks", "predicted", "measured", "error",
+                           "op tau");
+  for (const ValidateResult& r : suite.plans())
+    std::cout << fmt::format("{:<18} {:>5} {:>11} {:>11} {:>8} {:>9.2f}\n", r.name(), r.ranks(),
+                             format_seconds(r.predicted_step_s()), format_seconds(r.measured_step_s()),
+                             signed_pct(r.step_bias_pct()), r.kendall_tau());
+  std::cout << fmt::format("\nstep time: median |error| {:.1f}%, p90 {:.1f}%, max {:.1f}%; plan ranking Kendall tau {:.2f}\n",
+                           suite.median_abs_pct_error(), suite.p90_abs_pct_error(), suite.max_abs_pct_error(),
+                           suite.kendall_tau());
+  std::cout << "per op kind (median |error|):";
+  for (const auto& [kind, v] : suite.per_kind()) std::cout << fmt::format(" {} {:.1f}%", kind, v);
+  std::cout << fmt::format("\nscenarios in {}; {:.0f} s\n", dir.string(), suite.wall_s());
+  return kExitOk;
+}
+
+int validate(const Args& a) {
+  if (!a.positional().empty()) throw UsageError("validate takes no positional arguments");
+  const int modes = a.has("--plan") + a.has("--scenario") + a.flag("--suite") + (a.has("--predicted") || a.has("--measured"));
+  if (modes != 1) throw UsageError("give one of --plan P, --scenario S, --suite, or --predicted A --measured B");
+  if (a.has("--predicted") != a.has("--measured")) throw UsageError("--predicted and --measured go together");
+  if (a.has("--predicted")) return validate_files(a);
+  if (a.flag("--suite")) return validate_suite(a);
+  return validate_one(a);
+}
+
+}  // namespace
+
+std::vector<Command> validate_commands() {
+  return {
+      {"validate", "run a plan for real and simulate it: predicted vs measured, op by op",
+       "usage: moesim validate --plan P | --scenario S [--profile F] [--steps K] [--warmup W] [--feedback]\n"
+       "                       [--routing-out W.textproto] [--trace PREFIX] [--db results.db] [--json]\n"
+       "       moesim validate --suite [--cluster C] [--profile F] [--steps K] [--out DIR] [--db results.db] [--json]\n"
+       "       moesim validate --predicted A.pb --measured B.pb [--warmup W] [--json]\n\n"
+       "The plan's (or scenario's) step is lowered once (schedule/lowering.h, every rank); its ranks\n"
+       "run it for real (launched under mpirun as `moesim run` does) and rank 0 simulates the same\n"
+       "Schedule on the plan's cluster, then joins the traces by (op id, rank) (traces/validation.h):\n"
+       "step-time error over the steps after the warm-up, median |error| per op kind, the worst ops\n"
+       "with both times, and Kendall's tau of the op durations. Traces that do not match are refused\n"
+       "naming the first missing op (exit 2).\n\n"
+       "  --profile F       the device profile for the prediction (moesim calibrate writes one);\n"
+       "                    default the scenario's device_profile, else the device's priors\n"
+       "  --steps K         measured steps (default 6); --warmup W left out of the statistics (default 1)\n"
+       "  --feedback        predict with the measured expert loads as the routing distribution\n"
+       "  --routing-out W   write the workload with the measured loads as its routing histogram\n"
+       "  --trace PREFIX    PREFIX.predicted.json and PREFIX.measured.json (Chrome traces)\n"
+       "  --db FILE         a validate row with both traces and the error metrics\n"
+       "  --suite           the bundled plans (moe-tiny, dense-tiny on 1 and 2 ranks: EP, DP, micro-batches,\n"
+       "                    capacity factors, drop policies) on --cluster (default\n"
+       "                    configs/hardware/local.textproto, from `moesim calibrate`) with its profile\n"
+       "                    (--profile, else <cluster>.profile.textproto beside it), each with --feedback;\n"
+       "                    a summary table, step-time median/p90 error and the plans' Kendall tau\n"
+       "  --predicted/--measured  join two trace files (.pb/.textproto) without running anything\n\n"
+       "--json carries median_abs_pct_error, p90_abs_pct_error, per_kind, kendall_tau, unmatched_ops.\n"
+       "The executor computes in fp32: the workload's precision must be FP32. Exit 2 on bad input.\n",
+       {{"--feedback", "--suite"},
+        {"--plan", "--scenario", "--profile", "--ranks", "--steps", "--warmup", "--routing-out", "--trace", "--db",
+         "--timeout", "--device", "--cluster", "--out", "--predicted", "--measured"}},
+       validate},
+  };
+}
+
+}  // namespace moesim::cli

@@ -1,0 +1,109 @@
+// The predicted-vs-measured join (traces/validation.h) on synthetic trace pairs whose errors are
+// known by construction.
+#include "traces/validation.h"
+
+#include <catch2/catch.hpp>
+
+#include <string>
+
+namespace moesim::trace {
+namespace {
+
+Span span(const std::string& id, const std::string& name, OpKind kind, int rank, int step, int64_t start_ns,
+          int64_t end_ns) {
+  Span s;
+  s.set_op_id(id);
+  s.set_name(name);
+  s.set_kind(kind);
+  s.set_rank(rank);
+  s.set_step(step);
+  s.set_start_ns(start_ns);
+  s.set_end_ns(end_ns);
+  return s;
+}
+
+// Two ranks, three ops each: attention 100 us, an all-to-all 50 us, experts 200 us (predicted).
+Trace predicted() {
+  Trace t;
+  for (int r = 0; r < 2; ++r) {
+    *t.add_spans() = span("L0.attn mb0 fwd", "attn", ATTENTION, r, 0, 0, 100'000);
+    *t.add_spans() = span("L0.moe.dispatch_a2a mb0 fwd", "moe.dispatch_a2a", ALL_TO_ALL, r, 0, 100'000, 150'000);
+    *t.add_spans() = span("L0.moe.experts mb0 fwd", "moe.experts", GROUPED_GEMM, r, 0, 150'000, 350'000);
+  }
+  return t;
+}
+
+// Measured: attention takes 80 us (the prediction is 25% slow), experts 250 us (20% fast); rank 1
+// reaches the all-to-all 30 us late, so rank 0's span is 30 us longer but the exchange itself
+// (from the last arrival) takes 40 us on both (25% slow). Step s starts at s ms; step 0 is
+// warm-up and twice as slow everywhere.
+Trace measured(int steps) {
+  Trace t;
+  for (int s = 0; s < steps; ++s) {
+    const int64_t base = s * 1'000'000, k = s == 0 ? 2 : 1;
+    for (int r = 0; r < 2; ++r) {
+      const int64_t late = r == 1 ? 30'000 * k : 0;
+      const int64_t attn_end = base + 80'000 * k + late;
+      const int64_t a2a_end = base + (80'000 + 30'000 + 40'000) * k;
+      *t.add_spans() = span("L0.attn mb0 fwd", "attn", ATTENTION, r, s, base + late, attn_end);
+      *t.add_spans() = span("L0.moe.dispatch_a2a mb0 fwd", "moe.dispatch_a2a", ALL_TO_ALL, r, s, attn_end, a2a_end);
+      *t.add_spans() = span("L0.moe.experts mb0 fwd", "moe.experts", GROUPED_GEMM, r, s, a2a_end, a2a_end + 250'000 * k);
+    }
+  }
+  return t;
+}
+
+TEST_CASE("The join recovers known per-op and per-kind errors, collectives from the last arrival") {
+  const Comparison c = compare(predicted(), measured(4), {.predicted_step_s = 360e-6, .skip_steps = 1});
+  REQUIRE(c.ops.size() == 6);
+  CHECK(c.compared_steps == 3);
+  for (const OpError& e : c.ops) {
+    INFO(e.op_id << " rank " << e.rank);
+    if (e.kind == "attention") CHECK(e.error_pct == Approx(25));
+    if (e.kind == "dispatch_a2a") CHECK(e.measured_s == Approx(40e-6));
+    if (e.kind == "dispatch_a2a") CHECK(e.error_pct == Approx(25));
+    if (e.kind == "experts") CHECK(e.error_pct == Approx(-20));
+  }
+  CHECK(c.per_kind.at("attention").median_abs_pct == Approx(25));
+  CHECK(c.per_kind.at("experts").mean_pct == Approx(-20));
+  // A measured step: 80 + 30 + 40 + 250 = 400 us; predicted 360 us: -10% in each compared step.
+  CHECK(c.measured_step_median_s == Approx(400e-6));
+  CHECK(c.step.count == 3);
+  CHECK(c.step.median_abs_pct == Approx(10));
+  CHECK(c.step.mean_pct == Approx(-10));
+  CHECK(c.worst(1).at(0).kind != "experts");  // 25% beats 20%
+  // With the warm-up kept (skip 0), the slow step 0 widens the spread: max 55% (400 -> 800 us).
+  const Comparison all = compare(predicted(), measured(4), {.predicted_step_s = 360e-6, .skip_steps = 0});
+  CHECK(all.step.count == 4);
+  CHECK(all.step.max_abs_pct == Approx(55));
+}
+
+TEST_CASE("Traces of different schedules are refused with the first missing op") {
+  Trace other = measured(2);
+  other.mutable_spans(1)->set_op_id("L0.moe.combine_a2a mb0 fwd");  // rank 0, step 0 (skipped)
+  other.mutable_spans(7)->set_op_id("L0.moe.combine_a2a mb0 fwd");  // rank 0, step 1
+  CHECK_THROWS_WITH(compare(predicted(), other, {.predicted_step_s = 1e-4}),
+                    Catch::Contains("'L0.moe.dispatch_a2a mb0 fwd' on rank 0") && Catch::Contains("missing"));
+  Trace extra = measured(2);
+  *extra.add_spans() = span("optimizer", "optimizer", OPTIMIZER, 0, 1, 900'000, 950'000);
+  CHECK_THROWS_WITH(compare(predicted(), extra, {.predicted_step_s = 1e-4}),
+                    Catch::Contains("measured op 'optimizer' on rank 0") && Catch::Contains("not in the prediction"));
+  CHECK_THROWS_AS(compare(predicted(), Trace(), {}), std::invalid_argument);
+}
+
+TEST_CASE("Quantiles interpolate, Kendall's tau counts concordant pairs") {
+  CHECK(quantile({3, 1, 2}, 0.5) == 2);
+  CHECK(quantile({1, 2, 3, 4}, 0.5) == Approx(2.5));
+  CHECK(quantile({0, 10}, 0.9) == Approx(9));
+  CHECK(quantile({}, 0.5) == 0);
+  CHECK(kendall_tau({1, 2, 3, 4}, {10, 20, 30, 40}) == 1);
+  CHECK(kendall_tau({1, 2, 3, 4}, {40, 30, 20, 10}) == -1);
+  // One swapped pair of 6: (6 - 1 - 1) / 6 concordant-minus-discordant over pairs.
+  CHECK(kendall_tau({1, 2, 3, 4}, {1, 3, 2, 4}) == Approx(4.0 / 6));
+  CHECK(op_kind_label("moe.gate") == "gate");
+  CHECK(op_kind_label("attn") == "attention");
+  CHECK(op_kind_label("grad_allreduce") == "all_reduce");
+}
+
+}  // namespace
+}  // namespace moesim::trace

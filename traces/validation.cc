@@ -1,0 +1,157 @@
+#include "traces/validation.h"
+
+#include "traces/recorder.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <set>
+#include <utility>
+
+namespace moesim::trace {
+namespace {
+
+using Key = std::pair<std::string, int>;  // (op id, rank)
+
+std::string describe(const Key& k) { return fmt::format("'{}' on rank {}", k.first, k.second); }
+
+}  // namespace
+
+std::string op_kind_label(const std::string& name) {
+  if (name == "attn") return "attention";
+  if (name == "grad_allreduce") return "all_reduce";
+  if (name.rfind("moe.", 0) == 0) return name.substr(4);
+  return name;
+}
+
+double quantile(std::vector<double> v, double q) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const double pos = q * static_cast<double>(v.size() - 1);
+  const size_t lo = static_cast<size_t>(std::floor(pos));
+  const size_t hi = std::min(lo + 1, v.size() - 1);
+  return v[lo] + (v[hi] - v[lo]) * (pos - static_cast<double>(lo));
+}
+
+ErrorStats error_stats(const std::vector<double>& errors_pct) {
+  ErrorStats s;
+  s.count = static_cast<int>(errors_pct.size());
+  if (errors_pct.empty()) return s;
+  std::vector<double> abs;
+  double sum = 0;
+  for (double e : errors_pct) {
+    abs.push_back(std::fabs(e));
+    sum += e;
+  }
+  s.median_abs_pct = quantile(abs, 0.5);
+  s.p90_abs_pct = quantile(abs, 0.9);
+  s.max_abs_pct = *std::max_element(abs.begin(), abs.end());
+  s.mean_pct = sum / static_cast<double>(errors_pct.size());
+  return s;
+}
+
+double kendall_tau(const std::vector<double>& a, const std::vector<double>& b) {
+  const size_t n = std::min(a.size(), b.size());
+  if (n < 2) return 0;
+  double score = 0;
+  for (size_t i = 0; i < n; ++i)
+    for (size_t j = i + 1; j < n; ++j) {
+      const double s = (a[i] - a[j]) * (b[i] - b[j]);
+      score += s > 0 ? 1 : s < 0 ? -1 : 0;
+    }
+  return score / (static_cast<double>(n) * static_cast<double>(n - 1) / 2);
+}
+
+std::vector<OpError> Comparison::worst(size_t n) const {
+  std::vector<OpError> out = ops;
+  std::stable_sort(out.begin(), out.end(),
+                   [](const OpError& x, const OpError& y) { return std::fabs(x.error_pct) > std::fabs(y.error_pct); });
+  if (out.size() > n) out.resize(n);
+  return out;
+}
+
+Comparison compare(const Trace& predicted, const Trace& measured, const CompareOptions& options) {
+  if (measured.spans().empty()) throw std::invalid_argument("the measured trace has no spans");
+  int last_step = 0;
+  for (const Span& s : measured.spans()) last_step = std::max(last_step, s.step());
+  const int first_step = last_step >= options.skip_steps ? options.skip_steps : 0;
+
+  // Per compared step: each (op, rank)'s span, and for collectives the latest arrival per op id.
+  std::map<int, std::map<Key, const Span*>> by_step;
+  std::map<int, std::map<std::string, int64_t>> last_arrival;
+  std::map<int, std::pair<int64_t, int64_t>> step_bounds;
+  for (const Span& s : measured.spans()) {
+    if (s.step() < first_step) continue;
+    const Key k{s.op_id(), s.rank()};
+    if (!by_step[s.step()].emplace(k, &s).second)
+      throw TraceMismatch(fmt::format("measured trace: op {} appears twice in step {}", describe(k), s.step()));
+    if (is_collective(s.kind())) {
+      int64_t& t = last_arrival[s.step()][s.op_id()];
+      t = std::max(t, s.start_ns());
+    }
+    auto [it, fresh] = step_bounds.emplace(s.step(), std::pair{s.start_ns(), s.end_ns()});
+    if (!fresh) {
+      it->second.first = std::min(it->second.first, s.start_ns());
+      it->second.second = std::max(it->second.second, s.end_ns());
+    }
+  }
+
+  Comparison c;
+  c.predicted_step_s = options.predicted_step_s;
+  std::set<Key> predicted_keys;
+  for (const Span& p : predicted.spans()) {
+    const Key k{p.op_id(), p.rank()};
+    if (!predicted_keys.insert(k).second)
+      throw TraceMismatch(fmt::format("predicted trace: op {} appears twice", describe(k)));
+    std::vector<double> durations;
+    for (const auto& [step, spans] : by_step) {
+      auto it = spans.find(k);
+      if (it == spans.end())
+        throw TraceMismatch(fmt::format("op {} of the prediction is missing from the measured step {}: the traces are "
+                                        "not of the same schedule",
+                                        describe(k), step));
+      const Span& m = *it->second;
+      const int64_t start = is_collective(m.kind()) ? last_arrival[step][m.op_id()] : m.start_ns();
+      durations.push_back(static_cast<double>(std::max<int64_t>(0, m.end_ns() - start)) * 1e-9);
+    }
+    OpError e;
+    e.op_id = p.op_id();
+    e.kind = op_kind_label(p.name().empty() ? p.op_id() : p.name());
+    e.rank = p.rank();
+    e.predicted_s = static_cast<double>(p.end_ns() - p.start_ns()) * 1e-9;
+    e.measured_s = quantile(durations, 0.5);
+    e.error_pct = e.measured_s > 0 ? (e.predicted_s - e.measured_s) / e.measured_s * 100
+                  : e.predicted_s > 0 ? std::numeric_limits<double>::infinity()
+                                      : 0;
+    c.ops.push_back(std::move(e));
+  }
+  for (const auto& [step, spans] : by_step)
+    for (const auto& [k, span] : spans)
+      if (!predicted_keys.count(k))
+        throw TraceMismatch(fmt::format("measured op {} (step {}) is not in the prediction: the traces are not of the "
+                                        "same schedule",
+                                        describe(k), step));
+
+  std::vector<double> step_errors, all_errors;
+  std::map<std::string, std::vector<double>> kind_errors;
+  for (const auto& [step, bounds] : step_bounds) {
+    const double t = static_cast<double>(bounds.second - bounds.first) * 1e-9;
+    c.measured_step_s.push_back(t);
+    if (t > 0) step_errors.push_back((options.predicted_step_s - t) / t * 100);
+  }
+  for (const OpError& e : c.ops) {
+    if (!std::isfinite(e.error_pct)) continue;
+    kind_errors[e.kind].push_back(e.error_pct);
+    all_errors.push_back(e.error_pct);
+  }
+  c.compared_steps = static_cast<int>(by_step.size());
+  c.measured_step_median_s = quantile(c.measured_step_s, 0.5);
+  c.step = error_stats(step_errors);
+  c.all_ops = error_stats(all_errors);
+  for (const auto& [kind, errors] : kind_errors) c.per_kind[kind] = error_stats(errors);
+  return c;
+}
+
+}  // namespace moesim::trace

@@ -1,0 +1,93 @@
+// Predicted against measured: the join of a simulator trace and an executor trace of the same
+// Schedule by (op id, rank), and the error statistics `moesim validate` reports.
+//
+//   trace::Comparison c = trace::compare(predicted, measured, {.predicted_step_s = 0.023});
+//   c.step.median_abs_pct;  c.per_kind["experts"];  c.worst(5);
+//
+// ## The join
+// Every (op id, rank) of the predicted trace must appear in every compared step of the measured
+// trace, and every measured (op id, rank) in the predicted one; the first op missing either way
+// makes compare() throw TraceMismatch naming it (traces of different plans are not joined).
+//
+// ## Durations
+// Predicted: the span's end - start (one simulated step). Measured: the median over the compared
+// steps (steps >= skip_steps, the warm-up left out) of the rank's span. For a collective the
+// simulator's span starts when every participant is ready (the rendezvous), while an executor
+// rank's span starts when that rank arrives; so a measured collective counts from the latest
+// arrival of the ranks running the same op id in that step to the rank's end, the time the
+// exchange itself took.
+//
+// ## Errors
+// error_pct = (predicted - measured) / measured x 100 (positive: the simulator is slow). A step's
+// measured time is the latest span end minus the earliest span start over all ranks in that step;
+// each compared step gives one step-time error against the one predicted step time. Medians and
+// percentiles interpolate linearly between order statistics (numpy's default).
+#pragma once
+
+#include "traces/trace.pb.h"
+
+#include <map>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace moesim::trace {
+
+// The traces do not describe the same ops: what() names the first op missing and from which side.
+class TraceMismatch : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+struct OpError {
+  std::string op_id;
+  std::string kind;  // op_kind_label(name)
+  int rank = 0;
+  double predicted_s = 0;
+  double measured_s = 0;
+  double error_pct = 0;
+};
+
+struct ErrorStats {
+  int count = 0;
+  double median_abs_pct = 0;
+  double p90_abs_pct = 0;
+  double max_abs_pct = 0;
+  double mean_pct = 0;  // signed: the bias
+};
+
+struct CompareOptions {
+  double predicted_step_s = 0;  // the simulator's step time
+  int skip_steps = 1;           // measured warm-up steps left out (all kept when fewer steps exist)
+};
+
+struct Comparison {
+  std::vector<OpError> ops;                 // every matched (op, rank), in predicted span order
+  std::vector<double> measured_step_s;      // per compared step
+  double predicted_step_s = 0;
+  double measured_step_median_s = 0;
+  ErrorStats step;                          // step-time errors, one per compared step
+  std::map<std::string, ErrorStats> per_kind;
+  ErrorStats all_ops;
+  int compared_steps = 0;
+
+  // The n ops with the largest absolute error, largest first.
+  std::vector<OpError> worst(size_t n) const;
+};
+
+// Throws TraceMismatch (see above), or std::invalid_argument for a measured trace without spans.
+Comparison compare(const Trace& predicted, const Trace& measured, const CompareOptions& options);
+
+// A span name as an error category: "moe.gate" -> "gate", "moe.dispatch_a2a" -> "dispatch_a2a",
+// "attn" -> "attention", "grad_allreduce" -> "all_reduce"; other names as they are.
+std::string op_kind_label(const std::string& name);
+
+// The q-quantile (0..1) of `values` with linear interpolation; 0 for no values.
+double quantile(std::vector<double> values, double q);
+ErrorStats error_stats(const std::vector<double>& errors_pct);
+
+// Kendall's tau-a between two rankings of the same items given as scores (ties count 0):
+// (concordant - discordant pairs) / (n (n - 1) / 2); 1 = the same order. 0 for fewer than 2 items.
+double kendall_tau(const std::vector<double>& a, const std::vector<double>& b);
+
+}  // namespace moesim::trace
