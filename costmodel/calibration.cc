@@ -1,0 +1,119 @@
+#include "costmodel/calibration.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+
+namespace moesim::cost {
+namespace {
+
+// The time a kernel spent beyond its launch, floored at 1% of the measurement.
+double busy_s(const KernelSample& s, double launch_s) { return std::max(s.seconds - launch_s, 0.01 * s.seconds); }
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+}  // namespace
+
+double fit_peak_flops(const std::vector<KernelSample>& samples, double launch_s) {
+  double best = 0;
+  for (const KernelSample& s : samples)
+    if (s.flops > 0 && s.seconds > 0) best = std::max(best, s.flops / busy_s(s, launch_s));
+  return best;
+}
+
+profile::EfficiencyCurve fit_efficiency_curve(profile::OpKind op, profile::DType dtype,
+                                              const std::vector<KernelSample>& samples, double peak_flops,
+                                              double launch_s, double group_ratio) {
+  profile::EfficiencyCurve curve;
+  curve.set_op(op);
+  curve.set_dtype(dtype);
+  std::vector<std::pair<double, double>> pts;  // (flops, efficiency)
+  for (const KernelSample& s : samples)
+    if (s.flops > 0 && s.seconds > 0 && peak_flops > 0)
+      pts.emplace_back(s.flops, std::clamp(s.flops / (peak_flops * busy_s(s, launch_s)), 1e-9, 1.0));
+  std::sort(pts.begin(), pts.end());
+  double prev_f = 0, prev_e = 0;
+  for (size_t i = 0; i < pts.size();) {
+    size_t j = i;
+    double log_sum = 0;
+    std::vector<double> effs;
+    for (; j < pts.size() && pts[j].first <= pts[i].first * group_ratio; ++j) {
+      log_sum += std::log(pts[j].first);
+      effs.push_back(pts[j].second);
+    }
+    const double f = std::exp(log_sum / static_cast<double>(j - i));
+    double e = median(effs);
+    if (prev_f > 0) {
+      if (f <= prev_f) {  // rounding of the geometric mean: keep the points strictly increasing
+        i = j;
+        continue;
+      }
+      e = std::min(e, prev_e * (1 + std::log(f / prev_f)));
+    }
+    profile::EfficiencyPoint* p = curve.add_point();
+    p->set_flops(f);
+    p->set_efficiency(e);
+    prev_f = f;
+    prev_e = e;
+    i = j;
+  }
+  return curve;
+}
+
+double fit_memory_bandwidth(const std::vector<KernelSample>& samples, double launch_s) {
+  double bytes = 0, seconds = 0;
+  for (const KernelSample& s : samples) {
+    if (s.bytes <= 0 || s.seconds <= 0) continue;
+    bytes += s.bytes;
+    seconds += busy_s(s, launch_s);
+  }
+  return seconds > 0 ? bytes / seconds : 0;
+}
+
+LinkFit fit_link(const std::vector<LinkSample>& samples, double step_overhead_s) {
+  if (samples.size() < 2) throw std::invalid_argument("a link fit needs at least 2 collective samples");
+  // Weighted normal equations for t = steps lambda + c beta, weights 1 / t^2.
+  double a11 = 0, a12 = 0, a22 = 0, b1 = 0, b2 = 0;
+  for (const LinkSample& s : samples) {
+    if (!(s.seconds > 0)) throw std::invalid_argument("collective samples need positive times");
+    const double w = 1 / (s.seconds * s.seconds);
+    a11 += w * s.steps * s.steps;
+    a12 += w * s.steps * s.transfer_c;
+    a22 += w * s.transfer_c * s.transfer_c;
+    b1 += w * s.steps * s.seconds;
+    b2 += w * s.transfer_c * s.seconds;
+  }
+  const double det = a11 * a22 - a12 * a12;
+  if (!(std::fabs(det) > 1e-12 * a11 * a22))
+    throw std::invalid_argument("collective samples of one shape cannot separate latency from bandwidth");
+  double lambda = (b1 * a22 - b2 * a12) / det;
+  double beta = (a11 * b2 - a12 * b1) / det;
+  if (beta <= 0) {  // no visible bandwidth term: latency alone (bandwidth unbounded)
+    beta = 0;
+    lambda = b1 / a11;
+  }
+  if (lambda < 0) {  // no visible latency: bandwidth alone
+    lambda = 0;
+    beta = b2 / a22;
+  }
+  LinkFit fit;
+  fit.lambda_s = lambda;
+  fit.latency_s = std::max(0.0, lambda - step_overhead_s);
+  fit.bandwidth_Bps = beta > 0 ? 1 / beta : 1e18;
+  std::vector<double> residuals;
+  for (const LinkSample& s : samples) {
+    const double model = s.steps * (step_overhead_s + fit.latency_s) + s.transfer_c / fit.bandwidth_Bps;
+    residuals.push_back(std::fabs(model - s.seconds) / s.seconds * 100);
+  }
+  fit.median_abs_residual_pct = median(residuals);
+  fit.max_abs_residual_pct = *std::max_element(residuals.begin(), residuals.end());
+  return fit;
+}
+
+}  // namespace moesim::cost

@@ -1,0 +1,68 @@
+// Calibration fits: measured kernel and collective times -> a device profile's efficiency curves
+// and a cluster's link parameters, in the cost model's own terms, so that the cost model (and the
+// simulator through it) reproduces the measurements. `moesim calibrate` measures; this fits.
+//
+// ## Kernels (costmodel/compute.h)
+// A compute-bound kernel takes launch_s + flops / (peak x eff(flops)). Given the launch overhead
+// and the peak, each sample gives eff_i = flops_i / (peak x (t_i - launch_s)) (t_i - launch_s
+// floored at 1% of t_i). The curve's points are the samples grouped by size: samples whose FLOPs
+// lie within a factor `group_ratio` of a group's first sample form one point at their geometric
+// mean FLOPs with their median efficiency. Efficiencies are clamped to (0, 1], and each point to
+// e[i+1] <= e[i] (1 + ln(f[i+1] / f[i])) (compute.h's rule: a bigger kernel never runs faster).
+// The peak is the fastest sample's achieved FLOP/s (t - launch), so the best kernel has
+// efficiency 1.
+// Memory-bound kernels take launch_s + bytes / bandwidth: the bandwidth is sum(bytes) /
+// sum(t - launch), the time-weighted fit over the samples.
+//
+// ## Links (costmodel/collectives.h)
+// A collective's modelled time is steps x (o + L) + transfer, with transfer inversely proportional
+// to the link bandwidth B. With lambda = o + L and beta = 1/B, every sample is linear:
+//   t_i = steps_i lambda + c_i beta,   c_i = transfer_i(B_ref) x B_ref,
+// fitted by least squares on relative errors (weights 1 / t_i^2), then L = max(0, lambda - o).
+// The samples' steps_i and c_i come from the cost model on the cluster being calibrated.
+#pragma once
+
+#include "costmodel/device_profile.pb.h"
+
+#include <vector>
+
+namespace moesim::cost {
+
+struct KernelSample {
+  double flops = 0;
+  double bytes = 0;
+  double seconds = 0;  // measured, launch included
+};
+
+// The achieved FLOP/s of the fastest sample (flops / (t - launch)); 0 without samples.
+double fit_peak_flops(const std::vector<KernelSample>& samples, double launch_s);
+
+// The efficiency curve of `op` / `dtype` through the samples (see above). Samples with no FLOPs
+// are ignored; an empty curve when none is left.
+profile::EfficiencyCurve fit_efficiency_curve(profile::OpKind op, profile::DType dtype,
+                                              const std::vector<KernelSample>& samples, double peak_flops,
+                                              double launch_s, double group_ratio = 2.0);
+
+// Bandwidth of memory-bound kernels: sum(bytes) / sum(t - launch).
+double fit_memory_bandwidth(const std::vector<KernelSample>& samples, double launch_s);
+
+// A collective sample in the model's linear form (see above).
+struct LinkSample {
+  double steps = 0;        // alphas the model charges
+  double transfer_c = 0;   // transfer time x bandwidth (bytes through the bottleneck)
+  double seconds = 0;      // measured
+};
+
+struct LinkFit {
+  double latency_s = 0;    // L (per step, route latency) = lambda - overhead, floored at 0
+  double lambda_s = 0;     // the fitted per-step time o + L
+  double bandwidth_Bps = 0;
+  double median_abs_residual_pct = 0;  // |model - measured| / measured over the samples
+  double max_abs_residual_pct = 0;
+};
+
+// Throws std::invalid_argument with fewer than 2 samples or when the samples cannot separate
+// latency from bandwidth (all of one size).
+LinkFit fit_link(const std::vector<LinkSample>& samples, double step_overhead_s);
+
+}  // namespace moesim::cost

@@ -1,0 +1,117 @@
+// Calibration fits (costmodel/calibration.h) on synthetic measurements made by the cost model
+// itself from known parameters: the fits must recover those parameters (within 2%, the issue's
+// bar), and the fitted profile must reproduce the measurements through costmodel/compute.h.
+#include "costmodel/calibration.h"
+#include "costmodel/collectives.h"
+#include "costmodel/compute.h"
+#include "test_clusters.h"
+#include "topologies/cluster.h"
+
+#include <catch2/catch.hpp>
+#include <fmt/format.h>
+#include <google/protobuf/text_format.h>
+
+#include <cmath>
+
+namespace moesim::cost {
+namespace {
+
+// A known profile: peak 80 GFLOP/s, launch 2 us, GEMM efficiency 0.2 at 1e5 FLOPs rising to 0.8
+// at 1e8, memory 20 GB/s.
+DeviceProfile known() {
+  return load_device_profile_text(R"pb(
+    device { name: "cpu-rank" peak_flops_per_s { fp32: 80e9 } memory_bytes: 8e9 memory_bandwidth_Bps: 20e9
+             kernel_launch_overhead_s: 2e-6 }
+    memory_bandwidth_efficiency: 1
+    compute { op: GEMM dtype: FP32 point { flops: 1e5 efficiency: 0.2 } point { flops: 1e6 efficiency: 0.45 }
+              point { flops: 1e8 efficiency: 0.8 } })pb",
+                                  "known.textproto");
+}
+
+Op gemm(double m, double n, double k) {
+  Op op;
+  op.name = "g";
+  op.kind = OpKind::kGemm;
+  op.m = m;
+  op.n = n;
+  op.k = k;
+  op.flops = 2 * m * n * k;
+  op.bytes = 0;  // compute-bound by construction
+  return op;
+}
+
+TEST_CASE("Efficiency curves, peak and bandwidth are recovered from the model's own times") {
+  const DeviceProfile p = known();
+  std::vector<KernelSample> samples;
+  // Samples at the curve's knots (a few shapes each) and between them, plus one at the top.
+  for (double flops : {1e5, 1e6, 1e8})
+    for (double m : {10.0, 40.0}) {
+      const double nk = flops / (2 * m);
+      const Op op = gemm(m, std::sqrt(nk), std::sqrt(nk));
+      samples.push_back({op.flops, 0, op_time(p, op, DType::kFp32).time_s});
+    }
+  const double launch = 2e-6;
+  // The fastest sample runs at 0.8 of the peak: the fit's peak is 0.8 x 80 GFLOP/s, and every
+  // efficiency comes out relative to that (x 1 / 0.8).
+  const double peak = fit_peak_flops(samples, launch);
+  CHECK(peak == Approx(0.8 * 80e9).epsilon(0.02));
+  const profile::EfficiencyCurve c = fit_efficiency_curve(profile::GEMM, profile::FP32, samples, 80e9, launch);
+  REQUIRE(c.point_size() == 3);
+  const double expected[][2] = {{1e5, 0.2}, {1e6, 0.45}, {1e8, 0.8}};
+  for (int i = 0; i < 3; ++i) {
+    CHECK(c.point(i).flops() == Approx(expected[i][0]).epsilon(0.02));
+    CHECK(c.point(i).efficiency() == Approx(expected[i][1]).epsilon(0.02));
+  }
+  // Memory-bound kernels: 20 GB/s recovered from launch + bytes / bandwidth.
+  std::vector<KernelSample> mem;
+  for (double bytes : {1e4, 1e6, 3e7}) mem.push_back({0, bytes, launch + bytes / 20e9});
+  CHECK(fit_memory_bandwidth(mem, launch) == Approx(20e9).epsilon(0.02));
+}
+
+TEST_CASE("A too-steep or noisy curve is clamped to compute.h's rule and to (0, 1]") {
+  // Efficiency 0.1 at 1e4 then 1.0 at 2e4 would make the bigger kernel faster: clamped.
+  std::vector<KernelSample> s = {{1e4, 0, 1e4 / (0.1 * 1e9)}, {2e4, 0, 2e4 / (1.0 * 1e9)}, {4e4, 0, 4e4 / (3.0 * 1e9)}};
+  const profile::EfficiencyCurve c = fit_efficiency_curve(profile::GEMM, profile::FP32, s, 1e9, 0, 1.5);
+  REQUIRE(c.point_size() == 3);
+  for (int i = 1; i < 3; ++i) {
+    CHECK(c.point(i).efficiency() <= c.point(i - 1).efficiency() * (1 + std::log(c.point(i).flops() / c.point(i - 1).flops())) + 1e-12);
+    CHECK(c.point(i).efficiency() <= 1);
+  }
+  // The curve loads as a profile: compute.h accepts it.
+  profile::DeviceProfile spec;
+  google::protobuf::TextFormat::ParseFromString(
+      R"pb(device { name: "x" peak_flops_per_s { fp32: 1e9 } memory_bytes: 1e9 memory_bandwidth_Bps: 1e9 })pb", &spec);
+  *spec.add_compute() = c;
+  CHECK_NOTHROW(DeviceProfile::from_spec(spec));
+}
+
+TEST_CASE("Link latency and bandwidth are recovered from the collective model's own times") {
+  // Two devices on one switch, 5 GB/s and 3 us apart (PCIe slower, so routes take the switch, as
+  // in the clusters `moesim calibrate` writes): all-to-alls and all-reduces from 1 KB to 16 MB
+  // timed by the model, then fitted back through a reference cluster of other parameters.
+  auto cluster_with = [](double bw, double lat) {
+    return topo::load_cluster_text(fmt::format(R"pb(name: "c" nodes: 1
+      node {{ device {{ name: "r" peak_flops_per_s {{ fp32: 1e11 }} memory_bytes: 1e10 memory_bandwidth_Bps: 1e10 }}
+              devices_per_node: 2 intra_fabric: NVSWITCH scaleup_bandwidth_Bps: {} scaleup_latency_s: {}
+              pcie {{ device_bandwidth_Bps: 1e8 latency_s: 1e-5 }} }})pb",
+                                               bw, lat),
+                                   "c.textproto");
+  };
+  const topo::Cluster truth = cluster_with(5e9, 3e-6), ref = cluster_with(1e9, 1e-6);
+  const CollectiveModel measured(truth), model(ref);
+  std::vector<LinkSample> samples;
+  for (double bytes = 1e3; bytes <= 16e6; bytes *= 4)
+    for (CollectiveOp op : {CollectiveOp::kAllToAll, CollectiveOp::kAllReduce}) {
+      const CollectiveCost m = model.cost(op, {0, 1}, bytes);
+      samples.push_back({double(m.steps), m.transfer_s * 1e9, measured.cost(op, {0, 1}, bytes).time_s});
+    }
+  const LinkFit fit = fit_link(samples, kDefaultStepOverhead_s);
+  CHECK(fit.bandwidth_Bps == Approx(5e9).epsilon(0.02));
+  CHECK(fit.latency_s == Approx(3e-6).epsilon(0.02));
+  CHECK(fit.max_abs_residual_pct < 0.1);
+  // One size only cannot tell latency from bandwidth.
+  CHECK_THROWS_AS(fit_link({samples[0], samples[0]}, kDefaultStepOverhead_s), std::invalid_argument);
+}
+
+}  // namespace
+}  // namespace moesim::cost
