@@ -50,6 +50,7 @@ int run(int argc, char** argv) {
   for (Command& c : sweep_commands()) commands.push_back(std::move(c));
   for (Command& c : report_commands()) commands.push_back(std::move(c));
   for (Command& c : validate_commands()) commands.push_back(std::move(c));
+  for (Command& c : calibrate_commands()) commands.push_back(std::move(c));
   std::vector<std::string> args(argv + 1, argv + argc);
   if (args.empty() || args[0] == "--help" || args[0] == "-h" || args[0] == "help") {
     std::cout << top_help(commands);

@@ -25,6 +25,7 @@
 #include "traces/recorder.h"
 #include "traces/store.h"
 #include "traces/validation.h"
+#include "topologies/hardware.pb.h"
 
 #include <fmt/format.h>
 #include <google/protobuf/text_format.h>
@@ -38,6 +39,7 @@
 #include <iostream>
 #include <memory>
 #include <optional>
+#include <sstream>
 
 namespace moesim::cli {
 namespace {
@@ -75,15 +77,16 @@ void fill(const trace::Comparison& c, ValidateResult* out) {
   out->set_kendall_tau(trace::kendall_tau(predicted, measured));
   out->set_matched_ops(static_cast<int>(c.ops.size()));
   out->set_unmatched_ops(0);
-  for (const trace::OpError& e : c.worst(kWorstOps)) {
-    OpErrorEntry* w = out->add_worst_ops();
+  auto entry = [](const trace::OpError& e, OpErrorEntry* w) {
     w->set_op_id(e.op_id);
     w->set_kind(e.kind);
     w->set_rank(e.rank);
     w->set_predicted_s(e.predicted_s);
     w->set_measured_s(e.measured_s);
     w->set_error_pct(e.error_pct);
-  }
+  };
+  for (const trace::OpError& e : c.worst(kWorstOps)) entry(e, out->add_worst_ops());
+  for (const trace::OpError& e : c.ops) entry(e, out->add_ops());
 }
 
 std::string signed_pct(double v) { return fmt::format("{:+.1f}%", v); }
@@ -380,6 +383,26 @@ int validate_suite(const Args& a) {
   const bool progress = ::isatty(STDERR_FILENO) && !json;
   const auto t0 = std::chrono::steady_clock::now();
 
+  // The cluster with as many devices as each plan has ranks (the calibrated node, resized).
+  hw::Cluster node;
+  {
+    std::ifstream f(cluster);
+    std::stringstream text;
+    text << f.rdbuf();
+    if (!google::protobuf::TextFormat::ParseFromString(text.str(), &node) || !node.has_node())
+      throw UsageError(fmt::format("{}: not a one-node cluster as `moesim calibrate` writes", cluster));
+  }
+  auto cluster_of = [&](int ranks) {
+    const std::string path = (dir / fmt::format("cluster-{}.textproto", ranks)).string();
+    hw::Cluster c = node;
+    c.set_nodes(1);
+    c.mutable_node()->set_devices_per_node(ranks);
+    std::string text;
+    google::protobuf::TextFormat::PrintToString(c, &text);
+    std::ofstream(path) << fmt::format("# {} resized to {} device(s) for the validation suite\n{}", cluster, ranks, text);
+    return path;
+  };
+
   ValidateSuiteResult suite;
   suite.set_cluster(cluster);
   suite.set_device_profile(profile);
@@ -394,7 +417,7 @@ int validate_suite(const Args& a) {
         "workload_inline {{ name: \"suite\" training {{ global_batch: {} micro_batch: {} sequence: 32 precision: FP32 "
         "optimizer: ADAM }} }}\n"
         "strategy_inline {{ name: \"dp{}-ep{}-cf{}-{}\" dp: {} ep: {} capacity_factor: {} drop_policy: {} }}\n",
-        p.name, p.model, p.ranks, p.name, cluster, configs, p.model,
+        p.name, p.model, p.ranks, p.name, cluster_of(p.ranks), configs, p.model,
         profile.empty() ? "" : fmt::format("device_profile: \"{}\"\n", profile), p.batch, p.micro_batch, p.ranks, p.ep,
         p.capacity_factor, p.drop_policy, p.ranks, p.ep, p.capacity_factor, p.drop_policy);
     if (progress) std::cerr << fmt::format("\r[{}/{}] {:<24}", index, std::size(kSuite), p.name) << std::flush;

@@ -76,6 +76,28 @@ double fit_memory_bandwidth(const std::vector<KernelSample>& samples, double lau
   return seconds > 0 ? bytes / seconds : 0;
 }
 
+double fit_backward_factor(const DeviceProfile& profile, OpKind kind, const std::vector<KernelSample>& samples) {
+  std::vector<double> ratios;
+  for (const KernelSample& s : samples) {
+    Op op;
+    op.name = "backward";
+    op.kind = kind;
+    op.flops = s.flops;
+    op.bytes = s.bytes;  // backward stays false: the roofline time with factor 1
+    const OpTime t = op_time(profile, op, DType::kFp32);
+    const double roofline = t.time_s - t.launch_s;
+    if (roofline > 0 && s.seconds > 0) ratios.push_back(busy_s(s, t.launch_s) / roofline);
+  }
+  return ratios.empty() ? 1.0 : std::clamp(median(ratios), 0.01, 100.0);
+}
+
+double fit_in_situ_factor(const std::vector<double>& c, const std::vector<double>& b, const std::vector<double>& t) {
+  std::vector<double> ratios;
+  for (size_t j = 0; j < c.size(); ++j)
+    if (c[j] > 0 && t[j] > 0) ratios.push_back(std::max(t[j] - b[j], 0.0) / c[j]);
+  return ratios.empty() ? 1.0 : std::clamp(median(ratios), 0.1, 10.0);
+}
+
 LinkFit fit_link(const std::vector<LinkSample>& samples, double step_overhead_s) {
   if (samples.size() < 2) throw std::invalid_argument("a link fit needs at least 2 collective samples");
   // Weighted normal equations for t = steps lambda + c beta, weights 1 / t^2.

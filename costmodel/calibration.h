@@ -22,6 +22,7 @@
 // The samples' steps_i and c_i come from the cost model on the cluster being calibrated.
 #pragma once
 
+#include "costmodel/compute.h"
 #include "costmodel/device_profile.pb.h"
 
 #include <vector>
@@ -45,6 +46,19 @@ profile::EfficiencyCurve fit_efficiency_curve(profile::OpKind op, profile::DType
 
 // Bandwidth of memory-bound kernels: sum(bytes) / sum(t - launch).
 double fit_memory_bandwidth(const std::vector<KernelSample>& samples, double launch_s);
+
+// The backward factor of `kind` (device_profile.proto `backward`): the median over the samples
+// (backward kernels' FLOPs, bytes and times) of (t - launch) / (the profile's roofline time for
+// them with factor 1, launch aside). 1 without samples.
+double fit_backward_factor(const DeviceProfile& profile, OpKind kind, const std::vector<KernelSample>& samples);
+
+// The in-situ factor (device_profile.proto `in_situ`) from a calibration step: op j's measured
+// time t_j against the model's time for it, split into a part the factor scales (its kernels'
+// roofline time c_j, launches aside) and a fixed part b_j (launches). The factor is the median
+// over the ops of (t_j - b_j) / c_j, clamped to [0.1, 10]: robust to the few ops a shared machine
+// slows down at random. 1 without ops.
+double fit_in_situ_factor(const std::vector<double>& scaled, const std::vector<double>& fixed,
+                          const std::vector<double>& measured);
 
 // A collective sample in the model's linear form (see above).
 struct LinkSample {

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <map>
+#include <set>
 #include <optional>
 #include <utility>
 
@@ -153,6 +154,28 @@ void validate_curve(const ConfigScope& c, const profile::EfficiencyCurve& curve)
 void validate(const ConfigScope& root, const profile::DeviceProfile& p) {
   if (root.require("device") && !p.device().has_preset()) topo::validate_device_type(root.child("device"), Need::kOptional);  // else reported
   root.positive("memory_bandwidth_efficiency", Need::kOptional, /*allow_zero=*/false, 1.0);
+  std::set<int> memory_kinds;
+  for (int i = 0; i < p.memory_size(); ++i) {
+    ConfigScope m = root.child("memory", i);
+    m.require("op");
+    m.positive("efficiency", Need::kRequired, /*allow_zero=*/false, 1.0);
+    if (p.memory(i).has_op() && (index_of(p.memory(i).op()) < 0 || !memory_kinds.insert(p.memory(i).op()).second))
+      m.error("op", fmt::format("{} is not a kernel kind or has a memory efficiency already",
+                                profile::OpKind_Name(p.memory(i).op())));
+  }
+  auto check_factors = [&](const char* field, const auto& factors) {
+    std::set<int> kinds;
+    for (int i = 0; i < factors.size(); ++i) {
+      ConfigScope b = root.child(field, i);
+      b.require("op");
+      b.positive("time_factor", Need::kRequired, /*allow_zero=*/false, 100.0);
+      if (factors.Get(i).has_op() && (index_of(factors.Get(i).op()) < 0 || !kinds.insert(factors.Get(i).op()).second))
+        b.error("op", fmt::format("{} is not a kernel kind or has a {} factor already",
+                                  profile::OpKind_Name(factors.Get(i).op()), field));
+    }
+  };
+  check_factors("backward", p.backward());
+  check_factors("in_situ", p.in_situ());
   topo::check_latency(root, "kernel_launch_overhead_s");
   std::map<std::pair<int, int>, int> seen;  // (kind, dtype) -> curve index
   for (int i = 0; i < p.compute_size(); ++i) {
@@ -189,6 +212,15 @@ class ProfileBuilder {
     const profile::DeviceProfile& s = out.spec_;
     out.source_ = s.has_source() ? s.source() : "unspecified";
     if (s.has_memory_bandwidth_efficiency()) out.memory_efficiency_ = s.memory_bandwidth_efficiency();
+    out.kind_memory_efficiency_.fill(out.memory_efficiency_);
+    for (const profile::MemoryEfficiency& m : s.memory())
+      out.kind_memory_efficiency_[static_cast<size_t>(index_of(m.op()))] = m.efficiency();
+    out.backward_factor_.fill(1.0);
+    for (const profile::BackwardFactor& b : s.backward())
+      out.backward_factor_[static_cast<size_t>(index_of(b.op()))] = b.time_factor();
+    out.in_situ_factor_.fill(1.0);
+    for (const profile::InSituFactor& f : s.in_situ())
+      out.in_situ_factor_[static_cast<size_t>(index_of(f.op()))] = f.time_factor();
     if (s.has_kernel_launch_overhead_s()) out.launch_overhead_s_ = s.kernel_launch_overhead_s();
     else if (s.device().has_kernel_launch_overhead_s()) out.launch_overhead_s_ = s.device().kernel_launch_overhead_s();
 
@@ -263,6 +295,13 @@ double DeviceProfile::peak_flops_per_s(OpKind kind, DType dtype) const {
   return peak_flops_per_s(is_vector_op(kind) ? DType::kFp32 : dtype);
 }
 
+double DeviceProfile::backward_time_factor(OpKind kind) const { return backward_factor_[static_cast<size_t>(kind)]; }
+double DeviceProfile::in_situ_time_factor(OpKind kind) const { return in_situ_factor_[static_cast<size_t>(kind)]; }
+
+double DeviceProfile::memory_bandwidth_efficiency(OpKind kind) const {
+  return kind_memory_efficiency_[static_cast<size_t>(kind)];
+}
+
 double DeviceProfile::compute_efficiency(OpKind kind, DType dtype, double flops) const {
   return curve(kind, dtype).at(flops);
 }
@@ -294,7 +333,10 @@ OpTime op_time(const DeviceProfile& profile, const Op& op, DType dtype) {
   t.efficiency = profile.compute_efficiency(op.kind, dtype, op.flops);
   t.compute_s = op.flops > 0 ? op.flops / (profile.peak_flops_per_s(op.kind, dtype) * t.efficiency) : 0;
   const double bytes = op.bytes * dtype_bytes(t.dtype) / dtype_bytes(dtype);
-  t.memory_s = bytes / (profile.memory_bandwidth_Bps() * profile.memory_bandwidth_efficiency());
+  t.memory_s = bytes / (profile.memory_bandwidth_Bps() * profile.memory_bandwidth_efficiency(op.kind));
+  const double f = profile.in_situ_time_factor(op.kind) * (op.backward ? profile.backward_time_factor(op.kind) : 1.0);
+  t.compute_s *= f;
+  t.memory_s *= f;
   t.launch_s = profile.kernel_launch_overhead_s();
   t.memory_bound = t.memory_s > t.compute_s;
   t.time_s = t.launch_s + std::max(t.compute_s, t.memory_s);
@@ -324,6 +366,7 @@ std::vector<Op> backward_ops(const Op& fwd) {
     op.k = k;
     op.flops = flops;
     op.bytes = bytes;
+    op.backward = true;
     return op;
   };
   switch (fwd.kind) {

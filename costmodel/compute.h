@@ -6,7 +6,8 @@
 //
 // The model, per kernel:
 //
-//   time_s    = launch_s + max(compute_s, memory_s)
+//   time_s    = launch_s + max(compute_s, memory_s) x in_situ(kind) [x backward(kind) for
+//               backward kernels]   (the profile's per-kind factors, default 1)
 //   launch_s  = kernel launch overhead (profile, else device type, else 4 us)
 //   compute_s = flops / (peak_flops(kind, dtype') * eff_compute(kind, dtype', flops))
 //   memory_s  = bytes * width(dtype') / width(dtype) / (memory_bandwidth_Bps * eff_memory)
@@ -37,7 +38,8 @@
 // Efficiency curves: the profile's curve for (kind, dtype') if it has one, else the built-in
 // prior for that pair (compute.cc; roughly an H100 with cuBLAS / FlashAttention-class kernels:
 // large bf16 GEMMs ~0.75 of peak, attention ~0.5, vector ops a flat 0.5 of the fp32 peak).
-// Memory efficiency defaults to 0.85 of datasheet HBM bandwidth.
+// Memory efficiency defaults to 0.85 of datasheet HBM bandwidth; a profile may give a kernel kind
+// its own (`memory { op: NORM efficiency: 0.4 }`), used in memory_s for that kind.
 #pragma once
 
 #include "costmodel/device_profile.pb.h"
@@ -79,6 +81,12 @@ class DeviceProfile {
   double compute_efficiency(OpKind kind, DType dtype, double flops) const;
   double memory_bandwidth_Bps() const { return spec_.device().memory_bandwidth_bps(); }
   double memory_bandwidth_efficiency() const { return memory_efficiency_; }
+  // The kind's own memory efficiency (profile `memory`), else the one above.
+  double memory_bandwidth_efficiency(OpKind kind) const;
+  // Backward kernels of this kind take this many times their roofline time (profile `backward`; 1).
+  double backward_time_factor(OpKind kind) const;
+  // Every kernel of this kind takes this many times its roofline time (profile `in_situ`; 1).
+  double in_situ_time_factor(OpKind kind) const;
   double kernel_launch_overhead_s() const { return launch_overhead_s_; }
 
  private:
@@ -98,6 +106,9 @@ class DeviceProfile {
   std::array<DType, kDTypes> effective_{};  // by requested DType
   std::array<double, kDTypes> peak_flops_per_s_{};  // by requested DType, after fallback
   double memory_efficiency_ = kDefaultMemoryBandwidthEfficiency;
+  std::array<double, kKinds> kind_memory_efficiency_{};  // by kind; filled when built
+  std::array<double, kKinds> backward_factor_{};         // by kind; filled when built
+  std::array<double, kKinds> in_situ_factor_{};          // by kind; filled when built
   double launch_overhead_s_ = kDefaultKernelLaunchOverhead_s;
 };
 

@@ -29,7 +29,7 @@ class LayerBuilder {
   }
   void gemm(const std::string& name, double m, double k, double n, int64_t groups, OpKind kind = OpKind::kGemm) {
     Op op{name, kind, m, n, k, groups, 2 * m * n * k * groups,
-          groups * ((m * k + m * n) * e_ + k * n * kWeightBytes)};
+          groups * ((m * k + m * n) * e_ + k * n * kWeightBytes), false};
     l_->flops_fwd += op.flops;
     l_->ops.push_back(std::move(op));
   }
@@ -44,6 +44,13 @@ class LayerBuilder {
     op.kind = kind;
     op.bytes = bytes;
     l_->ops.push_back(std::move(op));
+  }
+  // An activation function over `elements` outputs: memory-bound on GPUs, but its arithmetic
+  // (kActivationFlops per output) bounds it on CPUs, so it carries those FLOPs (not counted in
+  // the model's FLOPs, which are the matrix multiplies').
+  void activation(const std::string& name, double elements, double bytes) {
+    memory_op(name, OpKind::kElementwise, bytes);
+    l_->ops.back().flops = kActivationFlops * elements;
   }
   void attention(const std::string& name, double queries_per_seq, double keys, double heads, double qk_dim,
                  double v_dim) {
@@ -148,7 +155,7 @@ ActivationBytes ffn_block(LayerBuilder& b, const model::Transformer& t, const Tr
     const double f = t.ffn_hidden();
     const double up = gated(t.activation()) ? 2 * f : f;
     b.linear(prefix + ".up", d.h, up);
-    b.memory_op(prefix + ".act", OpKind::kElementwise, tokens * (up + f) * e);
+    b.activation(prefix + ".act", tokens * f, tokens * (up + f) * e);
     b.linear(prefix + ".down", f, d.h);
     act.sharded += (up + f) * e;
     selective_saving->sharded += f * e;
@@ -173,7 +180,7 @@ ActivationBytes ffn_block(LayerBuilder& b, const model::Transformer& t, const Tr
   const double shared = m.shared_experts();
   if (shared > 0) {
     b.linear(prefix + ".shared.up", d.h, shared * up);
-    b.memory_op(prefix + ".shared.act", OpKind::kElementwise, tokens * shared * (up + fe) * e);
+    b.activation(prefix + ".shared.act", tokens * shared * fe, tokens * shared * (up + fe) * e);
     b.linear(prefix + ".shared.down", shared * fe, d.h);
     act.sharded += shared * (up + fe) * e;
     selective_saving->sharded += shared * fe * e;
@@ -181,7 +188,7 @@ ActivationBytes ffn_block(LayerBuilder& b, const model::Transformer& t, const Tr
   const double rows = tokens * k / E;  // tokens per expert, balanced
   b.memory_op(prefix + ".dispatch", OpKind::kElementwise, 2 * tokens * k * d.h * e);
   b.gemm(prefix + ".experts.up", rows, d.h, up, static_cast<int64_t>(E), OpKind::kGroupedGemm);
-  b.memory_op(prefix + ".experts.act", OpKind::kElementwise, tokens * k * (up + fe) * e);
+  b.activation(prefix + ".experts.act", tokens * k * fe, tokens * k * (up + fe) * e);
   b.gemm(prefix + ".experts.down", rows, fe, d.h, static_cast<int64_t>(E), OpKind::kGroupedGemm);
   b.memory_op(prefix + ".combine", OpKind::kElementwise, 2 * tokens * k * d.h * e);
   // Expert inputs, up outputs, activation outputs and expert outputs (combine needs them for the
@@ -276,6 +283,8 @@ void analyze_transformer(const model::Transformer& t, const ModelOptions& o, Mod
     l.act_none.replicated = 2 * d.h * e;
   } else {
     b.gemm("head.logits", tokens, d.h, t.vocab(), 1);
+    // Softmax over the vocabulary (the loss when training, sampling when serving).
+    b.activation("head.loss", tokens * t.vocab(), 2 * tokens * t.vocab() * e);
     if (!t.tied_embeddings()) l.dense_params += double(t.vocab()) * d.h;
     l.act_none.replicated = 2 * d.h * e;
     l.act_none.sharded = double(t.vocab()) * e;  // logits for the loss

@@ -44,6 +44,14 @@
 
 namespace moesim::cost {
 
+// FLOPs per output element of an activation function: GELU's tanh form
+// 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) is 8 multiplies and adds around one tanh
+// (SiLU/SwiGLU about the same around one exp), counted as 8.
+inline constexpr double kActivationFlops = 8;
+// The loss over the vocabulary per logit: max, subtract, exp, sum, and the gradient (softmax minus
+// one-hot, scaled), counted as 8 like an activation.
+inline constexpr double kLossFlopsPerLogit = 8;
+
 enum class LayerKind {
   kEmbedding,     // token embedding (and learned positions)
   kPatchEmbed,    // ViT patch embedding (a stride-p convolution) + class token + positions

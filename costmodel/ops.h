@@ -39,6 +39,7 @@ struct Op {
   int64_t groups = 1;
   double flops = 0;  // 2*m*n*k*groups for GEMMs
   double bytes = 0;  // memory traffic: inputs read + outputs written + weights read
+  bool backward = false;  // a backward kernel (backward_ops): the profile's backward factor applies
 };
 
 }  // namespace moesim::cost

@@ -382,9 +382,15 @@ Layout check_layout(int devices, const model::Model& m, const ModelCost& cost, c
   return l;
 }
 
+double activation_bytes(const workload::Workload& workload) {
+  const workload::Precision p = workload.has_training() ? workload.training().precision() : workload.inference().precision();
+  return p == workload::FP32 || p == workload::TF32 ? 4 : 2;
+}
+
 // The model analysed at the workload's sequence length.
 static ModelCost analyze_for(const model::Model& model, const workload::Workload& workload) {
   ModelOptions o;
+  o.act_elem_bytes = activation_bytes(workload);
   if (workload.has_training() && workload.training().has_sequence()) o.sequence = workload.training().sequence();
   if (workload.has_inference()) o.sequence = workload.inference().prompt_tokens() + workload.inference().generated_tokens();
   return analyze(model, o);

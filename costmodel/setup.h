@@ -43,6 +43,9 @@ Loaded<strategy::Strategy> load_strategy(const std::string& path);
 Loaded<workload::Workload> load_workload_text(const std::string& text, const std::string& name);
 Loaded<strategy::Strategy> load_strategy_text(const std::string& text, const std::string& name);
 void validate_workload(const ConfigScope& scope);
+// Bytes per activation element (and all-to-all payload) at the workload's precision: 4 for FP32
+// and TF32, 2 for the 16-bit and FP8 precisions (activations stay 16-bit around FP8 GEMMs).
+double activation_bytes(const workload::Workload& workload);
 void validate_strategy(const ConfigScope& scope);
 
 // The strategy's degrees resolved against the workload and cluster.

@@ -366,6 +366,14 @@ class Model {
     return loss_sum_ / micro_batches_;
   }
 
+  // The micro-batch's tokens (the data loader's work, before the embedding op's span opens).
+  void load_batch(int micro_batch) {
+    const int64_t s = sequence(), tokens = seqs_ * s;
+    synthetic_batch(o_.seed, step_, t_.vocab(), static_cast<int>(s), first_ + micro_batch * seqs_, seqs_, ids_, targets_);
+    positions_.resize(static_cast<size_t>(tokens));
+    for (int64_t i = 0; i < tokens; ++i) positions_[static_cast<size_t>(i)] = static_cast<int32_t>(i % s);
+  }
+
   // Runs one layer op of the schedule (not gradient syncs or the optimizer).
   void run(const ExecOp& e) {
     const int64_t s = sequence(), d = t_.hidden(), tokens = seqs_ * s;
@@ -373,11 +381,7 @@ class Model {
     switch (e.action) {
       case Action::kEmbed:
         if (!e.backward) {
-          synthetic_batch(o_.seed, step_, t_.vocab(), static_cast<int>(s), first_ + e.micro_batch * seqs_, seqs_, ids_,
-                          targets_);
-          std::vector<int32_t> positions(static_cast<size_t>(tokens));
-          for (int64_t i = 0; i < tokens; ++i) positions[i] = static_cast<int32_t>(i % s);
-          x_ = residual_add(backend_, tok_->forward(ids_), pos_->forward(positions));
+          x_ = residual_add(backend_, tok_->forward(ids_), pos_->forward(positions_));
         } else {
           tok_->backward(dx_);
           pos_->backward(dx_);
@@ -467,7 +471,7 @@ class Model {
   int step_ = 0, micro_batches_ = 1;
   int64_t seqs_ = 0, first_ = 0;
   double loss_sum_ = 0;
-  std::vector<int32_t> ids_, targets_;
+  std::vector<int32_t> ids_, targets_, positions_;
   Tensor x_, dx_, dlogits_;                       // the residual stream and its gradient
   std::vector<std::vector<int64_t>> expert_load_;  // per block, this step's assignments per expert
 };
@@ -585,6 +589,9 @@ TrainResult train(const TrainOptions& o, Comm* world, Backend& backend) {
     ep_comm = world->split(rank / r.ep, rank);
     edp_comm = world->split(rank % r.ep, rank);
   }
+  // Every rank's Recorder starts right after one barrier, so the ranks' clocks line up in the
+  // merged trace (collectives are measured from the ranks' last arrival: traces/validation.h).
+  if (world && ranks > 1) world->barrier();
   trace::Recorder rec(rank, device_label(backend));
   Model model(o, r.ep, backend, ep_comm.get(), rec);
   for (const Param& p : model.params().params())
@@ -623,6 +630,7 @@ TrainResult train(const TrainOptions& o, Comm* world, Backend& backend) {
     model.begin_step(step, program.micro_batches, seqs, rank * local);
     for (const ExecOp& e : program.ops) {
       const schedule::Op& op = *e.op;
+      if (e.action == Action::kEmbed && !e.backward) model.load_batch(e.micro_batch);
       trace::StreamId stream{op.stream().kind() == trace::STREAM_KIND_UNSPECIFIED ? trace::COMPUTE : op.stream().kind(),
                              op.stream().index()};
       DeviceSpan span(backend, rec, op.id(), op.kind(), stream);

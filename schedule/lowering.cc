@@ -21,7 +21,6 @@ using cost::LayerKind;
 using trace::OpKind;
 
 constexpr double kGradientBucketElements = 40e6;  // Megatron-LM's default bucket
-constexpr double kActElemBytes = 2;               // activations and a2a payloads at 16 bits
 constexpr double kDefaultPcie_Bps = 32e9;         // PCIe Gen4 x16 per direction, when the cluster does not say
 
 // Streams: compute 0; comm 0 carries the layers' TP and EP collectives, comm 1 the data-parallel
@@ -76,9 +75,11 @@ class Lowering {
     recompute_ = training_ ? wk.training().recompute() : workload::NONE;
     seq_ = training_ ? l_.sequence : wk.inference().prompt_tokens();
     tokens_ = static_cast<double>(l_.micro_batch) * seq_;
+    act_bytes_ = cost::activation_bytes(wk);
     cost::ModelOptions mo;
     mo.sequence = seq_;
     mo.tokens = tokens_;
+    mo.act_elem_bytes = act_bytes_;
     mc_ = cost::analyze(*s.model, mo);
     chunks_ = l_.pp * l_.virtual_stages;
     chunk_layers_ = split_layers(chunks_);
@@ -212,12 +213,12 @@ class Lowering {
       cost::Op e = op;
       if (op.kind == cost::OpKind::kGroupedGemm) {
         const double rows = load / local_experts;
-        const double weight_bytes = op.n * op.k * op.groups * kActElemBytes;
+        const double weight_bytes = op.n * op.k * op.groups * act_bytes_;
         const double groups = std::max(1.0, std::round(local_experts));
         e.m = rows;
         e.groups = static_cast<int64_t>(groups);
         e.flops = 2 * rows * op.n * op.k * groups;
-        e.bytes = (rows * op.k + rows * op.n) * groups * kActElemBytes + weight_bytes / l_.ep;
+        e.bytes = (rows * op.k + rows * op.n) * groups * act_bytes_ + weight_bytes / l_.ep;
       } else {
         const double share = balanced > 0 ? load / balanced : 0;
         e.flops *= share;
@@ -330,7 +331,7 @@ class Lowering {
     // Every source sends rank j an equal share of the tokens j keeps.
     ByteMatrix* m = out_.add_matrices();
     m->set_n(l_.ep);
-    const double per_token = s_.cost.hidden * kActElemBytes / l_.tp;
+    const double per_token = s_.cost.hidden * act_bytes_ / l_.tp;
     for (int i = 0; i < l_.ep; ++i)
       for (int j = 0; j < l_.ep; ++j) m->add_bytes(r.rank_load[j] * per_token / l_.ep);
     r.matrix = out_.matrices_size();
@@ -431,7 +432,7 @@ class Lowering {
   // TP collective(s) after a part; returns the op the next compute waits for.
   int tp_sync(const std::string& what, int after, int mb, int layer, bool bwd, const char* phase) {
     if (l_.tp == 1) return after;
-    const double bytes = tokens_ * s_.cost.hidden * kActElemBytes * mc_.layers[layer].sample_share;
+    const double bytes = tokens_ * s_.cost.hidden * act_bytes_ * mc_.layers[layer].sample_share;
     const std::vector<int> g = tp_group(p_, d_);
     const std::string base = op_id(what, mb, phase);
     const std::string key = fmt::format("{}@{}", base, g[0]);
@@ -702,7 +703,7 @@ class Lowering {
     const int peer_stage = peer_chunk % l_.pp;
     const int peer = rank_of(peer_stage, d_, t_);
     const int src = send ? here : peer, dst = send ? peer : here;
-    const double bytes = s_.cost.hidden > 0 ? tokens_now_ * s_.cost.hidden * kActElemBytes / (st_.sequence_parallel() ? l_.tp : 1)
+    const double bytes = s_.cost.hidden > 0 ? tokens_now_ * s_.cost.hidden * act_bytes_ / (st_.sequence_parallel() ? l_.tp : 1)
                                             : tokens_now_ * activation_bytes_at(std::min(chunk, peer_chunk));
     const std::string what = fmt::format("{}{}", grads ? "grad" : "act", send ? "_send" : "_recv");
     const std::string id = fmt::format("pp.{} c{}->c{} mb{}", grads ? "grad" : "act", send ? chunk : peer_chunk,
@@ -850,6 +851,7 @@ class Lowering {
     cost::ModelOptions mo;
     mo.sequence = seq_;
     mo.tokens = batch;
+    mo.act_elem_bytes = act_bytes_;
     const cost::ModelCost decode = cost::analyze(*s_.model, mo);
     for (int i = 0; i < generated; ++i) {
       const double ctx = seq_ + i;
@@ -935,6 +937,7 @@ class Lowering {
   bool fold_ = false;
   cost::MemoryReport memory_;
   double grad_bytes_ = 2, bucket_bytes_ = 0;
+  double act_bytes_ = 2;  // activations and a2a payloads (cost::activation_bytes)
   int experts_ = 0;
   std::vector<double> probabilities_;
   std::map<int, std::vector<double>> inclusion_;  // by top_k

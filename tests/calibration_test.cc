@@ -68,7 +68,7 @@ TEST_CASE("Efficiency curves, peak and bandwidth are recovered from the model's 
   CHECK(fit_memory_bandwidth(mem, launch) == Approx(20e9).epsilon(0.02));
 }
 
-TEST_CASE("A too-steep or noisy curve is clamped to compute.h's rule and to (0, 1]") {
+TEST_CASE("A too-steep or noisy curve is clamped to compute.h's rule and to at most 1") {
   // Efficiency 0.1 at 1e4 then 1.0 at 2e4 would make the bigger kernel faster: clamped.
   std::vector<KernelSample> s = {{1e4, 0, 1e4 / (0.1 * 1e9)}, {2e4, 0, 2e4 / (1.0 * 1e9)}, {4e4, 0, 4e4 / (3.0 * 1e9)}};
   const profile::EfficiencyCurve c = fit_efficiency_curve(profile::GEMM, profile::FP32, s, 1e9, 0, 1.5);
@@ -83,6 +83,19 @@ TEST_CASE("A too-steep or noisy curve is clamped to compute.h's rule and to (0, 
       R"pb(device { name: "x" peak_flops_per_s { fp32: 1e9 } memory_bytes: 1e9 memory_bandwidth_Bps: 1e9 })pb", &spec);
   *spec.add_compute() = c;
   CHECK_NOTHROW(DeviceProfile::from_spec(spec));
+}
+
+TEST_CASE("The in-situ factor is the median slowdown, robust to a few noisy ops") {
+  // Ten ops slowed down 1.6x beyond 1 us launches, two of them hit by noise (x3 more).
+  std::vector<double> c, b, t;
+  for (int j = 0; j < 10; ++j) {
+    c.push_back(1e-4 * (1 + j));
+    b.push_back(1e-6);
+    t.push_back(1e-6 + 1.6 * c.back() * (j == 3 || j == 7 ? 3 : 1));
+  }
+  CHECK(fit_in_situ_factor(c, b, t) == Approx(1.6).epsilon(0.02));
+  CHECK(fit_in_situ_factor({}, {}, {}) == 1);
+  CHECK(fit_in_situ_factor({1e-4}, {0}, {1e-1}) == 10);  // clamped
 }
 
 TEST_CASE("Link latency and bandwidth are recovered from the collective model's own times") {

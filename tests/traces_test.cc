@@ -810,7 +810,7 @@ TEST_CASE("concurrent writers from two processes creating the store at once both
 }
 
 TEST_CASE("run kinds map to their names and back") {
-  for (RunKind k : {RunKind::kSimulate, RunKind::kRun, RunKind::kPlan, RunKind::kSweep, RunKind::kValidate})
+  for (RunKind k : {RunKind::kSimulate, RunKind::kRun, RunKind::kPlan, RunKind::kSweep, RunKind::kValidate, RunKind::kCalibrate})
     CHECK(parse_run_kind(run_kind_name(k)) == k);
   CHECK(run_kind_name(RunKind::kValidate) == "validate");
   CHECK_FALSE(parse_run_kind("simulation").has_value());

@@ -71,12 +71,13 @@ constexpr Migration kMigrations[] = {
 };
 static_assert(std::size(kMigrations) == Store::kSchemaVersion, "one migration per schema version");
 
-constexpr std::array<std::pair<RunKind, std::string_view>, 5> kRunKindNames = {{
+constexpr std::array<std::pair<RunKind, std::string_view>, 6> kRunKindNames = {{
     {RunKind::kSimulate, "simulate"},
     {RunKind::kRun, "run"},
     {RunKind::kPlan, "plan"},
     {RunKind::kSweep, "sweep"},
     {RunKind::kValidate, "validate"},
+    {RunKind::kCalibrate, "calibrate"},
 }};
 
 std::string where(const std::source_location& loc) {

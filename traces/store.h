@@ -47,8 +47,8 @@ class StoreError : public std::runtime_error {
   std::string message_;
 };
 
-enum class RunKind { kSimulate, kRun, kPlan, kSweep, kValidate };
-std::string_view run_kind_name(RunKind kind);  // "simulate", "run", "plan", "sweep", "validate"
+enum class RunKind { kSimulate, kRun, kPlan, kSweep, kValidate, kCalibrate };
+std::string_view run_kind_name(RunKind kind);  // "simulate", "run", "plan", "sweep", "validate", "calibrate"
 std::optional<RunKind> parse_run_kind(std::string_view name);
 
 struct RunRecord {

@@ -1,0 +1,529 @@
+// `moesim calibrate`: measure this machine's ranks through the executor (executor/microbench.h),
+// fit a device profile and link parameters (costmodel/calibration.h), and write a cluster that
+// describes the ranks as devices plus its profile beside it.
+//
+// Nothing is written until every measurement and fit has succeeded: both files go to temporary
+// names first and are renamed at the end (profile, then cluster), so an interrupted calibration
+// leaves the previous files as they were. The store row, when asked for, is one transaction.
+#include "cli/cli.pb.h"
+#include "cli/commands.h"
+#include "cli/executor_runs.h"
+#include "cli/launch.h"
+#include "common/json.h"
+#include "common/progress.h"
+#include "common/units.h"
+#include "costmodel/calibration.h"
+#include "costmodel/collectives.h"
+#include "costmodel/compute.h"
+#include "costmodel/setup.h"
+#include "schedule/lowering.h"
+#include "executor/microbench.h"
+#include "topologies/cluster.h"
+#include "traces/recorder.h"
+#include "traces/store.h"
+
+#include <fmt/format.h>
+#include <google/protobuf/text_format.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <numeric>
+
+namespace moesim::cli {
+namespace {
+
+namespace fs = std::filesystem;
+
+// "host (CPU model)": what several machines' profiles in one store are told apart by.
+std::string machine_description(const std::string& device) {
+  char host[256] = {};
+  ::gethostname(host, sizeof host - 1);
+  std::string model;
+  std::ifstream cpuinfo("/proc/cpuinfo");
+  for (std::string line; std::getline(cpuinfo, line);)
+    if (line.rfind("model name", 0) == 0) {
+      model = line.substr(line.find(':') + 2);
+      break;
+    }
+  return fmt::format("{} ({}{}{})", host, model.empty() ? "unknown CPU" : model, device.empty() ? "" : ", ", device);
+}
+
+double host_memory_bytes() {
+  return static_cast<double>(::sysconf(_SC_PHYS_PAGES)) * static_cast<double>(::sysconf(_SC_PAGESIZE));
+}
+
+// The cluster text: one node of `ranks` devices joined by a switch (processes on one host exchange
+// through shared memory; on GPUs, NVLink or PCIe as NCCL finds it), PCIe slower than the switch
+// so that routes between ranks take the switch.
+std::string cluster_text(const std::string& name, const std::string& description, const std::string& device, int ranks,
+                         double link_Bps, double link_latency_s) {
+  return fmt::format(
+      "name: \"{}\"\n"
+      "description: \"{}\"\n"
+      "nodes: 1\n"
+      "node {{\n"
+      "  name: \"{}-node\"\n"
+      "  device {{ {} }}\n"
+      "  devices_per_node: {}\n"
+      "  intra_fabric: NVSWITCH  # ranks exchange through shared memory (CPU) or NVLink/PCIe (GPU): one switch\n"
+      "  scaleup_bandwidth_Bps: {:.6g}\n"
+      "  scaleup_latency_s: {:.6g}\n"
+      "  pcie {{ device_bandwidth_Bps: {:.6g} latency_s: 1e-4 }}  # not a path between ranks: kept slower\n"
+      "}}\n",
+      name, description, name, device, ranks, link_Bps, link_latency_s, link_Bps / 10);
+}
+
+std::string device_text(const std::string& name, double peak, double memory_bytes, double bandwidth, double launch_s) {
+  return fmt::format(
+      "name: \"{}\" peak_flops_per_s {{ fp32: {:.6g} }} memory_bytes: {:.6g} memory_bandwidth_Bps: {:.6g} "
+      "kernel_launch_overhead_s: {:.6g}",
+      name, peak, memory_bytes, bandwidth, launch_s);
+}
+
+FitResiduals residuals_of(const std::vector<double>& pct) {
+  FitResiduals r;
+  r.set_samples(static_cast<int>(pct.size()));
+  if (pct.empty()) return r;
+  std::vector<double> v = pct;
+  std::sort(v.begin(), v.end());
+  r.set_median_abs_pct(v[v.size() / 2]);
+  r.set_max_abs_pct(v.back());
+  return r;
+}
+
+// |model - measured| / measured through the written profile, per sample; each sample also as a
+// CSV line (family, flops, bytes, measured, model) when `csv` is given.
+std::vector<double> kernel_residuals(const cost::DeviceProfile& p, cost::OpKind kind, const char* family,
+                                     const std::vector<cost::KernelSample>& samples, std::string* csv,
+                                     bool backward = false) {
+  std::vector<double> out;
+  for (const cost::KernelSample& s : samples) {
+    cost::Op op;
+    op.name = "sample";
+    op.kind = kind;
+    op.flops = s.flops;
+    op.bytes = s.bytes;
+    op.backward = backward;
+    const double t = cost::op_time(p, op, cost::DType::kFp32).time_s;
+    out.push_back(std::fabs(t - s.seconds) / s.seconds * 100);
+    if (csv) *csv += fmt::format("{},{:.6g},{:.6g},{:.6g},{:.6g}\n", family, s.flops, s.bytes, s.seconds, t);
+  }
+  return out;
+}
+
+void write_file(const std::string& path, const std::string& text) {
+  std::ofstream f(path);
+  f << text;
+  f.close();
+  if (!f) throw UsageError(fmt::format("{}: cannot write", path));
+}
+
+// The cost model's times for an attention sublayer as the executor runs it (LayerNorm, QKV
+// projection, causal core, output projection: costmodel/model.cc's attention block).
+struct SublayerTimes {
+  double core_flops = 0;
+  double other_fwd_s = 0, other_bwd_s = 0;  // everything but the core
+  double fwd_s = 0, bwd_s = 0;              // with the core
+};
+
+SublayerTimes attention_sublayer(const cost::DeviceProfile& p, const exec::AttentionSample& a) {
+  const double tokens = static_cast<double>(a.batch * a.sequence), d = static_cast<double>(a.d_model);
+  const double heads = static_cast<double>(a.heads), head_dim = d / heads, keys = (static_cast<double>(a.sequence) + 1) / 2;
+  auto linear = [&](const char* name, double in, double out) {
+    cost::Op op{name, cost::OpKind::kGemm, tokens, out, in, 1, 2 * tokens * in * out, (tokens * in + tokens * out + in * out) * 4, false};
+    return op;
+  };
+  cost::Op norm;
+  norm.name = "norm";
+  norm.kind = cost::OpKind::kNorm;
+  norm.bytes = 2 * tokens * d * 4;
+  cost::Op core;
+  core.name = "core";
+  core.kind = cost::OpKind::kAttention;
+  core.flops = 2 * tokens * keys * heads * 2 * head_dim;
+  core.bytes = tokens * heads * 4 * head_dim * 4;
+  SublayerTimes t;
+  t.core_flops = core.flops;
+  for (const cost::Op& op : {norm, linear("qkv", d, 3 * d), linear("out", d, d)}) {
+    t.other_fwd_s += cost::op_time(p, op, cost::DType::kFp32).time_s;
+    for (const cost::Op& b : cost::backward_ops(op)) t.other_bwd_s += cost::op_time(p, b, cost::DType::kFp32).time_s;
+  }
+  t.fwd_s = t.other_fwd_s + cost::op_time(p, core, cost::DType::kFp32).time_s;
+  t.bwd_s = t.other_bwd_s;
+  for (const cost::Op& b : cost::backward_ops(core)) t.bwd_s += cost::op_time(p, b, cost::DType::kFp32).time_s;
+  return t;
+}
+
+// Kernel kinds with an in-situ factor, as the cost model and the profile name them.
+constexpr std::pair<cost::OpKind, profile::OpKind> kInSituKinds[] = {
+    {cost::OpKind::kGemm, profile::GEMM},
+    {cost::OpKind::kGroupedGemm, profile::GROUPED_GEMM},
+    {cost::OpKind::kAttention, profile::ATTENTION},
+    {cost::OpKind::kNorm, profile::NORM},
+    {cost::OpKind::kElementwise, profile::ELEMENTWISE}};
+
+struct InSitu {
+  std::vector<double> factors;  // per kInSituKinds
+  int ops = 0;                  // compute ops fitted (rank 0: all ranks')
+  double median_abs_pct_after = 0, max_abs_pct_after = 0;
+};
+
+// The calibration step: a 3-layer transformer (d 96, the middle layer MoE with 2 x ranks experts
+// top-2, 48 tokens) trained for 8 steps on every rank with the Schedule lowered under `spec`; on
+// rank 0, each compute op's measured time (median over steps 1..7) against its predicted time split per kernel
+// kind (each kind's share found by lowering again with that kind's factor at 2), then one factor
+// for all kinds by cost::fit_in_situ_factor (see below). Collective on `world`.
+InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluster, int ranks, exec::Comm* world,
+                   exec::Comm* host_world, exec::Backend& backend) {
+  const int experts = ranks == 1 ? 4 : 2 * ranks;
+  const cost::Setup setup = cost::load_setup(
+      cost::ConfigSource{"calibration-cluster", cluster},
+      cost::ConfigSource{"calibration-model",
+                         fmt::format("name: \"moesim-calibration\" transformer {{ layers: 3 hidden: 96 heads: 4 "
+                                     "ffn_hidden: 192 activation: GELU norm: LAYER_NORM bias: true vocab: 96 "
+                                     "max_sequence: 48 learned_positions: true moe {{ experts: {} top_k: 2 "
+                                     "every_n_layers: 2 moe_layer_offset: 1 }} }}",
+                                     experts)},
+      cost::ConfigSource{"calibration-workload",
+                         fmt::format("name: \"calibration\" training {{ global_batch: {} micro_batch: 8 sequence: 48 "
+                                     "precision: FP32 optimizer: ADAM }}",
+                                     8 * ranks)},
+      cost::ConfigSource{"calibration-strategy", fmt::format("name: \"calibration\" dp: {} ep: {}", ranks, ranks)});
+  auto lower_with = [&](const profile::DeviceProfile& sp) {
+    const cost::DeviceProfile p = cost::DeviceProfile::from_spec(sp, "calibration profile");
+    schedule::LoweringOptions lo;
+    lo.fold = schedule::Fold::kNever;
+    lo.profile = &p;
+    return schedule::lower(setup, lo);
+  };
+  const schedule::Schedule base = lower_with(spec);
+  exec::TrainOptions o;
+  o.model = *setup.model;
+  apply_strategy(*setup.strategy, "calibration", ranks, o);
+  o.batch = 8 * ranks;
+  o.sequence = 48;
+  o.steps = 8;
+  o.schedule = std::make_shared<schedule::Schedule>(base);
+  const exec::TrainResult run = exec::train(o, world, backend);
+  const trace::Trace measured = gather_traces(run.trace, host_world);
+  InSitu out;
+  out.factors.assign(std::size(kInSituKinds), 1.0);
+  if (world && world->rank() != 0) return out;
+
+  std::map<std::pair<std::string, int>, std::vector<double>> times;
+  for (const trace::Span& s : measured.spans())
+    if (s.step() >= 1) times[{s.op_id(), s.rank()}].push_back(static_cast<double>(s.end_ns() - s.start_ns()) * 1e-9);
+  std::vector<schedule::Schedule> doubled;
+  for (const auto& [kind, pkind] : kInSituKinds) {
+    profile::DeviceProfile sp = spec;
+    profile::InSituFactor* f = sp.add_in_situ();
+    f->set_op(pkind);
+    f->set_time_factor(2);
+    doubled.push_back(lower_with(sp));
+  }
+  std::vector<std::vector<double>> contributions;
+  std::vector<double> fixed, measured_s, predicted_s;
+  for (int r = 0; r < base.ranks_size(); ++r)
+    for (int i = 0; i < base.ranks(r).ops_size(); ++i) {
+      const schedule::Op& op = base.ranks(r).ops(i);
+      auto it = times.find({op.id(), base.ranks(r).rank()});
+      if (op.collective() != 0 || op.duration_s() <= 0 || it == times.end()) continue;
+      std::vector<double> c;
+      double rest = op.duration_s();
+      for (const schedule::Schedule& d : doubled) {
+        c.push_back(d.ranks(r).ops(i).duration_s() - op.duration_s());
+        rest -= c.back();
+      }
+      contributions.push_back(std::move(c));
+      fixed.push_back(std::max(rest, 0.0));
+      std::vector<double>& v = it->second;
+      std::sort(v.begin(), v.end());
+      measured_s.push_back(v[v.size() / 2]);
+    }
+  out.ops = static_cast<int>(measured_s.size());
+  if (measured_s.empty()) return out;
+  // One factor for every kind: the ops mix kinds in fixed proportions (an expert FFN is always its
+  // GEMMs and its activation; attention always its norm and projections), so per-kind factors
+  // would trade off against each other and follow the noise.
+  std::vector<double> scaled;
+  for (const std::vector<double>& c : contributions) scaled.push_back(std::accumulate(c.begin(), c.end(), 0.0));
+  out.factors.assign(std::size(kInSituKinds), cost::fit_in_situ_factor(scaled, fixed, measured_s));
+  std::vector<double> errors;
+  for (size_t j = 0; j < measured_s.size(); ++j) {
+    double t = fixed[j];
+    for (size_t k = 0; k < out.factors.size(); ++k) t += out.factors[k] * contributions[j][k];
+    errors.push_back(std::fabs(t - measured_s[j]) / measured_s[j] * 100);
+  }
+  std::sort(errors.begin(), errors.end());
+  out.median_abs_pct_after = errors[errors.size() / 2];
+  out.max_abs_pct_after = errors.back();
+  return out;
+}
+
+int calibrate(const Args& a) {
+  if (!a.positional().empty()) throw UsageError("calibrate takes no positional arguments");
+  if (!a.has("--out")) throw UsageError("give --out FILE: the cluster to write (its profile goes beside it)");
+  const bool json = a.flag("--json");
+  const std::string out = a.get("--out");
+  const fs::path out_dir = fs::absolute(out).parent_path();
+  if (!fs::is_directory(out_dir)) throw UsageError(fmt::format("--out {}: folder {} does not exist", out, out_dir.string()));
+  const std::string profile_out = fs::path(out).replace_extension().string() + ".profile.textproto";
+  const int ranks = a.get_int("--ranks", 2, 1, 4096);
+  const exec::Device device = check_device(a, ranks);
+  const std::string name = a.get("--name", fs::path(out).stem().string());
+  const double timeout_s = a.get_double("--timeout", 120, 0.1, 86400);
+  const Launch launch = launch_ranks(ranks);
+  if (launch.relaunched) return launch.exit_code;
+
+  return on_ranks(ranks, timeout_s, device, [&](exec::Comm* world, exec::Comm* host_world, exec::Backend& backend) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const bool root = !world || world->rank() == 0;
+    exec::MicrobenchOptions mo;
+    mo.quick = a.flag("--quick");
+    Progress bar("calibrating", 100, root && !json && ::isatty(STDOUT_FILENO) && ::isatty(STDERR_FILENO));
+    size_t shown = 0;
+    mo.progress = [&](double f) {
+      const size_t now = static_cast<size_t>(f * 100);
+      if (now > shown) bar.advance(now - shown);
+      shown = std::max(shown, now);
+    };
+    // Every rank has the same (rank-averaged) figures and fits the same profile: all of them
+    // run the in-situ calibration step below with it.
+    const exec::Microbenchmarks m = exec::run_microbenchmarks(backend, world, mo);
+
+    // Kernels.
+    const double launch_s = m.launch_s;
+    std::vector<cost::KernelSample> all_gemms = m.gemm;
+    all_gemms.insert(all_gemms.end(), m.grouped_gemm.begin(), m.grouped_gemm.end());
+    const double peak = cost::fit_peak_flops(all_gemms, launch_s);
+    // The device's bandwidth: the fastest streaming kernel; each memory-bound kind its share of it.
+    double bandwidth = 0;
+    for (const auto* v : {&m.norm, &m.elementwise})
+      for (const cost::KernelSample& s : *v) bandwidth = std::max(bandwidth, cost::fit_memory_bandwidth({s}, launch_s));
+    const double norm_eff = std::min(1.0, cost::fit_memory_bandwidth(m.norm, launch_s) / bandwidth);
+    const double elementwise_eff = std::min(1.0, cost::fit_memory_bandwidth(m.elementwise, launch_s) / bandwidth);
+    const std::string device_name = backend.device() == exec::Device::kCpu ? "cpu-rank" : "gpu-rank";
+    const double memory = backend.device() == exec::Device::kCpu ? host_memory_bytes() / ranks : host_memory_bytes();
+    const std::string device = device_text(device_name, peak, memory, bandwidth, launch_s);
+    const std::string machine = machine_description(backend.name());
+    profile::DeviceProfile spec;
+    google::protobuf::TextFormat::ParseFromString(fmt::format("device {{ {} }}", device), &spec);
+    spec.set_source(fmt::format("calibrated on {} {}", machine, trace::utc_now_iso8601()));
+    spec.set_memory_bandwidth_efficiency(1.0);
+    spec.set_kernel_launch_overhead_s(launch_s);
+    for (auto [kind, eff] : {std::pair{profile::NORM, norm_eff}, std::pair{profile::ELEMENTWISE, elementwise_eff},
+                             std::pair{profile::EMBEDDING, elementwise_eff}}) {
+      profile::MemoryEfficiency* me = spec.add_memory();
+      me->set_op(kind);
+      me->set_efficiency(eff);
+    }
+    *spec.add_compute() = cost::fit_efficiency_curve(profile::GEMM, profile::FP32, m.gemm, peak, launch_s);
+    *spec.add_compute() = cost::fit_efficiency_curve(profile::GROUPED_GEMM, profile::FP32, m.grouped_gemm, peak, launch_s);
+    *spec.add_compute() = cost::fit_efficiency_curve(profile::ELEMENTWISE, profile::FP32, m.activation, peak, launch_s);
+    auto add_backward = [&](profile::OpKind kind, double factor) {
+      profile::BackwardFactor* bf = spec.add_backward();
+      bf->set_op(kind);
+      bf->set_time_factor(factor);
+    };
+    {
+      const cost::DeviceProfile forward_only = cost::DeviceProfile::from_spec(spec, profile_out);
+      add_backward(profile::NORM, cost::fit_backward_factor(forward_only, cost::OpKind::kNorm, m.norm_backward));
+      add_backward(profile::ELEMENTWISE,
+                   cost::fit_backward_factor(forward_only, cost::OpKind::kElementwise, m.activation_backward));
+    }
+    // The attention core: each sublayer's time less the model's time for its norm and projections;
+    // the curve from the forwards, the backward factor from the backwards.
+    const cost::DeviceProfile without_core = cost::DeviceProfile::from_spec(spec, profile_out);
+    std::vector<cost::KernelSample> core_fwd;
+    for (const exec::AttentionSample& a : m.attention) {
+      const SublayerTimes t = attention_sublayer(without_core, a);
+      core_fwd.push_back({t.core_flops, 0, std::max(a.forward_s - t.other_fwd_s, 0.1 * a.forward_s)});
+    }
+    *spec.add_compute() = cost::fit_efficiency_curve(profile::ATTENTION, profile::FP32, core_fwd, peak, launch_s);
+    const cost::DeviceProfile with_core = cost::DeviceProfile::from_spec(spec, profile_out);
+    std::vector<cost::KernelSample> core_bwd;
+    for (const exec::AttentionSample& a : m.attention) {
+      const SublayerTimes t = attention_sublayer(with_core, a);
+      core_bwd.push_back({2.5 * t.core_flops, 0, std::max(a.backward_s - t.other_bwd_s, 0.1 * a.backward_s)});
+    }
+    add_backward(profile::ATTENTION, cost::fit_backward_factor(with_core, cost::OpKind::kAttention, core_bwd));
+    const cost::DeviceProfile fitted = cost::DeviceProfile::from_spec(spec, profile_out);
+
+    CalibrateResult r;
+    r.set_cluster_file(out);
+    r.set_profile_file(profile_out);
+    r.set_machine(machine);
+    r.set_device(backend.name());
+    r.set_ranks(ranks);
+    r.set_peak_flops(peak);
+    r.set_memory_bandwidth_bps(bandwidth);
+    r.set_kernel_launch_overhead_s(launch_s);
+    auto& res = *r.mutable_residuals();
+    std::string csv = "family,flops,bytes,measured_s,model_s\n";
+    std::string* rows = a.has("--samples") ? &csv : nullptr;
+    res["gemm"] = residuals_of(kernel_residuals(fitted, cost::OpKind::kGemm, "gemm", m.gemm, rows));
+    res["grouped_gemm"] =
+        residuals_of(kernel_residuals(fitted, cost::OpKind::kGroupedGemm, "grouped_gemm", m.grouped_gemm, rows));
+    std::vector<double> attention_residuals;
+    for (const exec::AttentionSample& a : m.attention) {
+      const SublayerTimes t = attention_sublayer(fitted, a);
+      attention_residuals.push_back(std::fabs(t.fwd_s - a.forward_s) / a.forward_s * 100);
+      attention_residuals.push_back(std::fabs(t.bwd_s - a.backward_s) / a.backward_s * 100);
+      if (rows) {
+        *rows += fmt::format("attention,{:.6g},0,{:.6g},{:.6g}\n", t.core_flops, a.forward_s, t.fwd_s);
+        *rows += fmt::format("attention,{:.6g},0,{:.6g},{:.6g}\n", 2.5 * t.core_flops, a.backward_s, t.bwd_s);
+      }
+    }
+    res["attention"] = residuals_of(attention_residuals);
+    std::vector<double> act = kernel_residuals(fitted, cost::OpKind::kElementwise, "activation", m.activation, rows);
+    for (double r : kernel_residuals(fitted, cost::OpKind::kElementwise, "activation_backward", m.activation_backward, rows, true))
+      act.push_back(r);
+    res["activation"] = residuals_of(act);
+    std::vector<double> norm = kernel_residuals(fitted, cost::OpKind::kNorm, "norm", m.norm, rows);
+    for (double r : kernel_residuals(fitted, cost::OpKind::kNorm, "norm_backward", m.norm_backward, rows, true))
+      norm.push_back(r);
+    res["norm"] = residuals_of(norm);
+    res["elementwise"] =
+        residuals_of(kernel_residuals(fitted, cost::OpKind::kElementwise, "elementwise", m.elementwise, rows));
+
+    // Links: the collective model's steps and transfer on a reference cluster of these ranks, then
+    // the least-squares fit of latency and bandwidth.
+    double link_Bps = bandwidth, link_latency_s = 1e-6;
+    if (ranks > 1) {
+      const topo::Cluster ref = topo::load_cluster_text(cluster_text(name, "", device, ranks, 1e9, 1e-6), "reference");
+      const cost::CollectiveModel model(ref);
+      std::vector<int> group(static_cast<size_t>(ranks));
+      for (int i = 0; i < ranks; ++i) group[static_cast<size_t>(i)] = i;
+      std::vector<cost::LinkSample> samples;
+      auto add = [&](cost::CollectiveOp op, cost::CollectiveAlgo algo, const std::vector<exec::CommSample>& v) {
+        for (const exec::CommSample& s : v) {
+          const cost::CollectiveCost c = model.cost(op, algo, group, s.bytes);
+          samples.push_back({static_cast<double>(c.steps), c.transfer_s * 1e9, s.seconds});
+        }
+      };
+      add(cost::CollectiveOp::kAllToAll, cost::CollectiveAlgo::kDirect, m.all_to_all);
+      add(cost::CollectiveOp::kAllReduce, cost::CollectiveAlgo::kRing, m.all_reduce);
+      const cost::LinkFit fit = cost::fit_link(samples, cost::kDefaultStepOverhead_s);
+      for (size_t i = 0; i < samples.size(); ++i) {
+        const cost::LinkSample& ls = samples[i];
+        const double bytes = i < m.all_to_all.size() ? m.all_to_all[i].bytes : m.all_reduce[i - m.all_to_all.size()].bytes;
+        csv += fmt::format("{},0,{:.6g},{:.6g},{:.6g}\n", i < m.all_to_all.size() ? "all_to_all" : "all_reduce", bytes,
+                           ls.seconds, ls.steps * (cost::kDefaultStepOverhead_s + fit.latency_s) + ls.transfer_c / fit.bandwidth_Bps);
+      }
+      link_Bps = fit.bandwidth_Bps;
+      link_latency_s = fit.latency_s;
+      FitResiduals& c = res["collectives"];
+      c.set_samples(static_cast<int>(samples.size()));
+      c.set_median_abs_pct(fit.median_abs_residual_pct);
+      c.set_max_abs_pct(fit.max_abs_residual_pct);
+    }
+    r.set_link_bandwidth_bps(ranks > 1 ? link_Bps : 0);
+    r.set_link_latency_s(ranks > 1 ? link_latency_s : 0);
+
+    // In situ: a calibration step of a small MoE transformer (not a model the validation suite
+    // runs) through the executor, its compute ops against the profile's predictions, one time
+    // factor per kernel kind.
+    const std::string calibration_cluster = cluster_text(name, "calibration", device, ranks, link_Bps, link_latency_s);
+    const InSitu in_situ = fit_in_situ(spec, calibration_cluster, ranks, world, host_world, backend);
+    if (!root) return kExitOk;
+    for (size_t k = 0; k < std::size(kInSituKinds); ++k) {
+      profile::InSituFactor* f = spec.add_in_situ();
+      f->set_op(kInSituKinds[k].second);
+      f->set_time_factor(in_situ.factors[k]);
+    }
+    FitResiduals& step = res["in_situ_ops"];
+    step.set_samples(in_situ.ops);
+    step.set_median_abs_pct(in_situ.median_abs_pct_after);
+    step.set_max_abs_pct(in_situ.max_abs_pct_after);
+
+    // The files: both written to temporary names, checked, then renamed.
+    const std::string description =
+        fmt::format("this machine as {} rank(s): {}, calibrated {}", ranks, machine, trace::utc_now_iso8601());
+    const std::string ctext = fmt::format(
+        "# Written by `moesim calibrate --ranks {}`: this machine's ranks as devices, with the device\n"
+        "# profile beside it ({}). Links: latency and bandwidth fitted to all-to-all and all-reduce\n"
+        "# times{}.\n{}",
+        ranks, fs::path(profile_out).filename().string(), ranks > 1 ? "" : " (one rank: not measured, placeholders)",
+        cluster_text(name, description, device, ranks, link_Bps, link_latency_s));
+    std::string ptext;
+    google::protobuf::TextFormat::PrintToString(spec, &ptext);
+    ptext = "# Written by `moesim calibrate`: efficiency curves fitted to the executor's kernels on this machine.\n" + ptext;
+    const std::string ctmp = out + fmt::format(".tmp{}", ::getpid()), ptmp = profile_out + fmt::format(".tmp{}", ::getpid());
+    write_file(ctmp, ctext);
+    write_file(ptmp, ptext);
+    topo::load_cluster(ctmp);              // what was written loads back (ConfigError otherwise)
+    cost::load_device_profile(ptmp);
+    r.set_wall_s(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    if (a.has("--db")) {
+      Store store = Store::open(a.get("--db"));
+      RunRecord rec;
+      rec.kind = RunKind::kCalibrate;
+      rec.cluster = machine;
+      rec.model = "";
+      rec.strategy = fmt::format("{} ranks", ranks);
+      rec.result_json = to_json(r);
+      rec.version = MOESIM_VERSION;
+      std::vector<RunMetric> metrics = {{"peak_flops", peak},
+                                        {"memory_bandwidth_Bps", bandwidth},
+                                        {"kernel_launch_overhead_s", launch_s},
+                                        {"link_bandwidth_Bps", r.link_bandwidth_bps()},
+                                        {"link_latency_s", r.link_latency_s()}};
+      for (const auto& [family, f] : r.residuals()) metrics.push_back({"residual." + family, f.median_abs_pct()});
+      r.set_run_id(store.insert_run(rec, metrics));
+    }
+    if (a.has("--samples")) write_file(a.get("--samples"), csv);
+    fs::rename(ptmp, profile_out);
+    fs::rename(ctmp, out);
+    if (json) {
+      std::cout << to_json(r);
+      return kExitOk;
+    }
+    std::cout << fmt::format("{} rank(s) on {}\n", ranks, machine);
+    std::cout << fmt::format("peak (fp32 GEMM)     {:.1f} GFLOP/s\n", peak / 1e9);
+    std::cout << fmt::format("memory bandwidth     {}/s\n", format_bytes(bandwidth));
+    std::cout << fmt::format("kernel launch        {}\n", format_seconds(launch_s));
+    if (ranks > 1)
+      std::cout << fmt::format("link between ranks   {}/s, {} latency\n", format_bytes(link_Bps), format_seconds(link_latency_s));
+    std::cout << "\nfit residuals (|model - measured|, median / max):\n";
+    for (const auto& [family, f] : r.residuals())
+      std::cout << fmt::format("  {:<14} {:>3} samples  {:5.1f}% / {:5.1f}%\n", family, f.samples(), f.median_abs_pct(),
+                               f.max_abs_pct());
+    std::cout << fmt::format("\nwrote {} and {} in {:.0f} s", out, profile_out, r.wall_s());
+    if (!r.run_id().empty()) std::cout << fmt::format("; stored as {}", r.run_id());
+    std::cout << '\n';
+    return kExitOk;
+  });
+}
+
+}  // namespace
+
+std::vector<Command> calibrate_commands() {
+  return {
+      {"calibrate", "measure this machine's ranks and write a cluster + device profile that describe them",
+       "usage: moesim calibrate --out configs/hardware/local.textproto [--ranks N] [--device cpu|cuda]\n"
+       "                        [--name NAME] [--quick] [--samples S.csv] [--db results.db] [--json]\n\n"
+       "Runs microbenchmarks through the executor on N ranks at once (default 2; launched under mpirun\n"
+       "as `moesim run` does): GEMMs over transformer shapes in their forward, dX and dW forms, expert\n"
+       "GEMM groups, the attention core forward and backward, LayerNorm/GELU/residual bandwidth, kernel\n"
+       "launch overhead, and all-to-all-v / all-reduce between the ranks from 1 KB to 4 MB. Fits\n"
+       "(costmodel/calibration.h): the peak, efficiency curves per kernel kind, the memory bandwidth,\n"
+       "and the link latency and bandwidth in the collective model's own terms; prints each fit's\n"
+       "residuals through the written profile.\n\n"
+       "Writes --out (a cluster: one node of N devices joined by a switch) and <out>.profile.textproto\n"
+       "beside it (the device profile; scenarios name it as device_profile, `moesim validate --suite`\n"
+       "finds it beside the cluster). Both are written only once everything succeeded: an interrupted\n"
+       "calibration leaves the previous files intact. --db adds a calibrate row with the machine's\n"
+       "description (host, CPU) so several machines' profiles live side by side. --quick measures fewer\n"
+       "shapes (for tests); --samples writes every measurement with the fitted model's time as CSV.\n"
+       "With --device cuda the ranks are GPUs and the links are NCCL's.\n",
+       {{"--quick"}, {"--out", "--ranks", "--device", "--name", "--db", "--timeout", "--samples"}},
+       calibrate},
+  };
+}
+
+}  // namespace moesim::cli

@@ -1,0 +1,213 @@
+#include "executor/microbench.h"
+
+#include "costmodel/model.h"
+#include "executor/layers.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+
+namespace moesim::exec {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+constexpr double kElem = 4;  // fp32 bytes: the cost model's bytes for these kernels at FP32
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0 : v[v.size() / 2];
+}
+
+// Filled with a fixed ramp in [-1, 1) (values do not change BLAS or elementwise timings, but keep
+// softmax and GELU away from special cases).
+Tensor filled(Backend& b, std::vector<int64_t> shape) {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  std::vector<float> v(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) v[static_cast<size_t>(i)] = static_cast<float>((i * 37) % 200) / 100.0f - 1.0f;
+  return Tensor::from(std::move(shape), v, b.device());
+}
+
+class Bench {
+ public:
+  Bench(Backend& b, Comm* world, const MicrobenchOptions& o) : b_(b), world_(world), o_(o) {}
+
+  // Seconds per call of fn: repeated until min_sample_s, the median of 3 such batches.
+  double time(const std::function<void()>& fn) {
+    if (world_) world_->barrier();  // ranks run each sample at the same time
+    fn();
+    b_.synchronize();
+    std::vector<double> batches;
+    for (int batch = 0; batch < 3; ++batch) {
+      int reps = 0;
+      const auto t0 = Clock::now();
+      double elapsed = 0;
+      do {
+        fn();
+        ++reps;
+        b_.synchronize();
+        elapsed = std::chrono::duration<double>(Clock::now() - t0).count();
+      } while (elapsed < o_.min_sample_s / 3);
+      batches.push_back(elapsed / reps);
+    }
+    return median(batches);
+  }
+
+  // A collective: `reps` repetitions (the same on every rank), each after a barrier; the median.
+  double time_collective(int reps, const std::function<void()>& fn) {
+    fn();  // warm-up
+    std::vector<double> times;
+    for (int i = 0; i < reps; ++i) {
+      world_->barrier();
+      const auto t0 = Clock::now();
+      fn();
+      b_.synchronize();
+      times.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+    }
+    return median(times);
+  }
+
+  Backend& b_;
+  Comm* world_;
+  const MicrobenchOptions& o_;
+};
+
+void gemm_forms(Bench& bench, Backend& b, int64_t m, int64_t k, int64_t n, int groups, std::vector<cost::KernelSample>& out) {
+  const Tensor x = filled(b, {groups, m, k}), w = filled(b, {groups, k, n}), dy = filled(b, {groups, m, n});
+  Tensor y = Tensor::zeros({groups, m, n}, DType::kF32, b.device()), dx = Tensor::zeros({groups, m, k}, DType::kF32, b.device()),
+         dw = Tensor::zeros({groups, k, n}, DType::kF32, b.device());
+  const double flops = 2.0 * static_cast<double>(m * n * k) * groups;
+  const double bytes = groups * static_cast<double>(m * k + m * n + k * n) * kElem;
+  auto each = [&](auto&& one) {
+    return [&, one] {
+      for (int g = 0; g < groups; ++g) one(g);
+    };
+  };
+  // Forward Y = X W, dX = dY W^T, dW = X^T dY (a linear layer's three GEMMs).
+  out.push_back({flops, bytes, bench.time(each([&](int g) {
+                   b.gemm(false, false, m, n, k, 1.0f, x.device_f32() + g * m * k, w.device_f32() + g * k * n, 0.0f,
+                          y.device_f32() + g * m * n);
+                 }))});
+  out.push_back({flops, bytes, bench.time(each([&](int g) {
+                   b.gemm(false, true, m, k, n, 1.0f, dy.device_f32() + g * m * n, w.device_f32() + g * k * n, 0.0f,
+                          dx.device_f32() + g * m * k);
+                 }))});
+  out.push_back({flops, bytes, bench.time(each([&](int g) {
+                   b.gemm(true, false, k, n, m, 1.0f, x.device_f32() + g * m * k, dy.device_f32() + g * m * n, 1.0f,
+                          dw.device_f32() + g * k * n);
+                 }))});
+}
+
+// The attention sublayer (LayerNorm + attention), forward and backward.
+AttentionSample attention_sample(Bench& bench, Backend& b, int64_t batch, int64_t seq, int64_t d_model, int64_t heads) {
+  LayerNorm ln(b, "bench.ln", d_model);
+  CausalSelfAttention attn(b, "bench.attn", d_model, heads, 1);
+  const Tensor x = filled(b, {batch * seq, d_model}), dy = filled(b, {batch, seq, d_model});
+  // The backward re-reads what the last forward kept, so it repeats on its own.
+  const double f = bench.time([&] { attn.forward(ln.forward(x).reshaped({batch, seq, d_model})); });
+  const double b_s = bench.time([&] { ln.backward(attn.backward(dy).reshaped({batch * seq, d_model})); });
+  return {batch, seq, d_model, heads, f, b_s};
+}
+
+void memory_samples(Bench& bench, Backend& b, int64_t tokens, int64_t d, int64_t f, Microbenchmarks& m) {
+  LayerNorm ln(b, "bench.ln", d);
+  const Tensor x = filled(b, {tokens, d}), dy = filled(b, {tokens, d});
+  const double td = static_cast<double>(tokens * d), tf = static_cast<double>(tokens * f);
+  m.norm.push_back({0, 2 * td * kElem, bench.time([&] { ln.forward(x); })});   // cost model: rows x width in and out
+  m.norm_backward.push_back({0, 4 * td * kElem, bench.time([&] { ln.backward(dy); })});  // twice the forward's bytes
+  const Tensor pre = filled(b, {tokens, f});
+  Tensor act = Tensor::zeros({tokens, f}, DType::kF32, b.device()), dpre = Tensor::zeros({tokens, f}, DType::kF32, b.device());
+  // GELU: the cost model's act op for a GELU FFN (up = f): bytes tokens (up + f), FLOPs per output.
+  m.activation.push_back({cost::kActivationFlops * tf, 2 * tf * kElem,
+                          bench.time([&] { b.gelu(pre.device_f32(), act.device_f32(), tokens * f); })});
+  m.activation_backward.push_back({2 * cost::kActivationFlops * tf, 4 * tf * kElem, bench.time([&] {
+                            b.gelu_backward(pre.device_f32(), act.device_f32(), dpre.device_f32(), tokens * f);
+                          })});
+  m.elementwise.push_back({0, 3 * td * kElem, bench.time([&] { residual_add(b, x, dy); })});
+}
+
+}  // namespace
+
+Microbenchmarks run_microbenchmarks(Backend& backend, Comm* world, const MicrobenchOptions& o) {
+  Microbenchmarks m;
+  m.ranks = world ? world->size() : 1;
+  Bench bench(backend, world && world->size() > 1 ? world : nullptr, o);
+  auto progress = [&](double f) {
+    if (o.progress && (!world || world->rank() == 0)) o.progress(f);
+  };
+
+  // Launch overhead: the smallest kernels.
+  {
+    const Tensor a = filled(backend, {1, 1});
+    Tensor c = Tensor::zeros({1, 1}, DType::kF32, backend.device());
+    const double g = bench.time([&] { backend.gemm(false, false, 1, 1, 1, 1.0f, a.device_f32(), a.device_f32(), 0.0f, c.device_f32()); });
+    const double e = bench.time([&] { backend.gelu(a.device_f32(), c.device_f32(), 1); });
+    m.launch_s = std::min(g, e);
+  }
+  progress(0.05);
+  const std::vector<int64_t> rows = o.quick ? std::vector<int64_t>{64, 1024} : std::vector<int64_t>{16, 64, 256, 1024, 4096};
+  const std::vector<std::pair<int64_t, int64_t>> kn =
+      o.quick ? std::vector<std::pair<int64_t, int64_t>>{{64, 192}, {256, 64}}
+              : std::vector<std::pair<int64_t, int64_t>>{{64, 4}, {64, 64}, {64, 192}, {64, 256}, {256, 64}, {128, 128}, {512, 512}};
+  for (int64_t r : rows)
+    for (auto [k, n] : kn)
+      if (!(r >= 4096 && k * n > 100000)) gemm_forms(bench, backend, r, k, n, 1, m.gemm);
+  progress(0.4);
+  for (int g : {1, 2, 4})
+    for (int64_t r : o.quick ? std::vector<int64_t>{32, 256} : std::vector<int64_t>{8, 32, 128, 512}) {
+      gemm_forms(bench, backend, r, 64, 128, g, m.grouped_gemm);
+      gemm_forms(bench, backend, r, 128, 64, g, m.grouped_gemm);
+    }
+  progress(0.6);
+  for (int64_t batch : o.quick ? std::vector<int64_t>{2, 8} : std::vector<int64_t>{1, 2, 4, 8, 16, 32})
+    for (int64_t seq : {32, 64}) m.attention.push_back(attention_sample(bench, backend, batch, seq, 64, 4));
+  progress(0.75);
+  for (int64_t tokens : o.quick ? std::vector<int64_t>{256, 2048} : std::vector<int64_t>{128, 512, 2048, 8192})
+    memory_samples(bench, backend, tokens, 64, 256, m);
+  progress(0.85);
+
+  if (world && world->size() > 1) {
+    const int n = world->size();
+    for (double bytes = 1024; bytes <= (o.quick ? 256e3 : 4.2e6); bytes *= 4) {
+      const int64_t per_peer = std::max<int64_t>(1, static_cast<int64_t>(bytes / sizeof(float)) / n);
+      const int64_t total = per_peer * n;
+      Tensor send = filled(backend, {total}), recv = Tensor::zeros({total}, DType::kF32, backend.device());
+      const std::vector<int64_t> counts(static_cast<size_t>(n), per_peer);
+      const double s = static_cast<double>(total) * sizeof(float);
+      const int reps = s < 1e5 ? 40 : 12;
+      m.all_to_all.push_back({s, bench.time_collective(reps, [&] {
+                                world->all_to_all_v(send.device_f32(), counts, recv.device_f32(), counts);
+                              })});
+      m.all_reduce.push_back({s, bench.time_collective(reps, [&] { world->all_reduce_sum(recv.device_f32(), total); })});
+    }
+  }
+  // The ranks' figures, averaged (every rank measured the same samples in the same order).
+  if (world && world->size() > 1) {
+    std::vector<float> all;
+    all.push_back(static_cast<float>(m.launch_s));
+    for (auto* v : {&m.gemm, &m.grouped_gemm, &m.norm, &m.activation, &m.elementwise, &m.norm_backward, &m.activation_backward})
+      for (const cost::KernelSample& s : *v) all.push_back(static_cast<float>(s.seconds));
+    for (const AttentionSample& s : m.attention) {
+      all.push_back(static_cast<float>(s.forward_s));
+      all.push_back(static_cast<float>(s.backward_s));
+    }
+    for (auto* v : {&m.all_to_all, &m.all_reduce})
+      for (const CommSample& s : *v) all.push_back(static_cast<float>(s.seconds));
+    all_reduce_sum_host(*world, all.data(), static_cast<int64_t>(all.size()));
+    const double inv = 1.0 / world->size();
+    size_t i = 0;
+    m.launch_s = all[i++] * inv;
+    for (auto* v : {&m.gemm, &m.grouped_gemm, &m.norm, &m.activation, &m.elementwise, &m.norm_backward, &m.activation_backward})
+      for (cost::KernelSample& s : *v) s.seconds = all[i++] * inv;
+    for (AttentionSample& s : m.attention) {
+      s.forward_s = all[i++] * inv;
+      s.backward_s = all[i++] * inv;
+    }
+    for (auto* v : {&m.all_to_all, &m.all_reduce})
+      for (CommSample& s : *v) s.seconds = all[i++] * inv;
+  }
+  progress(1.0);
+  return m;
+}
+
+}  // namespace moesim::exec

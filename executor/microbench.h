@@ -1,0 +1,64 @@
+// Microbenchmarks for `moesim calibrate`: the executor's own kernels and collectives timed on
+// real ranks, each sample described in the cost model's terms (costmodel/ops.h FLOPs and bytes)
+// so that costmodel/calibration.h can fit a device profile and link parameters from them.
+//
+//   exec::Microbenchmarks m = exec::run_microbenchmarks(backend, world.get(), {});
+//   cost::fit_efficiency_curve(profile::GEMM, profile::FP32, m.gemm, peak, m.launch_s);
+//
+// Every rank runs every benchmark at the same time (as ranks train: on a shared CPU they compete
+// for cores and memory bandwidth, and the figures say so); each sample is the median over
+// repetitions of one rank's time, averaged over the ranks.
+//   launch_s      the median time of the smallest kernels (a 1x1x1 GEMM, a 1-element GELU)
+//   gemm          backend GEMMs over shapes of transformer layers (rows 16..4096 by d 64..512),
+//                 each in the three forms a linear layer runs: forward, dX and dW (cost::backward_ops)
+//   grouped_gemm  1, 2 and 4 expert GEMMs one after the other (the executor's expert FFN)
+//   attention     the attention sublayer as the executor's "attn" op runs it (LayerNorm, QKV
+//                 projection, causal core, output projection) forward and backward, whole: the
+//                 calibration subtracts the cost model's time for its norm and projections to
+//                 get the core's
+//   norm          LayerNorm forward (and backward, norm_backward), with the cost model's bytes at fp32
+//   activation    GELU forward (and backward, activation_backward; cost::kActivationFlops per output,
+//                 backward twice the forward's, as cost::backward_ops counts them)
+//   elementwise   residual adds (streaming), with the cost model's bytes
+//   all_to_all, all_reduce  (2+ ranks) all-to-all-v of S bytes per rank's send buffer split evenly,
+//                 and all-reduces of S bytes, S from 1 KB to 4 MB, after a barrier each
+#pragma once
+
+#include "costmodel/calibration.h"
+#include "executor/backend.h"
+#include "executor/comm.h"
+
+#include <functional>
+#include <vector>
+
+namespace moesim::exec {
+
+struct CommSample {
+  double bytes = 0;    // nccl-tests' S
+  double seconds = 0;  // measured
+};
+
+struct AttentionSample {
+  int64_t batch = 0, sequence = 0, d_model = 0, heads = 0;
+  double forward_s = 0, backward_s = 0;
+};
+
+struct Microbenchmarks {
+  double launch_s = 0;
+  std::vector<cost::KernelSample> gemm, grouped_gemm, norm, activation, elementwise;
+  std::vector<cost::KernelSample> norm_backward, activation_backward;  // the backward kernels' FLOPs and bytes
+  std::vector<AttentionSample> attention;
+  std::vector<CommSample> all_to_all, all_reduce;
+  int ranks = 1;
+};
+
+struct MicrobenchOptions {
+  double min_sample_s = 2e-3;  // each sample repeats its kernel until at least this long
+  bool quick = false;          // fewer shapes and sizes (tests)
+  std::function<void(double fraction)> progress;  // 0..1, on rank 0
+};
+
+// Collective over `world` (null: one rank, no collectives).
+Microbenchmarks run_microbenchmarks(Backend& backend, Comm* world, const MicrobenchOptions& options);
+
+}  // namespace moesim::exec
