@@ -1,0 +1,183 @@
+// `moesim validate` and `moesim calibrate` end to end, as a user runs them: a tiny plan on 2 ranks
+// validated op by op (every op matched), trace files of different plans refused with the first
+// missing op, bad inputs refused before any rank starts (exit 2), and a calibration that writes a
+// cluster and profile that load back, leaves the previous ones intact when killed, and stores a
+// row. Accuracy figures belong to the benchmark (docs/VALIDATION.md), not to these tests.
+#include "cli/cli.pb.h"
+#include "cli_helpers.h"
+#include "costmodel/compute.h"
+#include "schedule/lowering.h"
+#include "sim/scenario.h"
+#include "topologies/cluster.h"
+#include "traces/store.h"
+
+#include <catch2/catch.hpp>
+#include <fmt/format.h>
+
+#include <csignal>
+#include <set>
+#include <thread>
+
+namespace moesim::testing {
+namespace {
+
+// Two CPU ranks on one switch: what `moesim calibrate --ranks 2` writes, with round numbers.
+constexpr const char* kTwoRanks = R"pb(name: "two-ranks" nodes: 1
+node {
+  device { name: "cpu-rank" peak_flops_per_s { fp32: 50e9 } memory_bytes: 8e9 memory_bandwidth_Bps: 20e9 kernel_launch_overhead_s: 1e-7 }
+  devices_per_node: 2
+  intra_fabric: NVSWITCH
+  scaleup_bandwidth_Bps: 5e9
+  scaleup_latency_s: 2e-6
+  pcie { device_bandwidth_Bps: 5e8 latency_s: 1e-4 }
+})pb";
+
+std::string scenario_text(const std::string& cluster, const std::string& precision = "FP32",
+                          const std::string& strategy = "dp: 2 ep: 2") {
+  return fmt::format(R"pb(name: "tiny-ep2"
+cluster: "{}"
+model: "{}/configs/models/moe-tiny.textproto"
+workload_inline {{ name: "w" training {{ global_batch: 16 micro_batch: 8 sequence: 32 precision: {} optimizer: ADAM }} }}
+strategy_inline {{ name: "s" {} }}
+)pb",
+                     cluster, MOESIM_SOURCE_DIR, precision, strategy);
+}
+
+TEST_CASE("validate runs a tiny plan on 2 ranks and matches every op of both ranks") {
+  TempFile cluster("validate_cluster.textproto", kTwoRanks);
+  TempFile scenario("validate_scenario.textproto", scenario_text(cluster.path));
+  TempFile db("validate.db");
+  const Run r = moesim_run(fmt::format("validate --scenario '{}' --steps 3 --warmup 1 --json --db '{}'", scenario.path, db.path));
+  INFO(r.err);
+  REQUIRE(r.exit_code == 0);
+  const cli::ValidateResult v = parse_json<cli::ValidateResult>(r.out);
+  // Every op the lowering gives the two ranks was measured and joined.
+  const sim::Scenario sc = sim::load_scenario(scenario.path);
+  schedule::LoweringOptions lo;
+  lo.fold = schedule::Fold::kNever;
+  const schedule::Schedule s = schedule::lower(sc.setup, lo);
+  int ops = 0;
+  for (const schedule::RankSchedule& rs : s.ranks()) ops += rs.ops_size();
+  CHECK(v.matched_ops() == ops);
+  CHECK(v.unmatched_ops() == 0);
+  CHECK(v.ops_size() == ops);
+  CHECK(v.ranks() == 2);
+  CHECK(v.compared_steps() == 2);
+  CHECK(v.predicted_step_s() > 0);
+  CHECK(v.measured_step_s() > 0);
+  CHECK(v.p90_abs_pct_error() >= v.median_abs_pct_error());
+  for (const char* kind : {"embed", "attention", "gate", "dispatch_a2a", "experts", "combine_a2a", "combine", "head",
+                           "all_reduce", "optimizer"})
+    CHECK(v.per_kind().count(kind) == 1);
+  std::set<int> ranks;
+  for (const cli::OpErrorEntry& e : v.ops()) {
+    ranks.insert(e.rank());
+    CHECK(e.measured_s() > 0);
+  }
+  CHECK(ranks == std::set<int>{0, 1});
+  CHECK(v.worst_ops_size() > 0);
+  CHECK(v.measured_expert_load_size() == 4);  // moe-tiny's experts
+  // The store row carries both traces.
+  const Store store = Store::open(db.path);
+  const std::vector<RunRecord> runs = store.list_runs(RunKind::kValidate);
+  REQUIRE(runs.size() == 1);
+  CHECK(runs[0].id == v.run_id());
+  CHECK(store.trace_summaries(v.run_id()).size() == 2);  // predicted and measured
+}
+
+TEST_CASE("validate refuses traces of different plans, naming the first missing op") {
+  auto trace = [](const std::string& second) {
+    return fmt::format(R"pb(run {{ source: MEASURED }}
+spans {{ op_id: "L0.attn mb0 fwd" name: "attn" kind: ATTENTION rank: 0 start_ns: 0 end_ns: 100 step: 1 }}
+spans {{ op_id: "{}" name: "moe.experts" kind: GROUPED_GEMM rank: 0 start_ns: 100 end_ns: 300 step: 1 }}
+)pb",
+                       second);
+  };
+  TempFile predicted("validate_pred.textproto", trace("L0.moe.experts mb0 fwd"));
+  TempFile same("validate_same.textproto", trace("L0.moe.experts mb0 fwd"));
+  TempFile other("validate_other.textproto", trace("L0.mlp mb0 fwd"));
+  const Run ok = moesim_run(fmt::format("validate --predicted '{}' --measured '{}' --warmup 0 --json", predicted.path, same.path));
+  REQUIRE(ok.exit_code == 0);
+  CHECK(parse_json<cli::ValidateResult>(ok.out).median_abs_pct_error() == 0);
+  const Run bad = moesim_run(fmt::format("validate --predicted '{}' --measured '{}' --warmup 0", predicted.path, other.path));
+  CHECK(bad.exit_code == 2);
+  CHECK_THAT(bad.err, Catch::Contains("'L0.moe.experts mb0 fwd' on rank 0") && Catch::Contains("missing"));
+}
+
+TEST_CASE("validate refuses what the executor cannot run before any rank starts") {
+  TempFile cluster("validate_bad_cluster.textproto", kTwoRanks);
+  TempFile bf16("validate_bf16.textproto", scenario_text(cluster.path, "BF16"));
+  const Run r1 = moesim_run(fmt::format("validate --scenario '{}'", bf16.path));
+  CHECK(r1.exit_code == 2);
+  CHECK_THAT(r1.err, Catch::Contains("fp32"));
+  TempFile tp("validate_tp.textproto", scenario_text(cluster.path, "FP32", "dp: 1 tp: 2"));
+  const Run r2 = moesim_run(fmt::format("validate --scenario '{}'", tp.path));
+  CHECK(r2.exit_code == 2);
+  CHECK_THAT(r2.err, Catch::Contains("tp 1, pp 1"));
+  TempFile recompute("validate_recompute.textproto",
+                     fmt::format(R"pb(name: "r" cluster: "{}" model: "{}/configs/models/moe-tiny.textproto"
+workload_inline {{ name: "w" training {{ global_batch: 16 micro_batch: 8 precision: FP32 recompute: FULL }} }}
+strategy_inline {{ name: "s" dp: 2 ep: 2 }})pb",
+                                 cluster.path, MOESIM_SOURCE_DIR));
+  const Run r3 = moesim_run(fmt::format("validate --scenario '{}'", recompute.path));
+  CHECK(r3.exit_code == 2);
+  CHECK_THAT(r3.err, Catch::Contains("recompute is not supported"));
+  CHECK(moesim_run("validate --plan /nonexistent/plan.textproto").exit_code == 2);
+  CHECK(moesim_run("validate").exit_code == 2);
+  CHECK(moesim_run("validate --suite --cluster /nonexistent/local.textproto").exit_code == 2);
+}
+
+TEST_CASE("calibrate writes a cluster and profile that load back, and a store row") {
+  TempFile dir("calibrate_dir");
+  std::filesystem::create_directories(dir.path);
+  const std::string out = dir.path + "/here.textproto";
+  const std::string db = dir.path + "/results.db";
+  const Run r = moesim_run(fmt::format("calibrate --out '{}' --ranks 1 --quick --json --db '{}'", out, db));
+  INFO(r.err);
+  REQUIRE(r.exit_code == 0);
+  const cli::CalibrateResult c = parse_json<cli::CalibrateResult>(r.out);
+  CHECK(c.peak_flops() > 0);
+  CHECK(c.memory_bandwidth_bps() > 0);
+  for (const char* family : {"gemm", "grouped_gemm", "attention", "norm", "activation", "elementwise", "in_situ_ops"})
+    CHECK(c.residuals().count(family) == 1);
+  const topo::Cluster cluster = topo::load_cluster(out);
+  CHECK(cluster.device_count() == 1);
+  const cost::DeviceProfile p = cost::load_device_profile(dir.path + "/here.profile.textproto");
+  CHECK(p.peak_flops_per_s(cost::DType::kFp32) == Approx(c.peak_flops()).epsilon(1e-5));
+  CHECK_THAT(p.source(), Catch::Contains("calibrated on"));
+  CHECK(Store::open(db).list_runs(RunKind::kCalibrate).size() == 1);
+  // No temporary files are left beside them.
+  int files = 0;
+  for (const auto& e : std::filesystem::directory_iterator(dir.path)) files += e.path().string().find(".tmp") == std::string::npos;
+  CHECK(files == std::distance(std::filesystem::directory_iterator(dir.path), std::filesystem::directory_iterator()));
+}
+
+TEST_CASE("calibrate refuses bad options, and a killed calibration leaves the previous files intact") {
+  CHECK(moesim_run("calibrate --ranks 1").exit_code == 2);
+  CHECK(moesim_run("calibrate --out /nonexistent/dir/x.textproto --ranks 1").exit_code == 2);
+  TempFile dir("calibrate_kill");
+  std::filesystem::create_directories(dir.path);
+  const std::string out = dir.path + "/local.textproto", profile = dir.path + "/local.profile.textproto";
+  const std::string previous_cluster = std::string("# previous\n") + kTwoRanks;
+  const std::string previous_profile = "# previous\ndevice { preset: \"h100-sxm5\" }\n";
+  std::ofstream(out) << previous_cluster;
+  std::ofstream(profile) << previous_profile;
+  // Killed half a second in (while measuring, or on a fast machine after finishing): either way
+  // each file is whole, the previous one or a new one that loads.
+  const pid_t child = ::fork();
+  REQUIRE(child >= 0);
+  if (child == 0) {
+    ::execl(MOESIM_BINARY, MOESIM_BINARY, "calibrate", "--out", out.c_str(), "--ranks", "1", "--quick", "--json",
+            static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  ::kill(child, SIGKILL);
+  int status = 0;
+  ::waitpid(child, &status, 0);
+  if (read_file(out) != previous_cluster) CHECK_NOTHROW(topo::load_cluster(out));
+  if (read_file(profile) != previous_profile) CHECK_NOTHROW(cost::load_device_profile(profile));
+}
+
+}  // namespace
+}  // namespace moesim::testing
