@@ -11,6 +11,8 @@ skipped and why:
     memory.{png,svg}         peak memory per rank against capacity, most recent simulate run
     expert-load.{png,svg}    tokens per expert per MoE layer, most recent run that has it
     links.{png,svg}          busiest links' utilisation, most recent simulate run
+    validation-steps.{png,svg}  predicted vs measured step time of the validate runs
+    validation-ops.{png,svg}    every op of the most recent validate run, measured vs predicted
 
 The same store gives byte-identical files. Prints what it wrote (--json: as JSON). Exit codes:
 0 ok, 2 bad input (not a moesim store, --out not a folder, matplotlib missing), 1 internal error.
@@ -43,6 +45,7 @@ import memory  # noqa: E402
 import plot  # noqa: E402
 import store  # noqa: E402
 import sweeps  # noqa: E402
+import validation  # noqa: E402
 
 MAX_TABLE_ROWS = 30
 
@@ -110,7 +113,7 @@ def main():
         fail(f"--out {args.out}: {e.strerror}")
 
     outcomes = []
-    for module in (breakdown, sweeps, memory, experts, links):
+    for module in (breakdown, sweeps, memory, experts, links, validation):
         outcomes += module.make(runs, args.out)
     report = os.path.join(args.out, "report.md")
     write_markdown(report, args.db, runs, outcomes)

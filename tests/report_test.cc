@@ -34,7 +34,8 @@ namespace fs = std::filesystem;
 namespace pb = google::protobuf;
 
 // The figures of the fixture store, by file name without extension.
-const std::vector<std::string> kFigures = {"breakdown", "sweep-domain", "sweep-line", "memory", "expert-load", "links"};
+const std::vector<std::string> kFigures = {"breakdown",   "sweep-domain", "sweep-line",       "memory",
+                                           "expert-load", "links",        "validation-steps", "validation-ops"};
 
 bool have_matplotlib() { return std::system("/usr/bin/python3 -c 'import matplotlib' >/dev/null 2>&1") == 0; }
 
@@ -134,6 +135,13 @@ void build_fixture(const std::string& db) {
   run.model = "configs/models/moe-tiny.textproto";
   run.tokens_per_s = 12345;
   store.insert_run(run);
+  RunRecord validate;  // what `moesim validate --db` stores: both step times and every op's
+  validate.kind = RunKind::kValidate;
+  validate.step_time_s = 0.02;
+  validate.result_json = R"({"name": "tiny-ep2", "predicted_step_s": 0.015, "measured_step_s": 0.02, "ops": [
+      {"op_id": "L0.attn mb0 fwd", "kind": "attention", "rank": 0, "predicted_s": 0.001, "measured_s": 0.0012},
+      {"op_id": "L0.moe.experts mb0 fwd", "kind": "experts", "rank": 0, "predicted_s": 0.002, "measured_s": 0.0025}]})";
+  store.insert_run(validate);
 }
 
 // A PNG's width and height from its IHDR chunk; {0, 0} when the file is not a PNG.
@@ -182,7 +190,7 @@ TEST_CASE("report draws every figure of a fixture store as PNG and SVG, linked f
     for (const char* ext : {".png", ".svg"}) expected.insert(fmt::format("{}/{}{}", out.path, f, ext));
   CHECK(strings_of(result.fields().at("files")) == expected);
   CHECK(result.fields().at("skipped").list_value().values_size() == 0);
-  CHECK(result.fields().at("runs").number_value() == 2 + 6 + 4 + 2);
+  CHECK(result.fields().at("runs").number_value() == 2 + 6 + 4 + 2 + 1);
 
   const std::string md = read_file(out.path + "/report.md");
   for (const std::string& f : kFigures) {
@@ -195,7 +203,8 @@ TEST_CASE("report draws every figure of a fixture store as PNG and SVG, linked f
     CHECK(md.find(fmt::format("]({}.svg)", f)) != std::string::npos);
   }
   // The run table lists every run; the invalid sweep point is left out of the curve.
-  for (const char* id : {"| simulate-1 |", "| simulate-2 |", "| sweep:domain:4 |", "| sweep:line:3 |", "| plan-", "| run-"})
+  for (const char* id : {"| simulate-1 |", "| simulate-2 |", "| sweep:domain:4 |", "| sweep:line:3 |", "| plan-", "| run-",
+                         "| validate-"})
     CHECK(md.find(id) != std::string::npos);
   CHECK(md.find("5 of the sweep's 6 stored points") != std::string::npos);
   CHECK(md.find("Skipped") == std::string::npos);
@@ -234,7 +243,8 @@ TEST_CASE("report says which figures it skipped and why when the store lacks the
     skipped.insert(v.struct_value().fields().at("figure").string_value());
     CHECK_FALSE(v.struct_value().fields().at("reason").string_value().empty());
   }
-  CHECK(skipped == std::set<std::string>{"breakdown", "sweep", "memory", "expert_load", "links"});
+  CHECK(skipped == std::set<std::string>{"breakdown", "sweep", "memory", "expert_load", "links", "validation-steps",
+                                         "validation-ops"});
   const std::string md = read_file(out.path + "/report.md");
   CHECK(md.find("## Skipped figures") != std::string::npos);
   CHECK(md.find("0 of its 2 points ran") != std::string::npos);
