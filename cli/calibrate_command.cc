@@ -174,8 +174,8 @@ struct InSitu {
 };
 
 // The calibration step: a 3-layer transformer (d 96, the middle layer MoE with 2 x ranks experts
-// top-2, 48 tokens) trained for 8 steps on every rank with the Schedule lowered under `spec`; on
-// rank 0, each compute op's measured time (median over steps 1..7) against its predicted time split per kernel
+// top-2, 48 tokens) trained for 16 steps on every rank with the Schedule lowered under `spec`; on
+// rank 0, each compute op's measured time (mean over steps 1..15) against its predicted time split per kernel
 // kind (each kind's share found by lowering again with that kind's factor at 2), then one factor
 // for all kinds by cost::fit_in_situ_factor (see below). Collective on `world`.
 InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluster, int ranks, exec::Comm* world,
@@ -207,7 +207,7 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
   apply_strategy(*setup.strategy, "calibration", ranks, o);
   o.batch = 8 * ranks;
   o.sequence = 48;
-  o.steps = 8;
+  o.steps = 16;
   o.schedule = std::make_shared<schedule::Schedule>(base);
   const exec::TrainResult run = exec::train(o, world, backend);
   const trace::Trace measured = gather_traces(run.trace, host_world);
@@ -241,9 +241,8 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
       }
       contributions.push_back(std::move(c));
       fixed.push_back(std::max(rest, 0.0));
-      std::vector<double>& v = it->second;
-      std::sort(v.begin(), v.end());
-      measured_s.push_back(v[v.size() / 2]);
+      const std::vector<double>& v = it->second;
+      measured_s.push_back(std::accumulate(v.begin(), v.end(), 0.0) / static_cast<double>(v.size()));
     }
   out.ops = static_cast<int>(measured_s.size());
   if (measured_s.empty()) return out;

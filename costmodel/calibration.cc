@@ -92,10 +92,13 @@ double fit_backward_factor(const DeviceProfile& profile, OpKind kind, const std:
 }
 
 double fit_in_situ_factor(const std::vector<double>& c, const std::vector<double>& b, const std::vector<double>& t) {
-  std::vector<double> ratios;
+  double scaled = 0, measured = 0;
   for (size_t j = 0; j < c.size(); ++j)
-    if (c[j] > 0 && t[j] > 0) ratios.push_back(std::max(t[j] - b[j], 0.0) / c[j]);
-  return ratios.empty() ? 1.0 : std::clamp(median(ratios), 0.1, 10.0);
+    if (c[j] > 0 && t[j] > 0) {
+      scaled += c[j];
+      measured += std::max(t[j] - b[j], 0.0);
+    }
+  return scaled > 0 ? std::clamp(measured / scaled, 0.1, 10.0) : 1.0;
 }
 
 LinkFit fit_link(const std::vector<LinkSample>& samples, double step_overhead_s) {

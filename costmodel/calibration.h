@@ -54,9 +54,10 @@ double fit_backward_factor(const DeviceProfile& profile, OpKind kind, const std:
 
 // The in-situ factor (device_profile.proto `in_situ`) from a calibration step: op j's measured
 // time t_j against the model's time for it, split into a part the factor scales (its kernels'
-// roofline time c_j, launches aside) and a fixed part b_j (launches). The factor is the median
-// over the ops of (t_j - b_j) / c_j, clamped to [0.1, 10]: robust to the few ops a shared machine
-// slows down at random. 1 without ops.
+// roofline time c_j, launches aside) and a fixed part b_j (launches). The factor is time-weighted,
+// sum_j (t_j - b_j) / sum_j c_j, clamped to [0.1, 10]: a step is a sum of ops, so this is the
+// factor that makes the predicted sum right (with t_j each op's mean over steps, a machine that
+// slows ops down at random counts as slow as it is on average). 1 without ops.
 double fit_in_situ_factor(const std::vector<double>& scaled, const std::vector<double>& fixed,
                           const std::vector<double>& measured);
 

@@ -10,7 +10,8 @@
 
 #include <cstdlib>
 #include <cstring>
-#include <malloc.h>
+#include <mutex>
+#include <unordered_map>
 #include <new>
 
 namespace moesim::exec {
@@ -28,28 +29,43 @@ int64_t element_count(const std::vector<int64_t>& shape) {
   return n;
 }
 
-// glibc hands blocks above its mmap threshold (128 KiB, rising as big blocks are freed) back to
-// the kernel on free, so the next step's tensors of the same size come from fresh pages that
-// fault in one by one: in a VM that made every MoE exchange and permutation of moe-tiny 20x
-// slower than the copy itself (found by `moesim validate`). Tensors are freed and reallocated
-// at the same sizes every step: keep freed memory in the heap instead (blocks up to glibc's
-// largest threshold, 32 MiB on 64-bit, come from the heap; the heap is not trimmed).
-void keep_freed_memory_in_heap() {
-  static const bool done = [] {
-    mallopt(M_MMAP_THRESHOLD, 32 << 20);
-    mallopt(M_TRIM_THRESHOLD, 1 << 30);
-    return true;
-  }();
-  (void)done;
-}
+// A block cache for CPU tensors, as the CUDA back end has one: freed blocks wait, by their
+// rounded size, for the next tensor of that size. Every training step frees and reallocates the
+// same sizes; handed back to glibc, big blocks return to the kernel and the next step's tensors
+// fault their pages in again one by one, which in a VM made moe-tiny's MoE exchanges 20x slower
+// than the copies themselves and its MLPs 2x slower than the same kernels on reused buffers
+// (found by `moesim validate`). The cache keeps what a step needs at its peak; nothing is
+// returned to the system before exit.
+class CpuBlockCache {
+ public:
+  std::shared_ptr<void> allocate(size_t bytes) {
+    // aligned_alloc wants a size that is a multiple of the alignment.
+    const size_t rounded = (bytes + kCpuAlignment - 1) / kCpuAlignment * kCpuAlignment;
+    void* p = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = free_.find(rounded);
+      if (it != free_.end() && !it->second.empty()) {
+        p = it->second.back();
+        it->second.pop_back();
+      }
+    }
+    if (p == nullptr) p = std::aligned_alloc(kCpuAlignment, rounded);
+    if (!p) throw std::bad_alloc();
+    return std::shared_ptr<void>(p, [this, rounded](void* q) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      free_[rounded].push_back(q);
+    });
+  }
+
+ private:
+  std::mutex mutex_;
+  std::unordered_map<size_t, std::vector<void*>> free_;
+};
 
 std::shared_ptr<void> cpu_alloc(size_t bytes) {
-  keep_freed_memory_in_heap();
-  // aligned_alloc wants a size that is a multiple of the alignment.
-  const size_t rounded = (bytes + kCpuAlignment - 1) / kCpuAlignment * kCpuAlignment;
-  void* p = std::aligned_alloc(kCpuAlignment, rounded);
-  if (!p) throw std::bad_alloc();
-  return std::shared_ptr<void>(p, [](void* q) { std::free(q); });
+  static CpuBlockCache* cache = new CpuBlockCache;  // never destroyed: tensors may outlive statics
+  return cache->allocate(bytes);
 }
 
 detail::CopyKind copy_kind(Device from, Device to) {

@@ -85,15 +85,18 @@ TEST_CASE("A too-steep or noisy curve is clamped to compute.h's rule and to at m
   CHECK_NOTHROW(DeviceProfile::from_spec(spec));
 }
 
-TEST_CASE("The in-situ factor is the median slowdown, robust to a few noisy ops") {
-  // Ten ops slowed down 1.6x beyond 1 us launches, two of them hit by noise (x3 more).
+TEST_CASE("The in-situ factor is the time-weighted slowdown of the ops") {
+  // Ten ops slowed down 1.6x beyond 1 us launches: recovered; then two of them (1/11 of the
+  // scaled time: ops 3 and 7 of sizes 4 and 8 in 55) 3x slower still: the sum grows accordingly.
   std::vector<double> c, b, t;
   for (int j = 0; j < 10; ++j) {
     c.push_back(1e-4 * (1 + j));
     b.push_back(1e-6);
-    t.push_back(1e-6 + 1.6 * c.back() * (j == 3 || j == 7 ? 3 : 1));
+    t.push_back(1e-6 + 1.6 * c.back());
   }
   CHECK(fit_in_situ_factor(c, b, t) == Approx(1.6).epsilon(0.02));
+  for (int j : {3, 7}) t[static_cast<size_t>(j)] = 1e-6 + 3 * 1.6 * c[static_cast<size_t>(j)];
+  CHECK(fit_in_situ_factor(c, b, t) == Approx(1.6 * (55 + 2 * 12) / 55).epsilon(0.02));
   CHECK(fit_in_situ_factor({}, {}, {}) == 1);
   CHECK(fit_in_situ_factor({1e-4}, {0}, {1e-1}) == 10);  // clamped
 }
