@@ -33,6 +33,7 @@
 #include <iostream>
 #include <map>
 #include <numeric>
+#include <set>
 
 namespace moesim::cli {
 namespace {
@@ -167,10 +168,20 @@ constexpr std::pair<cost::OpKind, profile::OpKind> kInSituKinds[] = {
     {cost::OpKind::kNorm, profile::NORM},
     {cost::OpKind::kElementwise, profile::ELEMENTWISE}};
 
+// A collective as measured: all-to-all (direct) or all-reduce (ring) of nccl-tests' size S.
+struct CollectiveSample {
+  cost::CollectiveOp op = cost::CollectiveOp::kAllToAll;
+  double bytes = 0;
+  double seconds = 0;
+};
+
 struct InSitu {
   std::vector<double> factors;  // per kInSituKinds
   int ops = 0;                  // compute ops fitted (rank 0: all ranks')
   double median_abs_pct_after = 0, max_abs_pct_after = 0;
+  // The step's collectives: per op, the mean over steps of its shortest span over the ranks (the
+  // last rank to arrive waits for no one: its span is the exchange itself).
+  std::vector<CollectiveSample> collectives;
 };
 
 // The calibration step: a 3-layer transformer (d 96, the middle layer MoE with 2 x ranks experts
@@ -244,6 +255,24 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
       const std::vector<double>& v = it->second;
       measured_s.push_back(std::accumulate(v.begin(), v.end(), 0.0) / static_cast<double>(v.size()));
     }
+  std::map<std::string, std::map<int, double>> shortest;  // op id -> step -> shortest span over ranks
+  for (const trace::Span& s : measured.spans()) {
+    if (s.step() < 1 || !trace::is_collective(s.kind())) continue;
+    const double d = static_cast<double>(s.end_ns() - s.start_ns()) * 1e-9;
+    auto [it, fresh] = shortest[s.op_id()].emplace(s.step(), d);
+    if (!fresh) it->second = std::min(it->second, d);
+  }
+  for (const schedule::Op& op : base.ranks(0).ops()) {
+    auto it = shortest.find(op.id());
+    if (op.collective() == 0 || it == shortest.end()) continue;
+    const schedule::Collective& c = base.collectives(op.collective() - 1);
+    const bool a2a = c.op() == schedule::Collective::ALL_TO_ALL || c.op() == schedule::Collective::ALL_TO_ALL_V;
+    if (!a2a && c.op() != schedule::Collective::ALL_REDUCE) continue;
+    double sum = 0;
+    for (const auto& [step, d] : it->second) sum += d;
+    out.collectives.push_back({a2a ? cost::CollectiveOp::kAllToAll : cost::CollectiveOp::kAllReduce, op.bytes(),
+                               sum / static_cast<double>(it->second.size())});
+  }
   out.ops = static_cast<int>(measured_s.size());
   if (measured_s.empty()) return out;
   // One factor for every kind: the ops mix kinds in fixed proportions (an expert FFN is always its
@@ -391,35 +420,40 @@ int calibrate(const Args& a) {
         residuals_of(kernel_residuals(fitted, cost::OpKind::kElementwise, "elementwise", m.elementwise, rows));
 
     // Links: the collective model's steps and transfer on a reference cluster of these ranks, then
-    // the least-squares fit of latency and bandwidth.
+    // the least-squares fit of latency and bandwidth; first to the microbenchmarks, then (below)
+    // to the calibration step's own collectives when it has two shapes of them.
     double link_Bps = bandwidth, link_latency_s = 1e-6;
-    if (ranks > 1) {
+    auto fit_links = [&](const std::vector<CollectiveSample>& measured, const char* family) {
       const topo::Cluster ref = topo::load_cluster_text(cluster_text(name, "", device, ranks, 1e9, 1e-6), "reference");
       const cost::CollectiveModel model(ref);
       std::vector<int> group(static_cast<size_t>(ranks));
       for (int i = 0; i < ranks; ++i) group[static_cast<size_t>(i)] = i;
       std::vector<cost::LinkSample> samples;
-      auto add = [&](cost::CollectiveOp op, cost::CollectiveAlgo algo, const std::vector<exec::CommSample>& v) {
-        for (const exec::CommSample& s : v) {
-          const cost::CollectiveCost c = model.cost(op, algo, group, s.bytes);
-          samples.push_back({static_cast<double>(c.steps), c.transfer_s * 1e9, s.seconds});
-        }
-      };
-      add(cost::CollectiveOp::kAllToAll, cost::CollectiveAlgo::kDirect, m.all_to_all);
-      add(cost::CollectiveOp::kAllReduce, cost::CollectiveAlgo::kRing, m.all_reduce);
-      const cost::LinkFit fit = cost::fit_link(samples, cost::kDefaultStepOverhead_s);
-      for (size_t i = 0; i < samples.size(); ++i) {
-        const cost::LinkSample& ls = samples[i];
-        const double bytes = i < m.all_to_all.size() ? m.all_to_all[i].bytes : m.all_reduce[i - m.all_to_all.size()].bytes;
-        csv += fmt::format("{},0,{:.6g},{:.6g},{:.6g}\n", i < m.all_to_all.size() ? "all_to_all" : "all_reduce", bytes,
-                           ls.seconds, ls.steps * (cost::kDefaultStepOverhead_s + fit.latency_s) + ls.transfer_c / fit.bandwidth_Bps);
+      for (const CollectiveSample& s : measured) {
+        const cost::CollectiveCost c = model.cost(
+            s.op, s.op == cost::CollectiveOp::kAllToAll ? cost::CollectiveAlgo::kDirect : cost::CollectiveAlgo::kRing,
+            group, s.bytes);
+        samples.push_back({static_cast<double>(c.steps), c.transfer_s * 1e9, s.seconds});
       }
+      const cost::LinkFit fit = cost::fit_link(samples, cost::kDefaultStepOverhead_s, link_Bps);
+      for (size_t i = 0; i < samples.size(); ++i)
+        csv += fmt::format("{}.{},0,{:.6g},{:.6g},{:.6g}\n", family,
+                           measured[i].op == cost::CollectiveOp::kAllToAll ? "all_to_all" : "all_reduce",
+                           measured[i].bytes, samples[i].seconds,
+                           samples[i].steps * (cost::kDefaultStepOverhead_s + fit.latency_s) +
+                               samples[i].transfer_c / fit.bandwidth_Bps);
       link_Bps = fit.bandwidth_Bps;
       link_latency_s = fit.latency_s;
-      FitResiduals& c = res["collectives"];
+      FitResiduals& c = res[family];
       c.set_samples(static_cast<int>(samples.size()));
       c.set_median_abs_pct(fit.median_abs_residual_pct);
       c.set_max_abs_pct(fit.max_abs_residual_pct);
+    };
+    if (ranks > 1) {
+      std::vector<CollectiveSample> measured;
+      for (const exec::CommSample& s : m.all_to_all) measured.push_back({cost::CollectiveOp::kAllToAll, s.bytes, s.seconds});
+      for (const exec::CommSample& s : m.all_reduce) measured.push_back({cost::CollectiveOp::kAllReduce, s.bytes, s.seconds});
+      fit_links(measured, "collectives");
     }
     r.set_link_bandwidth_bps(ranks > 1 ? link_Bps : 0);
     r.set_link_latency_s(ranks > 1 ? link_latency_s : 0);
@@ -439,6 +473,17 @@ int calibrate(const Args& a) {
     step.set_samples(in_situ.ops);
     step.set_median_abs_pct(in_situ.median_abs_pct_after);
     step.set_max_abs_pct(in_situ.max_abs_pct_after);
+    // Exchanges inside a step cost what they cost there (on this VM, Open MPI's single-copy
+    // transfers between processes run far below what a microbenchmark on warm buffers sees):
+    // when the step has collectives of two shapes (the all-to-alls and the gradient all-reduce),
+    // the links are fitted to them.
+    std::set<cost::CollectiveOp> shapes;
+    for (const CollectiveSample& s : in_situ.collectives) shapes.insert(s.op);
+    if (ranks > 1 && shapes.size() >= 2) {
+      fit_links(in_situ.collectives, "collectives_in_situ");
+      r.set_link_bandwidth_bps(link_Bps);
+      r.set_link_latency_s(link_latency_s);
+    }
 
     // The files: both written to temporary names, checked, then renamed.
     const std::string description =
@@ -453,10 +498,17 @@ int calibrate(const Args& a) {
     google::protobuf::TextFormat::PrintToString(spec, &ptext);
     ptext = "# Written by `moesim calibrate`: efficiency curves fitted to the executor's kernels on this machine.\n" + ptext;
     const std::string ctmp = out + fmt::format(".tmp{}", ::getpid()), ptmp = profile_out + fmt::format(".tmp{}", ::getpid());
-    write_file(ctmp, ctext);
-    write_file(ptmp, ptext);
-    topo::load_cluster(ctmp);              // what was written loads back (ConfigError otherwise)
-    cost::load_device_profile(ptmp);
+    try {
+      write_file(ctmp, ctext);
+      write_file(ptmp, ptext);
+      topo::load_cluster(ctmp);  // what was written loads back (ConfigError otherwise)
+      cost::load_device_profile(ptmp);
+    } catch (...) {
+      std::error_code ec;
+      fs::remove(ctmp, ec);
+      fs::remove(ptmp, ec);
+      throw;
+    }
     r.set_wall_s(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     if (a.has("--db")) {
       Store store = Store::open(a.get("--db"));

@@ -101,7 +101,7 @@ double fit_in_situ_factor(const std::vector<double>& c, const std::vector<double
   return scaled > 0 ? std::clamp(measured / scaled, 0.1, 10.0) : 1.0;
 }
 
-LinkFit fit_link(const std::vector<LinkSample>& samples, double step_overhead_s) {
+LinkFit fit_link(const std::vector<LinkSample>& samples, double step_overhead_s, double fallback_Bps) {
   if (samples.size() < 2) throw std::invalid_argument("a link fit needs at least 2 collective samples");
   // Weighted normal equations for t = steps lambda + c beta, weights 1 / t^2.
   double a11 = 0, a12 = 0, a22 = 0, b1 = 0, b2 = 0;
@@ -119,9 +119,9 @@ LinkFit fit_link(const std::vector<LinkSample>& samples, double step_overhead_s)
     throw std::invalid_argument("collective samples of one shape cannot separate latency from bandwidth");
   double lambda = (b1 * a22 - b2 * a12) / det;
   double beta = (a11 * b2 - a12 * b1) / det;
-  if (beta <= 0) {  // no visible bandwidth term: latency alone (bandwidth unbounded)
-    beta = 0;
-    lambda = b1 / a11;
+  if (beta <= 0) {  // no visible bandwidth term: latency alone, over the fallback bandwidth
+    beta = fallback_Bps > 0 ? 1 / fallback_Bps : 0;
+    lambda = (b1 - beta * a12) / a11;
   }
   if (lambda < 0) {  // no visible latency: bandwidth alone
     lambda = 0;

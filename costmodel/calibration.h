@@ -77,7 +77,9 @@ struct LinkFit {
 };
 
 // Throws std::invalid_argument with fewer than 2 samples or when the samples cannot separate
-// latency from bandwidth (all of one size).
-LinkFit fit_link(const std::vector<LinkSample>& samples, double step_overhead_s);
+// latency from bandwidth (all of one size). When the fit finds no bandwidth term (bigger
+// transfers no slower: latency-bound samples), the bandwidth is `fallback_Bps` (when > 0) and
+// the latency is fitted alone.
+LinkFit fit_link(const std::vector<LinkSample>& samples, double step_overhead_s, double fallback_Bps = 0);
 
 }  // namespace moesim::cost
