@@ -33,7 +33,6 @@
 #include <iostream>
 #include <map>
 #include <numeric>
-#include <set>
 
 namespace moesim::cli {
 namespace {
@@ -423,7 +422,8 @@ int calibrate(const Args& a) {
     // the least-squares fit of latency and bandwidth; first to the microbenchmarks, then (below)
     // to the calibration step's own collectives when it has two shapes of them.
     double link_Bps = bandwidth, link_latency_s = 1e-6;
-    auto fit_links = [&](const std::vector<CollectiveSample>& measured, const char* family) {
+    // `latency_s` < 0: latency and bandwidth; else the bandwidth alone with that latency.
+    auto fit_links = [&](const std::vector<CollectiveSample>& measured, const char* family, double latency_s) {
       const topo::Cluster ref = topo::load_cluster_text(cluster_text(name, "", device, ranks, 1e9, 1e-6), "reference");
       const cost::CollectiveModel model(ref);
       std::vector<int> group(static_cast<size_t>(ranks));
@@ -435,7 +435,8 @@ int calibrate(const Args& a) {
             group, s.bytes);
         samples.push_back({static_cast<double>(c.steps), c.transfer_s * 1e9, s.seconds});
       }
-      const cost::LinkFit fit = cost::fit_link(samples, cost::kDefaultStepOverhead_s, link_Bps);
+      const cost::LinkFit fit = latency_s < 0 ? cost::fit_link(samples, cost::kDefaultStepOverhead_s, link_Bps)
+                                              : cost::fit_link_bandwidth(samples, cost::kDefaultStepOverhead_s, latency_s);
       for (size_t i = 0; i < samples.size(); ++i)
         csv += fmt::format("{}.{},0,{:.6g},{:.6g},{:.6g}\n", family,
                            measured[i].op == cost::CollectiveOp::kAllToAll ? "all_to_all" : "all_reduce",
@@ -453,7 +454,7 @@ int calibrate(const Args& a) {
       std::vector<CollectiveSample> measured;
       for (const exec::CommSample& s : m.all_to_all) measured.push_back({cost::CollectiveOp::kAllToAll, s.bytes, s.seconds});
       for (const exec::CommSample& s : m.all_reduce) measured.push_back({cost::CollectiveOp::kAllReduce, s.bytes, s.seconds});
-      fit_links(measured, "collectives");
+      fit_links(measured, "collectives", -1);
     }
     r.set_link_bandwidth_bps(ranks > 1 ? link_Bps : 0);
     r.set_link_latency_s(ranks > 1 ? link_latency_s : 0);
@@ -473,14 +474,12 @@ int calibrate(const Args& a) {
     step.set_samples(in_situ.ops);
     step.set_median_abs_pct(in_situ.median_abs_pct_after);
     step.set_max_abs_pct(in_situ.max_abs_pct_after);
-    // Exchanges inside a step cost what they cost there (on this VM, Open MPI's single-copy
-    // transfers between processes run far below what a microbenchmark on warm buffers sees):
-    // when the step has collectives of two shapes (the all-to-alls and the gradient all-reduce),
-    // the links are fitted to them.
-    std::set<cost::CollectiveOp> shapes;
-    for (const CollectiveSample& s : in_situ.collectives) shapes.insert(s.op);
-    if (ranks > 1 && shapes.size() >= 2) {
-      fit_links(in_situ.collectives, "collectives_in_situ");
+    // Exchanges inside a step cost what they cost there (on this VM, transfers between processes
+    // in the middle of a step run far below what a microbenchmark on warm buffers sees): the
+    // bandwidth is refitted to the calibration step's collectives, keeping the microbenchmarks'
+    // latency (the step's exchanges come in too few sizes to separate the two).
+    if (ranks > 1 && !in_situ.collectives.empty()) {
+      fit_links(in_situ.collectives, "collectives_in_situ", link_latency_s);
       r.set_link_bandwidth_bps(link_Bps);
       r.set_link_latency_s(link_latency_s);
     }

@@ -91,6 +91,26 @@ double fit_backward_factor(const DeviceProfile& profile, OpKind kind, const std:
   return ratios.empty() ? 1.0 : std::clamp(median(ratios), 0.01, 100.0);
 }
 
+namespace {
+
+// The fit's figures for a per-step time lambda and an inverse bandwidth beta.
+LinkFit link_fit(const std::vector<LinkSample>& samples, double step_overhead_s, double lambda, double beta) {
+  LinkFit fit;
+  fit.lambda_s = lambda;
+  fit.latency_s = std::max(0.0, lambda - step_overhead_s);
+  fit.bandwidth_Bps = beta > 0 ? 1 / beta : 1e18;
+  std::vector<double> residuals;
+  for (const LinkSample& s : samples) {
+    const double model = s.steps * (step_overhead_s + fit.latency_s) + s.transfer_c / fit.bandwidth_Bps;
+    residuals.push_back(std::fabs(model - s.seconds) / s.seconds * 100);
+  }
+  fit.median_abs_residual_pct = median(residuals);
+  fit.max_abs_residual_pct = *std::max_element(residuals.begin(), residuals.end());
+  return fit;
+}
+
+}  // namespace
+
 double fit_in_situ_factor(const std::vector<double>& c, const std::vector<double>& b, const std::vector<double>& t) {
   double scaled = 0, measured = 0;
   for (size_t j = 0; j < c.size(); ++j)
@@ -127,18 +147,21 @@ LinkFit fit_link(const std::vector<LinkSample>& samples, double step_overhead_s,
     lambda = 0;
     beta = b2 / a22;
   }
-  LinkFit fit;
-  fit.lambda_s = lambda;
-  fit.latency_s = std::max(0.0, lambda - step_overhead_s);
-  fit.bandwidth_Bps = beta > 0 ? 1 / beta : 1e18;
-  std::vector<double> residuals;
-  for (const LinkSample& s : samples) {
-    const double model = s.steps * (step_overhead_s + fit.latency_s) + s.transfer_c / fit.bandwidth_Bps;
-    residuals.push_back(std::fabs(model - s.seconds) / s.seconds * 100);
-  }
-  fit.median_abs_residual_pct = median(residuals);
-  fit.max_abs_residual_pct = *std::max_element(residuals.begin(), residuals.end());
-  return fit;
+  return link_fit(samples, step_overhead_s, lambda, beta);
 }
+
+LinkFit fit_link_bandwidth(const std::vector<LinkSample>& samples, double step_overhead_s, double latency_s) {
+  const double lambda = step_overhead_s + latency_s;
+  double num = 0, den = 0;
+  for (const LinkSample& s : samples) {
+    if (!(s.seconds > 0) || s.transfer_c <= 0) continue;
+    const double w = 1 / (s.seconds * s.seconds);
+    num += w * s.transfer_c * (s.seconds - s.steps * lambda);
+    den += w * s.transfer_c * s.transfer_c;
+  }
+  if (den <= 0) throw std::invalid_argument("no collective sample moves bytes: the bandwidth cannot be fitted");
+  return link_fit(samples, step_overhead_s, lambda, std::max(num / den, 1e-15));
+}
+
 
 }  // namespace moesim::cost

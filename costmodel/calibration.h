@@ -82,4 +82,9 @@ struct LinkFit {
 // the latency is fitted alone.
 LinkFit fit_link(const std::vector<LinkSample>& samples, double step_overhead_s, double fallback_Bps = 0);
 
+// The bandwidth alone, with the per-step latency L given: least squares on relative errors of
+// t_i = steps_i (o + L) + c_i / B (for samples of too few sizes to separate the two, such as a
+// training step's exchanges). Throws std::invalid_argument without samples that move bytes.
+LinkFit fit_link_bandwidth(const std::vector<LinkSample>& samples, double step_overhead_s, double latency_s);
+
 }  // namespace moesim::cost

@@ -125,6 +125,10 @@ TEST_CASE("Link latency and bandwidth are recovered from the collective model's 
   CHECK(fit.bandwidth_Bps == Approx(5e9).epsilon(0.02));
   CHECK(fit.latency_s == Approx(3e-6).epsilon(0.02));
   CHECK(fit.max_abs_residual_pct < 0.1);
+  // The bandwidth alone, latency given: recovered from two samples of one size each.
+  const LinkFit bw = fit_link_bandwidth({samples[6], samples[7]}, kDefaultStepOverhead_s, 3e-6);
+  CHECK(bw.bandwidth_Bps == Approx(5e9).epsilon(0.02));
+  CHECK(bw.latency_s == Approx(3e-6));
   // One size only cannot tell latency from bandwidth.
   CHECK_THROWS_AS(fit_link({samples[0], samples[0]}, kDefaultStepOverhead_s), std::invalid_argument);
 }
