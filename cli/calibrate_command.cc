@@ -135,7 +135,7 @@ SublayerTimes attention_sublayer(const cost::DeviceProfile& p, const exec::Atten
   const double tokens = static_cast<double>(a.batch * a.sequence), d = static_cast<double>(a.d_model);
   const double heads = static_cast<double>(a.heads), head_dim = d / heads, keys = (static_cast<double>(a.sequence) + 1) / 2;
   auto linear = [&](const char* name, double in, double out) {
-    cost::Op op{name, cost::OpKind::kGemm, tokens, out, in, 1, 2 * tokens * in * out, (tokens * in + tokens * out + in * out) * 4, false};
+    cost::Op op{name, cost::OpKind::kGemm, tokens, out, in, 1, 2 * tokens * in * out, (tokens * in + tokens * out + in * out) * 4, false, false};
     return op;
   };
   cost::Op norm;
@@ -165,7 +165,8 @@ constexpr std::pair<cost::OpKind, profile::OpKind> kInSituKinds[] = {
     {cost::OpKind::kGroupedGemm, profile::GROUPED_GEMM},
     {cost::OpKind::kAttention, profile::ATTENTION},
     {cost::OpKind::kNorm, profile::NORM},
-    {cost::OpKind::kElementwise, profile::ELEMENTWISE}};
+    {cost::OpKind::kElementwise, profile::ELEMENTWISE},
+    {cost::OpKind::kOptimizer, profile::OPTIMIZER}};
 
 // A collective as measured: all-to-all (direct) or all-reduce (ring) of nccl-tests' size S.
 struct CollectiveSample {
@@ -344,7 +345,7 @@ int calibrate(const Args& a) {
     spec.set_memory_bandwidth_efficiency(1.0);
     spec.set_kernel_launch_overhead_s(launch_s);
     for (auto [kind, eff] : {std::pair{profile::NORM, norm_eff}, std::pair{profile::ELEMENTWISE, elementwise_eff},
-                             std::pair{profile::EMBEDDING, elementwise_eff}}) {
+                             std::pair{profile::EMBEDDING, elementwise_eff}, std::pair{profile::OPTIMIZER, elementwise_eff}}) {
       profile::MemoryEfficiency* me = spec.add_memory();
       me->set_op(kind);
       me->set_efficiency(eff);
@@ -352,6 +353,7 @@ int calibrate(const Args& a) {
     *spec.add_compute() = cost::fit_efficiency_curve(profile::GEMM, profile::FP32, m.gemm, peak, launch_s);
     *spec.add_compute() = cost::fit_efficiency_curve(profile::GROUPED_GEMM, profile::FP32, m.grouped_gemm, peak, launch_s);
     *spec.add_compute() = cost::fit_efficiency_curve(profile::ELEMENTWISE, profile::FP32, m.activation, peak, launch_s);
+    *spec.add_compute() = cost::fit_efficiency_curve(profile::OPTIMIZER, profile::FP32, m.optimizer, peak, launch_s);
     auto add_backward = [&](profile::OpKind kind, double factor) {
       profile::BackwardFactor* bf = spec.add_backward();
       bf->set_op(kind);
@@ -415,6 +417,7 @@ int calibrate(const Args& a) {
     for (double r : kernel_residuals(fitted, cost::OpKind::kNorm, "norm_backward", m.norm_backward, rows, true))
       norm.push_back(r);
     res["norm"] = residuals_of(norm);
+    res["optimizer"] = residuals_of(kernel_residuals(fitted, cost::OpKind::kOptimizer, "optimizer", m.optimizer, rows));
     res["elementwise"] =
         residuals_of(kernel_residuals(fitted, cost::OpKind::kElementwise, "elementwise", m.elementwise, rows));
 

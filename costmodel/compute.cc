@@ -19,13 +19,14 @@ namespace {
 
 namespace pb = google::protobuf;
 
-constexpr int kKinds = 6, kDTypes = 5;
-static_assert(static_cast<int>(OpKind::kEmbedding) == kKinds - 1 && static_cast<int>(DType::kFp8) == kDTypes - 1,
+constexpr int kKinds = 7, kDTypes = 5;
+static_assert(static_cast<int>(OpKind::kOptimizer) == kKinds - 1 && static_cast<int>(DType::kFp8) == kDTypes - 1,
               "the enum tables below list every OpKind and DType of ops.h");
 
 // Enum tables, indexed by the cost enums' values.
 constexpr profile::OpKind kProfileKind[kKinds] = {profile::GEMM, profile::GROUPED_GEMM, profile::ATTENTION,
-                                                  profile::NORM, profile::ELEMENTWISE, profile::EMBEDDING};
+                                                  profile::NORM, profile::ELEMENTWISE, profile::EMBEDDING,
+                                                  profile::OPTIMIZER};
 constexpr profile::DType kProfileDType[kDTypes] = {profile::FP32, profile::TF32, profile::BF16, profile::FP16,
                                                    profile::FP8};
 constexpr const char* kPeakField[kDTypes] = {"fp32", "tf32", "bf16", "fp16", "fp8"};
@@ -54,7 +55,9 @@ int index_of(profile::DType d) {
   return -1;
 }
 
-bool is_vector_op(OpKind k) { return k == OpKind::kNorm || k == OpKind::kElementwise || k == OpKind::kEmbedding; }
+bool is_vector_op(OpKind k) {
+  return k == OpKind::kNorm || k == OpKind::kElementwise || k == OpKind::kEmbedding || k == OpKind::kOptimizer;
+}
 
 // "GEMM, GROUPED_GEMM, ...": the values a config may write (the UNSPECIFIED zero left out).
 std::string enum_names(const pb::EnumDescriptor* e) {
@@ -108,6 +111,7 @@ const std::vector<Prior>& builtin_priors() {
       {kNorm, {kFp32, kTf32, kBf16, kFp16, kFp8}, {{1, 0.5}}},
       {kElementwise, {kFp32, kTf32, kBf16, kFp16, kFp8}, {{1, 0.5}}},
       {kEmbedding, {kFp32, kTf32, kBf16, kFp16, kFp8}, {{1, 0.5}}},
+      {kOptimizer, {kFp32, kTf32, kBf16, kFp16, kFp8}, {{1, 0.5}}},
   };
   return priors;
 }
@@ -358,6 +362,7 @@ OpsTime ops_time(const DeviceProfile& profile, std::span<const Op> ops, DType dt
 }
 
 std::vector<Op> backward_ops(const Op& fwd) {
+  if (fwd.fused_backward) return {};
   auto derived = [&](const char* suffix, double m, double n, double k, double flops, double bytes) {
     Op op = fwd;
     op.name = fwd.name + suffix;
@@ -378,6 +383,7 @@ std::vector<Op> backward_ops(const Op& fwd) {
     case OpKind::kNorm:
     case OpKind::kElementwise: return {derived(".bwd", fwd.m, fwd.n, fwd.k, 2 * fwd.flops, 2 * fwd.bytes)};
     case OpKind::kEmbedding: return {derived(".bwd", fwd.m, fwd.n, fwd.k, 0, 2 * fwd.bytes)};
+    case OpKind::kOptimizer: return {};
   }
   MOESIM_ASSERT(false, "op {}: unknown kind {}", fwd.name, static_cast<int>(fwd.kind));
   return {};

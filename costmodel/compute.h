@@ -95,7 +95,7 @@ class DeviceProfile {
     std::vector<double> flops, efficiency;  // increasing flops, at least one point
     double at(double f) const;
   };
-  static constexpr int kKinds = 6, kDTypes = 5;
+  static constexpr int kKinds = 7, kDTypes = 5;
 
   DeviceProfile() = default;
   const Curve& curve(OpKind kind, DType dtype) const;
@@ -150,7 +150,8 @@ struct OpsTime {
 };
 OpsTime ops_time(const DeviceProfile& profile, std::span<const Op> ops, DType dtype);
 
-// The kernels of an op's backward pass (same dtype, names suffixed):
+// The kernels of an op's backward pass (same dtype, names suffixed); none for an op whose
+// gradient is computed with it (Op::fused_backward, the loss):
 //   GEMM C[m,n] = A[m,k] B[k,n]  -> ".dgrad" dA = dC B^T: GEMM (m, n'=k, k'=n)
 //                                   ".wgrad" dB = A^T dC: GEMM (m'=k, n, k'=m)
 //     each with the forward's FLOPs and bytes (the same three matrices, roles rotated);

@@ -29,7 +29,7 @@ class LayerBuilder {
   }
   void gemm(const std::string& name, double m, double k, double n, int64_t groups, OpKind kind = OpKind::kGemm) {
     Op op{name, kind, m, n, k, groups, 2 * m * n * k * groups,
-          groups * ((m * k + m * n) * e_ + k * n * kWeightBytes), false};
+          groups * ((m * k + m * n) * e_ + k * n * kWeightBytes), false, false};
     l_->flops_fwd += op.flops;
     l_->ops.push_back(std::move(op));
   }
@@ -283,8 +283,10 @@ void analyze_transformer(const model::Transformer& t, const ModelOptions& o, Mod
     l.act_none.replicated = 2 * d.h * e;
   } else {
     b.gemm("head.logits", tokens, d.h, t.vocab(), 1);
-    // Softmax over the vocabulary (the loss when training, sampling when serving).
-    b.activation("head.loss", tokens * t.vocab(), 2 * tokens * t.vocab() * e);
+    // Softmax cross-entropy over the vocabulary and its gradient in one kernel, as fused loss
+    // kernels compute them (sampling when serving): the forward's and the gradient's work.
+    b.activation("head.loss", 2 * tokens * t.vocab(), 4 * tokens * t.vocab() * e);
+    l.ops.back().fused_backward = true;
     if (!t.tied_embeddings()) l.dense_params += double(t.vocab()) * d.h;
     l.act_none.replicated = 2 * d.h * e;
     l.act_none.sharded = double(t.vocab()) * e;  // logits for the loss

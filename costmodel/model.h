@@ -51,6 +51,11 @@ inline constexpr double kActivationFlops = 8;
 // The loss over the vocabulary per logit: max, subtract, exp, sum, and the gradient (softmax minus
 // one-hot, scaled), counted as 8 like an activation.
 inline constexpr double kLossFlopsPerLogit = 8;
+// An optimizer step's arithmetic per parameter updated: Adam(W) keeps two moments (5), corrects
+// their bias (2), takes a square root and a quotient (3) and applies the update with weight
+// decay (4): 14; SGD with momentum 4.
+inline constexpr double kAdamFlopsPerParameter = 14;
+inline constexpr double kSgdFlopsPerParameter = 4;
 
 enum class LayerKind {
   kEmbedding,     // token embedding (and learned positions)

@@ -16,6 +16,7 @@ enum class OpKind {
   kNorm,         // LayerNorm / RMSNorm: memory bound
   kElementwise,  // activation functions, residual adds, softmax of the router, top-k
   kEmbedding,    // table lookup: memory bound
+  kOptimizer,    // the optimizer's update over a rank's parameters (Adam: moments, sqrt, divide)
 };
 
 enum class DType { kFp32, kTf32, kBf16, kFp16, kFp8 };
@@ -40,6 +41,7 @@ struct Op {
   double flops = 0;  // 2*m*n*k*groups for GEMMs
   double bytes = 0;  // memory traffic: inputs read + outputs written + weights read
   bool backward = false;  // a backward kernel (backward_ops): the profile's backward factor applies
+  bool fused_backward = false;  // its gradient is computed with it (a loss): no backward kernels
 };
 
 }  // namespace moesim::cost

@@ -164,6 +164,16 @@ Microbenchmarks run_microbenchmarks(Backend& backend, Comm* world, const Microbe
   progress(0.75);
   for (int64_t tokens : o.quick ? std::vector<int64_t>{256, 2048} : std::vector<int64_t>{128, 512, 2048, 8192})
     memory_samples(bench, backend, tokens, 64, 256, m);
+  for (int64_t n : o.quick ? std::vector<int64_t>{16384, 262144} : std::vector<int64_t>{4096, 32768, 262144, 1048576}) {
+    Tensor p = filled(backend, {n}), g = filled(backend, {n});
+    Tensor mo = Tensor::zeros({n}, DType::kF32, backend.device()), v = Tensor::zeros({n}, DType::kF32, backend.device());
+    kernels::AdamHyper h;
+    h.step_size = 1e-3f;
+    const double np = static_cast<double>(n);
+    m.optimizer.push_back({cost::kAdamFlopsPerParameter * np, 2 * 16 * np, bench.time([&] {
+                             backend.adam_step(p.device_f32(), g.device_f32(), mo.device_f32(), v.device_f32(), n, h);
+                           })});
+  }
   progress(0.85);
 
   if (world && world->size() > 1) {
@@ -185,7 +195,8 @@ Microbenchmarks run_microbenchmarks(Backend& backend, Comm* world, const Microbe
   if (world && world->size() > 1) {
     std::vector<float> all;
     all.push_back(static_cast<float>(m.launch_s));
-    for (auto* v : {&m.gemm, &m.grouped_gemm, &m.norm, &m.activation, &m.elementwise, &m.norm_backward, &m.activation_backward})
+    for (auto* v : {&m.gemm, &m.grouped_gemm, &m.norm, &m.activation, &m.elementwise, &m.norm_backward,
+                    &m.activation_backward, &m.optimizer})
       for (const cost::KernelSample& s : *v) all.push_back(static_cast<float>(s.seconds));
     for (const AttentionSample& s : m.attention) {
       all.push_back(static_cast<float>(s.forward_s));
@@ -197,7 +208,8 @@ Microbenchmarks run_microbenchmarks(Backend& backend, Comm* world, const Microbe
     const double inv = 1.0 / world->size();
     size_t i = 0;
     m.launch_s = all[i++] * inv;
-    for (auto* v : {&m.gemm, &m.grouped_gemm, &m.norm, &m.activation, &m.elementwise, &m.norm_backward, &m.activation_backward})
+    for (auto* v : {&m.gemm, &m.grouped_gemm, &m.norm, &m.activation, &m.elementwise, &m.norm_backward,
+                    &m.activation_backward, &m.optimizer})
       for (cost::KernelSample& s : *v) s.seconds = all[i++] * inv;
     for (AttentionSample& s : m.attention) {
       s.forward_s = all[i++] * inv;

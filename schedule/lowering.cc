@@ -671,8 +671,12 @@ class Lowering {
     const double bytes = 2 * (m.weights_bytes + m.gradients_bytes + m.optimizer_bytes);
     cost::Op op;
     op.name = "optimizer";
-    op.kind = cost::OpKind::kElementwise;
+    op.kind = cost::OpKind::kOptimizer;
     op.bytes = bytes;
+    // The parameters this rank updates: those whose gradients it holds.
+    op.flops = m.gradients_bytes / grad_bytes_ *
+               (s_.workload->training().optimizer() == workload::SGD ? cost::kSgdFlopsPerParameter
+                                                                      : cost::kAdamFlopsPerParameter);
     const double t = cost::op_time(profile(rank_), op, dtype_).time_s;
     std::vector<int> deps = grad_ops_;
     deps.push_back(last);

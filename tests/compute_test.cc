@@ -214,7 +214,7 @@ TEST_CASE("backward of attention, norm, elementwise and embedding") {
   CHECK(b[0].name == "attn.bwd");
 
   for (OpKind kind : {OpKind::kNorm, OpKind::kElementwise, OpKind::kEmbedding}) {
-    Op op{"v", kind, 0, 0, 0, 1, kind == OpKind::kEmbedding ? 0.0 : 1e6, 4e6, false};
+    Op op{"v", kind, 0, 0, 0, 1, kind == OpKind::kEmbedding ? 0.0 : 1e6, 4e6, false, false};
     b = cost::backward_ops(op);
     REQUIRE(b.size() == 1);
     CHECK(b[0].kind == kind);
@@ -259,7 +259,7 @@ TEST_CASE("every bundled device profile loads, is a prior and keeps time non-dec
       for (DType dtype : {DType::kFp32, DType::kTf32, DType::kBf16, DType::kFp16, DType::kFp8}) {
         double previous = 0, first_drop = 0;
         for (double f = 1e5; f <= 1e14 && first_drop == 0; f *= 1.1) {
-          Op op{"op", kind, 0, 0, 0, 1, f, 0, false};
+          Op op{"op", kind, 0, 0, 0, 1, f, 0, false, false};
           const double t = cost::op_time(p, op, dtype).compute_s;
           if (t < previous * (1 - 1e-12)) first_drop = f;
           previous = t;
