@@ -11,6 +11,7 @@
 #include <sys/resource.h>
 
 #include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <memory>
 #include <optional>
@@ -161,9 +162,13 @@ Program compile(const schedule::RankSchedule& rs, const model::Transformer& t, i
       e.action = Action::kHead;
     } else if (op.layer() >= 1 && op.layer() <= layers) {
       e.block = op.layer() - 1;
+      // An overlap chunk's id carries ".c<i>" after the part ("L0.moe.experts.c1 mb0 fwd").
+      bool chunked = false;
+      for (size_t at = id.find(".c"); at != std::string::npos; at = id.find(".c", at + 1))
+        chunked = chunked || (at + 2 < id.size() && std::isdigit(static_cast<unsigned char>(id[at + 2])));
       bool known = false;
       for (const auto& [name, action] : kLayerParts)
-        if (op.name() == name && id.find(".c1 ") == std::string::npos) {
+        if (op.name() == name && !chunked) {
           e.action = action;
           known = true;
         }

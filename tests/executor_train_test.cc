@@ -136,6 +136,8 @@ TEST_CASE("Schedules the executor cannot run are refused before computing, namin
              Catch::Contains("recompute is not supported"));
   CHECK_THAT(problems(lower_tiny(2, "dp: 2 ep: 2 zero_stage: 1", "global_batch: 8 micro_batch: 4"), 2),
              Catch::Contains("ZeRO"));
+  CHECK_THAT(problems(lower_tiny(2, "dp: 2 ep: 2 overlap_chunks: 2", "global_batch: 8 micro_batch: 4"), 2),
+             Catch::Contains("L0.moe.dispatch_a2a.c0 mb0 fwd"));
   // A schedule for other ranks or another strategy.
   CHECK_THAT(problems(lower_tiny(2, "dp: 2 ep: 2", "global_batch: 8 micro_batch: 4"), 1),
              Catch::Contains("the schedule is for 2 ranks, 1 launched"));
