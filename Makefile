@@ -44,7 +44,9 @@ bench: build
 	$(BUILD_DIR)/bench/moe_layer_bench; m=$$?; \
 	$(MPIRUN) -np 2 $(BUILD_DIR)/bench/comm_bench; a=$$?; \
 	$(BUILD_DIR)/bench/sim_bench; s=$$?; \
-	exit $$((t | c | m | a | s))
+	$(MOESIM) calibrate --out $(BUILD_DIR)/bench-local.textproto --ranks 2 && \
+	  $(MOESIM) validate --suite --cluster $(BUILD_DIR)/bench-local.textproto --steps 12; v=$$?; \
+	exit $$((t | c | m | a | s | v))
 
 clean:
 	rm -rf $(BUILD_DIR)
