@@ -146,7 +146,6 @@ workload::Workload with_routing(const workload::Workload& w, const std::vector<d
 
 struct Input {
   sim::Scenario scenario;
-  std::string file;
   exec::TrainOptions options;
   std::optional<cost::DeviceProfile> profile;
   std::string profile_file;
@@ -156,7 +155,6 @@ int validate_one(const Args& a) {
   const bool json = a.flag("--json");
   const std::string file = a.has("--plan") ? a.get("--plan") : a.get("--scenario");
   Input in;
-  in.file = file;
   try {
     in.scenario = a.has("--plan") ? planner::load_plan(file) : sim::load_scenario(file);
     if (a.has("--profile")) {
