@@ -5,6 +5,8 @@
 // /dev/null) and in-process. Also timed, for the record: an analytic all-to-all on h800-2048 and a
 // DeepSeek-V3-sized routing sample. The machine is noisy: each figure is the median of several runs,
 // and the ratio in-process / end to end is printed from the same run.
+#include "bench_args.h"
+
 #include "costmodel/collectives.h"
 #include "costmodel/memory.h"
 #include "costmodel/routing_model.h"
@@ -46,14 +48,7 @@ struct Row {
 
 int main(int argc, char** argv) {
   bool json = false;
-  for (int i = 1; i < argc; ++i) {
-    if (std::strcmp(argv[i], "--json") == 0) {
-      json = true;
-    } else {
-      std::fprintf(stderr, "usage: costmodel_bench [--json]\n");
-      return std::strcmp(argv[i], "--help") == 0 ? 0 : 2;
-    }
-  }
+  if (const std::optional<int> exit_code = moesim::bench::parse_json_flag(argc, argv, "costmodel_bench", json)) return *exit_code;
   const std::string model = kSource + "/configs/models/deepseek-v3.textproto";
   const std::string setup_args = fmt::format(
       "--cluster {0}/configs/hardware/h800-2048.textproto --model {1} --workload {0}/configs/workloads/deepseek-v3-pretrain.textproto "

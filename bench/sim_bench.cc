@@ -10,6 +10,8 @@
 // `moesim plan` for DeepSeek-V3 on h100-1024 searches the whole space and simulates the top 20 in
 // under 60 s on 2 cores (not pinned); `moesim sweep` of 100 points of mixtral-8x7b-h100 with
 // --jobs 2 in under 2 minutes.
+#include "bench_args.h"
+
 #include <fmt/format.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
@@ -81,14 +83,7 @@ Run run(const std::string& args, const std::string& command = "simulate", bool p
 
 int main(int argc, char** argv) {
   bool json = false;
-  for (int i = 1; i < argc; ++i) {
-    if (std::strcmp(argv[i], "--json") == 0) {
-      json = true;
-    } else {
-      std::fprintf(stderr, "usage: sim_bench [--json]\n");
-      return std::strcmp(argv[i], "--help") == 0 ? 0 : 2;
-    }
-  }
+  if (const std::optional<int> exit_code = moesim::bench::parse_json_flag(argc, argv, "sim_bench", json)) return *exit_code;
   struct Row {
     std::string what;
     Run r;

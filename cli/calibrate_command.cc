@@ -21,6 +21,7 @@
 #include "topologies/cluster.h"
 #include "traces/recorder.h"
 #include "traces/store.h"
+#include "traces/validation.h"
 
 #include <fmt/format.h>
 #include <google/protobuf/text_format.h>
@@ -85,14 +86,13 @@ std::string device_text(const std::string& name, double peak, double memory_byte
       name, peak, memory_bytes, bandwidth, launch_s);
 }
 
+// Median and max of |model - measured| / measured over the samples.
 FitResiduals residuals_of(const std::vector<double>& pct) {
+  const trace::ErrorStats e = trace::error_stats(pct);
   FitResiduals r;
-  r.set_samples(static_cast<int>(pct.size()));
-  if (pct.empty()) return r;
-  std::vector<double> v = pct;
-  std::sort(v.begin(), v.end());
-  r.set_median_abs_pct(v[v.size() / 2]);
-  r.set_max_abs_pct(v.back());
+  r.set_samples(e.count);
+  r.set_median_abs_pct(e.median_abs_pct);
+  r.set_max_abs_pct(e.max_abs_pct);
   return r;
 }
 
@@ -132,31 +132,38 @@ struct SublayerTimes {
 };
 
 SublayerTimes attention_sublayer(const cost::DeviceProfile& p, const exec::AttentionSample& a) {
-  const double tokens = static_cast<double>(a.batch * a.sequence), d = static_cast<double>(a.d_model);
-  const double heads = static_cast<double>(a.heads), head_dim = d / heads, keys = (static_cast<double>(a.sequence) + 1) / 2;
-  auto linear = [&](const char* name, double in, double out) {
-    cost::Op op{name, cost::OpKind::kGemm, tokens, out, in, 1, 2 * tokens * in * out, (tokens * in + tokens * out + in * out) * 4, false, false};
-    return op;
-  };
-  cost::Op norm;
-  norm.name = "norm";
-  norm.kind = cost::OpKind::kNorm;
-  norm.bytes = 2 * tokens * d * 4;
-  cost::Op core;
-  core.name = "core";
-  core.kind = cost::OpKind::kAttention;
-  core.flops = 2 * tokens * keys * heads * 2 * head_dim;
-  core.bytes = tokens * heads * 4 * head_dim * 4;
-  SublayerTimes t;
-  t.core_flops = core.flops;
-  for (const cost::Op& op : {norm, linear("qkv", d, 3 * d), linear("out", d, d)}) {
-    t.other_fwd_s += cost::op_time(p, op, cost::DType::kFp32).time_s;
-    for (const cost::Op& b : cost::backward_ops(op)) t.other_bwd_s += cost::op_time(p, b, cost::DType::kFp32).time_s;
-  }
-  t.fwd_s = t.other_fwd_s + cost::op_time(p, core, cost::DType::kFp32).time_s;
-  t.bwd_s = t.other_bwd_s;
-  for (const cost::Op& b : cost::backward_ops(core)) t.bwd_s += cost::op_time(p, b, cost::DType::kFp32).time_s;
-  return t;
+  // The cost model's own kernels for the sublayer: a one-layer transformer of the sample's shape.
+  model::Model m;
+  model::Transformer* t = m.mutable_transformer();
+  t->set_layers(1);
+  t->set_hidden(static_cast<int>(a.d_model));
+  t->set_heads(static_cast<int>(a.heads));
+  t->set_ffn_hidden(static_cast<int>(4 * a.d_model));
+  t->set_activation(model::GELU);
+  t->set_norm(model::LAYER_NORM);
+  t->set_bias(true);
+  t->set_vocab(2);
+  t->set_max_sequence(static_cast<int>(a.sequence));
+  cost::ModelOptions mo;
+  mo.tokens = static_cast<double>(a.batch * a.sequence);
+  mo.act_elem_bytes = 4;
+  const cost::ModelCost mc = cost::analyze(m, mo);
+  SublayerTimes out;
+  for (const cost::Layer& layer : mc.layers)
+    for (const cost::Op& op : layer.ops) {
+      if (op.name.rfind("L0.attn.", 0) != 0) continue;
+      const bool core = op.kind == cost::OpKind::kAttention;
+      if (core) out.core_flops = op.flops;
+      double fwd = cost::op_time(p, op, cost::DType::kFp32).time_s, bwd = 0;
+      for (const cost::Op& b : cost::backward_ops(op)) bwd += cost::op_time(p, b, cost::DType::kFp32).time_s;
+      out.fwd_s += fwd;
+      out.bwd_s += bwd;
+      if (!core) {
+        out.other_fwd_s += fwd;
+        out.other_bwd_s += bwd;
+      }
+    }
+  return out;
 }
 
 // Kernel kinds with an in-situ factor, as the cost model and the profile name them.
@@ -176,9 +183,9 @@ struct CollectiveSample {
 };
 
 struct InSitu {
-  std::vector<double> factors;  // per kInSituKinds
-  int ops = 0;                  // compute ops fitted (rank 0: all ranks')
-  double median_abs_pct_after = 0, max_abs_pct_after = 0;
+  double factor = 1;          // for every kind of kInSituKinds
+  int ops = 0;                // compute ops fitted (rank 0: all ranks')
+  std::vector<double> errors_pct;  // the ops through the factor: (model - measured) / measured
   // The step's collectives: per op, the mean over steps of its shortest span over the ranks (the
   // last rank to arrive waits for no one: its span is the exchange itself).
   std::vector<CollectiveSample> collectives;
@@ -223,35 +230,29 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
   const exec::TrainResult run = exec::train(o, world, backend);
   const trace::Trace measured = gather_traces(run.trace, host_world);
   InSitu out;
-  out.factors.assign(std::size(kInSituKinds), 1.0);
   if (world && world->rank() != 0) return out;
 
   std::map<std::pair<std::string, int>, std::vector<double>> times;
   for (const trace::Span& s : measured.spans())
     if (s.step() >= 1) times[{s.op_id(), s.rank()}].push_back(static_cast<double>(s.end_ns() - s.start_ns()) * 1e-9);
-  std::vector<schedule::Schedule> doubled;
+  // Every kind's factor at 2: an op's time grows by exactly the part the factor scales.
+  profile::DeviceProfile doubled_spec = spec;
   for (const auto& [kind, pkind] : kInSituKinds) {
-    profile::DeviceProfile sp = spec;
-    profile::InSituFactor* f = sp.add_in_situ();
+    profile::InSituFactor* f = doubled_spec.add_in_situ();
     f->set_op(pkind);
     f->set_time_factor(2);
-    doubled.push_back(lower_with(sp));
   }
-  std::vector<std::vector<double>> contributions;
-  std::vector<double> fixed, measured_s, predicted_s;
+  const schedule::Schedule doubled = lower_with(doubled_spec);
+  // Per compute op: the part the factor scales (its kernels' roofline time), the fixed part
+  // (launches) and the mean measured time.
+  std::vector<double> scaled, fixed, measured_s;
   for (int r = 0; r < base.ranks_size(); ++r)
     for (int i = 0; i < base.ranks(r).ops_size(); ++i) {
       const schedule::Op& op = base.ranks(r).ops(i);
       auto it = times.find({op.id(), base.ranks(r).rank()});
       if (op.collective() != 0 || op.duration_s() <= 0 || it == times.end()) continue;
-      std::vector<double> c;
-      double rest = op.duration_s();
-      for (const schedule::Schedule& d : doubled) {
-        c.push_back(d.ranks(r).ops(i).duration_s() - op.duration_s());
-        rest -= c.back();
-      }
-      contributions.push_back(std::move(c));
-      fixed.push_back(std::max(rest, 0.0));
+      scaled.push_back(doubled.ranks(r).ops(i).duration_s() - op.duration_s());
+      fixed.push_back(std::max(op.duration_s() - scaled.back(), 0.0));
       const std::vector<double>& v = it->second;
       measured_s.push_back(std::accumulate(v.begin(), v.end(), 0.0) / static_cast<double>(v.size()));
     }
@@ -274,22 +275,12 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
                                sum / static_cast<double>(it->second.size())});
   }
   out.ops = static_cast<int>(measured_s.size());
-  if (measured_s.empty()) return out;
   // One factor for every kind: the ops mix kinds in fixed proportions (an expert FFN is always its
   // GEMMs and its activation; attention always its norm and projections), so per-kind factors
   // would trade off against each other and follow the noise.
-  std::vector<double> scaled;
-  for (const std::vector<double>& c : contributions) scaled.push_back(std::accumulate(c.begin(), c.end(), 0.0));
-  out.factors.assign(std::size(kInSituKinds), cost::fit_in_situ_factor(scaled, fixed, measured_s));
-  std::vector<double> errors;
-  for (size_t j = 0; j < measured_s.size(); ++j) {
-    double t = fixed[j];
-    for (size_t k = 0; k < out.factors.size(); ++k) t += out.factors[k] * contributions[j][k];
-    errors.push_back(std::fabs(t - measured_s[j]) / measured_s[j] * 100);
-  }
-  std::sort(errors.begin(), errors.end());
-  out.median_abs_pct_after = errors[errors.size() / 2];
-  out.max_abs_pct_after = errors.back();
+  out.factor = cost::fit_in_situ_factor(scaled, fixed, measured_s);
+  for (size_t j = 0; j < measured_s.size(); ++j)
+    out.errors_pct.push_back((fixed[j] + out.factor * scaled[j] - measured_s[j]) / measured_s[j] * 100);
   return out;
 }
 
@@ -468,15 +459,12 @@ int calibrate(const Args& a) {
     const std::string calibration_cluster = cluster_text(name, "calibration", device, ranks, link_Bps, link_latency_s);
     const InSitu in_situ = fit_in_situ(spec, calibration_cluster, ranks, world, host_world, backend);
     if (!root) return kExitOk;
-    for (size_t k = 0; k < std::size(kInSituKinds); ++k) {
+    for (const auto& [kind, pkind] : kInSituKinds) {
       profile::InSituFactor* f = spec.add_in_situ();
-      f->set_op(kInSituKinds[k].second);
-      f->set_time_factor(in_situ.factors[k]);
+      f->set_op(pkind);
+      f->set_time_factor(in_situ.factor);
     }
-    FitResiduals& step = res["in_situ_ops"];
-    step.set_samples(in_situ.ops);
-    step.set_median_abs_pct(in_situ.median_abs_pct_after);
-    step.set_max_abs_pct(in_situ.max_abs_pct_after);
+    res["in_situ_ops"] = residuals_of(in_situ.errors_pct);
     // Exchanges inside a step cost what they cost there (on this VM, transfers between processes
     // in the middle of a step run far below what a microbenchmark on warm buffers sees): the
     // bandwidth is refitted to the calibration step's collectives, keeping the microbenchmarks'

@@ -1,6 +1,7 @@
 // `moesim plan`: the best strategies for a cluster, model and workload (planner/planner.h).
 #include "cli/cli.pb.h"
 #include "cli/commands.h"
+#include "common/files.h"
 #include "common/json.h"
 #include "common/progress.h"
 #include "common/units.h"
@@ -70,13 +71,10 @@ void write_plan(const planner::RankedPlan& rp, const std::string& out, const std
   p.set_workload(relative_to(workload, out));
   std::string text;
   google::protobuf::TextFormat::PrintToString(p, &text);
-  const std::string tmp = out + ".tmp";
-  {
-    std::ofstream f(tmp);
-    f << "# Written by `moesim plan`: replay with `moesim simulate --plan " << fs::path(out).filename().string() << "`.\n" << text;
-    if (!f) throw UsageError(fmt::format("--out {}: cannot write", out));
-  }
-  fs::rename(tmp, out);
+  const std::string why = write_file_atomically(
+      out, fmt::format("# Written by `moesim plan`: replay with `moesim simulate --plan {}`.\n{}",
+                       fs::path(out).filename().string(), text));
+  if (!why.empty()) throw UsageError(fmt::format("--out {}: cannot write: {}", out, why));
 }
 
 int plan_command(const Args& a) {

@@ -13,6 +13,7 @@
 #include "cli/commands.h"
 #include "cli/executor_runs.h"
 #include "cli/launch.h"
+#include "common/files.h"
 #include "common/json.h"
 #include "common/units.h"
 #include "costmodel/setup.h"
@@ -37,6 +38,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <map>
 #include <memory>
 #include <optional>
 #include <sstream>
@@ -109,17 +111,6 @@ void print_result(const ValidateResult& r) {
   if (r.routing_feedback()) std::cout << "\nthe prediction used the measured expert loads (--feedback)\n";
   if (!r.routing_out().empty()) std::cout << fmt::format("measured routing written to {}\n", r.routing_out());
   if (!r.run_id().empty()) std::cout << fmt::format("stored as {}\n", r.run_id());
-}
-
-// Writes `text` to `path` through a temporary file and a rename: a reader never sees half a file.
-void write_atomically(const std::string& path, const std::string& text) {
-  const std::string tmp = path + fmt::format(".tmp{}", ::getpid());
-  {
-    std::ofstream f(tmp);
-    f << text;
-    if (!f) throw UsageError(fmt::format("{}: cannot write", path));
-  }
-  fs::rename(tmp, path);
 }
 
 // Tokens per expert over MoE layers, ranks and the compared steps.
@@ -241,10 +232,14 @@ int validate_one(const Args& a) {
     if (a.has("--routing-out") && !histogram.empty()) {
       std::string text;
       google::protobuf::TextFormat::PrintToString(with_routing(*setup.workload, histogram), &text);
-      write_atomically(a.get("--routing-out"),
-                       fmt::format("# {}'s workload with the expert loads measured by `moesim validate` as its "
-                                   "routing distribution.\n{}",
-                                   file, text));
+      const std::string why = write_file_atomically(
+          a.get("--routing-out"), fmt::format("# {}'s workload with the expert loads measured by `moesim validate` as "
+                                              "its routing distribution.\n{}",
+                                              file, text));
+      if (!why.empty()) {
+        std::cerr << fmt::format("moesim: --routing-out {}: cannot write: {}\n", a.get("--routing-out"), why);
+        return kExitBadInput;
+      }
       out.set_routing_out(a.get("--routing-out"));
     }
     if (a.has("--trace")) {
@@ -390,8 +385,10 @@ int validate_suite(const Args& a) {
     if (!google::protobuf::TextFormat::ParseFromString(text.str(), &node) || !node.has_node())
       throw UsageError(fmt::format("{}: not a one-node cluster as `moesim calibrate` writes", cluster));
   }
+  std::map<int, std::string> clusters;  // by ranks, written once
   auto cluster_of = [&](int ranks) {
     const std::string path = (dir / fmt::format("cluster-{}.textproto", ranks)).string();
+    if (!clusters.emplace(ranks, path).second) return path;
     hw::Cluster c = node;
     c.set_nodes(1);
     c.mutable_node()->set_devices_per_node(ranks);

@@ -59,7 +59,12 @@ std::string device_label(const Backend& backend) {
   return name.substr(0, name.find(' '));
 }
 
-int default_ep(int ranks, int experts) {
+int experts_of(const model::Transformer& t) { return t.has_moe() ? t.moe().experts() : 1; }
+
+// The options' EP group size: theirs, else as many ranks as divide the experts (train.h).
+int ep_of(const TrainOptions& o, int ranks) {
+  if (o.ep > 0) return o.ep;
+  const int experts = experts_of(o.model.transformer());
   int ep = 1;
   for (int e = 1; e <= ranks; ++e)
     if (ranks % e == 0 && experts % e == 0) ep = e;
@@ -494,7 +499,7 @@ std::vector<std::string> validate_schedule(const TrainOptions& o, int ranks) {
   if (sch.folded()) out.push_back("the schedule is folded: lower it with every rank (Fold::kNever)");
   if (sch.devices() != ranks)
     out.push_back(fmt::format("the schedule is for {} ranks, {} launched", sch.devices(), ranks));
-  const int ep = o.ep > 0 ? o.ep : default_ep(ranks, o.model.transformer().has_moe() ? o.model.transformer().moe().experts() : 1);
+  const int ep = ep_of(o, ranks);
   for (int r = 0; r < std::min(ranks, sch.devices()); ++r) {
     const schedule::RankSchedule* rs = rank_schedule(sch, r);
     if (rs == nullptr) {
@@ -533,8 +538,8 @@ std::vector<std::string> validate(const TrainOptions& o, int ranks) {
     if (m.shared_experts() > 0) out.push_back("shared experts are not supported by the executor");
     if (m.has_patch_routing()) out.push_back("patch routing is not supported by the executor");
   }
-  const int experts = t.has_moe() ? t.moe().experts() : 1;
-  const int ep = o.ep > 0 ? o.ep : default_ep(ranks, experts);
+  const int experts = experts_of(t);
+  const int ep = ep_of(o, ranks);
   if (ranks % ep != 0 || experts % ep != 0)
     out.push_back(fmt::format("ep ({}) must divide the ranks ({}) and the experts ({})", ep, ranks, experts));
   if (o.batch <= 0 || o.batch % ranks != 0)
@@ -574,11 +579,10 @@ TrainResult train(const TrainOptions& o, Comm* world, Backend& backend) {
     throw Error(msg);
   }
   const model::Transformer& t = o.model.transformer();
-  const int experts = t.has_moe() ? t.moe().experts() : 1;
   TrainResult r;
   r.ranks = ranks;
   r.dp = ranks;
-  r.ep = o.ep > 0 ? o.ep : default_ep(ranks, experts);
+  r.ep = ep_of(o, ranks);
   const schedule::RankSchedule own = o.schedule ? *rank_schedule(*o.schedule, rank) : default_schedule(t, rank, ranks, r.ep);
   const Program program = compile(own, t, r.ep);
   MOESIM_ASSERT(program.problems.empty(), "validate() checked the schedule: {}",

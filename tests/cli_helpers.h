@@ -7,6 +7,7 @@
 #include <fmt/format.h>
 #include <google/protobuf/util/json_util.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdio>
 #include <filesystem>
@@ -14,6 +15,7 @@
 #include <optional>
 #include <sstream>
 #include <string>
+#include <vector>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -77,6 +79,15 @@ inline Run moesim_run(const std::string& args, const std::string& env = "", cons
   r.err = read_file(err_file);
   std::filesystem::remove(err_file);
   return r;
+}
+
+// The .textproto files under `dir` and its subfolders, sorted: the bundled configs a test walks.
+inline std::vector<std::filesystem::path> textprotos_under(const std::string& dir) {
+  std::vector<std::filesystem::path> files;
+  for (const auto& e : std::filesystem::recursive_directory_iterator(dir))
+    if (e.path().extension() == ".textproto") files.push_back(e.path());
+  std::sort(files.begin(), files.end());
+  return files;
 }
 
 template <typename Msg>

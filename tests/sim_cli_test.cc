@@ -504,10 +504,7 @@ TEST_CASE("simulate: four files or a scenario, network modes, usage errors and -
 }
 
 TEST_CASE("every bundled scenario (configs/scenarios, examples included) loads and validates") {
-  std::vector<fs::path> files;
-  for (const auto& e : fs::recursive_directory_iterator(src("configs/scenarios")))
-    if (e.path().extension() == ".textproto") files.push_back(e.path());
-  std::sort(files.begin(), files.end());
+  const std::vector<fs::path> files = textprotos_under(src("configs/scenarios"));
   REQUIRE(files.size() >= 4);
   for (const fs::path& f : files) {
     INFO(f.string());

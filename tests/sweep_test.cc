@@ -689,10 +689,7 @@ TEST_CASE("sweep: usage errors exit 2, --help describes it") {
 }
 
 TEST_CASE("every bundled sweep (configs/sweeps) loads, and its first and last points are valid setups") {
-  std::vector<fs::path> files;
-  for (const auto& e : fs::directory_iterator(src("configs/sweeps")))
-    if (e.path().extension() == ".textproto") files.push_back(e.path());
-  std::sort(files.begin(), files.end());
+  const std::vector<fs::path> files = textprotos_under(src("configs/sweeps"));
   REQUIRE(files.size() >= 2);
   for (const fs::path& f : files) {
     INFO(f.string());

@@ -2,6 +2,7 @@
 
 #include "common/config.h"
 #include "common/error.h"
+#include "common/files.h"
 #include "traces/recorder.h"
 
 #include <fmt/format.h>
@@ -59,28 +60,13 @@ std::string read_bytes(const std::string& path) {
   return std::move(ss).str();
 }
 
-// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
-void write_file_atomically(const std::string& path, const std::string& bytes) {
+// Writes `bytes` to `path` whole (common/files.h), or throws TraceError naming the file.
+void write_trace_file(const std::string& path, const std::string& bytes) {
   std::error_code ec;
   if (std::filesystem::is_directory(path, ec))
     throw TraceError(fmt::format("{}: is a directory, cannot write a trace file there", path));
-  const std::string tmp = fmt::format("{}.tmp-{}", path, static_cast<long>(::getpid()));
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) throw TraceError(fmt::format("{}: cannot write: {}", path, std::strerror(errno)));
-    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-    out.flush();
-    if (!out) {
-      std::filesystem::remove(tmp, ec);
-      throw TraceError(fmt::format("{}: write failed: {}", path, std::strerror(errno)));
-    }
-  }
-  std::filesystem::rename(tmp, path, ec);
-  if (ec) {
-    std::error_code ignored;
-    std::filesystem::remove(tmp, ignored);
-    throw TraceError(fmt::format("{}: cannot write: {}", path, ec.message()));
-  }
+  if (const std::string why = write_file_atomically(path, bytes); !why.empty())
+    throw TraceError(fmt::format("{}: cannot write: {}", path, why));
 }
 
 bool ends_with(std::string_view s, std::string_view suffix) {
@@ -269,7 +255,7 @@ std::string chrome_trace_json(const Trace& trace) {
 }
 
 void write_chrome_trace(const Trace& trace, const std::string& path) {
-  write_file_atomically(path, chrome_trace_json(trace));
+  write_trace_file(path, chrome_trace_json(trace));
 }
 
 TraceFormat trace_format_for(const std::string& path) {
@@ -286,7 +272,7 @@ void write_trace(const Trace& trace, const std::string& path, TraceFormat format
   } else if (!trace.SerializeToString(&bytes)) {
     throw TraceError(fmt::format("{}: cannot serialize the trace", path));
   }
-  write_file_atomically(path, bytes);
+  write_trace_file(path, bytes);
 }
 
 void write_trace(const Trace& trace, const std::string& path) { write_trace(trace, path, trace_format_for(path)); }
