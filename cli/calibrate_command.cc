@@ -33,7 +33,6 @@
 #include <fstream>
 #include <iostream>
 #include <map>
-#include <numeric>
 
 namespace moesim::cli {
 namespace {
@@ -186,14 +185,14 @@ struct InSitu {
   double factor = 1;          // for every kind of kInSituKinds
   int ops = 0;                // compute ops fitted (rank 0: all ranks')
   std::vector<double> errors_pct;  // the ops through the factor: (model - measured) / measured
-  // The step's collectives: per op, the mean over steps of its shortest span over the ranks (the
+  // The step's collectives: per op, the lower quartile over steps of its shortest span over the ranks (the
   // last rank to arrive waits for no one: its span is the exchange itself).
   std::vector<CollectiveSample> collectives;
 };
 
 // The calibration step: a 3-layer transformer (d 96, the middle layer MoE with 2 x ranks experts
 // top-2, 48 tokens) trained for 16 steps on every rank with the Schedule lowered under `spec`; on
-// rank 0, each compute op's measured time (mean over steps 1..15) against its predicted time split per kernel
+// rank 0, each compute op's measured time (lower quartile over steps 1..15, trace::kQuietQuantile) against its predicted time split per kernel
 // kind (each kind's share found by lowering again with that kind's factor at 2), then one factor
 // for all kinds by cost::fit_in_situ_factor (see below). Collective on `world`.
 InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluster, int ranks, exec::Comm* world,
@@ -244,7 +243,7 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
   }
   const schedule::Schedule doubled = lower_with(doubled_spec);
   // Per compute op: the part the factor scales (its kernels' roofline time), the fixed part
-  // (launches) and the mean measured time.
+  // (launches) and the measured time.
   std::vector<double> scaled, fixed, measured_s;
   for (int r = 0; r < base.ranks_size(); ++r)
     for (int i = 0; i < base.ranks(r).ops_size(); ++i) {
@@ -253,8 +252,7 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
       if (op.collective() != 0 || op.duration_s() <= 0 || it == times.end()) continue;
       scaled.push_back(doubled.ranks(r).ops(i).duration_s() - op.duration_s());
       fixed.push_back(std::max(op.duration_s() - scaled.back(), 0.0));
-      const std::vector<double>& v = it->second;
-      measured_s.push_back(std::accumulate(v.begin(), v.end(), 0.0) / static_cast<double>(v.size()));
+      measured_s.push_back(trace::quantile(it->second, trace::kQuietQuantile));
     }
   std::map<std::string, std::map<int, double>> shortest;  // op id -> step -> shortest span over ranks
   for (const trace::Span& s : measured.spans()) {
@@ -269,10 +267,10 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
     const schedule::Collective& c = base.collectives(op.collective() - 1);
     const bool a2a = c.op() == schedule::Collective::ALL_TO_ALL || c.op() == schedule::Collective::ALL_TO_ALL_V;
     if (!a2a && c.op() != schedule::Collective::ALL_REDUCE) continue;
-    double sum = 0;
-    for (const auto& [step, d] : it->second) sum += d;
+    std::vector<double> per_step;
+    for (const auto& [step, d] : it->second) per_step.push_back(d);
     out.collectives.push_back({a2a ? cost::CollectiveOp::kAllToAll : cost::CollectiveOp::kAllReduce, op.bytes(),
-                               sum / static_cast<double>(it->second.size())});
+                               trace::quantile(per_step, trace::kQuietQuantile)});
   }
   out.ops = static_cast<int>(measured_s.size());
   // One factor for every kind: the ops mix kinds in fixed proportions (an expert FFN is always its
@@ -299,7 +297,8 @@ int calibrate(const Args& a) {
   const Launch launch = launch_ranks(ranks);
   if (launch.relaunched) return launch.exit_code;
 
-  return on_ranks(ranks, timeout_s, device, [&](exec::Comm* world, exec::Comm* host_world, exec::Backend& backend) {
+  const int threads = threads_per_rank(a, ranks);
+  return on_ranks(ranks, threads, timeout_s, device, [&](exec::Comm* world, exec::Comm* host_world, exec::Backend& backend) {
     const auto t0 = std::chrono::steady_clock::now();
     const bool root = !world || world->rank() == 0;
     exec::MicrobenchOptions mo;
@@ -335,6 +334,7 @@ int calibrate(const Args& a) {
     spec.set_source(fmt::format("calibrated on {} {}", machine, trace::utc_now_iso8601()));
     spec.set_memory_bandwidth_efficiency(1.0);
     spec.set_kernel_launch_overhead_s(launch_s);
+    if (backend.device() == exec::Device::kCpu) spec.set_threads_per_rank(threads);
     for (auto [kind, eff] : {std::pair{profile::NORM, norm_eff}, std::pair{profile::ELEMENTWISE, elementwise_eff},
                              std::pair{profile::EMBEDDING, elementwise_eff}, std::pair{profile::OPTIMIZER, elementwise_eff}}) {
       profile::MemoryEfficiency* me = spec.add_memory();
@@ -547,7 +547,7 @@ std::vector<Command> calibrate_commands() {
   return {
       {"calibrate", "measure this machine's ranks and write a cluster + device profile that describe them",
        "usage: moesim calibrate --out configs/hardware/local.textproto [--ranks N] [--device cpu|cuda]\n"
-       "                        [--name NAME] [--quick] [--samples S.csv] [--db results.db] [--json]\n\n"
+       "                        [--name NAME] [--threads T] [--quick] [--samples S.csv] [--db results.db] [--json]\n\n"
        "Runs microbenchmarks through the executor on N ranks at once (default 2; launched under mpirun\n"
        "as `moesim run` does): GEMMs over transformer shapes in their forward, dX and dW forms, expert\n"
        "GEMM groups, the attention core forward and backward, LayerNorm/GELU/residual bandwidth, kernel\n"
@@ -561,8 +561,10 @@ std::vector<Command> calibrate_commands() {
        "calibration leaves the previous files intact. --db adds a calibrate row with the machine's\n"
        "description (host, CPU) so several machines' profiles live side by side. --quick measures fewer\n"
        "shapes (for tests); --samples writes every measurement with the fitted model's time as CSV.\n"
-       "With --device cuda the ranks are GPUs and the links are NCCL's.\n",
-       {{"--quick"}, {"--out", "--ranks", "--device", "--name", "--db", "--timeout", "--samples"}},
+       "CPU ranks run --threads OpenBLAS threads each (default: this machine's cores / N); the profile\n"
+       "records it and `moesim validate` runs its ranks with as many. With --device cuda the ranks are\n"
+       "GPUs and the links are NCCL's.\n",
+       {{"--quick"}, {"--out", "--ranks", "--device", "--name", "--db", "--timeout", "--samples", "--threads"}},
        calibrate},
   };
 }

@@ -17,8 +17,11 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <iostream>
+#include <thread>
 #include <memory>
 #include <string>
 #include <vector>
@@ -51,6 +54,19 @@ inline exec::Device check_device(const Args& a, int ranks) {
   if (ranks > devices && !exec::launched_by_mpi())
     throw UsageError(fmt::format("--device cuda: {} ranks need one GPU each, but this machine has {}", ranks, devices));
   return exec::Device::kCuda;
+}
+
+// OpenBLAS threads per CPU rank: --threads N; else what the device profile was calibrated with
+// (so a prediction times the arithmetic it was measured on: a one-rank plan predicted from a
+// two-rank calibration runs one thread, and no idle OpenBLAS worker spins beside the rank on a
+// sibling hyperthread); else the machine's cores shared by the ranks on it.
+inline int threads_per_rank(const Args& a, int ranks, int profile_threads = 0) {
+  const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  if (a.has("--threads")) return a.get_int("--threads", 1, 1, 4096);
+  if (profile_threads > 0) return profile_threads;
+  int on_host = ranks;  // moesim's own launch puts every rank on this machine
+  if (const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE")) on_host = std::max(1, std::atoi(local));
+  return std::max(1, cores / std::max(1, on_host));
 }
 
 // Every problem found, as one usage error (exit 2, before any rank starts).
@@ -88,11 +104,11 @@ inline trace::Trace gather_traces(const trace::Trace& mine, exec::Comm* world) {
 }
 
 // Runs body(world, host_world, backend) on every rank; an exec::Error on any rank ends all of them
-// with its message. CPU ranks: an OpenBLAS back end and one MPI world for both. CUDA ranks: device
+// with its message. CPU ranks: an OpenBLAS back end with `threads` threads and one MPI world for both. CUDA ranks: device
 // local_rank % devices, `world` the NCCL engine over device buffers and `host_world` MPI for host
 // data (the trace gathering).
 template <typename Body>
-int on_ranks(int ranks, double timeout_s, exec::Device device, Body body) {
+int on_ranks(int ranks, int threads, double timeout_s, exec::Device device, Body body) {
   std::unique_ptr<exec::Comm> host_world, device_world;
   try {
     if (ranks > 1) host_world = exec::make_mpi_comm(timeout_s);
@@ -103,7 +119,7 @@ int on_ranks(int ranks, double timeout_s, exec::Device device, Body body) {
       backend = exec::make_cuda_backend(exec::local_rank() % devices);
       if (ranks > 1) device_world = exec::make_nccl_comm(timeout_s);
     } else {
-      backend = exec::make_cpu_backend(ranks > 1 ? 1 : 0);
+      backend = exec::make_cpu_backend(threads);
     }
     exec::Comm* world = device_world ? device_world.get() : host_world.get();
     return body(world, host_world.get(), *backend);

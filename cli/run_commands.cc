@@ -81,7 +81,7 @@ int run(const Args& a) {
   const Launch launch = launch_ranks(ranks);
   if (launch.relaunched) return launch.exit_code;
 
-  return on_ranks(ranks, timeout_s, device, [&](exec::Comm* world, exec::Comm* host_world, exec::Backend& backend) {
+  return on_ranks(ranks, threads_per_rank(a, ranks), timeout_s, device, [&](exec::Comm* world, exec::Comm* host_world, exec::Backend& backend) {
     const exec::TrainResult r = exec::train(o, world, backend);
     const trace::Trace merged = gather_traces(r.trace, host_world);
     if (world && world->rank() != 0) return kExitOk;
@@ -159,7 +159,7 @@ int bench_layer(const Args& a) {
   const Launch launch = launch_ranks(ranks);
   if (launch.relaunched) return launch.exit_code;
 
-  return on_ranks(ranks, timeout_s, device, [&](exec::Comm* world, exec::Comm*, exec::Backend& backend) {
+  return on_ranks(ranks, threads_per_rank(a, ranks), timeout_s, device, [&](exec::Comm* world, exec::Comm*, exec::Backend& backend) {
     const exec::BenchLayerResult r = exec::bench_layer(o, world, backend);
     if (world && world->rank() != 0) return kExitOk;
     BenchLayerResult out;
@@ -204,7 +204,7 @@ std::vector<Command> run_commands() {
        "       moesim run --plan best.plan.textproto [--steps K] ...   (a plan from `moesim plan --out`)\n"
        "                  [--lr X] [--optimizer adam|sgd] [--capacity-factor F]\n"
        "                  [--routing vanilla|batch_priority|no_drop] [--seed N] [--timeout S]\n"
-       "                  [--device cpu|cuda] [--trace t.json] [--db results.db] [--json]\n\n"
+       "                  [--device cpu|cuda] [--threads N] [--trace t.json] [--db results.db] [--json]\n\n"
        "  --model M      a transformer of configs/models (moe-tiny.textproto trains in seconds)\n"
        "  --plan P       the plan's model and strategy (DP x EP: tp 1, pp 1), its workload's batch and\n"
        "                 sequence, its seed; ranks default to its devices\n"
@@ -217,26 +217,28 @@ std::vector<Command> run_commands() {
        "  --device D     cpu (default: OpenBLAS, MPI between ranks) or cuda (one GPU per rank, local rank\n"
        "                 % GPUs; NCCL between ranks, bootstrapped over MPI). cuda is refused (exit 2)\n"
        "                 without a CUDA build, without a device, or with more ranks than GPUs here\n"
+       "  --threads N    OpenBLAS threads per CPU rank (default: this machine's cores / its ranks)\n"
        "  --trace FILE   Chrome-trace JSON of every rank's ops (chrome://tracing, ui.perfetto.dev)\n"
        "  --db FILE      add a row to the SQLite results store (created on first use)\n"
        "  --json         per-step step_time_s and loss, tokens_per_s, ...\n\n"
        "The task is synthetic (executor/train.h): the next token is 3t + 1 mod vocab, so the loss falls\n"
        "from ln(vocab). Exit 2 on bad input (before any rank starts), 1 when a rank fails.\n",
        {{}, {"--model", "--plan", "--strategy", "--ranks", "--steps", "--batch", "--sequence", "--lr", "--optimizer",
-             "--capacity-factor", "--routing", "--seed", "--timeout", "--trace", "--db", "--device"}},
+             "--capacity-factor", "--routing", "--seed", "--timeout", "--trace", "--db", "--device", "--threads"}},
        run},
       {"bench-layer", "time one MoE layer forward + backward on real ranks: tokens/s and its parts",
        "usage: moesim bench-layer [--experts E] [--top-k K] [--tokens T] [--hidden D] [--ffn F] [--ranks N]\n"
        "                          [--capacity-factor C] [--routing vanilla|batch_priority|no_drop]\n"
-       "                          [--iterations I] [--timeout S] [--device cpu|cuda] [--json]\n\n"
-       "Defaults: 8 experts, top-2, 4096 tokens (of the whole EP group), d 512, ffn 4d, 1 rank.\n"
+       "                          [--iterations I] [--timeout S] [--device cpu|cuda] [--threads N] [--json]\n\n"
+       "Defaults: 8 experts, top-2, 4096 tokens (of the whole EP group), d 512, ffn 4d, 1 rank,\n"
+       "OpenBLAS threads per CPU rank this machine's cores / its ranks (--threads).\n"
        "--json carries tokens_per_s, gate_s, dispatch_s, experts_s, combine_s and\n"
        "gemm_efficiency_vs_blas (the layer's expert GEMMs against the vendor BLAS on the same shapes:\n"
        "cblas_sgemm, or cublasSgemm with --device cuda; timed side by side in the same run).\n"
        "--device cuda runs the layer on one GPU per rank (local rank % GPUs) with NCCL all-to-alls;\n"
        "refused (exit 2) without a CUDA build, without a device, or with more ranks than GPUs here.\n",
        {{}, {"--experts", "--top-k", "--tokens", "--hidden", "--ffn", "--ranks", "--capacity-factor", "--routing",
-             "--iterations", "--timeout", "--device"}},
+             "--iterations", "--timeout", "--device", "--threads"}},
        bench_layer},
   };
 }

@@ -62,7 +62,8 @@ void fill(const trace::ErrorStats& s, KindErrors* k) {
 void fill(const trace::Comparison& c, ValidateResult* out) {
   out->set_compared_steps(c.compared_steps);
   out->set_predicted_step_s(c.predicted_step_s);
-  out->set_measured_step_s(c.measured_step_median_s);
+  out->set_measured_step_s(c.measured_step_quiet_s);
+  out->set_step_error_pct(c.step_error_pct);
   out->set_median_abs_pct_error(c.step.median_abs_pct);
   out->set_p90_abs_pct_error(c.step.p90_abs_pct);
   out->set_max_abs_pct_error(c.step.max_abs_pct);
@@ -96,9 +97,11 @@ std::string signed_pct(double v) { return fmt::format("{:+.1f}%", v); }
 void print_result(const ValidateResult& r) {
   std::cout << fmt::format("{}: {} on {} rank(s), {} compared step(s), profile {}\n", r.name(), r.model(), r.ranks(),
                            r.compared_steps(), r.device_profile().empty() ? "(device priors)" : r.device_profile());
-  std::cout << fmt::format("step time      predicted {}  measured {}  error {} (median |error| {:.1f}%, p90 {:.1f}%)\n",
+  std::cout << fmt::format("step time      predicted {}  measured {} (lower quartile)  error {}; per step: median "
+                           "|error| {:.1f}%, p90 {:.1f}%, bias {}\n",
                            format_seconds(r.predicted_step_s()), format_seconds(r.measured_step_s()),
-                           signed_pct(r.step_bias_pct()), r.median_abs_pct_error(), r.p90_abs_pct_error());
+                           signed_pct(r.step_error_pct()), r.median_abs_pct_error(), r.p90_abs_pct_error(),
+                           signed_pct(r.step_bias_pct()));
   std::cout << fmt::format("ops matched    {} (unmatched {}); op-order Kendall tau {:.2f}\n\n", r.matched_ops(),
                            r.unmatched_ops(), r.kendall_tau());
   std::cout << fmt::format("{:<14} {:>5} {:>14} {:>10}\n", "op kind", "ops", "median |err|", "bias");
@@ -191,7 +194,7 @@ int validate_one(const Args& a) {
   const Launch launch = launch_ranks(ranks);
   if (launch.relaunched) return launch.exit_code;
 
-  return on_ranks(ranks, timeout_s, device, [&](exec::Comm* world, exec::Comm* host_world, exec::Backend& backend) {
+  return on_ranks(ranks, threads_per_rank(a, ranks, in.profile ? in.profile->spec().threads_per_rank() : 0), timeout_s, device, [&](exec::Comm* world, exec::Comm* host_world, exec::Backend& backend) {
     const exec::TrainResult run = exec::train(o, world, backend);
     const trace::Trace measured = gather_traces(run.trace, host_world);
     if (world && world->rank() != 0) return kExitOk;
@@ -260,13 +263,13 @@ int validate_one(const Args& a) {
       rec.workload = in.scenario.workload;
       rec.strategy = setup.strategy->name();
       rec.seed = in.scenario.seed;
-      rec.step_time_s = c.measured_step_median_s;
+      rec.step_time_s = c.measured_step_quiet_s;
       rec.result_json = to_json(out);
       rec.version = MOESIM_VERSION;
       trace::Trace predicted = sim.trace;
       predicted.mutable_run()->set_source(trace::PREDICTED);
       std::vector<RunMetric> metrics = {{"predicted_step_s", c.predicted_step_s},
-                                        {"measured_step_s", c.measured_step_median_s},
+                                        {"measured_step_s", c.measured_step_quiet_s},
                                         {"median_abs_pct_error", c.step.median_abs_pct},
                                         {"p90_abs_pct_error", c.step.p90_abs_pct},
                                         {"step_bias_pct", c.step.mean_pct}};
@@ -418,6 +421,7 @@ int validate_suite(const Args& a) {
     if (progress) std::cerr << fmt::format("\r[{}/{}] {:<24}", index, std::size(kSuite), p.name) << std::flush;
     std::string cmd = fmt::format("{} validate --scenario {} --json --steps {} --feedback", quoted(self), quoted(scenario), steps);
     if (a.has("--timeout")) cmd += " --timeout " + quoted(a.get("--timeout"));
+    if (a.has("--threads")) cmd += " --threads " + quoted(a.get("--threads"));
     if (a.has("--db")) cmd += " --db " + quoted(a.get("--db"));
     if (a.has("--trace")) cmd += " --trace " + quoted(a.get("--trace") + "." + p.name);
     int status = 0;
@@ -428,7 +432,7 @@ int validate_suite(const Args& a) {
       std::cerr << fmt::format("moesim: suite plan {} failed (scenario {}): {}\n", p.name, scenario, text);
       return kExitInternal;
     }
-    step_errors.push_back(r->step_bias_pct());
+    step_errors.push_back(r->step_error_pct());
     predicted.push_back(r->predicted_step_s());
     measured.push_back(r->measured_step_s());
     suite.set_unmatched_ops(suite.unmatched_ops() + r->unmatched_ops());
@@ -457,7 +461,7 @@ int validate_suite(const Args& a) {
   for (const ValidateResult& r : suite.plans())
     std::cout << fmt::format("{:<18} {:>5} {:>11} {:>11} {:>8} {:>9.2f}\n", r.name(), r.ranks(),
                              format_seconds(r.predicted_step_s()), format_seconds(r.measured_step_s()),
-                             signed_pct(r.step_bias_pct()), r.kendall_tau());
+                             signed_pct(r.step_error_pct()), r.kendall_tau());
   std::cout << fmt::format("\nstep time: median |error| {:.1f}%, p90 {:.1f}%, max {:.1f}%; plan ranking Kendall tau {:.2f}\n",
                            suite.median_abs_pct_error(), suite.p90_abs_pct_error(), suite.max_abs_pct_error(),
                            suite.kendall_tau());
@@ -495,6 +499,8 @@ std::vector<Command> validate_commands() {
        "  --profile F       the device profile for the prediction (moesim calibrate writes one);\n"
        "                    default the scenario's device_profile, else the device's priors\n"
        "  --steps K         measured steps (default 6); --warmup W left out of the statistics (default 1)\n"
+       "  --threads N       OpenBLAS threads per CPU rank (default: as many as the profile was calibrated\n"
+       "                    with, else this machine's cores / its ranks)\n"
        "  --feedback        predict with the measured expert loads as the routing distribution\n"
        "  --routing-out W   write the workload with the measured loads as its routing histogram\n"
        "  --trace PREFIX    PREFIX.predicted.json and PREFIX.measured.json (Chrome traces)\n"
@@ -509,7 +515,7 @@ std::vector<Command> validate_commands() {
        "The executor computes in fp32: the workload's precision must be FP32. Exit 2 on bad input.\n",
        {{"--feedback", "--suite"},
         {"--plan", "--scenario", "--profile", "--ranks", "--steps", "--warmup", "--routing-out", "--trace", "--db",
-         "--timeout", "--device", "--cluster", "--out", "--predicted", "--measured"}},
+         "--timeout", "--device", "--cluster", "--out", "--predicted", "--measured", "--threads"}},
        validate},
   };
 }

@@ -180,6 +180,7 @@ void validate(const ConfigScope& root, const profile::DeviceProfile& p) {
   };
   check_factors("backward", p.backward());
   check_factors("in_situ", p.in_situ());
+  root.positive("threads_per_rank", Need::kOptional, /*allow_zero=*/false, 4096);
   topo::check_latency(root, "kernel_launch_overhead_s");
   std::map<std::pair<int, int>, int> seen;  // (kind, dtype) -> curve index
   for (int i = 0; i < p.compute_size(); ++i) {

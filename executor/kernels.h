@@ -60,14 +60,21 @@ MOESIM_HOST_DEVICE inline float bf16_to_f32(uint16_t h) { return bits_float(stat
 inline constexpr float kGeluScale = 0.7978845608028654f;  // sqrt(2/pi)
 inline constexpr float kGeluCubic = 0.044715f;
 
+// tanh(u) = 1 - 2 / (exp(2u) + 1): one expf, whose cost does not depend on u. glibc's tanhf
+// takes 13 ns per call near 0 and 25 ns at |u| ~ 1 on the development VM, so GELU's time
+// followed its inputs' spread and no calibration on other data could predict it. exp(2u)
+// overflowing to inf gives 1, underflowing to 0 gives -1; the absolute error stays within a
+// few float ulps of 1, which is what 1 + tanh(u) and 1 - tanh(u)^2 need.
+MOESIM_HOST_DEVICE inline float tanh_by_exp(float u) { return 1.0f - 2.0f / (expf(2.0f * u) + 1.0f); }
+
 MOESIM_HOST_DEVICE inline float gelu(float x) {
   const float u = kGeluScale * (x + kGeluCubic * x * x * x);
-  return 0.5f * x * (1.0f + tanhf(u));
+  return 0.5f * x * (1.0f + tanh_by_exp(u));
 }
 
 MOESIM_HOST_DEVICE inline float gelu_grad(float x) {
   const float u = kGeluScale * (x + kGeluCubic * x * x * x);
-  const float t = tanhf(u);
+  const float t = tanh_by_exp(u);
   const float du_dx = kGeluScale * (1.0f + 3.0f * kGeluCubic * x * x);
   return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * du_dx;
 }

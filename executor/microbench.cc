@@ -2,6 +2,7 @@
 
 #include "costmodel/model.h"
 #include "executor/layers.h"
+#include "traces/validation.h"
 
 #include <algorithm>
 #include <chrono>
@@ -13,10 +14,9 @@ namespace {
 using Clock = std::chrono::steady_clock;
 constexpr double kElem = 4;  // fp32 bytes: the cost model's bytes for these kernels at FP32
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0 : v[v.size() / 2];
-}
+// Repeated timings' statistic: the lower quartile, as validation measures (traces/validation.h:
+// other tenants of a shared machine only ever slow a sample down).
+double quiet(const std::vector<double>& v) { return trace::quantile(v, trace::kQuietQuantile); }
 
 // Filled with a fixed ramp in [-1, 1) (values do not change BLAS or elementwise timings, but keep
 // softmax and GELU away from special cases).
@@ -32,13 +32,13 @@ class Bench {
  public:
   Bench(Backend& b, Comm* world, const MicrobenchOptions& o) : b_(b), world_(world), o_(o) {}
 
-  // Seconds per call of fn: repeated until min_sample_s, the median of 3 such batches.
+  // Seconds per call of fn: batches repeated until min_sample_s / 5 each, the lower quartile of 5.
   double time(const std::function<void()>& fn) {
     if (world_) world_->barrier();  // ranks run each sample at the same time
     fn();
     b_.synchronize();
     std::vector<double> batches;
-    for (int batch = 0; batch < 3; ++batch) {
+    for (int batch = 0; batch < 5; ++batch) {
       int reps = 0;
       const auto t0 = Clock::now();
       double elapsed = 0;
@@ -47,13 +47,13 @@ class Bench {
         ++reps;
         b_.synchronize();
         elapsed = std::chrono::duration<double>(Clock::now() - t0).count();
-      } while (elapsed < o_.min_sample_s / 3);
+      } while (elapsed < o_.min_sample_s / 5);
       batches.push_back(elapsed / reps);
     }
-    return median(batches);
+    return quiet(batches);
   }
 
-  // A collective: `reps` repetitions (the same on every rank), each after a barrier; the median.
+  // A collective: `reps` repetitions (the same on every rank), each after a barrier; the lower quartile.
   double time_collective(int reps, const std::function<void()>& fn) {
     fn();  // warm-up
     std::vector<double> times;
@@ -64,7 +64,7 @@ class Bench {
       b_.synchronize();
       times.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
     }
-    return median(times);
+    return quiet(times);
   }
 
   Backend& b_;

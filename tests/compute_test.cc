@@ -295,6 +295,12 @@ TEST_CASE("bad profile: efficiency 0") {
              4, "compute[0].point[0].efficiency", "greater than zero");
 }
 
+TEST_CASE("bad profile: threads per rank 0") {
+  check_only("device { preset: \"h100-sxm5\" }\n"
+             "threads_per_rank: 0\n",
+             2, "threads_per_rank", "greater than zero");
+}
+
 TEST_CASE("bad profile: sizes decreasing") {
   check_only("device { preset: \"h100-sxm5\" }\n"
              "compute {\n"

@@ -132,7 +132,7 @@ TEST_CASE("calibrate writes a cluster and profile that load back, and a store ro
   std::filesystem::create_directories(dir.path);
   const std::string out = dir.path + "/here.textproto";
   const std::string db = dir.path + "/results.db";
-  const Run r = moesim_run(fmt::format("calibrate --out '{}' --ranks 1 --quick --json --db '{}'", out, db));
+  const Run r = moesim_run(fmt::format("calibrate --out '{}' --ranks 1 --threads 1 --quick --json --db '{}'", out, db));
   INFO(r.err);
   REQUIRE(r.exit_code == 0);
   const cli::CalibrateResult c = parse_json<cli::CalibrateResult>(r.out);
@@ -145,6 +145,8 @@ TEST_CASE("calibrate writes a cluster and profile that load back, and a store ro
   const cost::DeviceProfile p = cost::load_device_profile(dir.path + "/here.profile.textproto");
   CHECK(p.peak_flops_per_s(cost::DType::kFp32) == Approx(c.peak_flops()).epsilon(1e-5));
   CHECK_THAT(p.source(), Catch::Contains("calibrated on"));
+  // The threads each rank ran with, so that validate runs its ranks with as many.
+  CHECK(p.spec().threads_per_rank() == 1);
   CHECK(Store::open(db).list_runs(RunKind::kCalibrate).size() == 1);
   // No temporary files are left beside them.
   int files = 0;
@@ -155,6 +157,9 @@ TEST_CASE("calibrate writes a cluster and profile that load back, and a store ro
 TEST_CASE("calibrate refuses bad options, and a killed calibration leaves the previous files intact") {
   CHECK(moesim_run("calibrate --ranks 1").exit_code == 2);
   CHECK(moesim_run("calibrate --out /nonexistent/dir/x.textproto --ranks 1").exit_code == 2);
+  const Run threads = moesim_run("run --model " MOESIM_SOURCE_DIR "/configs/models/moe-tiny.textproto --threads 0");
+  CHECK(threads.exit_code == 2);
+  CHECK_THAT(threads.err, Catch::Contains("--threads"));
   TempFile dir("calibrate_kill");
   std::filesystem::create_directories(dir.path);
   const std::string out = dir.path + "/local.textproto", profile = dir.path + "/local.profile.textproto";

@@ -67,7 +67,8 @@ TEST_CASE("The join recovers known per-op and per-kind errors, collectives from 
   CHECK(c.per_kind.at("attention").median_abs_pct == Approx(25));
   CHECK(c.per_kind.at("experts").mean_pct == Approx(-20));
   // A measured step: 80 + 30 + 40 + 250 = 400 us; predicted 360 us: -10% in each compared step.
-  CHECK(c.measured_step_median_s == Approx(400e-6));
+  CHECK(c.measured_step_quiet_s == Approx(400e-6));
+  CHECK(c.step_error_pct == Approx(-10));
   CHECK(c.step.count == 3);
   CHECK(c.step.median_abs_pct == Approx(10));
   CHECK(c.step.mean_pct == Approx(-10));
@@ -76,6 +77,31 @@ TEST_CASE("The join recovers known per-op and per-kind errors, collectives from 
   const Comparison all = compare(predicted(), measured(4), {.predicted_step_s = 360e-6, .skip_steps = 0});
   CHECK(all.step.count == 4);
   CHECK(all.step.max_abs_pct == Approx(55));
+}
+
+TEST_CASE("Measured times are the lower quartile: stretches slowed by other tenants do not move them") {
+  // Steps 1..8 compared; steps 5..8 run 1.5x slow everywhere (a co-tenant's stretch), so the median
+  // would sit between the two regimes while the lower quartile stays on the undisturbed one.
+  Trace t;
+  for (int s = 0; s < 9; ++s) {
+    const int64_t base = s * 1'000'000, k10 = s == 0 ? 20 : s >= 5 ? 15 : 10;
+    for (int r = 0; r < 2; ++r) {
+      *t.add_spans() = span("L0.attn mb0 fwd", "attn", ATTENTION, r, s, base, base + 8'000 * k10);
+      *t.add_spans() = span("L0.moe.dispatch_a2a mb0 fwd", "moe.dispatch_a2a", ALL_TO_ALL, r, s, base + 8'000 * k10,
+                            base + 12'000 * k10);
+      *t.add_spans() = span("L0.moe.experts mb0 fwd", "moe.experts", GROUPED_GEMM, r, s, base + 12'000 * k10,
+                            base + 37'000 * k10);
+    }
+  }
+  const Comparison quiet = compare(predicted(), t, {.predicted_step_s = 360e-6});
+  for (const OpError& e : quiet.ops)
+    if (e.kind == "attention") CHECK(e.measured_s == Approx(80e-6));
+  CHECK(quiet.measured_step_quiet_s == Approx(370e-6));
+  CHECK(quiet.step_error_pct == Approx((360.0 - 370.0) / 370.0 * 100));
+  // The median (an option) lands between the regimes: 80 and 120 us -> 100 us.
+  const Comparison median = compare(predicted(), t, {.predicted_step_s = 360e-6, .quantile = 0.5});
+  for (const OpError& e : median.ops)
+    if (e.kind == "attention") CHECK(e.measured_s == Approx(100e-6));
 }
 
 TEST_CASE("Traces of different schedules are refused with the first missing op") {

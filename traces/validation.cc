@@ -121,7 +121,7 @@ Comparison compare(const Trace& predicted, const Trace& measured, const CompareO
     e.kind = op_kind_label(p.name().empty() ? p.op_id() : p.name());
     e.rank = p.rank();
     e.predicted_s = static_cast<double>(p.end_ns() - p.start_ns()) * 1e-9;
-    e.measured_s = quantile(durations, 0.5);
+    e.measured_s = quantile(durations, options.quantile);
     e.error_pct = e.measured_s > 0 ? (e.predicted_s - e.measured_s) / e.measured_s * 100
                   : e.predicted_s > 0 ? std::numeric_limits<double>::infinity()
                                       : 0;
@@ -147,7 +147,9 @@ Comparison compare(const Trace& predicted, const Trace& measured, const CompareO
     all_errors.push_back(e.error_pct);
   }
   c.compared_steps = static_cast<int>(by_step.size());
-  c.measured_step_median_s = quantile(c.measured_step_s, 0.5);
+  c.measured_step_quiet_s = quantile(c.measured_step_s, options.quantile);
+  if (c.measured_step_quiet_s > 0)
+    c.step_error_pct = (options.predicted_step_s - c.measured_step_quiet_s) / c.measured_step_quiet_s * 100;
   c.step = error_stats(step_errors);
   c.all_ops = error_stats(all_errors);
   for (const auto& [kind, errors] : kind_errors) c.per_kind[kind] = error_stats(errors);
