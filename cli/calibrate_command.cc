@@ -125,7 +125,7 @@ void write_file(const std::string& path, const std::string& text) {
 // The cost model's times for an attention sublayer as the executor runs it (LayerNorm, QKV
 // projection, causal core, output projection: costmodel/model.cc's attention block).
 struct SublayerTimes {
-  double core_flops = 0;
+  double core_flops = 0, core_scores = 0;
   double other_fwd_s = 0, other_bwd_s = 0;  // everything but the core
   double fwd_s = 0, bwd_s = 0;              // with the core
 };
@@ -152,7 +152,10 @@ SublayerTimes attention_sublayer(const cost::DeviceProfile& p, const exec::Atten
     for (const cost::Op& op : layer.ops) {
       if (op.name.rfind("L0.attn.", 0) != 0) continue;
       const bool core = op.kind == cost::OpKind::kAttention;
-      if (core) out.core_flops = op.flops;
+      if (core) {
+        out.core_flops = op.flops;
+        out.core_scores = op.softmax_elements;
+      }
       double fwd = cost::op_time(p, op, cost::DType::kFp32).time_s, bwd = 0;
       for (const cost::Op& b : cost::backward_ops(op)) bwd += cost::op_time(p, b, cost::DType::kFp32).time_s;
       out.fwd_s += fwd;
@@ -356,20 +359,25 @@ int calibrate(const Args& a) {
       add_backward(profile::ELEMENTWISE,
                    cost::fit_backward_factor(forward_only, cost::OpKind::kElementwise, m.activation_backward));
     }
-    // The attention core: each sublayer's time less the model's time for its norm and projections;
-    // the curve from the forwards, the backward factor from the backwards.
+    // The attention core: each sublayer's time less the model's time for its norm and projections.
+    // The forwards give the softmax's time per score (two head dims tell it from the matmuls), then
+    // the curve through what is left; the backwards give the backward factor.
     const cost::DeviceProfile without_core = cost::DeviceProfile::from_spec(spec, profile_out);
     std::vector<cost::KernelSample> core_fwd;
     for (const exec::AttentionSample& a : m.attention) {
       const SublayerTimes t = attention_sublayer(without_core, a);
-      core_fwd.push_back({t.core_flops, 0, std::max(a.forward_s - t.other_fwd_s, 0.1 * a.forward_s)});
+      core_fwd.push_back({t.core_flops, 0, std::max(a.forward_s - t.other_fwd_s, 0.1 * a.forward_s), t.core_scores});
     }
+    const double score_s = cost::fit_softmax_score_s(core_fwd, launch_s);
+    spec.set_softmax_score_s(score_s);
+    for (cost::KernelSample& s : core_fwd) s.seconds = std::max(s.seconds - s.softmax_elements * score_s, 0.1 * s.seconds);
     *spec.add_compute() = cost::fit_efficiency_curve(profile::ATTENTION, profile::FP32, core_fwd, peak, launch_s);
     const cost::DeviceProfile with_core = cost::DeviceProfile::from_spec(spec, profile_out);
     std::vector<cost::KernelSample> core_bwd;
     for (const exec::AttentionSample& a : m.attention) {
       const SublayerTimes t = attention_sublayer(with_core, a);
-      core_bwd.push_back({2.5 * t.core_flops, 0, std::max(a.backward_s - t.other_bwd_s, 0.1 * a.backward_s)});
+      core_bwd.push_back(
+          {2.5 * t.core_flops, 0, std::max(a.backward_s - t.other_bwd_s, 0.1 * a.backward_s), t.core_scores});
     }
     add_backward(profile::ATTENTION, cost::fit_backward_factor(with_core, cost::OpKind::kAttention, core_bwd));
     const cost::DeviceProfile fitted = cost::DeviceProfile::from_spec(spec, profile_out);

@@ -84,6 +84,7 @@ double fit_backward_factor(const DeviceProfile& profile, OpKind kind, const std:
     op.kind = kind;
     op.flops = s.flops;
     op.bytes = s.bytes;  // backward stays false: the roofline time with factor 1
+    op.softmax_elements = s.softmax_elements;
     const OpTime t = op_time(profile, op, DType::kFp32);
     const double roofline = t.time_s - t.launch_s;
     if (roofline > 0 && s.seconds > 0) ratios.push_back(busy_s(s, t.launch_s) / roofline);
@@ -121,31 +122,57 @@ double fit_in_situ_factor(const std::vector<double>& c, const std::vector<double
   return scaled > 0 ? std::clamp(measured / scaled, 0.1, 10.0) : 1.0;
 }
 
+namespace {
+
+// Weighted least squares for t = x1 a + x2 b, weights 1 / t^2 (relative errors): the normal
+// equations' sums, and the solution when the two terms can be told apart.
+struct TwoTerms {
+  double a11 = 0, a12 = 0, a22 = 0, b1 = 0, b2 = 0;
+  void add(double x1, double x2, double t) {
+    const double w = 1 / (t * t);
+    a11 += w * x1 * x1;
+    a12 += w * x1 * x2;
+    a22 += w * x2 * x2;
+    b1 += w * x1 * t;
+    b2 += w * x2 * t;
+  }
+  bool separable() const { return std::fabs(a11 * a22 - a12 * a12) > 1e-12 * a11 * a22; }
+  double a() const { return (b1 * a22 - b2 * a12) / (a11 * a22 - a12 * a12); }
+  double b() const { return (a11 * b2 - a12 * b1) / (a11 * a22 - a12 * a12); }
+};
+
+}  // namespace
+
+double fit_softmax_score_s(const std::vector<KernelSample>& samples, double launch_s) {
+  TwoTerms f;
+  for (const KernelSample& s : samples) {
+    if (!(s.seconds > 0) || s.flops <= 0 || s.softmax_elements <= 0)
+      throw std::invalid_argument("attention samples need positive FLOPs, score elements and times");
+    f.add(s.flops, s.softmax_elements, busy_s(s, launch_s));
+  }
+  if (samples.size() < 2 || !f.separable())
+    throw std::invalid_argument("attention samples of one head dim cannot separate the softmax from the matmuls");
+  return std::max(0.0, f.b());
+}
+
 LinkFit fit_link(const std::vector<LinkSample>& samples, double step_overhead_s, double fallback_Bps) {
   if (samples.size() < 2) throw std::invalid_argument("a link fit needs at least 2 collective samples");
-  // Weighted normal equations for t = steps lambda + c beta, weights 1 / t^2.
-  double a11 = 0, a12 = 0, a22 = 0, b1 = 0, b2 = 0;
+  TwoTerms f;  // t = steps lambda + c beta
   for (const LinkSample& s : samples) {
     if (!(s.seconds > 0)) throw std::invalid_argument("collective samples need positive times");
-    const double w = 1 / (s.seconds * s.seconds);
-    a11 += w * s.steps * s.steps;
-    a12 += w * s.steps * s.transfer_c;
-    a22 += w * s.transfer_c * s.transfer_c;
-    b1 += w * s.steps * s.seconds;
-    b2 += w * s.transfer_c * s.seconds;
+    f.add(s.steps, s.transfer_c, s.seconds);
   }
-  const double det = a11 * a22 - a12 * a12;
-  if (!(std::fabs(det) > 1e-12 * a11 * a22))
+  if (!f.separable())
     throw std::invalid_argument("collective samples of one shape cannot separate latency from bandwidth");
-  double lambda = (b1 * a22 - b2 * a12) / det;
-  double beta = (a11 * b2 - a12 * b1) / det;
+  double lambda = f.a();
+  double beta = f.b();
   if (beta <= 0) {  // no visible bandwidth term: latency alone, over the fallback bandwidth
     beta = fallback_Bps > 0 ? 1 / fallback_Bps : 0;
-    lambda = (b1 - beta * a12) / a11;
+    lambda = (f.b1 - beta * f.a12) / f.a11;
   }
   if (lambda < 0) {  // no visible latency: bandwidth alone
     lambda = 0;
-    beta = b2 / a22;
+    beta = f.b2 / f.a22;
   }
   return link_fit(samples, step_overhead_s, lambda, beta);
 }

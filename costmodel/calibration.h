@@ -33,6 +33,7 @@ struct KernelSample {
   double flops = 0;
   double bytes = 0;
   double seconds = 0;  // measured, launch included
+  double softmax_elements = 0;  // attention cores: score elements (cost::Op::softmax_elements)
 };
 
 // The achieved FLOP/s of the fastest sample (flops / (t - launch)); 0 without samples.
@@ -60,6 +61,13 @@ double fit_backward_factor(const DeviceProfile& profile, OpKind kind, const std:
 // slows ops down at random counts as slow as it is on average). 1 without ops.
 double fit_in_situ_factor(const std::vector<double>& scaled, const std::vector<double>& fixed,
                           const std::vector<double>& measured);
+
+// The attention softmax's time per score element (device_profile.proto softmax_score_s) from
+// attention cores' forward samples: t_i - launch_s = flops_i u + scores_i v by least squares on
+// relative errors (weights 1 / t_i^2, as the links' fit below); v floored at 0. The samples must
+// differ in FLOPs per score (head dims), else the two terms cannot be told apart:
+// std::invalid_argument.
+double fit_softmax_score_s(const std::vector<KernelSample>& samples, double launch_s);
 
 // A collective sample in the model's linear form (see above).
 struct LinkSample {

@@ -88,6 +88,8 @@ class DeviceProfile {
   // Every kernel of this kind takes this many times its roofline time (profile `in_situ`; 1).
   double in_situ_time_factor(OpKind kind) const;
   double kernel_launch_overhead_s() const { return launch_overhead_s_; }
+  // Per attention score element (profile softmax_score_s; 0).
+  double softmax_score_s() const { return spec_.softmax_score_s(); }
 
  private:
   friend class ProfileBuilder;  // compute.cc: validation and curve resolution
@@ -127,7 +129,7 @@ DeviceProfile default_profile(const hw::DeviceType& device);
 
 struct OpTime {
   double time_s = 0;     // launch_s + max(compute_s, memory_s)
-  double compute_s = 0;  // flops / (peak * efficiency)
+  double compute_s = 0;  // flops / (peak * efficiency) + softmax_elements * softmax_score_s, x factors
   double memory_s = 0;   // bytes / (bandwidth * memory efficiency)
   double launch_s = 0;
   double efficiency = 0;      // eff_compute applied to the compute term

@@ -64,6 +64,7 @@ class LayerBuilder {
     op.groups = static_cast<int64_t>(std::max(1.0, std::round(heads * seqs)));
     op.flops = 2 * tokens_ * keys * heads * (qk_dim + v_dim);
     op.bytes = tokens_ * heads * (2 * qk_dim + 2 * v_dim) * e_;
+    op.softmax_elements = tokens_ * keys * heads;
     l_->flops_fwd += op.flops;
     l_->ops.push_back(std::move(op));
   }

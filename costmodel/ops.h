@@ -42,6 +42,9 @@ struct Op {
   double bytes = 0;  // memory traffic: inputs read + outputs written + weights read
   bool backward = false;  // a backward kernel (backward_ops): the profile's backward factor applies
   bool fused_backward = false;  // its gradient is computed with it (a loss): no backward kernels
+  // Attention: the score elements its softmax normalises (groups x m x n), timed by the profile's
+  // softmax_score_s on top of the FLOPs (0 elsewhere).
+  double softmax_elements = 0;
 };
 
 }  // namespace moesim::cost

@@ -103,10 +103,18 @@ MOESIM_HOST_DEVICE inline void softmax_write_part(const float* x, float row_max,
   for (int64_t j = begin; j < cols; j += stride) y[j] = expf(x[j] - row_max) * inv_sum;
 }
 
+// One thread's row (the CPU back end): each exponential once, kept in y and then scaled (the
+// parts above recompute it, which is cheaper than a second pass over memory on a GPU; on a CPU
+// the expf dominates). The same values as the parts: y_j = expf(x_j - m) * (1 / sum). x may be y.
 MOESIM_HOST_DEVICE inline void softmax_row(const float* x, float* y, int64_t cols) {
   const float m = row_max_part(x, cols, 0, 1);
-  const float s = softmax_exp_sum_part(x, m, cols, 0, 1);
-  softmax_write_part(x, m, s, y, cols, 0, 1);
+  float s = 0.0f;
+  for (int64_t j = 0; j < cols; ++j) {
+    y[j] = expf(x[j] - m);
+    s += y[j];
+  }
+  const float inv_sum = 1.0f / s;
+  for (int64_t j = 0; j < cols; ++j) y[j] *= inv_sum;
 }
 
 // ---- layer normalisation over a row (Ba, Kiros & Hinton 2016) --------------------------------

@@ -160,7 +160,12 @@ Microbenchmarks run_microbenchmarks(Backend& backend, Comm* world, const Microbe
     }
   progress(0.6);
   for (int64_t batch : o.quick ? std::vector<int64_t>{2, 8} : std::vector<int64_t>{1, 2, 4, 8, 16, 32})
-    for (int64_t seq : {32, 64}) m.attention.push_back(attention_sample(bench, backend, batch, seq, 64, 4));
+    for (int64_t seq : {32, 64}) {
+      m.attention.push_back(attention_sample(bench, backend, batch, seq, 64, 4));
+      // A second head dim (32 against 16), so that calibration can tell the softmax's time per
+      // score from the matmuls' per FLOP.
+      if (batch % 2 == 0) m.attention.push_back(attention_sample(bench, backend, batch, seq, 64, 2));
+    }
   progress(0.75);
   for (int64_t tokens : o.quick ? std::vector<int64_t>{256, 2048} : std::vector<int64_t>{128, 512, 2048, 8192})
     memory_samples(bench, backend, tokens, 64, 256, m);

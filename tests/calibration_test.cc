@@ -101,6 +101,35 @@ TEST_CASE("The in-situ factor is the time-weighted slowdown of the ops") {
   CHECK(fit_in_situ_factor({1e-4}, {0}, {1e-1}) == 10);  // clamped
 }
 
+TEST_CASE("The softmax's time per score is told from the matmuls' by two head dims") {
+  // Attention cores timed by a known profile (constant efficiency 0.25 of 80 GFLOP/s, 9.5 ns per
+  // score): 4 h (qk + v) FLOPs per score element, head dims 16 and 32, 1-32 sequences of 32 and 64.
+  const DeviceProfile p = load_device_profile_text(R"pb(
+    device { name: "cpu-rank" peak_flops_per_s { fp32: 80e9 } memory_bytes: 8e9 memory_bandwidth_Bps: 20e9
+             kernel_launch_overhead_s: 2e-6 }
+    softmax_score_s: 9.5e-9
+    compute { op: ATTENTION dtype: FP32 point { flops: 1e5 efficiency: 0.25 } })pb",
+                                                   "known.textproto");
+  std::vector<KernelSample> samples;
+  for (double head_dim : {16.0, 32.0})
+    for (double seqs : {1.0, 4.0, 32.0})
+      for (double seq : {32.0, 64.0}) {
+        Op op;
+        op.name = "core";
+        op.kind = OpKind::kAttention;
+        op.m = op.n = seq;
+        op.k = head_dim;
+        op.groups = static_cast<int64_t>(seqs * 64 / head_dim);
+        op.softmax_elements = static_cast<double>(op.groups) * seq * seq;
+        op.flops = op.softmax_elements * 4 * head_dim;
+        samples.push_back({op.flops, 0, op_time(p, op, DType::kFp32).time_s, op.softmax_elements});
+      }
+  CHECK(fit_softmax_score_s(samples, 2e-6) == Approx(9.5e-9).epsilon(0.02));
+  // One head dim: FLOPs and scores in a fixed ratio, so the two terms cannot be separated.
+  samples.resize(6);
+  CHECK_THROWS_AS(fit_softmax_score_s(samples, 2e-6), std::invalid_argument);
+}
+
 TEST_CASE("Link latency and bandwidth are recovered from the collective model's own times") {
   // Two devices on one switch, 5 GB/s and 3 us apart (PCIe slower, so routes take the switch, as
   // in the clusters `moesim calibrate` writes): all-to-alls and all-reduces from 1 KB to 16 MB

@@ -223,6 +223,32 @@ TEST_CASE("backward of attention, norm, elementwise and embedding") {
   }
 }
 
+TEST_CASE("an attention's softmax time per score adds to its FLOPs' time, and backward kernels scale both") {
+  // 40 GFLOP/s at efficiency 0.5 = 20 GFLOP/s; 10 ns per score; launch 1 us; backward factor 2.
+  const cost::DeviceProfile p = cost::load_device_profile_text(R"pb(
+    device { name: "cpu-rank" peak_flops_per_s { fp32: 40e9 } memory_bytes: 8e9 memory_bandwidth_Bps: 20e9
+             kernel_launch_overhead_s: 1e-6 }
+    softmax_score_s: 1e-8
+    compute { op: ATTENTION dtype: FP32 point { flops: 1 efficiency: 0.5 } }
+    backward { op: ATTENTION time_factor: 2 })pb",
+                                                   "scores.textproto");
+  Op attn{"attn", OpKind::kAttention, 32, 32, 16, 8, 2e6, 0};
+  attn.softmax_elements = 8 * 32 * 32;
+  const cost::OpTime t = cost::op_time(p, attn, DType::kFp32);
+  CHECK(t.compute_s == Approx(2e6 / 20e9 + 8192 * 1e-8));
+  CHECK(t.time_s == Approx(1e-6 + 2e6 / 20e9 + 8192 * 1e-8));
+  const std::vector<Op> b = cost::backward_ops(attn);
+  REQUIRE(b.size() == 1);
+  CHECK(b[0].softmax_elements == attn.softmax_elements);
+  CHECK(cost::op_time(p, b[0], DType::kFp32).compute_s == Approx(2 * (2.5 * 2e6 / 20e9 + 8192 * 1e-8)));
+  // Without the field (every GPU prior) the score elements cost nothing.
+  const cost::DeviceProfile fused = cost::load_device_profile_text(R"pb(
+    device { name: "cpu-rank" peak_flops_per_s { fp32: 40e9 } memory_bytes: 8e9 memory_bandwidth_Bps: 20e9 }
+    compute { op: ATTENTION dtype: FP32 point { flops: 1 efficiency: 0.5 } })pb",
+                                                       "fused.textproto");
+  CHECK(cost::op_time(fused, attn, DType::kFp32).compute_s == Approx(2e6 / 20e9));
+}
+
 TEST_CASE("ops_time sums kernels and splits compute-bound from memory-bound time") {
   const cost::DeviceProfile p = flat_h100();
   const std::vector<Op> ops = {gemm(8192, 8192, 8192), gemm(1, 8192, 8192), gemm(4096, 4096, 4096)};
@@ -299,6 +325,12 @@ TEST_CASE("bad profile: threads per rank 0") {
   check_only("device { preset: \"h100-sxm5\" }\n"
              "threads_per_rank: 0\n",
              2, "threads_per_rank", "greater than zero");
+}
+
+TEST_CASE("bad profile: a negative softmax time per score") {
+  check_only("device { preset: \"h100-sxm5\" }\n"
+             "softmax_score_s: -1e-9\n",
+             2, "softmax_score_s", "");
 }
 
 TEST_CASE("bad profile: sizes decreasing") {
