@@ -194,10 +194,11 @@ struct InSitu {
 };
 
 // The calibration step: a 3-layer transformer (d 96, the middle layer MoE with 2 x ranks experts
-// top-2, 48 tokens) trained for 16 steps on every rank with the Schedule lowered under `spec`; on
-// rank 0, each compute op's measured time (lower quartile over steps 1..15, trace::kQuietQuantile) against its predicted time split per kernel
-// kind (each kind's share found by lowering again with that kind's factor at 2), then one factor
-// for all kinds by cost::fit_in_situ_factor (see below). Collective on `world`.
+// top-2, 48 tokens) trained for 48 steps on every rank with the Schedule lowered under `spec`; on
+// rank 0, each compute op's measured time (lower quartile over steps 1..47, trace::kQuietQuantile)
+// against its predicted time split per kernel kind (each kind's share found by lowering again with
+// that kind's factor at 2), then one factor for all kinds by cost::fit_in_situ_factor (see below).
+// Collective on `world`.
 InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluster, int ranks, exec::Comm* world,
                    exec::Comm* host_world, exec::Backend& backend) {
   const int experts = ranks == 1 ? 4 : 2 * ranks;
@@ -227,7 +228,7 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
   apply_strategy(*setup.strategy, "calibration", ranks, o);
   o.batch = 8 * ranks;
   o.sequence = 48;
-  o.steps = 16;
+  o.steps = 48;
   o.schedule = std::make_shared<schedule::Schedule>(base);
   const exec::TrainResult run = exec::train(o, world, backend);
   const trace::Trace measured = gather_traces(run.trace, host_world);
@@ -306,6 +307,7 @@ int calibrate(const Args& a) {
     const bool root = !world || world->rank() == 0;
     exec::MicrobenchOptions mo;
     mo.quick = a.flag("--quick");
+    mo.rounds = mo.quick ? 1 : 6;
     Progress bar("calibrating", 100, root && !json && ::isatty(STDOUT_FILENO) && ::isatty(STDERR_FILENO));
     size_t shown = 0;
     mo.progress = [&](double f) {

@@ -57,6 +57,7 @@ struct Microbenchmarks {
 struct MicrobenchOptions {
   double min_sample_s = 2e-3;  // each sample repeats its kernel until at least this long
   bool quick = false;          // fewer shapes and sizes (tests)
+  int rounds = 1;              // every sample this many times, spread over the run: the median
   std::function<void(double fraction)> progress;  // 0..1, on rank 0
 };
 
