@@ -185,7 +185,7 @@ struct CollectiveSample {
 };
 
 struct InSitu {
-  double factor = 1;          // for every kind of kInSituKinds
+  cost::InSituFit fit;        // the factor for every kind of kInSituKinds, the per-op overhead
   int ops = 0;                // compute ops fitted (rank 0: all ranks')
   std::vector<double> errors_pct;  // the ops through the factor: (model - measured) / measured
   // The step's collectives: per op, the lower quartile over steps of its shortest span over the ranks (the
@@ -279,10 +279,12 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
   out.ops = static_cast<int>(measured_s.size());
   // One factor for every kind: the ops mix kinds in fixed proportions (an expert FFN is always its
   // GEMMs and its activation; attention always its norm and projections), so per-kind factors
-  // would trade off against each other and follow the noise.
-  out.factor = cost::fit_in_situ_factor(scaled, fixed, measured_s);
+  // would trade off against each other and follow the noise. The per-op overhead is told apart
+  // by the ops' sizes (an embedding lookup against an attention sublayer).
+  out.fit = cost::fit_in_situ(scaled, fixed, measured_s);
   for (size_t j = 0; j < measured_s.size(); ++j)
-    out.errors_pct.push_back((fixed[j] + out.factor * scaled[j] - measured_s[j]) / measured_s[j] * 100);
+    out.errors_pct.push_back(
+        (fixed[j] + out.fit.factor * scaled[j] + out.fit.op_overhead_s - measured_s[j]) / measured_s[j] * 100);
   return out;
 }
 
@@ -472,8 +474,12 @@ int calibrate(const Args& a) {
     for (const auto& [kind, pkind] : kInSituKinds) {
       profile::InSituFactor* f = spec.add_in_situ();
       f->set_op(pkind);
-      f->set_time_factor(in_situ.factor);
+      f->set_time_factor(in_situ.fit.factor);
     }
+    spec.set_op_overhead_s(in_situ.fit.op_overhead_s);
+    r.set_in_situ_factor(in_situ.fit.factor);
+    r.set_op_overhead_s(in_situ.fit.op_overhead_s);
+    r.set_softmax_score_s(score_s);
     res["in_situ_ops"] = residuals_of(in_situ.errors_pct);
     // Exchanges inside a step cost what they cost there (on this VM, transfers between processes
     // in the middle of a step run far below what a microbenchmark on warm buffers sees): the
@@ -538,6 +544,9 @@ int calibrate(const Args& a) {
     std::cout << fmt::format("peak (fp32 GEMM)     {:.1f} GFLOP/s\n", peak / 1e9);
     std::cout << fmt::format("memory bandwidth     {}/s\n", format_bytes(bandwidth));
     std::cout << fmt::format("kernel launch        {}\n", format_seconds(launch_s));
+    std::cout << fmt::format("attention softmax    {} per score\n", format_seconds(r.softmax_score_s()));
+    std::cout << fmt::format("in a training step   kernels x {:.3f}, {} per op around them\n", r.in_situ_factor(),
+                             format_seconds(r.op_overhead_s()));
     if (ranks > 1)
       std::cout << fmt::format("link between ranks   {}/s, {} latency\n", format_bytes(link_Bps), format_seconds(link_latency_s));
     std::cout << "\nfit residuals (|model - measured|, median / max):\n";

@@ -12,6 +12,22 @@ namespace {
 // The time a kernel spent beyond its launch, floored at 1% of the measurement.
 double busy_s(const KernelSample& s, double launch_s) { return std::max(s.seconds - launch_s, 0.01 * s.seconds); }
 
+// Weighted least squares for t = x1 a + x2 b: the normal equations' sums, and the solution when
+// the two terms can be told apart. Weights 1 / t^2 fit relative errors; weights 1 keep sums.
+struct TwoTerms {
+  double a11 = 0, a12 = 0, a22 = 0, b1 = 0, b2 = 0;
+  void add(double x1, double x2, double t, double w) {
+    a11 += w * x1 * x1;
+    a12 += w * x1 * x2;
+    a22 += w * x2 * x2;
+    b1 += w * x1 * t;
+    b2 += w * x2 * t;
+  }
+  bool separable() const { return std::fabs(a11 * a22 - a12 * a12) > 1e-12 * a11 * a22; }
+  double a() const { return (b1 * a22 - b2 * a12) / (a11 * a22 - a12 * a12); }
+  double b() const { return (a11 * b2 - a12 * b1) / (a11 * a22 - a12 * a12); }
+};
+
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   const size_t n = v.size();
@@ -112,43 +128,31 @@ LinkFit link_fit(const std::vector<LinkSample>& samples, double step_overhead_s,
 
 }  // namespace
 
-double fit_in_situ_factor(const std::vector<double>& c, const std::vector<double>& b, const std::vector<double>& t) {
-  double scaled = 0, measured = 0;
+InSituFit fit_in_situ(const std::vector<double>& c, const std::vector<double>& b, const std::vector<double>& t) {
+  double scaled = 0, measured = 0, ops = 0;
+  TwoTerms f;
   for (size_t j = 0; j < c.size(); ++j)
     if (c[j] > 0 && t[j] > 0) {
       scaled += c[j];
-      measured += std::max(t[j] - b[j], 0.0);
+      measured += t[j] - b[j];
+      ops += 1;
+      f.add(c[j], 1, t[j] - b[j], 1 / (t[j] * t[j]));
     }
-  return scaled > 0 ? std::clamp(measured / scaled, 0.1, 10.0) : 1.0;
+  InSituFit fit;
+  if (scaled <= 0) return fit;
+  if (f.separable() && f.b() > 0) fit.op_overhead_s = std::min(f.b(), std::max(measured, 0.0) / ops);
+  fit.factor = std::clamp((measured - ops * fit.op_overhead_s) / scaled, 0.1, 10.0);
+  return fit;
 }
 
-namespace {
-
-// Weighted least squares for t = x1 a + x2 b, weights 1 / t^2 (relative errors): the normal
-// equations' sums, and the solution when the two terms can be told apart.
-struct TwoTerms {
-  double a11 = 0, a12 = 0, a22 = 0, b1 = 0, b2 = 0;
-  void add(double x1, double x2, double t) {
-    const double w = 1 / (t * t);
-    a11 += w * x1 * x1;
-    a12 += w * x1 * x2;
-    a22 += w * x2 * x2;
-    b1 += w * x1 * t;
-    b2 += w * x2 * t;
-  }
-  bool separable() const { return std::fabs(a11 * a22 - a12 * a12) > 1e-12 * a11 * a22; }
-  double a() const { return (b1 * a22 - b2 * a12) / (a11 * a22 - a12 * a12); }
-  double b() const { return (a11 * b2 - a12 * b1) / (a11 * a22 - a12 * a12); }
-};
-
-}  // namespace
 
 double fit_softmax_score_s(const std::vector<KernelSample>& samples, double launch_s) {
   TwoTerms f;
   for (const KernelSample& s : samples) {
     if (!(s.seconds > 0) || s.flops <= 0 || s.softmax_elements <= 0)
       throw std::invalid_argument("attention samples need positive FLOPs, score elements and times");
-    f.add(s.flops, s.softmax_elements, busy_s(s, launch_s));
+    const double t = busy_s(s, launch_s);
+    f.add(s.flops, s.softmax_elements, t, 1 / (t * t));
   }
   if (samples.size() < 2 || !f.separable())
     throw std::invalid_argument("attention samples of one head dim cannot separate the softmax from the matmuls");
@@ -160,7 +164,7 @@ LinkFit fit_link(const std::vector<LinkSample>& samples, double step_overhead_s,
   TwoTerms f;  // t = steps lambda + c beta
   for (const LinkSample& s : samples) {
     if (!(s.seconds > 0)) throw std::invalid_argument("collective samples need positive times");
-    f.add(s.steps, s.transfer_c, s.seconds);
+    f.add(s.steps, s.transfer_c, s.seconds, 1 / (s.seconds * s.seconds));
   }
   if (!f.separable())
     throw std::invalid_argument("collective samples of one shape cannot separate latency from bandwidth");

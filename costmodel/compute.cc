@@ -182,6 +182,7 @@ void validate(const ConfigScope& root, const profile::DeviceProfile& p) {
   check_factors("in_situ", p.in_situ());
   root.positive("threads_per_rank", Need::kOptional, /*allow_zero=*/false, 4096);
   root.positive("softmax_score_s", Need::kOptional, /*allow_zero=*/true, 1e-3);
+  root.positive("op_overhead_s", Need::kOptional, /*allow_zero=*/true, 1.0);
   topo::check_latency(root, "kernel_launch_overhead_s");
   std::map<std::pair<int, int>, int> seen;  // (kind, dtype) -> curve index
   for (int i = 0; i < p.compute_size(); ++i) {

@@ -90,6 +90,8 @@ class DeviceProfile {
   double kernel_launch_overhead_s() const { return launch_overhead_s_; }
   // Per attention score element (profile softmax_score_s; 0).
   double softmax_score_s() const { return spec_.softmax_score_s(); }
+  // Per scheduled compute op, around its kernels (profile op_overhead_s; 0).
+  double op_overhead_s() const { return spec_.op_overhead_s(); }
 
  private:
   friend class ProfileBuilder;  // compute.cc: validation and curve resolution

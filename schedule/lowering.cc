@@ -391,7 +391,8 @@ class Lowering {
     e.id = std::move(id);
     e.name = std::move(name);
     e.kind = kind;
-    e.duration_s = duration;
+    // The op's kernels, plus what the host spends around them (profile op_overhead_s).
+    e.duration_s = duration > 0 ? duration + profile(rank_).op_overhead_s() : duration;
     e.flops = flops;
     e.deps = std::move(deps);
     e.micro_batch = mb;

@@ -85,20 +85,35 @@ TEST_CASE("A too-steep or noisy curve is clamped to compute.h's rule and to at m
   CHECK_NOTHROW(DeviceProfile::from_spec(spec));
 }
 
-TEST_CASE("The in-situ factor is the time-weighted slowdown of the ops") {
-  // Ten ops slowed down 1.6x beyond 1 us launches: recovered; then two of them (1/11 of the
-  // scaled time: ops 3 and 7 of sizes 4 and 8 in 55) 3x slower still: the sum grows accordingly.
+TEST_CASE("The in-situ factor and the per-op overhead are recovered, and the ops' sum is kept") {
+  // Ten ops of 0.1-1 ms scaled 1.6x beyond 1 us launches, each with 5 us around its kernels.
   std::vector<double> c, b, t;
   for (int j = 0; j < 10; ++j) {
     c.push_back(1e-4 * (1 + j));
     b.push_back(1e-6);
-    t.push_back(1e-6 + 1.6 * c.back());
+    t.push_back(1e-6 + 1.6 * c.back() + 5e-6);
   }
-  CHECK(fit_in_situ_factor(c, b, t) == Approx(1.6).epsilon(0.02));
-  for (int j : {3, 7}) t[static_cast<size_t>(j)] = 1e-6 + 3 * 1.6 * c[static_cast<size_t>(j)];
-  CHECK(fit_in_situ_factor(c, b, t) == Approx(1.6 * (55 + 2 * 12) / 55).epsilon(0.02));
-  CHECK(fit_in_situ_factor({}, {}, {}) == 1);
-  CHECK(fit_in_situ_factor({1e-4}, {0}, {1e-1}) == 10);  // clamped
+  InSituFit fit = fit_in_situ(c, b, t);
+  CHECK(fit.factor == Approx(1.6).epsilon(0.02));
+  CHECK(fit.op_overhead_s == Approx(5e-6).epsilon(0.02));
+  // Two ops 3x slower still: the fit keeps the measured sum of the ops (equal weights).
+  for (int j : {3, 7}) t[static_cast<size_t>(j)] = 1e-6 + 3 * 1.6 * c[static_cast<size_t>(j)] + 5e-6;
+  fit = fit_in_situ(c, b, t);
+  double predicted = 0, measured = 0;
+  for (size_t j = 0; j < c.size(); ++j) {
+    predicted += b[j] + fit.factor * c[j] + fit.op_overhead_s;
+    measured += t[j];
+  }
+  CHECK(predicted == Approx(measured).epsilon(1e-9));
+  // Ops faster than their scaled kernels by a constant: no negative overhead, the time-weighted
+  // factor alone.
+  for (size_t j = 0; j < c.size(); ++j) t[j] = 1e-6 + 1.6 * c[j] - 3e-6;
+  fit = fit_in_situ(c, b, t);
+  CHECK(fit.op_overhead_s == 0);
+  CHECK(fit.factor == Approx((1.6 * 55e-4 - 10 * 3e-6) / 55e-4).epsilon(1e-9));
+  CHECK(fit_in_situ({}, {}, {}).factor == 1);
+  CHECK(fit_in_situ({}, {}, {}).op_overhead_s == 0);
+  CHECK(fit_in_situ({1e-4}, {0}, {1e-1}).factor == 10);  // clamped
 }
 
 TEST_CASE("The softmax's time per score is told from the matmuls' by two head dims") {

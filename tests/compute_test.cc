@@ -333,6 +333,12 @@ TEST_CASE("bad profile: a negative softmax time per score") {
              2, "softmax_score_s", "");
 }
 
+TEST_CASE("bad profile: a negative per-op overhead") {
+  check_only("device { preset: \"h100-sxm5\" }\n"
+             "op_overhead_s: -2e-6\n",
+             2, "op_overhead_s", "");
+}
+
 TEST_CASE("bad profile: sizes decreasing") {
   check_only("device { preset: \"h100-sxm5\" }\n"
              "compute {\n"

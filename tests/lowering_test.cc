@@ -440,3 +440,26 @@ TEST_CASE("lowering is deterministic in its seed", "[lowering]") {
   CHECK(a == b);
   CHECK(a != c);
 }
+
+TEST_CASE("a profile's per-op overhead is added to every compute op, not to collectives", "[lowering]") {
+  const cost::Setup s = make_setup("dp: 8 ep: 1 zero_stage: 0");
+  cost::DeviceProfile plain = cost::default_profile(s.cluster->device_type(0));
+  profile::DeviceProfile spec = plain.spec();
+  spec.set_op_overhead_s(7e-6);
+  const cost::DeviceProfile with_overhead = cost::DeviceProfile::from_spec(spec);
+  const Schedule a = schedule::lower(s, {.profile = &plain});
+  const Schedule b = schedule::lower(s, {.profile = &with_overhead});
+  const RankSchedule &ra = rank(a, 0), &rb = rank(b, 0);
+  REQUIRE(ra.ops_size() == rb.ops_size());
+  int compute = 0;
+  for (int i = 0; i < ra.ops_size(); ++i) {
+    INFO(ra.ops(i).id());
+    if (ra.ops(i).collective() != 0) {
+      CHECK(rb.ops(i).duration_s() == ra.ops(i).duration_s());
+    } else if (ra.ops(i).duration_s() > 0) {
+      CHECK(rb.ops(i).duration_s() == Approx(ra.ops(i).duration_s() + 7e-6).epsilon(1e-12));
+      ++compute;
+    }
+  }
+  CHECK(compute > 10);
+}
