@@ -33,6 +33,7 @@
 #include <fstream>
 #include <iostream>
 #include <map>
+#include <set>
 
 namespace moesim::cli {
 namespace {
@@ -61,8 +62,14 @@ double host_memory_bytes() {
 // through shared memory; on GPUs, NVLink or PCIe as NCCL finds it), PCIe slower than the switch
 // so that routes between ranks take the switch.
 std::string cluster_text(const std::string& name, const std::string& description, const std::string& device, int ranks,
-                         double link_Bps, double link_latency_s) {
-  return fmt::format(
+                         double link_Bps, double link_latency_s, double all_reduce_efficiency = 1) {
+  const std::string efficiency =
+      all_reduce_efficiency == 1
+          ? ""
+          : fmt::format("collective_efficiency {{ op: \"all_reduce\" bandwidth_efficiency: {:.6g} }}  # against the "
+                        "all-to-all's link bandwidth\n",
+                        all_reduce_efficiency);
+  return efficiency + fmt::format(
       "name: \"{}\"\n"
       "description: \"{}\"\n"
       "nodes: 1\n"
@@ -125,7 +132,7 @@ void write_file(const std::string& path, const std::string& text) {
 // The cost model's times for an attention sublayer as the executor runs it (LayerNorm, QKV
 // projection, causal core, output projection: costmodel/model.cc's attention block).
 struct SublayerTimes {
-  double core_flops = 0, core_scores = 0;
+  double core_flops = 0, core_scores = 0, core_groups = 0;
   double other_fwd_s = 0, other_bwd_s = 0;  // everything but the core
   double fwd_s = 0, bwd_s = 0;              // with the core
 };
@@ -155,6 +162,7 @@ SublayerTimes attention_sublayer(const cost::DeviceProfile& p, const exec::Atten
       if (core) {
         out.core_flops = op.flops;
         out.core_scores = op.softmax_elements;
+        out.core_groups = static_cast<double>(op.groups);
       }
       double fwd = cost::op_time(p, op, cost::DType::kFp32).time_s, bwd = 0;
       for (const cost::Op& b : cost::backward_ops(op)) bwd += cost::op_time(p, b, cost::DType::kFp32).time_s;
@@ -188,14 +196,14 @@ struct InSitu {
   cost::InSituFit fit;        // the factor for every kind of kInSituKinds, the per-op overhead
   int ops = 0;                // compute ops fitted (rank 0: all ranks')
   std::vector<double> errors_pct;  // the ops through the factor: (model - measured) / measured
-  // The step's collectives: per op, the lower quartile over steps of its shortest span over the ranks (the
+  // The step's collectives: per op, the mean over the quiet steps of its shortest span over the ranks (the
   // last rank to arrive waits for no one: its span is the exchange itself).
   std::vector<CollectiveSample> collectives;
 };
 
 // The calibration step: a 3-layer transformer (d 96, the middle layer MoE with 2 x ranks experts
 // top-2, 48 tokens) trained for 48 steps on every rank with the Schedule lowered under `spec`; on
-// rank 0, each compute op's measured time (lower quartile over steps 1..47, trace::kQuietQuantile)
+// rank 0, each compute op's measured time (mean over the quiet half of steps 1..47, as validation)
 // against its predicted time split per kernel kind (each kind's share found by lowering again with
 // that kind's factor at 2), then one factor for all kinds by cost::fit_in_situ_factor (see below).
 // Collective on `world`.
@@ -235,9 +243,20 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
   InSitu out;
   if (world && world->rank() != 0) return out;
 
-  std::map<std::pair<std::string, int>, std::vector<double>> times;
+  // Measured as validation measures (traces/validation.h): means over the quiet half of the steps.
+  std::map<int, std::pair<int64_t, int64_t>> bounds;  // step -> first start, last end
+  for (const trace::Span& s : measured.spans()) {
+    if (s.step() < 1) continue;
+    auto [it, fresh] = bounds.emplace(s.step(), std::pair{s.start_ns(), s.end_ns()});
+    it->second = {std::min(it->second.first, s.start_ns()), std::max(it->second.second, s.end_ns())};
+  }
+  std::map<int, double> step_time;
+  for (const auto& [step, b] : bounds) step_time[step] = static_cast<double>(b.second - b.first) * 1e-9;
+  const std::set<int> quiet = trace::quiet_steps(step_time, trace::kQuietShare);
+  const double per_step = 1.0 / static_cast<double>(quiet.size());
+  std::map<std::pair<std::string, int>, double> times;
   for (const trace::Span& s : measured.spans())
-    if (s.step() >= 1) times[{s.op_id(), s.rank()}].push_back(static_cast<double>(s.end_ns() - s.start_ns()) * 1e-9);
+    if (quiet.count(s.step())) times[{s.op_id(), s.rank()}] += static_cast<double>(s.end_ns() - s.start_ns()) * 1e-9 * per_step;
   // Every kind's factor at 2: an op's time grows by exactly the part the factor scales.
   profile::DeviceProfile doubled_spec = spec;
   for (const auto& [kind, pkind] : kInSituKinds) {
@@ -256,11 +275,11 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
       if (op.collective() != 0 || op.duration_s() <= 0 || it == times.end()) continue;
       scaled.push_back(doubled.ranks(r).ops(i).duration_s() - op.duration_s());
       fixed.push_back(std::max(op.duration_s() - scaled.back(), 0.0));
-      measured_s.push_back(trace::quantile(it->second, trace::kQuietQuantile));
+      measured_s.push_back(it->second);
     }
   std::map<std::string, std::map<int, double>> shortest;  // op id -> step -> shortest span over ranks
   for (const trace::Span& s : measured.spans()) {
-    if (s.step() < 1 || !trace::is_collective(s.kind())) continue;
+    if (!quiet.count(s.step()) || !trace::is_collective(s.kind())) continue;
     const double d = static_cast<double>(s.end_ns() - s.start_ns()) * 1e-9;
     auto [it, fresh] = shortest[s.op_id()].emplace(s.step(), d);
     if (!fresh) it->second = std::min(it->second, d);
@@ -271,10 +290,9 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
     const schedule::Collective& c = base.collectives(op.collective() - 1);
     const bool a2a = c.op() == schedule::Collective::ALL_TO_ALL || c.op() == schedule::Collective::ALL_TO_ALL_V;
     if (!a2a && c.op() != schedule::Collective::ALL_REDUCE) continue;
-    std::vector<double> per_step;
-    for (const auto& [step, d] : it->second) per_step.push_back(d);
-    out.collectives.push_back({a2a ? cost::CollectiveOp::kAllToAll : cost::CollectiveOp::kAllReduce, op.bytes(),
-                               trace::quantile(per_step, trace::kQuietQuantile)});
+    double mean = 0;
+    for (const auto& [step, d] : it->second) mean += d * per_step;
+    out.collectives.push_back({a2a ? cost::CollectiveOp::kAllToAll : cost::CollectiveOp::kAllReduce, op.bytes(), mean});
   }
   out.ops = static_cast<int>(measured_s.size());
   // One factor for every kind: the ops mix kinds in fixed proportions (an expert FFN is always its
@@ -364,24 +382,30 @@ int calibrate(const Args& a) {
                    cost::fit_backward_factor(forward_only, cost::OpKind::kElementwise, m.activation_backward));
     }
     // The attention core: each sublayer's time less the model's time for its norm and projections.
-    // The forwards give the softmax's time per score (two head dims tell it from the matmuls), then
-    // the curve through what is left; the backwards give the backward factor.
+    // The forwards give the softmax's time per score and the time per group (two head dims and
+    // two sequence lengths tell them from the matmuls), then the curve through what is left; the
+    // backwards give the backward factor.
     const cost::DeviceProfile without_core = cost::DeviceProfile::from_spec(spec, profile_out);
     std::vector<cost::KernelSample> core_fwd;
     for (const exec::AttentionSample& a : m.attention) {
       const SublayerTimes t = attention_sublayer(without_core, a);
-      core_fwd.push_back({t.core_flops, 0, std::max(a.forward_s - t.other_fwd_s, 0.1 * a.forward_s), t.core_scores});
+      core_fwd.push_back(
+          {t.core_flops, 0, std::max(a.forward_s - t.other_fwd_s, 0.1 * a.forward_s), t.core_scores, t.core_groups});
     }
-    const double score_s = cost::fit_softmax_score_s(core_fwd, launch_s);
-    spec.set_softmax_score_s(score_s);
-    for (cost::KernelSample& s : core_fwd) s.seconds = std::max(s.seconds - s.softmax_elements * score_s, 0.1 * s.seconds);
+    const cost::AttentionCoreFit core = cost::fit_attention_core(core_fwd, launch_s);
+    spec.set_softmax_score_s(core.softmax_score_s);
+    spec.set_attention_group_s(core.group_s);
+    for (cost::KernelSample& s : core_fwd)
+      s.seconds =
+          std::max(s.seconds - s.softmax_elements * core.softmax_score_s - s.groups * core.group_s, 0.1 * s.seconds);
     *spec.add_compute() = cost::fit_efficiency_curve(profile::ATTENTION, profile::FP32, core_fwd, peak, launch_s);
     const cost::DeviceProfile with_core = cost::DeviceProfile::from_spec(spec, profile_out);
     std::vector<cost::KernelSample> core_bwd;
     for (const exec::AttentionSample& a : m.attention) {
       const SublayerTimes t = attention_sublayer(with_core, a);
       core_bwd.push_back(
-          {2.5 * t.core_flops, 0, std::max(a.backward_s - t.other_bwd_s, 0.1 * a.backward_s), t.core_scores});
+          {2.5 * t.core_flops, 0, std::max(a.backward_s - t.other_bwd_s, 0.1 * a.backward_s), t.core_scores,
+           t.core_groups});
     }
     add_backward(profile::ATTENTION, cost::fit_backward_factor(with_core, cost::OpKind::kAttention, core_bwd));
     const cost::DeviceProfile fitted = cost::DeviceProfile::from_spec(spec, profile_out);
@@ -425,36 +449,44 @@ int calibrate(const Args& a) {
         residuals_of(kernel_residuals(fitted, cost::OpKind::kElementwise, "elementwise", m.elementwise, rows));
 
     // Links: the collective model's steps and transfer on a reference cluster of these ranks, then
-    // the least-squares fit of latency and bandwidth; first to the microbenchmarks, then (below)
-    // to the calibration step's own collectives when it has two shapes of them.
-    double link_Bps = bandwidth, link_latency_s = 1e-6;
+    // least-squares fits: the link's latency and bandwidth to the all-to-alls, and the all-reduce's
+    // bandwidth efficiency against that link (MPI reduces on the host: one link bandwidth cannot
+    // fit both); first to the microbenchmarks, then (below) to the calibration step's own
+    // collectives.
+    double link_Bps = bandwidth, link_latency_s = 1e-6, all_reduce_efficiency = 1;
     // `latency_s` < 0: latency and bandwidth; else the bandwidth alone with that latency.
     auto fit_links = [&](const std::vector<CollectiveSample>& measured, const char* family, double latency_s) {
       const topo::Cluster ref = topo::load_cluster_text(cluster_text(name, "", device, ranks, 1e9, 1e-6), "reference");
       const cost::CollectiveModel model(ref);
       std::vector<int> group(static_cast<size_t>(ranks));
       for (int i = 0; i < ranks; ++i) group[static_cast<size_t>(i)] = i;
-      std::vector<cost::LinkSample> samples;
+      std::vector<cost::LinkSample> samples, a2a, all_reduce;
       for (const CollectiveSample& s : measured) {
-        const cost::CollectiveCost c = model.cost(
-            s.op, s.op == cost::CollectiveOp::kAllToAll ? cost::CollectiveAlgo::kDirect : cost::CollectiveAlgo::kRing,
-            group, s.bytes);
+        const bool is_a2a = s.op == cost::CollectiveOp::kAllToAll;
+        const cost::CollectiveCost c =
+            model.cost(s.op, is_a2a ? cost::CollectiveAlgo::kDirect : cost::CollectiveAlgo::kRing, group, s.bytes);
         samples.push_back({static_cast<double>(c.steps), c.transfer_s * 1e9, s.seconds});
+        (is_a2a ? a2a : all_reduce).push_back(samples.back());
       }
-      const cost::LinkFit fit = latency_s < 0 ? cost::fit_link(samples, cost::kDefaultStepOverhead_s, link_Bps)
-                                              : cost::fit_link_bandwidth(samples, cost::kDefaultStepOverhead_s, latency_s);
-      for (size_t i = 0; i < samples.size(); ++i)
-        csv += fmt::format("{}.{},0,{:.6g},{:.6g},{:.6g}\n", family,
-                           measured[i].op == cost::CollectiveOp::kAllToAll ? "all_to_all" : "all_reduce",
-                           measured[i].bytes, samples[i].seconds,
-                           samples[i].steps * (cost::kDefaultStepOverhead_s + fit.latency_s) +
-                               samples[i].transfer_c / fit.bandwidth_Bps);
-      link_Bps = fit.bandwidth_Bps;
-      link_latency_s = fit.latency_s;
-      FitResiduals& c = res[family];
-      c.set_samples(static_cast<int>(samples.size()));
-      c.set_median_abs_pct(fit.median_abs_residual_pct);
-      c.set_max_abs_pct(fit.max_abs_residual_pct);
+      if (!a2a.empty()) {
+        const cost::LinkFit fit = latency_s < 0 ? cost::fit_link(a2a, cost::kDefaultStepOverhead_s, link_Bps)
+                                                : cost::fit_link_bandwidth(a2a, cost::kDefaultStepOverhead_s, latency_s);
+        link_Bps = fit.bandwidth_Bps;
+        link_latency_s = fit.latency_s;
+      }
+      if (!all_reduce.empty())
+        all_reduce_efficiency =
+            cost::fit_link_bandwidth(all_reduce, cost::kDefaultStepOverhead_s, link_latency_s).bandwidth_Bps / link_Bps;
+      std::vector<double> residuals;
+      for (size_t i = 0; i < samples.size(); ++i) {
+        const bool is_a2a = measured[i].op == cost::CollectiveOp::kAllToAll;
+        const double model_s = samples[i].steps * (cost::kDefaultStepOverhead_s + link_latency_s) +
+                               samples[i].transfer_c / (link_Bps * (is_a2a ? 1 : all_reduce_efficiency));
+        residuals.push_back((model_s - samples[i].seconds) / samples[i].seconds * 100);
+        csv += fmt::format("{}.{},0,{:.6g},{:.6g},{:.6g}\n", family, is_a2a ? "all_to_all" : "all_reduce",
+                           measured[i].bytes, samples[i].seconds, model_s);
+      }
+      res[family] = residuals_of(residuals);
     };
     if (ranks > 1) {
       std::vector<CollectiveSample> measured;
@@ -464,11 +496,13 @@ int calibrate(const Args& a) {
     }
     r.set_link_bandwidth_bps(ranks > 1 ? link_Bps : 0);
     r.set_link_latency_s(ranks > 1 ? link_latency_s : 0);
+    r.set_all_reduce_efficiency(all_reduce_efficiency);
 
     // In situ: a calibration step of a small MoE transformer (not a model the validation suite
     // runs) through the executor, its compute ops against the profile's predictions, one time
     // factor per kernel kind.
-    const std::string calibration_cluster = cluster_text(name, "calibration", device, ranks, link_Bps, link_latency_s);
+    const std::string calibration_cluster =
+        cluster_text(name, "calibration", device, ranks, link_Bps, link_latency_s, all_reduce_efficiency);
     const InSitu in_situ = fit_in_situ(spec, calibration_cluster, ranks, world, host_world, backend);
     if (!root) return kExitOk;
     for (const auto& [kind, pkind] : kInSituKinds) {
@@ -479,7 +513,8 @@ int calibrate(const Args& a) {
     spec.set_op_overhead_s(in_situ.fit.op_overhead_s);
     r.set_in_situ_factor(in_situ.fit.factor);
     r.set_op_overhead_s(in_situ.fit.op_overhead_s);
-    r.set_softmax_score_s(score_s);
+    r.set_softmax_score_s(core.softmax_score_s);
+    r.set_attention_group_s(core.group_s);
     res["in_situ_ops"] = residuals_of(in_situ.errors_pct);
     // Exchanges inside a step cost what they cost there (on this VM, transfers between processes
     // in the middle of a step run far below what a microbenchmark on warm buffers sees): the
@@ -489,6 +524,7 @@ int calibrate(const Args& a) {
       fit_links(in_situ.collectives, "collectives_in_situ", link_latency_s);
       r.set_link_bandwidth_bps(link_Bps);
       r.set_link_latency_s(link_latency_s);
+      r.set_all_reduce_efficiency(all_reduce_efficiency);
     }
 
     // The files: both written to temporary names, checked, then renamed.
@@ -496,10 +532,10 @@ int calibrate(const Args& a) {
         fmt::format("this machine as {} rank(s): {}, calibrated {}", ranks, machine, trace::utc_now_iso8601());
     const std::string ctext = fmt::format(
         "# Written by `moesim calibrate --ranks {}`: this machine's ranks as devices, with the device\n"
-        "# profile beside it ({}). Links: latency and bandwidth fitted to all-to-all and all-reduce\n"
-        "# times{}.\n{}",
+        "# profile beside it ({}). Links: latency and bandwidth fitted to all-to-all times, and the\n"
+        "# all-reduce's bandwidth efficiency against them{}.\n{}",
         ranks, fs::path(profile_out).filename().string(), ranks > 1 ? "" : " (one rank: not measured, placeholders)",
-        cluster_text(name, description, device, ranks, link_Bps, link_latency_s));
+        cluster_text(name, description, device, ranks, link_Bps, link_latency_s, all_reduce_efficiency));
     std::string ptext;
     google::protobuf::TextFormat::PrintToString(spec, &ptext);
     ptext = "# Written by `moesim calibrate`: efficiency curves fitted to the executor's kernels on this machine.\n" + ptext;
@@ -544,11 +580,13 @@ int calibrate(const Args& a) {
     std::cout << fmt::format("peak (fp32 GEMM)     {:.1f} GFLOP/s\n", peak / 1e9);
     std::cout << fmt::format("memory bandwidth     {}/s\n", format_bytes(bandwidth));
     std::cout << fmt::format("kernel launch        {}\n", format_seconds(launch_s));
-    std::cout << fmt::format("attention softmax    {} per score\n", format_seconds(r.softmax_score_s()));
+    std::cout << fmt::format("attention core       {} per score, {} per group (sequence x head)\n",
+                             format_seconds(r.softmax_score_s()), format_seconds(r.attention_group_s()));
     std::cout << fmt::format("in a training step   kernels x {:.3f}, {} per op around them\n", r.in_situ_factor(),
                              format_seconds(r.op_overhead_s()));
     if (ranks > 1)
-      std::cout << fmt::format("link between ranks   {}/s, {} latency\n", format_bytes(link_Bps), format_seconds(link_latency_s));
+      std::cout << fmt::format("link between ranks   {}/s, {} latency; all-reduce at {:.2f} of it\n", format_bytes(link_Bps),
+                               format_seconds(link_latency_s), r.all_reduce_efficiency());
     std::cout << "\nfit residuals (|model - measured|, median / max):\n";
     for (const auto& [family, f] : r.residuals())
       std::cout << fmt::format("  {:<14} {:>3} samples  {:5.1f}% / {:5.1f}%\n", family, f.samples(), f.median_abs_pct(),

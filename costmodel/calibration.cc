@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <initializer_list>
+#include <optional>
 #include <stdexcept>
 
 namespace moesim::cost {
@@ -12,20 +14,56 @@ namespace {
 // The time a kernel spent beyond its launch, floored at 1% of the measurement.
 double busy_s(const KernelSample& s, double launch_s) { return std::max(s.seconds - launch_s, 0.01 * s.seconds); }
 
-// Weighted least squares for t = x1 a + x2 b: the normal equations' sums, and the solution when
-// the two terms can be told apart. Weights 1 / t^2 fit relative errors; weights 1 keep sums.
-struct TwoTerms {
-  double a11 = 0, a12 = 0, a22 = 0, b1 = 0, b2 = 0;
-  void add(double x1, double x2, double t, double w) {
-    a11 += w * x1 * x1;
-    a12 += w * x1 * x2;
-    a22 += w * x2 * x2;
-    b1 += w * x1 * t;
-    b2 += w * x2 * t;
+// Weighted least squares for t = sum_k x_k c_k over a few terms: the normal equations, solved by
+// Gaussian elimination. Weights 1 / t^2 fit relative errors; weights 1 keep sums. No solution
+// when the terms cannot be told apart (a pivot below 1e-10 of its column's scale).
+class LeastSquares {
+ public:
+  explicit LeastSquares(size_t terms) : n_(terms), a_(terms * terms, 0.0), b_(terms, 0.0) {}
+  void add(std::initializer_list<double> x, double t, double w) {
+    const double* v = x.begin();
+    for (size_t i = 0; i < n_; ++i) {
+      for (size_t j = 0; j < n_; ++j) a_[i * n_ + j] += w * v[i] * v[j];
+      b_[i] += w * v[i] * t;
+    }
   }
-  bool separable() const { return std::fabs(a11 * a22 - a12 * a12) > 1e-12 * a11 * a22; }
-  double a() const { return (b1 * a22 - b2 * a12) / (a11 * a22 - a12 * a12); }
-  double b() const { return (a11 * b2 - a12 * b1) / (a11 * a22 - a12 * a12); }
+  std::optional<std::vector<double>> solve() const {
+    // Scaled to a unit diagonal, so that the pivot test compares like with like.
+    std::vector<double> a = a_, b = b_, scale(n_);
+    for (size_t i = 0; i < n_; ++i) {
+      scale[i] = std::sqrt(std::max(a[i * n_ + i], 0.0));
+      if (!(scale[i] > 0)) return std::nullopt;
+    }
+    for (size_t i = 0; i < n_; ++i) {
+      for (size_t j = 0; j < n_; ++j) a[i * n_ + j] /= scale[i] * scale[j];
+      b[i] /= scale[i];
+    }
+    for (size_t c = 0; c < n_; ++c) {
+      size_t p = c;
+      for (size_t r = c + 1; r < n_; ++r)
+        if (std::fabs(a[r * n_ + c]) > std::fabs(a[p * n_ + c])) p = r;
+      if (std::fabs(a[p * n_ + c]) < 1e-10) return std::nullopt;
+      for (size_t j = 0; j < n_; ++j) std::swap(a[c * n_ + j], a[p * n_ + j]);
+      std::swap(b[c], b[p]);
+      for (size_t r = c + 1; r < n_; ++r) {
+        const double f = a[r * n_ + c] / a[c * n_ + c];
+        for (size_t j = c; j < n_; ++j) a[r * n_ + j] -= f * a[c * n_ + j];
+        b[r] -= f * b[c];
+      }
+    }
+    std::vector<double> x(n_);
+    for (size_t i = n_; i-- > 0;) {
+      double s = b[i];
+      for (size_t j = i + 1; j < n_; ++j) s -= a[i * n_ + j] * x[j];
+      x[i] = s / a[i * n_ + i];
+    }
+    for (size_t i = 0; i < n_; ++i) x[i] /= scale[i];
+    return x;
+  }
+
+ private:
+  size_t n_;
+  std::vector<double> a_, b_;  // the normal equations: row-major matrix, right-hand side
 };
 
 double median(std::vector<double> v) {
@@ -101,6 +139,7 @@ double fit_backward_factor(const DeviceProfile& profile, OpKind kind, const std:
     op.flops = s.flops;
     op.bytes = s.bytes;  // backward stays false: the roofline time with factor 1
     op.softmax_elements = s.softmax_elements;
+    op.groups = std::max<int64_t>(1, static_cast<int64_t>(s.groups));
     const OpTime t = op_time(profile, op, DType::kFp32);
     const double roofline = t.time_s - t.launch_s;
     if (roofline > 0 && s.seconds > 0) ratios.push_back(busy_s(s, t.launch_s) / roofline);
@@ -130,53 +169,64 @@ LinkFit link_fit(const std::vector<LinkSample>& samples, double step_overhead_s,
 
 InSituFit fit_in_situ(const std::vector<double>& c, const std::vector<double>& b, const std::vector<double>& t) {
   double scaled = 0, measured = 0, ops = 0;
-  TwoTerms f;
+  LeastSquares f(2);  // t - b = c factor + overhead
   for (size_t j = 0; j < c.size(); ++j)
     if (c[j] > 0 && t[j] > 0) {
       scaled += c[j];
       measured += t[j] - b[j];
       ops += 1;
-      f.add(c[j], 1, t[j] - b[j], 1 / (t[j] * t[j]));
+      f.add({c[j], 1}, t[j] - b[j], 1 / (t[j] * t[j]));
     }
   InSituFit fit;
   if (scaled <= 0) return fit;
-  if (f.separable() && f.b() > 0) fit.op_overhead_s = std::min(f.b(), std::max(measured, 0.0) / ops);
+  if (const auto x = f.solve(); x && (*x)[1] > 0) fit.op_overhead_s = std::min((*x)[1], std::max(measured, 0.0) / ops);
   fit.factor = std::clamp((measured - ops * fit.op_overhead_s) / scaled, 0.1, 10.0);
   return fit;
 }
 
 
-double fit_softmax_score_s(const std::vector<KernelSample>& samples, double launch_s) {
-  TwoTerms f;
+AttentionCoreFit fit_attention_core(const std::vector<KernelSample>& samples, double launch_s) {
+  LeastSquares f(3);  // t = flops u + scores v + groups w
   for (const KernelSample& s : samples) {
-    if (!(s.seconds > 0) || s.flops <= 0 || s.softmax_elements <= 0)
-      throw std::invalid_argument("attention samples need positive FLOPs, score elements and times");
+    if (!(s.seconds > 0) || s.flops <= 0 || s.softmax_elements <= 0 || s.groups <= 0)
+      throw std::invalid_argument("attention samples need positive FLOPs, score elements, groups and times");
     const double t = busy_s(s, launch_s);
-    f.add(s.flops, s.softmax_elements, t, 1 / (t * t));
+    f.add({s.flops, s.softmax_elements, s.groups}, t, 1 / (t * t));
   }
-  if (samples.size() < 2 || !f.separable())
-    throw std::invalid_argument("attention samples of one head dim cannot separate the softmax from the matmuls");
-  return std::max(0.0, f.b());
+  const auto x = f.solve();
+  if (!x)
+    throw std::invalid_argument("attention samples must differ in head dim and in sequence length to separate the "
+                                "softmax and the per-group calls from the matmuls");
+  return {std::max(0.0, (*x)[1]), std::max(0.0, (*x)[2])};
 }
 
 LinkFit fit_link(const std::vector<LinkSample>& samples, double step_overhead_s, double fallback_Bps) {
   if (samples.size() < 2) throw std::invalid_argument("a link fit needs at least 2 collective samples");
-  TwoTerms f;  // t = steps lambda + c beta
+  LeastSquares f(2);  // t = steps lambda + c beta
   for (const LinkSample& s : samples) {
     if (!(s.seconds > 0)) throw std::invalid_argument("collective samples need positive times");
-    f.add(s.steps, s.transfer_c, s.seconds, 1 / (s.seconds * s.seconds));
+    f.add({s.steps, s.transfer_c}, s.seconds, 1 / (s.seconds * s.seconds));
   }
-  if (!f.separable())
-    throw std::invalid_argument("collective samples of one shape cannot separate latency from bandwidth");
-  double lambda = f.a();
-  double beta = f.b();
+  const auto x = f.solve();
+  if (!x) throw std::invalid_argument("collective samples of one shape cannot separate latency from bandwidth");
+  double lambda = (*x)[0];
+  double beta = (*x)[1];
+  auto one_term = [&](bool latency, double known) {  // the other term fixed at `known`
+    double num = 0, den = 0;
+    for (const LinkSample& s : samples) {
+      const double w = 1 / (s.seconds * s.seconds), v = latency ? s.steps : s.transfer_c;
+      num += w * v * (s.seconds - known * (latency ? s.transfer_c : s.steps));
+      den += w * v * v;
+    }
+    return den > 0 ? num / den : 0;
+  };
   if (beta <= 0) {  // no visible bandwidth term: latency alone, over the fallback bandwidth
     beta = fallback_Bps > 0 ? 1 / fallback_Bps : 0;
-    lambda = (f.b1 - beta * f.a12) / f.a11;
+    lambda = one_term(true, beta);
   }
   if (lambda < 0) {  // no visible latency: bandwidth alone
     lambda = 0;
-    beta = f.b2 / f.a22;
+    beta = one_term(false, 0);
   }
   return link_fit(samples, step_overhead_s, lambda, beta);
 }

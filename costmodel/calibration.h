@@ -34,6 +34,7 @@ struct KernelSample {
   double bytes = 0;
   double seconds = 0;  // measured, launch included
   double softmax_elements = 0;  // attention cores: score elements (cost::Op::softmax_elements)
+  double groups = 0;            // attention cores: sequences x heads (cost::Op::groups)
 };
 
 // The achieved FLOP/s of the fastest sample (flops / (t - launch)); 0 without samples.
@@ -68,12 +69,16 @@ struct InSituFit {
 InSituFit fit_in_situ(const std::vector<double>& scaled, const std::vector<double>& fixed,
                       const std::vector<double>& measured);
 
-// The attention softmax's time per score element (device_profile.proto softmax_score_s) from
-// attention cores' forward samples: t_i - launch_s = flops_i u + scores_i v by least squares on
-// relative errors (weights 1 / t_i^2, as the links' fit below); v floored at 0. The samples must
-// differ in FLOPs per score (head dims), else the two terms cannot be told apart:
-// std::invalid_argument.
-double fit_softmax_score_s(const std::vector<KernelSample>& samples, double launch_s);
+// An attention core's time beyond its FLOPs (device_profile.proto softmax_score_s and
+// attention_group_s) from attention cores' forward samples: t_i - launch_s = flops_i u + scores_i v
+// + groups_i w by least squares on relative errors (weights 1 / t_i^2); v and w floored at 0.
+// The samples must differ in FLOPs per score (head dims) and in scores per group (sequence
+// lengths), else the terms cannot be told apart: std::invalid_argument.
+struct AttentionCoreFit {
+  double softmax_score_s = 0;
+  double group_s = 0;
+};
+AttentionCoreFit fit_attention_core(const std::vector<KernelSample>& samples, double launch_s);
 
 // A collective sample in the model's linear form (see above).
 struct LinkSample {

@@ -183,6 +183,7 @@ void validate(const ConfigScope& root, const profile::DeviceProfile& p) {
   root.positive("threads_per_rank", Need::kOptional, /*allow_zero=*/false, 4096);
   root.positive("softmax_score_s", Need::kOptional, /*allow_zero=*/true, 1e-3);
   root.positive("op_overhead_s", Need::kOptional, /*allow_zero=*/true, 1.0);
+  root.positive("attention_group_s", Need::kOptional, /*allow_zero=*/true, 1.0);
   topo::check_latency(root, "kernel_launch_overhead_s");
   std::map<std::pair<int, int>, int> seen;  // (kind, dtype) -> curve index
   for (int i = 0; i < p.compute_size(); ++i) {
@@ -340,6 +341,7 @@ OpTime op_time(const DeviceProfile& profile, const Op& op, DType dtype) {
   t.efficiency = profile.compute_efficiency(op.kind, dtype, op.flops);
   t.compute_s = op.flops > 0 ? op.flops / (profile.peak_flops_per_s(op.kind, dtype) * t.efficiency) : 0;
   t.compute_s += op.softmax_elements * profile.softmax_score_s();
+  if (op.kind == OpKind::kAttention) t.compute_s += static_cast<double>(op.groups) * profile.attention_group_s();
   const double bytes = op.bytes * dtype_bytes(t.dtype) / dtype_bytes(dtype);
   t.memory_s = bytes / (profile.memory_bandwidth_Bps() * profile.memory_bandwidth_efficiency(op.kind));
   const double f = profile.in_situ_time_factor(op.kind) * (op.backward ? profile.backward_time_factor(op.kind) : 1.0);

@@ -90,6 +90,8 @@ class DeviceProfile {
   double kernel_launch_overhead_s() const { return launch_overhead_s_; }
   // Per attention score element (profile softmax_score_s; 0).
   double softmax_score_s() const { return spec_.softmax_score_s(); }
+  // Per attention group, sequence x head (profile attention_group_s; 0).
+  double attention_group_s() const { return spec_.attention_group_s(); }
   // Per scheduled compute op, around its kernels (profile op_overhead_s; 0).
   double op_overhead_s() const { return spec_.op_overhead_s(); }
 
@@ -131,7 +133,7 @@ DeviceProfile default_profile(const hw::DeviceType& device);
 
 struct OpTime {
   double time_s = 0;     // launch_s + max(compute_s, memory_s)
-  double compute_s = 0;  // flops / (peak * efficiency) + softmax_elements * softmax_score_s, x factors
+  double compute_s = 0;  // flops / (peak * efficiency) (+ attention's scores and groups), x factors
   double memory_s = 0;   // bytes / (bandwidth * memory efficiency)
   double launch_s = 0;
   double efficiency = 0;      // eff_compute applied to the compute term

@@ -131,6 +131,8 @@ std::vector<Phase> all_to_all(const cost::CollectiveModel& m, const std::vector<
 std::vector<Phase> decompose(const cost::CollectiveModel& model, CollectiveOp op, CollectiveAlgo algo,
                              const std::vector<int>& ranks, double bytes) {
   (void)model.cost(op, algo, ranks, bytes);  // the model's checks, with its errors
+  // A collective library below the links' rate moves its bytes as if there were more of them.
+  bytes /= model.cluster().collective_efficiency(cost::op_name(op));
   const int n = static_cast<int>(ranks.size());
   std::vector<Phase> out;
   switch (op) {
@@ -170,7 +172,8 @@ std::vector<Phase> decompose(const cost::CollectiveModel& model, CollectiveOp op
 std::vector<Phase> decompose_all_to_all_v(const cost::CollectiveModel& model, const std::vector<int>& ranks,
                                           const std::vector<std::vector<double>>& bytes, CollectiveAlgo algo) {
   (void)model.all_to_all_v(ranks, bytes, algo);  // the model's checks, with its errors
-  return all_to_all(model, ranks, algo, [&](int i, int j) { return bytes[i][j]; });
+  const double efficiency = model.cluster().collective_efficiency(cost::op_name(CollectiveOp::kAllToAll));
+  return all_to_all(model, ranks, algo, [&](int i, int j) { return bytes[i][j] / efficiency; });
 }
 
 double idle_time_s(const topo::Cluster& cluster, const std::vector<Phase>& phases) {

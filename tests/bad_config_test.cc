@@ -571,3 +571,13 @@ TEST_CASE("a price per device hour must be a positive number") {
   Config c = fat_tree_cluster().set(1, "name: \"bad\"\nprice_per_device_hour: -2");
   check(only_diagnostic(c), 2, "price_per_device_hour", "must be");
 }
+
+TEST_CASE("a collective efficiency names a known collective once, with an efficiency above 0 and at most 10") {
+  Config unknown = fat_tree_cluster().set(1, "name: \"bad\"\ncollective_efficiency { op: \"allreduce\" bandwidth_efficiency: 0.5 }");
+  check(only_diagnostic(unknown), 2, "collective_efficiency[0].op", "'allreduce' is not a collective");
+  Config zero = fat_tree_cluster().set(1, "name: \"bad\"\ncollective_efficiency { op: \"all_reduce\" bandwidth_efficiency: 0 }");
+  check(only_diagnostic(zero), 2, "collective_efficiency[0].bandwidth_efficiency", "greater than zero");
+  Config twice = fat_tree_cluster().set(1, "name: \"bad\"\ncollective_efficiency { op: \"all_reduce\" bandwidth_efficiency: 0.5 }\n"
+                                            "collective_efficiency { op: \"all_reduce\" bandwidth_efficiency: 0.7 }");
+  check(only_diagnostic(twice), 3, "collective_efficiency[1].op", "efficiency already");
+}

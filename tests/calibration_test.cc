@@ -116,13 +116,15 @@ TEST_CASE("The in-situ factor and the per-op overhead are recovered, and the ops
   CHECK(fit_in_situ({1e-4}, {0}, {1e-1}).factor == 10);  // clamped
 }
 
-TEST_CASE("The softmax's time per score is told from the matmuls' by two head dims") {
+TEST_CASE("The softmax's time per score and the time per group are told from the matmuls'") {
   // Attention cores timed by a known profile (constant efficiency 0.25 of 80 GFLOP/s, 9.5 ns per
-  // score): 4 h (qk + v) FLOPs per score element, head dims 16 and 32, 1-32 sequences of 32 and 64.
+  // score, 2 us per group): 4 h FLOPs per score element, head dims 16 and 32, 1-32 sequences of
+  // 32 and 64.
   const DeviceProfile p = load_device_profile_text(R"pb(
     device { name: "cpu-rank" peak_flops_per_s { fp32: 80e9 } memory_bytes: 8e9 memory_bandwidth_Bps: 20e9
              kernel_launch_overhead_s: 2e-6 }
     softmax_score_s: 9.5e-9
+    attention_group_s: 2e-6
     compute { op: ATTENTION dtype: FP32 point { flops: 1e5 efficiency: 0.25 } })pb",
                                                    "known.textproto");
   std::vector<KernelSample> samples;
@@ -137,12 +139,15 @@ TEST_CASE("The softmax's time per score is told from the matmuls' by two head di
         op.groups = static_cast<int64_t>(seqs * 64 / head_dim);
         op.softmax_elements = static_cast<double>(op.groups) * seq * seq;
         op.flops = op.softmax_elements * 4 * head_dim;
-        samples.push_back({op.flops, 0, op_time(p, op, DType::kFp32).time_s, op.softmax_elements});
+        samples.push_back({op.flops, 0, op_time(p, op, DType::kFp32).time_s, op.softmax_elements,
+                           static_cast<double>(op.groups)});
       }
-  CHECK(fit_softmax_score_s(samples, 2e-6) == Approx(9.5e-9).epsilon(0.02));
-  // One head dim: FLOPs and scores in a fixed ratio, so the two terms cannot be separated.
+  const AttentionCoreFit fit = fit_attention_core(samples, 2e-6);
+  CHECK(fit.softmax_score_s == Approx(9.5e-9).epsilon(0.02));
+  CHECK(fit.group_s == Approx(2e-6).epsilon(0.02));
+  // One head dim: FLOPs and scores in a fixed ratio, so the terms cannot be separated.
   samples.resize(6);
-  CHECK_THROWS_AS(fit_softmax_score_s(samples, 2e-6), std::invalid_argument);
+  CHECK_THROWS_AS(fit_attention_core(samples, 2e-6), std::invalid_argument);
 }
 
 TEST_CASE("Link latency and bandwidth are recovered from the collective model's own times") {

@@ -6,7 +6,9 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <fstream>
 #include <limits>
+#include <sstream>
 #include <thread>
 
 using namespace moesim;
@@ -359,4 +361,23 @@ TEST_CASE("routes are computed lazily, once per source, and shared by threads") 
   for (std::thread& t : threads) t.join();
   for (double t : times) CHECK(t == a2a.time_s);
   CHECK(shared.routed_sources() == 16);
+}
+
+TEST_CASE("a collective library's bandwidth efficiency divides that collective's transfer, and only its") {
+  std::ifstream f(MOESIM_SOURCE_DIR "/configs/hardware/dgx-h100.textproto");
+  std::stringstream text;
+  text << f.rdbuf() << "\ncollective_efficiency { op: \"all_reduce\" bandwidth_efficiency: 0.5 }\n";
+  const topo::Cluster slow = topo::load_cluster_text(text.str(), "slow-all-reduce.textproto");
+  CHECK(slow.collective_efficiency("all_reduce") == 0.5);
+  CHECK(slow.collective_efficiency("all_to_all") == 1);
+  const topo::Cluster c = dgx();
+  const cost::CollectiveModel plain(c), halved(slow);
+  const std::vector<int> ranks = cost::first_ranks(8);
+  const double S = 256e6;
+  const cost::CollectiveCost a = plain.cost(CollectiveOp::kAllReduce, CollectiveAlgo::kRing, ranks, S);
+  const cost::CollectiveCost b = halved.cost(CollectiveOp::kAllReduce, CollectiveAlgo::kRing, ranks, S);
+  CHECK(b.transfer_s == Approx(2 * a.transfer_s));
+  CHECK(b.latency_s == Approx(a.latency_s));
+  CHECK(halved.cost(CollectiveOp::kAllToAll, ranks, S).time_s ==
+        Approx(plain.cost(CollectiveOp::kAllToAll, ranks, S).time_s));
 }

@@ -356,6 +356,17 @@ TEST_CASE("each collective's phases, flows and bytes on small clusters") {
     CHECK(p[0].delay_s == Approx(a_net));  // the ring crosses nodes at 1 -> 2 and 3 -> 0
     CHECK(total_bytes(p) == Approx(6 * S));
   }
+  SECTION("a library at half the links' rate for all-reduce moves twice the bytes, the all-to-all unchanged") {
+    const topo::Cluster slow = topo::load_cluster_text(
+        test::cluster_text(2, "single_switch { }", {.devices = 2, .nics = 2}) +
+            "collective_efficiency { op: \"all_reduce\" bandwidth_efficiency: 0.5 }\n",
+        "slow.textproto");
+    cost::CollectiveModel half(slow);
+    CHECK(total_bytes(sim::decompose(half, CollectiveOp::kAllReduce, CollectiveAlgo::kRing, ranks, S)) ==
+          Approx(12 * S));
+    CHECK(total_bytes(sim::decompose(half, CollectiveOp::kAllToAll, CollectiveAlgo::kDirect, ranks, S)) ==
+          Approx(total_bytes(sim::decompose(m, CollectiveOp::kAllToAll, CollectiveAlgo::kDirect, ranks, S))));
+  }
   SECTION("tree all-reduce: one phase, 2 floor(log2 4) = 4 tree alphas, ring flows of 2(n-1)S/n") {
     std::vector<sim::Phase> p = sim::decompose(m, CollectiveOp::kAllReduce, CollectiveAlgo::kTree, ranks, S);
     REQUIRE(p.size() == 1);

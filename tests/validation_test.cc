@@ -79,9 +79,9 @@ TEST_CASE("The join recovers known per-op and per-kind errors, collectives from 
   CHECK(all.step.max_abs_pct == Approx(55));
 }
 
-TEST_CASE("Measured times are the lower quartile: stretches slowed by other tenants do not move them") {
-  // Steps 1..8 compared; steps 5..8 run 1.5x slow everywhere (a co-tenant's stretch), so the median
-  // would sit between the two regimes while the lower quartile stays on the undisturbed one.
+TEST_CASE("Measured times are means over the quiet half of the steps: slowed stretches do not move them") {
+  // Steps 1..8 compared; steps 5..8 run 1.5x slow everywhere (a co-tenant's stretch), so a mean
+  // over every step would sit between the two regimes while the quiet half is the undisturbed one.
   Trace t;
   for (int s = 0; s < 9; ++s) {
     const int64_t base = s * 1'000'000, k10 = s == 0 ? 20 : s >= 5 ? 15 : 10;
@@ -98,10 +98,16 @@ TEST_CASE("Measured times are the lower quartile: stretches slowed by other tena
     if (e.kind == "attention") CHECK(e.measured_s == Approx(80e-6));
   CHECK(quiet.measured_step_quiet_s == Approx(370e-6));
   CHECK(quiet.step_error_pct == Approx((360.0 - 370.0) / 370.0 * 100));
-  // The median (an option) lands between the regimes: 80 and 120 us -> 100 us.
-  const Comparison median = compare(predicted(), t, {.predicted_step_s = 360e-6, .quantile = 0.5});
-  for (const OpError& e : median.ops)
+  double ops = 0;
+  for (const OpError& e : quiet.ops)
+    if (e.rank == 0) ops += e.measured_s;
+  CHECK(ops == Approx(quiet.measured_step_quiet_s));  // means over the same steps add up
+  // Every step (an option) lands between the regimes: 80 and 120 us -> 100 us.
+  const Comparison all = compare(predicted(), t, {.predicted_step_s = 360e-6, .quiet_share = 1.0});
+  for (const OpError& e : all.ops)
     if (e.kind == "attention") CHECK(e.measured_s == Approx(100e-6));
+  CHECK(quiet_steps({{1, 3.0}, {2, 1.0}, {3, 2.0}, {4, 1.0}}, 0.5) == std::set<int>{2, 4});
+  CHECK(quiet_steps({{1, 3.0}}, 0.1) == std::set<int>{1});
 }
 
 TEST_CASE("Traces of different schedules are refused with the first missing op") {

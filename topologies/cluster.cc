@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <deque>
+#include <set>
 #include <unordered_map>
 #include <unordered_set>
 
@@ -212,6 +213,18 @@ void validate_graph_cluster(const ConfigScope& root, const hw::Cluster& c) {
 
 void validate(const ConfigScope& root, const hw::Cluster& c) {
   root.require("name");
+  std::set<std::string> ops;
+  for (int i = 0; i < c.collective_efficiency_size(); ++i) {
+    const ConfigScope e = root.child("collective_efficiency", i);
+    e.positive("bandwidth_efficiency", Need::kRequired, /*allow_zero=*/false, 10.0);
+    const std::string& op = c.collective_efficiency(i).op();
+    if (std::find(std::begin(kCollectiveOpNames), std::end(kCollectiveOpNames), op) == std::end(kCollectiveOpNames))
+      e.error("op", fmt::format("'{}' is not a collective: all_reduce, all_gather, reduce_scatter, all_to_all, "
+                                "send_recv or broadcast",
+                                op));
+    else if (!ops.insert(op).second)
+      e.error("op", fmt::format("{} has an efficiency already", op));
+  }
   const bool templated = c.has_node() || c.has_nodes() || c.has_fabric();
   if (c.has_graph() && templated) {
     root.error("graph", "describe the cluster either as node + nodes + fabric or as an explicit graph, not both");
@@ -387,6 +400,12 @@ Cluster::Cluster(hw::Cluster spec, std::string source, Graph graph, int link_cou
       device_types_(std::move(device_types)),
       node_count_(node_count),
       symmetry_(std::move(symmetry)) {}
+
+double Cluster::collective_efficiency(std::string_view op) const {
+  for (const hw::CollectiveEfficiency& e : spec_.collective_efficiency())
+    if (e.op() == op) return e.bandwidth_efficiency();
+  return 1.0;
+}
 
 std::string Cluster::fabric_kind() const {
   if (spec_.has_graph()) return "explicit-graph";

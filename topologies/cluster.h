@@ -12,6 +12,7 @@
 #include "topologies/hardware.pb.h"
 
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace moesim::topo {
@@ -38,6 +39,10 @@ struct Symmetry {
   std::vector<std::vector<uint8_t>> node_splits;
 };
 
+// The collectives a cluster's collective_efficiency may name (costmodel/collectives.h's names).
+inline constexpr std::string_view kCollectiveOpNames[] = {"all_reduce", "all_gather", "reduce_scatter",
+                                                           "all_to_all", "send_recv",  "broadcast"};
+
 class Cluster {
  public:
   Cluster(hw::Cluster spec, std::string source, Graph graph, int link_count, std::vector<Device> devices,
@@ -61,6 +66,8 @@ class Cluster {
   const Symmetry& symmetry() const { return symmetry_; }
   // The fabric generator's registered name, "explicit-graph", or "none" for a lone node.
   std::string fabric_kind() const;
+  // The collective library's bandwidth efficiency for `op` (hardware.proto); 1 when not given.
+  double collective_efficiency(std::string_view op) const;
 
  private:
   hw::Cluster spec_;

@@ -64,6 +64,20 @@ double kendall_tau(const std::vector<double>& a, const std::vector<double>& b) {
   return score / (static_cast<double>(n) * static_cast<double>(n - 1) / 2);
 }
 
+std::set<int> quiet_steps(const std::map<int, double>& step_time_s, double share) {
+  std::vector<double> times;
+  for (const auto& [step, t] : step_time_s) times.push_back(t);
+  std::sort(times.begin(), times.end());
+  std::set<int> out;
+  if (times.empty()) return out;
+  const size_t keep = std::clamp<size_t>(static_cast<size_t>(std::ceil(share * static_cast<double>(times.size()))), 1,
+                                         times.size());
+  const double limit = times[keep - 1];
+  for (const auto& [step, t] : step_time_s)
+    if (t <= limit) out.insert(step);
+  return out;
+}
+
 std::vector<OpError> Comparison::worst(size_t n) const {
   std::vector<OpError> out = ops;
   std::stable_sort(out.begin(), out.end(),
@@ -98,6 +112,11 @@ Comparison compare(const Trace& predicted, const Trace& measured, const CompareO
     }
   }
 
+  // The quiet steps: the faster `quiet_share` of the compared steps by step time (ties kept).
+  std::map<int, double> step_time;
+  for (const auto& [step, bounds] : step_bounds) step_time[step] = static_cast<double>(bounds.second - bounds.first) * 1e-9;
+  const std::set<int> quiet = quiet_steps(step_time, options.quiet_share);
+
   Comparison c;
   c.predicted_step_s = options.predicted_step_s;
   std::set<Key> predicted_keys;
@@ -105,7 +124,7 @@ Comparison compare(const Trace& predicted, const Trace& measured, const CompareO
     const Key k{p.op_id(), p.rank()};
     if (!predicted_keys.insert(k).second)
       throw TraceMismatch(fmt::format("predicted trace: op {} appears twice", describe(k)));
-    std::vector<double> durations;
+    double quiet_sum = 0;
     for (const auto& [step, spans] : by_step) {
       auto it = spans.find(k);
       if (it == spans.end())
@@ -114,14 +133,14 @@ Comparison compare(const Trace& predicted, const Trace& measured, const CompareO
                                         describe(k), step));
       const Span& m = *it->second;
       const int64_t start = is_collective(m.kind()) ? last_arrival[step][m.op_id()] : m.start_ns();
-      durations.push_back(static_cast<double>(std::max<int64_t>(0, m.end_ns() - start)) * 1e-9);
+      if (quiet.count(step)) quiet_sum += static_cast<double>(std::max<int64_t>(0, m.end_ns() - start)) * 1e-9;
     }
     OpError e;
     e.op_id = p.op_id();
     e.kind = op_kind_label(p.name().empty() ? p.op_id() : p.name());
     e.rank = p.rank();
     e.predicted_s = static_cast<double>(p.end_ns() - p.start_ns()) * 1e-9;
-    e.measured_s = quantile(durations, options.quantile);
+    e.measured_s = quiet_sum / static_cast<double>(quiet.size());
     e.error_pct = e.measured_s > 0 ? (e.predicted_s - e.measured_s) / e.measured_s * 100
                   : e.predicted_s > 0 ? std::numeric_limits<double>::infinity()
                                       : 0;
@@ -147,7 +166,7 @@ Comparison compare(const Trace& predicted, const Trace& measured, const CompareO
     all_errors.push_back(e.error_pct);
   }
   c.compared_steps = static_cast<int>(by_step.size());
-  c.measured_step_quiet_s = quantile(c.measured_step_s, options.quantile);
+  for (int step : quiet) c.measured_step_quiet_s += step_time[step] / static_cast<double>(quiet.size());
   if (c.measured_step_quiet_s > 0)
     c.step_error_pct = (options.predicted_step_s - c.measured_step_quiet_s) / c.measured_step_quiet_s * 100;
   c.step = error_stats(step_errors);

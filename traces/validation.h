@@ -10,9 +10,9 @@
 // makes compare() throw TraceMismatch naming it (traces of different plans are not joined).
 //
 // ## Durations
-// Predicted: the span's end - start (one simulated step). Measured: the `quantile` (default
-// kQuietQuantile, the lower quartile) over the compared steps (steps >= skip_steps, the warm-up
-// left out) of the rank's span. For a collective the
+// Predicted: the span's end - start (one simulated step). Measured: the mean of the rank's span
+// over the quiet steps: the faster `quiet_share` (default kQuietShare, half) of the compared steps
+// (steps >= skip_steps, the warm-up left out) by step time. For a collective the
 // simulator's span starts when every participant is ready (the rendezvous), while an executor
 // rank's span starts when that rank arrives; so a measured collective counts from the latest
 // arrival of the ranks running the same op id in that step to the rank's end, the time the
@@ -21,30 +21,36 @@
 // ## Errors
 // error_pct = (predicted - measured) / measured x 100 (positive: the simulator is slow). A step's
 // measured time is the latest span end minus the earliest span start over all ranks in that step;
-// each compared step gives one step-time error against the one predicted step time, and the
-// `quantile` of the measured steps gives the run's step time and its error (step_error_pct).
+// each compared step gives one step-time error against the one predicted step time, and the mean
+// over the quiet steps gives the run's step time and its error (step_error_pct). Means over the
+// same steps add up: the ops' measured times sum to the step's, as the predicted ones do.
 // Medians and percentiles interpolate linearly between order statistics (numpy's default).
 //
-// ## Why the lower quartile
+// ## Why the quiet steps
 // On a shared machine other tenants slow whole stretches of a run and never speed one up: on the
 // development VM one rank's moe-tiny step took 9.5-10.5 ms in most stretches and 13-15 ms in
 // others of 100-200 ms, and the share of slow steps changed from run to run (a run's median moved
-// by 40%). The lower quartile of repeated timings is the machine's own speed and stays put while
-// at least a quarter of the samples are undisturbed; calibration (executor/microbench.h, the
-// in-situ step) measures with the same statistic, so a prediction and its check describe one
-// machine.
+// by 40%). A stretch outlasts a step, so a step is slowed as a whole: the faster half of the
+// steps is the machine's own speed. Their means, not each op's own quantile, because quantiles do
+// not add: the sum of the ops' lower quartiles fell 10% short of the steps' lower quartile.
+// Calibration's in-situ step measures the same way, and its microbenchmarks take the lower
+// quartile of repeated batches of one kernel (kQuietQuantile), so a prediction and its check
+// describe one machine.
 #pragma once
 
 #include "traces/trace.pb.h"
 
 #include <map>
+#include <set>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 namespace moesim::trace {
 
-// The statistic of repeated timings that calibration and validation take (see above).
+// The faster share of the steps that calibration and validation measure, and the statistic of a
+// microbenchmark's repeated batches (see above).
+inline constexpr double kQuietShare = 0.5;
 inline constexpr double kQuietQuantile = 0.25;
 
 // The traces do not describe the same ops: what() names the first op missing and from which side.
@@ -73,14 +79,14 @@ struct ErrorStats {
 struct CompareOptions {
   double predicted_step_s = 0;  // the simulator's step time
   int skip_steps = 1;           // measured warm-up steps left out (all kept when fewer steps exist)
-  double quantile = kQuietQuantile;  // of the measured durations and step times
+  double quiet_share = kQuietShare;  // of the compared steps, by step time
 };
 
 struct Comparison {
   std::vector<OpError> ops;                 // every matched (op, rank), in predicted span order
   std::vector<double> measured_step_s;      // per compared step
   double predicted_step_s = 0;
-  double measured_step_quiet_s = 0;         // the options' quantile of measured_step_s
+  double measured_step_quiet_s = 0;         // the mean of measured_step_s over the quiet steps
   double step_error_pct = 0;                // predicted against measured_step_quiet_s
   ErrorStats step;                          // step-time errors, one per compared step
   std::map<std::string, ErrorStats> per_kind;
@@ -97,6 +103,10 @@ Comparison compare(const Trace& predicted, const Trace& measured, const CompareO
 // A span name as an error category: "moe.gate" -> "gate", "moe.dispatch_a2a" -> "dispatch_a2a",
 // "attn" -> "attention", "grad_allreduce" -> "all_reduce"; other names as they are.
 std::string op_kind_label(const std::string& name);
+
+// The quiet steps: those whose time is within the fastest `share` (0..1] of the steps (at least
+// one; ties with the last kept step kept).
+std::set<int> quiet_steps(const std::map<int, double>& step_time_s, double share);
 
 // The q-quantile (0..1) of `values` with linear interpolation; 0 for no values.
 double quantile(std::vector<double> values, double q);
