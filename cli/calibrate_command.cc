@@ -194,7 +194,7 @@ struct CollectiveSample {
 
 struct InSitu {
   cost::InSituFit fit;        // the factor for every kind of kInSituKinds, the per-op overhead
-  int ops = 0;                // compute ops fitted (rank 0: all ranks')
+  int ops = 0;                // compute ops fitted (the slowest rank's)
   std::vector<double> errors_pct;  // the ops through the factor: (model - measured) / measured
   // The step's collectives: per op, the mean over the quiet steps of its shortest span over the ranks (the
   // last rank to arrive waits for no one: its span is the exchange itself).
@@ -265,18 +265,35 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
     f->set_time_factor(2);
   }
   const schedule::Schedule doubled = lower_with(doubled_spec);
-  // Per compute op: the part the factor scales (its kernels' roofline time), the fixed part
-  // (launches) and the measured time.
-  std::vector<double> scaled, fixed, measured_s;
-  for (int r = 0; r < base.ranks_size(); ++r)
-    for (int i = 0; i < base.ranks(r).ops_size(); ++i) {
-      const schedule::Op& op = base.ranks(r).ops(i);
+  // The slowest rank, as the microbenchmarks take it: the most measured time against predicted
+  // over its compute ops, the gates aside (a gate exchanges routing metadata, so the faster rank
+  // waits inside its own).
+  int slowest = 0;
+  double worst = 0;
+  for (int r = 0; r < base.ranks_size(); ++r) {
+    double m = 0, p = 0;
+    for (const schedule::Op& op : base.ranks(r).ops()) {
       auto it = times.find({op.id(), base.ranks(r).rank()});
-      if (op.collective() != 0 || op.duration_s() <= 0 || it == times.end()) continue;
-      scaled.push_back(doubled.ranks(r).ops(i).duration_s() - op.duration_s());
-      fixed.push_back(std::max(op.duration_s() - scaled.back(), 0.0));
-      measured_s.push_back(it->second);
+      if (op.collective() != 0 || op.duration_s() <= 0 || it == times.end() || op.name() == "moe.gate") continue;
+      m += it->second;
+      p += op.duration_s();
     }
+    if (p > 0 && m / p > worst) {
+      worst = m / p;
+      slowest = r;
+    }
+  }
+  // Per compute op of that rank: the part the factor scales (its kernels' roofline time), the
+  // fixed part (launches) and the measured time.
+  std::vector<double> scaled, fixed, measured_s;
+  for (int i = 0; i < base.ranks(slowest).ops_size(); ++i) {
+    const schedule::Op& op = base.ranks(slowest).ops(i);
+    auto it = times.find({op.id(), base.ranks(slowest).rank()});
+    if (op.collective() != 0 || op.duration_s() <= 0 || it == times.end()) continue;
+    scaled.push_back(doubled.ranks(slowest).ops(i).duration_s() - op.duration_s());
+    fixed.push_back(std::max(op.duration_s() - scaled.back(), 0.0));
+    measured_s.push_back(it->second);
+  }
   std::map<std::string, std::map<int, double>> shortest;  // op id -> step -> shortest span over ranks
   for (const trace::Span& s : measured.spans()) {
     if (!quiet.count(s.step()) || !trace::is_collective(s.kind())) continue;
@@ -335,7 +352,7 @@ int calibrate(const Args& a) {
       if (now > shown) bar.advance(now - shown);
       shown = std::max(shown, now);
     };
-    // Every rank has the same (rank-averaged) figures and fits the same profile: all of them
+    // Every rank has the same (the slowest rank's) figures and fits the same profile: all of them
     // run the in-situ calibration step below with it.
     const exec::Microbenchmarks m = exec::run_microbenchmarks(backend, world, mo);
 

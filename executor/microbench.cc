@@ -210,13 +210,20 @@ Microbenchmarks one_round(Backend& backend, Comm* world, const MicrobenchOptions
       m.all_reduce.push_back({s, bench.time_collective(reps, [&] { world->all_reduce_sum(recv.device_f32(), total); })});
     }
   }
-  // The ranks' figures, averaged (every rank measured the same samples in the same order).
+  // The slowest rank's figures (every rank measured the same samples in the same order): ranks
+  // wait for each other at every exchange, so a step runs at its slowest rank's pace (on the
+  // development VM rank 1's core runs its kernels 5-15% slower than rank 0's, run after run).
   if (world && world->size() > 1) {
-    std::vector<float> all;
-    each_time(m, [&](double& t) { all.push_back(static_cast<float>(t)); });
-    all_reduce_sum_host(*world, all.data(), static_cast<int64_t>(all.size()));
+    std::vector<float> mine;
+    each_time(m, [&](double& t) { mine.push_back(static_cast<float>(t)); });
+    std::vector<float> all(mine.size() * static_cast<size_t>(world->size()));
+    all_gather_host(*world, mine.data(), all.data(), static_cast<int64_t>(mine.size()));
     size_t i = 0;
-    each_time(m, [&](double& t) { t = all[i++] / world->size(); });
+    each_time(m, [&](double& t) {
+      t = 0;
+      for (int r = 0; r < world->size(); ++r) t = std::max(t, static_cast<double>(all[r * mine.size() + i]));
+      ++i;
+    });
   }
   progress(1.0);
   return m;

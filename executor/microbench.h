@@ -6,8 +6,8 @@
 //   cost::fit_efficiency_curve(profile::GEMM, profile::FP32, m.gemm, peak, m.launch_s);
 //
 // Every rank runs every benchmark at the same time (as ranks train: on a shared CPU they compete
-// for cores and memory bandwidth, and the figures say so); each sample is the median over
-// repetitions of one rank's time, averaged over the ranks.
+// for cores and memory bandwidth, and the figures say so); each sample is the lower quartile of
+// batches of repetitions of one rank's time, the median over rounds, and the slowest rank's.
 //   launch_s      the median time of the smallest kernels (a 1x1x1 GEMM, a 1-element GELU)
 //   gemm          backend GEMMs over shapes of transformer layers (rows 16..4096 by d 64..512),
 //                 each in the three forms a linear layer runs: forward, dX and dW (cost::backward_ops)
