@@ -184,6 +184,8 @@ void validate(const ConfigScope& root, const profile::DeviceProfile& p) {
   root.positive("softmax_score_s", Need::kOptional, /*allow_zero=*/true, 1e-3);
   root.positive("op_overhead_s", Need::kOptional, /*allow_zero=*/true, 1.0);
   root.positive("attention_group_s", Need::kOptional, /*allow_zero=*/true, 1.0);
+  root.positive("ranks_per_host", Need::kOptional, /*allow_zero=*/false, 1 << 20);
+  root.positive("alone_time_factor", Need::kOptional, /*allow_zero=*/false, 10.0);
   topo::check_latency(root, "kernel_launch_overhead_s");
   std::map<std::pair<int, int>, int> seen;  // (kind, dtype) -> curve index
   for (int i = 0; i < p.compute_size(); ++i) {
@@ -305,6 +307,13 @@ double DeviceProfile::peak_flops_per_s(OpKind kind, DType dtype) const {
 
 double DeviceProfile::backward_time_factor(OpKind kind) const { return backward_factor_[static_cast<size_t>(kind)]; }
 double DeviceProfile::in_situ_time_factor(OpKind kind) const { return in_situ_factor_[static_cast<size_t>(kind)]; }
+
+double DeviceProfile::host_share_factor(int ranks_here) const {
+  const int calibrated = spec_.has_ranks_per_host() ? spec_.ranks_per_host() : 1;
+  if (calibrated <= 1 || ranks_here >= calibrated) return 1.0;
+  const double alone = spec_.has_alone_time_factor() ? spec_.alone_time_factor() : 1.0;
+  return alone + (1.0 - alone) * static_cast<double>(std::max(ranks_here, 1) - 1) / (calibrated - 1);
+}
 
 double DeviceProfile::memory_bandwidth_efficiency(OpKind kind) const {
   return kind_memory_efficiency_[static_cast<size_t>(kind)];

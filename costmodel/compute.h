@@ -92,6 +92,10 @@ class DeviceProfile {
   double softmax_score_s() const { return spec_.softmax_score_s(); }
   // Per attention group, sequence x head (profile attention_group_s; 0).
   double attention_group_s() const { return spec_.attention_group_s(); }
+  // A compute op's time factor for a rank sharing its host with `ranks_here` ranks (itself
+  // included) of a plan: 1 at the calibrated ranks_per_host or more, alone_time_factor at 1,
+  // linear between (profile ranks_per_host, alone_time_factor; 1).
+  double host_share_factor(int ranks_here) const;
   // Per scheduled compute op, around its kernels (profile op_overhead_s; 0).
   double op_overhead_s() const { return spec_.op_overhead_s(); }
 

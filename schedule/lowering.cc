@@ -385,14 +385,30 @@ class Lowering {
     return rs_->ops_size() - 1;
   }
 
+  // The profile's factor for `rank` sharing its node with the plan's ranks there (itself included);
+  // counted once per rank, and only for profiles calibrated with several ranks per host.
+  double host_share_factor(int rank) {
+    const cost::DeviceProfile& prof = profile(rank);
+    if (prof.spec().ranks_per_host() <= 1) return 1.0;
+    auto [it, fresh] = host_share_.try_emplace(rank, 1.0);
+    if (fresh) {
+      int here = 0;
+      for (int r = 0; r < l_.devices; ++r) here += s_.cluster->device(r).node == s_.cluster->device(rank).node;
+      it->second = prof.host_share_factor(here);
+    }
+    return it->second;
+  }
+
   int compute(std::string id, std::string name, double duration, double flops, std::vector<int> deps, int mb, int layer,
               bool bwd, OpKind kind = trace::GEMM, int64_t alloc = 0, int64_t free = 0) {
     Emit e;
     e.id = std::move(id);
     e.name = std::move(name);
     e.kind = kind;
-    // The op's kernels, plus what the host spends around them (profile op_overhead_s).
-    e.duration_s = duration > 0 ? duration + profile(rank_).op_overhead_s() : duration;
+    // The op's kernels, plus what the host spends around them (profile op_overhead_s), at the pace
+    // of a rank sharing its host with as many of the plan's ranks as it does.
+    if (duration > 0) duration = (duration + profile(rank_).op_overhead_s()) * host_share_factor(rank_);
+    e.duration_s = duration;
     e.flops = flops;
     e.deps = std::move(deps);
     e.micro_batch = mb;
@@ -950,6 +966,7 @@ class Lowering {
 
   Schedule out_;
   std::map<int, cost::DeviceProfile> profiles_;
+  std::map<int, double> host_share_;  // rank -> host_share_factor
   std::map<std::tuple<int, int, int>, Times> times_;
   std::unordered_map<std::string, int> collective_index_;
   std::map<std::tuple<int, int64_t, int, int, int64_t, uint64_t>, Routing> routings_;

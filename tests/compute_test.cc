@@ -339,6 +339,27 @@ TEST_CASE("bad profile: a negative per-op overhead") {
              2, "op_overhead_s", "");
 }
 
+TEST_CASE("a rank sharing its host with fewer ranks than calibrated runs between alone and busy") {
+  const auto with = [](const std::string& extra) {
+    return cost::load_device_profile_text("device { preset: \"h100-sxm5\" }\n" + extra, "share.textproto");
+  };
+  const cost::DeviceProfile two = with("ranks_per_host: 2\nalone_time_factor: 0.8\n");
+  CHECK(two.host_share_factor(1) == Approx(0.8));
+  CHECK(two.host_share_factor(2) == 1);
+  CHECK(two.host_share_factor(5) == 1);
+  const cost::DeviceProfile four = with("ranks_per_host: 4\nalone_time_factor: 0.7\n");
+  CHECK(four.host_share_factor(2) == Approx(0.7 + 0.3 / 3));
+  CHECK(with("").host_share_factor(1) == 1);  // not calibrated with several ranks: no adjustment
+}
+
+TEST_CASE("bad profile: ranks per host 0 and a zero alone factor") {
+  std::vector<Diagnostic> d =
+      diagnostics_of("device { preset: \"h100-sxm5\" }\nranks_per_host: 0\nalone_time_factor: 0\n");
+  REQUIRE(d.size() == 2);
+  CHECK(d[0].field_path == "ranks_per_host");
+  CHECK(d[1].field_path == "alone_time_factor");
+}
+
 TEST_CASE("bad profile: sizes decreasing") {
   check_only("device { preset: \"h100-sxm5\" }\n"
              "compute {\n"

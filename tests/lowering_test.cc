@@ -463,3 +463,22 @@ TEST_CASE("a profile's per-op overhead is added to every compute op, not to coll
   }
   CHECK(compute > 10);
 }
+
+TEST_CASE("a profile calibrated with more ranks per host scales a plan with fewer between alone and busy", "[lowering]") {
+  const cost::Setup s = make_setup("dp: 8 ep: 1 zero_stage: 0");  // 8 ranks on one DGX node
+  cost::DeviceProfile plain = cost::default_profile(s.cluster->device_type(0));
+  profile::DeviceProfile spec = plain.spec();
+  spec.set_ranks_per_host(16);
+  spec.set_alone_time_factor(0.7);
+  const cost::DeviceProfile shared = cost::DeviceProfile::from_spec(spec);
+  const Schedule a = schedule::lower(s, {.profile = &plain});
+  const Schedule b = schedule::lower(s, {.profile = &shared});
+  const RankSchedule &ra = rank(a, 3), &rb = rank(b, 3);
+  REQUIRE(ra.ops_size() == rb.ops_size());
+  const double factor = 0.7 + 0.3 * 7 / 15;  // 8 of the 16 calibrated ranks on the host
+  for (int i = 0; i < ra.ops_size(); ++i) {
+    INFO(ra.ops(i).id());
+    const double expected = ra.ops(i).collective() == 0 ? ra.ops(i).duration_s() * factor : ra.ops(i).duration_s();
+    CHECK(rb.ops(i).duration_s() == Approx(expected).epsilon(1e-12));
+  }
+}
