@@ -195,7 +195,6 @@ struct CollectiveSample {
 
 struct InSitu {
   cost::InSituFit fit;        // the factor for every kind of kInSituKinds, the per-op overhead
-  int ops = 0;                // compute ops fitted (the slowest rank's)
   std::vector<double> errors_pct;  // the ops through the factor: (model - measured) / measured
   double step_s = 0;               // the mean quiet step
   double measured_sum_s = 0, predicted_sum_s = 0;  // over the fitted compute ops
@@ -318,7 +317,6 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
     for (const auto& [step, d] : it->second) mean += d * per_step;
     out.collectives.push_back({a2a ? cost::CollectiveOp::kAllToAll : cost::CollectiveOp::kAllReduce, op.bytes(), mean});
   }
-  out.ops = static_cast<int>(measured_s.size());
   // One factor for every kind: the ops mix kinds in fixed proportions (an expert FFN is always its
   // GEMMs and its activation; attention always its norm and projections), so per-kind factors
   // would trade off against each other and follow the noise. The per-op overhead is told apart
@@ -535,7 +533,7 @@ int calibrate(const Args& a) {
     }
     r.set_link_bandwidth_bps(ranks > 1 ? link_Bps : 0);
     r.set_link_latency_s(ranks > 1 ? link_latency_s : 0);
-    r.set_all_reduce_efficiency(all_reduce_efficiency);
+    if (ranks > 1) r.set_all_reduce_efficiency(all_reduce_efficiency);
 
     // In situ: a calibration step of a small MoE transformer (not a model the validation suite
     // runs) through the executor, its compute ops against the profile's predictions, one time
@@ -566,7 +564,7 @@ int calibrate(const Args& a) {
       host.barrier();
     }
     if (!root) return kExitOk;
-    r.set_alone_time_factor(spec.has_alone_time_factor() ? spec.alone_time_factor() : 1.0);
+    if (spec.has_alone_time_factor()) r.set_alone_time_factor(spec.alone_time_factor());
     r.set_in_situ_factor(in_situ.fit.factor);
     r.set_op_overhead_s(in_situ.fit.op_overhead_s);
     r.set_softmax_score_s(core.softmax_score_s);
@@ -638,8 +636,11 @@ int calibrate(const Args& a) {
     std::cout << fmt::format("kernel launch        {}\n", format_seconds(launch_s));
     std::cout << fmt::format("attention core       {} per score, {} per group (sequence x head)\n",
                              format_seconds(r.softmax_score_s()), format_seconds(r.attention_group_s()));
-    std::cout << fmt::format("in a training step   kernels x {:.3f}, {} per op around them; a rank alone x {:.3f}\n",
-                             r.in_situ_factor(), format_seconds(r.op_overhead_s()), r.alone_time_factor());
+    std::cout << fmt::format("in a training step   kernels x {:.3f}, {} per op around them{}\n", r.in_situ_factor(),
+                             format_seconds(r.op_overhead_s()),
+                             spec.has_alone_time_factor()
+                                 ? fmt::format("; a rank alone x {:.3f}", r.alone_time_factor())
+                                 : std::string());
     if (ranks > 1)
       std::cout << fmt::format("link between ranks   {}/s, {} latency; all-reduce at {:.2f} of it\n", format_bytes(link_Bps),
                                format_seconds(link_latency_s), r.all_reduce_efficiency());

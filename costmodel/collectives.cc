@@ -19,14 +19,16 @@ constexpr double kInf = std::numeric_limits<double>::infinity();
 // ECMP paths examined to find the NICs a device sends through (they vary nearest the source first).
 constexpr int kNicPaths = 64;
 
+// The names a cluster's collective_efficiency uses too (topologies/cluster.h), in enum order.
 constexpr std::array<std::pair<CollectiveOp, std::string_view>, 6> kOps = {{
-    {CollectiveOp::kAllReduce, "all_reduce"},
-    {CollectiveOp::kAllGather, "all_gather"},
-    {CollectiveOp::kReduceScatter, "reduce_scatter"},
-    {CollectiveOp::kAllToAll, "all_to_all"},
-    {CollectiveOp::kSendRecv, "send_recv"},
-    {CollectiveOp::kBroadcast, "broadcast"},
+    {CollectiveOp::kAllReduce, topo::kCollectiveOpNames[0]},
+    {CollectiveOp::kAllGather, topo::kCollectiveOpNames[1]},
+    {CollectiveOp::kReduceScatter, topo::kCollectiveOpNames[2]},
+    {CollectiveOp::kAllToAll, topo::kCollectiveOpNames[3]},
+    {CollectiveOp::kSendRecv, topo::kCollectiveOpNames[4]},
+    {CollectiveOp::kBroadcast, topo::kCollectiveOpNames[5]},
 }};
+static_assert(std::size(topo::kCollectiveOpNames) == kOps.size(), "one name per collective op");
 constexpr std::array<std::pair<CollectiveAlgo, std::string_view>, 4> kAlgos = {{
     {CollectiveAlgo::kRing, "ring"},
     {CollectiveAlgo::kTree, "tree"},

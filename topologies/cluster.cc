@@ -4,6 +4,7 @@
 #include "topologies/registry.h"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <google/protobuf/descriptor.h>
 
 #include <algorithm>
@@ -219,9 +220,7 @@ void validate(const ConfigScope& root, const hw::Cluster& c) {
     e.positive("bandwidth_efficiency", Need::kRequired, /*allow_zero=*/false, 10.0);
     const std::string& op = c.collective_efficiency(i).op();
     if (std::find(std::begin(kCollectiveOpNames), std::end(kCollectiveOpNames), op) == std::end(kCollectiveOpNames))
-      e.error("op", fmt::format("'{}' is not a collective: all_reduce, all_gather, reduce_scatter, all_to_all, "
-                                "send_recv or broadcast",
-                                op));
+      e.error("op", fmt::format("'{}' is not a collective: choose {}", op, fmt::join(kCollectiveOpNames, ", ")));
     else if (!ops.insert(op).second)
       e.error("op", fmt::format("{} has an efficiency already", op));
   }
