@@ -1,7 +1,6 @@
 // The CPU back end: the reference every CUDA kernel is tested against. GEMMs go to OpenBLAS;
 // everything else is a plain loop over kernels.h.
 #include "executor/backend.h"
-#include "executor/cuda_memory.h"
 #include "executor/error.h"
 #include "executor/kernels.h"
 
@@ -244,30 +243,5 @@ Backend& default_cpu_backend() {
   static CpuBackend backend(0);
   return backend;
 }
-
-#ifndef MOESIM_HAVE_CUDA
-// Builds without nvcc: every CUDA request fails with the same clear message.
-namespace {
-[[noreturn]] void no_cuda(const char* what) {
-  throw Error(fmt::format("{}: moesim was built without CUDA (configure with nvcc available, MOESIM_CUDA=ON)", what));
-}
-}  // namespace
-
-std::unique_ptr<Backend> make_cuda_backend(int device) {
-  no_cuda(fmt::format("CUDA back end on device {}", device).c_str());
-}
-bool cuda_available() { return false; }
-bool built_with_cuda() { return false; }
-int cuda_device_count() { return 0; }
-
-namespace detail {
-std::shared_ptr<void> cuda_alloc(size_t) { no_cuda("CUDA tensor allocation"); }
-void cuda_memset_zero(void*, size_t) { no_cuda("cudaMemset"); }
-size_t cuda_peak_allocated_bytes() { return 0; }
-void cuda_copy(void*, const void*, size_t, CopyKind) { no_cuda("CUDA tensor copy"); }
-void cuda_f32_to_bf16(const float*, uint16_t*, int64_t) { no_cuda("CUDA bf16 conversion"); }
-void cuda_bf16_to_f32(const uint16_t*, float*, int64_t) { no_cuda("CUDA bf16 conversion"); }
-}  // namespace detail
-#endif
 
 }  // namespace moesim::exec

@@ -1,10 +1,13 @@
 // The CUDA back end: cuBLAS GEMMs and CUDA kernels over the kernels.h math, plus the CUDA side of
-// exec::Tensor (cuda_memory.h: allocation through a block cache). Row kernels run one block per
-// row and reduce across it in a fixed tree order; sums that must match the CPU's order exactly
-// (column sums, scatter-adds) run one thread per column over the rows in order, without atomics. C++17 (nvcc). Everything runs on the legacy default stream, so
-// kernels, cuBLAS calls and Tensor copies stay in issue order without events.
+// exec::Tensor (cuda_memory.h: allocation through a block cache). Part of the CUDA module
+// (cuda_module.h): its entry points are exec::cuda::*. Row kernels run one block per row and
+// reduce across it in a fixed tree order; sums that must match the CPU's order exactly (column
+// sums, scatter-adds) run one thread per column over the rows in order, without atomics. C++17
+// (nvcc). Everything runs on the legacy default stream, so kernels, cuBLAS calls and Tensor copies
+// stay in issue order without events.
 #include "executor/backend.h"
 #include "executor/cuda_memory.h"
+#include "executor/cuda_module.h"
 #include "executor/error.h"
 #include "executor/kernels.h"
 
@@ -518,28 +521,18 @@ class CudaBackend final : public Backend {
 
 }  // namespace
 
-bool cuda_available() {
-  int count = 0;
-  const cudaError_t status = cudaGetDeviceCount(&count);
-  if (status != cudaSuccess) {
-    cudaGetLastError();  // "no device" / "no driver" is an answer here, not an error to keep
-    return false;
-  }
-  return count > 0;
-}
+namespace cuda {
 
-bool built_with_cuda() { return true; }
-
-int cuda_device_count() {
+int device_count() {
   int count = 0;
   if (cudaGetDeviceCount(&count) != cudaSuccess) {
-    cudaGetLastError();
+    cudaGetLastError();  // "no device" / "no driver" is an answer here, not an error to keep
     return 0;
   }
   return count;
 }
 
-std::unique_ptr<Backend> make_cuda_backend(int device) {
+std::unique_ptr<Backend> make_backend(int device) {
   int count = 0;
   MOESIM_CUDA_CHECK(cudaGetDeviceCount(&count));
   if (device < 0 || device >= count)
@@ -547,6 +540,8 @@ std::unique_ptr<Backend> make_cuda_backend(int device) {
                 " visible)");
   return std::make_unique<CudaBackend>(device);
 }
+
+}  // namespace cuda
 
 namespace detail {
 
@@ -613,36 +608,40 @@ class BlockCache {
 };
 
 }  // namespace
+}  // namespace detail
 
-std::shared_ptr<void> cuda_alloc(size_t bytes) {
+namespace cuda {
+
+std::shared_ptr<void> alloc(size_t bytes) {
   const size_t rounded = (bytes + 511) / 512 * 512;
-  void* p = BlockCache::instance().take(rounded);
-  return std::shared_ptr<void>(p, [rounded](void* q) { BlockCache::instance().give(q, rounded); });
+  void* p = detail::BlockCache::instance().take(rounded);
+  return std::shared_ptr<void>(p, [rounded](void* q) { detail::BlockCache::instance().give(q, rounded); });
 }
 
-size_t cuda_peak_allocated_bytes() { return BlockCache::instance().peak(); }
+size_t peak_allocated_bytes() { return detail::BlockCache::instance().peak(); }
 
-void cuda_memset_zero(void* device_ptr, size_t bytes) { MOESIM_CUDA_CHECK(cudaMemset(device_ptr, 0, bytes)); }
+void memset_zero(void* device_ptr, size_t bytes) { MOESIM_CUDA_CHECK(cudaMemset(device_ptr, 0, bytes)); }
 
-void cuda_copy(void* dst, const void* src, size_t bytes, CopyKind kind) {
+void copy(void* dst, const void* src, size_t bytes, detail::CopyKind kind) {
+  using detail::CopyKind;
   const cudaMemcpyKind k = kind == CopyKind::kHostToDevice   ? cudaMemcpyHostToDevice
                            : kind == CopyKind::kDeviceToHost ? cudaMemcpyDeviceToHost
                                                              : cudaMemcpyDeviceToDevice;
   MOESIM_CUDA_CHECK(cudaMemcpy(dst, src, bytes, k));
 }
 
-void cuda_f32_to_bf16(const float* src, uint16_t* dst, int64_t n) {
+void f32_to_bf16(const float* src, uint16_t* dst, int64_t n) {
   if (n == 0) return;
   f32_to_bf16_kernel<<<blocks_for(n), kThreads>>>(src, dst, n);
   MOESIM_CUDA_CHECK_LAUNCH(f32_to_bf16_kernel);
 }
 
-void cuda_bf16_to_f32(const uint16_t* src, float* dst, int64_t n) {
+void bf16_to_f32(const uint16_t* src, float* dst, int64_t n) {
   if (n == 0) return;
   bf16_to_f32_kernel<<<blocks_for(n), kThreads>>>(src, dst, n);
   MOESIM_CUDA_CHECK_LAUNCH(bf16_to_f32_kernel);
 }
 
-}  // namespace detail
+}  // namespace cuda
 
 }  // namespace moesim::exec

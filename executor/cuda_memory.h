@@ -1,6 +1,7 @@
 // Internal: the CUDA side of exec::Tensor, so tensor.cc compiles without nvcc. Defined in
-// cuda_backend.cu in CUDA builds; in builds without CUDA, cpu_backend.cc defines them to throw
-// exec::Error("... built without CUDA"). All of them throw exec::Error on a failed CUDA call.
+// cuda_loader.cc, which forwards them to the CUDA module (cuda_module.h); in builds without CUDA
+// they throw exec::Error("... built without CUDA"). All of them throw exec::Error on a failed
+// CUDA call.
 // They work on the current CUDA device and the legacy default stream, so they are ordered with
 // the CUDA back end's kernels (which run on that stream too).
 #pragma once

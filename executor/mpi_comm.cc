@@ -542,14 +542,6 @@ int local_rank() {
   return node_rank;
 }
 
-#ifndef MOESIM_HAVE_NCCL
-// Builds without NCCL (nccl_comm.cu defines these in builds with it).
-bool have_nccl() { return false; }
-std::unique_ptr<Comm> make_nccl_comm(double) {
-  throw Error("the NCCL engine is not in this build (it needs CUDA and NCCL at configure time)");
-}
-#endif
-
 void abort_all(const std::string& why) {
   std::fprintf(stderr, "moesim: aborting all ranks: %s\n", why.c_str());
   std::fflush(stderr);

@@ -1,7 +1,9 @@
 // The NCCL engine of exec::Comm (comm.h): device buffers, one GPU per rank, bootstrapped over
-// MPI. Host code only (NCCL launches its own kernels); built in CUDA builds that find NCCL.
+// MPI. Host code only (NCCL launches its own kernels); part of the CUDA module (cuda_module.h)
+// in CUDA builds that find NCCL.
 #include "executor/comm.h"
 #include "executor/comm_checks.h"
+#include "executor/cuda_module.h"
 
 #include "executor/error.h"
 
@@ -246,10 +248,10 @@ class NcclComm final : public Comm {
 
 }  // namespace
 
-bool have_nccl() { return true; }
+namespace cuda {
 
-std::unique_ptr<Comm> make_nccl_comm(double timeout_s) {
-  std::unique_ptr<Comm> host = make_mpi_comm(timeout_s);  // initialises MPI
+// `host` is an MPI Comm of MPI_COMM_WORLD (MPI initialised).
+std::unique_ptr<Comm> make_nccl_comm(std::unique_ptr<Comm> host, double timeout_s) {
   const int rank = host->rank(), size = host->size();
 
   // The node-local rank picks the device; every rank must have one of its own.
@@ -281,5 +283,7 @@ std::unique_ptr<Comm> make_nccl_comm(double timeout_s) {
   MOESIM_NCCL_CHECK(ncclCommInitRank(&comm, size, id, rank));
   return std::make_unique<NcclComm>(comm, std::move(host), "nccl world", timeout_s, node_rank);
 }
+
+}  // namespace cuda
 
 }  // namespace moesim::exec

@@ -198,9 +198,10 @@ struct Run {
   std::string output;  // stdout and stderr
 };
 
-Run run_moesim(const std::string& args) {
+// `env`: variable assignments put before the command ("LD_DEBUG=files").
+Run run_moesim(const std::string& args, const std::string& env = "") {
   Run r;
-  const std::string command = std::string(MOESIM_BINARY) + " " + args + " 2>&1";
+  const std::string command = env + " " + std::string(MOESIM_BINARY) + " " + args + " 2>&1";
   FILE* pipe = popen(command.c_str(), "r");
   REQUIRE(pipe != nullptr);
   std::array<char, 4096> buf{};
@@ -237,6 +238,29 @@ TEST_CASE("moesim bench-layer and run --device cuda: run on a GPU, refused plain
   INFO(run.output);
   CHECK(run.exit_code == 0);
   CHECK(run.output.find("\"loss\"") != std::string::npos);
+}
+
+// The CUDA back end is a module loaded on the first CUDA request (executor/cuda_module.h): a
+// command that never touches a GPU does not load cuBLAS, whose start-up takes half a second; a
+// --device cuda request loads the module in a CUDA build. The dynamic loader's own report
+// (LD_DEBUG=files) names every library it loads.
+TEST_CASE("moesim loads the CUDA module only for a CUDA request") {
+  const Run cpu = run_moesim("model show " + std::string(MOESIM_SOURCE_DIR) + "/configs/models/moe-tiny.textproto",
+                             "LD_DEBUG=files");
+  INFO(cpu.output.substr(0, 4000));
+  CHECK(cpu.exit_code == 0);
+  CHECK(cpu.output.find("libprotobuf") != std::string::npos);  // the report is there
+  for (const char* lib : {"libmoesim_cuda", "libcublas", "libcudart", "libnccl"})
+    CHECK(cpu.output.find(lib) == std::string::npos);
+  const Run gpu = run_moesim("bench-layer --device cuda --experts 4 --top-k 2 --tokens 512 --hidden 64 --ffn 128 "
+                             "--iterations 1 --json",
+                             "LD_DEBUG=files");
+#ifdef MOESIM_HAVE_CUDA
+  CHECK(gpu.output.find("libmoesim_cuda") != std::string::npos);
+  CHECK(gpu.output.find("libcublas") != std::string::npos);
+#else
+  CHECK(gpu.output.find("built without CUDA") != std::string::npos);
+#endif
 }
 
 // Run by CTest under mpirun -np 2 (hidden from the plain run): data parallel over 2 ranks with the
