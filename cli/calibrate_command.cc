@@ -270,15 +270,14 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
   }
   const schedule::Schedule doubled = lower_with(doubled_spec);
   // The slowest rank, as the microbenchmarks take it: the most measured time against predicted
-  // over its compute ops, the gates aside (a gate exchanges routing metadata, so the faster rank
-  // waits inside its own).
+  // over its compute ops.
   int slowest = 0;
   double worst = 0;
   for (int r = 0; r < base.ranks_size(); ++r) {
     double m = 0, p = 0;
     for (const schedule::Op& op : base.ranks(r).ops()) {
       auto it = times.find({op.id(), base.ranks(r).rank()});
-      if (op.collective() != 0 || op.duration_s() <= 0 || it == times.end() || op.name() == "moe.gate") continue;
+      if (op.collective() != 0 || op.duration_s() <= 0 || it == times.end()) continue;
       m += it->second;
       p += op.duration_s();
     }

@@ -514,6 +514,10 @@ int64_t expert_capacity(int64_t tokens, int experts, int top_k, double capacity_
   return static_cast<int64_t>(approx_eq(slots, nearest) ? nearest : std::ceil(slots));
 }
 
+double route_bytes_per_rank(double tokens, double routed_per_token, int experts) {
+  return (tokens * (1 + routed_per_token) + 2.0 * experts + 2) * sizeof(float);
+}
+
 std::vector<int64_t> fill_order(strategy::DropPolicy policy, int64_t tokens, int k, std::span<const double> priority) {
   MOESIM_ASSERT(tokens >= 0 && k >= 0, "fill_order: tokens {} k {}", tokens, k);
   std::vector<int64_t> order(static_cast<size_t>(tokens) * static_cast<size_t>(k));

@@ -114,6 +114,13 @@ struct RoutingProblem {
 // of an integer counts as that integer, so 1.1 * 100 gives 110, not 111.
 int64_t expert_capacity(int64_t tokens, int experts, int top_k, double capacity_factor);
 
+// Bytes of one rank's routing metadata in an MoE layer's route, the all-gather over the EP group
+// before the dispatch (EP > 1): each of its tokens' top gate probability and choices
+// (routed_per_token of them), and its aux-loss sums (2E + 2), all fp32, as the executor's MoE
+// layer exchanges them (the capacity decision is the group's; every all-to-all-v needs its
+// counts first).
+double route_bytes_per_rank(double tokens, double routed_per_token, int experts);
+
 // The order in which a capacity policy fills the experts' buffers, as assignment indices t*k + j
 // (token t's j-th choice): VANILLA (and NO_DROP) token by token, a token's choices in order;
 // BATCH_PRIORITY every token's 1st choice first, tokens by descending priority[t] (ties by token

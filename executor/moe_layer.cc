@@ -239,6 +239,8 @@ Tensor MoeLayer::forward(const Tensor& x, const MoeForwardOptions& options) {
   fwd_times_ = {};
   auto t0 = Clock::now();
   forward_gate(x, options);
+  forward_route();
+  forward_permute();
   fwd_times_.gate_s = elapsed_s(t0);
   t0 = Clock::now();
   forward_dispatch();
@@ -254,17 +256,18 @@ Tensor MoeLayer::forward(const Tensor& x, const MoeForwardOptions& options) {
 }
 
 void MoeLayer::expect_part(Part part, const char* name) {
-  // With EP = 1 the exchanges move nothing: a schedule without all-to-alls skips them.
-  auto exchange_part = [](Part p) {
-    return p == Part::kForwardDispatch || p == Part::kForwardCombineExchange || p == Part::kBackwardCombineExchange ||
-           p == Part::kBackwardDispatch;
+  // With EP = 1 the route, the permutation and the exchanges are not parts of their own (the gate
+  // routes and permutes; nothing moves): a schedule without them skips them.
+  auto ep_only = [](Part p) {
+    return p == Part::kForwardRoute || p == Part::kForwardPermute || p == Part::kForwardDispatch ||
+           p == Part::kForwardCombineExchange || p == Part::kBackwardCombineExchange || p == Part::kBackwardDispatch;
   };
-  if (comm_ == nullptr && next_part_ != part && exchange_part(next_part_) &&
-      static_cast<int>(next_part_) + 1 == static_cast<int>(part))
-    next_part_ = part;
+  while (comm_ == nullptr && next_part_ != part && ep_only(next_part_))
+    next_part_ = static_cast<Part>(static_cast<int>(next_part_) + 1);
   if (next_part_ != part)
-    throw Error(fmt::format("MoE layer {}: {} out of order (the parts run gate, dispatch, experts, combine exchange, "
-                            "combine, then the same backwards)",
+    throw Error(fmt::format("MoE layer {}: {} out of order (the parts run gate, route, permute, dispatch, experts, "
+                            "combine exchange, combine, then backwards combine, combine exchange, experts, dispatch, "
+                            "gate)",
                             config_.name, name));
   next_part_ = static_cast<Part>(static_cast<int>(part) + 1);
   if (next_part_ == Part::kEnd) next_part_ = Part::kForwardGate;
@@ -291,10 +294,28 @@ void MoeLayer::forward_gate(const Tensor& x, const MoeForwardOptions& options) {
   }
   x_ = x;
   gate_forward(options);
+  if (comm_ == nullptr) {
+    route();
+    aux_forward();
+    permute();
+  }
+}
+
+void MoeLayer::forward_route() {
+  expect_part(Part::kForwardRoute, "forward_route");
+  if (comm_ == nullptr) return;
   route();
   aux_forward();
+}
 
-  // The permutation: this rank's kept assignments, grouped by expert (so by destination rank).
+void MoeLayer::forward_permute() {
+  expect_part(Part::kForwardPermute, "forward_permute");
+  if (comm_ != nullptr) permute();
+}
+
+// The permutation: this rank's kept assignments, grouped by expert (so by destination rank).
+void MoeLayer::permute() {
+  const int64_t D = config_.hidden;
   const int k = config_.top_k;
   std::vector<int32_t> token_of_slot(static_cast<size_t>(send_rows_));
   for (int64_t a = 0; a < tokens_ * k; ++a)
@@ -339,7 +360,10 @@ void MoeLayer::gate_forward(const MoeForwardOptions& options) {
   const int E = config_.num_experts, k = config_.top_k;
   // Tokens per rank: the group's T (capacity) and this rank's offset (noise, fill order).
   tokens_of_rank_.assign(static_cast<size_t>(ep_size_), T);
-  if (comm_ != nullptr) {
+  if (options.tokens_per_rank > 0 && options.tokens_per_rank != T)
+    throw Error(fmt::format("MoE layer {}: tokens_per_rank {} but this rank has {} tokens", config_.name,
+                            options.tokens_per_rank, T));
+  if (comm_ != nullptr && options.tokens_per_rank == 0) {
     std::vector<float> counts(static_cast<size_t>(ep_size_));
     const float mine = static_cast<float>(T);
     all_gather_host(*comm_, &mine, counts.data(), 1);
@@ -386,6 +410,7 @@ void MoeLayer::gate_forward(const MoeForwardOptions& options) {
     if (noisy_) eta_[t] = host_z_[t * E + c[k - 1]];
   }
   gate_w_dev_ = Tensor::from({T * k}, gate_w_, backend_.device());
+  local_aux_sums();
 }
 
 void MoeLayer::route() {
@@ -400,22 +425,31 @@ void MoeLayer::route() {
   std::span<const int32_t> experts_g = choice_;
   std::span<const float> prio_g = top_prob_;
   if (comm_ != nullptr) {
+    // Per rank: its tokens' (top probability, choices), padded to the most tokens of a rank, then
+    // its aux sums. One exchange carries both.
     const int64_t tmax = *std::max_element(tokens_of_rank_.begin(), tokens_of_rank_.end());
-    const int64_t per_rank = tmax * (1 + k);
+    const int64_t sums = static_cast<int64_t>(aux_sums_.size());
+    const int64_t per_rank = tmax * (1 + k) + sums;
     std::vector<float> mine(static_cast<size_t>(per_rank), 0.0f), all(static_cast<size_t>(per_rank * ep_size_));
     for (int64_t t = 0; t < tokens_; ++t) {
       mine[t * (1 + k)] = top_prob_[t];
       for (int j = 0; j < k; ++j) mine[t * (1 + k) + 1 + j] = static_cast<float>(choice_[t * k + j]);
     }
+    std::copy(aux_sums_.begin(), aux_sums_.end(), mine.begin() + tmax * (1 + k));
     all_gather_host(*comm_, mine.data(), all.data(), per_rank);
+    route_bytes_ = static_cast<double>(all.size() * sizeof(float));
     experts_all.reserve(static_cast<size_t>(T * k));
     prio_all.reserve(static_cast<size_t>(T));
-    for (int r = 0; r < ep_size_; ++r)
+    std::fill(aux_sums_.begin(), aux_sums_.end(), 0.0);
+    for (int r = 0; r < ep_size_; ++r) {
       for (int64_t t = 0; t < tokens_of_rank_[r]; ++t) {
         const float* m = all.data() + r * per_rank + t * (1 + k);
         prio_all.push_back(m[0]);
         for (int j = 0; j < k; ++j) experts_all.push_back(static_cast<int32_t>(m[1 + j]));
       }
+      const float* rank_sums = all.data() + r * per_rank + tmax * (1 + k);
+      for (int64_t i = 0; i < sums; ++i) aux_sums_[i] += rank_sums[i];  // in rank order: the same on every rank
+    }
     experts_g = experts_all;
     prio_g = prio_all;
   }
@@ -471,12 +505,14 @@ void MoeLayer::route() {
   expert_rows_ = expert_row_begin_[El];
 }
 
-void MoeLayer::aux_forward() {
-  const int E = config_.num_experts, k = config_.top_k;
+// This rank's sums of the aux losses (aux_sums_), from the host copies gate_forward made.
+void MoeLayer::local_aux_sums() {
+  const int E = config_.num_experts;
   const int64_t T = tokens_;
   const double sigma = config_.gate_noise_std / E;
   // Local sums: I_i, L_i, DAMEX's sum of -log p and its labelled tokens.
-  std::vector<double> sums(static_cast<size_t>(2 * E + 2), 0.0);
+  std::vector<double>& sums = aux_sums_;
+  sums.assign(static_cast<size_t>(2 * E + 2), 0.0);
   for (int64_t t = 0; t < T; ++t) {
     const float* p = host_probs_.data() + t * E;
     for (int e = 0; e < E; ++e) sums[e] += p[e];
@@ -493,11 +529,11 @@ void MoeLayer::aux_forward() {
       sums[2 * E + 1] += 1;
     }
   }
-  if (comm_ != nullptr) {
-    std::vector<float> f(sums.begin(), sums.end());
-    all_reduce_sum_host(*comm_, f.data(), static_cast<int64_t>(f.size()));
-    std::copy(f.begin(), f.end(), sums.begin());
-  }
+}
+
+void MoeLayer::aux_forward() {
+  const int E = config_.num_experts, k = config_.top_k;
+  const std::vector<double>& sums = aux_sums_;
   importance_.assign(sums.begin(), sums.begin() + E);
   load_.assign(sums.begin() + E, sums.begin() + 2 * E);
   damex_tokens_ = sums[2 * E + 1];

@@ -150,6 +150,9 @@ struct MoeForwardOptions {
   std::span<const int32_t> dataset_ids;  // per local token: -1 (none) or a DAMEX dataset id; empty: none
   uint64_t step = 0;                     // selects the gate noise draw
   bool training = true;                  // noisy gate and load loss only when training
+  // > 0: every rank of the EP group routes this many tokens (the caller splits the batch evenly),
+  // so the ranks' token counts need not be exchanged; it must be this rank's token count.
+  int64_t tokens_per_rank = 0;
 };
 
 struct MoeAuxLosses {
@@ -208,14 +211,18 @@ class MoeLayer {
   Tensor backward(const Tensor& dy);
 
   // The same forward and backward in the Schedule's parts (schedule/lowering.h: moe.gate,
-  // moe.dispatch_a2a, moe.experts, moe.combine_a2a, moe.combine), for an executor that runs a
-  // Schedule op by op; forward() and backward() are these in order. The gate includes the local
-  // permutation into the send layout; the exchanges are the all-to-all-v's (no-ops with EP = 1);
-  // the combine is the weighted sum. Backward runs them in reverse: backward_combine (d(output),
+  // moe.route, moe.permute, moe.dispatch_a2a, moe.experts, moe.combine_a2a, moe.combine), for an
+  // executor that runs a Schedule op by op; forward() and backward() are these in order. With
+  // EP > 1 the route is the one all-gather of the group's routing metadata (with the aux-loss sums)
+  // and the capacity decision, the permute the local permutation into the send layout; with EP = 1
+  // the gate does both and route and permute are no-ops (a Schedule has neither). The exchanges
+  // are the all-to-all-v's (no-ops with EP = 1); the combine is the weighted sum. Backward runs them in reverse: backward_combine (d(output),
   // d(gate weight)), backward_combine_exchange (d(output) to the experts' ranks), backward_experts,
   // backward_dispatch (input gradients back), backward_gate (dx and the router's gradients). Each
   // part must follow the one before (else exec::Error); forward_gate may start over at any time.
   void forward_gate(const Tensor& x, const MoeForwardOptions& options = {});
+  void forward_route();
+  void forward_permute();
   void forward_dispatch();
   void forward_experts();
   void forward_combine_exchange();
@@ -235,6 +242,8 @@ class MoeLayer {
   int ep_size() const { return ep_size_; }
   int ep_rank() const { return ep_rank_; }
   int local_experts() const { return local_experts_; }
+  // Bytes the last forward's route gathered over the group (0 with EP = 1).
+  double route_bytes() const { return route_bytes_; }
   int first_local_expert() const { return ep_rank_ * local_experts_; }
   // derive_seed(config.seed, name + ".gate_noise"): see gate_noise_sample().
   uint64_t gate_noise_key() const;
@@ -269,8 +278,10 @@ class MoeLayer {
  private:
   void init_parameters();
   void gate_forward(const MoeForwardOptions& options);
+  void local_aux_sums();
   void route();
   void aux_forward();
+  void permute();
   void experts_forward();
   void experts_backward(const float* grad_out, float* grad_in);
   void timed_gemm(MoePartTimes& times, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* a,
@@ -296,6 +307,8 @@ class MoeLayer {
   // The part that runs next (forward_gate .. backward_gate, then forward_gate again).
   enum class Part {
     kForwardGate,
+    kForwardRoute,
+    kForwardPermute,
     kForwardDispatch,
     kForwardExperts,
     kForwardCombineExchange,
@@ -335,6 +348,10 @@ class MoeLayer {
   int64_t send_rows_ = 0;                  // kept assignments of this rank's tokens
   int64_t expert_rows_ = 0;                // rows this rank's experts process
   std::vector<int64_t> expert_row_begin_;  // [E_local + 1]
+  // The aux losses' sums [2E + 2]: I, L (load), DAMEX's sum of -log p and its labelled tokens;
+  // this rank's after gate_forward, the group's after route (they travel with the metadata).
+  std::vector<double> aux_sums_;
+  double route_bytes_ = 0;
   // Group-wide aux statistics: I, L (load), assignments before drops, DAMEX-labelled tokens.
   std::vector<double> importance_, load_;
   std::vector<int64_t> assigned_;

@@ -109,7 +109,7 @@ struct Block {
 };
 
 // What an op of the Schedule does in the executor.
-enum class Action { kEmbed, kAttn, kMlp, kMoeGate, kMoeDispatch, kMoeExperts, kMoeCombineA2a, kMoeCombine, kHead,
+enum class Action { kEmbed, kAttn, kMlp, kMoeGate, kMoeRoute, kMoePermute, kMoeDispatch, kMoeExperts, kMoeCombineA2a, kMoeCombine, kHead,
                     kGradSync, kExpertGradSync, kOptimizer };
 
 struct ExecOp {
@@ -139,6 +139,8 @@ Program compile(const schedule::RankSchedule& rs, const model::Transformer& t, i
       {"attn", Action::kAttn},
       {"mlp", Action::kMlp},
       {"moe.gate", Action::kMoeGate},
+      {"moe.route", Action::kMoeRoute},
+      {"moe.permute", Action::kMoePermute},
       {"moe.dispatch_a2a", Action::kMoeDispatch},
       {"moe.experts", Action::kMoeExperts},
       {"moe.combine_a2a", Action::kMoeCombineA2a},
@@ -200,15 +202,24 @@ Program compile(const schedule::RankSchedule& rs, const model::Transformer& t, i
     p.ops.push_back(e);
   }
   if (rs.ops_size() == 0) p.problems.push_back("the rank's schedule has no ops");
-  // The MoE layer exchanges tokens exactly when EP > 1: four all-to-alls per MoE block and micro-batch.
-  int a2a = 0, moe_blocks = 0;
-  for (const ExecOp& e : p.ops) a2a += e.action == Action::kMoeDispatch || e.action == Action::kMoeCombineA2a;
+  // The MoE layer exchanges tokens exactly when EP > 1: four all-to-alls per MoE block and
+  // micro-batch, after one route (the routing metadata's all-gather) and its permutation.
+  int a2a = 0, routes = 0, moe_blocks = 0;
+  for (const ExecOp& e : p.ops) {
+    a2a += e.action == Action::kMoeDispatch || e.action == Action::kMoeCombineA2a;
+    routes += e.action == Action::kMoeRoute || e.action == Action::kMoePermute;
+  }
   for (int i = 0; i < t.layers(); ++i) moe_blocks += cost::is_moe_layer(t, i);
   if (ep > 1 && a2a != 4 * moe_blocks * p.micro_batches)
     p.problems.push_back(fmt::format("the schedule has {} all-to-alls where EP {} needs {} (4 per MoE layer and "
                                      "micro-batch): was it lowered with another strategy?",
                                      a2a, ep, 4 * moe_blocks * p.micro_batches));
-  if (ep == 1 && a2a > 0) p.problems.push_back("the schedule exchanges tokens (all-to-alls) but EP is 1");
+  if (ep > 1 && routes != 2 * moe_blocks * p.micro_batches)
+    p.problems.push_back(fmt::format("the schedule has {} moe.route and moe.permute ops where EP {} needs {} (one of "
+                                     "each per MoE layer and micro-batch): was it lowered by an older moesim?",
+                                     routes, ep, 2 * moe_blocks * p.micro_batches));
+  if (ep == 1 && a2a + routes > 0)
+    p.problems.push_back("the schedule exchanges tokens (all-to-alls, routes) but EP is 1");
   if (!p.problems.empty()) p.ops.clear();
   return p;
 }
@@ -244,6 +255,10 @@ schedule::RankSchedule default_schedule(const model::Transformer& t, int rank, i
     const bool a2a = ep > 1;
     if (bwd) add(n + ".moe.combine", "moe.combine", trace::COMBINE, i + 1, true);
     else add(n + ".moe.gate", "moe.gate", trace::GATE, i + 1, false);
+    if (a2a && !bwd) {
+      add(n + ".moe.route", "moe.route", trace::ALL_GATHER, i + 1, false, true);
+      add(n + ".moe.permute", "moe.permute", trace::ELEMENTWISE, i + 1, false);
+    }
     if (a2a) add(n + (bwd ? ".moe.combine_a2a" : ".moe.dispatch_a2a"), bwd ? "moe.combine_a2a" : "moe.dispatch_a2a",
                  trace::ALL_TO_ALL, i + 1, bwd, true);
     add(n + ".moe.experts", "moe.experts", trace::GROUPED_GEMM, i + 1, bwd);
@@ -414,20 +429,32 @@ class Model {
         if (!e.backward) {
           MoeForwardOptions options;
           options.step = static_cast<uint64_t>(step_);
+          options.tokens_per_rank = seqs_ * sequence();  // every rank's micro-batch: the same sequences
           blk->moe->forward_gate(blk->ln2->forward(x_), options);
-          std::vector<int64_t>& load = expert_load_[static_cast<size_t>(e.block)];
-          const std::vector<int64_t>& now = blk->moe->routing_stats().assigned_per_expert;
-          load.resize(now.size(), 0);
-          for (size_t i = 0; i < now.size(); ++i) load[i] += now[i];
         } else {
           accumulate(backend_, dx_, blk->ln2->backward(blk->moe->backward_gate()));
         }
+        return;
+      case Action::kMoeRoute:
+        blk->moe->forward_route();
+        return;
+      case Action::kMoePermute:
+        blk->moe->forward_permute();
         return;
       case Action::kMoeDispatch:
         e.backward ? blk->moe->backward_dispatch() : blk->moe->forward_dispatch();
         return;
       case Action::kMoeExperts:
-        e.backward ? blk->moe->backward_experts() : blk->moe->forward_experts();
+        if (!e.backward) {
+          blk->moe->forward_experts();
+          // The routing is decided by now (the gate's with EP = 1, the route's with EP > 1).
+          std::vector<int64_t>& load = expert_load_[static_cast<size_t>(e.block)];
+          const std::vector<int64_t>& now = blk->moe->routing_stats().assigned_per_expert;
+          load.resize(now.size(), 0);
+          for (size_t i = 0; i < now.size(); ++i) load[i] += now[i];
+        } else {
+          blk->moe->backward_experts();
+        }
         return;
       case Action::kMoeCombineA2a:
         e.backward ? blk->moe->backward_combine_exchange() : blk->moe->forward_combine_exchange();
@@ -465,6 +492,7 @@ class Model {
     return static_cast<double>(rows) * static_cast<double>(t_.hidden()) * sizeof(float);
   }
   int ep_size(int block) const { return blocks_[static_cast<size_t>(block)].moe->ep_size(); }
+  double route_bytes(int block) const { return blocks_[static_cast<size_t>(block)].moe->route_bytes(); }
 
  private:
   const TrainOptions& o_;
@@ -680,6 +708,11 @@ TrainResult train(const TrainOptions& o, Comm* world, Backend& backend) {
           const int n = model.ep_size(e.block);
           span.span().bytes(model.a2a_bytes(e.block) * n);  // the group's total, as nccl-tests counts a2a
           span.span().collective(n, trace::bus_factor(trace::ALL_TO_ALL, n), "direct");
+        }
+        if (e.action == Action::kMoeRoute && model.ep_size(e.block) > 1) {
+          const int n = model.ep_size(e.block);
+          span.span().bytes(model.route_bytes(e.block));  // the gathered output, as nccl-tests counts all-gather
+          span.span().collective(n, trace::bus_factor(trace::ALL_GATHER, n), "ring");
         }
       }
       span.end();

@@ -141,6 +141,10 @@ Estimate Estimator::estimate(const cost::Setup& s, const MemorySummary& mem) {
         const double experts = lt.experts_fwd * std::max(1.0, f);
         const double exposed = one / chunks + std::max(0.0, one - experts) * (chunks - 1) / chunks;
         a2a += (training ? 4 : 2) * exposed;
+        // The route before the dispatch: the group's routing metadata, forward only.
+        a2a += collective_s(cost::CollectiveOp::kAllGather, cost::CollectiveAlgo::kRing, ep_group,
+                            cost::route_bytes_per_rank(tokens, layer.routed_per_token, layer.experts) *
+                                static_cast<double>(ep_group.size()));
       }
       compute += lt.fwd + (training ? lt.bwd + lt.recompute : 0) + stretch;
       bwd += lt.bwd;

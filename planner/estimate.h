@@ -32,7 +32,7 @@ namespace moesim::planner {
 struct Estimate {
   double step_s = 0;
   double compute_s = 0;   // the slowest stage's kernels per step
-  double a2a_s = 0;       // exposed all-to-all per step
+  double a2a_s = 0;       // exposed all-to-all per step, with the MoE layers' routes (their metadata all-gathers)
   double tp_s = 0;        // TP collectives per step
   double dp_s = 0;        // exposed gradient sync and ZeRO gathers
   double bubble_s = 0;    // pipeline fill and drain

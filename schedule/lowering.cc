@@ -40,14 +40,15 @@ uint64_t mix(uint64_t h, uint64_t v) {  // splitmix64-style combination for deri
 }
 
 // Which part of a layer a kernel belongs to, from its name ("L3.attn.qkv" -> kAttn).
-enum class Part { kAttn, kMlp, kGate, kShared, kExperts, kCombine, kWhole };
+enum class Part { kAttn, kMlp, kGate, kPermute, kShared, kExperts, kCombine, kWhole };
 
 Part part_of(const Layer& layer, const std::string& op_name) {
   if (layer.kind != LayerKind::kTransformer) return Part::kWhole;
   const std::string rest = op_name.substr(std::min(op_name.size(), layer.name.size() + 1));
   auto starts = [&](const char* p) { return rest.rfind(p, 0) == 0; };
   if (starts("attn") || starts("cross")) return Part::kAttn;
-  if (starts("moe.norm") || starts("moe.router") || starts("moe.topk") || starts("moe.dispatch")) return Part::kGate;
+  if (starts("moe.norm") || starts("moe.router") || starts("moe.topk")) return Part::kGate;
+  if (starts("moe.dispatch")) return Part::kPermute;
   if (starts("moe.shared")) return Part::kShared;
   if (starts("moe.experts")) return Part::kExperts;
   if (starts("moe.combine") || starts("residual")) return layer.moe ? Part::kCombine : Part::kMlp;
@@ -475,7 +476,17 @@ class Lowering {
     if (fold_) load = *std::max_element(r.rank_load.begin(), r.rank_load.end());  // the group's straggler
     if (!bwd && std::string(phase) == "fwd" && d_ % l_.ep == 0 && t_ == 0) count_expert_load(li, group[0], r.expert_load);
     const Times ex = expert_times(layer, load / chunks, tokens / chunks);
-    const Times& gate = part_times(rank_, li, Part::kGate);
+    // With EP > 1 the forward's routing decision waits for the group's routing metadata, and the
+    // permutation into the send layout follows it; else the gate op holds the permutation.
+    const bool routed = !bwd && l_.ep > 1;
+    const Times& permute = part_times(rank_, li, Part::kPermute);
+    Times gate = part_times(rank_, li, Part::kGate);
+    if (!routed) {
+      gate.fwd += permute.fwd;
+      gate.bwd += permute.bwd;
+      gate.flops_fwd += permute.flops_fwd;
+      gate.flops_bwd += permute.flops_bwd;
+    }
     const Times& shared = part_times(rank_, li, Part::kShared);
     const Times& combine = part_times(rank_, li, Part::kCombine);
     auto dur = [&](const Times& t, double k = 1) { return (bwd ? t.bwd : t.fwd) * k; };
@@ -486,6 +497,16 @@ class Lowering {
     int first = compute(op_id(n + (bwd ? ".moe.combine" : ".moe.gate"), mb, phase), bwd ? "moe.combine" : "moe.gate",
                         bwd ? dur(combine) : dur(gate), bwd ? fl(combine) : fl(gate), {before}, mb, li, bwd,
                         bwd ? trace::COMBINE : trace::GATE);
+    if (routed) {
+      // The group's routing metadata (cost::route_bytes_per_rank); the output's size.
+      const double bytes =
+          cost::route_bytes_per_rank(tokens, layer.routed_per_token, layer.experts) * static_cast<double>(group.size());
+      const std::string id = op_id(n + ".moe.route", mb, phase);
+      const int coll = collective(fmt::format("{}@{}", id, group[0]), Collective::ALL_GATHER, "ring", group, bytes);
+      const int route = comm(id, "moe.route", trace::ALL_GATHER, kLayerComm, coll, {first}, mb, li, bwd);
+      first = compute(op_id(n + ".moe.permute", mb, phase), "moe.permute", dur(permute), fl(permute), {route}, mb, li,
+                      bwd, trace::ELEMENTWISE);
+    }
     int last_compute = first;
     if (shared.fwd > 0)
       last_compute = compute(op_id(n + ".moe.shared", mb, phase), "moe.shared", dur(shared), fl(shared), {}, mb, li, bwd);

@@ -680,6 +680,9 @@ TEST_CASE("Config errors list every problem, and bad inputs throw exec::Error", 
   MoeForwardOptions fo;
   fo.dataset_ids = ids;  // no DAMEX datasets configured
   CHECK_THROWS_AS(layer.forward(Tensor::zeros({4, 6}), fo), Error);
+  MoeForwardOptions counted;
+  counted.tokens_per_rank = 3;  // this rank has 4
+  CHECK_THROWS_WITH(layer.forward(Tensor::zeros({4, 6}), counted), Contains("tokens_per_rank 3 but this rank has 4"));
   layer.forward(Tensor::zeros({4, 6}));
   CHECK_THROWS_AS(layer.backward(Tensor::zeros({3, 6})), Error);
   CHECK_NOTHROW(layer.backward(Tensor::zeros({4, 6})));  // a bad dy does not consume the forward
@@ -730,14 +733,16 @@ struct EpRun {
 };
 
 // Runs forward + backward on tokens [begin, end) of the batch; gradients of local experts only.
+// tokens_per_rank: MoeForwardOptions's (0: the ranks exchange their token counts).
 EpRun run_layer(MoeLayer& layer, const Tensor& x_all, const Tensor& dy_all, const std::vector<int32_t>& ids_all,
-                int64_t begin, int64_t end) {
+                int64_t begin, int64_t end, int64_t tokens_per_rank = 0) {
   const int64_t D = x_all.dim(1), T = end - begin;
   const std::vector<float> xs(x_all.f32() + begin * D, x_all.f32() + end * D);
   const std::vector<float> gs(dy_all.f32() + begin * D, dy_all.f32() + end * D);
   const std::vector<int32_t> ids(ids_all.begin() + begin, ids_all.begin() + end);
   MoeForwardOptions fo;
   fo.step = 9;
+  fo.tokens_per_rank = tokens_per_rank;
   if (!layer.config().damex_expert_of_dataset.empty()) fo.dataset_ids = ids;
   EpRun r;
   r.y = layer.forward(Tensor::from({T, D}, xs), fo).to_vector();
@@ -801,6 +806,15 @@ void compare_ep(const MoeLayerConfig& c, const Tensor& x, const Tensor& dy, cons
     CHECK(b.aux.load_loss == Approx(a.aux.load_loss).epsilon(1e-4).margin(1e-9));
     CHECK(b.aux.damex_loss == Approx(a.aux.damex_loss).epsilon(1e-5));
   }
+  // Token counts given by the caller (as the trainer does) instead of exchanged: the same layer.
+  MoeLayer given(c, cpu(), world.get());
+  set_params(given);
+  const EpRun g = run_layer(given, x, dy, ids, me * half, (me + 1) * half, half);
+  CHECK(g.y == b.y);
+  CHECK(g.dx == b.dx);
+  CHECK(g.dw1 == b.dw1);
+  CHECK(g.keep == b.keep);
+  CHECK(g.aux.weighted_total == b.aux.weighted_total);
   world->barrier();
 }
 

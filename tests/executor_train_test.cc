@@ -15,9 +15,11 @@
 
 #include <sys/wait.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdio>
+#include <map>
 #include <memory>
 #include <string>
 
@@ -141,9 +143,18 @@ TEST_CASE("Schedules the executor cannot run are refused before computing, namin
   // A schedule for other ranks or another strategy.
   CHECK_THAT(problems(lower_tiny(2, "dp: 2 ep: 2", "global_batch: 8 micro_batch: 4"), 1),
              Catch::Contains("the schedule is for 2 ranks, 1 launched"));
+  // A schedule lowered before the route was an op of its own: its gates exchanged the metadata.
+  schedule::Schedule old = lower_tiny(2, "dp: 2 ep: 2", "global_batch: 8 micro_batch: 4");
+  for (schedule::RankSchedule& rs : *old.mutable_ranks()) {
+    auto* ops = rs.mutable_ops();
+    ops->erase(std::remove_if(ops->begin(), ops->end(),
+                              [](const schedule::Op& op) { return op.name() == "moe.route" || op.name() == "moe.permute"; }),
+               ops->end());
+  }
+  CHECK_THAT(problems(old, 2), Catch::Contains("0 moe.route and moe.permute ops where EP 2 needs 4"));
   o.ep = 1;
   CHECK_THAT(problems(lower_tiny(2, "dp: 2 ep: 2", "global_batch: 8 micro_batch: 4"), 2),
-             Catch::Contains("exchanges tokens (all-to-alls) but EP is 1"));
+             Catch::Contains("exchanges tokens (all-to-alls, routes) but EP is 1"));
 }
 
 TEST_CASE("models and options the executor cannot run are refused with every reason") {
@@ -261,6 +272,34 @@ TEST_CASE("moesim loads the CUDA module only for a CUDA request") {
 #else
   CHECK(gpu.output.find("built without CUDA") != std::string::npos);
 #endif
+}
+
+// Run by CTest under mpirun -np 2: each MoE layer's route gathers the routing metadata the
+// lowering prices (cost::route_bytes_per_rank), so the simulator moves the executor's bytes.
+TEST_CASE("A route gathers the bytes its Schedule op carries", "[.ep2]") {
+  auto world = make_mpi_comm(60);
+  REQUIRE(world->size() == 2);
+  auto backend = make_cpu_backend(1);
+  TrainOptions o;
+  o.model = moe_tiny();
+  o.steps = 1;
+  o.batch = 8;
+  o.schedule = std::make_shared<schedule::Schedule>(lower_tiny(2, "dp: 2 ep: 2", "global_batch: 8 micro_batch: 4"));
+  const TrainResult r = train(o, world.get(), *backend);
+  std::map<std::string, double> scheduled;
+  for (const schedule::Op& op : o.schedule->ranks(world->rank()).ops())
+    if (op.name() == "moe.route") scheduled[op.id()] = op.bytes();
+  REQUIRE(!scheduled.empty());
+  int routes = 0;
+  for (const trace::Span& s : r.trace.spans()) {
+    if (s.name() != "moe.route") continue;
+    ++routes;
+    INFO(s.op_id());
+    REQUIRE(scheduled.count(s.op_id()) == 1);
+    CHECK(s.bytes() == Approx(scheduled[s.op_id()]));
+    CHECK(s.kind() == trace::ALL_GATHER);
+  }
+  CHECK(routes == static_cast<int>(scheduled.size()));
 }
 
 // Run by CTest under mpirun -np 2 (hidden from the plain run): data parallel over 2 ranks with the
