@@ -269,6 +269,11 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
     f->set_time_factor(2 * given.in_situ_time_factor(kind));
   }
   const schedule::Schedule doubled = lower_with(doubled_spec);
+  // Each op's gate token-choices: its time grows by them times a probe added to routing_choice_s.
+  constexpr double kProbe_s = 1e-6;
+  profile::DeviceProfile routed_spec = spec;
+  routed_spec.set_routing_choice_s(spec.routing_choice_s() + kProbe_s);
+  const schedule::Schedule routed = lower_with(routed_spec);
   // The slowest rank, as the microbenchmarks take it: the most measured time against predicted
   // over its compute ops.
   int slowest = 0;
@@ -287,14 +292,15 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
     }
   }
   // Per compute op of that rank: the part the factor scales (its kernels' roofline time), the
-  // fixed part (launches) and the measured time.
-  std::vector<double> scaled, fixed, measured_s;
+  // fixed part (launches), its gate token-choices and the measured time.
+  std::vector<double> scaled, fixed, choices, measured_s;
   for (int i = 0; i < base.ranks(slowest).ops_size(); ++i) {
     const schedule::Op& op = base.ranks(slowest).ops(i);
     auto it = times.find({op.id(), base.ranks(slowest).rank()});
     if (op.collective() != 0 || op.duration_s() <= 0 || it == times.end()) continue;
     scaled.push_back(doubled.ranks(slowest).ops(i).duration_s() - op.duration_s());
     fixed.push_back(std::max(op.duration_s() - scaled.back(), 0.0));
+    choices.push_back(std::max(routed.ranks(slowest).ops(i).duration_s() - op.duration_s(), 0.0) / kProbe_s);
     measured_s.push_back(it->second);
     out.measured_sum_s += it->second;
     out.predicted_sum_s += op.duration_s();
@@ -319,11 +325,13 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
   // One factor for every kind: the ops mix kinds in fixed proportions (an expert FFN is always its
   // GEMMs and its activation; attention always its norm and projections), so per-kind factors
   // would trade off against each other and follow the noise. The per-op overhead is told apart
-  // by the ops' sizes (an embedding lookup against an attention sublayer).
-  out.fit = cost::fit_in_situ(scaled, fixed, measured_s);
+  // by the ops' sizes (an embedding lookup against an attention sublayer), the routing by the
+  // gates (the only ops with token-choices: top-k and the aux-loss sums on the host).
+  out.fit = cost::fit_in_situ(scaled, fixed, measured_s, choices);
   for (size_t j = 0; j < measured_s.size(); ++j)
-    out.errors_pct.push_back(
-        (fixed[j] + out.fit.factor * scaled[j] + out.fit.op_overhead_s - measured_s[j]) / measured_s[j] * 100);
+    out.errors_pct.push_back((fixed[j] + out.fit.factor * scaled[j] + out.fit.op_overhead_s +
+                              out.fit.routing_choice_s * choices[j] - measured_s[j]) /
+                             measured_s[j] * 100);
   return out;
 }
 
@@ -546,6 +554,7 @@ int calibrate(const Args& a) {
       f->set_time_factor(in_situ.fit.factor);
     }
     spec.set_op_overhead_s(in_situ.fit.op_overhead_s);
+    spec.set_routing_choice_s(in_situ.fit.routing_choice_s);
     // A rank alone on the host: rank 0 runs the calibration step by itself under the profile so
     // far, while the other ranks sleep through it (an MPI wait would spin a core), then all meet.
     if (ranks > 1 && backend.device() == exec::Device::kCpu) {
@@ -566,6 +575,7 @@ int calibrate(const Args& a) {
     if (spec.has_alone_time_factor()) r.set_alone_time_factor(spec.alone_time_factor());
     r.set_in_situ_factor(in_situ.fit.factor);
     r.set_op_overhead_s(in_situ.fit.op_overhead_s);
+    r.set_routing_choice_s(in_situ.fit.routing_choice_s);
     r.set_softmax_score_s(core.softmax_score_s);
     r.set_attention_group_s(core.group_s);
     res["in_situ_ops"] = residuals_of(in_situ.errors_pct);
@@ -635,8 +645,8 @@ int calibrate(const Args& a) {
     std::cout << fmt::format("kernel launch        {}\n", format_seconds(launch_s));
     std::cout << fmt::format("attention core       {} per score, {} per group (sequence x head)\n",
                              format_seconds(r.softmax_score_s()), format_seconds(r.attention_group_s()));
-    std::cout << fmt::format("in a training step   kernels x {:.3f}, {} per op around them{}\n", r.in_situ_factor(),
-                             format_seconds(r.op_overhead_s()),
+    std::cout << fmt::format("in a training step   kernels x {:.3f}, {} per op around them, {} per gate token-choice{}\n",
+                             r.in_situ_factor(), format_seconds(r.op_overhead_s()), format_seconds(r.routing_choice_s()),
                              spec.has_alone_time_factor()
                                  ? fmt::format("; a rank alone x {:.3f}", r.alone_time_factor())
                                  : std::string());

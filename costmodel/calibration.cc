@@ -167,20 +167,31 @@ LinkFit link_fit(const std::vector<LinkSample>& samples, double step_overhead_s,
 
 }  // namespace
 
-InSituFit fit_in_situ(const std::vector<double>& c, const std::vector<double>& b, const std::vector<double>& t) {
-  double scaled = 0, measured = 0, ops = 0;
-  LeastSquares f(2);  // t - b = c factor + overhead
+InSituFit fit_in_situ(const std::vector<double>& c, const std::vector<double>& b, const std::vector<double>& t,
+                      const std::vector<double>& r) {
+  auto choices = [&](size_t j) { return j < r.size() ? r[j] : 0.0; };
+  double scaled = 0, measured = 0, ops = 0, routed = 0;
+  for (size_t j = 0; j < c.size(); ++j)
+    if (c[j] > 0 && t[j] > 0) routed += choices(j);
+  const bool gates = routed > 0;
+  LeastSquares f(gates ? 3 : 2);  // t - b = c factor + overhead [+ choices routing]
   for (size_t j = 0; j < c.size(); ++j)
     if (c[j] > 0 && t[j] > 0) {
       scaled += c[j];
       measured += t[j] - b[j];
       ops += 1;
-      f.add({c[j], 1}, t[j] - b[j], 1 / (t[j] * t[j]));
+      if (gates) f.add({c[j], 1, choices(j)}, t[j] - b[j], 1 / (t[j] * t[j]));
+      else f.add({c[j], 1}, t[j] - b[j], 1 / (t[j] * t[j]));
     }
   InSituFit fit;
   if (scaled <= 0) return fit;
-  if (const auto x = f.solve(); x && (*x)[1] > 0) fit.op_overhead_s = std::min((*x)[1], std::max(measured, 0.0) / ops);
-  fit.factor = std::clamp((measured - ops * fit.op_overhead_s) / scaled, 0.1, 10.0);
+  if (const auto x = f.solve()) {
+    if ((*x)[1] > 0) fit.op_overhead_s = std::min((*x)[1], std::max(measured, 0.0) / ops);
+    if (gates && (*x)[2] > 0)
+      fit.routing_choice_s = std::min((*x)[2], std::max(measured - ops * fit.op_overhead_s, 0.0) / routed);
+  }
+  fit.factor =
+      std::clamp((measured - ops * fit.op_overhead_s - routed * fit.routing_choice_s) / scaled, 0.1, 10.0);
   return fit;
 }
 

@@ -184,6 +184,7 @@ void validate(const ConfigScope& root, const profile::DeviceProfile& p) {
   root.positive("softmax_score_s", Need::kOptional, /*allow_zero=*/true, 1e-3);
   root.positive("op_overhead_s", Need::kOptional, /*allow_zero=*/true, 1.0);
   root.positive("attention_group_s", Need::kOptional, /*allow_zero=*/true, 1.0);
+  root.positive("routing_choice_s", Need::kOptional, /*allow_zero=*/true, 1e-3);
   root.positive("ranks_per_host", Need::kOptional, /*allow_zero=*/false, 1 << 20);
   root.positive("alone_time_factor", Need::kOptional, /*allow_zero=*/false, 10.0);
   topo::check_latency(root, "kernel_launch_overhead_s");
@@ -356,6 +357,7 @@ OpTime op_time(const DeviceProfile& profile, const Op& op, DType dtype) {
   const double f = profile.in_situ_time_factor(op.kind) * (op.backward ? profile.backward_time_factor(op.kind) : 1.0);
   t.compute_s *= f;
   t.memory_s *= f;
+  t.compute_s += op.routing_choices * profile.routing_choice_s();  // fitted in situ: not scaled again
   t.launch_s = profile.kernel_launch_overhead_s();
   t.memory_bound = t.memory_s > t.compute_s;
   t.time_s = t.launch_s + std::max(t.compute_s, t.memory_s);
@@ -387,6 +389,7 @@ std::vector<Op> backward_ops(const Op& fwd) {
     op.flops = flops;
     op.bytes = bytes;
     op.backward = true;
+    op.routing_choices = 0;  // the routing decision is the forward's
     return op;
   };
   switch (fwd.kind) {

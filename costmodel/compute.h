@@ -8,6 +8,7 @@
 //
 //   time_s    = launch_s + max(compute_s, memory_s) x in_situ(kind) [x backward(kind) for
 //               backward kernels]   (the profile's per-kind factors, default 1)
+//               [+ routing_choices x routing_choice_s for an MoE gate's top-k, on compute_s]
 //   launch_s  = kernel launch overhead (profile, else device type, else 4 us)
 //   compute_s = flops / (peak_flops(kind, dtype') * eff_compute(kind, dtype', flops))
 //   memory_s  = bytes * width(dtype') / width(dtype) / (memory_bandwidth_Bps * eff_memory)
@@ -96,6 +97,8 @@ class DeviceProfile {
   // included) of a plan: 1 at the calibrated ranks_per_host or more, alone_time_factor at 1,
   // linear between (profile ranks_per_host, alone_time_factor; 1).
   double host_share_factor(int ranks_here) const;
+  // Per token-choice of an MoE gate's routing (profile routing_choice_s; 0).
+  double routing_choice_s() const { return spec_.routing_choice_s(); }
   // Per scheduled compute op, around its kernels (profile op_overhead_s; 0).
   double op_overhead_s() const { return spec_.op_overhead_s(); }
 

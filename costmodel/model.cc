@@ -176,6 +176,7 @@ ActivationBytes ffn_block(LayerBuilder& b, const model::Transformer& t, const Tr
   b.linear(prefix + ".router", d.h, E);
   if (!t.bias() && m.router_bias()) l->dense_params += E;
   b.memory_op(prefix + ".topk", OpKind::kElementwise, tokens * E * 4);
+  l->ops.back().routing_choices = tokens * k;
   act.replicated += E * 4;  // router probabilities, fp32
 
   const double shared = m.shared_experts();

@@ -45,6 +45,9 @@ struct Op {
   // Attention: the score elements its softmax normalises (groups x m x n), timed by the profile's
   // softmax_score_s on top of the FLOPs (0 elsewhere).
   double softmax_elements = 0;
+  // An MoE gate's top-k: its token-choices (tokens x top-k), timed by the profile's
+  // routing_choice_s on top (0 elsewhere).
+  double routing_choices = 0;
 };
 
 }  // namespace moesim::cost

@@ -116,6 +116,26 @@ TEST_CASE("The in-situ factor and the per-op overhead are recovered, and the ops
   CHECK(fit_in_situ({1e-4}, {0}, {1e-1}).factor == 10);  // clamped
 }
 
+TEST_CASE("The routing time per gate token-choice is recovered beside the factor and the overhead") {
+  // Twelve ops of 0.02-2 ms scaled 1.3x, 4 us around each; two of them gates routing 256 and 512
+  // token-choices at 40 ns each.
+  std::vector<double> c, b, t, r;
+  for (int j = 0; j < 12; ++j) {
+    c.push_back(2e-5 * std::pow(1.5, j));
+    b.push_back(5e-7);
+    r.push_back(j == 2 ? 256 : j == 5 ? 512 : 0);
+    t.push_back(b.back() + 1.3 * c.back() + 4e-6 + 40e-9 * r.back());
+  }
+  const InSituFit fit = fit_in_situ(c, b, t, r);
+  CHECK(fit.factor == Approx(1.3).epsilon(0.02));
+  CHECK(fit.op_overhead_s == Approx(4e-6).epsilon(0.02));
+  CHECK(fit.routing_choice_s == Approx(40e-9).epsilon(0.02));
+  // Without the gates' choices their routing goes into the overhead and the factor.
+  const InSituFit blind = fit_in_situ(c, b, t);
+  CHECK(blind.routing_choice_s == 0);
+  CHECK(blind.op_overhead_s > 4.1e-6);
+}
+
 TEST_CASE("The softmax's time per score and the time per group are told from the matmuls'") {
   // Attention cores timed by a known profile (constant efficiency 0.25 of 80 GFLOP/s, 9.5 ns per
   // score, 2 us per group): 4 h FLOPs per score element, head dims 16 and 32, 1-32 sequences of

@@ -1,6 +1,7 @@
 // Compute cost: the roofline with profile efficiencies (costmodel/compute.h), the dtype fallbacks,
 // backward ops, the bundled device profiles and the diagnostics of bad profiles.
 #include "costmodel/compute.h"
+#include "costmodel/model.h"
 
 #include "common/error.h"
 #include "topologies/registry.h"
@@ -9,6 +10,7 @@
 
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <string>
@@ -249,6 +251,37 @@ TEST_CASE("an attention's softmax time per score adds to its FLOPs' time, and ba
   CHECK(cost::op_time(fused, attn, DType::kFp32).compute_s == Approx(2e6 / 20e9));
 }
 
+TEST_CASE("a gate's routing time per token-choice adds to its top-k, unscaled, and only forward") {
+  const cost::DeviceProfile p = cost::load_device_profile_text(R"pb(
+    device { name: "cpu-rank" peak_flops_per_s { fp32: 40e9 } memory_bytes: 8e9 memory_bandwidth_Bps: 20e9
+             kernel_launch_overhead_s: 1e-6 }
+    routing_choice_s: 3e-8
+    in_situ { op: ELEMENTWISE time_factor: 2 })pb",
+                                                   "routing.textproto");
+  Op topk;
+  topk.name = "L0.moe.topk";
+  topk.kind = OpKind::kElementwise;
+  topk.bytes = 2e5;
+  topk.routing_choices = 1000;
+  const cost::OpTime t = cost::op_time(p, topk, DType::kFp32);
+  Op plain = topk;
+  plain.routing_choices = 0;
+  const cost::OpTime kernel = cost::op_time(p, plain, DType::kFp32);
+  CHECK(t.memory_s == Approx(kernel.memory_s));  // the kernel as without routing (in-situ factor 2)
+  CHECK(t.compute_s == Approx(1000 * 3e-8));     // the routing unscaled: fitted in situ already
+  CHECK(t.time_s == Approx(1e-6 + std::max(1000 * 3e-8, kernel.memory_s)));
+  const std::vector<Op> b = cost::backward_ops(topk);
+  REQUIRE(b.size() == 1);
+  CHECK(b[0].routing_choices == 0);
+  // The model's MoE gates carry tokens x top_k choices.
+  const cost::ModelCost m = cost::analyze(
+      cost::load_model(std::string(MOESIM_SOURCE_DIR) + "/configs/models/moe-tiny.textproto"), {.sequence = 32, .tokens = 256});
+  double choices = 0;
+  for (const cost::Layer& l : m.layers)
+    for (const Op& op : l.ops) choices += op.routing_choices;
+  CHECK(choices == 2 * 256 * 2);  // two MoE layers, top-2
+}
+
 TEST_CASE("ops_time sums kernels and splits compute-bound from memory-bound time") {
   const cost::DeviceProfile p = flat_h100();
   const std::vector<Op> ops = {gemm(8192, 8192, 8192), gemm(1, 8192, 8192), gemm(4096, 4096, 4096)};
@@ -331,6 +364,12 @@ TEST_CASE("bad profile: a negative softmax time per score") {
   check_only("device { preset: \"h100-sxm5\" }\n"
              "softmax_score_s: -1e-9\n",
              2, "softmax_score_s", "");
+}
+
+TEST_CASE("bad profile: a negative routing time per token-choice") {
+  check_only("device { preset: \"h100-sxm5\" }\n"
+             "routing_choice_s: -3e-8\n",
+             2, "routing_choice_s", "");
 }
 
 TEST_CASE("bad profile: a negative per-op overhead") {

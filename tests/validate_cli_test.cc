@@ -147,6 +147,10 @@ TEST_CASE("calibrate writes a cluster and profile that load back, and a store ro
   CHECK_THAT(p.source(), Catch::Contains("calibrated on"));
   // The threads each rank ran with, so that validate runs its ranks with as many.
   CHECK(p.spec().threads_per_rank() == 1);
+  // The calibration step's fit: the per-op overhead and the gates' routing per token-choice.
+  CHECK(p.spec().has_op_overhead_s());
+  CHECK(p.spec().has_routing_choice_s());
+  CHECK(p.routing_choice_s() == Approx(c.routing_choice_s()));
   CHECK(Store::open(db).list_runs(RunKind::kCalibrate).size() == 1);
   // No temporary files are left beside them.
   int files = 0;
