@@ -335,19 +335,44 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
   return out;
 }
 
-// The calibration step three times, a second apart (a stretch slowed by other tenants can last
-// seconds), and the run whose measured-to-predicted ratio is the median. Collective like
-// fit_in_situ; on other ranks than 0 an empty result.
-InSitu median_in_situ(const profile::DeviceProfile& spec, const std::string& cluster, int ranks, exec::Comm* world,
-                      exec::Comm* host_world, exec::Backend& backend) {
-  std::vector<InSitu> runs;
+struct InSituRounds {
+  InSitu busy;              // the round whose measured-to-predicted ratio is the median
+  double alone_factor = 0;  // a rank alone against all busy, the median over the rounds; 0: not measured
+};
+
+// The calibration step in three rounds, a second apart (a stretch slowed by other tenants can last
+// seconds); the fit is the round whose measured-to-predicted ratio is the median. With several CPU
+// ranks each round then runs the step on rank 0 alone, while the other ranks sleep through it (an
+// MPI wait would spin a core), and the alone factor is the median over the rounds of the alone
+// ratio against the same round's busy one: pairs a few seconds apart, so that the VM's drift over
+// the calibration cancels. Collective like fit_in_situ; on other ranks than 0 an empty result.
+InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::string& cluster,
+                            const std::string& alone_cluster, int ranks, exec::Comm* world, exec::Comm* host_world,
+                            exec::Backend& backend) {
+  auto ratio = [](const InSitu& r) { return r.predicted_sum_s > 0 ? r.measured_sum_s / r.predicted_sum_s : 0.0; };
+  const bool root = world == nullptr || world->rank() == 0;
+  std::vector<InSitu> busy;
+  std::vector<double> alone;
   for (int i = 0; i < 3; ++i) {
     if (i > 0) std::this_thread::sleep_for(std::chrono::seconds(1));
-    runs.push_back(fit_in_situ(spec, cluster, ranks, world, host_world, backend));
+    busy.push_back(fit_in_situ(spec, cluster, ranks, world, host_world, backend));
+    if (ranks == 1 || backend.device() != exec::Device::kCpu) continue;
+    exec::Comm& host = host_world ? *host_world : *world;
+    float wait_s = root ? static_cast<float>(1.0 + 1.5 * 48 * busy.back().step_s) : 0.0f;
+    exec::all_reduce_sum_host(host, &wait_s, 1);
+    if (root) {
+      const InSitu a = fit_in_situ(spec, alone_cluster, 1, nullptr, nullptr, backend);
+      if (ratio(a) > 0 && ratio(busy.back()) > 0) alone.push_back(ratio(a) / ratio(busy.back()));
+    } else {
+      std::this_thread::sleep_for(std::chrono::duration<double>(wait_s));
+    }
+    host.barrier();
   }
-  auto ratio = [](const InSitu& r) { return r.predicted_sum_s > 0 ? r.measured_sum_s / r.predicted_sum_s : 0.0; };
-  std::sort(runs.begin(), runs.end(), [&](const InSitu& x, const InSitu& y) { return ratio(x) < ratio(y); });
-  return runs[1];
+  InSituRounds out;
+  std::sort(busy.begin(), busy.end(), [&](const InSitu& x, const InSitu& y) { return ratio(x) < ratio(y); });
+  out.busy = busy[1];
+  if (!alone.empty()) out.alone_factor = trace::quantile(alone, 0.5);
+  return out;
 }
 
 int calibrate(const Args& a) {
@@ -547,7 +572,10 @@ int calibrate(const Args& a) {
     // factor per kernel kind.
     const std::string calibration_cluster =
         cluster_text(name, "calibration", device, ranks, link_Bps, link_latency_s, all_reduce_efficiency);
-    const InSitu in_situ = median_in_situ(spec, calibration_cluster, ranks, world, host_world, backend);
+    const InSituRounds rounds = in_situ_rounds(
+        spec, calibration_cluster, cluster_text(name, "calibration", device, 1, link_Bps, link_latency_s), ranks, world,
+        host_world, backend);
+    const InSitu& in_situ = rounds.busy;
     for (const auto& [kind, pkind] : kInSituKinds) {
       profile::InSituFactor* f = spec.add_in_situ();
       f->set_op(pkind);
@@ -555,21 +583,9 @@ int calibrate(const Args& a) {
     }
     spec.set_op_overhead_s(in_situ.fit.op_overhead_s);
     spec.set_routing_choice_s(in_situ.fit.routing_choice_s);
-    // A rank alone on the host: rank 0 runs the calibration step by itself under the profile so
-    // far, while the other ranks sleep through it (an MPI wait would spin a core), then all meet.
-    if (ranks > 1 && backend.device() == exec::Device::kCpu) {
-      exec::Comm& host = host_world ? *host_world : *world;
-      float wait_s = root ? static_cast<float>(3.0 + 3 * 1.5 * 48 * in_situ.step_s) : 0.0f;
-      exec::all_reduce_sum_host(host, &wait_s, 1);
-      if (root) {
-        const InSitu alone = median_in_situ(
-            spec, cluster_text(name, "calibration", device, 1, link_Bps, link_latency_s), 1, nullptr, nullptr, backend);
-        if (alone.predicted_sum_s > 0) spec.set_alone_time_factor(alone.measured_sum_s / alone.predicted_sum_s);
-        spec.set_ranks_per_host(ranks);
-      } else {
-        std::this_thread::sleep_for(std::chrono::duration<double>(wait_s));
-      }
-      host.barrier();
+    if (rounds.alone_factor > 0) {
+      spec.set_alone_time_factor(rounds.alone_factor);
+      spec.set_ranks_per_host(ranks);
     }
     if (!root) return kExitOk;
     if (spec.has_alone_time_factor()) r.set_alone_time_factor(spec.alone_time_factor());
