@@ -5,6 +5,7 @@
 // Nothing is written until every measurement and fit has succeeded: both files go to temporary
 // names first and are renamed at the end (profile, then cluster), so an interrupted calibration
 // leaves the previous files as they were. The store row, when asked for, is one transaction.
+#include "cli/calibration_step.h"
 #include "cli/cli.pb.h"
 #include "cli/commands.h"
 #include "cli/executor_runs.h"
@@ -203,28 +204,19 @@ struct InSitu {
   std::vector<CollectiveSample> collectives;
 };
 
-// The calibration step: a 3-layer transformer (d 96, the middle layer MoE with 2 x ranks experts
-// top-2, 48 tokens) trained for 48 steps on every rank with the Schedule lowered under `spec`; on
+// The calibration step (cli/calibration_step.h) trained for 48 steps on every rank with the
+// Schedule lowered under `spec`; on
 // rank 0, each compute op's measured time (mean over the quiet half of steps 1..47, as validation)
 // against its predicted time split per kernel kind (each kind's share found by lowering again with
 // that kind's factor at 2), then one factor for all kinds by cost::fit_in_situ_factor (see below).
 // Collective on `world`.
 InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluster, int ranks, exec::Comm* world,
                    exec::Comm* host_world, exec::Backend& backend) {
-  const int experts = ranks == 1 ? 4 : 2 * ranks;
-  const cost::Setup setup = cost::load_setup(
-      cost::ConfigSource{"calibration-cluster", cluster},
-      cost::ConfigSource{"calibration-model",
-                         fmt::format("name: \"moesim-calibration\" transformer {{ layers: 3 hidden: 96 heads: 4 "
-                                     "ffn_hidden: 192 activation: GELU norm: LAYER_NORM bias: true vocab: 96 "
-                                     "max_sequence: 48 learned_positions: true moe {{ experts: {} top_k: 2 "
-                                     "every_n_layers: 2 moe_layer_offset: 1 }} }}",
-                                     experts)},
-      cost::ConfigSource{"calibration-workload",
-                         fmt::format("name: \"calibration\" training {{ global_batch: {} micro_batch: 8 sequence: 48 "
-                                     "precision: FP32 optimizer: ADAM }}",
-                                     8 * ranks)},
-      cost::ConfigSource{"calibration-strategy", fmt::format("name: \"calibration\" dp: {} ep: {}", ranks, ranks)});
+  const cost::Setup setup =
+      cost::load_setup(cost::ConfigSource{"calibration-cluster", cluster},
+                       cost::ConfigSource{"calibration-model", calibration_model_text(ranks)},
+                       cost::ConfigSource{"calibration-workload", calibration_workload_text(ranks)},
+                       cost::ConfigSource{"calibration-strategy", calibration_strategy_text(ranks)});
   auto lower_with = [&](const profile::DeviceProfile& sp) {
     const cost::DeviceProfile p = cost::DeviceProfile::from_spec(sp, "calibration profile");
     schedule::LoweringOptions lo;
@@ -583,6 +575,7 @@ int calibrate(const Args& a) {
     }
     spec.set_op_overhead_s(in_situ.fit.op_overhead_s);
     spec.set_routing_choice_s(in_situ.fit.routing_choice_s);
+    spec.set_calibration_step_s(in_situ.step_s);
     if (rounds.alone_factor > 0) {
       spec.set_alone_time_factor(rounds.alone_factor);
       spec.set_ranks_per_host(ranks);

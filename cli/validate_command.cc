@@ -9,6 +9,7 @@
 //       `moesim validate --scenario` (which launches its own ranks), then the summary;
 //   moesim validate --predicted A --measured B
 //       two trace files (moesim simulate/run --trace-pb) joined without running anything.
+#include "cli/calibration_step.h"
 #include "cli/cli.pb.h"
 #include "cli/commands.h"
 #include "cli/executor_runs.h"
@@ -16,6 +17,7 @@
 #include "common/files.h"
 #include "common/json.h"
 #include "common/units.h"
+#include "costmodel/compute.h"
 #include "costmodel/setup.h"
 #include "executor/train.h"
 #include "planner/plan_file.h"
@@ -421,31 +423,63 @@ int validate_suite(const Args& a) {
         profile.empty() ? "" : fmt::format("device_profile: \"{}\"\n", profile), p.batch, p.micro_batch, p.ranks, p.ep,
         p.capacity_factor, p.drop_policy, p.ranks, p.ep, p.capacity_factor, p.drop_policy);
   }
+  // The machine's pace against its calibration: the calibration step (cli/calibration_step.h) on
+  // the calibrated ranks, once per pass, against the profile's calibration_step_s.
+  std::string reference;
+  double calibration_step_s = 0;
+  if (!profile.empty()) {
+    const cost::DeviceProfile loaded = cost::load_device_profile(profile);
+    const profile::DeviceProfile& spec = loaded.spec();
+    calibration_step_s = spec.calibration_step_s();
+    const int ranks = spec.has_ranks_per_host() ? spec.ranks_per_host() : 1;
+    if (calibration_step_s > 0) {
+      reference = (dir / "calibration-step.scenario.textproto").string();
+      std::ofstream(reference) << fmt::format(
+          "# moesim validate --suite: the calibration step, for the machine's pace against its calibration\n"
+          "name: \"calibration-step\"\ncluster: \"{}\"\ndevice_profile: \"{}\"\nmodel_inline {{ {} }}\n"
+          "workload_inline {{ {} }}\nstrategy_inline {{ {} }}\n",
+          cluster_of(ranks), profile, calibration_model_text(ranks), calibration_workload_text(ranks),
+          calibration_strategy_text(ranks));
+    }
+  }
+  // One child `moesim validate --scenario`; false (after saying why) when it failed.
+  auto run_child = [&](const std::string& name, const std::string& scenario, const std::string& extra,
+                       ValidateResult* r) {
+    std::string cmd = fmt::format("{} validate --scenario {} --json --steps {}{}", quoted(self), quoted(scenario),
+                                  steps, extra);
+    if (a.has("--timeout")) cmd += " --timeout " + quoted(a.get("--timeout"));
+    if (a.has("--threads")) cmd += " --threads " + quoted(a.get("--threads"));
+    int status = 0;
+    const std::string text = capture(cmd, status);
+    if (status == 0 && google::protobuf::util::JsonStringToMessage(text, r).ok()) return true;
+    if (progress) std::cerr << '\n';
+    std::cerr << fmt::format("moesim: suite plan {} failed (scenario {}): {}\n", name, scenario, text);
+    return false;
+  };
   std::vector<std::vector<ValidateResult>> runs(std::size(kSuite));
-  for (int pass = 0; pass < passes; ++pass)
+  std::vector<double> pace;
+  for (int pass = 0; pass < passes; ++pass) {
+    if (!reference.empty()) {
+      ValidateResult r;
+      if (!run_child("calibration-step", reference, "", &r)) return kExitInternal;
+      // The mean of its quiet steps, as calibration measured it (step_error_pct is against it).
+      pace.push_back(r.predicted_step_s() / (1 + r.step_error_pct() / 100) / calibration_step_s);
+    }
     for (size_t i = 0; i < std::size(kSuite); ++i) {
       const SuitePlan& p = kSuite[i];
-      const std::string& scenario = scenarios[i];
       if (progress)
         std::cerr << fmt::format("\r[pass {}/{}, {}/{}] {:<24}", pass + 1, passes, i + 1, std::size(kSuite), p.name)
                   << std::flush;
-      std::string cmd =
-          fmt::format("{} validate --scenario {} --json --steps {} --feedback", quoted(self), quoted(scenario), steps);
-      if (a.has("--timeout")) cmd += " --timeout " + quoted(a.get("--timeout"));
-      if (a.has("--threads")) cmd += " --threads " + quoted(a.get("--threads"));
-      if (a.has("--db")) cmd += " --db " + quoted(a.get("--db"));  // every pass is a stored run
+      std::string extra = " --feedback";
+      if (a.has("--db")) extra += " --db " + quoted(a.get("--db"));  // every pass is a stored run
       if (a.has("--trace"))
-        cmd += " --trace " + quoted(a.get("--trace") + "." + p.name + (passes > 1 ? fmt::format(".{}", pass) : ""));
-      int status = 0;
-      const std::string text = capture(cmd, status);
+        extra += " --trace " + quoted(a.get("--trace") + "." + p.name + (passes > 1 ? fmt::format(".{}", pass) : ""));
       ValidateResult r;
-      if (status != 0 || !google::protobuf::util::JsonStringToMessage(text, &r).ok()) {
-        if (progress) std::cerr << '\n';
-        std::cerr << fmt::format("moesim: suite plan {} failed (scenario {}): {}\n", p.name, scenario, text);
-        return kExitInternal;
-      }
+      if (!run_child(p.name, scenarios[i], extra, &r)) return kExitInternal;
       runs[i].push_back(std::move(r));
     }
+  }
+  if (!pace.empty()) suite.set_pace_vs_calibration_pct((trace::quantile(pace, 0.5) - 1) * 100);
   std::vector<double> step_errors, predicted, measured;
   for (std::vector<ValidateResult>& plan_runs : runs) {
     std::sort(plan_runs.begin(), plan_runs.end(), [](const ValidateResult& x, const ValidateResult& y) {
@@ -488,6 +522,10 @@ int validate_suite(const Args& a) {
                            suite.kendall_tau());
   std::cout << "per op kind (median |error|):";
   for (const auto& [kind, v] : suite.per_kind()) std::cout << fmt::format(" {} {:.1f}%", kind, v);
+  if (suite.has_pace_vs_calibration_pct())
+    std::cout << fmt::format("\nmachine pace: the calibration step runs {:+.1f}% against when it was calibrated (every "
+                             "plan's error moves with it; recalibrate when it is large)",
+                             suite.pace_vs_calibration_pct());
   std::cout << fmt::format("\nscenarios in {}; {:.0f} s\n", dir.string(), suite.wall_s());
   return kExitOk;
 }

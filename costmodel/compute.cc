@@ -185,6 +185,7 @@ void validate(const ConfigScope& root, const profile::DeviceProfile& p) {
   root.positive("op_overhead_s", Need::kOptional, /*allow_zero=*/true, 1.0);
   root.positive("attention_group_s", Need::kOptional, /*allow_zero=*/true, 1.0);
   root.positive("routing_choice_s", Need::kOptional, /*allow_zero=*/true, 1e-3);
+  root.positive("calibration_step_s", Need::kOptional, /*allow_zero=*/false, 3600);
   root.positive("ranks_per_host", Need::kOptional, /*allow_zero=*/false, 1 << 20);
   root.positive("alone_time_factor", Need::kOptional, /*allow_zero=*/false, 10.0);
   topo::check_latency(root, "kernel_launch_overhead_s");

@@ -72,6 +72,7 @@ TEST_CASE("validate runs a tiny plan on 2 ranks and matches every op of both ran
   std::set<int> ranks;
   for (const cli::OpErrorEntry& e : v.ops()) {
     ranks.insert(e.rank());
+    INFO(e.op_id() << " on rank " << e.rank());
     CHECK(e.measured_s() > 0);
   }
   CHECK(ranks == std::set<int>{0, 1});
@@ -125,6 +126,32 @@ strategy_inline {{ name: "s" dp: 2 ep: 2 }})pb",
   CHECK(moesim_run("validate --plan /nonexistent/plan.textproto").exit_code == 2);
   CHECK(moesim_run("validate").exit_code == 2);
   CHECK(moesim_run("validate --suite --cluster /nonexistent/local.textproto").exit_code == 2);
+}
+
+// The suite runs the calibration step once per pass and reports the machine's pace against the
+// profile's calibration_step_s: a profile calibrated at 1000 s a step finds this machine ~100%
+// faster. The plans themselves run as the suite always runs them (one pass of 2 steps here).
+TEST_CASE("validate --suite reports the machine's pace against its calibration") {
+  TempFile dir("suite_dir");
+  std::filesystem::create_directories(dir.path);
+  const std::string cluster = dir.path + "/two.textproto";
+  std::ofstream(cluster) << kTwoRanks;
+  std::ofstream(dir.path + "/two.profile.textproto")
+      << "device { name: \"cpu-rank\" peak_flops_per_s { fp32: 50e9 } memory_bytes: 8e9 memory_bandwidth_Bps: 20e9 "
+         "kernel_launch_overhead_s: 1e-7 }\nthreads_per_rank: 1\nranks_per_host: 2\ncalibration_step_s: 1000\n";
+  const Run r = moesim_run(fmt::format("validate --suite --cluster '{}' --passes 1 --steps 2 --json --out '{}/out'",
+                                       cluster, dir.path));
+  INFO(r.err);
+  REQUIRE(r.exit_code == 0);
+  const cli::ValidateSuiteResult s = parse_json<cli::ValidateSuiteResult>(r.out);
+  CHECK(s.plans_size() == 10);
+  REQUIRE(s.has_pace_vs_calibration_pct());
+  CHECK(s.pace_vs_calibration_pct() < -99.9);
+  CHECK(s.pace_vs_calibration_pct() > -100);
+  // The step it ran: the calibration's model on the calibrated ranks.
+  const sim::Scenario step = sim::load_scenario(dir.path + "/out/calibration-step.scenario.textproto");
+  CHECK(step.setup.model->name() == "moesim-calibration");
+  CHECK(step.setup.cluster->device_count() == 2);
 }
 
 TEST_CASE("calibrate writes a cluster and profile that load back, and a store row") {

@@ -92,9 +92,11 @@ Comparison compare(const Trace& predicted, const Trace& measured, const CompareO
   for (const Span& s : measured.spans()) last_step = std::max(last_step, s.step());
   const int first_step = last_step >= options.skip_steps ? options.skip_steps : 0;
 
-  // Per compared step: each (op, rank)'s span, and for collectives the latest arrival per op id.
+  // Per compared step: each (op, rank)'s span, and for collectives the shortest span per op id
+  // (the last rank to arrive waits for no one: its span is the exchange itself; measured on one
+  // rank's clock, as ranks' clocks start at their own exit from a barrier).
   std::map<int, std::map<Key, const Span*>> by_step;
-  std::map<int, std::map<std::string, int64_t>> last_arrival;
+  std::map<int, std::map<std::string, int64_t>> shortest;
   std::map<int, std::pair<int64_t, int64_t>> step_bounds;
   for (const Span& s : measured.spans()) {
     if (s.step() < first_step) continue;
@@ -102,8 +104,9 @@ Comparison compare(const Trace& predicted, const Trace& measured, const CompareO
     if (!by_step[s.step()].emplace(k, &s).second)
       throw TraceMismatch(fmt::format("measured trace: op {} appears twice in step {}", describe(k), s.step()));
     if (is_collective(s.kind())) {
-      int64_t& t = last_arrival[s.step()][s.op_id()];
-      t = std::max(t, s.start_ns());
+      const int64_t d = std::max<int64_t>(0, s.end_ns() - s.start_ns());
+      auto [it, fresh] = shortest[s.step()].emplace(s.op_id(), d);
+      if (!fresh) it->second = std::min(it->second, d);
     }
     auto [it, fresh] = step_bounds.emplace(s.step(), std::pair{s.start_ns(), s.end_ns()});
     if (!fresh) {
@@ -132,8 +135,8 @@ Comparison compare(const Trace& predicted, const Trace& measured, const CompareO
                                         "not of the same schedule",
                                         describe(k), step));
       const Span& m = *it->second;
-      const int64_t start = is_collective(m.kind()) ? last_arrival[step][m.op_id()] : m.start_ns();
-      if (quiet.count(step)) quiet_sum += static_cast<double>(std::max<int64_t>(0, m.end_ns() - start)) * 1e-9;
+      const int64_t d = is_collective(m.kind()) ? shortest[step][m.op_id()] : m.end_ns() - m.start_ns();
+      if (quiet.count(step)) quiet_sum += static_cast<double>(std::max<int64_t>(0, d)) * 1e-9;
     }
     OpError e;
     e.op_id = p.op_id();

@@ -14,9 +14,12 @@
 // over the quiet steps: the faster `quiet_share` (default kQuietShare, half) of the compared steps
 // (steps >= skip_steps, the warm-up left out) by step time. For a collective the
 // simulator's span starts when every participant is ready (the rendezvous), while an executor
-// rank's span starts when that rank arrives; so a measured collective counts from the latest
-// arrival of the ranks running the same op id in that step to the rank's end, the time the
-// exchange itself took.
+// rank's span starts when that rank arrives; so a measured collective is the shortest span of
+// the ranks running the same op id in that step (the last to arrive waits for no one: its span is
+// the exchange itself), the same for each of them. Each span is measured on its own rank's clock:
+// ranks' trace clocks start at their own exit from a barrier, microseconds apart, which an
+// exchange of a few microseconds cannot be compared across (measuring from the latest arrival to
+// each rank's end found 0 for short all-gathers).
 //
 // ## Errors
 // error_pct = (predicted - measured) / measured x 100 (positive: the simulator is slow). A step's
