@@ -569,11 +569,13 @@ std::vector<Command> validate_commands() {
        "                    capacity factors, drop policies) on --cluster (default\n"
        "                    configs/hardware/local.textproto, from `moesim calibrate`) with its profile\n"
        "                    (--profile, else <cluster>.profile.textproto beside it), each with --feedback;\n"
-       "                    a summary table, step-time median/p90 error and the plans' Kendall tau\n"
+       "                    a summary table, step-time median/p90 error and the plans' Kendall tau, and\n"
+       "                    the machine's pace against its calibration (the calibration step run again)\n"
        "  --passes P        the suite's plans run P times, one pass after another (default 3); per plan\n"
        "                    the pass with the median measured step time is compared (every pass is stored)\n"
        "  --predicted/--measured  join two trace files (.pb/.textproto) without running anything\n\n"
-       "--json carries median_abs_pct_error, p90_abs_pct_error, per_kind, kendall_tau, unmatched_ops.\n"
+       "--json carries median_abs_pct_error, p90_abs_pct_error, per_kind, kendall_tau, unmatched_ops\n"
+       "(the suite also pace_vs_calibration_pct).\n"
        "The executor computes in fp32: the workload's precision must be FP32. Exit 2 on bad input.\n",
        {{"--feedback", "--suite"},
         {"--plan", "--scenario", "--profile", "--ranks", "--steps", "--warmup", "--routing-out", "--trace", "--db",
