@@ -35,6 +35,7 @@
 #include <google/protobuf/util/json_util.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -44,6 +45,9 @@
 #include <memory>
 #include <optional>
 #include <sstream>
+#include <string>
+#include <utility>
+#include <vector>
 
 namespace moesim::cli {
 namespace {
@@ -107,7 +111,10 @@ void print_result(const ValidateResult& r) {
   std::cout << fmt::format("ops matched    {} (unmatched {}); op-order Kendall tau {:.2f}\n\n", r.matched_ops(),
                            r.unmatched_ops(), r.kendall_tau());
   std::cout << fmt::format("{:<14} {:>5} {:>14} {:>10}\n", "op kind", "ops", "median |err|", "bias");
-  for (const auto& [kind, k] : r.per_kind_detail())
+  std::vector<std::pair<std::string, KindErrors>> kinds(r.per_kind_detail().begin(), r.per_kind_detail().end());
+  std::sort(kinds.begin(), kinds.end(),
+            [](const auto& x, const auto& y) { return x.second.median_abs_pct() < y.second.median_abs_pct(); });
+  for (const auto& [kind, k] : kinds)
     std::cout << fmt::format("{:<14} {:>5} {:>13.1f}% {:>10}\n", kind, k.ops(), k.median_abs_pct(), signed_pct(k.mean_pct()));
   std::cout << "\nworst ops:\n";
   for (const OpErrorEntry& w : r.worst_ops())
@@ -521,7 +528,9 @@ int validate_suite(const Args& a) {
                            suite.median_abs_pct_error(), suite.p90_abs_pct_error(), suite.max_abs_pct_error(),
                            suite.kendall_tau());
   std::cout << "per op kind (median |error|):";
-  for (const auto& [kind, v] : suite.per_kind()) std::cout << fmt::format(" {} {:.1f}%", kind, v);
+  std::vector<std::pair<std::string, double>> kinds(suite.per_kind().begin(), suite.per_kind().end());
+  std::sort(kinds.begin(), kinds.end(), [](const auto& x, const auto& y) { return x.second < y.second; });
+  for (const auto& [kind, v] : kinds) std::cout << fmt::format(" {} {:.1f}%", kind, v);
   if (suite.has_pace_vs_calibration_pct())
     std::cout << fmt::format("\nmachine pace: the calibration step runs {:+.1f}% against when it was calibrated (every "
                              "plan's error moves with it; recalibrate when it is large)",
