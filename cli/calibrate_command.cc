@@ -199,8 +199,7 @@ struct InSitu {
   std::vector<double> errors_pct;  // the ops through the factor: (model - measured) / measured
   double step_s = 0;               // the mean quiet step
   double measured_sum_s = 0, predicted_sum_s = 0;  // over the fitted compute ops
-  // The step's collectives: per op, the mean over the quiet steps of its shortest span over the ranks (the
-  // last rank to arrive waits for no one: its span is the exchange itself).
+  // The step's collectives: per op, as validation measures it (trace::mean_op_times).
   std::vector<CollectiveSample> collectives;
 };
 
@@ -236,21 +235,12 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
   const trace::Trace measured = gather_traces(run.trace, host_world);
   InSitu out;
   if (world && world->rank() != 0) return out;
-  // Measured as validation measures (traces/validation.h): means over the quiet half of the steps.
-  std::map<int, std::pair<int64_t, int64_t>> bounds;  // step -> first start, last end
-  for (const trace::Span& s : measured.spans()) {
-    if (s.step() < 1) continue;
-    auto [it, fresh] = bounds.emplace(s.step(), std::pair{s.start_ns(), s.end_ns()});
-    it->second = {std::min(it->second.first, s.start_ns()), std::max(it->second.second, s.end_ns())};
-  }
-  std::map<int, double> step_time;
-  for (const auto& [step, b] : bounds) step_time[step] = static_cast<double>(b.second - b.first) * 1e-9;
+  // Measured as validation measures (traces/validation.h): means over the quiet half of the steps
+  // after the first, a collective by its last arrival's span.
+  const std::map<int, double> step_time = trace::step_times(measured, 1);
   const std::set<int> quiet = trace::quiet_steps(step_time, trace::kQuietShare);
-  const double per_step = 1.0 / static_cast<double>(quiet.size());
-  for (int step : quiet) out.step_s += step_time[step] * per_step;
-  std::map<std::pair<std::string, int>, double> times;
-  for (const trace::Span& s : measured.spans())
-    if (quiet.count(s.step())) times[{s.op_id(), s.rank()}] += static_cast<double>(s.end_ns() - s.start_ns()) * 1e-9 * per_step;
+  for (int step : quiet) out.step_s += step_time.at(step) / static_cast<double>(quiet.size());
+  const std::map<std::pair<std::string, int>, double> times = trace::mean_op_times(measured, quiet);
   // Every kind's factor doubled: an op's time grows by exactly the part the factor scales.
   profile::DeviceProfile doubled_spec = spec;
   doubled_spec.clear_in_situ();
@@ -297,22 +287,13 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
     out.measured_sum_s += it->second;
     out.predicted_sum_s += op.duration_s();
   }
-  std::map<std::string, std::map<int, double>> shortest;  // op id -> step -> shortest span over ranks
-  for (const trace::Span& s : measured.spans()) {
-    if (!quiet.count(s.step()) || !trace::is_collective(s.kind())) continue;
-    const double d = static_cast<double>(s.end_ns() - s.start_ns()) * 1e-9;
-    auto [it, fresh] = shortest[s.op_id()].emplace(s.step(), d);
-    if (!fresh) it->second = std::min(it->second, d);
-  }
   for (const schedule::Op& op : base.ranks(0).ops()) {
-    auto it = shortest.find(op.id());
-    if (op.collective() == 0 || it == shortest.end()) continue;
+    auto it = times.find({op.id(), base.ranks(0).rank()});
+    if (op.collective() == 0 || it == times.end()) continue;
     const schedule::Collective& c = base.collectives(op.collective() - 1);
     const bool a2a = c.op() == schedule::Collective::ALL_TO_ALL || c.op() == schedule::Collective::ALL_TO_ALL_V;
     if (!a2a && c.op() != schedule::Collective::ALL_REDUCE) continue;
-    double mean = 0;
-    for (const auto& [step, d] : it->second) mean += d * per_step;
-    out.collectives.push_back({a2a ? cost::CollectiveOp::kAllToAll : cost::CollectiveOp::kAllReduce, op.bytes(), mean});
+    out.collectives.push_back({a2a ? cost::CollectiveOp::kAllToAll : cost::CollectiveOp::kAllReduce, op.bytes(), it->second});
   }
   // One factor for every kind: the ops mix kinds in fixed proportions (an expert FFN is always its
   // GEMMs and its activation; attention always its norm and projections), so per-kind factors

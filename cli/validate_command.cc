@@ -469,8 +469,7 @@ int validate_suite(const Args& a) {
     if (!reference.empty()) {
       ValidateResult r;
       if (!run_child("calibration-step", reference, "", &r)) return kExitInternal;
-      // The mean of its quiet steps, as calibration measured it (step_error_pct is against it).
-      pace.push_back(r.predicted_step_s() / (1 + r.step_error_pct() / 100) / calibration_step_s);
+      pace.push_back(r.measured_step_s() / calibration_step_s);  // both the mean of the quiet steps
     }
     for (size_t i = 0; i < std::size(kSuite); ++i) {
       const SuitePlan& p = kSuite[i];

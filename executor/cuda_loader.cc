@@ -64,7 +64,8 @@ const Loaded& load() {
   return loaded;
 }
 
-const CudaModule& module(const std::string& what) {
+// `what` names the request in the error; a C string, since it is passed on every tensor copy.
+const CudaModule& module(const char* what) {
   const Loaded& l = load();
   if (l.module == nullptr) throw Error(fmt::format("{}: {}", what, l.error));
   return *l.module;
@@ -91,7 +92,7 @@ int cuda_device_count() {
 bool cuda_available() { return cuda_device_count() > 0; }
 
 std::unique_ptr<Backend> make_cuda_backend(int device) {
-  return module(fmt::format("CUDA back end on device {}", device)).make_backend(device);
+  return module("CUDA back end").make_backend(device);
 }
 
 #ifdef MOESIM_HAVE_NCCL

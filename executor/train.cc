@@ -109,8 +109,8 @@ struct Block {
 };
 
 // What an op of the Schedule does in the executor.
-enum class Action { kEmbed, kAttn, kMlp, kMoeGate, kMoeRoute, kMoePermute, kMoeDispatch, kMoeExperts, kMoeCombineA2a, kMoeCombine, kHead,
-                    kGradSync, kExpertGradSync, kOptimizer };
+enum class Action { kEmbed, kAttn, kMlp, kMoeGate, kMoeRoute, kMoePermute, kMoeDispatch, kMoeExperts, kMoeCombineA2a,
+                    kMoeCombine, kHead, kGradSync, kExpertGradSync, kOptimizer };
 
 struct ExecOp {
   Action action = Action::kOptimizer;

@@ -57,6 +57,14 @@ Part part_of(const Layer& layer, const std::string& op_name) {
 
 struct Times {
   double fwd = 0, bwd = 0, recompute = 0, flops_fwd = 0, flops_bwd = 0;
+  Times& operator+=(const Times& o) {
+    fwd += o.fwd;
+    bwd += o.bwd;
+    recompute += o.recompute;
+    flops_fwd += o.flops_fwd;
+    flops_bwd += o.flops_bwd;
+    return *this;
+  }
 };
 
 // One EP group's routing of one MoE layer for one routing draw.
@@ -481,12 +489,7 @@ class Lowering {
     const bool routed = !bwd && l_.ep > 1;
     const Times& permute = part_times(rank_, li, Part::kPermute);
     Times gate = part_times(rank_, li, Part::kGate);
-    if (!routed) {
-      gate.fwd += permute.fwd;
-      gate.bwd += permute.bwd;
-      gate.flops_fwd += permute.flops_fwd;
-      gate.flops_bwd += permute.flops_bwd;
-    }
+    if (!routed) gate += permute;
     const Times& shared = part_times(rank_, li, Part::kShared);
     const Times& combine = part_times(rank_, li, Part::kCombine);
     auto dur = [&](const Times& t, double k = 1) { return (bwd ? t.bwd : t.fwd) * k; };
@@ -647,7 +650,7 @@ class Lowering {
     const Layer& layer = mc_.layers[li];
     if (recompute_ == workload::SELECTIVE) {
       double t = 0;
-      for (Part part : {Part::kAttn, Part::kMlp, Part::kGate, Part::kShared, Part::kCombine, Part::kWhole})
+      for (Part part : {Part::kAttn, Part::kMlp, Part::kGate, Part::kPermute, Part::kShared, Part::kCombine, Part::kWhole})
         t += part_times(rank_, li, part).recompute;
       if (layer.moe) {
         // The routed experts' down projections for the rank's tokens.

@@ -28,6 +28,15 @@ namespace {
 
 model::Model moe_tiny() { return cost::load_model(std::string(MOESIM_SOURCE_DIR) + "/configs/models/moe-tiny.textproto"); }
 
+// moe-tiny trained `steps` steps on a global batch of `batch` sequences.
+TrainOptions tiny_training(int steps, int batch) {
+  TrainOptions o;
+  o.model = moe_tiny();
+  o.steps = steps;
+  o.batch = batch;
+  return o;
+}
+
 TEST_CASE("The synthetic task is deterministic and follows t -> 3t + 1 mod vocab") {
   std::vector<int32_t> ids, targets, ids2, targets2;
   synthetic_batch(7, 3, 64, 16, 10, 2, ids, targets);
@@ -41,10 +50,7 @@ TEST_CASE("The synthetic task is deterministic and follows t -> 3t + 1 mod vocab
 
 TEST_CASE("50 steps of moe-tiny on one rank lower the loss by more than half") {
   auto backend = make_cpu_backend(1);
-  TrainOptions o;
-  o.model = moe_tiny();
-  o.steps = 50;
-  o.batch = 8;
+  TrainOptions o = tiny_training(50, 8);
   const TrainResult r = train(o, nullptr, *backend);
   REQUIRE(r.steps.size() == 50);
   // Untrained, the loss is about ln(64) = 4.16 (a uniform guess over the vocabulary).
@@ -100,10 +106,7 @@ TEST_CASE("Without a plan the executor runs the lowering's ops for the same step
 
 TEST_CASE("A lowered schedule runs op by op: its ids on the spans, micro-batches accumulated") {
   auto backend = make_cpu_backend(1);
-  TrainOptions o;
-  o.model = moe_tiny();
-  o.steps = 2;
-  o.batch = 8;
+  TrainOptions o = tiny_training(2, 8);
   o.routing = RoutingPolicy::kNoDrop;  // no drops: micro-batches route the same tokens
   const TrainResult whole = train(o, nullptr, *backend);
   // The same batch as 2 micro-batches of 4 sequences (1F1B: each forward's backward next).
@@ -182,10 +185,7 @@ TEST_CASE("moe-tiny trains to the same losses on the CPU and the CUDA back end")
   }
   auto cpu = make_cpu_backend(1);
   auto gpu = make_cuda_backend(0);
-  TrainOptions o;
-  o.model = moe_tiny();
-  o.steps = 8;
-  o.batch = 8;
+  TrainOptions o = tiny_training(8, 8);
   const TrainResult on_cpu = train(o, nullptr, *cpu);
   const TrainResult on_gpu = train(o, nullptr, *gpu);
   for (int i = 0; i < o.steps; ++i) {
@@ -280,10 +280,7 @@ TEST_CASE("A route gathers the bytes its Schedule op carries", "[.ep2]") {
   auto world = make_mpi_comm(60);
   REQUIRE(world->size() == 2);
   auto backend = make_cpu_backend(1);
-  TrainOptions o;
-  o.model = moe_tiny();
-  o.steps = 1;
-  o.batch = 8;
+  TrainOptions o = tiny_training(1, 8);
   o.schedule = std::make_shared<schedule::Schedule>(lower_tiny(2, "dp: 2 ep: 2", "global_batch: 8 micro_batch: 4"));
   const TrainResult r = train(o, world.get(), *backend);
   std::map<std::string, double> scheduled;
@@ -308,10 +305,7 @@ TEST_CASE("2 ranks (DP 2, EP 2) and 1 rank give the same losses", "[.ep2]") {
   auto world = make_mpi_comm(60);
   REQUIRE(world->size() == 2);
   auto backend = make_cpu_backend(1);
-  TrainOptions o;
-  o.model = moe_tiny();
-  o.steps = 8;
-  o.batch = 4;
+  TrainOptions o = tiny_training(8, 4);
   const TrainResult two = train(o, world.get(), *backend);
   CHECK(two.ep == 2);
   const TrainResult one = train(o, nullptr, *backend);  // every rank alone, the whole batch

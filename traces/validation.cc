@@ -78,6 +78,38 @@ std::set<int> quiet_steps(const std::map<int, double>& step_time_s, double share
   return out;
 }
 
+std::map<int, double> step_times(const Trace& measured, int first_step) {
+  std::map<int, std::pair<int64_t, int64_t>> bounds;  // step -> earliest start, latest end
+  for (const Span& s : measured.spans()) {
+    if (s.step() < first_step) continue;
+    auto [it, fresh] = bounds.emplace(s.step(), std::pair{s.start_ns(), s.end_ns()});
+    it->second = {std::min(it->second.first, s.start_ns()), std::max(it->second.second, s.end_ns())};
+  }
+  std::map<int, double> out;
+  for (const auto& [step, b] : bounds) out[step] = static_cast<double>(b.second - b.first) * 1e-9;
+  return out;
+}
+
+std::map<std::pair<std::string, int>, double> mean_op_times(const Trace& measured, const std::set<int>& steps) {
+  // The last rank to arrive at a collective waits for no one: its span is the exchange itself.
+  // Measured on one rank's clock, as ranks' clocks start at their own exit from a barrier.
+  std::map<std::pair<int, std::string>, int64_t> shortest;  // (step, collective op id) -> ns
+  for (const Span& s : measured.spans()) {
+    if (!steps.count(s.step()) || !is_collective(s.kind())) continue;
+    const int64_t d = std::max<int64_t>(0, s.end_ns() - s.start_ns());
+    auto [it, fresh] = shortest.emplace(std::pair{s.step(), s.op_id()}, d);
+    if (!fresh) it->second = std::min(it->second, d);
+  }
+  std::map<std::pair<std::string, int>, double> out;
+  const double per_step = steps.empty() ? 0 : 1.0 / static_cast<double>(steps.size());
+  for (const Span& s : measured.spans()) {
+    if (!steps.count(s.step())) continue;
+    const int64_t d = is_collective(s.kind()) ? shortest[{s.step(), s.op_id()}] : std::max<int64_t>(0, s.end_ns() - s.start_ns());
+    out[{s.op_id(), s.rank()}] += static_cast<double>(d) * 1e-9 * per_step;
+  }
+  return out;
+}
+
 std::vector<OpError> Comparison::worst(size_t n) const {
   std::vector<OpError> out = ops;
   std::stable_sort(out.begin(), out.end(),
@@ -92,33 +124,19 @@ Comparison compare(const Trace& predicted, const Trace& measured, const CompareO
   for (const Span& s : measured.spans()) last_step = std::max(last_step, s.step());
   const int first_step = last_step >= options.skip_steps ? options.skip_steps : 0;
 
-  // Per compared step: each (op, rank)'s span, and for collectives the shortest span per op id
-  // (the last rank to arrive waits for no one: its span is the exchange itself; measured on one
-  // rank's clock, as ranks' clocks start at their own exit from a barrier).
-  std::map<int, std::map<Key, const Span*>> by_step;
-  std::map<int, std::map<std::string, int64_t>> shortest;
-  std::map<int, std::pair<int64_t, int64_t>> step_bounds;
+  // Per compared step: each (op, rank)'s span.
+  std::map<int, std::set<Key>> by_step;
   for (const Span& s : measured.spans()) {
     if (s.step() < first_step) continue;
     const Key k{s.op_id(), s.rank()};
-    if (!by_step[s.step()].emplace(k, &s).second)
+    if (!by_step[s.step()].insert(k).second)
       throw TraceMismatch(fmt::format("measured trace: op {} appears twice in step {}", describe(k), s.step()));
-    if (is_collective(s.kind())) {
-      const int64_t d = std::max<int64_t>(0, s.end_ns() - s.start_ns());
-      auto [it, fresh] = shortest[s.step()].emplace(s.op_id(), d);
-      if (!fresh) it->second = std::min(it->second, d);
-    }
-    auto [it, fresh] = step_bounds.emplace(s.step(), std::pair{s.start_ns(), s.end_ns()});
-    if (!fresh) {
-      it->second.first = std::min(it->second.first, s.start_ns());
-      it->second.second = std::max(it->second.second, s.end_ns());
-    }
   }
 
   // The quiet steps: the faster `quiet_share` of the compared steps by step time (ties kept).
-  std::map<int, double> step_time;
-  for (const auto& [step, bounds] : step_bounds) step_time[step] = static_cast<double>(bounds.second - bounds.first) * 1e-9;
+  const std::map<int, double> step_time = step_times(measured, first_step);
   const std::set<int> quiet = quiet_steps(step_time, options.quiet_share);
+  const std::map<Key, double> means = mean_op_times(measured, quiet);
 
   Comparison c;
   c.predicted_step_s = options.predicted_step_s;
@@ -127,30 +145,24 @@ Comparison compare(const Trace& predicted, const Trace& measured, const CompareO
     const Key k{p.op_id(), p.rank()};
     if (!predicted_keys.insert(k).second)
       throw TraceMismatch(fmt::format("predicted trace: op {} appears twice", describe(k)));
-    double quiet_sum = 0;
-    for (const auto& [step, spans] : by_step) {
-      auto it = spans.find(k);
-      if (it == spans.end())
+    for (const auto& [step, keys] : by_step)
+      if (!keys.count(k))
         throw TraceMismatch(fmt::format("op {} of the prediction is missing from the measured step {}: the traces are "
                                         "not of the same schedule",
                                         describe(k), step));
-      const Span& m = *it->second;
-      const int64_t d = is_collective(m.kind()) ? shortest[step][m.op_id()] : m.end_ns() - m.start_ns();
-      if (quiet.count(step)) quiet_sum += static_cast<double>(std::max<int64_t>(0, d)) * 1e-9;
-    }
     OpError e;
     e.op_id = p.op_id();
     e.kind = op_kind_label(p.name().empty() ? p.op_id() : p.name());
     e.rank = p.rank();
     e.predicted_s = static_cast<double>(p.end_ns() - p.start_ns()) * 1e-9;
-    e.measured_s = quiet_sum / static_cast<double>(quiet.size());
+    e.measured_s = means.at(k);
     e.error_pct = e.measured_s > 0 ? (e.predicted_s - e.measured_s) / e.measured_s * 100
                   : e.predicted_s > 0 ? std::numeric_limits<double>::infinity()
                                       : 0;
     c.ops.push_back(std::move(e));
   }
-  for (const auto& [step, spans] : by_step)
-    for (const auto& [k, span] : spans)
+  for (const auto& [step, keys] : by_step)
+    for (const Key& k : keys)
       if (!predicted_keys.count(k))
         throw TraceMismatch(fmt::format("measured op {} (step {}) is not in the prediction: the traces are not of the "
                                         "same schedule",
@@ -158,8 +170,7 @@ Comparison compare(const Trace& predicted, const Trace& measured, const CompareO
 
   std::vector<double> step_errors, all_errors;
   std::map<std::string, std::vector<double>> kind_errors;
-  for (const auto& [step, bounds] : step_bounds) {
-    const double t = static_cast<double>(bounds.second - bounds.first) * 1e-9;
+  for (const auto& [step, t] : step_time) {
     c.measured_step_s.push_back(t);
     if (t > 0) step_errors.push_back((options.predicted_step_s - t) / t * 100);
   }
@@ -169,7 +180,7 @@ Comparison compare(const Trace& predicted, const Trace& measured, const CompareO
     all_errors.push_back(e.error_pct);
   }
   c.compared_steps = static_cast<int>(by_step.size());
-  for (int step : quiet) c.measured_step_quiet_s += step_time[step] / static_cast<double>(quiet.size());
+  for (int step : quiet) c.measured_step_quiet_s += step_time.at(step) / static_cast<double>(quiet.size());
   if (c.measured_step_quiet_s > 0)
     c.step_error_pct = (options.predicted_step_s - c.measured_step_quiet_s) / c.measured_step_quiet_s * 100;
   c.step = error_stats(step_errors);

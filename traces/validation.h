@@ -111,6 +111,15 @@ std::string op_kind_label(const std::string& name);
 // one; ties with the last kept step kept).
 std::set<int> quiet_steps(const std::map<int, double>& step_time_s, double share);
 
+// Each measured step's time from `first_step` on: its latest span end minus its earliest span
+// start over every rank.
+std::map<int, double> step_times(const Trace& measured, int first_step = 0);
+
+// Each (op id, rank)'s measured time as validation takes it (see "Durations"), the mean over
+// `steps`: a span's duration; a collective's, the shortest span of the ranks running that op id
+// in the step, the same for each of them.
+std::map<std::pair<std::string, int>, double> mean_op_times(const Trace& measured, const std::set<int>& steps);
+
 // The q-quantile (0..1) of `values` with linear interpolation; 0 for no values.
 double quantile(std::vector<double> values, double q);
 ErrorStats error_stats(const std::vector<double>& errors_pct);
