@@ -197,6 +197,8 @@ struct CollectiveSample {
 struct InSitu {
   cost::InSituFit fit;        // the factor for every kind of kInSituKinds, the per-op overhead
   std::vector<double> errors_pct;  // the ops through the factor: (model - measured) / measured
+  std::vector<std::string> op_ids;  // theirs, in order
+  std::vector<double> measured_s, model_s;
   double step_s = 0;               // the mean quiet step
   double measured_sum_s = 0, predicted_sum_s = 0;  // over the fitted compute ops
   // The step's collectives: per op, as validation measures it (trace::mean_op_times).
@@ -251,11 +253,13 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
     f->set_time_factor(2 * given.in_situ_time_factor(kind));
   }
   const schedule::Schedule doubled = lower_with(doubled_spec);
-  // Each op's gate token-choices: its time grows by them times a probe added to routing_choice_s.
+  // Each op's gate and dispatch token-choices: its time grows by them times a probe added to
+  // routing_choice_s, dispatch_choice_s.
   constexpr double kProbe_s = 1e-6;
-  profile::DeviceProfile routed_spec = spec;
+  profile::DeviceProfile routed_spec = spec, dispatched_spec = spec;
   routed_spec.set_routing_choice_s(spec.routing_choice_s() + kProbe_s);
-  const schedule::Schedule routed = lower_with(routed_spec);
+  dispatched_spec.set_dispatch_choice_s(spec.dispatch_choice_s() + kProbe_s);
+  const schedule::Schedule routed = lower_with(routed_spec), dispatched = lower_with(dispatched_spec);
   // The slowest rank, as the microbenchmarks take it: the most measured time against predicted
   // over its compute ops.
   int slowest = 0;
@@ -275,7 +279,7 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
   }
   // Per compute op of that rank: the part the factor scales (its kernels' roofline time), the
   // fixed part (launches), its gate token-choices and the measured time.
-  std::vector<double> scaled, fixed, choices, measured_s;
+  std::vector<double> scaled, fixed, choices, dispatch_choices, measured_s;
   for (int i = 0; i < base.ranks(slowest).ops_size(); ++i) {
     const schedule::Op& op = base.ranks(slowest).ops(i);
     auto it = times.find({op.id(), base.ranks(slowest).rank()});
@@ -283,7 +287,9 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
     scaled.push_back(doubled.ranks(slowest).ops(i).duration_s() - op.duration_s());
     fixed.push_back(std::max(op.duration_s() - scaled.back(), 0.0));
     choices.push_back(std::max(routed.ranks(slowest).ops(i).duration_s() - op.duration_s(), 0.0) / kProbe_s);
+    dispatch_choices.push_back(std::max(dispatched.ranks(slowest).ops(i).duration_s() - op.duration_s(), 0.0) / kProbe_s);
     measured_s.push_back(it->second);
+    out.op_ids.push_back(op.id());
     out.measured_sum_s += it->second;
     out.predicted_sum_s += op.duration_s();
   }
@@ -300,11 +306,22 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
   // would trade off against each other and follow the noise. The per-op overhead is told apart
   // by the ops' sizes (an embedding lookup against an attention sublayer), the routing by the
   // gates (the only ops with token-choices: top-k and the aux-loss sums on the host).
-  out.fit = cost::fit_in_situ(scaled, fixed, measured_s, choices);
-  for (size_t j = 0; j < measured_s.size(); ++j)
-    out.errors_pct.push_back((fixed[j] + out.fit.factor * scaled[j] + out.fit.op_overhead_s +
-                              out.fit.routing_choice_s * choices[j] - measured_s[j]) /
-                             measured_s[j] * 100);
+  // With one rank the gate holds the dispatch: its two kinds of choices come together and are
+  // fitted as one.
+  bool separate = false;
+  for (size_t j = 0; j < choices.size(); ++j) separate = separate || (dispatch_choices[j] > 0 && choices[j] == 0);
+  if (!separate) {
+    for (size_t j = 0; j < choices.size(); ++j) choices[j] += dispatch_choices[j];
+    dispatch_choices.assign(choices.size(), 0.0);
+  }
+  out.fit = cost::fit_in_situ(scaled, fixed, measured_s, choices, dispatch_choices);
+  if (!separate) out.fit.dispatch_choice_s = out.fit.routing_choice_s;
+  for (size_t j = 0; j < measured_s.size(); ++j) {
+    out.model_s.push_back(fixed[j] + out.fit.factor * scaled[j] + out.fit.op_overhead_s +
+                          out.fit.routing_choice_s * choices[j] + out.fit.dispatch_choice_s * dispatch_choices[j]);
+    out.errors_pct.push_back((out.model_s.back() - measured_s[j]) / measured_s[j] * 100);
+  }
+  out.measured_s = std::move(measured_s);
   return out;
 }
 
@@ -392,6 +409,10 @@ int calibrate(const Args& a) {
       for (const cost::KernelSample& s : *v) bandwidth = std::max(bandwidth, cost::fit_memory_bandwidth({s}, launch_s));
     const double norm_eff = std::min(1.0, cost::fit_memory_bandwidth(m.norm, launch_s) / bandwidth);
     const double elementwise_eff = std::min(1.0, cost::fit_memory_bandwidth(m.elementwise, launch_s) / bandwidth);
+    // Row gathers (the cost model's EMBEDDING kind: lookups, an MoE layer's dispatch and combine),
+    // measured out of cache.
+    const double gather_eff =
+        m.gather.empty() ? elementwise_eff : std::min(1.0, cost::fit_memory_bandwidth(m.gather, launch_s) / bandwidth);
     const std::string device_name = backend.device() == exec::Device::kCpu ? "cpu-rank" : "gpu-rank";
     const double memory = backend.device() == exec::Device::kCpu ? host_memory_bytes() / ranks : host_memory_bytes();
     const std::string device = device_text(device_name, peak, memory, bandwidth, launch_s);
@@ -403,7 +424,7 @@ int calibrate(const Args& a) {
     spec.set_kernel_launch_overhead_s(launch_s);
     if (backend.device() == exec::Device::kCpu) spec.set_threads_per_rank(threads);
     for (auto [kind, eff] : {std::pair{profile::NORM, norm_eff}, std::pair{profile::ELEMENTWISE, elementwise_eff},
-                             std::pair{profile::EMBEDDING, elementwise_eff}, std::pair{profile::OPTIMIZER, elementwise_eff}}) {
+                             std::pair{profile::EMBEDDING, gather_eff}, std::pair{profile::OPTIMIZER, elementwise_eff}}) {
       profile::MemoryEfficiency* me = spec.add_memory();
       me->set_op(kind);
       me->set_efficiency(eff);
@@ -489,6 +510,7 @@ int calibrate(const Args& a) {
     res["optimizer"] = residuals_of(kernel_residuals(fitted, cost::OpKind::kOptimizer, "optimizer", m.optimizer, rows));
     res["elementwise"] =
         residuals_of(kernel_residuals(fitted, cost::OpKind::kElementwise, "elementwise", m.elementwise, rows));
+    res["gather"] = residuals_of(kernel_residuals(fitted, cost::OpKind::kEmbedding, "gather", m.gather, rows));
 
     // Links: the collective model's steps and transfer on a reference cluster of these ranks, then
     // least-squares fits: the link's latency and bandwidth to the all-to-alls, and the all-reduce's
@@ -556,6 +578,7 @@ int calibrate(const Args& a) {
     }
     spec.set_op_overhead_s(in_situ.fit.op_overhead_s);
     spec.set_routing_choice_s(in_situ.fit.routing_choice_s);
+    spec.set_dispatch_choice_s(in_situ.fit.dispatch_choice_s);
     spec.set_calibration_step_s(in_situ.step_s);
     if (rounds.alone_factor > 0) {
       spec.set_alone_time_factor(rounds.alone_factor);
@@ -566,9 +589,12 @@ int calibrate(const Args& a) {
     r.set_in_situ_factor(in_situ.fit.factor);
     r.set_op_overhead_s(in_situ.fit.op_overhead_s);
     r.set_routing_choice_s(in_situ.fit.routing_choice_s);
+    r.set_dispatch_choice_s(in_situ.fit.dispatch_choice_s);
     r.set_softmax_score_s(core.softmax_score_s);
     r.set_attention_group_s(core.group_s);
     res["in_situ_ops"] = residuals_of(in_situ.errors_pct);
+    for (size_t j = 0; rows && j < in_situ.op_ids.size(); ++j)
+      *rows += fmt::format("in_situ.{},0,0,{:.6g},{:.6g}\n", in_situ.op_ids[j], in_situ.measured_s[j], in_situ.model_s[j]);
     // Exchanges inside a step cost what they cost there (on this VM, transfers between processes
     // in the middle of a step run far below what a microbenchmark on warm buffers sees): the
     // bandwidth is refitted to the calibration step's collectives, keeping the microbenchmarks'
@@ -635,8 +661,10 @@ int calibrate(const Args& a) {
     std::cout << fmt::format("kernel launch        {}\n", format_seconds(launch_s));
     std::cout << fmt::format("attention core       {} per score, {} per group (sequence x head)\n",
                              format_seconds(r.softmax_score_s()), format_seconds(r.attention_group_s()));
-    std::cout << fmt::format("in a training step   kernels x {:.3f}, {} per op around them, {} per gate token-choice{}\n",
+    std::cout << fmt::format("in a training step   kernels x {:.3f}, {} per op around them, {} per gate and {} per "
+                             "dispatch token-choice{}\n",
                              r.in_situ_factor(), format_seconds(r.op_overhead_s()), format_seconds(r.routing_choice_s()),
+                             format_seconds(r.dispatch_choice_s()),
                              spec.has_alone_time_factor()
                                  ? fmt::format("; a rank alone x {:.3f}", r.alone_time_factor())
                                  : std::string());

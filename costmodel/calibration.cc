@@ -20,8 +20,9 @@ double busy_s(const KernelSample& s, double launch_s) { return std::max(s.second
 class LeastSquares {
  public:
   explicit LeastSquares(size_t terms) : n_(terms), a_(terms * terms, 0.0), b_(terms, 0.0) {}
-  void add(std::initializer_list<double> x, double t, double w) {
-    const double* v = x.begin();
+  void add(std::initializer_list<double> x, double t, double w) { add(x.begin(), t, w); }
+  void add(const std::vector<double>& x, double t, double w) { add(x.data(), t, w); }
+  void add(const double* v, double t, double w) {
     for (size_t i = 0; i < n_; ++i) {
       for (size_t j = 0; j < n_; ++j) a_[i * n_ + j] += w * v[i] * v[j];
       b_[i] += w * v[i] * t;
@@ -168,33 +169,46 @@ LinkFit link_fit(const std::vector<LinkSample>& samples, double step_overhead_s,
 }  // namespace
 
 InSituFit fit_in_situ(const std::vector<double>& c, const std::vector<double>& b, const std::vector<double>& t,
-                      const std::vector<double>& r) {
-  auto choices = [&](size_t j) { return j < r.size() ? r[j] : 0.0; };
-  double scaled = 0, measured = 0, ops = 0, routed = 0;
+                      const std::vector<double>& r, const std::vector<double>& q) {
+  auto at = [](const std::vector<double>& v, size_t j) { return j < v.size() ? v[j] : 0.0; };
+  auto used = [&](size_t j) { return c[j] > 0 && t[j] > 0; };
+  double scaled = 0, measured = 0, ops = 0, routed = 0, dispatched = 0;
   for (size_t j = 0; j < c.size(); ++j)
-    if (c[j] > 0 && t[j] > 0) routed += choices(j);
-  const bool gates = routed > 0;
-  LeastSquares f(gates ? 3 : 2);  // t - b = c factor + overhead [+ choices routing]
-  for (size_t j = 0; j < c.size(); ++j)
-    if (c[j] > 0 && t[j] > 0) {
+    if (used(j)) {
       scaled += c[j];
       measured += t[j] - b[j];
       ops += 1;
-      if (gates) f.add({c[j], 1, choices(j)}, t[j] - b[j], 1 / (t[j] * t[j]));
-      else f.add({c[j], 1}, t[j] - b[j], 1 / (t[j] * t[j]));
+      routed += at(r, j);
+      dispatched += at(q, j);
     }
   InSituFit fit;
   if (scaled <= 0) return fit;
+  // t - b = c factor + overhead [+ gate choices g] [+ dispatch choices g_d]: a term only where
+  // some op has it.
+  const bool gates = routed > 0, dispatches = dispatched > 0;
+  LeastSquares f(2 + gates + dispatches);
+  for (size_t j = 0; j < c.size(); ++j)
+    if (used(j)) {
+      std::vector<double> x = {c[j], 1};
+      if (gates) x.push_back(at(r, j));
+      if (dispatches) x.push_back(at(q, j));
+      f.add(x, t[j] - b[j], 1 / (t[j] * t[j]));
+    }
   if (const auto x = f.solve()) {
-    if ((*x)[1] > 0) fit.op_overhead_s = std::min((*x)[1], std::max(measured, 0.0) / ops);
-    if (gates && (*x)[2] > 0)
-      fit.routing_choice_s = std::min((*x)[2], std::max(measured - ops * fit.op_overhead_s, 0.0) / routed);
+    // Each floored at 0 and capped by what the ops' measured sum leaves for it.
+    double left = std::max(measured, 0.0);
+    if ((*x)[1] > 0) fit.op_overhead_s = std::min((*x)[1], left / ops);
+    left -= ops * fit.op_overhead_s;
+    if (gates && (*x)[2] > 0) fit.routing_choice_s = std::min((*x)[2], std::max(left, 0.0) / routed);
+    left -= routed * fit.routing_choice_s;
+    if (dispatches && (*x)[2 + gates] > 0) fit.dispatch_choice_s = std::min((*x)[2 + gates], std::max(left, 0.0) / dispatched);
   }
-  fit.factor =
-      std::clamp((measured - ops * fit.op_overhead_s - routed * fit.routing_choice_s) / scaled, 0.1, 10.0);
+  fit.factor = std::clamp((measured - ops * fit.op_overhead_s - routed * fit.routing_choice_s -
+                           dispatched * fit.dispatch_choice_s) /
+                              scaled,
+                          0.1, 10.0);
   return fit;
 }
-
 
 AttentionCoreFit fit_attention_core(const std::vector<KernelSample>& samples, double launch_s) {
   LeastSquares f(3);  // t = flops u + scores v + groups w

@@ -185,6 +185,7 @@ void validate(const ConfigScope& root, const profile::DeviceProfile& p) {
   root.positive("op_overhead_s", Need::kOptional, /*allow_zero=*/true, 1.0);
   root.positive("attention_group_s", Need::kOptional, /*allow_zero=*/true, 1.0);
   root.positive("routing_choice_s", Need::kOptional, /*allow_zero=*/true, 1e-3);
+  root.positive("dispatch_choice_s", Need::kOptional, /*allow_zero=*/true, 1e-3);
   root.positive("calibration_step_s", Need::kOptional, /*allow_zero=*/false, 3600);
   root.positive("ranks_per_host", Need::kOptional, /*allow_zero=*/false, 1 << 20);
   root.positive("alone_time_factor", Need::kOptional, /*allow_zero=*/false, 10.0);
@@ -358,7 +359,8 @@ OpTime op_time(const DeviceProfile& profile, const Op& op, DType dtype) {
   const double f = profile.in_situ_time_factor(op.kind) * (op.backward ? profile.backward_time_factor(op.kind) : 1.0);
   t.compute_s *= f;
   t.memory_s *= f;
-  t.compute_s += op.routing_choices * profile.routing_choice_s();  // fitted in situ: not scaled again
+  // Fitted in situ: not scaled again.
+  t.compute_s += op.routing_choices * profile.routing_choice_s() + op.dispatch_choices * profile.dispatch_choice_s();
   t.launch_s = profile.kernel_launch_overhead_s();
   t.memory_bound = t.memory_s > t.compute_s;
   t.time_s = t.launch_s + std::max(t.compute_s, t.memory_s);
@@ -390,7 +392,7 @@ std::vector<Op> backward_ops(const Op& fwd) {
     op.flops = flops;
     op.bytes = bytes;
     op.backward = true;
-    op.routing_choices = 0;  // the routing decision is the forward's
+    op.routing_choices = op.dispatch_choices = 0;  // the routing decision is the forward's
     return op;
   };
   switch (fwd.kind) {
@@ -401,7 +403,8 @@ std::vector<Op> backward_ops(const Op& fwd) {
     case OpKind::kAttention: return {derived(".bwd", fwd.m, fwd.n, fwd.k, 2.5 * fwd.flops, 2 * fwd.bytes)};
     case OpKind::kNorm:
     case OpKind::kElementwise: return {derived(".bwd", fwd.m, fwd.n, fwd.k, 2 * fwd.flops, 2 * fwd.bytes)};
-    case OpKind::kEmbedding: return {derived(".bwd", fwd.m, fwd.n, fwd.k, 0, 2 * fwd.bytes)};
+    // A gather's gradient scatters (adds) the output's gradient rows back: the same rows moved.
+    case OpKind::kEmbedding: return {derived(".bwd", fwd.m, fwd.n, fwd.k, 0, fwd.bytes)};
     case OpKind::kOptimizer: return {};
   }
   MOESIM_ASSERT(false, "op {}: unknown kind {}", fwd.name, static_cast<int>(fwd.kind));

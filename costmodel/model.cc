@@ -188,11 +188,14 @@ ActivationBytes ffn_block(LayerBuilder& b, const model::Transformer& t, const Tr
     selective_saving->sharded += shared * fe * e;
   }
   const double rows = tokens * k / E;  // tokens per expert, balanced
-  b.memory_op(prefix + ".dispatch", OpKind::kElementwise, 2 * tokens * k * d.h * e);
+  b.memory_op(prefix + ".dispatch", OpKind::kEmbedding, 2 * tokens * k * d.h * e);
+  // The capacity decision and the send layout, host work over every assignment of the EP group
+  // (the lowering scales these to the group).
+  l->ops.back().dispatch_choices = tokens * k;
   b.gemm(prefix + ".experts.up", rows, d.h, up, static_cast<int64_t>(E), OpKind::kGroupedGemm);
   b.activation(prefix + ".experts.act", tokens * k * fe, tokens * k * (up + fe) * e);
   b.gemm(prefix + ".experts.down", rows, fe, d.h, static_cast<int64_t>(E), OpKind::kGroupedGemm);
-  b.memory_op(prefix + ".combine", OpKind::kElementwise, 2 * tokens * k * d.h * e);
+  b.memory_op(prefix + ".combine", OpKind::kEmbedding, 2 * tokens * k * d.h * e);
   // Expert inputs, up outputs, activation outputs and expert outputs (combine needs them for the
   // gate-probability gradient), k copies per token.
   act.expert += k * (2 * d.h + up + fe) * e;
@@ -246,6 +249,11 @@ void analyze_transformer(const model::Transformer& t, const ModelOptions& o, Mod
     l.dense_params = double(t.vocab()) * d.h + (t.learned_positions() ? double(t.max_sequence()) * d.h : 0);
     l.embedding_params = l.dense_params;
     b.memory_op("embed.lookup", OpKind::kEmbedding, tokens * d.h * e * 2);
+    if (t.learned_positions()) {  // a second lookup, added to the first
+      b.memory_op("embed.positions", OpKind::kEmbedding, tokens * d.h * e * 2);
+      b.memory_op("embed.add", OpKind::kElementwise, tokens * d.h * e * 3);
+      l.ops.back().fused_backward = true;  // its gradient passes through to both lookups
+    }
     c->layers.push_back(std::move(l));
   }
 

@@ -15,7 +15,9 @@ enum class OpKind {
                  // head, n = key tokens, k = head dim, groups = heads x sequences
   kNorm,         // LayerNorm / RMSNorm: memory bound
   kElementwise,  // activation functions, residual adds, softmax of the router, top-k
-  kEmbedding,    // table lookup: memory bound
+  kEmbedding,    // row gathers: an embedding table lookup, an MoE layer's dispatch (the rows in
+                 // send order) and combine (the k weighted rows of a token): memory bound, rows
+                 // at scattered addresses
   kOptimizer,    // the optimizer's update over a rank's parameters (Adam: moments, sqrt, divide)
 };
 
@@ -48,6 +50,9 @@ struct Op {
   // An MoE gate's top-k: its token-choices (tokens x top-k), timed by the profile's
   // routing_choice_s on top (0 elsewhere).
   double routing_choices = 0;
+  // An MoE dispatch: the token-choices its capacity decision and send layout go over (the EP
+  // group's, once lowered), timed by the profile's dispatch_choice_s on top (0 elsewhere).
+  double dispatch_choices = 0;
 };
 
 }  // namespace moesim::cost

@@ -126,11 +126,36 @@ void memory_samples(Bench& bench, Backend& b, int64_t tokens, int64_t d, int64_t
   m.elementwise.push_back({0, 3 * td * kElem, bench.time([&] { residual_add(b, x, dy); })});
 }
 
+// Row gathers (gather_rows, as the embedding lookup and the MoE dispatch run it) of `rows` rows
+// of `cols` at shuffled rows of a table as large as the output, cost model bytes (read and
+// write). Each call takes the next of a ring of tables and outputs that together outgrow a
+// last-level cache: in a step such an op reads rows written long before (expert outputs, the
+// embedding table) and writes a fresh output, and runs at the memory's pace, where a gather
+// repeated on warm buffers runs at the cache's (5-8x faster on the development VM).
+void gather_samples(Bench& bench, Backend& b, int64_t rows, int64_t cols, Microbenchmarks& m) {
+  constexpr double kRingBytes = 96e6;
+  const double bytes = 2 * static_cast<double>(rows * cols) * kElem;
+  const int ring = static_cast<int>(std::clamp(std::ceil(kRingBytes / bytes), 2.0, 1024.0));
+  std::vector<int32_t> index(static_cast<size_t>(rows));
+  for (int64_t i = 0; i < rows; ++i) index[static_cast<size_t>(i)] = static_cast<int32_t>((i * 7919) % rows);  // a fixed shuffle
+  const Tensor index_dev = Tensor::from_i32({rows}, index.data(), index.size(), b.device());
+  std::vector<Tensor> tables, outputs;
+  for (int i = 0; i < ring; ++i) {
+    tables.push_back(filled(b, {rows, cols}));
+    outputs.push_back(Tensor::zeros({rows, cols}, DType::kF32, b.device()));
+  }
+  size_t next = 0;
+  m.gather.push_back({0, bytes, bench.time([&] {
+                        b.gather_rows(tables[next].device_f32(), index_dev.device_i32(), outputs[next].device_f32(), rows, cols);
+                        next = (next + 1) % tables.size();
+                      })});
+}
+
 // Every measured time of m, in one fixed order.
 template <typename F>
 void each_time(Microbenchmarks& m, F f) {
   f(m.launch_s);
-  for (auto* v : {&m.gemm, &m.grouped_gemm, &m.norm, &m.activation, &m.elementwise, &m.norm_backward,
+  for (auto* v : {&m.gemm, &m.grouped_gemm, &m.norm, &m.activation, &m.elementwise, &m.gather, &m.norm_backward,
                   &m.activation_backward, &m.optimizer})
     for (cost::KernelSample& s : *v) f(s.seconds);
   for (AttentionSample& s : m.attention) {
@@ -183,6 +208,8 @@ Microbenchmarks one_round(Backend& backend, Comm* world, const MicrobenchOptions
   progress(0.75);
   for (int64_t tokens : o.quick ? std::vector<int64_t>{256, 2048} : std::vector<int64_t>{128, 512, 2048, 8192})
     memory_samples(bench, backend, tokens, 64, 256, m);
+  for (int64_t rows : o.quick ? std::vector<int64_t>{512} : std::vector<int64_t>{256, 1024, 4096})
+    for (int64_t cols : {64, 256}) gather_samples(bench, backend, rows, cols, m);
   for (int64_t n : o.quick ? std::vector<int64_t>{16384, 262144} : std::vector<int64_t>{4096, 32768, 262144, 1048576}) {
     Tensor p = filled(backend, {n}), g = filled(backend, {n});
     Tensor mo = Tensor::zeros({n}, DType::kF32, backend.device()), v = Tensor::zeros({n}, DType::kF32, backend.device());

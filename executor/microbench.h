@@ -20,6 +20,8 @@
 //   activation    GELU forward (and backward, activation_backward; cost::kActivationFlops per output,
 //                 backward twice the forward's, as cost::backward_ops counts them)
 //   elementwise   residual adds (streaming), with the cost model's bytes
+//   gather        row gathers (embedding lookup, MoE dispatch) from and to buffers out of cache, as
+//                 a step's gathers find them, with the cost model's bytes
 //   optimizer     Adam steps over 4K..1M parameters (FLOPs cost::kAdamFlopsPerParameter each; bytes
 //                 the lowering's: parameters, gradients and both moments read and written)
 //   all_to_all, all_reduce  (2+ ranks) all-to-all-v of S bytes per rank's send buffer split evenly,
@@ -47,7 +49,7 @@ struct AttentionSample {
 
 struct Microbenchmarks {
   double launch_s = 0;
-  std::vector<cost::KernelSample> gemm, grouped_gemm, norm, activation, elementwise, optimizer;
+  std::vector<cost::KernelSample> gemm, grouped_gemm, norm, activation, elementwise, gather, optimizer;
   std::vector<cost::KernelSample> norm_backward, activation_backward;  // the backward kernels' FLOPs and bytes
   std::vector<AttentionSample> attention;
   std::vector<CommSample> all_to_all, all_reduce;

@@ -303,14 +303,32 @@ void MoeLayer::forward_gate(const Tensor& x, const MoeForwardOptions& options) {
 
 void MoeLayer::forward_route() {
   expect_part(Part::kForwardRoute, "forward_route");
-  if (comm_ == nullptr) return;
-  route();
-  aux_forward();
+  if (comm_ != nullptr) gather_routing();
 }
 
 void MoeLayer::forward_permute() {
   expect_part(Part::kForwardPermute, "forward_permute");
-  if (comm_ != nullptr) permute();
+  if (comm_ == nullptr) return;
+  route();
+  aux_forward();
+  permute();
+}
+
+// The group's routing metadata: per rank its tokens' (top probability, choices), padded to the
+// most tokens of a rank, then its aux sums; one all-gather carries both.
+void MoeLayer::gather_routing() {
+  const int k = config_.top_k;
+  const int64_t tmax = *std::max_element(tokens_of_rank_.begin(), tokens_of_rank_.end());
+  const int64_t per_rank = tmax * (1 + k) + static_cast<int64_t>(aux_sums_.size());
+  std::vector<float> mine(static_cast<size_t>(per_rank), 0.0f);
+  routing_all_.resize(static_cast<size_t>(per_rank * ep_size_));
+  for (int64_t t = 0; t < tokens_; ++t) {
+    mine[t * (1 + k)] = top_prob_[t];
+    for (int j = 0; j < k; ++j) mine[t * (1 + k) + 1 + j] = static_cast<float>(choice_[t * k + j]);
+  }
+  std::copy(aux_sums_.begin(), aux_sums_.end(), mine.begin() + tmax * (1 + k));
+  all_gather_host(*comm_, mine.data(), routing_all_.data(), per_rank);
+  route_bytes_ = static_cast<double>(routing_all_.size() * sizeof(float));
 }
 
 // The permutation: this rank's kept assignments, grouped by expert (so by destination rank).
@@ -425,19 +443,11 @@ void MoeLayer::route() {
   std::span<const int32_t> experts_g = choice_;
   std::span<const float> prio_g = top_prob_;
   if (comm_ != nullptr) {
-    // Per rank: its tokens' (top probability, choices), padded to the most tokens of a rank, then
-    // its aux sums. One exchange carries both.
+    // The metadata gather_routing gathered, in its layout.
     const int64_t tmax = *std::max_element(tokens_of_rank_.begin(), tokens_of_rank_.end());
     const int64_t sums = static_cast<int64_t>(aux_sums_.size());
     const int64_t per_rank = tmax * (1 + k) + sums;
-    std::vector<float> mine(static_cast<size_t>(per_rank), 0.0f), all(static_cast<size_t>(per_rank * ep_size_));
-    for (int64_t t = 0; t < tokens_; ++t) {
-      mine[t * (1 + k)] = top_prob_[t];
-      for (int j = 0; j < k; ++j) mine[t * (1 + k) + 1 + j] = static_cast<float>(choice_[t * k + j]);
-    }
-    std::copy(aux_sums_.begin(), aux_sums_.end(), mine.begin() + tmax * (1 + k));
-    all_gather_host(*comm_, mine.data(), all.data(), per_rank);
-    route_bytes_ = static_cast<double>(all.size() * sizeof(float));
+    const std::vector<float>& all = routing_all_;
     experts_all.reserve(static_cast<size_t>(T * k));
     prio_all.reserve(static_cast<size_t>(T));
     std::fill(aux_sums_.begin(), aux_sums_.end(), 0.0);

@@ -213,8 +213,9 @@ class MoeLayer {
   // The same forward and backward in the Schedule's parts (schedule/lowering.h: moe.gate,
   // moe.route, moe.permute, moe.dispatch_a2a, moe.experts, moe.combine_a2a, moe.combine), for an
   // executor that runs a Schedule op by op; forward() and backward() are these in order. With
-  // EP > 1 the route is the one all-gather of the group's routing metadata (with the aux-loss sums)
-  // and the capacity decision, the permute the local permutation into the send layout; with EP = 1
+  // EP > 1 the route is the one all-gather of the group's routing metadata (with the aux-loss sums),
+  // the permute the group's capacity decision (every rank derives the whole exchange pattern) and
+  // the local permutation into the send layout; with EP = 1
   // the gate does both and route and permute are no-ops (a Schedule has neither). The exchanges
   // are the all-to-all-v's (no-ops with EP = 1); the combine is the weighted sum. Backward runs them in reverse: backward_combine (d(output),
   // d(gate weight)), backward_combine_exchange (d(output) to the experts' ranks), backward_experts,
@@ -279,6 +280,7 @@ class MoeLayer {
   void init_parameters();
   void gate_forward(const MoeForwardOptions& options);
   void local_aux_sums();
+  void gather_routing();
   void route();
   void aux_forward();
   void permute();
@@ -351,6 +353,7 @@ class MoeLayer {
   // The aux losses' sums [2E + 2]: I, L (load), DAMEX's sum of -log p and its labelled tokens;
   // this rank's after gate_forward, the group's after route (they travel with the metadata).
   std::vector<double> aux_sums_;
+  std::vector<float> routing_all_;  // the group's metadata as gather_routing gathered it
   double route_bytes_ = 0;
   // Group-wide aux statistics: I, L (load), assignments before drops, DAMEX-labelled tokens.
   std::vector<double> importance_, load_;

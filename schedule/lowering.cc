@@ -205,7 +205,10 @@ class Lowering {
     const cost::DeviceProfile& prof = profile(rank);
     for (const cost::Op& op : layer.ops) {
       if (part_of(layer, op.name) != part) continue;
-      add_times(&t, prof, tp_split(op), recompute_ == workload::SELECTIVE && cost::recomputed_selectively(op));
+      cost::Op o = tp_split(op);
+      // Every rank of an EP group decides the whole group's routing (the exchange pattern).
+      o.dispatch_choices *= l_.ep;
+      add_times(&t, prof, o, recompute_ == workload::SELECTIVE && cost::recomputed_selectively(op));
     }
     return times_.emplace(key, t).first->second;
   }

@@ -136,6 +136,31 @@ TEST_CASE("The routing time per gate token-choice is recovered beside the factor
   CHECK(blind.op_overhead_s > 4.1e-6);
 }
 
+TEST_CASE("The dispatch's time per token-choice is told from the gate's") {
+  // As above, with a dispatch (its own op with EP > 1) of 1024 group token-choices at 6 ns each
+  // beside gates at 90 ns: two terms, each recovered.
+  std::vector<double> c, b, t, r, q;
+  for (int j = 0; j < 12; ++j) {
+    c.push_back(2e-5 * std::pow(1.5, j));
+    b.push_back(5e-7);
+    r.push_back(j == 2 ? 256 : j == 7 ? 512 : 0);
+    q.push_back(j == 3 ? 1024 : j == 8 ? 2048 : 0);
+    t.push_back(b.back() + 1.3 * c.back() + 4e-6 + 90e-9 * r.back() + 6e-9 * q.back());
+  }
+  const InSituFit fit = fit_in_situ(c, b, t, r, q);
+  CHECK(fit.factor == Approx(1.3).epsilon(0.02));
+  CHECK(fit.op_overhead_s == Approx(4e-6).epsilon(0.02));
+  CHECK(fit.routing_choice_s == Approx(90e-9).epsilon(0.02));
+  CHECK(fit.dispatch_choice_s == Approx(6e-9).epsilon(0.02));
+  // Without them the dispatch's time goes elsewhere; the gates' term stays its own.
+  const InSituFit blind = fit_in_situ(c, b, t, r);
+  CHECK(blind.dispatch_choice_s == 0);
+  CHECK(blind.routing_choice_s == Approx(90e-9).epsilon(0.1));
+  // Dispatches faster than their kernels: no negative time per choice.
+  for (int j : {3, 8}) t[static_cast<size_t>(j)] = b[static_cast<size_t>(j)] + 1.3 * c[static_cast<size_t>(j)];
+  CHECK(fit_in_situ(c, b, t, r, q).dispatch_choice_s == 0);
+}
+
 TEST_CASE("The softmax's time per score and the time per group are told from the matmuls'") {
   // Attention cores timed by a known profile (constant efficiency 0.25 of 80 GFLOP/s, 9.5 ns per
   // score, 2 us per group): 4 h FLOPs per score element, head dims 16 and 32, 1-32 sequences of

@@ -482,3 +482,29 @@ TEST_CASE("a profile calibrated with more ranks per host scales a plan with fewe
     CHECK(rb.ops(i).duration_s() == Approx(expected).epsilon(1e-12));
   }
 }
+
+TEST_CASE("a dispatch's capacity decision is priced over its EP group's token-choices", "[lowering]") {
+  // 32 tokens per rank and micro-batch, top-2: every rank of an EP group of 8 decides the group's
+  // 8 x 32 x 2 choices; with EP = 1 the gate holds the dispatch and its rank's 64.
+  for (int ep : {8, 1}) {
+    const cost::Setup s = make_setup(fmt::format("dp: 8 ep: {} drop_policy: NO_DROP", ep));
+    cost::DeviceProfile plain = cost::default_profile(s.cluster->device_type(0));
+    profile::DeviceProfile spec = plain.spec();
+    spec.set_dispatch_choice_s(1e-8);
+    const cost::DeviceProfile priced = cost::DeviceProfile::from_spec(spec);
+    const Schedule a = schedule::lower(s, {.seed = 3, .profile = &plain});
+    const Schedule b = schedule::lower(s, {.seed = 3, .profile = &priced});
+    const RankSchedule &ra = rank(a, 2), &rb = rank(b, 2);
+    REQUIRE(ra.ops_size() == rb.ops_size());
+    const std::string holder = ep > 1 ? "L0.moe.permute mb1 fwd" : "L0.moe.gate mb1 fwd";
+    for (int i = 0; i < ra.ops_size(); ++i) {
+      INFO(ra.ops(i).id());
+      const double extra = ra.ops(i).id().find(ep > 1 ? ".moe.permute" : ".moe.gate") != std::string::npos &&
+                                   ra.ops(i).id().ends_with("fwd")
+                               ? (ep > 1 ? 8 * 32 * 2 : 32 * 2) * 1e-8
+                               : 0;
+      CHECK(rb.ops(i).duration_s() == Approx(ra.ops(i).duration_s() + extra).margin(1e-8));  // ns-rounded
+    }
+    CHECK(find(rb, holder).duration_s() > find(ra, holder).duration_s());
+  }
+}

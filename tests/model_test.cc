@@ -95,6 +95,34 @@ TEST_CASE("V-MoE-B/16 has MoE in the odd blocks, 32 experts, top-2") {
   CHECK(v.active_params == Approx(dense.total_params + 6 * (mlp + 768 * 32 + 32)).epsilon(1e-12));
 }
 
+TEST_CASE("An MoE layer's gathers and host routing, and the embedding's lookups") {
+  ModelOptions o;
+  o.tokens = 256;
+  const ModelCost c = zoo("moe-tiny", o);  // 4 experts top-2, d 64, learned positions
+  auto op = [&](const std::string& layer, const std::string& name) -> const Op& {
+    for (const Layer& l : c.layers)
+      for (const Op& x : l.ops)
+        if (l.name == layer && x.name == name) return x;
+    FAIL("no op " << name);
+    return c.layers[0].ops[0];
+  };
+  // The top-k's and the dispatch's choices: the rank's 256 tokens x 2 each (the lowering scales the
+  // dispatch's to its EP group); the dispatch and combine gather 256 x 2 rows of 64 (fp32 by default
+  // here: o.act_elem_bytes) in and out.
+  CHECK(op("L0", "L0.moe.topk").routing_choices == 512);
+  CHECK(op("L0", "L0.moe.topk").dispatch_choices == 0);
+  CHECK(op("L0", "L0.moe.dispatch").dispatch_choices == 512);
+  CHECK(op("L0", "L0.moe.dispatch").routing_choices == 0);
+  for (const char* name : {"L0.moe.dispatch", "L0.moe.combine"}) {
+    CHECK(op("L0", name).kind == OpKind::kEmbedding);
+    CHECK(op("L0", name).bytes == 2 * 512 * 64 * o.act_elem_bytes);
+  }
+  // Learned positions: a second lookup and the add, whose gradient passes through.
+  CHECK(op("embed", "embed.positions").kind == OpKind::kEmbedding);
+  CHECK(op("embed", "embed.add").fused_backward);
+  CHECK(op("embed", "embed.add").bytes == 3 * 256 * 64 * o.act_elem_bytes);
+}
+
 TEST_CASE("pMoE: each expert takes l of n patches") {
   const ModelCost c = zoo("pmoe-vit-s16");
   for (const Layer& l : c.layers) {

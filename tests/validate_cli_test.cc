@@ -165,7 +165,7 @@ TEST_CASE("calibrate writes a cluster and profile that load back, and a store ro
   const cli::CalibrateResult c = parse_json<cli::CalibrateResult>(r.out);
   CHECK(c.peak_flops() > 0);
   CHECK(c.memory_bandwidth_bps() > 0);
-  for (const char* family : {"gemm", "grouped_gemm", "attention", "norm", "activation", "elementwise", "in_situ_ops"})
+  for (const char* family : {"gemm", "grouped_gemm", "attention", "norm", "activation", "elementwise", "gather", "in_situ_ops"})
     CHECK(c.residuals().count(family) == 1);
   const topo::Cluster cluster = topo::load_cluster(out);
   CHECK(cluster.device_count() == 1);
@@ -178,6 +178,10 @@ TEST_CASE("calibrate writes a cluster and profile that load back, and a store ro
   CHECK(p.spec().has_op_overhead_s());
   CHECK(p.spec().has_routing_choice_s());
   CHECK(p.routing_choice_s() == Approx(c.routing_choice_s()));
+  // One rank: its gate holds the dispatch, and one time per choice is fitted for both.
+  CHECK(p.dispatch_choice_s() == p.routing_choice_s());
+  // Gathers are measured out of cache, the streaming kernels on warm buffers: slower per byte.
+  CHECK(p.memory_bandwidth_efficiency(cost::OpKind::kEmbedding) < p.memory_bandwidth_efficiency(cost::OpKind::kElementwise));
   CHECK(Store::open(db).list_runs(RunKind::kCalibrate).size() == 1);
   // No temporary files are left beside them.
   int files = 0;
