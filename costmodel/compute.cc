@@ -360,10 +360,10 @@ OpTime op_time(const DeviceProfile& profile, const Op& op, DType dtype) {
   t.compute_s *= f;
   t.memory_s *= f;
   // Fitted in situ: not scaled again.
-  t.compute_s += op.routing_choices * profile.routing_choice_s() + op.dispatch_choices * profile.dispatch_choice_s();
+  t.host_s = op.routing_choices * profile.routing_choice_s() + op.dispatch_choices * profile.dispatch_choice_s();
   t.launch_s = profile.kernel_launch_overhead_s();
   t.memory_bound = t.memory_s > t.compute_s;
-  t.time_s = t.launch_s + std::max(t.compute_s, t.memory_s);
+  t.time_s = t.launch_s + std::max(t.compute_s, t.memory_s) + t.host_s;
   return t;
 }
 

@@ -8,8 +8,8 @@
 //
 //   time_s    = launch_s + max(compute_s, memory_s) x in_situ(kind) [x backward(kind) for
 //               backward kernels]   (the profile's per-kind factors, default 1)
-//               [+ routing_choices x routing_choice_s for an MoE gate's top-k, dispatch_choices x
-//               dispatch_choice_s for its dispatch, on compute_s]
+//               [+ host_s: routing_choices x routing_choice_s for an MoE gate's top-k,
+//               dispatch_choices x dispatch_choice_s for its dispatch]
 //   launch_s  = kernel launch overhead (profile, else device type, else 4 us)
 //   compute_s = flops / (peak_flops(kind, dtype') * eff_compute(kind, dtype', flops))
 //   memory_s  = bytes * width(dtype') / width(dtype) / (memory_bandwidth_Bps * eff_memory)
@@ -142,10 +142,11 @@ DeviceProfile load_device_profile_text(const std::string& text, const std::strin
 DeviceProfile default_profile(const hw::DeviceType& device);
 
 struct OpTime {
-  double time_s = 0;     // launch_s + max(compute_s, memory_s)
+  double time_s = 0;     // launch_s + max(compute_s, memory_s) + host_s
   double compute_s = 0;  // flops / (peak * efficiency) (+ attention's scores and groups), x factors
   double memory_s = 0;   // bytes / (bandwidth * memory efficiency)
   double launch_s = 0;
+  double host_s = 0;     // an MoE layer's routing on the host: after the kernel, not beside it
   double efficiency = 0;      // eff_compute applied to the compute term
   bool memory_bound = false;  // memory_s > compute_s
   DType dtype = DType::kFp32; // the data type the op ran in (after fallback)

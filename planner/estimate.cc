@@ -39,8 +39,8 @@ const Estimator::LayerTimes& Estimator::layer_times(const cost::Setup& s, int li
   const cost::DType dtype = schedule::compute_dtype(wk);
   const workload::Recompute rc = wk.has_training() ? wk.training().recompute() : workload::NONE;
   const bool sp = s.strategy->sequence_parallel();
-  const auto key = std::make_tuple(static_cast<const void*>(&s.cost.layers[li]), li, s.layout.tp, sp, tokens,
-                                   static_cast<int>(rc), static_cast<int>(dtype));
+  const auto key = std::make_tuple(static_cast<const void*>(&s.cost.layers[li]), li, s.layout.tp, s.layout.ep, sp,
+                                   tokens, static_cast<int>(rc), static_cast<int>(dtype));
   auto it = layer_cache_.find(key);
   if (it != layer_cache_.end()) return it->second;
   const cost::Layer& layer = s.cost.layers[li];
@@ -50,6 +50,8 @@ const Estimator::LayerTimes& Estimator::layer_times(const cost::Setup& s, int li
     op.flops *= scale;
     op.bytes *= scale;
     op.m *= scale;
+    op.routing_choices *= scale;
+    op.dispatch_choices *= scale * s.layout.ep;  // every rank decides its EP group's routing
     const bool split = op.kind == cost::OpKind::kGemm || op.kind == cost::OpKind::kGroupedGemm ||
                        op.kind == cost::OpKind::kAttention || sp;
     if (split && s.layout.tp > 1) {

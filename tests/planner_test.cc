@@ -4,6 +4,7 @@
 #include "cli/cli.pb.h"
 #include "cli_helpers.h"
 #include "costmodel/memory.h"
+#include "planner/estimate.h"
 #include "planner/planner.h"
 #include "planner/space.h"
 
@@ -272,4 +273,24 @@ TEST_CASE("when nothing fits, expert offload is tried before giving up", "[plann
   CHECK(r.plans[0].plan.strategy().offload().expert_fraction() > 0);
   CHECK(r.plans[0].plan.strategy().name().find("offload") != std::string::npos);
   CHECK(r.pruned_memory >= 1);  // the candidate without offload
+}
+
+TEST_CASE("the estimate prices a dispatch's capacity decision over its EP group", "[planner]") {
+  // Every rank of an EP group decides the group's routing: 8x the choices of a rank with EP = 1
+  // (whose gate decides its own), so 8x the time the profile's dispatch_choice_s adds.
+  const topo::Cluster cluster = topo::load_cluster(src("configs/hardware/dgx-h100.textproto"));
+  const cost::DeviceProfile plain = cost::default_profile(cluster.device_type(0));
+  profile::DeviceProfile spec = plain.spec();
+  spec.set_dispatch_choice_s(1e-8);
+  const cost::DeviceProfile priced = cost::DeviceProfile::from_spec(spec);
+  auto added = [&](int ep) {
+    const cost::Setup s = cost::load_setup(dgx(), tiny_model(), tiny_work(),
+                                           {"s", fmt::format("name: \"s\" dp: 8 ep: {} drop_policy: NO_DROP", ep)});
+    const planner::MemorySummary m = planner::summarize(cost::estimate_memory(s));
+    planner::Estimator a(cluster, &plain), b(cluster, &priced);
+    return b.estimate(s, m).compute_s - a.estimate(s, m).compute_s;
+  };
+  const double one = added(1);
+  CHECK(one > 0);
+  CHECK(added(8) == Approx(8 * one).epsilon(1e-6));
 }
