@@ -13,6 +13,8 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 constexpr double kElem = 4;  // fp32 bytes: the cost model's bytes for these kernels at FP32
+// Buffers rotated through per call, beyond a last-level cache: out-of-cache samples.
+constexpr double kRingBytes = 96e6;
 
 // Repeated timings' statistic: the lower quartile, as validation measures (traces/validation.h:
 // other tenants of a shared machine only ever slow a sample down).
@@ -133,7 +135,6 @@ void memory_samples(Bench& bench, Backend& b, int64_t tokens, int64_t d, int64_t
 // embedding table) and writes a fresh output, and runs at the memory's pace, where a gather
 // repeated on warm buffers runs at the cache's (5-8x faster on the development VM).
 void gather_samples(Bench& bench, Backend& b, int64_t rows, int64_t cols, Microbenchmarks& m) {
-  constexpr double kRingBytes = 96e6;
   const double bytes = 2 * static_cast<double>(rows * cols) * kElem;
   const int ring = static_cast<int>(std::clamp(std::ceil(kRingBytes / bytes), 2.0, 1024.0));
   std::vector<int32_t> index(static_cast<size_t>(rows));
@@ -227,14 +228,24 @@ Microbenchmarks one_round(Backend& backend, Comm* world, const MicrobenchOptions
     for (double bytes = 1024; bytes <= (o.quick ? 256e3 : 4.2e6); bytes *= 4) {
       const int64_t per_peer = std::max<int64_t>(1, static_cast<int64_t>(bytes / sizeof(float)) / n);
       const int64_t total = per_peer * n;
-      Tensor send = filled(backend, {total}), recv = Tensor::zeros({total}, DType::kF32, backend.device());
       const std::vector<int64_t> counts(static_cast<size_t>(n), per_peer);
       const double s = static_cast<double>(total) * sizeof(float);
       const int reps = s < 1e5 ? 40 : 12;
+      const int ring = static_cast<int>(std::clamp(std::ceil(kRingBytes / (2 * s)), 2.0, 4096.0));
+      std::vector<Tensor> sends, recvs;
+      for (int i = 0; i < ring; ++i) {
+        sends.push_back(filled(backend, {total}));
+        recvs.push_back(Tensor::zeros({total}, DType::kF32, backend.device()));
+      }
+      size_t next = 0;
       m.all_to_all.push_back({s, bench.time_collective(reps, [&] {
-                                world->all_to_all_v(send.device_f32(), counts, recv.device_f32(), counts);
+                                world->all_to_all_v(sends[next].device_f32(), counts, recvs[next].device_f32(), counts);
+                                next = (next + 1) % sends.size();
                               })});
-      m.all_reduce.push_back({s, bench.time_collective(reps, [&] { world->all_reduce_sum(recv.device_f32(), total); })});
+      m.all_reduce.push_back({s, bench.time_collective(reps, [&] {
+                                world->all_reduce_sum(recvs[next].device_f32(), total);
+                                next = (next + 1) % sends.size();
+                              })});
     }
   }
   // The slowest rank's figures (every rank measured the same samples in the same order): ranks

@@ -25,7 +25,9 @@
 //   optimizer     Adam steps over 4K..1M parameters (FLOPs cost::kAdamFlopsPerParameter each; bytes
 //                 the lowering's: parameters, gradients and both moments read and written)
 //   all_to_all, all_reduce  (2+ ranks) all-to-all-v of S bytes per rank's send buffer split evenly,
-//                 and all-reduces of S bytes, S from 1 KB to 4 MB, after a barrier each
+//                 and all-reduces of S bytes, S from 1 KB to 4 MB, after a barrier each, each call
+//                 on the next of a ring of buffers beyond the last-level cache (as a step's
+//                 exchanges find theirs)
 #pragma once
 
 #include "costmodel/calibration.h"
