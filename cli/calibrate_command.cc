@@ -335,7 +335,8 @@ struct InSituRounds {
 // ranks each round then runs the step on rank 0 alone, while the other ranks sleep through it (an
 // MPI wait would spin a core), and the alone factor is the median over the rounds of the alone
 // ratio against the same round's busy one: pairs a few seconds apart, so that the VM's drift over
-// the calibration cancels. Collective like fit_in_situ; on other ranks than 0 an empty result.
+// the calibration cancels. The collectives are every round's. Collective like fit_in_situ; on other
+// ranks than 0 an empty result.
 InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::string& cluster,
                             const std::string& alone_cluster, int ranks, exec::Comm* world, exec::Comm* host_world,
                             exec::Backend& backend) {
@@ -361,6 +362,10 @@ InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::strin
   InSituRounds out;
   std::sort(busy.begin(), busy.end(), [&](const InSitu& x, const InSitu& y) { return ratio(x) < ratio(y); });
   out.busy = busy[1];
+  // The exchanges of every round (a step's all-to-alls scatter by 30% from round to round here:
+  // one round's would set the link by its moment).
+  out.busy.collectives.clear();
+  for (const InSitu& b : busy) out.busy.collectives.insert(out.busy.collectives.end(), b.collectives.begin(), b.collectives.end());
   if (!alone.empty()) out.alone_factor = trace::quantile(alone, 0.5);
   return out;
 }

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <memory>
 #include <numeric>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -96,8 +97,15 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 
 }  // namespace
 
+// The shared-memory transport's single-copy setting as this process started (before MPI did).
+const char* const kSingleCopyVar = "OMPI_MCA_btl_vader_single_copy_mechanism";
+const std::string g_single_copy_at_start = std::getenv(kSingleCopyVar) ? std::getenv(kSingleCopyVar) : "";
+
 TEST_CASE("launched_by_mpi is true under mpirun, and the world has every rank") {
   auto comm = world();
+  // Exchanges copy through the shared segment (see mpi_comm.cc), unless the user said otherwise.
+  REQUIRE(std::getenv(kSingleCopyVar) != nullptr);
+  CHECK(std::string(std::getenv(kSingleCopyVar)) == (g_single_copy_at_start.empty() ? "none" : g_single_copy_at_start));
   CHECK(exec::launched_by_mpi());
   CHECK(comm->size() >= 1);
   CHECK(comm->rank() < comm->size());
