@@ -253,13 +253,15 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
     f->set_time_factor(2 * given.in_situ_time_factor(kind));
   }
   const schedule::Schedule doubled = lower_with(doubled_spec);
-  // Each op's gate and dispatch token-choices: its time grows by them times a probe added to
-  // routing_choice_s, dispatch_choice_s.
+  // Each op's token-choices per host term: its time grows by them times a probe added to the
+  // term's time per choice.
   constexpr double kProbe_s = 1e-6;
-  profile::DeviceProfile routed_spec = spec, dispatched_spec = spec;
+  profile::DeviceProfile routed_spec = spec, dispatched_spec = spec, backward_spec = spec;
   routed_spec.set_routing_choice_s(spec.routing_choice_s() + kProbe_s);
   dispatched_spec.set_dispatch_choice_s(spec.dispatch_choice_s() + kProbe_s);
-  const schedule::Schedule routed = lower_with(routed_spec), dispatched = lower_with(dispatched_spec);
+  backward_spec.set_routing_backward_choice_s(spec.routing_backward_choice_s() + kProbe_s);
+  const schedule::Schedule routed = lower_with(routed_spec), dispatched = lower_with(dispatched_spec),
+                           routed_backward = lower_with(backward_spec);
   // The slowest rank, as the microbenchmarks take it: the most measured time against predicted
   // over its compute ops.
   int slowest = 0;
@@ -279,15 +281,20 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
   }
   // Per compute op of that rank: the part the factor scales (its kernels' roofline time), the
   // fixed part (launches), its gate token-choices and the measured time.
-  std::vector<double> scaled, fixed, choices, dispatch_choices, measured_s;
+  std::vector<double> scaled, fixed, measured_s;
+  cost::InSituTerms terms;
   for (int i = 0; i < base.ranks(slowest).ops_size(); ++i) {
     const schedule::Op& op = base.ranks(slowest).ops(i);
     auto it = times.find({op.id(), base.ranks(slowest).rank()});
     if (op.collective() != 0 || op.duration_s() <= 0 || it == times.end()) continue;
     scaled.push_back(doubled.ranks(slowest).ops(i).duration_s() - op.duration_s());
     fixed.push_back(std::max(op.duration_s() - scaled.back(), 0.0));
-    choices.push_back(std::max(routed.ranks(slowest).ops(i).duration_s() - op.duration_s(), 0.0) / kProbe_s);
-    dispatch_choices.push_back(std::max(dispatched.ranks(slowest).ops(i).duration_s() - op.duration_s(), 0.0) / kProbe_s);
+    auto probed = [&](const schedule::Schedule& s) {
+      return std::max(s.ranks(slowest).ops(i).duration_s() - op.duration_s(), 0.0) / kProbe_s;
+    };
+    terms.gate.push_back(probed(routed));
+    terms.dispatch.push_back(probed(dispatched));
+    terms.gate_backward.push_back(probed(routed_backward));
     measured_s.push_back(it->second);
     out.op_ids.push_back(op.id());
     out.measured_sum_s += it->second;
@@ -308,17 +315,19 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
   // gates (the only ops with token-choices: top-k and the aux-loss sums on the host).
   // With one rank the gate holds the dispatch: its two kinds of choices come together and are
   // fitted as one.
+  std::vector<double>&choices = terms.gate, &dispatch_choices = terms.dispatch;
   bool separate = false;
   for (size_t j = 0; j < choices.size(); ++j) separate = separate || (dispatch_choices[j] > 0 && choices[j] == 0);
   if (!separate) {
     for (size_t j = 0; j < choices.size(); ++j) choices[j] += dispatch_choices[j];
     dispatch_choices.assign(choices.size(), 0.0);
   }
-  out.fit = cost::fit_in_situ(scaled, fixed, measured_s, choices, dispatch_choices);
+  out.fit = cost::fit_in_situ(scaled, fixed, measured_s, terms);
   if (!separate) out.fit.dispatch_choice_s = out.fit.routing_choice_s;
   for (size_t j = 0; j < measured_s.size(); ++j) {
     out.model_s.push_back(fixed[j] + out.fit.factor * scaled[j] + out.fit.op_overhead_s +
-                          out.fit.routing_choice_s * choices[j] + out.fit.dispatch_choice_s * dispatch_choices[j]);
+                          out.fit.routing_choice_s * choices[j] + out.fit.dispatch_choice_s * dispatch_choices[j] +
+                          out.fit.routing_backward_choice_s * terms.gate_backward[j]);
     out.errors_pct.push_back((out.model_s.back() - measured_s[j]) / measured_s[j] * 100);
   }
   out.measured_s = std::move(measured_s);
@@ -584,6 +593,7 @@ int calibrate(const Args& a) {
     spec.set_op_overhead_s(in_situ.fit.op_overhead_s);
     spec.set_routing_choice_s(in_situ.fit.routing_choice_s);
     spec.set_dispatch_choice_s(in_situ.fit.dispatch_choice_s);
+    spec.set_routing_backward_choice_s(in_situ.fit.routing_backward_choice_s);
     spec.set_calibration_step_s(in_situ.step_s);
     if (rounds.alone_factor > 0) {
       spec.set_alone_time_factor(rounds.alone_factor);
@@ -595,6 +605,7 @@ int calibrate(const Args& a) {
     r.set_op_overhead_s(in_situ.fit.op_overhead_s);
     r.set_routing_choice_s(in_situ.fit.routing_choice_s);
     r.set_dispatch_choice_s(in_situ.fit.dispatch_choice_s);
+    r.set_routing_backward_choice_s(in_situ.fit.routing_backward_choice_s);
     r.set_softmax_score_s(core.softmax_score_s);
     r.set_attention_group_s(core.group_s);
     res["in_situ_ops"] = residuals_of(in_situ.errors_pct);
@@ -666,10 +677,10 @@ int calibrate(const Args& a) {
     std::cout << fmt::format("kernel launch        {}\n", format_seconds(launch_s));
     std::cout << fmt::format("attention core       {} per score, {} per group (sequence x head)\n",
                              format_seconds(r.softmax_score_s()), format_seconds(r.attention_group_s()));
-    std::cout << fmt::format("in a training step   kernels x {:.3f}, {} per op around them, {} per gate and {} per "
-                             "dispatch token-choice{}\n",
+    std::cout << fmt::format("in a training step   kernels x {:.3f}, {} per op around them; per token-choice {} in a "
+                             "gate, {} in its backward, {} in a dispatch{}\n",
                              r.in_situ_factor(), format_seconds(r.op_overhead_s()), format_seconds(r.routing_choice_s()),
-                             format_seconds(r.dispatch_choice_s()),
+                             format_seconds(r.routing_backward_choice_s()), format_seconds(r.dispatch_choice_s()),
                              spec.has_alone_time_factor()
                                  ? fmt::format("; a rank alone x {:.3f}", r.alone_time_factor())
                                  : std::string());

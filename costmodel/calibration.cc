@@ -169,44 +169,52 @@ LinkFit link_fit(const std::vector<LinkSample>& samples, double step_overhead_s,
 }  // namespace
 
 InSituFit fit_in_situ(const std::vector<double>& c, const std::vector<double>& b, const std::vector<double>& t,
-                      const std::vector<double>& r, const std::vector<double>& q) {
-  auto at = [](const std::vector<double>& v, size_t j) { return j < v.size() ? v[j] : 0.0; };
+                      const InSituTerms& terms) {
   auto used = [&](size_t j) { return c[j] > 0 && t[j] > 0; };
-  double scaled = 0, measured = 0, ops = 0, routed = 0, dispatched = 0;
+  // The host terms: per op its count (0 past a short vector), in the order of InSituFit's fields.
+  const std::vector<const std::vector<double>*> columns = {&terms.gate, &terms.dispatch, &terms.gate_backward};
+  auto count = [&](size_t term, size_t j) { return j < columns[term]->size() ? (*columns[term])[j] : 0.0; };
+  double scaled = 0, measured = 0, ops = 0;
+  std::vector<double> totals(columns.size(), 0.0);
   for (size_t j = 0; j < c.size(); ++j)
     if (used(j)) {
       scaled += c[j];
       measured += t[j] - b[j];
       ops += 1;
-      routed += at(r, j);
-      dispatched += at(q, j);
+      for (size_t k = 0; k < columns.size(); ++k) totals[k] += count(k, j);
     }
   InSituFit fit;
   if (scaled <= 0) return fit;
-  // t - b = c factor + overhead [+ gate choices g] [+ dispatch choices g_d]: a term only where
-  // some op has it.
-  const bool gates = routed > 0, dispatches = dispatched > 0;
-  LeastSquares f(2 + gates + dispatches);
+  // t - b = c factor + overhead + the host terms' counts x their times: a term only where some op
+  // has it.
+  std::vector<size_t> active;
+  for (size_t k = 0; k < columns.size(); ++k)
+    if (totals[k] > 0) active.push_back(k);
+  LeastSquares f(2 + active.size());
   for (size_t j = 0; j < c.size(); ++j)
     if (used(j)) {
       std::vector<double> x = {c[j], 1};
-      if (gates) x.push_back(at(r, j));
-      if (dispatches) x.push_back(at(q, j));
+      for (size_t k : active) x.push_back(count(k, j));
       f.add(x, t[j] - b[j], 1 / (t[j] * t[j]));
     }
+  std::vector<double> per_count(columns.size(), 0.0);
   if (const auto x = f.solve()) {
     // Each floored at 0 and capped by what the ops' measured sum leaves for it.
     double left = std::max(measured, 0.0);
     if ((*x)[1] > 0) fit.op_overhead_s = std::min((*x)[1], left / ops);
     left -= ops * fit.op_overhead_s;
-    if (gates && (*x)[2] > 0) fit.routing_choice_s = std::min((*x)[2], std::max(left, 0.0) / routed);
-    left -= routed * fit.routing_choice_s;
-    if (dispatches && (*x)[2 + gates] > 0) fit.dispatch_choice_s = std::min((*x)[2 + gates], std::max(left, 0.0) / dispatched);
+    for (size_t a = 0; a < active.size(); ++a) {
+      const size_t k = active[a];
+      if ((*x)[2 + a] > 0) per_count[k] = std::min((*x)[2 + a], std::max(left, 0.0) / totals[k]);
+      left -= totals[k] * per_count[k];
+    }
   }
-  fit.factor = std::clamp((measured - ops * fit.op_overhead_s - routed * fit.routing_choice_s -
-                           dispatched * fit.dispatch_choice_s) /
-                              scaled,
-                          0.1, 10.0);
+  fit.routing_choice_s = per_count[0];
+  fit.dispatch_choice_s = per_count[1];
+  fit.routing_backward_choice_s = per_count[2];
+  double host = ops * fit.op_overhead_s;
+  for (size_t k = 0; k < columns.size(); ++k) host += totals[k] * per_count[k];
+  fit.factor = std::clamp((measured - host) / scaled, 0.1, 10.0);
   return fit;
 }
 

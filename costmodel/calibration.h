@@ -55,28 +55,33 @@ double fit_memory_bandwidth(const std::vector<KernelSample>& samples, double lau
 double fit_backward_factor(const DeviceProfile& profile, OpKind kind, const std::vector<KernelSample>& samples);
 
 // The in-situ factor f (device_profile.proto `in_situ`), the time h every scheduled op takes
-// around its kernels (`op_overhead_s`), the time g per token-choice of an MoE gate's routing
-// (`routing_choice_s`) and the time g_d per token-choice of a dispatch's capacity decision
-// (`dispatch_choice_s`) from a calibration step: op j's measured time t_j against the model's
-// time for it, split into a part the factor scales (its kernels' roofline time c_j, launches
-// aside), a fixed part b_j (launches), its gate token-choices r_j and its dispatch token-choices
-// q_j (the EP group's; both 0 for other ops). h, g and g_d from t_j - b_j = f c_j + h + g r_j +
-// g_d q_j by least squares on relative errors (weights 1 / t_j^2: the small ops, whose time is
-// mostly h, set it; the ops' sizes spread over decades, which tells h from f; only gates and
-// dispatches have choices), each floored at 0; then f = (sum_j (t_j - b_j) - n h - g sum_j r_j -
-// g_d sum_j q_j) / sum_j c_j, so that the predicted sum of the ops is the measured one (a step is
-// a sum of ops). f is clamped to [0.1, 10]; f = 1, h = g = g_d = 0 without ops. A term no op has
-// (`choices` or `dispatch_choices` empty or all 0) is left out at 0: where one op does both (a
-// gate with EP = 1), pass its choices once, as gate choices.
+// around its kernels (`op_overhead_s`) and the host times of an MoE layer's routing per
+// token-choice: a gate's forward g (`routing_choice_s`), a dispatch's capacity decision g_d
+// (`dispatch_choice_s`) and a gate's backward g_b (`routing_backward_choice_s`), from a
+// calibration step: op j's measured time t_j against the model's time for it, split into a part
+// the factor scales (its kernels' roofline time c_j, launches aside), a fixed part b_j (launches)
+// and its token-choices per host term (r_j, q_j, s_j; 0 for other ops). h, g, g_d and g_b from
+// t_j - b_j = f c_j + h + g r_j + g_d q_j + g_b s_j by least squares on relative errors (weights
+// 1 / t_j^2: the small ops, whose time is mostly h, set it; the ops' sizes spread over decades,
+// which tells h from f; only gates and dispatches have choices, each kind its own ops), each
+// floored at 0 and capped by what the measured sum leaves; then f = (sum_j (t_j - b_j) - n h -
+// the host terms' sums) / sum_j c_j, so that the predicted sum of the ops is the measured one (a
+// step is a sum of ops). f is clamped to [0.1, 10]; f = 1 and the rest 0 without ops. A term no op
+// has is left out at 0: where one op does two (a gate with EP = 1 holds its dispatch), give its
+// choices once.
+struct InSituTerms {
+  // Per op; shorter vectors: 0 past their end.
+  std::vector<double> gate = {}, dispatch = {}, gate_backward = {};
+};
 struct InSituFit {
   double factor = 1;
   double op_overhead_s = 0;
   double routing_choice_s = 0;
   double dispatch_choice_s = 0;
+  double routing_backward_choice_s = 0;
 };
 InSituFit fit_in_situ(const std::vector<double>& scaled, const std::vector<double>& fixed,
-                      const std::vector<double>& measured, const std::vector<double>& choices = {},
-                      const std::vector<double>& dispatch_choices = {});
+                      const std::vector<double>& measured, const InSituTerms& terms = {});
 
 // An attention core's time beyond its FLOPs (device_profile.proto softmax_score_s and
 // attention_group_s) from attention cores' forward samples: t_i - launch_s = flops_i u + scores_i v

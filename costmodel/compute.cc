@@ -186,6 +186,7 @@ void validate(const ConfigScope& root, const profile::DeviceProfile& p) {
   root.positive("attention_group_s", Need::kOptional, /*allow_zero=*/true, 1.0);
   root.positive("routing_choice_s", Need::kOptional, /*allow_zero=*/true, 1e-3);
   root.positive("dispatch_choice_s", Need::kOptional, /*allow_zero=*/true, 1e-3);
+  root.positive("routing_backward_choice_s", Need::kOptional, /*allow_zero=*/true, 1e-3);
   root.positive("calibration_step_s", Need::kOptional, /*allow_zero=*/false, 3600);
   root.positive("ranks_per_host", Need::kOptional, /*allow_zero=*/false, 1 << 20);
   root.positive("alone_time_factor", Need::kOptional, /*allow_zero=*/false, 10.0);
@@ -360,7 +361,8 @@ OpTime op_time(const DeviceProfile& profile, const Op& op, DType dtype) {
   t.compute_s *= f;
   t.memory_s *= f;
   // Fitted in situ: not scaled again.
-  t.host_s = op.routing_choices * profile.routing_choice_s() + op.dispatch_choices * profile.dispatch_choice_s();
+  t.host_s = op.routing_choices * (op.backward ? profile.routing_backward_choice_s() : profile.routing_choice_s()) +
+             op.dispatch_choices * profile.dispatch_choice_s();
   t.launch_s = profile.kernel_launch_overhead_s();
   t.memory_bound = t.memory_s > t.compute_s;
   t.time_s = t.launch_s + std::max(t.compute_s, t.memory_s) + t.host_s;
@@ -392,7 +394,9 @@ std::vector<Op> backward_ops(const Op& fwd) {
     op.flops = flops;
     op.bytes = bytes;
     op.backward = true;
-    op.routing_choices = op.dispatch_choices = 0;  // the routing decision is the forward's
+    // The capacity decision is the forward's alone; a top-k's choices stay, for the gradient's host
+    // side (routing_backward_choice_s).
+    op.dispatch_choices = 0;
     return op;
   };
   switch (fwd.kind) {

@@ -48,7 +48,7 @@ struct Op {
   // softmax_score_s on top of the FLOPs (0 elsewhere).
   double softmax_elements = 0;
   // An MoE gate's top-k: its token-choices (tokens x top-k), timed by the profile's
-  // routing_choice_s on top (0 elsewhere).
+  // routing_choice_s on top, its backward's by routing_backward_choice_s (0 elsewhere).
   double routing_choices = 0;
   // An MoE dispatch: the token-choices its capacity decision and send layout go over (the EP
   // group's, once lowered), timed by the profile's dispatch_choice_s on top (0 elsewhere).

@@ -126,7 +126,7 @@ TEST_CASE("The routing time per gate token-choice is recovered beside the factor
     r.push_back(j == 2 ? 256 : j == 5 ? 512 : 0);
     t.push_back(b.back() + 1.3 * c.back() + 4e-6 + 40e-9 * r.back());
   }
-  const InSituFit fit = fit_in_situ(c, b, t, r);
+  const InSituFit fit = fit_in_situ(c, b, t, {.gate = r});
   CHECK(fit.factor == Approx(1.3).epsilon(0.02));
   CHECK(fit.op_overhead_s == Approx(4e-6).epsilon(0.02));
   CHECK(fit.routing_choice_s == Approx(40e-9).epsilon(0.02));
@@ -147,18 +147,30 @@ TEST_CASE("The dispatch's time per token-choice is told from the gate's") {
     q.push_back(j == 3 ? 1024 : j == 8 ? 2048 : 0);
     t.push_back(b.back() + 1.3 * c.back() + 4e-6 + 90e-9 * r.back() + 6e-9 * q.back());
   }
-  const InSituFit fit = fit_in_situ(c, b, t, r, q);
+  const InSituFit fit = fit_in_situ(c, b, t, {.gate = r, .dispatch = q});
   CHECK(fit.factor == Approx(1.3).epsilon(0.02));
   CHECK(fit.op_overhead_s == Approx(4e-6).epsilon(0.02));
   CHECK(fit.routing_choice_s == Approx(90e-9).epsilon(0.02));
   CHECK(fit.dispatch_choice_s == Approx(6e-9).epsilon(0.02));
   // Without them the dispatch's time goes elsewhere; the gates' term stays its own.
-  const InSituFit blind = fit_in_situ(c, b, t, r);
+  const InSituFit blind = fit_in_situ(c, b, t, {.gate = r});
   CHECK(blind.dispatch_choice_s == 0);
   CHECK(blind.routing_choice_s == Approx(90e-9).epsilon(0.1));
+  // A gate backward's host side at 25 ns per choice: a third term, told from the forward's by
+  // its own ops.
+  std::vector<double> s(c.size(), 0.0);
+  s[4] = 256;
+  s[9] = 512;
+  for (size_t j : {size_t{4}, size_t{9}}) t[j] += 25e-9 * s[j];
+  const InSituFit three = fit_in_situ(c, b, t, {.gate = r, .dispatch = q, .gate_backward = s});
+  CHECK(three.routing_choice_s == Approx(90e-9).epsilon(0.02));
+  CHECK(three.dispatch_choice_s == Approx(6e-9).epsilon(0.02));
+  CHECK(three.routing_backward_choice_s == Approx(25e-9).epsilon(0.02));
+  CHECK(three.factor == Approx(1.3).epsilon(0.02));
+  for (size_t j : {size_t{4}, size_t{9}}) t[j] -= 25e-9 * s[j];
   // Dispatches faster than their kernels: no negative time per choice.
   for (int j : {3, 8}) t[static_cast<size_t>(j)] = b[static_cast<size_t>(j)] + 1.3 * c[static_cast<size_t>(j)];
-  CHECK(fit_in_situ(c, b, t, r, q).dispatch_choice_s == 0);
+  CHECK(fit_in_situ(c, b, t, {.gate = r, .dispatch = q}).dispatch_choice_s == 0);
 }
 
 TEST_CASE("The softmax's time per score and the time per group are told from the matmuls'") {

@@ -253,11 +253,13 @@ TEST_CASE("an attention's softmax time per score adds to its FLOPs' time, and ba
   CHECK(cost::op_time(fused, attn, DType::kFp32).compute_s == Approx(2e6 / 20e9));
 }
 
-TEST_CASE("a gate's routing time per token-choice adds to its top-k, unscaled, and only forward") {
+TEST_CASE("a gate's routing time per token-choice adds to its top-k, unscaled, its backward's at its own rate") {
   const cost::DeviceProfile p = cost::load_device_profile_text(R"pb(
     device { name: "cpu-rank" peak_flops_per_s { fp32: 40e9 } memory_bytes: 8e9 memory_bandwidth_Bps: 20e9
              kernel_launch_overhead_s: 1e-6 }
     routing_choice_s: 3e-8
+    routing_backward_choice_s: 1e-8
+    dispatch_choice_s: 5e-9
     in_situ { op: ELEMENTWISE time_factor: 2 })pb",
                                                    "routing.textproto");
   Op topk;
@@ -276,7 +278,13 @@ TEST_CASE("a gate's routing time per token-choice adds to its top-k, unscaled, a
   CHECK(t.time_s == Approx(kernel.time_s + 1000 * 3e-8));
   const std::vector<Op> b = cost::backward_ops(topk);
   REQUIRE(b.size() == 1);
-  CHECK(b[0].routing_choices == 0);
+  CHECK(cost::op_time(p, b[0], DType::kFp32).host_s == Approx(1000 * 1e-8));
+  // A dispatch's capacity decision is the forward's alone.
+  Op dispatch = plain;
+  dispatch.kind = OpKind::kEmbedding;
+  dispatch.dispatch_choices = 2000;
+  CHECK(cost::op_time(p, dispatch, DType::kFp32).host_s == Approx(2000 * 5e-9));
+  CHECK(cost::op_time(p, cost::backward_ops(dispatch).at(0), DType::kFp32).host_s == 0);
   // The model's MoE gates carry tokens x top_k choices.
   const cost::ModelCost m = cost::analyze(
       cost::load_model(std::string(MOESIM_SOURCE_DIR) + "/configs/models/moe-tiny.textproto"), {.sequence = 32, .tokens = 256});

@@ -14,9 +14,9 @@
 #include <chrono>
 #include <climits>
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
 #include <numeric>
-#include <cstdlib>
 #include <string>
 #include <vector>
 
