@@ -339,12 +339,13 @@ struct InSituRounds {
   double alone_factor = 0;  // a rank alone against all busy, the median over the rounds; 0: not measured
 };
 
-// The calibration step in three rounds, a second apart (a stretch slowed by other tenants can last
+// The calibration step in five rounds, a second apart (a stretch slowed by other tenants can last
 // seconds); the fit is the round whose measured-to-predicted ratio is the median. With several CPU
 // ranks each round then runs the step on rank 0 alone, while the other ranks sleep through it (an
 // MPI wait would spin a core), and the alone factor is the median over the rounds of the alone
 // ratio against the same round's busy one: pairs a few seconds apart, so that the VM's drift over
-// the calibration cancels. The collectives are every round's. Collective like fit_in_situ; on other
+// the calibration cancels (with three rounds, one slowed busy run and one quick alone run in
+// another round once gave 0.83 against the usual 0.96-0.99). The collectives are every round's. Collective like fit_in_situ; on other
 // ranks than 0 an empty result.
 InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::string& cluster,
                             const std::string& alone_cluster, int ranks, exec::Comm* world, exec::Comm* host_world,
@@ -353,7 +354,8 @@ InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::strin
   const bool root = world == nullptr || world->rank() == 0;
   std::vector<InSitu> busy;
   std::vector<double> alone;
-  for (int i = 0; i < 3; ++i) {
+  constexpr int kRounds = 5;
+  for (int i = 0; i < kRounds; ++i) {
     if (i > 0) std::this_thread::sleep_for(std::chrono::seconds(1));
     busy.push_back(fit_in_situ(spec, cluster, ranks, world, host_world, backend));
     if (ranks == 1 || backend.device() != exec::Device::kCpu) continue;
@@ -370,7 +372,7 @@ InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::strin
   }
   InSituRounds out;
   std::sort(busy.begin(), busy.end(), [&](const InSitu& x, const InSitu& y) { return ratio(x) < ratio(y); });
-  out.busy = busy[1];
+  out.busy = busy[kRounds / 2];
   // The exchanges of every round (a step's all-to-alls scatter by 30% from round to round here:
   // one round's would set the link by its moment).
   out.busy.collectives.clear();
@@ -707,13 +709,15 @@ std::vector<Command> calibrate_commands() {
        "                        [--name NAME] [--threads T] [--quick] [--samples S.csv] [--db results.db] [--json]\n\n"
        "Runs microbenchmarks through the executor on N ranks at once (default 2; launched under mpirun\n"
        "as `moesim run` does): GEMMs over transformer shapes in their forward, dX and dW forms, expert\n"
-       "GEMM groups, the attention core forward and backward, LayerNorm/GELU/residual bandwidth, kernel\n"
-       "launch overhead, and all-to-all-v / all-reduce between the ranks from 1 KB to 4 MB. Fits\n"
+       "GEMM groups, the attention core forward and backward, LayerNorm/GELU/residual bandwidth, row\n"
+       "gathers out of cache, kernel launch overhead, and all-to-all-v / all-reduce between the ranks\n"
+       "from 1 KB to 4 MB. Fits\n"
        "(costmodel/calibration.h): the peak, efficiency curves per kernel kind, the memory bandwidth,\n"
        "the attention core's time per score and per group, and the link latency and bandwidth and the\n"
        "all-reduce's efficiency in the collective model's own terms; figures are the slowest rank's.\n"
-       "Then a calibration step (a small MoE transformer the validation suite does not run), three\n"
-       "times a second apart: the in-situ time factor and per-op overhead of its slowest rank; with\n"
+       "Then a calibration step (a small MoE transformer the validation suite does not run), five\n"
+       "times a second apart: the in-situ time factor, per-op overhead and the MoE routing's host\n"
+       "time per token-choice (gate, gate backward, dispatch) of its slowest rank; with\n"
        "several ranks, the same step on rank 0 alone gives the factor for a rank alone on its host.\n"
        "Prints each fit's residuals through the written profile.\n\n"
        "Writes --out (a cluster: one node of N devices joined by a switch) and <out>.profile.textproto\n"
