@@ -280,7 +280,7 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
     }
   }
   // Per compute op of that rank: the part the factor scales (its kernels' roofline time), the
-  // fixed part (launches), its gate token-choices and the measured time.
+  // fixed part (launches), its token-choices per host term and the measured time.
   std::vector<double> scaled, fixed, measured_s;
   cost::InSituTerms terms;
   for (int i = 0; i < base.ranks(slowest).ops_size(); ++i) {
@@ -311,11 +311,12 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
   // One factor for every kind: the ops mix kinds in fixed proportions (an expert FFN is always its
   // GEMMs and its activation; attention always its norm and projections), so per-kind factors
   // would trade off against each other and follow the noise. The per-op overhead is told apart
-  // by the ops' sizes (an embedding lookup against an attention sublayer), the routing by the
-  // gates (the only ops with token-choices: top-k and the aux-loss sums on the host).
+  // by the ops' sizes (an embedding lookup against an attention sublayer), the routing's host
+  // terms by the only ops with token-choices (gates forward and backward, permutations).
   // With one rank the gate holds the dispatch: its two kinds of choices come together and are
   // fitted as one.
-  std::vector<double>&choices = terms.gate, &dispatch_choices = terms.dispatch;
+  std::vector<double>& choices = terms.gate;
+  std::vector<double>& dispatch_choices = terms.dispatch;
   bool separate = false;
   for (size_t j = 0; j < choices.size(); ++j) separate = separate || (dispatch_choices[j] > 0 && choices[j] == 0);
   if (!separate) {
@@ -345,8 +346,8 @@ struct InSituRounds {
 // MPI wait would spin a core), and the alone factor is the median over the rounds of the alone
 // ratio against the same round's busy one: pairs a few seconds apart, so that the VM's drift over
 // the calibration cancels (with three rounds, one slowed busy run and one quick alone run in
-// another round once gave 0.83 against the usual 0.96-0.99). The collectives are every round's. Collective like fit_in_situ; on other
-// ranks than 0 an empty result.
+// another round once gave 0.83 against the usual 0.96-0.99). The collectives are every round's.
+// Collective like fit_in_situ; on other ranks than 0 an empty result.
 InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::string& cluster,
                             const std::string& alone_cluster, int ranks, exec::Comm* world, exec::Comm* host_world,
                             exec::Backend& backend) {
@@ -376,7 +377,8 @@ InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::strin
   // The exchanges of every round (a step's all-to-alls scatter by 30% from round to round here:
   // one round's would set the link by its moment).
   out.busy.collectives.clear();
-  for (const InSitu& b : busy) out.busy.collectives.insert(out.busy.collectives.end(), b.collectives.begin(), b.collectives.end());
+  for (const InSitu& b : busy)
+    out.busy.collectives.insert(out.busy.collectives.end(), b.collectives.begin(), b.collectives.end());
   if (!alone.empty()) out.alone_factor = trace::quantile(alone, 0.5);
   return out;
 }

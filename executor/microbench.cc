@@ -13,8 +13,6 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 constexpr double kElem = 4;  // fp32 bytes: the cost model's bytes for these kernels at FP32
-// Buffers rotated through per call, beyond a last-level cache: out-of-cache samples.
-constexpr double kRingBytes = 96e6;
 
 // Repeated timings' statistic: the lower quartile, as validation measures (traces/validation.h:
 // other tenants of a shared machine only ever slow a sample down).
@@ -29,6 +27,31 @@ Tensor filled(Backend& b, std::vector<int64_t> shape) {
   for (int64_t i = 0; i < n; ++i) v[static_cast<size_t>(i)] = static_cast<float>((i * 37) % 200) / 100.0f - 1.0f;
   return Tensor::from(std::move(shape), v, b.device());
 }
+
+// Pairs of buffers of one shape (a filled input, a zeroed output), as many as together outgrow a
+// last-level cache (96 MB); each call of a sample takes the next pair, so that it finds its data
+// out of cache, as a step's ops and exchanges find theirs.
+class BufferRing {
+ public:
+  BufferRing(Backend& b, const std::vector<int64_t>& shape) {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    constexpr double kRingBytes = 96e6;
+    const double pair_bytes = 2 * static_cast<double>(n) * sizeof(float);
+    const int pairs = static_cast<int>(std::clamp(std::ceil(kRingBytes / pair_bytes), 2.0, 4096.0));
+    for (int i = 0; i < pairs; ++i) {
+      in_.push_back(filled(b, shape));
+      out_.push_back(Tensor::zeros(shape, DType::kF32, b.device()));
+    }
+  }
+  const float* in() const { return in_[next_].device_f32(); }
+  float* out() { return out_[next_].device_f32(); }
+  void advance() { next_ = (next_ + 1) % in_.size(); }
+
+ private:
+  std::vector<Tensor> in_, out_;
+  size_t next_ = 0;
+};
 
 class Bench {
  public:
@@ -130,25 +153,18 @@ void memory_samples(Bench& bench, Backend& b, int64_t tokens, int64_t d, int64_t
 
 // Row gathers (gather_rows, as the embedding lookup and the MoE dispatch run it) of `rows` rows
 // of `cols` at shuffled rows of a table as large as the output, cost model bytes (read and
-// write). Each call takes the next of a ring of tables and outputs that together outgrow a
-// last-level cache: in a step such an op reads rows written long before (expert outputs, the
-// embedding table) and writes a fresh output, and runs at the memory's pace, where a gather
-// repeated on warm buffers runs at the cache's (5-8x faster on the development VM).
+// write), out of cache (BufferRing): in a step such an op reads rows written long before (expert
+// outputs, the embedding table) and writes a fresh output, and runs at the memory's pace, where a
+// gather repeated on warm buffers runs at the cache's (5-8x faster on the development VM).
 void gather_samples(Bench& bench, Backend& b, int64_t rows, int64_t cols, Microbenchmarks& m) {
-  const double bytes = 2 * static_cast<double>(rows * cols) * kElem;
-  const int ring = static_cast<int>(std::clamp(std::ceil(kRingBytes / bytes), 2.0, 1024.0));
   std::vector<int32_t> index(static_cast<size_t>(rows));
-  for (int64_t i = 0; i < rows; ++i) index[static_cast<size_t>(i)] = static_cast<int32_t>((i * 7919) % rows);  // a fixed shuffle
+  for (int64_t i = 0; i < rows; ++i)  // a fixed shuffle
+    index[static_cast<size_t>(i)] = static_cast<int32_t>((i * 7919) % rows);
   const Tensor index_dev = Tensor::from_i32({rows}, index.data(), index.size(), b.device());
-  std::vector<Tensor> tables, outputs;
-  for (int i = 0; i < ring; ++i) {
-    tables.push_back(filled(b, {rows, cols}));
-    outputs.push_back(Tensor::zeros({rows, cols}, DType::kF32, b.device()));
-  }
-  size_t next = 0;
-  m.gather.push_back({0, bytes, bench.time([&] {
-                        b.gather_rows(tables[next].device_f32(), index_dev.device_i32(), outputs[next].device_f32(), rows, cols);
-                        next = (next + 1) % tables.size();
+  BufferRing ring(b, {rows, cols});
+  m.gather.push_back({0, 2 * static_cast<double>(rows * cols) * kElem, bench.time([&] {
+                        b.gather_rows(ring.in(), index_dev.device_i32(), ring.out(), rows, cols);
+                        ring.advance();
                       })});
 }
 
@@ -231,20 +247,14 @@ Microbenchmarks one_round(Backend& backend, Comm* world, const MicrobenchOptions
       const std::vector<int64_t> counts(static_cast<size_t>(n), per_peer);
       const double s = static_cast<double>(total) * sizeof(float);
       const int reps = s < 1e5 ? 40 : 12;
-      const int ring = static_cast<int>(std::clamp(std::ceil(kRingBytes / (2 * s)), 2.0, 4096.0));
-      std::vector<Tensor> sends, recvs;
-      for (int i = 0; i < ring; ++i) {
-        sends.push_back(filled(backend, {total}));
-        recvs.push_back(Tensor::zeros({total}, DType::kF32, backend.device()));
-      }
-      size_t next = 0;
+      BufferRing ring(backend, {total});
       m.all_to_all.push_back({s, bench.time_collective(reps, [&] {
-                                world->all_to_all_v(sends[next].device_f32(), counts, recvs[next].device_f32(), counts);
-                                next = (next + 1) % sends.size();
+                                world->all_to_all_v(ring.in(), counts, ring.out(), counts);
+                                ring.advance();
                               })});
       m.all_reduce.push_back({s, bench.time_collective(reps, [&] {
-                                world->all_reduce_sum(recvs[next].device_f32(), total);
-                                next = (next + 1) % sends.size();
+                                world->all_reduce_sum(ring.out(), total);
+                                ring.advance();
                               })});
     }
   }
