@@ -195,9 +195,9 @@ struct CollectiveSample {
 };
 
 struct InSitu {
-  cost::InSituFit fit;        // the factor for every kind of kInSituKinds, the per-op overhead
-  std::vector<double> errors_pct;  // the ops through the factor: (model - measured) / measured
-  std::vector<std::string> op_ids;  // theirs, in order
+  cost::InSituFit fit;  // the factor for every kind of kInSituKinds, the per-op overhead, the host terms
+  // The fitted compute ops of the slowest rank: their ids, measured times and times through the fit.
+  std::vector<std::string> op_ids;
   std::vector<double> measured_s, model_s;
   double step_s = 0;               // the mean quiet step
   double measured_sum_s = 0, predicted_sum_s = 0;  // over the fitted compute ops
@@ -313,24 +313,9 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
   // would trade off against each other and follow the noise. The per-op overhead is told apart
   // by the ops' sizes (an embedding lookup against an attention sublayer), the routing's host
   // terms by the only ops with token-choices (gates forward and backward, permutations).
-  // With one rank the gate holds the dispatch: its two kinds of choices come together and are
-  // fitted as one.
-  std::vector<double>& choices = terms.gate;
-  std::vector<double>& dispatch_choices = terms.dispatch;
-  bool separate = false;
-  for (size_t j = 0; j < choices.size(); ++j) separate = separate || (dispatch_choices[j] > 0 && choices[j] == 0);
-  if (!separate) {
-    for (size_t j = 0; j < choices.size(); ++j) choices[j] += dispatch_choices[j];
-    dispatch_choices.assign(choices.size(), 0.0);
-  }
+  // (With one rank the gate holds the dispatch: the fit takes both at one time per choice.)
   out.fit = cost::fit_in_situ(scaled, fixed, measured_s, terms);
-  if (!separate) out.fit.dispatch_choice_s = out.fit.routing_choice_s;
-  for (size_t j = 0; j < measured_s.size(); ++j) {
-    out.model_s.push_back(fixed[j] + out.fit.factor * scaled[j] + out.fit.op_overhead_s +
-                          out.fit.routing_choice_s * choices[j] + out.fit.dispatch_choice_s * dispatch_choices[j] +
-                          out.fit.routing_backward_choice_s * terms.gate_backward[j]);
-    out.errors_pct.push_back((out.model_s.back() - measured_s[j]) / measured_s[j] * 100);
-  }
+  for (size_t j = 0; j < measured_s.size(); ++j) out.model_s.push_back(out.fit.time_s(scaled[j], fixed[j], terms, j));
   out.measured_s = std::move(measured_s);
   return out;
 }
@@ -612,9 +597,13 @@ int calibrate(const Args& a) {
     r.set_routing_backward_choice_s(in_situ.fit.routing_backward_choice_s);
     r.set_softmax_score_s(core.softmax_score_s);
     r.set_attention_group_s(core.group_s);
-    res["in_situ_ops"] = residuals_of(in_situ.errors_pct);
-    for (size_t j = 0; rows && j < in_situ.op_ids.size(); ++j)
-      *rows += fmt::format("in_situ.{},0,0,{:.6g},{:.6g}\n", in_situ.op_ids[j], in_situ.measured_s[j], in_situ.model_s[j]);
+    std::vector<double> in_situ_errors;
+    for (size_t j = 0; j < in_situ.op_ids.size(); ++j) {
+      in_situ_errors.push_back((in_situ.model_s[j] - in_situ.measured_s[j]) / in_situ.measured_s[j] * 100);
+      if (rows)
+        *rows += fmt::format("in_situ.{},0,0,{:.6g},{:.6g}\n", in_situ.op_ids[j], in_situ.measured_s[j], in_situ.model_s[j]);
+    }
+    res["in_situ_ops"] = residuals_of(in_situ_errors);
     // Exchanges inside a step cost what they cost there (on this VM, transfers between processes
     // in the middle of a step run far below what a microbenchmark on warm buffers sees): the
     // bandwidth is refitted to the calibration step's collectives, keeping the microbenchmarks'

@@ -438,7 +438,7 @@ int validate_suite(const Args& a) {
     const cost::DeviceProfile loaded = cost::load_device_profile(profile);
     const profile::DeviceProfile& spec = loaded.spec();
     calibration_step_s = spec.calibration_step_s();
-    const int ranks = spec.has_ranks_per_host() ? spec.ranks_per_host() : 1;
+    const int ranks = std::max(1, node.node().devices_per_node());  // the calibrated ranks
     if (calibration_step_s > 0) {
       reference = (dir / "calibration-step.scenario.textproto").string();
       std::ofstream(reference) << fmt::format(

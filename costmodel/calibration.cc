@@ -185,16 +185,34 @@ InSituFit fit_in_situ(const std::vector<double>& c, const std::vector<double>& b
     }
   InSituFit fit;
   if (scaled <= 0) return fit;
-  // t - b = c factor + overhead + the host terms' counts x their times: a term only where some op
-  // has it.
-  std::vector<size_t> active;
+  // A term no op has alone, every op with it having an earlier term too (a gate with EP = 1 holds
+  // its dispatch), cannot be told from that term: it joins its column and takes its time.
+  std::vector<size_t> column_of(columns.size());
+  for (size_t k = 0; k < columns.size(); ++k) {
+    column_of[k] = k;
+    for (size_t m = 0; m < k && column_of[k] == k && totals[k] > 0; ++m) {
+      if (column_of[m] != m || totals[m] <= 0) continue;
+      bool covered = true;
+      for (size_t j = 0; j < c.size() && covered; ++j) covered = !(used(j) && count(k, j) > 0 && count(m, j) <= 0);
+      if (covered) column_of[k] = m;
+    }
+  }
+  // t - b = c factor + overhead + the host terms' counts x their times: a column (slot) only where
+  // some op has its term.
+  std::vector<double> column_total(columns.size(), 0.0);
+  for (size_t k = 0; k < columns.size(); ++k) column_total[column_of[k]] += totals[k];
+  std::vector<int> slot(columns.size(), -1);
+  int unknowns = 2;
   for (size_t k = 0; k < columns.size(); ++k)
-    if (totals[k] > 0) active.push_back(k);
-  LeastSquares f(2 + active.size());
+    if (column_of[k] == k && column_total[k] > 0) slot[k] = unknowns++;
+  LeastSquares f(static_cast<size_t>(unknowns));
   for (size_t j = 0; j < c.size(); ++j)
     if (used(j)) {
-      std::vector<double> x = {c[j], 1};
-      for (size_t k : active) x.push_back(count(k, j));
+      std::vector<double> x(static_cast<size_t>(unknowns), 0.0);
+      x[0] = c[j];
+      x[1] = 1;
+      for (size_t k = 0; k < columns.size(); ++k)
+        if (slot[column_of[k]] >= 0) x[static_cast<size_t>(slot[column_of[k]])] += count(k, j);
       f.add(x, t[j] - b[j], 1 / (t[j] * t[j]));
     }
   std::vector<double> per_count(columns.size(), 0.0);
@@ -203,12 +221,14 @@ InSituFit fit_in_situ(const std::vector<double>& c, const std::vector<double>& b
     double left = std::max(measured, 0.0);
     if ((*x)[1] > 0) fit.op_overhead_s = std::min((*x)[1], left / ops);
     left -= ops * fit.op_overhead_s;
-    for (size_t a = 0; a < active.size(); ++a) {
-      const size_t k = active[a];
-      if ((*x)[2 + a] > 0) per_count[k] = std::min((*x)[2 + a], std::max(left, 0.0) / totals[k]);
-      left -= totals[k] * per_count[k];
+    for (size_t k = 0; k < columns.size(); ++k) {
+      if (slot[k] < 0) continue;
+      const double v = (*x)[static_cast<size_t>(slot[k])];
+      if (v > 0) per_count[k] = std::min(v, std::max(left, 0.0) / column_total[k]);
+      left -= column_total[k] * per_count[k];
     }
   }
+  for (size_t k = 0; k < columns.size(); ++k) per_count[k] = per_count[column_of[k]];
   fit.routing_choice_s = per_count[0];
   fit.dispatch_choice_s = per_count[1];
   fit.routing_backward_choice_s = per_count[2];
@@ -216,6 +236,12 @@ InSituFit fit_in_situ(const std::vector<double>& c, const std::vector<double>& b
   for (size_t k = 0; k < columns.size(); ++k) host += totals[k] * per_count[k];
   fit.factor = std::clamp((measured - host) / scaled, 0.1, 10.0);
   return fit;
+}
+
+double InSituFit::time_s(double scaled, double fixed, const InSituTerms& terms, size_t j) const {
+  auto at = [j](const std::vector<double>& v) { return j < v.size() ? v[j] : 0.0; };
+  return fixed + factor * scaled + op_overhead_s + routing_choice_s * at(terms.gate) +
+         dispatch_choice_s * at(terms.dispatch) + routing_backward_choice_s * at(terms.gate_backward);
 }
 
 AttentionCoreFit fit_attention_core(const std::vector<KernelSample>& samples, double launch_s) {

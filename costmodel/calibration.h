@@ -67,8 +67,8 @@ double fit_backward_factor(const DeviceProfile& profile, OpKind kind, const std:
 // floored at 0 and capped by what the measured sum leaves; then f = (sum_j (t_j - b_j) - n h -
 // the host terms' sums) / sum_j c_j, so that the predicted sum of the ops is the measured one (a
 // step is a sum of ops). f is clamped to [0.1, 10]; f = 1 and the rest 0 without ops. A term no op
-// has is left out at 0: where one op does two (a gate with EP = 1 holds its dispatch), give its
-// choices once.
+// has is left out at 0; a term no op has alone, each op with it having an earlier term too (a gate
+// with EP = 1 holds its dispatch: both its counts), is fitted with that term and takes its time.
 struct InSituTerms {
   // Per op; shorter vectors: 0 past their end.
   std::vector<double> gate = {}, dispatch = {}, gate_backward = {};
@@ -79,6 +79,8 @@ struct InSituFit {
   double routing_choice_s = 0;
   double dispatch_choice_s = 0;
   double routing_backward_choice_s = 0;
+  // Op j's time through the fit: b_j + f c_j + h + its host terms' counts x their times.
+  double time_s(double scaled, double fixed, const InSituTerms& terms, size_t j) const;
 };
 InSituFit fit_in_situ(const std::vector<double>& scaled, const std::vector<double>& fixed,
                       const std::vector<double>& measured, const InSituTerms& terms = {});

@@ -55,4 +55,11 @@ struct Op {
   double dispatch_choices = 0;
 };
 
+// `op` as one rank of an expert-parallel group of `ep` ranks runs it: a dispatch decides the whole
+// group's routing (every rank derives the exchange pattern), so its choices are the group's.
+inline Op on_ep_rank(Op op, int ep) {
+  op.dispatch_choices *= ep;
+  return op;
+}
+
 }  // namespace moesim::cost

@@ -314,20 +314,24 @@ void MoeLayer::forward_permute() {
   permute();
 }
 
-// The group's routing metadata: per rank its tokens' (top probability, choices), padded to the
-// most tokens of a rank, then its aux sums; one all-gather carries both.
+MoeLayer::RoutingLayout MoeLayer::routing_layout() const {
+  const int64_t tmax = *std::max_element(tokens_of_rank_.begin(), tokens_of_rank_.end());
+  const int64_t sums_at = tmax * (1 + config_.top_k);
+  return {sums_at, sums_at + static_cast<int64_t>(aux_sums_.size())};
+}
+
+// The group's routing metadata (routing_layout); one all-gather carries the choices and the sums.
 void MoeLayer::gather_routing() {
   const int k = config_.top_k;
-  const int64_t tmax = *std::max_element(tokens_of_rank_.begin(), tokens_of_rank_.end());
-  const int64_t per_rank = tmax * (1 + k) + static_cast<int64_t>(aux_sums_.size());
-  std::vector<float> mine(static_cast<size_t>(per_rank), 0.0f);
-  routing_all_.resize(static_cast<size_t>(per_rank * ep_size_));
+  const RoutingLayout layout = routing_layout();
+  std::vector<float> mine(static_cast<size_t>(layout.per_rank), 0.0f);
+  routing_all_.resize(static_cast<size_t>(layout.per_rank * ep_size_));
   for (int64_t t = 0; t < tokens_; ++t) {
     mine[t * (1 + k)] = top_prob_[t];
     for (int j = 0; j < k; ++j) mine[t * (1 + k) + 1 + j] = static_cast<float>(choice_[t * k + j]);
   }
-  std::copy(aux_sums_.begin(), aux_sums_.end(), mine.begin() + tmax * (1 + k));
-  all_gather_host(*comm_, mine.data(), routing_all_.data(), per_rank);
+  std::copy(aux_sums_.begin(), aux_sums_.end(), mine.begin() + layout.sums_at);
+  all_gather_host(*comm_, mine.data(), routing_all_.data(), layout.per_rank);
   route_bytes_ = static_cast<double>(routing_all_.size() * sizeof(float));
 }
 
@@ -443,22 +447,20 @@ void MoeLayer::route() {
   std::span<const int32_t> experts_g = choice_;
   std::span<const float> prio_g = top_prob_;
   if (comm_ != nullptr) {
-    // The metadata gather_routing gathered, in its layout.
-    const int64_t tmax = *std::max_element(tokens_of_rank_.begin(), tokens_of_rank_.end());
-    const int64_t sums = static_cast<int64_t>(aux_sums_.size());
-    const int64_t per_rank = tmax * (1 + k) + sums;
+    // The metadata gather_routing gathered.
+    const RoutingLayout layout = routing_layout();
     const std::vector<float>& all = routing_all_;
     experts_all.reserve(static_cast<size_t>(T * k));
     prio_all.reserve(static_cast<size_t>(T));
     std::fill(aux_sums_.begin(), aux_sums_.end(), 0.0);
     for (int r = 0; r < ep_size_; ++r) {
       for (int64_t t = 0; t < tokens_of_rank_[r]; ++t) {
-        const float* m = all.data() + r * per_rank + t * (1 + k);
+        const float* m = all.data() + r * layout.per_rank + t * (1 + k);
         prio_all.push_back(m[0]);
         for (int j = 0; j < k; ++j) experts_all.push_back(static_cast<int32_t>(m[1 + j]));
       }
-      const float* rank_sums = all.data() + r * per_rank + tmax * (1 + k);
-      for (int64_t i = 0; i < sums; ++i) aux_sums_[i] += rank_sums[i];  // in rank order: the same on every rank
+      const float* rank_sums = all.data() + r * layout.per_rank + layout.sums_at;
+      for (size_t i = 0; i < aux_sums_.size(); ++i) aux_sums_[i] += rank_sums[i];  // in rank order: the same on every rank
     }
     experts_g = experts_all;
     prio_g = prio_all;

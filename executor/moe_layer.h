@@ -215,10 +215,10 @@ class MoeLayer {
   // executor that runs a Schedule op by op; forward() and backward() are these in order. With
   // EP > 1 the route is the one all-gather of the group's routing metadata (with the aux-loss sums),
   // the permute the group's capacity decision (every rank derives the whole exchange pattern) and
-  // the local permutation into the send layout; with EP = 1
-  // the gate does both and route and permute are no-ops (a Schedule has neither). The exchanges
-  // are the all-to-all-v's (no-ops with EP = 1); the combine is the weighted sum. Backward runs them in reverse: backward_combine (d(output),
-  // d(gate weight)), backward_combine_exchange (d(output) to the experts' ranks), backward_experts,
+  // the local permutation into the send layout; with EP = 1 the gate does both and route and
+  // permute are no-ops (a Schedule has neither). The exchanges are the all-to-all-v's (no-ops with
+  // EP = 1); the combine is the weighted sum. Backward runs them in reverse: backward_combine
+  // (d(output), d(gate weight)), backward_combine_exchange (d(output) to the experts' ranks), backward_experts,
   // backward_dispatch (input gradients back), backward_gate (dx and the router's gradients). Each
   // part must follow the one before (else exec::Error); forward_gate may start over at any time.
   void forward_gate(const Tensor& x, const MoeForwardOptions& options = {});
@@ -280,6 +280,12 @@ class MoeLayer {
   void init_parameters();
   void gate_forward(const MoeForwardOptions& options);
   void local_aux_sums();
+  // The routing metadata per rank: its tokens' (top probability, k choices), padded to the most
+  // tokens of a rank, from 0; its aux sums from sums_at; per_rank floats in all.
+  struct RoutingLayout {
+    int64_t sums_at = 0, per_rank = 0;
+  };
+  RoutingLayout routing_layout() const;
   void gather_routing();
   void route();
   void aux_forward();

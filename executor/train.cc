@@ -447,7 +447,7 @@ class Model {
       case Action::kMoeExperts:
         if (!e.backward) {
           blk->moe->forward_experts();
-          // The routing is decided by now (the gate's with EP = 1, the route's with EP > 1).
+          // The routing is decided by now (by the gate with EP = 1, the permutation with EP > 1).
           std::vector<int64_t>& load = expert_load_[static_cast<size_t>(e.block)];
           const std::vector<int64_t>& now = blk->moe->routing_stats().assigned_per_expert;
           load.resize(now.size(), 0);

@@ -46,12 +46,13 @@ const Estimator::LayerTimes& Estimator::layer_times(const cost::Setup& s, int li
   const cost::Layer& layer = s.cost.layers[li];
   const double scale = s.cost.tokens > 0 ? tokens / s.cost.tokens : 1;
   LayerTimes t;
-  for (cost::Op op : layer.ops) {
+  for (const cost::Op& model_op : layer.ops) {
+    cost::Op op = cost::on_ep_rank(model_op, s.layout.ep);
     op.flops *= scale;
     op.bytes *= scale;
     op.m *= scale;
     op.routing_choices *= scale;
-    op.dispatch_choices *= scale * s.layout.ep;  // every rank decides its EP group's routing
+    op.dispatch_choices *= scale;
     const bool split = op.kind == cost::OpKind::kGemm || op.kind == cost::OpKind::kGroupedGemm ||
                        op.kind == cost::OpKind::kAttention || sp;
     if (split && s.layout.tp > 1) {

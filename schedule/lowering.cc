@@ -205,10 +205,8 @@ class Lowering {
     const cost::DeviceProfile& prof = profile(rank);
     for (const cost::Op& op : layer.ops) {
       if (part_of(layer, op.name) != part) continue;
-      cost::Op o = tp_split(op);
-      // Every rank of an EP group decides the whole group's routing (the exchange pattern).
-      o.dispatch_choices *= l_.ep;
-      add_times(&t, prof, o, recompute_ == workload::SELECTIVE && cost::recomputed_selectively(op));
+      add_times(&t, prof, cost::on_ep_rank(tp_split(op), l_.ep),
+                recompute_ == workload::SELECTIVE && cost::recomputed_selectively(op));
     }
     return times_.emplace(key, t).first->second;
   }

@@ -16,6 +16,29 @@
 namespace moesim::cost {
 namespace {
 
+// A synthetic calibration step of twelve ops of 0.02-2 ms (c) beyond 0.5 us launches (b), timed
+// (t) by `truth` with the host terms' counts `terms`.
+struct SyntheticStep {
+  std::vector<double> c, b, t;
+};
+SyntheticStep synthetic_step(const InSituFit& truth, const InSituTerms& terms) {
+  SyntheticStep s;
+  for (size_t j = 0; j < 12; ++j) {
+    s.c.push_back(2e-5 * std::pow(1.5, static_cast<double>(j)));
+    s.b.push_back(5e-7);
+    s.t.push_back(truth.time_s(s.c.back(), s.b.back(), terms, j));
+  }
+  return s;
+}
+
+// Twelve counts, `a` at op i and `b` at op k, 0 elsewhere.
+std::vector<double> counts_at(size_t i, double a, size_t k, double b) {
+  std::vector<double> v(12, 0.0);
+  v[i] = a;
+  v[k] = b;
+  return v;
+}
+
 // A known profile: peak 80 GFLOP/s, launch 2 us, GEMM efficiency 0.2 at 1e5 FLOPs rising to 0.8
 // at 1e8, memory 20 GB/s.
 DeviceProfile known() {
@@ -119,13 +142,8 @@ TEST_CASE("The in-situ factor and the per-op overhead are recovered, and the ops
 TEST_CASE("The routing time per gate token-choice is recovered beside the factor and the overhead") {
   // Twelve ops of 0.02-2 ms scaled 1.3x, 4 us around each; two of them gates routing 256 and 512
   // token-choices at 40 ns each.
-  std::vector<double> c, b, t, r;
-  for (int j = 0; j < 12; ++j) {
-    c.push_back(2e-5 * std::pow(1.5, j));
-    b.push_back(5e-7);
-    r.push_back(j == 2 ? 256 : j == 5 ? 512 : 0);
-    t.push_back(b.back() + 1.3 * c.back() + 4e-6 + 40e-9 * r.back());
-  }
+  const std::vector<double> r = counts_at(2, 256, 5, 512);
+  const auto [c, b, t] = synthetic_step({.factor = 1.3, .op_overhead_s = 4e-6, .routing_choice_s = 40e-9}, {.gate = r});
   const InSituFit fit = fit_in_situ(c, b, t, {.gate = r});
   CHECK(fit.factor == Approx(1.3).epsilon(0.02));
   CHECK(fit.op_overhead_s == Approx(4e-6).epsilon(0.02));
@@ -139,14 +157,9 @@ TEST_CASE("The routing time per gate token-choice is recovered beside the factor
 TEST_CASE("The dispatch's time per token-choice is told from the gate's") {
   // As above, with a dispatch (its own op with EP > 1) of 1024 group token-choices at 6 ns each
   // beside gates at 90 ns: two terms, each recovered.
-  std::vector<double> c, b, t, r, q;
-  for (int j = 0; j < 12; ++j) {
-    c.push_back(2e-5 * std::pow(1.5, j));
-    b.push_back(5e-7);
-    r.push_back(j == 2 ? 256 : j == 7 ? 512 : 0);
-    q.push_back(j == 3 ? 1024 : j == 8 ? 2048 : 0);
-    t.push_back(b.back() + 1.3 * c.back() + 4e-6 + 90e-9 * r.back() + 6e-9 * q.back());
-  }
+  const std::vector<double> r = counts_at(2, 256, 7, 512), q = counts_at(3, 1024, 8, 2048);
+  auto [c, b, t] = synthetic_step(
+      {.factor = 1.3, .op_overhead_s = 4e-6, .routing_choice_s = 90e-9, .dispatch_choice_s = 6e-9}, {.gate = r, .dispatch = q});
   const InSituFit fit = fit_in_situ(c, b, t, {.gate = r, .dispatch = q});
   CHECK(fit.factor == Approx(1.3).epsilon(0.02));
   CHECK(fit.op_overhead_s == Approx(4e-6).epsilon(0.02));
@@ -171,6 +184,19 @@ TEST_CASE("The dispatch's time per token-choice is told from the gate's") {
   // Dispatches faster than their kernels: no negative time per choice.
   for (int j : {3, 8}) t[static_cast<size_t>(j)] = b[static_cast<size_t>(j)] + 1.3 * c[static_cast<size_t>(j)];
   CHECK(fit_in_situ(c, b, t, {.gate = r, .dispatch = q}).dispatch_choice_s == 0);
+}
+
+TEST_CASE("A term no op has alone is fitted with the term beside it") {
+  // EP = 1: each gate holds its dispatch, 256 and 512 choices of each at 50 ns per choice; nothing
+  // tells the two apart, so both take the one time per choice their sum gives.
+  const std::vector<double> r = counts_at(2, 256, 7, 512);
+  const auto [c, b, t] = synthetic_step({.factor = 1.3, .op_overhead_s = 4e-6, .routing_choice_s = 100e-9}, {.gate = r});
+  const InSituFit fit = fit_in_situ(c, b, t, {.gate = r, .dispatch = r});
+  CHECK(fit.routing_choice_s == Approx(50e-9).epsilon(0.02));
+  CHECK(fit.dispatch_choice_s == fit.routing_choice_s);
+  CHECK(fit.factor == Approx(1.3).epsilon(0.02));
+  // Through the fit, each op's time is its measured one.
+  for (size_t j = 0; j < c.size(); ++j) CHECK(fit.time_s(c[j], b[j], {.gate = r, .dispatch = r}, j) == Approx(t[j]).epsilon(0.02));
 }
 
 TEST_CASE("The softmax's time per score and the time per group are told from the matmuls'") {
