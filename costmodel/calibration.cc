@@ -170,7 +170,9 @@ LinkFit link_fit(const std::vector<LinkSample>& samples, double step_overhead_s,
 
 InSituFit fit_in_situ(const std::vector<double>& c, const std::vector<double>& b, const std::vector<double>& t,
                       const InSituTerms& terms) {
-  auto used = [&](size_t j) { return c[j] > 0 && t[j] > 0; };
+  // An op with nothing the factor scales (a gather: its kind has no in-situ factor) still tells the
+  // overhead and its host terms: a permutation is its gather and its dispatch's choices.
+  auto used = [&](size_t j) { return c[j] >= 0 && t[j] > 0; };
   // The host terms: per op its count (0 past a short vector), in the order of InSituFit's fields.
   const std::vector<const std::vector<double>*> columns = {&terms.gate, &terms.dispatch, &terms.gate_backward};
   auto count = [&](size_t term, size_t j) { return j < columns[term]->size() ? (*columns[term])[j] : 0.0; };

@@ -407,8 +407,9 @@ std::vector<Op> backward_ops(const Op& fwd) {
     case OpKind::kAttention: return {derived(".bwd", fwd.m, fwd.n, fwd.k, 2.5 * fwd.flops, 2 * fwd.bytes)};
     case OpKind::kNorm:
     case OpKind::kElementwise: return {derived(".bwd", fwd.m, fwd.n, fwd.k, 2 * fwd.flops, 2 * fwd.bytes)};
-    // A gather's gradient scatters (adds) the output's gradient rows back: the same rows moved.
-    case OpKind::kEmbedding: return {derived(".bwd", fwd.m, fwd.n, fwd.k, 0, fwd.bytes)};
+    // A gather's gradient scatters (adds) the output's gradient rows back into the source's: the
+    // written bytes read once, the source's read and written.
+    case OpKind::kEmbedding: return {derived(".bwd", fwd.m, fwd.n, fwd.k, 0, fwd.bytes + fwd.gather_source_bytes)};
     case OpKind::kOptimizer: return {};
   }
   MOESIM_ASSERT(false, "op {}: unknown kind {}", fwd.name, static_cast<int>(fwd.kind));

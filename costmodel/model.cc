@@ -45,6 +45,13 @@ class LayerBuilder {
     op.bytes = bytes;
     l_->ops.push_back(std::move(op));
   }
+  // A row gather (OpKind::kEmbedding) writing `written` bytes from a source whose distinct rows
+  // are `source` bytes: memory traffic counts each source row once however often it is gathered
+  // (a 64-entry vocabulary read for 256 tokens, a token's row sent to its k experts).
+  void gather(const std::string& name, double source, double written) {
+    memory_op(name, OpKind::kEmbedding, source + written);
+    l_->ops.back().gather_source_bytes = source;
+  }
   // An activation function over `elements` outputs: memory-bound on GPUs, but its arithmetic
   // (kActivationFlops per output) bounds it on CPUs, so it carries those FLOPs (not counted in
   // the model's FLOPs, which are the matrix multiplies').
@@ -188,14 +195,14 @@ ActivationBytes ffn_block(LayerBuilder& b, const model::Transformer& t, const Tr
     selective_saving->sharded += shared * fe * e;
   }
   const double rows = tokens * k / E;  // tokens per expert, balanced
-  b.memory_op(prefix + ".dispatch", OpKind::kEmbedding, 2 * tokens * k * d.h * e);
+  b.gather(prefix + ".dispatch", tokens * d.h * e, tokens * k * d.h * e);  // each token's row to its k slots
   // The capacity decision and the send layout, host work over every assignment of the EP group
   // (the lowering scales these to the group).
   l->ops.back().dispatch_choices = tokens * k;
   b.gemm(prefix + ".experts.up", rows, d.h, up, static_cast<int64_t>(E), OpKind::kGroupedGemm);
   b.activation(prefix + ".experts.act", tokens * k * fe, tokens * k * (up + fe) * e);
   b.gemm(prefix + ".experts.down", rows, fe, d.h, static_cast<int64_t>(E), OpKind::kGroupedGemm);
-  b.memory_op(prefix + ".combine", OpKind::kEmbedding, 2 * tokens * k * d.h * e);
+  b.gather(prefix + ".combine", tokens * k * d.h * e, tokens * d.h * e);  // k rows summed into each token's
   // Expert inputs, up outputs, activation outputs and expert outputs (combine needs them for the
   // gate-probability gradient), k copies per token.
   act.expert += k * (2 * d.h + up + fe) * e;
@@ -248,9 +255,9 @@ void analyze_transformer(const model::Transformer& t, const ModelOptions& o, Mod
     LayerBuilder b(&l, tokens, e, false);
     l.dense_params = double(t.vocab()) * d.h + (t.learned_positions() ? double(t.max_sequence()) * d.h : 0);
     l.embedding_params = l.dense_params;
-    b.memory_op("embed.lookup", OpKind::kEmbedding, tokens * d.h * e * 2);
+    b.gather("embed.lookup", std::min(tokens, double(t.vocab())) * d.h * e, tokens * d.h * e);
     if (t.learned_positions()) {  // a second lookup, added to the first
-      b.memory_op("embed.positions", OpKind::kEmbedding, tokens * d.h * e * 2);
+      b.gather("embed.positions", seq * d.h * e, tokens * d.h * e);
       b.memory_op("embed.add", OpKind::kElementwise, tokens * d.h * e * 3);
       l.ops.back().fused_backward = true;  // its gradient passes through to both lookups
     }

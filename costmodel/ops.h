@@ -53,7 +53,18 @@ struct Op {
   // An MoE dispatch: the token-choices its capacity decision and send layout go over (the EP
   // group's, once lowered), timed by the profile's dispatch_choice_s on top (0 elsewhere).
   double dispatch_choices = 0;
+  // A row gather (kEmbedding): the distinct source rows' bytes, part of `bytes` (the rest is what
+  // it writes). Its backward reads the written rows' gradient and adds into the source's: the
+  // written bytes once and the source's twice (backward_ops).
+  double gather_source_bytes = 0;
 };
+
+// A share `f` of `op`'s work (a tensor-parallel split, fewer tokens): its FLOPs and traffic.
+inline void scale_work(Op& op, double f) {
+  op.flops *= f;
+  op.bytes *= f;
+  op.gather_source_bytes *= f;
+}
 
 // `op` as one rank of an expert-parallel group of `ep` ranks runs it: a dispatch decides the whole
 // group's routing (every rank derives the exchange pattern), so its choices are the group's.

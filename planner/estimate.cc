@@ -48,21 +48,16 @@ const Estimator::LayerTimes& Estimator::layer_times(const cost::Setup& s, int li
   LayerTimes t;
   for (const cost::Op& model_op : layer.ops) {
     cost::Op op = cost::on_ep_rank(model_op, s.layout.ep);
-    op.flops *= scale;
-    op.bytes *= scale;
+    cost::scale_work(op, scale);
     op.m *= scale;
     op.routing_choices *= scale;
     op.dispatch_choices *= scale;
     const bool split = op.kind == cost::OpKind::kGemm || op.kind == cost::OpKind::kGroupedGemm ||
                        op.kind == cost::OpKind::kAttention || sp;
-    if (split && s.layout.tp > 1) {
-      op.flops /= s.layout.tp;
-      op.bytes /= s.layout.tp;
-    }
+    if (split && s.layout.tp > 1) cost::scale_work(op, 1.0 / s.layout.tp);
     const bool experts = op.name.find("experts") != std::string::npos;
     if (experts && s.layout.ep > 1) {  // each EP rank runs its share of the experts' tokens
-      op.flops /= s.layout.ep;
-      op.bytes /= s.layout.ep;
+      cost::scale_work(op, 1.0 / s.layout.ep);
       op.groups = std::max<int64_t>(1, op.groups / s.layout.ep);
     }
     const double fwd = cost::op_time(profile_, op, dtype).time_s;

@@ -176,10 +176,7 @@ class Lowering {
   cost::Op tp_split(cost::Op op) const {
     const bool split = op.kind == cost::OpKind::kGemm || op.kind == cost::OpKind::kGroupedGemm ||
                        op.kind == cost::OpKind::kAttention || st_.sequence_parallel();
-    if (split && l_.tp > 1) {
-      op.flops /= l_.tp;
-      op.bytes /= l_.tp;
-    }
+    if (split && l_.tp > 1) cost::scale_work(op, 1.0 / l_.tp);
     return op;
   }
 
@@ -231,8 +228,7 @@ class Lowering {
         e.bytes = (rows * op.k + rows * op.n) * groups * act_bytes_ + weight_bytes / l_.ep;
       } else {
         const double share = balanced > 0 ? load / balanced : 0;
-        e.flops *= share;
-        e.bytes *= share;
+        cost::scale_work(e, share);
       }
       add_times(&t, prof, tp_split(e), recompute_ == workload::SELECTIVE && cost::recomputed_selectively(op));
     }

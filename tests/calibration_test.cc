@@ -181,6 +181,19 @@ TEST_CASE("The dispatch's time per token-choice is told from the gate's") {
   CHECK(three.routing_backward_choice_s == Approx(25e-9).epsilon(0.02));
   CHECK(three.factor == Approx(1.3).epsilon(0.02));
   for (size_t j : {size_t{4}, size_t{9}}) t[j] -= 25e-9 * s[j];
+  // A dispatch with nothing the factor scales (its gather's kind has no in-situ factor: c = 0)
+  // still gives its time per choice.
+  {
+    auto [c0, b0, t0] = synthetic_step(
+        {.factor = 1.3, .op_overhead_s = 4e-6, .routing_choice_s = 90e-9, .dispatch_choice_s = 6e-9}, {.gate = r, .dispatch = q});
+    for (size_t j : {size_t{3}, size_t{8}}) {
+      b0[j] += 1.3 * c0[j];
+      c0[j] = 0;
+    }
+    const InSituFit fixed = fit_in_situ(c0, b0, t0, {.gate = r, .dispatch = q});
+    CHECK(fixed.dispatch_choice_s == Approx(6e-9).epsilon(0.02));
+    CHECK(fixed.factor == Approx(1.3).epsilon(0.02));
+  }
   // Dispatches faster than their kernels: no negative time per choice.
   for (int j : {3, 8}) t[static_cast<size_t>(j)] = b[static_cast<size_t>(j)] + 1.3 * c[static_cast<size_t>(j)];
   CHECK(fit_in_situ(c, b, t, {.gate = r, .dispatch = q}).dispatch_choice_s == 0);

@@ -1,5 +1,6 @@
 // The model zoo against published parameter and FLOP counts, and the per-layer arithmetic
 // against closed forms.
+#include "costmodel/compute.h"
 #include "costmodel/model.h"
 #include "costmodel/setup.h"
 
@@ -107,16 +108,28 @@ TEST_CASE("An MoE layer's gathers and host routing, and the embedding's lookups"
     return c.layers[0].ops[0];
   };
   // The top-k's and the dispatch's choices: the rank's 256 tokens x 2 each (the lowering scales the
-  // dispatch's to its EP group); the dispatch and combine gather 256 x 2 rows of 64 (fp32 by default
-  // here: o.act_elem_bytes) in and out.
+  // dispatch's to its EP group). The dispatch reads each of the 256 tokens' rows of 64 (fp32 by
+  // default here: o.act_elem_bytes) once and writes 512; the combine reads 512 and writes 256.
   CHECK(op("L0", "L0.moe.topk").routing_choices == 512);
   CHECK(op("L0", "L0.moe.topk").dispatch_choices == 0);
   CHECK(op("L0", "L0.moe.dispatch").dispatch_choices == 512);
   CHECK(op("L0", "L0.moe.dispatch").routing_choices == 0);
+  const double row = 64 * o.act_elem_bytes;
   for (const char* name : {"L0.moe.dispatch", "L0.moe.combine"}) {
     CHECK(op("L0", name).kind == OpKind::kEmbedding);
-    CHECK(op("L0", name).bytes == 2 * 512 * 64 * o.act_elem_bytes);
+    CHECK(op("L0", name).bytes == (256 + 512) * row);
   }
+  CHECK(op("L0", "L0.moe.dispatch").gather_source_bytes == 256 * row);
+  CHECK(op("L0", "L0.moe.combine").gather_source_bytes == 512 * row);
+  // Their backward adds the gathered rows' gradient back: the written rows read, the source's
+  // read and written.
+  const std::vector<Op> combine_bwd = backward_ops(op("L0", "L0.moe.combine"));
+  REQUIRE(combine_bwd.size() == 1);
+  CHECK(combine_bwd[0].bytes == (256 + 2 * 512) * row);
+  // The lookups read each of the vocabulary's 64 rows and the sequence's 32 positions once for
+  // the 256 tokens' rows written.
+  CHECK(op("embed", "embed.lookup").bytes == (64 + 256) * row);
+  CHECK(op("embed", "embed.positions").bytes == (32 + 256) * row);
   // Learned positions: a second lookup and the add, whose gradient passes through.
   CHECK(op("embed", "embed.positions").kind == OpKind::kEmbedding);
   CHECK(op("embed", "embed.add").fused_backward);
