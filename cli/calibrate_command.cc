@@ -243,6 +243,7 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
   const std::set<int> quiet = trace::quiet_steps(step_time, trace::kQuietShare);
   for (int step : quiet) out.step_s += step_time.at(step) / static_cast<double>(quiet.size());
   const std::map<std::pair<std::string, int>, double> times = trace::mean_op_times(measured, quiet);
+  const std::map<std::pair<std::string, int>, trace::HostRouting> host_times = trace::mean_host_routing(measured, quiet);
   // Every kind's factor doubled: an op's time grows by exactly the part the factor scales.
   profile::DeviceProfile doubled_spec = spec;
   doubled_spec.clear_in_situ();
@@ -283,6 +284,7 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
   // fixed part (launches), its token-choices per host term and the measured time.
   std::vector<double> scaled, fixed, measured_s;
   cost::InSituTerms terms;
+  cost::InSituHost host;
   for (int i = 0; i < base.ranks(slowest).ops_size(); ++i) {
     const schedule::Op& op = base.ranks(slowest).ops(i);
     auto it = times.find({op.id(), base.ranks(slowest).rank()});
@@ -295,6 +297,9 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
     terms.gate.push_back(probed(routed));
     terms.dispatch.push_back(probed(dispatched));
     terms.gate_backward.push_back(probed(routed_backward));
+    const auto h = host_times.find({op.id(), base.ranks(slowest).rank()});
+    host.routing_s.push_back(h == host_times.end() ? 0 : h->second.routing_s);
+    host.dispatch_s.push_back(h == host_times.end() ? 0 : h->second.dispatch_s);
     measured_s.push_back(it->second);
     out.op_ids.push_back(op.id());
     out.measured_sum_s += it->second;
@@ -311,10 +316,10 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
   // One factor for every kind: the ops mix kinds in fixed proportions (an expert FFN is always its
   // GEMMs and its activation; attention always its norm and projections), so per-kind factors
   // would trade off against each other and follow the noise. The per-op overhead is told apart
-  // by the ops' sizes (an embedding lookup against an attention sublayer), the routing's host
-  // terms by the only ops with token-choices (gates forward and backward, permutations).
-  // (With one rank the gate holds the dispatch: the fit takes both at one time per choice.)
-  out.fit = cost::fit_in_situ(scaled, fixed, measured_s, terms);
+  // by the ops' sizes (an embedding lookup against an attention sublayer); the routing's host
+  // terms are measured inside their ops (gates forward and backward, permutations; with one rank
+  // the gate holds the dispatch's decision, measured apart all the same).
+  out.fit = cost::fit_in_situ(scaled, fixed, measured_s, terms, host);
   for (size_t j = 0; j < measured_s.size(); ++j) out.model_s.push_back(out.fit.time_s(scaled[j], fixed[j], terms, j));
   out.measured_s = std::move(measured_s);
   return out;

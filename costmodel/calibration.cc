@@ -169,74 +169,39 @@ LinkFit link_fit(const std::vector<LinkSample>& samples, double step_overhead_s,
 }  // namespace
 
 InSituFit fit_in_situ(const std::vector<double>& c, const std::vector<double>& b, const std::vector<double>& t,
-                      const InSituTerms& terms) {
+                      const InSituTerms& terms, const InSituHost& host) {
+  auto at = [](const std::vector<double>& v, size_t j) { return j < v.size() ? v[j] : 0.0; };
   // An op with nothing the factor scales (a gather: its kind has no in-situ factor) still tells the
-  // overhead and its host terms: a permutation is its gather and its dispatch's choices.
+  // overhead: a permutation is its gather and its dispatch's decision.
   auto used = [&](size_t j) { return c[j] >= 0 && t[j] > 0; };
-  // The host terms: per op its count (0 past a short vector), in the order of InSituFit's fields.
-  const std::vector<const std::vector<double>*> columns = {&terms.gate, &terms.dispatch, &terms.gate_backward};
-  auto count = [&](size_t term, size_t j) { return j < columns[term]->size() ? (*columns[term])[j] : 0.0; };
-  double scaled = 0, measured = 0, ops = 0;
-  std::vector<double> totals(columns.size(), 0.0);
-  for (size_t j = 0; j < c.size(); ++j)
-    if (used(j)) {
-      scaled += c[j];
-      measured += t[j] - b[j];
-      ops += 1;
-      for (size_t k = 0; k < columns.size(); ++k) totals[k] += count(k, j);
-    }
   InSituFit fit;
-  if (scaled <= 0) return fit;
-  // A term no op has alone, every op with it having an earlier term too (a gate with EP = 1 holds
-  // its dispatch), cannot be told from that term: it joins its column and takes its time.
-  std::vector<size_t> column_of(columns.size());
-  for (size_t k = 0; k < columns.size(); ++k) {
-    column_of[k] = k;
-    for (size_t m = 0; m < k && column_of[k] == k && totals[k] > 0; ++m) {
-      if (column_of[m] != m || totals[m] <= 0) continue;
-      bool covered = true;
-      for (size_t j = 0; j < c.size() && covered; ++j) covered = !(used(j) && count(k, j) > 0 && count(m, j) <= 0);
-      if (covered) column_of[k] = m;
-    }
-  }
-  // t - b = c factor + overhead + the host terms' counts x their times: a column (slot) only where
-  // some op has its term.
-  std::vector<double> column_total(columns.size(), 0.0);
-  for (size_t k = 0; k < columns.size(); ++k) column_total[column_of[k]] += totals[k];
-  std::vector<int> slot(columns.size(), -1);
-  int unknowns = 2;
-  for (size_t k = 0; k < columns.size(); ++k)
-    if (column_of[k] == k && column_total[k] > 0) slot[k] = unknowns++;
-  LeastSquares f(static_cast<size_t>(unknowns));
+  // Each host term's time per choice: its ops' measured seconds over their choices.
+  auto rate = [&](const std::vector<double>& counts, const std::vector<double>& seconds) {
+    double n = 0, s = 0;
+    for (size_t j = 0; j < c.size(); ++j)
+      if (used(j) && at(counts, j) > 0) {
+        n += at(counts, j);
+        s += at(seconds, j);
+      }
+    return n > 0 ? s / n : 0.0;
+  };
+  fit.routing_choice_s = rate(terms.gate, host.routing_s);
+  fit.routing_backward_choice_s = rate(terms.gate_backward, host.routing_s);
+  fit.dispatch_choice_s = rate(terms.dispatch, host.dispatch_s);
+  // The rest, t - b - the measured host seconds = f c + h.
+  double scaled = 0, rest = 0, ops = 0;
+  LeastSquares f(2);
   for (size_t j = 0; j < c.size(); ++j)
     if (used(j)) {
-      std::vector<double> x(static_cast<size_t>(unknowns), 0.0);
-      x[0] = c[j];
-      x[1] = 1;
-      for (size_t k = 0; k < columns.size(); ++k)
-        if (slot[column_of[k]] >= 0) x[static_cast<size_t>(slot[column_of[k]])] += count(k, j);
-      f.add(x, t[j] - b[j], 1 / (t[j] * t[j]));
+      const double r = t[j] - b[j] - at(host.routing_s, j) - at(host.dispatch_s, j);
+      scaled += c[j];
+      rest += r;
+      ops += 1;
+      f.add({c[j], 1}, r, 1 / (t[j] * t[j]));
     }
-  std::vector<double> per_count(columns.size(), 0.0);
-  if (const auto x = f.solve()) {
-    // Each floored at 0 and capped by what the ops' measured sum leaves for it.
-    double left = std::max(measured, 0.0);
-    if ((*x)[1] > 0) fit.op_overhead_s = std::min((*x)[1], left / ops);
-    left -= ops * fit.op_overhead_s;
-    for (size_t k = 0; k < columns.size(); ++k) {
-      if (slot[k] < 0) continue;
-      const double v = (*x)[static_cast<size_t>(slot[k])];
-      if (v > 0) per_count[k] = std::min(v, std::max(left, 0.0) / column_total[k]);
-      left -= column_total[k] * per_count[k];
-    }
-  }
-  for (size_t k = 0; k < columns.size(); ++k) per_count[k] = per_count[column_of[k]];
-  fit.routing_choice_s = per_count[0];
-  fit.dispatch_choice_s = per_count[1];
-  fit.routing_backward_choice_s = per_count[2];
-  double host = ops * fit.op_overhead_s;
-  for (size_t k = 0; k < columns.size(); ++k) host += totals[k] * per_count[k];
-  fit.factor = std::clamp((measured - host) / scaled, 0.1, 10.0);
+  if (scaled <= 0) return fit;
+  if (const auto x = f.solve(); x && (*x)[1] > 0) fit.op_overhead_s = std::min((*x)[1], std::max(rest, 0.0) / ops);
+  fit.factor = std::clamp((rest - ops * fit.op_overhead_s) / scaled, 0.1, 10.0);
   return fit;
 }
 

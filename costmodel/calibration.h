@@ -59,19 +59,27 @@ double fit_backward_factor(const DeviceProfile& profile, OpKind kind, const std:
 // token-choice: a gate's forward g (`routing_choice_s`), a dispatch's capacity decision g_d
 // (`dispatch_choice_s`) and a gate's backward g_b (`routing_backward_choice_s`), from a
 // calibration step: op j's measured time t_j against the model's time for it, split into a part
-// the factor scales (its kernels' roofline time c_j, launches aside), a fixed part b_j (launches)
-// and its token-choices per host term (r_j, q_j, s_j; 0 for other ops). h, g, g_d and g_b from
-// t_j - b_j = f c_j + h + g r_j + g_d q_j + g_b s_j by least squares on relative errors (weights
-// 1 / t_j^2: the small ops, whose time is mostly h, set it; the ops' sizes spread over decades,
-// which tells h from f; only gates and dispatches have choices, each kind its own ops), each
-// floored at 0 and capped by what the measured sum leaves; then f = (sum_j (t_j - b_j) - n h -
-// the host terms' sums) / sum_j c_j, so that the predicted sum of the ops is the measured one (a
-// step is a sum of ops). f is clamped to [0.1, 10]; f = 1 and the rest 0 without ops. A term no op
-// has is left out at 0; a term no op has alone, each op with it having an earlier term too (a gate
-// with EP = 1 holds its dispatch: both its counts), is fitted with that term and takes its time.
+// the factor scales (its kernels' roofline time c_j, launches aside), a fixed part b_j (launches),
+// its token-choices per host term (r_j, q_j, s_j; 0 for other ops) and the host-side routing
+// seconds measured inside it (u_j of a gate forward or backward, v_j of a dispatch decision).
+// Each host term's time per choice is its ops' measured seconds over their choices (g = sum u_j /
+// sum r_j over the gates forward, g_b over the gates backward, g_d = sum v_j / sum q_j): measured
+// where the routing runs, not fitted, since a gate's kernels (its skinny router GEMM, its
+// LayerNorm) run slower in a step than modelled and a fitted g took their excess (100 ns per
+// choice on the development VM against 25 measured). Then h from t_j - b_j - u_j - v_j = f c_j + h
+// by least squares on relative errors (weights 1 / t_j^2: the small ops, whose time is mostly h,
+// set it; the ops' sizes spread over decades, which tells h from f), floored at 0 and capped by
+// what the measured sum leaves; and f = (sum_j (t_j - b_j - u_j - v_j) - n h) / sum_j c_j, so that
+// the predicted sum of the ops is the measured one (a step is a sum of ops). f is clamped to
+// [0.1, 10]; f = 1 and the rest 0 without ops. An op with no scaled part (c_j = 0: a gather,
+// whose kind has no in-situ factor) counts for h.
 struct InSituTerms {
   // Per op; shorter vectors: 0 past their end.
   std::vector<double> gate = {}, dispatch = {}, gate_backward = {};
+};
+struct InSituHost {
+  // Per op, seconds (trace Span routing_host_s, dispatch_host_s); shorter vectors: 0 past their end.
+  std::vector<double> routing_s = {}, dispatch_s = {};
 };
 struct InSituFit {
   double factor = 1;
@@ -83,7 +91,7 @@ struct InSituFit {
   double time_s(double scaled, double fixed, const InSituTerms& terms, size_t j) const;
 };
 InSituFit fit_in_situ(const std::vector<double>& scaled, const std::vector<double>& fixed,
-                      const std::vector<double>& measured, const InSituTerms& terms = {});
+                      const std::vector<double>& measured, const InSituTerms& terms = {}, const InSituHost& host = {});
 
 // An attention core's time beyond its FLOPs (device_profile.proto softmax_score_s and
 // attention_group_s) from attention cores' forward samples: t_i - launch_s = flops_i u + scores_i v

@@ -44,8 +44,9 @@ struct Op {
   double bytes = 0;  // memory traffic: inputs read + outputs written + weights read
   bool backward = false;  // a backward kernel (backward_ops): the profile's backward factor applies
   bool fused_backward = false;  // its gradient is computed with it (a loss): no backward kernels
-  // Attention: the score elements its softmax normalises (groups x m x n), timed by the profile's
-  // softmax_score_s on top of the FLOPs (0 elsewhere).
+  // Attention: the score elements its softmax normalises (groups x m x n); an MoE gate's top-k:
+  // its router's (tokens x experts). Timed by the profile's softmax_score_s on top of the FLOPs
+  // (0 elsewhere).
   double softmax_elements = 0;
   // An MoE gate's top-k: its token-choices (tokens x top-k), timed by the profile's
   // routing_choice_s on top, its backward's by routing_backward_choice_s (0 elsewhere).
@@ -59,11 +60,13 @@ struct Op {
   double gather_source_bytes = 0;
 };
 
-// A share `f` of `op`'s work (a tensor-parallel split, fewer tokens): its FLOPs and traffic.
+// A share `f` of `op`'s work (a tensor-parallel split, fewer tokens): its FLOPs, traffic and
+// softmax elements.
 inline void scale_work(Op& op, double f) {
   op.flops *= f;
   op.bytes *= f;
   op.gather_source_bytes *= f;
+  op.softmax_elements *= f;
 }
 
 // `op` as one rank of an expert-parallel group of `ep` ranks runs it: a dispatch decides the whole

@@ -295,10 +295,16 @@ void MoeLayer::forward_gate(const Tensor& x, const MoeForwardOptions& options) {
   x_ = x;
   gate_forward(options);
   if (comm_ == nullptr) {
-    route();
-    aux_forward();
+    decide();
     permute();
   }
+}
+
+void MoeLayer::decide() {
+  const auto t0 = Clock::now();
+  route();
+  aux_forward();
+  host_times_.dispatch_s += seconds_since(t0);
 }
 
 void MoeLayer::forward_route() {
@@ -309,8 +315,7 @@ void MoeLayer::forward_route() {
 void MoeLayer::forward_permute() {
   expect_part(Part::kForwardPermute, "forward_permute");
   if (comm_ == nullptr) return;
-  route();
-  aux_forward();
+  decide();
   permute();
 }
 
@@ -412,6 +417,8 @@ void MoeLayer::gate_forward(const MoeForwardOptions& options) {
 
   // The routing decisions run on the host over a copy of the probabilities (and of the logits the
   // load and DAMEX losses read).
+  backend_.synchronize();  // the host's share starts once the device's is done
+  const auto host_t0 = Clock::now();
   host_probs_ = probs_.to_vector();
   const bool damex_labels =
       std::any_of(dataset_of_token_.begin(), dataset_of_token_.end(), [](int32_t d) { return d >= 0; });
@@ -433,6 +440,7 @@ void MoeLayer::gate_forward(const MoeForwardOptions& options) {
   }
   gate_w_dev_ = Tensor::from({T * k}, gate_w_, backend_.device());
   local_aux_sums();
+  host_times_.routing_s += seconds_since(host_t0);
 }
 
 void MoeLayer::route() {
@@ -727,6 +735,8 @@ Tensor MoeLayer::backward_gate() {
   Tensor dx = device_tensor({T, D});
   backend_.gather_sum_rows(grad_rows, slot_dev_.device_i32(), nullptr, dx.device_f32(), T, k, D);
   const Tensor dgate = dgate_;
+  backend_.synchronize();
+  const auto host_t0 = Clock::now();
 
   // Gate backward: gate weights and aux losses -> dp -> softmax -> d(logits) (+ DAMEX and load
   // terms on the logits) -> dW_r, dx. The per-expert coefficients are batch statistics from the
@@ -780,6 +790,8 @@ Tensor MoeLayer::backward_gate() {
   args.experts = E;
   args.k = k;
   backend_.router_backward(args);
+  backend_.synchronize();
+  host_times_.routing_s += seconds_since(host_t0);
   if (T > 0) {
     backend_.gemm(true, false, D, E, T, 1.0f, x_.device_f32(), dlogits.device_f32(), 1.0f, dw_router_.device_f32());
     backend_.gemm(false, true, T, D, E, 1.0f, dlogits.device_f32(), w_router_.device_f32(), 1.0f, dx.device_f32());

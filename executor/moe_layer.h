@@ -92,6 +92,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 namespace moesim::exec {
@@ -275,6 +276,13 @@ class MoeLayer {
   std::span<const uint8_t> kept() const { return keep_; }
   const MoePartTimes& forward_times() const { return fwd_times_; }
   const MoePartTimes& backward_times() const { return bwd_times_; }
+  // Host-side routing seconds since the last call (trace Span routing_host_s, dispatch_host_s):
+  // the gate's top-k, gate weights and aux sums, or its router gradient (routing_s); the capacity
+  // decision and aux losses (dispatch_s).
+  struct HostTimes {
+    double routing_s = 0, dispatch_s = 0;
+  };
+  HostTimes take_host_times() { return std::exchange(host_times_, {}); }
 
  private:
   void init_parameters();
@@ -289,6 +297,7 @@ class MoeLayer {
   void gather_routing();
   void route();
   void aux_forward();
+  void decide();  // route() and aux_forward(), timed as the dispatch's host work
   void permute();
   void experts_forward();
   void experts_backward(const float* grad_out, float* grad_in);
@@ -373,6 +382,7 @@ class MoeLayer {
   Tensor send_buf_, expert_in_, hidden_pre_, hidden_act_, expert_out_, returned_;
   Tensor grad_send_, grad_expert_out_, grad_hidden_, grad_expert_in_, dgate_;
   MoePartTimes fwd_times_, bwd_times_;
+  HostTimes host_times_;
 };
 
 // ---------------------------------------------------------------------------------------------

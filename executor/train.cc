@@ -493,6 +493,7 @@ class Model {
   }
   int ep_size(int block) const { return blocks_[static_cast<size_t>(block)].moe->ep_size(); }
   double route_bytes(int block) const { return blocks_[static_cast<size_t>(block)].moe->route_bytes(); }
+  MoeLayer::HostTimes take_host_times(int block) { return blocks_[static_cast<size_t>(block)].moe->take_host_times(); }
 
  private:
   const TrainOptions& o_;
@@ -708,6 +709,10 @@ TrainResult train(const TrainOptions& o, Comm* world, Backend& backend) {
           const int n = model.ep_size(e.block);
           span.span().bytes(model.a2a_bytes(e.block) * n);  // the group's total, as nccl-tests counts a2a
           span.span().collective(n, trace::bus_factor(trace::ALL_TO_ALL, n), "direct");
+        }
+        if (e.action == Action::kMoeGate || e.action == Action::kMoePermute) {
+          const MoeLayer::HostTimes h = model.take_host_times(e.block);
+          span.span().host_routing(h.routing_s, h.dispatch_s);
         }
         if (e.action == Action::kMoeRoute && model.ep_size(e.block) > 1) {
           const int n = model.ep_size(e.block);

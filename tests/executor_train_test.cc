@@ -67,6 +67,15 @@ TEST_CASE("50 steps of moe-tiny on one rank lower the loss by more than half") {
   }
   CHECK(moe_spans == 50);
   CHECK(loads == 2 * 50);
+  // The gates carry their host-side routing seconds: forward the top-k and, on one rank, the
+  // dispatch's decision apart; backward the router gradient. Nothing else has any.
+  for (const trace::Span& s : r.trace.spans()) {
+    INFO(s.op_id());
+    const bool gate = s.name() == "moe.gate", fwd = s.op_id().ends_with("fwd");
+    CHECK((s.routing_host_s() > 0) == gate);
+    CHECK((s.dispatch_host_s() > 0) == (gate && fwd));
+    CHECK(s.routing_host_s() + s.dispatch_host_s() <= 1e-9 * static_cast<double>(s.end_ns() - s.start_ns()));
+  }
   // Same seed, same losses.
   const TrainResult again = train(o, nullptr, *backend);
   for (int i = 0; i < 50; ++i) CHECK(again.steps[i].loss == r.steps[i].loss);
@@ -297,6 +306,12 @@ TEST_CASE("A route gathers the bytes its Schedule op carries", "[.ep2]") {
     CHECK(s.kind() == trace::ALL_GATHER);
   }
   CHECK(routes == static_cast<int>(scheduled.size()));
+  // With EP 2 the dispatch's decision is the permutation's, measured there.
+  for (const trace::Span& s : r.trace.spans()) {
+    INFO(s.op_id());
+    CHECK((s.dispatch_host_s() > 0) == (s.name() == "moe.permute"));
+    CHECK((s.routing_host_s() > 0) == (s.name() == "moe.gate"));
+  }
 }
 
 // Run by CTest under mpirun -np 2 (hidden from the plain run): data parallel over 2 ranks with the

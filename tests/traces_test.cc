@@ -498,7 +498,8 @@ TEST_CASE("a bad trace file is refused naming file, line and field, every proble
        "  start_ns: 10\n"
        "  end_ns: 5\n"
        "}\n"
-       "spans { kind: OP_KIND_UNSPECIFIED start_ns: -1 end_ns: 0 bytes: -3 }\n");
+       "spans { kind: OP_KIND_UNSPECIFIED start_ns: -1 end_ns: 0 bytes: -3 }\n"
+       "spans { op_id: \"gate\" kind: ELEMENTWISE start_ns: 0 end_ns: 5 routing_host_s: -1e-6 }\n");
   try {
     read_trace(path);
     FAIL("no error");
@@ -510,7 +511,8 @@ TEST_CASE("a bad trace file is refused naming file, line and field, every proble
     CHECK(all.find("spans[2].kind: missing op kind") != std::string::npos);
     CHECK(all.find("spans[2].start_ns") != std::string::npos);
     CHECK(all.find("spans[2].bytes") != std::string::npos);
-    CHECK(e.diagnostics().size() == 5);
+    CHECK(all.find(path + ":9: spans[3].routing_host_s: must be a finite number >= 0") != std::string::npos);
+    CHECK(e.diagnostics().size() == 6);
   }
 
   spit(dir.file("junk.pb"), std::string("\xff\xff\xff\xff\x0f\x01", 6));

@@ -178,8 +178,9 @@ TEST_CASE("calibrate writes a cluster and profile that load back, and a store ro
   CHECK(p.spec().has_op_overhead_s());
   CHECK(p.spec().has_routing_choice_s());
   CHECK(p.routing_choice_s() == Approx(c.routing_choice_s()));
-  // One rank: its gate holds the dispatch, and one time per choice is fitted for both.
-  CHECK(p.dispatch_choice_s() == p.routing_choice_s());
+  // One rank: its gate holds the dispatch's decision, measured apart inside it.
+  CHECK(p.routing_choice_s() > 0);
+  CHECK(p.dispatch_choice_s() > 0);
   CHECK(p.spec().has_routing_backward_choice_s());
   // Gathers are measured out of cache, the streaming kernels on warm buffers: slower per byte.
   CHECK(p.memory_bandwidth_efficiency(cost::OpKind::kEmbedding) < p.memory_bandwidth_efficiency(cost::OpKind::kElementwise));

@@ -124,6 +124,22 @@ TEST_CASE("Measured times are means over the quiet half of the steps: slowed str
   CHECK(quiet_steps({{1, 3.0}}, 0.1) == std::set<int>{1});
 }
 
+TEST_CASE("Host routing seconds are means over the given steps, per op and rank") {
+  Trace t;
+  for (int step = 0; step < 3; ++step) {
+    Span gate = span("L0.moe.gate mb0 fwd", "moe.gate", ELEMENTWISE, 1, step, 0, 100'000);
+    gate.set_routing_host_s(10e-6 * (step + 1));
+    gate.set_dispatch_host_s(step == 2 ? 4e-6 : 0);
+    *t.add_spans() = gate;
+    *t.add_spans() = span("L0.attn mb0 fwd", "attn", ATTENTION, 1, step, 100'000, 200'000);
+  }
+  const auto h = mean_host_routing(t, {1, 2});
+  REQUIRE(h.size() == 1);  // the attention has none
+  const HostRouting& g = h.at({"L0.moe.gate mb0 fwd", 1});
+  CHECK(g.routing_s == Approx(25e-6));
+  CHECK(g.dispatch_s == Approx(2e-6));
+}
+
 TEST_CASE("Traces of different schedules are refused with the first missing op") {
   Trace other = measured(2);
   other.mutable_spans(1)->set_op_id("L0.moe.combine_a2a mb0 fwd");  // rank 0, step 0 (skipped)

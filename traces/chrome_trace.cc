@@ -89,7 +89,8 @@ void check_amount(const ConfigScope& scope, std::string_view field, double v) {
 void validate(const Trace& t, const ConfigScope& root) {
   for (int i = 0; i < t.spans_size(); ++i) {
     const Span& s = t.spans(i);
-    const bool bad_amounts = !std::isfinite(s.bytes()) || s.bytes() < 0 || !std::isfinite(s.flops()) || s.flops() < 0;
+    bool bad_amounts = false;
+    for (double v : {s.bytes(), s.flops(), s.routing_host_s(), s.dispatch_host_s()}) bad_amounts |= !std::isfinite(v) || v < 0;
     const bool bad = s.op_id().empty() || op_kind_name(s.kind()).empty() || s.start_ns() < 0 ||
                      s.end_ns() < s.start_ns() || bad_amounts;
     if (!bad) continue;  // scopes only for the spans with problems: traces have millions of spans
@@ -103,6 +104,8 @@ void validate(const Trace& t, const ConfigScope& root) {
       scope.error("end_ns", fmt::format("ends at {} ns, before its start at {} ns", s.end_ns(), s.start_ns()));
     check_amount(scope, "bytes", s.bytes());
     check_amount(scope, "flops", s.flops());
+    check_amount(scope, "routing_host_s", s.routing_host_s());
+    check_amount(scope, "dispatch_host_s", s.dispatch_host_s());
   }
   for (int i = 0; i < t.peak_memory_size(); ++i) {
     const double v = t.peak_memory(i).peak_bytes();
@@ -237,6 +240,9 @@ std::string chrome_trace_json(const Trace& trace) {
                           json_number(c.bus_factor()), json_number(c.alg_bw_bps()), json_number(c.bus_bw_bps()));
       if (!c.algorithm().empty()) args += fmt::format(R"(,"algorithm":{})", json_quote(c.algorithm()));
     }
+    if (s.routing_host_s() > 0 || s.dispatch_host_s() > 0)
+      args += fmt::format(R"(,"routing_host_s":{},"dispatch_host_s":{})", json_number(s.routing_host_s()),
+                          json_number(s.dispatch_host_s()));
     std::string_view cat = op_kind_name(s.kind());
     event(fmt::format(R"({{"ph":"X","pid":{},"tid":{},"ts":{},"dur":{},"name":{},"cat":{},"args":{{{}}}}})",
                       s.rank(), chrome_tid(s.stream()), micros(s.start_ns()), micros(s.end_ns() - s.start_ns()),

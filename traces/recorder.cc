@@ -171,6 +171,14 @@ ScopedSpan& ScopedSpan::name(std::string n) {
   return *this;
 }
 
+ScopedSpan& ScopedSpan::host_routing(double routing_s, double dispatch_s) {
+  if (is_open()) {
+    span_.set_routing_host_s(routing_s);
+    span_.set_dispatch_host_s(dispatch_s);
+  }
+  return *this;
+}
+
 ScopedSpan& ScopedSpan::collective(int ranks, double factor, std::string algorithm) {
   if (!is_open()) return *this;
   collective_ranks_ = std::max(ranks, 1);

@@ -81,6 +81,8 @@ class ScopedSpan {
   // Marks a collective on `ranks` ranks: at end, alg_bw_Bps = bytes / duration and
   // bus_bw_Bps = alg_bw_Bps x bus_factor (0 both when the duration is 0).
   ScopedSpan& collective(int ranks, double bus_factor, std::string algorithm = {});
+  // An MoE op's host-side routing seconds (Span routing_host_s, dispatch_host_s).
+  ScopedSpan& host_routing(double routing_s, double dispatch_s);
 
   void end();
   void end(double bytes);  // bytes(b).end()

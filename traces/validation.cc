@@ -110,6 +110,18 @@ std::map<std::pair<std::string, int>, double> mean_op_times(const Trace& measure
   return out;
 }
 
+std::map<std::pair<std::string, int>, HostRouting> mean_host_routing(const Trace& measured, const std::set<int>& steps) {
+  std::map<std::pair<std::string, int>, HostRouting> out;
+  const double per_step = steps.empty() ? 0 : 1.0 / static_cast<double>(steps.size());
+  for (const Span& s : measured.spans()) {
+    if (!steps.count(s.step()) || (s.routing_host_s() <= 0 && s.dispatch_host_s() <= 0)) continue;
+    HostRouting& h = out[{s.op_id(), s.rank()}];
+    h.routing_s += s.routing_host_s() * per_step;
+    h.dispatch_s += s.dispatch_host_s() * per_step;
+  }
+  return out;
+}
+
 std::vector<OpError> Comparison::worst(size_t n) const {
   std::vector<OpError> out = ops;
   std::stable_sort(out.begin(), out.end(),

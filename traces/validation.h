@@ -120,6 +120,13 @@ std::map<int, double> step_times(const Trace& measured, int first_step = 0);
 // in the step, the same for each of them.
 std::map<std::pair<std::string, int>, double> mean_op_times(const Trace& measured, const std::set<int>& steps);
 
+// Each (op id, rank)'s host-side routing seconds (Span routing_host_s, dispatch_host_s), the means
+// over `steps`; only the ops that have some.
+struct HostRouting {
+  double routing_s = 0, dispatch_s = 0;
+};
+std::map<std::pair<std::string, int>, HostRouting> mean_host_routing(const Trace& measured, const std::set<int>& steps);
+
 // The q-quantile (0..1) of `values` with linear interpolation; 0 for no values.
 double quantile(std::vector<double> values, double q);
 ErrorStats error_stats(const std::vector<double>& errors_pct);
