@@ -10,6 +10,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <malloc.h>
 #include <mutex>
 #include <unordered_map>
 #include <new>
@@ -50,6 +51,13 @@ class CpuBlockCache {
     return units * kCpuAlignment;
   }
 
+  void release() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto& [size, blocks] : free_)
+      for (void* p : blocks) std::free(p);
+    free_.clear();
+  }
+
   std::shared_ptr<void> allocate(size_t bytes) {
     // aligned_alloc wants a size that is a multiple of the alignment (classes are).
     const size_t rounded = size_class(bytes);
@@ -75,9 +83,13 @@ class CpuBlockCache {
   std::unordered_map<size_t, std::vector<void*>> free_;
 };
 
-std::shared_ptr<void> cpu_alloc(size_t bytes) {
+CpuBlockCache& cpu_cache() {
   static CpuBlockCache* cache = new CpuBlockCache;  // never destroyed: tensors may outlive statics
-  return cache->allocate(bytes);
+  return *cache;
+}
+
+std::shared_ptr<void> cpu_alloc(size_t bytes) {
+  return cpu_cache().allocate(bytes);
 }
 
 detail::CopyKind copy_kind(Device from, Device to) {
@@ -312,6 +324,11 @@ std::vector<float> Tensor::to_vector() const {
 
 std::string Tensor::describe() const {
   return fmt::format("{}[{}] {}", dtype_name(dtype_), fmt::join(shape_, ", "), device_name(device_));
+}
+
+void release_cached_cpu_blocks() {
+  cpu_cache().release();
+  ::malloc_trim(0);
 }
 
 }  // namespace moesim::exec

@@ -96,4 +96,9 @@ class Tensor {
   std::shared_ptr<void> data_;  // freed with the device's allocator
 };
 
+// Hands the CPU tensor blocks that wait for reuse back to the system (glibc, which returns what
+// it can to the kernel): after work whose sizes will not come again (calibrate's microbenchmarks,
+// hundreds of MB), so that what runs next finds a heap like a fresh process's.
+void release_cached_cpu_blocks();
+
 }  // namespace moesim::exec

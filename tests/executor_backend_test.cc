@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <fstream>
 #include <limits>
 #include <memory>
 #include <random>
@@ -23,6 +24,8 @@
 #include <tuple>
 #include <utility>
 #include <vector>
+
+#include <unistd.h>
 
 using namespace moesim::exec;
 
@@ -162,6 +165,27 @@ TEST_CASE("tensors: shape, zeros, alignment, views and copies") {
   CHECK_THROWS_AS(x.reshaped({4, 2}), moesim::InternalError);
   CHECK_THROWS_AS(x.to(DType::kBF16).f32(), moesim::InternalError);
   CHECK_THROWS_AS(Tensor::zeros({-1, 2}), moesim::InternalError);
+}
+
+// Resident memory of this process (Linux /proc/self/statm), bytes.
+double resident_bytes() {
+  std::ifstream statm("/proc/self/statm");
+  double pages = 0, resident = 0;
+  statm >> pages >> resident;
+  return resident * static_cast<double>(::sysconf(_SC_PAGESIZE));
+}
+
+TEST_CASE("freed CPU tensors wait for reuse until the cached blocks are released") {
+  constexpr int64_t kElements = 64 << 20;  // 256 MB
+  double held = 0;
+  {
+    const Tensor big = Tensor::zeros({kElements}, DType::kF32, Device::kCpu);
+    held = resident_bytes();
+  }
+  // Freed: kept for the next tensor of its size, still resident.
+  CHECK(resident_bytes() > held - 64e6);
+  release_cached_cpu_blocks();
+  CHECK(resident_bytes() < held - 192e6);
 }
 
 TEST_CASE("CUDA requests without a device or without CUDA throw exec::Error") {
