@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <array>
+#include <chrono>
 #include <cerrno>
 #include <cmath>
 #include <cstring>
@@ -15,6 +16,7 @@
 #include <limits>
 #include <mutex>
 #include <source_location>
+#include <thread>
 
 namespace moesim {
 namespace {
@@ -399,13 +401,22 @@ void prepare_schema(Connection& s) {
   s.version = version;
 }
 
+// Switching to WAL needs the database alone for a moment, and SQLite answers "database is locked"
+// at once, without waiting in its busy handler, while another connection holds it (two processes
+// creating the store together: seen in CI under load). So it retries, as long as the busy timeout.
 void set_wal(const Connection& s) {
-  {
-    Statement q(s, "PRAGMA journal_mode");
-    if (q.step() && q.text(0) == "wal") return;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(kBusyTimeout_ms);
+  for (;;) {
+    {
+      Statement q(s, "PRAGMA journal_mode");
+      if (q.step() && q.text(0) == "wal") return;
+    }
+    const int rc = sqlite3_exec(s.db, "PRAGMA journal_mode = WAL", nullptr, nullptr, nullptr);
+    if (rc == SQLITE_OK) return;
+    if ((rc & 0xff) != SQLITE_BUSY || std::chrono::steady_clock::now() >= deadline)
+      s.fail("running \"PRAGMA journal_mode = WAL\"", rc, std::source_location::current());
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
-  Statement q(s, "PRAGMA journal_mode = WAL");
-  q.run();
 }
 
 }  // namespace
