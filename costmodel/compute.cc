@@ -405,12 +405,11 @@ std::vector<Op> backward_ops(const Op& fwd) {
       return {derived(".dgrad", fwd.m, fwd.k, fwd.n, fwd.flops, fwd.bytes),
               derived(".wgrad", fwd.k, fwd.n, fwd.m, fwd.flops, fwd.bytes)};
     case OpKind::kAttention: return {derived(".bwd", fwd.m, fwd.n, fwd.k, 2.5 * fwd.flops, 2 * fwd.bytes)};
+    // A top-k's backward is the router's gradient, which its host term times
+    // (routing_backward_choice_s): no FLOPs of its own.
     case OpKind::kNorm:
-    case OpKind::kElementwise: {
-      Op bwd = derived(".bwd", fwd.m, fwd.n, fwd.k, 2 * fwd.flops, 2 * fwd.bytes);
-      bwd.softmax_elements = 0;  // a softmax's gradient, y (dy - sum y dy), takes no exponentials
-      return {bwd};
-    }
+    case OpKind::kElementwise:
+      return {derived(".bwd", fwd.m, fwd.n, fwd.k, fwd.routing_choices > 0 ? 0 : 2 * fwd.flops, 2 * fwd.bytes)};
     // A gather's gradient scatters (adds) the output's gradient rows back into the source's: the
     // written bytes read once, the source's read and written.
     case OpKind::kEmbedding: return {derived(".bwd", fwd.m, fwd.n, fwd.k, 0, fwd.bytes + fwd.gather_source_bytes)};

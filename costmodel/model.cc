@@ -184,9 +184,10 @@ ActivationBytes ffn_block(LayerBuilder& b, const model::Transformer& t, const Tr
   if (!t.bias() && m.router_bias()) l->dense_params += E;
   b.memory_op(prefix + ".topk", OpKind::kElementwise, tokens * E * 4);
   l->ops.back().routing_choices = tokens * k;
-  // The router's softmax over the experts, an exponential per token and expert: timed as an
-  // attention's scores are (the profile's softmax_score_s; 7 ns an element on a CPU, hidden on GPUs).
-  l->ops.back().softmax_elements = tokens * E;
+  // The router's softmax over the experts (max, subtract, exp, sum, divide per logit), counted as
+  // a loss's per logit: an exponential per token and expert, 7 ns an element on a CPU, hidden
+  // under the memory time on GPUs. Its gradient is the top-k backward's host term.
+  l->ops.back().flops = kLossFlopsPerLogit * tokens * E;
   act.replicated += E * 4;  // router probabilities, fp32
 
   const double shared = m.shared_experts();

@@ -44,9 +44,8 @@ struct Op {
   double bytes = 0;  // memory traffic: inputs read + outputs written + weights read
   bool backward = false;  // a backward kernel (backward_ops): the profile's backward factor applies
   bool fused_backward = false;  // its gradient is computed with it (a loss): no backward kernels
-  // Attention: the score elements its softmax normalises (groups x m x n); an MoE gate's top-k:
-  // its router's (tokens x experts). Timed by the profile's softmax_score_s on top of the FLOPs
-  // (0 elsewhere).
+  // Attention: the score elements its softmax normalises (groups x m x n), timed by the profile's
+  // softmax_score_s on top of the FLOPs (0 elsewhere).
   double softmax_elements = 0;
   // An MoE gate's top-k: its token-choices (tokens x top-k), timed by the profile's
   // routing_choice_s on top, its backward's by routing_backward_choice_s (0 elsewhere).

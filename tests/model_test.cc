@@ -114,6 +114,13 @@ TEST_CASE("An MoE layer's gathers and host routing, and the embedding's lookups"
   CHECK(op("L0", "L0.moe.topk").dispatch_choices == 0);
   CHECK(op("L0", "L0.moe.dispatch").dispatch_choices == 512);
   CHECK(op("L0", "L0.moe.dispatch").routing_choices == 0);
+  // The router's softmax over 4 experts, counted as a loss's per logit; its gradient is the
+  // backward's host term, with no FLOPs of its own.
+  CHECK(op("L0", "L0.moe.topk").flops == kLossFlopsPerLogit * 256 * 4);
+  const std::vector<Op> topk_bwd = backward_ops(op("L0", "L0.moe.topk"));
+  REQUIRE(topk_bwd.size() == 1);
+  CHECK(topk_bwd[0].flops == 0);
+  CHECK(topk_bwd[0].routing_choices == 512);
   const double row = 64 * o.act_elem_bytes;
   for (const char* name : {"L0.moe.dispatch", "L0.moe.combine"}) {
     CHECK(op("L0", name).kind == OpKind::kEmbedding);
