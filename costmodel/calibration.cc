@@ -170,7 +170,6 @@ LinkFit link_fit(const std::vector<LinkSample>& samples, double step_overhead_s,
 
 InSituFit fit_in_situ(const std::vector<double>& c, const std::vector<double>& b, const std::vector<double>& t,
                       const InSituTerms& terms, const InSituHost& host) {
-  auto at = [](const std::vector<double>& v, size_t j) { return j < v.size() ? v[j] : 0.0; };
   // An op with nothing the factor scales (a gather: its kind has no in-situ factor) still tells the
   // overhead: a permutation is its gather and its dispatch's decision.
   auto used = [&](size_t j) { return c[j] >= 0 && t[j] > 0; };
@@ -179,9 +178,9 @@ InSituFit fit_in_situ(const std::vector<double>& c, const std::vector<double>& b
   auto rate = [&](const std::vector<double>& counts, const std::vector<double>& seconds) {
     double n = 0, s = 0;
     for (size_t j = 0; j < c.size(); ++j)
-      if (used(j) && at(counts, j) > 0) {
-        n += at(counts, j);
-        s += at(seconds, j);
+      if (used(j) && at_or_zero(counts, j) > 0) {
+        n += at_or_zero(counts, j);
+        s += at_or_zero(seconds, j);
       }
     return n > 0 ? s / n : 0.0;
   };
@@ -193,7 +192,7 @@ InSituFit fit_in_situ(const std::vector<double>& c, const std::vector<double>& b
   LeastSquares f(2);
   for (size_t j = 0; j < c.size(); ++j)
     if (used(j)) {
-      const double r = t[j] - b[j] - at(host.routing_s, j) - at(host.dispatch_s, j);
+      const double r = t[j] - b[j] - at_or_zero(host.routing_s, j) - at_or_zero(host.dispatch_s, j);
       scaled += c[j];
       rest += r;
       ops += 1;
@@ -206,9 +205,8 @@ InSituFit fit_in_situ(const std::vector<double>& c, const std::vector<double>& b
 }
 
 double InSituFit::time_s(double scaled, double fixed, const InSituTerms& terms, size_t j) const {
-  auto at = [j](const std::vector<double>& v) { return j < v.size() ? v[j] : 0.0; };
-  return fixed + factor * scaled + op_overhead_s + routing_choice_s * at(terms.gate) +
-         dispatch_choice_s * at(terms.dispatch) + routing_backward_choice_s * at(terms.gate_backward);
+  return fixed + factor * scaled + op_overhead_s + routing_choice_s * at_or_zero(terms.gate, j) +
+         dispatch_choice_s * at_or_zero(terms.dispatch, j) + routing_backward_choice_s * at_or_zero(terms.gate_backward, j);
 }
 
 AttentionCoreFit fit_attention_core(const std::vector<KernelSample>& samples, double launch_s) {

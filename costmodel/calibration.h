@@ -73,6 +73,8 @@ double fit_backward_factor(const DeviceProfile& profile, OpKind kind, const std:
 // the predicted sum of the ops is the measured one (a step is a sum of ops). f is clamped to
 // [0.1, 10]; f = 1 and the rest 0 without ops. An op with no scaled part (c_j = 0: a gather,
 // whose kind has no in-situ factor) counts for h.
+// Op j's entry of a per-op vector of InSituTerms or InSituHost: 0 past a shorter vector's end.
+inline double at_or_zero(const std::vector<double>& v, size_t j) { return j < v.size() ? v[j] : 0.0; }
 struct InSituTerms {
   // Per op; shorter vectors: 0 past their end.
   std::vector<double> gate = {}, dispatch = {}, gate_backward = {};

@@ -143,9 +143,9 @@ TEST_CASE("The in-situ factor and the per-op overhead are recovered, and the ops
 InSituHost host_of(const InSituFit& truth, const InSituTerms& terms) {
   InSituHost h;
   for (size_t j = 0; j < 12; ++j) {
-    auto at = [j](const std::vector<double>& v) { return j < v.size() ? v[j] : 0.0; };
-    h.routing_s.push_back(truth.routing_choice_s * at(terms.gate) + truth.routing_backward_choice_s * at(terms.gate_backward));
-    h.dispatch_s.push_back(truth.dispatch_choice_s * at(terms.dispatch));
+    h.routing_s.push_back(truth.routing_choice_s * at_or_zero(terms.gate, j) +
+                          truth.routing_backward_choice_s * at_or_zero(terms.gate_backward, j));
+    h.dispatch_s.push_back(truth.dispatch_choice_s * at_or_zero(terms.dispatch, j));
   }
   return h;
 }

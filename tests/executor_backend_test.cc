@@ -167,6 +167,8 @@ TEST_CASE("tensors: shape, zeros, alignment, views and copies") {
   CHECK_THROWS_AS(Tensor::zeros({-1, 2}), moesim::InternalError);
 }
 
+namespace {
+
 // Resident memory of this process (Linux /proc/self/statm), bytes.
 double resident_bytes() {
   std::ifstream statm("/proc/self/statm");
@@ -174,6 +176,8 @@ double resident_bytes() {
   statm >> pages >> resident;
   return resident * static_cast<double>(::sysconf(_SC_PAGESIZE));
 }
+
+}  // namespace
 
 TEST_CASE("freed CPU tensors wait for reuse until the cached blocks are released") {
   constexpr int64_t kElements = 64 << 20;  // 256 MB
