@@ -483,6 +483,8 @@ int calibrate(const Args& a) {
            t.core_groups});
     }
     add_backward(profile::ATTENTION, cost::fit_backward_factor(with_core, cost::OpKind::kAttention, core_bwd));
+    // The batch-priority sort: host work, as measured (the in-situ step drops vanilla).
+    spec.set_priority_sort_s(cost::fit_priority_sort(m.capacity));
     const cost::DeviceProfile fitted = cost::DeviceProfile::from_spec(spec, profile_out);
 
     CalibrateResult r;
@@ -523,6 +525,16 @@ int calibrate(const Args& a) {
     res["elementwise"] =
         residuals_of(kernel_residuals(fitted, cost::OpKind::kElementwise, "elementwise", m.elementwise, rows));
     res["gather"] = residuals_of(kernel_residuals(fitted, cost::OpKind::kEmbedding, "gather", m.gather, rows));
+    r.set_priority_sort_s(spec.priority_sort_s());
+    std::vector<double> sort_residuals;
+    for (const cost::SortSample& c : m.capacity) {
+      const double extra = c.batch_priority_s - c.vanilla_s,
+                   model = cost::priority_sort_work(c.tokens) * spec.priority_sort_s();
+      sort_residuals.push_back(std::fabs(model - extra) / std::max(extra, 1e-12) * 100);
+      if (rows)  // the sort's work (n log2 n) in the FLOPs column
+        *rows += fmt::format("priority_sort,{:.6g},0,{:.6g},{:.6g}\n", cost::priority_sort_work(c.tokens), extra, model);
+    }
+    res["priority_sort"] = residuals_of(sort_residuals);
 
     // Links: the collective model's steps and transfer on a reference cluster of these ranks, then
     // least-squares fits: the link's latency and bandwidth to the all-to-alls, and the all-reduce's
@@ -679,6 +691,7 @@ int calibrate(const Args& a) {
     std::cout << fmt::format("kernel launch        {}\n", format_seconds(launch_s));
     std::cout << fmt::format("attention core       {} per score, {} per group (sequence x head)\n",
                              format_seconds(r.softmax_score_s()), format_seconds(r.attention_group_s()));
+    std::cout << fmt::format("batch-priority sort  {} per token x log2(tokens)\n", format_seconds(r.priority_sort_s()));
     std::cout << fmt::format("in a training step   kernels x {:.3f}, {} per op around them; per token-choice {} in a "
                              "gate, {} in its backward, {} in a dispatch{}\n",
                              r.in_situ_factor(), format_seconds(r.op_overhead_s()), format_seconds(r.routing_choice_s()),
@@ -710,11 +723,12 @@ std::vector<Command> calibrate_commands() {
        "Runs microbenchmarks through the executor on N ranks at once (default 2; launched under mpirun\n"
        "as `moesim run` does): GEMMs over transformer shapes in their forward, dX and dW forms, expert\n"
        "GEMM groups, the attention core forward and backward, LayerNorm/GELU/residual bandwidth, row\n"
-       "gathers out of cache, kernel launch overhead, and all-to-all-v / all-reduce between the ranks\n"
-       "from 1 KB to 4 MB. Fits\n"
-       "(costmodel/calibration.h): the peak, efficiency curves per kernel kind, the memory bandwidth,\n"
-       "the attention core's time per score and per group, and the link latency and bandwidth and the\n"
-       "all-reduce's efficiency in the collective model's own terms; figures are the slowest rank's.\n"
+       "gathers out of cache, kernel launch overhead, the MoE capacity decision under vanilla and\n"
+       "batch-priority dropping, and all-to-all-v / all-reduce between the ranks from 1 KB to 4 MB.\n"
+       "Fits (costmodel/calibration.h): the peak, efficiency curves per kernel kind, the memory\n"
+       "bandwidth, the attention core's time per score and per group, the batch-priority sort's time\n"
+       "per token x log2(tokens), and the link latency and bandwidth and the all-reduce's efficiency in\n"
+       "the collective model's own terms; figures are the slowest rank's.\n"
        "Then a calibration step (a small MoE transformer the validation suite does not run), five\n"
        "times a second apart: the in-situ time factor and per-op overhead of its slowest rank, and\n"
        "the MoE routing's host time per token-choice (gate, gate backward, dispatch) measured inside\n"

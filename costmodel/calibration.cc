@@ -224,6 +224,20 @@ AttentionCoreFit fit_attention_core(const std::vector<KernelSample>& samples, do
   return {std::max(0.0, (*x)[1]), std::max(0.0, (*x)[2])};
 }
 
+double fit_priority_sort(const std::vector<SortSample>& samples) {
+  if (samples.empty()) throw std::invalid_argument("a sort fit needs at least one sample");
+  double num = 0, den = 0;  // min sum ((x s - y) / y)^2 over the samples whose sort took time
+  for (const SortSample& s : samples) {
+    if (!(s.tokens >= 2) || !(s.vanilla_s > 0) || !(s.batch_priority_s > 0))
+      throw std::invalid_argument("sort samples need at least 2 tokens and positive times");
+    const double x = priority_sort_work(s.tokens), y = s.batch_priority_s - s.vanilla_s;
+    if (y <= 0) continue;
+    num += x / y;
+    den += x * x / (y * y);
+  }
+  return den > 0 ? num / den : 0;
+}
+
 LinkFit fit_link(const std::vector<LinkSample>& samples, double step_overhead_s, double fallback_Bps) {
   if (samples.size() < 2) throw std::invalid_argument("a link fit needs at least 2 collective samples");
   LeastSquares f(2);  // t = steps lambda + c beta

@@ -106,6 +106,18 @@ struct AttentionCoreFit {
 };
 AttentionCoreFit fit_attention_core(const std::vector<KernelSample>& samples, double launch_s);
 
+// A batch-priority dispatch's sort (device_profile.proto priority_sort_s) from timings of the
+// capacity decision over `tokens` tokens under both policies: the batch-priority decision's extra
+// time over the vanilla one's per tokens x log2(tokens) (cost::priority_sort_work), by least squares
+// on relative errors through the origin; 0 when the sort costs nothing measurable. Throws
+// std::invalid_argument without samples or with one of fewer than 2 tokens or a time not > 0.
+struct SortSample {
+  double tokens = 0;
+  double vanilla_s = 0;         // measured
+  double batch_priority_s = 0;  // measured
+};
+double fit_priority_sort(const std::vector<SortSample>& samples);
+
 // A collective sample in the model's linear form (see above).
 struct LinkSample {
   double steps = 0;        // alphas the model charges

@@ -187,6 +187,7 @@ void validate(const ConfigScope& root, const profile::DeviceProfile& p) {
   root.positive("routing_choice_s", Need::kOptional, /*allow_zero=*/true, 1e-3);
   root.positive("dispatch_choice_s", Need::kOptional, /*allow_zero=*/true, 1e-3);
   root.positive("routing_backward_choice_s", Need::kOptional, /*allow_zero=*/true, 1e-3);
+  root.positive("priority_sort_s", Need::kOptional, /*allow_zero=*/true, 1e-3);
   root.positive("calibration_step_s", Need::kOptional, /*allow_zero=*/false, 3600);
   root.positive("ranks_per_host", Need::kOptional, /*allow_zero=*/false, 1 << 20);
   root.positive("alone_time_factor", Need::kOptional, /*allow_zero=*/false, 10.0);
@@ -362,7 +363,8 @@ OpTime op_time(const DeviceProfile& profile, const Op& op, DType dtype) {
   t.memory_s *= f;
   // Fitted in situ: not scaled again.
   t.host_s = op.routing_choices * (op.backward ? profile.routing_backward_choice_s() : profile.routing_choice_s()) +
-             op.dispatch_choices * profile.dispatch_choice_s();
+             op.dispatch_choices * profile.dispatch_choice_s() +
+             priority_sort_work(op.priority_sort_tokens) * profile.priority_sort_s();
   t.launch_s = profile.kernel_launch_overhead_s();
   t.memory_bound = t.memory_s > t.compute_s;
   t.time_s = t.launch_s + std::max(t.compute_s, t.memory_s) + t.host_s;
@@ -397,6 +399,7 @@ std::vector<Op> backward_ops(const Op& fwd) {
     // The capacity decision is the forward's alone; a top-k's choices stay, for the gradient's host
     // side (routing_backward_choice_s).
     op.dispatch_choices = 0;
+    op.priority_sort_tokens = 0;
     return op;
   };
   switch (fwd.kind) {

@@ -10,7 +10,8 @@
 //               backward kernels]   (the profile's per-kind factors, default 1)
 //               [+ host_s: routing_choices x routing_choice_s for an MoE gate's top-k
 //               (routing_backward_choice_s for its backward), dispatch_choices x
-//               dispatch_choice_s for its dispatch]
+//               dispatch_choice_s for its dispatch, + n log2 n x priority_sort_s for the n
+//               tokens a batch-priority dispatch sorts]
 //   launch_s  = kernel launch overhead (profile, else device type, else 4 us)
 //   compute_s = flops / (peak_flops(kind, dtype') * eff_compute(kind, dtype', flops))
 //   memory_s  = bytes * width(dtype') / width(dtype) / (memory_bandwidth_Bps * eff_memory)
@@ -103,6 +104,8 @@ class DeviceProfile {
   double routing_choice_s() const { return spec_.routing_choice_s(); }
   // Per EP-group token-choice of an MoE dispatch's capacity decision (dispatch_choice_s; 0).
   double dispatch_choice_s() const { return spec_.dispatch_choice_s(); }
+  // Per token x log2(tokens) of a batch-priority dispatch's sort (priority_sort_s; 0).
+  double priority_sort_s() const { return spec_.priority_sort_s(); }
   // Per token-choice of an MoE gate's backward (routing_backward_choice_s; 0).
   double routing_backward_choice_s() const { return spec_.routing_backward_choice_s(); }
   // Per scheduled compute op, around its kernels (profile op_overhead_s; 0).

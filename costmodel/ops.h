@@ -3,6 +3,7 @@
 // into Ops; compute.h times them; the simulator's lowering schedules them.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 
@@ -53,6 +54,10 @@ struct Op {
   // An MoE dispatch: the token-choices its capacity decision and send layout go over (the EP
   // group's, once lowered), timed by the profile's dispatch_choice_s on top (0 elsewhere).
   double dispatch_choices = 0;
+  // An MoE dispatch under batch-priority dropping: the tokens its capacity decision sorts by their
+  // top gate probability (the EP group's, once lowered; 0 for other policies and ops), timed by the
+  // profile's priority_sort_s per priority_sort_work (n log2 n) on top.
+  double priority_sort_tokens = 0;
   // A row gather (kEmbedding): the distinct source rows' bytes, part of `bytes` (the rest is what
   // it writes). Its backward reads the written rows' gradient and adds into the source's: the
   // written bytes once and the source's twice (backward_ops).
@@ -69,10 +74,16 @@ inline void scale_work(Op& op, double f) {
 }
 
 // `op` as one rank of an expert-parallel group of `ep` ranks runs it: a dispatch decides the whole
-// group's routing (every rank derives the exchange pattern), so its choices are the group's.
-inline Op on_ep_rank(Op op, int ep) {
+// group's routing (every rank derives the exchange pattern), so its choices are the group's, and
+// under batch-priority dropping it sorts the group's tokens (the model's dispatch carries the
+// tokens one rank would sort; other policies sort none).
+inline Op on_ep_rank(Op op, int ep, bool batch_priority) {
   op.dispatch_choices *= ep;
+  op.priority_sort_tokens = batch_priority ? op.priority_sort_tokens * ep : 0;
   return op;
 }
+
+// A sort's comparisons, n log2 n, for n sorted tokens (0 below 2).
+inline double priority_sort_work(double n) { return n >= 2 ? n * std::log2(n) : 0; }
 
 }  // namespace moesim::cost

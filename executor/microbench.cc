@@ -1,7 +1,9 @@
 #include "executor/microbench.h"
 
 #include "costmodel/model.h"
+#include "costmodel/routing_model.h"
 #include "executor/layers.h"
+#include "executor/moe_layer.h"
 #include "traces/validation.h"
 
 #include <algorithm>
@@ -168,6 +170,41 @@ void gather_samples(Bench& bench, Backend& b, int64_t rows, int64_t cols, Microb
                       })});
 }
 
+// The MoE capacity decision (assign_capacity, the host work of every EP rank's dispatch) over
+// `tokens` tokens of 8 experts top-2, 1.0 capacity factor, under vanilla and batch-priority
+// dropping: the second sorts the tokens by their top gate probability first. Each call decides
+// the next of a ring of routings (hashed: distinct experts per token, priorities in (0, 1)) of
+// 256K tokens in all, as a step's routing changes from one decision to the next: a routing
+// repeated (or one of 16, for 256 tokens) lets the branch predictor learn the sort's comparisons,
+// and its extra time came out 5-7x under the step's.
+cost::SortSample capacity_sample(Bench& bench, int64_t tokens) {
+  constexpr int kExperts = 8, kTopK = 2;
+  const int kRoutings = static_cast<int>(std::clamp<int64_t>((int64_t{1} << 18) / tokens, 16, 1024));
+  std::vector<std::vector<int32_t>> expert(kRoutings, std::vector<int32_t>(static_cast<size_t>(tokens * kTopK)));
+  std::vector<std::vector<float>> priority(kRoutings, std::vector<float>(static_cast<size_t>(tokens)));
+  for (int r = 0; r < kRoutings; ++r)
+    for (int64_t t = 0; t < tokens; ++t) {
+      uint64_t h = (static_cast<uint64_t>(t) << 16 | static_cast<uint64_t>(r)) * 0x9E3779B97F4A7C15ull;
+      h ^= h >> 29;
+      h *= 0xBF58476D1CE4E5B9ull;
+      h ^= h >> 32;
+      const int first = static_cast<int>(h % kExperts);
+      expert[r][static_cast<size_t>(t * kTopK)] = first;
+      expert[r][static_cast<size_t>(t * kTopK + 1)] = (first + 1 + static_cast<int>((h >> 8) % (kExperts - 1))) % kExperts;
+      priority[r][static_cast<size_t>(t)] = static_cast<float>((h >> 20) % 1000000 + 1) / 1000001.0f;
+    }
+  const int64_t capacity = cost::expert_capacity(tokens, kExperts, kTopK, 1.0);
+  auto decide = [&](RoutingPolicy p) {
+    int r = 0;
+    return bench.time([&] {
+      assign_capacity(p, capacity, kExperts, kTopK, tokens, expert[r], priority[r]);
+      r = (r + 1) % kRoutings;
+    });
+  };
+  const double vanilla = decide(RoutingPolicy::kVanilla);
+  return {static_cast<double>(tokens), vanilla, decide(RoutingPolicy::kBatchPriority)};
+}
+
 // Every measured time of m, in one fixed order.
 template <typename F>
 void each_time(Microbenchmarks& m, F f) {
@@ -178,6 +215,10 @@ void each_time(Microbenchmarks& m, F f) {
   for (AttentionSample& s : m.attention) {
     f(s.forward_s);
     f(s.backward_s);
+  }
+  for (cost::SortSample& s : m.capacity) {
+    f(s.vanilla_s);
+    f(s.batch_priority_s);
   }
   for (auto* v : {&m.all_to_all, &m.all_reduce})
     for (CommSample& s : *v) f(s.seconds);
@@ -237,6 +278,8 @@ Microbenchmarks one_round(Backend& backend, Comm* world, const MicrobenchOptions
                              backend.adam_step(p.device_f32(), g.device_f32(), mo.device_f32(), v.device_f32(), n, h);
                            })});
   }
+  for (int64_t tokens : o.quick ? std::vector<int64_t>{256, 2048} : std::vector<int64_t>{256, 1024, 4096, 16384})
+    m.capacity.push_back(capacity_sample(bench, tokens));
   progress(0.85);
 
   if (world && world->size() > 1) {

@@ -24,6 +24,8 @@
 //                 a step's gathers find them, with the cost model's bytes
 //   optimizer     Adam steps over 4K..1M parameters (FLOPs cost::kAdamFlopsPerParameter each; bytes
 //                 the lowering's: parameters, gradients and both moments read and written)
+//   capacity      the MoE capacity decision (assign_capacity) over 256..16384 tokens under vanilla
+//                 and batch-priority dropping (the latter's sort: cost::fit_priority_sort)
 //   all_to_all, all_reduce  (2+ ranks) all-to-all-v of S bytes per rank's send buffer split evenly,
 //                 and all-reduces of S bytes, S from 1 KB to 4 MB, after a barrier each, each call
 //                 on the next of a ring of buffers beyond the last-level cache (as a step's
@@ -54,6 +56,7 @@ struct Microbenchmarks {
   std::vector<cost::KernelSample> gemm, grouped_gemm, norm, activation, elementwise, gather, optimizer;
   std::vector<cost::KernelSample> norm_backward, activation_backward;  // the backward kernels' FLOPs and bytes
   std::vector<AttentionSample> attention;
+  std::vector<cost::SortSample> capacity;
   std::vector<CommSample> all_to_all, all_reduce;
   int ranks = 1;
 };

@@ -39,19 +39,21 @@ const Estimator::LayerTimes& Estimator::layer_times(const cost::Setup& s, int li
   const cost::DType dtype = schedule::compute_dtype(wk);
   const workload::Recompute rc = wk.has_training() ? wk.training().recompute() : workload::NONE;
   const bool sp = s.strategy->sequence_parallel();
+  const bool batch_priority = s.strategy->drop_policy() == strategy::BATCH_PRIORITY;
   const auto key = std::make_tuple(static_cast<const void*>(&s.cost.layers[li]), li, s.layout.tp, s.layout.ep, sp,
-                                   tokens, static_cast<int>(rc), static_cast<int>(dtype));
+                                   batch_priority, tokens, static_cast<int>(rc), static_cast<int>(dtype));
   auto it = layer_cache_.find(key);
   if (it != layer_cache_.end()) return it->second;
   const cost::Layer& layer = s.cost.layers[li];
   const double scale = s.cost.tokens > 0 ? tokens / s.cost.tokens : 1;
   LayerTimes t;
   for (const cost::Op& model_op : layer.ops) {
-    cost::Op op = cost::on_ep_rank(model_op, s.layout.ep);
+    cost::Op op = cost::on_ep_rank(model_op, s.layout.ep, batch_priority);
     cost::scale_work(op, scale);
     op.m *= scale;
     op.routing_choices *= scale;
     op.dispatch_choices *= scale;
+    op.priority_sort_tokens *= scale;
     const bool split = op.kind == cost::OpKind::kGemm || op.kind == cost::OpKind::kGroupedGemm ||
                        op.kind == cost::OpKind::kAttention || sp;
     if (split && s.layout.tp > 1) cost::scale_work(op, 1.0 / s.layout.tp);

@@ -70,7 +70,7 @@ class Estimator {
   const topo::Cluster& cluster_;
   cost::DeviceProfile profile_;
   cost::CollectiveModel collectives_;
-  std::map<std::tuple<const void*, int, int, int, bool, double, int, int>, LayerTimes> layer_cache_;
+  std::map<std::tuple<const void*, int, int, int, bool, bool, double, int, int>, LayerTimes> layer_cache_;
   std::map<std::tuple<int, int, std::vector<int>, double>, double> collective_cache_;
   std::map<std::tuple<int, int, double, int, double>, double> imbalance_cache_;
 };

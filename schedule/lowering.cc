@@ -202,7 +202,7 @@ class Lowering {
     const cost::DeviceProfile& prof = profile(rank);
     for (const cost::Op& op : layer.ops) {
       if (part_of(layer, op.name) != part) continue;
-      add_times(&t, prof, cost::on_ep_rank(tp_split(op), l_.ep),
+      add_times(&t, prof, cost::on_ep_rank(tp_split(op), l_.ep, st_.drop_policy() == strategy::BATCH_PRIORITY),
                 recompute_ == workload::SELECTIVE && cost::recomputed_selectively(op));
     }
     return times_.emplace(key, t).first->second;

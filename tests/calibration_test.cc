@@ -207,6 +207,25 @@ TEST_CASE("An op with nothing the factor scales still counts") {
   CHECK(fit.factor == Approx(1.3).epsilon(0.02));
 }
 
+TEST_CASE("The batch-priority sort's time per n log2 n is what it adds to the vanilla decision") {
+  // Decisions at 20 ns per assignment plus 0.5 us, 8 experts top-2; batch priority sorts too, at
+  // 5 ns per n log2 n, with a +-3% scatter on the extra.
+  std::vector<SortSample> samples;
+  int i = 0;
+  for (double n : {256.0, 1024.0, 4096.0, 16384.0}) {
+    const double vanilla = 0.5e-6 + 20e-9 * 2 * n;
+    const double scatter = (i++ % 2 == 0 ? 1.03 : 0.97);
+    samples.push_back({n, vanilla, vanilla + scatter * 5e-9 * n * std::log2(n)});
+  }
+  CHECK(fit_priority_sort(samples) == Approx(5e-9).epsilon(0.02));
+  // A sort faster than noise (batch priority no slower): 0, never negative.
+  for (SortSample& s : samples) s.batch_priority_s = 0.9 * s.vanilla_s;
+  CHECK(fit_priority_sort(samples) == 0);
+  CHECK_THROWS_AS(fit_priority_sort({}), std::invalid_argument);
+  CHECK_THROWS_AS(fit_priority_sort({{1, 1e-6, 2e-6}}), std::invalid_argument);
+  CHECK_THROWS_AS(fit_priority_sort({{256, 0, 2e-6}}), std::invalid_argument);
+}
+
 TEST_CASE("The softmax's time per score and the time per group are told from the matmuls'") {
   // Attention cores timed by a known profile (constant efficiency 0.25 of 80 GFLOP/s, 9.5 ns per
   // score, 2 us per group): 4 h FLOPs per score element, head dims 16 and 32, 1-32 sequences of

@@ -285,6 +285,17 @@ TEST_CASE("a gate's routing time per token-choice adds to its top-k, unscaled, i
   dispatch.dispatch_choices = 2000;
   CHECK(cost::op_time(p, dispatch, DType::kFp32).host_s == Approx(2000 * 5e-9));
   CHECK(cost::op_time(p, cost::backward_ops(dispatch).at(0), DType::kFp32).host_s == 0);
+  // Under batch priority it also sorts its tokens by priority: n log2 n x priority_sort_s more;
+  // an EP rank sorts its group's tokens, other policies none.
+  profile::DeviceProfile sorted_spec = p.spec();
+  sorted_spec.set_priority_sort_s(4e-9);
+  const cost::DeviceProfile sorted = cost::DeviceProfile::from_spec(sorted_spec);
+  dispatch.priority_sort_tokens = 1000;
+  CHECK(cost::op_time(sorted, cost::on_ep_rank(dispatch, 2, false), DType::kFp32).host_s == Approx(4000 * 5e-9));
+  const Op bpr = cost::on_ep_rank(dispatch, 2, true);
+  CHECK(bpr.priority_sort_tokens == 2000);
+  CHECK(cost::op_time(sorted, bpr, DType::kFp32).host_s == Approx(4000 * 5e-9 + 2000 * std::log2(2000.0) * 4e-9));
+  CHECK(cost::op_time(sorted, cost::backward_ops(bpr).at(0), DType::kFp32).host_s == 0);
   // The model's MoE gates carry tokens x top_k choices.
   const cost::ModelCost m = cost::analyze(
       cost::load_model(std::string(MOESIM_SOURCE_DIR) + "/configs/models/moe-tiny.textproto"), {.sequence = 32, .tokens = 256});

@@ -483,6 +483,29 @@ TEST_CASE("a profile calibrated with more ranks per host scales a plan with fewe
   }
 }
 
+TEST_CASE("a batch-priority dispatch prices the sort of its EP group's tokens", "[lowering]") {
+  // 32 tokens per rank and micro-batch, EP = 8: under batch priority every rank of the group sorts
+  // the group's 256 tokens (256 log2 256 = 2048 at the profile's priority_sort_s); vanilla sorts none.
+  for (const char* policy : {"BATCH_PRIORITY", "VANILLA"}) {
+    const cost::Setup s = make_setup(fmt::format("dp: 8 ep: 8 drop_policy: {} capacity_factor: 1.25", policy));
+    cost::DeviceProfile plain = cost::default_profile(s.cluster->device_type(0));
+    profile::DeviceProfile spec = plain.spec();
+    spec.set_priority_sort_s(1e-8);
+    const cost::DeviceProfile priced = cost::DeviceProfile::from_spec(spec);
+    const Schedule a = schedule::lower(s, {.seed = 3, .profile = &plain});
+    const Schedule b = schedule::lower(s, {.seed = 3, .profile = &priced});
+    const RankSchedule &ra = rank(a, 2), &rb = rank(b, 2);
+    REQUIRE(ra.ops_size() == rb.ops_size());
+    const bool sorts = std::string(policy) == "BATCH_PRIORITY";
+    for (int i = 0; i < ra.ops_size(); ++i) {
+      INFO(policy << " " << ra.ops(i).id());
+      const bool permute = ra.ops(i).id().find(".moe.permute") != std::string::npos && ra.ops(i).id().ends_with("fwd");
+      const double extra = sorts && permute ? 256 * 8 * 1e-8 : 0;
+      CHECK(rb.ops(i).duration_s() == Approx(ra.ops(i).duration_s() + extra).margin(1e-8));  // ns-rounded
+    }
+  }
+}
+
 TEST_CASE("a dispatch's capacity decision is priced over its EP group's token-choices", "[lowering]") {
   // 32 tokens per rank and micro-batch, top-2: every rank of an EP group of 8 decides the group's
   // 8 x 32 x 2 choices; with EP = 1 the gate holds the dispatch and its rank's 64.

@@ -294,3 +294,20 @@ TEST_CASE("the estimate prices a dispatch's capacity decision over its EP group"
   CHECK(one > 0);
   CHECK(added(8) == Approx(8 * one).epsilon(1e-6));
 }
+
+TEST_CASE("the estimate prices a batch-priority dispatch's sort, apart from a vanilla plan's", "[planner]") {
+  const topo::Cluster cluster = topo::load_cluster(src("configs/hardware/dgx-h100.textproto"));
+  profile::DeviceProfile spec = cost::default_profile(cluster.device_type(0)).spec();
+  spec.set_priority_sort_s(1e-8);
+  const cost::DeviceProfile priced = cost::DeviceProfile::from_spec(spec);
+  planner::Estimator e(cluster, &priced);  // one estimator: its cached layer times must tell the policies apart
+  auto compute_s = [&](const char* policy) {
+    const cost::Setup s = cost::load_setup(
+        dgx(), tiny_model(), tiny_work(),
+        {"s", fmt::format("name: \"s\" dp: 8 ep: 8 drop_policy: {} capacity_factor: 1.25", policy)});
+    return e.estimate(s, planner::summarize(cost::estimate_memory(s))).compute_s;
+  };
+  const double vanilla = compute_s("VANILLA");
+  CHECK(compute_s("BATCH_PRIORITY") > vanilla);
+  CHECK(compute_s("VANILLA") == vanilla);
+}

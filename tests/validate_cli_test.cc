@@ -182,6 +182,10 @@ TEST_CASE("calibrate writes a cluster and profile that load back, and a store ro
   CHECK(p.routing_choice_s() > 0);
   CHECK(p.dispatch_choice_s() > 0);
   CHECK(p.spec().has_routing_backward_choice_s());
+  // The batch-priority sort, timed against the vanilla decision (its sort of 256-2048 tokens takes
+  // microseconds on any CPU).
+  CHECK(p.priority_sort_s() > 0);
+  CHECK(p.priority_sort_s() == Approx(c.priority_sort_s()));
   // Gathers are measured out of cache, the streaming kernels on warm buffers: slower per byte.
   CHECK(p.memory_bandwidth_efficiency(cost::OpKind::kEmbedding) < p.memory_bandwidth_efficiency(cost::OpKind::kElementwise));
   CHECK(Store::open(db).list_runs(RunKind::kCalibrate).size() == 1);
