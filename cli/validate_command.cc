@@ -76,7 +76,9 @@ void fill(const trace::Comparison& c, ValidateResult* out) {
   out->set_step_bias_pct(c.step.mean_pct);
   for (const auto& [kind, stats] : c.per_kind) {
     (*out->mutable_per_kind())[kind] = stats.median_abs_pct;
-    fill(stats, &(*out->mutable_per_kind_detail())[kind]);
+    KindErrors* k = &(*out->mutable_per_kind_detail())[kind];
+    fill(stats, k);
+    k->set_share_pct(c.kind_share_pct.count(kind) ? c.kind_share_pct.at(kind) : 0);
   }
   std::vector<double> predicted, measured;
   for (const trace::OpError& e : c.ops) {
@@ -110,12 +112,14 @@ void print_result(const ValidateResult& r) {
                            signed_pct(r.step_bias_pct()));
   std::cout << fmt::format("ops matched    {} (unmatched {}); op-order Kendall tau {:.2f}\n\n", r.matched_ops(),
                            r.unmatched_ops(), r.kendall_tau());
-  std::cout << fmt::format("{:<14} {:>5} {:>14} {:>10}\n", "op kind", "ops", "median |err|", "bias");
+  std::cout << fmt::format("{:<14} {:>5} {:>14} {:>10} {:>14}\n", "op kind", "ops", "median |err|", "bias",
+                           "share of time");
   std::vector<std::pair<std::string, KindErrors>> kinds(r.per_kind_detail().begin(), r.per_kind_detail().end());
   std::sort(kinds.begin(), kinds.end(),
             [](const auto& x, const auto& y) { return x.second.median_abs_pct() < y.second.median_abs_pct(); });
   for (const auto& [kind, k] : kinds)
-    std::cout << fmt::format("{:<14} {:>5} {:>13.1f}% {:>10}\n", kind, k.ops(), k.median_abs_pct(), signed_pct(k.mean_pct()));
+    std::cout << fmt::format("{:<14} {:>5} {:>13.1f}% {:>10} {:>13.1f}%\n", kind, k.ops(), k.median_abs_pct(),
+                             signed_pct(k.mean_pct()), k.share_pct());
   std::cout << "\nworst ops:\n";
   for (const OpErrorEntry& w : r.worst_ops())
     std::cout << fmt::format("  {:<34} rank {}  predicted {:>10}  measured {:>10}  {}\n", w.op_id(), w.rank(),
@@ -503,11 +507,14 @@ int validate_suite(const Args& a) {
   }
   if (progress) std::cerr << '\r' << std::string(40, ' ') << '\r';
   // Per kind over every plan: each plan's median for a kind stands for its ops of that kind.
-  std::map<std::string, std::vector<double>> pooled;
+  std::map<std::string, std::vector<double>> pooled, shares;
   for (const ValidateResult& r : suite.plans())
-    for (const auto& [kind, k] : r.per_kind_detail())
+    for (const auto& [kind, k] : r.per_kind_detail()) {
       for (int i = 0; i < k.ops(); ++i) pooled[kind].push_back(k.median_abs_pct());
+      shares[kind].push_back(k.share_pct());
+    }
   for (const auto& [kind, v] : pooled) (*suite.mutable_per_kind())[kind] = trace::quantile(v, 0.5);
+  for (const auto& [kind, v] : shares) (*suite.mutable_per_kind_share_pct())[kind] = trace::quantile(v, 0.5);
   const trace::ErrorStats s = trace::error_stats(step_errors);
   suite.set_median_abs_pct_error(s.median_abs_pct);
   suite.set_p90_abs_pct_error(s.p90_abs_pct);
@@ -529,10 +536,11 @@ int validate_suite(const Args& a) {
   std::cout << fmt::format("\nstep time: median |error| {:.1f}%, p90 {:.1f}%, max {:.1f}%; plan ranking Kendall tau {:.2f}\n",
                            suite.median_abs_pct_error(), suite.p90_abs_pct_error(), suite.max_abs_pct_error(),
                            suite.kendall_tau());
-  std::cout << "per op kind (median |error|):";
+  std::cout << "per op kind (median |error|, in brackets its median share of a plan's measured op time):";
   std::vector<std::pair<std::string, double>> kinds(suite.per_kind().begin(), suite.per_kind().end());
   std::sort(kinds.begin(), kinds.end(), [](const auto& x, const auto& y) { return x.second < y.second; });
-  for (const auto& [kind, v] : kinds) std::cout << fmt::format(" {} {:.1f}%", kind, v);
+  for (const auto& [kind, v] : kinds)
+    std::cout << fmt::format(" {} {:.1f}% ({:.1f}%)", kind, v, suite.per_kind_share_pct().at(kind));
   if (suite.has_pace_vs_calibration_pct())
     std::cout << fmt::format("\nmachine pace: the calibration step runs {:+.1f}% against when it was calibrated (every "
                              "plan's error moves with it; recalibrate when it is large)",
@@ -588,7 +596,8 @@ std::vector<Command> validate_commands() {
        "                    the pass with the median measured step time is compared (every pass is stored)\n"
        "  --predicted/--measured  join two trace files (.pb/.textproto) without running anything\n\n"
        "--json carries median_abs_pct_error, p90_abs_pct_error, per_kind, kendall_tau, unmatched_ops\n"
-       "(the suite also pace_vs_calibration_pct).\n"
+       "(the suite also pace_vs_calibration_pct and per_kind_share_pct: each kind's median share of a\n"
+       "plan's measured op time).\n"
        "The executor computes in fp32: the workload's precision must be FP32. Exit 2 on bad input.\n",
        {{"--feedback", "--suite"},
         {"--plan", "--scenario", "--profile", "--ranks", "--steps", "--warmup", "--routing-out", "--trace", "--db",

@@ -69,6 +69,12 @@ TEST_CASE("validate runs a tiny plan on 2 ranks and matches every op of both ran
   for (const char* kind : {"embed", "attention", "gate", "dispatch_a2a", "experts", "combine_a2a", "combine", "head",
                            "all_reduce", "optimizer"})
     CHECK(v.per_kind().count(kind) == 1);
+  double shares = 0;
+  for (const auto& [kind, k] : v.per_kind_detail()) {
+    CHECK(k.share_pct() > 0);
+    shares += k.share_pct();
+  }
+  CHECK(shares == Approx(100));
   std::set<int> ranks;
   for (const cli::OpErrorEntry& e : v.ops()) {
     ranks.insert(e.rank());
@@ -145,6 +151,14 @@ TEST_CASE("validate --suite reports the machine's pace against its calibration")
   REQUIRE(r.exit_code == 0);
   const cli::ValidateSuiteResult s = parse_json<cli::ValidateSuiteResult>(r.out);
   CHECK(s.plans_size() == 10);
+  // Every kind's median share of a plan's op time beside its error; the MLP only in the dense
+  // plans, the experts only in the MoE ones.
+  CHECK(s.per_kind_share_pct().size() == s.per_kind().size());
+  for (const auto& [kind, share] : s.per_kind_share_pct()) {
+    INFO(kind);
+    CHECK(share > 0);
+    CHECK(share < 100);
+  }
   REQUIRE(s.has_pace_vs_calibration_pct());
   CHECK(s.pace_vs_calibration_pct() < -99.9);
   CHECK(s.pace_vs_calibration_pct() > -100);

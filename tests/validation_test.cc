@@ -80,6 +80,10 @@ TEST_CASE("The join recovers known per-op and per-kind errors, collectives from 
   }
   CHECK(c.per_kind.at("attention").median_abs_pct == Approx(25));
   CHECK(c.per_kind.at("experts").mean_pct == Approx(-20));
+  // Shares of the measured op time, 80 + 40 + 250 us per rank.
+  CHECK(c.kind_share_pct.at("attention") == Approx(80.0 / 370 * 100));
+  CHECK(c.kind_share_pct.at("dispatch_a2a") == Approx(40.0 / 370 * 100));
+  CHECK(c.kind_share_pct.at("experts") == Approx(250.0 / 370 * 100));
   // A measured step: 80 + 30 + 40 + 250 = 400 us; predicted 360 us: -10% in each compared step.
   CHECK(c.measured_step_quiet_s == Approx(400e-6));
   CHECK(c.step_error_pct == Approx(-10));

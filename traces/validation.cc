@@ -186,11 +186,15 @@ Comparison compare(const Trace& predicted, const Trace& measured, const CompareO
     c.measured_step_s.push_back(t);
     if (t > 0) step_errors.push_back((options.predicted_step_s - t) / t * 100);
   }
+  double measured_total_s = 0;
   for (const OpError& e : c.ops) {
+    measured_total_s += e.measured_s;
+    c.kind_share_pct[e.kind] += e.measured_s;
     if (!std::isfinite(e.error_pct)) continue;
     kind_errors[e.kind].push_back(e.error_pct);
     all_errors.push_back(e.error_pct);
   }
+  for (auto& [kind, share] : c.kind_share_pct) share = measured_total_s > 0 ? share / measured_total_s * 100 : 0;
   c.compared_steps = static_cast<int>(by_step.size());
   for (int step : quiet) c.measured_step_quiet_s += step_time.at(step) / static_cast<double>(quiet.size());
   if (c.measured_step_quiet_s > 0)

@@ -93,6 +93,9 @@ struct Comparison {
   double step_error_pct = 0;                // predicted against measured_step_quiet_s
   ErrorStats step;                          // step-time errors, one per compared step
   std::map<std::string, ErrorStats> per_kind;
+  // Each kind's share of the matched ops' measured time (every rank), percent: what its error
+  // weighs in the step (a kind 50% off at 1% of the time moves the step by 0.5%).
+  std::map<std::string, double> kind_share_pct;
   ErrorStats all_ops;
   int compared_steps = 0;
 
