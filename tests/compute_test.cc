@@ -515,6 +515,18 @@ TEST_CASE("bad profile: every problem is reported, in file order") {
   CHECK((d[4].line == 4 && d[4].field_path == "compute[0].point[0].flops"));
 }
 
+TEST_CASE("bad profile: the host terms per choice and per sort must be finite and >= 0") {
+  for (const char* field : {"routing_choice_s", "dispatch_choice_s", "routing_backward_choice_s", "priority_sort_s"}) {
+    std::vector<Diagnostic> d = diagnostics_of(fmt::format("device {{ preset: \"h100-sxm5\" }}\n{}: -1e-9\n", field));
+    INFO(describe(d));
+    REQUIRE(d.size() == 1);
+    CHECK(d[0].line == 2);
+    CHECK(d[0].field_path == field);
+  }
+  CHECK(cost::load_device_profile_text("device { preset: \"h100-sxm5\" }\npriority_sort_s: 0\n", "zero.textproto")
+            .priority_sort_s() == 0);
+}
+
 TEST_CASE("from_spec validates a profile built in code") {
   profile::DeviceProfile spec;
   spec.mutable_device()->set_preset("h100-sxm5");
