@@ -268,10 +268,16 @@ MOESIM_HOST_DEVICE inline double ce_row_loss(const float* z, double m, double ex
   return m + log(exp_sum) - static_cast<double>(z[y]);
 }
 
+// dz_v from its exponential exp(z_v - m) (the CPU keeps a row's exponentials from the sum; a GPU
+// thread computes its own again).
+MOESIM_HOST_DEVICE inline float ce_grad_element(double exp_zv, double exp_sum, bool target, double grad_scale) {
+  return static_cast<float>((exp_zv / exp_sum - (target ? 1.0 : 0.0)) * grad_scale);
+}
+
 MOESIM_HOST_DEVICE inline void ce_grad_part(const float* z, double m, double exp_sum, int32_t y, double grad_scale,
                                             float* dz, int64_t V, int64_t begin, int64_t stride) {
   for (int64_t v = begin; v < V; v += stride)
-    dz[v] = static_cast<float>((exp(static_cast<double>(z[v]) - m) / exp_sum - (v == y ? 1.0 : 0.0)) * grad_scale);
+    dz[v] = ce_grad_element(exp(static_cast<double>(z[v]) - m), exp_sum, v == y, grad_scale);
 }
 
 // ---- MoE combine and its backward ---------------------------------------------------------------
