@@ -244,16 +244,23 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
   for (int step : quiet) out.step_s += step_time.at(step) / static_cast<double>(quiet.size());
   const std::map<std::pair<std::string, int>, double> times = trace::mean_op_times(measured, quiet);
   const std::map<std::pair<std::string, int>, trace::HostRouting> host_times = trace::mean_host_routing(measured, quiet);
-  // Every kind's factor doubled: an op's time grows by exactly the part the factor scales.
-  profile::DeviceProfile doubled_spec = spec;
-  doubled_spec.clear_in_situ();
+  // The kernels' factors (every kind of kInSituKinds, then the gathers') times these: an op's
+  // time grows by exactly the part a doubled factor scales.
   const cost::DeviceProfile given = cost::DeviceProfile::from_spec(spec, "calibration profile");
-  for (const auto& [kind, pkind] : kInSituKinds) {
-    profile::InSituFactor* f = doubled_spec.add_in_situ();
-    f->set_op(pkind);
-    f->set_time_factor(2 * given.in_situ_time_factor(kind));
-  }
-  const schedule::Schedule doubled = lower_with(doubled_spec);
+  auto with_factors = [&](double kernels, double gathers) {
+    profile::DeviceProfile s = spec;
+    s.clear_in_situ();
+    for (const auto& [kind, pkind] : kInSituKinds) {
+      profile::InSituFactor* f = s.add_in_situ();
+      f->set_op(pkind);
+      f->set_time_factor(kernels * given.in_situ_time_factor(kind));
+    }
+    profile::InSituFactor* g = s.add_in_situ();
+    g->set_op(profile::EMBEDDING);
+    g->set_time_factor(gathers * given.in_situ_time_factor(cost::OpKind::kEmbedding));
+    return lower_with(s);
+  };
+  const schedule::Schedule doubled = with_factors(2, 1), gathers_doubled = with_factors(1, 2);
   // Each op's token-choices per host term: its time grows by them times a probe added to the
   // term's time per choice.
   constexpr double kProbe_s = 1e-6;
@@ -297,6 +304,7 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
     terms.gate.push_back(probed(routed));
     terms.dispatch.push_back(probed(dispatched));
     terms.gate_backward.push_back(probed(routed_backward));
+    terms.gather.push_back(std::max(gathers_doubled.ranks(slowest).ops(i).duration_s() - op.duration_s(), 0.0));
     const auto h = host_times.find({op.id(), base.ranks(slowest).rank()});
     host.routing_s.push_back(h == host_times.end() ? 0 : h->second.routing_s);
     host.dispatch_s.push_back(h == host_times.end() ? 0 : h->second.dispatch_s);
@@ -600,6 +608,9 @@ int calibrate(const Args& a) {
       f->set_op(pkind);
       f->set_time_factor(in_situ.fit.factor);
     }
+    profile::InSituFactor* gathers = spec.add_in_situ();
+    gathers->set_op(profile::EMBEDDING);
+    gathers->set_time_factor(in_situ.fit.gather_factor);
     spec.set_op_overhead_s(in_situ.fit.op_overhead_s);
     spec.set_routing_choice_s(in_situ.fit.routing_choice_s);
     spec.set_dispatch_choice_s(in_situ.fit.dispatch_choice_s);
@@ -612,6 +623,7 @@ int calibrate(const Args& a) {
     if (!root) return kExitOk;
     if (spec.has_alone_time_factor()) r.set_alone_time_factor(spec.alone_time_factor());
     r.set_in_situ_factor(in_situ.fit.factor);
+    r.set_in_situ_gather_factor(in_situ.fit.gather_factor);
     r.set_op_overhead_s(in_situ.fit.op_overhead_s);
     r.set_routing_choice_s(in_situ.fit.routing_choice_s);
     r.set_dispatch_choice_s(in_situ.fit.dispatch_choice_s);
@@ -692,9 +704,10 @@ int calibrate(const Args& a) {
     std::cout << fmt::format("attention core       {} per score, {} per group (sequence x head)\n",
                              format_seconds(r.softmax_score_s()), format_seconds(r.attention_group_s()));
     std::cout << fmt::format("batch-priority sort  {} per token x log2(tokens)\n", format_seconds(r.priority_sort_s()));
-    std::cout << fmt::format("in a training step   kernels x {:.3f}, {} per op around them; per token-choice {} in a "
-                             "gate, {} in its backward, {} in a dispatch{}\n",
-                             r.in_situ_factor(), format_seconds(r.op_overhead_s()), format_seconds(r.routing_choice_s()),
+    std::cout << fmt::format("in a training step   kernels x {:.3f}, gathers x {:.3f}, {} per op around them; per "
+                             "token-choice {} in a gate, {} in its backward, {} in a dispatch{}\n",
+                             r.in_situ_factor(), r.in_situ_gather_factor(), format_seconds(r.op_overhead_s()),
+                             format_seconds(r.routing_choice_s()),
                              format_seconds(r.routing_backward_choice_s()), format_seconds(r.dispatch_choice_s()),
                              spec.has_alone_time_factor()
                                  ? fmt::format("; a rank alone x {:.3f}", r.alone_time_factor())

@@ -170,8 +170,8 @@ LinkFit link_fit(const std::vector<LinkSample>& samples, double step_overhead_s,
 
 InSituFit fit_in_situ(const std::vector<double>& c, const std::vector<double>& b, const std::vector<double>& t,
                       const InSituTerms& terms, const InSituHost& host) {
-  // An op with nothing the factor scales (a gather: its kind has no in-situ factor) still tells the
-  // overhead: a permutation is its gather and its dispatch's decision.
+  // An op with nothing the factor scales (c = 0: a permutation is its gather and its dispatch's
+  // decision) still tells the overhead.
   auto used = [&](size_t j) { return c[j] >= 0 && t[j] > 0; };
   InSituFit fit;
   // Each host term's time per choice: its ops' measured seconds over their choices.
@@ -187,26 +187,36 @@ InSituFit fit_in_situ(const std::vector<double>& c, const std::vector<double>& b
   fit.routing_choice_s = rate(terms.gate, host.routing_s);
   fit.routing_backward_choice_s = rate(terms.gate_backward, host.routing_s);
   fit.dispatch_choice_s = rate(terms.dispatch, host.dispatch_s);
-  // The rest, t - b - the measured host seconds = f c + h.
-  double scaled = 0, rest = 0, ops = 0;
-  LeastSquares f(2);
+  // The rest, t - (b - d) - the measured host seconds = f c + f_g d + h, by least squares on
+  // relative errors for h and f_g; then f from the measured sum.
+  bool gathers = false;
+  for (size_t j = 0; j < c.size(); ++j) gathers = gathers || (used(j) && at_or_zero(terms.gather, j) > 0);
+  double scaled = 0, rest = 0, gathered = 0, ops = 0;
+  LeastSquares f(gathers ? 3 : 2);
   for (size_t j = 0; j < c.size(); ++j)
     if (used(j)) {
-      const double r = t[j] - b[j] - at_or_zero(host.routing_s, j) - at_or_zero(host.dispatch_s, j);
+      const double d = at_or_zero(terms.gather, j);
+      const double r = t[j] - (b[j] - d) - at_or_zero(host.routing_s, j) - at_or_zero(host.dispatch_s, j);
       scaled += c[j];
+      gathered += d;
       rest += r;
       ops += 1;
-      f.add({c[j], 1}, r, 1 / (t[j] * t[j]));
+      if (gathers) f.add({c[j], 1, d}, r, 1 / (t[j] * t[j]));
+      else f.add({c[j], 1}, r, 1 / (t[j] * t[j]));
     }
   if (scaled <= 0) return fit;
-  if (const auto x = f.solve(); x && (*x)[1] > 0) fit.op_overhead_s = std::min((*x)[1], std::max(rest, 0.0) / ops);
-  fit.factor = std::clamp((rest - ops * fit.op_overhead_s) / scaled, 0.1, 10.0);
+  if (const auto x = f.solve()) {
+    if (gathers) fit.gather_factor = std::clamp((*x)[2], 0.1, 10.0);
+    if ((*x)[1] > 0) fit.op_overhead_s = std::min((*x)[1], std::max(rest - fit.gather_factor * gathered, 0.0) / ops);
+  }
+  fit.factor = std::clamp((rest - fit.gather_factor * gathered - ops * fit.op_overhead_s) / scaled, 0.1, 10.0);
   return fit;
 }
 
 double InSituFit::time_s(double scaled, double fixed, const InSituTerms& terms, size_t j) const {
-  return fixed + factor * scaled + op_overhead_s + routing_choice_s * at_or_zero(terms.gate, j) +
-         dispatch_choice_s * at_or_zero(terms.dispatch, j) + routing_backward_choice_s * at_or_zero(terms.gate_backward, j);
+  return fixed + (gather_factor - 1) * at_or_zero(terms.gather, j) + factor * scaled + op_overhead_s +
+         routing_choice_s * at_or_zero(terms.gate, j) + dispatch_choice_s * at_or_zero(terms.dispatch, j) +
+         routing_backward_choice_s * at_or_zero(terms.gate_backward, j);
 }
 
 AttentionCoreFit fit_attention_core(const std::vector<KernelSample>& samples, double launch_s) {

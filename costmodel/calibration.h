@@ -71,13 +71,18 @@ double fit_backward_factor(const DeviceProfile& profile, OpKind kind, const std:
 // set it; the ops' sizes spread over decades, which tells h from f), floored at 0 and capped by
 // what the measured sum leaves; and f = (sum_j (t_j - b_j - u_j - v_j) - n h) / sum_j c_j, so that
 // the predicted sum of the ops is the measured one (a step is a sum of ops). f is clamped to
-// [0.1, 10]; f = 1 and the rest 0 without ops. An op with no scaled part (c_j = 0: a gather,
-// whose kind has no in-situ factor) counts for h.
+// [0.1, 10]; f = 1 and the rest 0 without ops.
+// Gathers (EMBEDDING kernels: lookups, the dispatch's and the combine's row gathers) have their
+// own factor f_g: their time d_j (a part of b_j, at the profile's out-of-cache rate) depends on
+// what a step leaves in cache, which the other kernels' does not; h and f_g then come from
+// t_j - (b_j - d_j) - u_j - v_j = f c_j + f_g d_j + h (the same least squares), f_g clamped to
+// [0.1, 10] (1 without gathers), and f keeps the measured sum with f_g d_j in it.
 // Op j's entry of a per-op vector of InSituTerms or InSituHost: 0 past a shorter vector's end.
 inline double at_or_zero(const std::vector<double>& v, size_t j) { return j < v.size() ? v[j] : 0.0; }
 struct InSituTerms {
-  // Per op; shorter vectors: 0 past their end.
-  std::vector<double> gate = {}, dispatch = {}, gate_backward = {};
+  // Per op; shorter vectors: 0 past their end. Token-choices per host term, and `gather`: the
+  // seconds of the op's gathers at the profile's rate (d_j, part of its fixed time b_j).
+  std::vector<double> gate = {}, dispatch = {}, gate_backward = {}, gather = {};
 };
 struct InSituHost {
   // Per op, seconds (trace Span routing_host_s, dispatch_host_s); shorter vectors: 0 past their end.
@@ -89,7 +94,8 @@ struct InSituFit {
   double routing_choice_s = 0;
   double dispatch_choice_s = 0;
   double routing_backward_choice_s = 0;
-  // Op j's time through the fit: b_j + f c_j + h + its host terms' counts x their times.
+  double gather_factor = 1;  // f_g
+  // Op j's time through the fit: b_j + (f_g - 1) d_j + f c_j + h + its host terms' counts x their times.
   double time_s(double scaled, double fixed, const InSituTerms& terms, size_t j) const;
 };
 InSituFit fit_in_situ(const std::vector<double>& scaled, const std::vector<double>& fixed,

@@ -178,6 +178,29 @@ TEST_CASE("The host terms' times per choice come from the seconds measured in th
   CHECK(blind.op_overhead_s > 4.1e-6);
 }
 
+TEST_CASE("Gathers get their own factor, fitted on the ops that hold them") {
+  // The twelve ops of synthetic_step, 1.3x and 4 us around each; three hold gathers of 10, 20 and
+  // 40 us at the profile's rate (in their fixed part) that run at half that in the step, one of
+  // them a gather alone (nothing the factor scales, as a permutation).
+  InSituTerms terms;
+  terms.gather = counts_at(1, 10e-6, 4, 20e-6);
+  terms.gather[6] = 40e-6;
+  const InSituFit truth{.factor = 1.3, .op_overhead_s = 4e-6, .gather_factor = 0.5};
+  auto [c, b, t] = synthetic_step(truth, {});
+  for (size_t j = 0; j < c.size(); ++j) {
+    if (j == 4) c[j] = 0;
+    b[j] += terms.gather[j];
+    t[j] = truth.time_s(c[j], b[j], terms, j);
+  }
+  const InSituFit fit = fit_in_situ(c, b, t, terms);
+  CHECK(fit.gather_factor == Approx(0.5).epsilon(0.02));
+  CHECK(fit.factor == Approx(1.3).epsilon(0.02));
+  CHECK(fit.op_overhead_s == Approx(4e-6).epsilon(0.02));
+  for (size_t j = 0; j < c.size(); ++j) CHECK(fit.time_s(c[j], b[j], terms, j) == Approx(t[j]).epsilon(0.02));
+  // Not told which ops hold gathers: factor 1 for them, the others' fit absorbs the difference.
+  CHECK(fit_in_situ(c, b, t).gather_factor == 1);
+}
+
 TEST_CASE("A gate holding its dispatch has both measured apart") {
   // EP = 1: each gate holds its dispatch's decision, 256 and 512 choices of each, at 80 and 12 ns
   // per choice, measured apart inside the op.

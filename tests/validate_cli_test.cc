@@ -200,6 +200,12 @@ TEST_CASE("calibrate writes a cluster and profile that load back, and a store ro
   // microseconds on any CPU).
   CHECK(p.priority_sort_s() > 0);
   CHECK(p.priority_sort_s() == Approx(c.priority_sort_s()));
+  // The gathers' own in-situ factor, fitted on the calibration step's lookups, permutations and
+  // combines.
+  CHECK(c.in_situ_gather_factor() >= 0.1);
+  CHECK(c.in_situ_gather_factor() <= 10);
+  CHECK(p.in_situ_time_factor(cost::OpKind::kEmbedding) == Approx(c.in_situ_gather_factor()));
+  CHECK(p.in_situ_time_factor(cost::OpKind::kGemm) == Approx(c.in_situ_factor()));
   // Gathers are measured out of cache, the streaming kernels on warm buffers: slower per byte.
   CHECK(p.memory_bandwidth_efficiency(cost::OpKind::kEmbedding) < p.memory_bandwidth_efficiency(cost::OpKind::kElementwise));
   CHECK(Store::open(db).list_runs(RunKind::kCalibrate).size() == 1);
