@@ -203,7 +203,7 @@ ActivationBytes ffn_block(LayerBuilder& b, const model::Transformer& t, const Tr
   // The capacity decision and the send layout, host work over every assignment of the EP group
   // (the lowering scales these to the group).
   l->ops.back().dispatch_choices = tokens * k;
-  l->ops.back().priority_sort_tokens = tokens;  // sorted only under batch priority (on_ep_rank)
+  l->ops.back().dispatch_tokens = tokens;  // sorted under batch priority (on_ep_rank)
   b.gemm(prefix + ".experts.up", rows, d.h, up, static_cast<int64_t>(E), OpKind::kGroupedGemm);
   b.activation(prefix + ".experts.act", tokens * k * fe, tokens * k * (up + fe) * e);
   b.gemm(prefix + ".experts.down", rows, fe, d.h, static_cast<int64_t>(E), OpKind::kGroupedGemm);

@@ -54,9 +54,11 @@ struct Op {
   // An MoE dispatch: the token-choices its capacity decision and send layout go over (the EP
   // group's, once lowered), timed by the profile's dispatch_choice_s on top (0 elsewhere).
   double dispatch_choices = 0;
-  // An MoE dispatch under batch-priority dropping: the tokens its capacity decision sorts by their
-  // top gate probability (the EP group's, once lowered; 0 for other policies and ops), timed by the
-  // profile's priority_sort_s per priority_sort_work (n log2 n) on top.
+  // An MoE dispatch: the tokens its capacity decision goes over (one rank's), and those it sorts by
+  // their top gate probability under batch-priority dropping: the EP group's, set by on_ep_rank for
+  // that policy alone (0 in the model's ops), timed by the profile's priority_sort_s per
+  // priority_sort_work (n log2 n) on top.
+  double dispatch_tokens = 0;
   double priority_sort_tokens = 0;
   // A row gather (kEmbedding): the distinct source rows' bytes, part of `bytes` (the rest is what
   // it writes). Its backward reads the written rows' gradient and adds into the source's: the
@@ -75,11 +77,10 @@ inline void scale_work(Op& op, double f) {
 
 // `op` as one rank of an expert-parallel group of `ep` ranks runs it: a dispatch decides the whole
 // group's routing (every rank derives the exchange pattern), so its choices are the group's, and
-// under batch-priority dropping it sorts the group's tokens (the model's dispatch carries the
-// tokens one rank would sort; other policies sort none).
+// under batch-priority dropping it sorts the group's tokens (other policies sort none).
 inline Op on_ep_rank(Op op, int ep, bool batch_priority) {
   op.dispatch_choices *= ep;
-  op.priority_sort_tokens = batch_priority ? op.priority_sort_tokens * ep : 0;
+  op.priority_sort_tokens = batch_priority ? op.dispatch_tokens * ep : 0;
   return op;
 }
 

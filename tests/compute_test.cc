@@ -290,7 +290,8 @@ TEST_CASE("a gate's routing time per token-choice adds to its top-k, unscaled, i
   profile::DeviceProfile sorted_spec = p.spec();
   sorted_spec.set_priority_sort_s(4e-9);
   const cost::DeviceProfile sorted = cost::DeviceProfile::from_spec(sorted_spec);
-  dispatch.priority_sort_tokens = 1000;
+  dispatch.dispatch_tokens = 1000;
+  CHECK(cost::op_time(sorted, dispatch, DType::kFp32).host_s == Approx(2000 * 5e-9));  // no policy: no sort
   CHECK(cost::op_time(sorted, cost::on_ep_rank(dispatch, 2, false), DType::kFp32).host_s == Approx(4000 * 5e-9));
   const Op bpr = cost::on_ep_rank(dispatch, 2, true);
   CHECK(bpr.priority_sort_tokens == 2000);

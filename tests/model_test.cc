@@ -114,9 +114,10 @@ TEST_CASE("An MoE layer's gathers and host routing, and the embedding's lookups"
   CHECK(op("L0", "L0.moe.topk").dispatch_choices == 0);
   CHECK(op("L0", "L0.moe.dispatch").dispatch_choices == 512);
   CHECK(op("L0", "L0.moe.dispatch").routing_choices == 0);
-  // The tokens a batch-priority decision would sort (the lowering keeps them only under that policy).
-  CHECK(op("L0", "L0.moe.dispatch").priority_sort_tokens == 256);
-  CHECK(op("L0", "L0.moe.combine").priority_sort_tokens == 0);
+  // The tokens its decision goes over; none sorted until the lowering knows the policy.
+  CHECK(op("L0", "L0.moe.dispatch").dispatch_tokens == 256);
+  CHECK(op("L0", "L0.moe.dispatch").priority_sort_tokens == 0);
+  CHECK(op("L0", "L0.moe.combine").dispatch_tokens == 0);
   // The router's softmax over 4 experts, counted as a loss's per logit; its gradient is the
   // backward's host term, with no FLOPs of its own.
   CHECK(op("L0", "L0.moe.topk").flops == kLossFlopsPerLogit * 256 * 4);
