@@ -172,6 +172,11 @@ class Lowering {
     return it->second;
   }
 
+  // The kernel as this rank of its EP group runs it (cost::on_ep_rank).
+  cost::Op on_ep_rank(const cost::Op& op) const {
+    return cost::on_ep_rank(op, l_.ep, st_.drop_policy() == strategy::BATCH_PRIORITY);
+  }
+
   // The kernel split over tensor parallelism.
   cost::Op tp_split(cost::Op op) const {
     const bool split = op.kind == cost::OpKind::kGemm || op.kind == cost::OpKind::kGroupedGemm ||
@@ -202,7 +207,7 @@ class Lowering {
     const cost::DeviceProfile& prof = profile(rank);
     for (const cost::Op& op : layer.ops) {
       if (part_of(layer, op.name) != part) continue;
-      add_times(&t, prof, cost::on_ep_rank(tp_split(op), l_.ep, st_.drop_policy() == strategy::BATCH_PRIORITY),
+      add_times(&t, prof, on_ep_rank(tp_split(op)),
                 recompute_ == workload::SELECTIVE && cost::recomputed_selectively(op));
     }
     return times_.emplace(key, t).first->second;
@@ -932,7 +937,7 @@ class Lowering {
         }
         o.bytes = batch * ctx * mc_.layers[li].kv_cache_bytes;
       }
-      const cost::Op split = tp_split(o);
+      const cost::Op split = on_ep_rank(tp_split(o));
       t += cost::op_time(prof, split, dtype_).time_s;
       flops += split.flops;
     }

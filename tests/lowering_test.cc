@@ -432,6 +432,22 @@ TEST_CASE("inference: prefill through the layers, then one decode iteration per 
   CHECK(!has(r, "optimizer"));
 }
 
+TEST_CASE("a decode iteration prices its dispatch's decision over the EP group, as training does", "[lowering]") {
+  const std::string work = R"(name: "serve" inference { batch: 8 prompt_tokens: 16 generated_tokens: 3 })";
+  auto added = [&](int ep) {  // what dispatch_choice_s adds to a decode iteration of an MoE layer
+    const cost::Setup s = make_setup(fmt::format("dp: 8 ep: {} drop_policy: NO_DROP", ep), work);
+    cost::DeviceProfile plain = cost::default_profile(s.cluster->device_type(0));
+    profile::DeviceProfile spec = plain.spec();
+    spec.set_dispatch_choice_s(1e-8);
+    const cost::DeviceProfile priced = cost::DeviceProfile::from_spec(spec);
+    return find(rank(schedule::lower(s, {.seed = 3, .profile = &priced}), 2), "L1 decode1").duration_s() -
+           find(rank(schedule::lower(s, {.seed = 3, .profile = &plain}), 2), "L1 decode1").duration_s();
+  };
+  const double one = added(1);
+  CHECK(one > 0);
+  CHECK(added(8) == Approx(8 * one).epsilon(1e-3));
+}
+
 TEST_CASE("lowering is deterministic in its seed", "[lowering]") {
   const cost::Setup s = make_setup("dp: 8 ep: 8");
   const std::string a = schedule::lower(s, {.seed = 11}).SerializeAsString();
