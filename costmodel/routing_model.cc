@@ -389,7 +389,6 @@ std::vector<double> dataset_mixture_probabilities(const RoutingDistribution& d, 
 // Buffer filling.
 
 struct FillCounts {
-  std::vector<int64_t> dropped_by_block;  // per block of tokens (fill_buffers' blocks)
   int64_t dropped = 0;
   int64_t fully_dropped_tokens = 0;
   int64_t primary_dropped = 0;
@@ -397,11 +396,9 @@ struct FillCounts {
   double total_gate = 0;
 };
 
-// Fills buffers in policy order; expert e keeps its first keep[e] assignments. Drops are also
-// counted per block of tokens: `blocks` equal blocks in token order.
-FillCounts fill_buffers(const TokenRoutes& r, strategy::DropPolicy policy, const std::vector<int64_t>& keep, int blocks) {
+// Fills buffers in policy order; expert e keeps its first keep[e] assignments.
+FillCounts fill_buffers(const TokenRoutes& r, strategy::DropPolicy policy, const std::vector<int64_t>& keep) {
   FillCounts c;
-  c.dropped_by_block.assign(static_cast<size_t>(blocks), 0);
   const int k = r.top_k;
   std::vector<int64_t> used(keep.size(), 0);
   std::vector<int> lost(r.tokens, 0);
@@ -415,7 +412,6 @@ FillCounts fill_buffers(const TokenRoutes& r, strategy::DropPolicy policy, const
       continue;
     }
     ++c.dropped;
-    ++c.dropped_by_block[static_cast<size_t>(a / k * blocks / r.tokens)];
     c.dropped_gate += r.gate[a];
     ++lost[a / k];
     if (a % k == 0) ++c.primary_dropped;
@@ -433,7 +429,6 @@ std::vector<int64_t> loads_of(const TokenRoutes& r, int experts) {
 void check_problem(const RoutingProblem& pr) {
   MOESIM_ASSERT(pr.tokens >= 0, "tokens must be >= 0, got {}", pr.tokens);
   MOESIM_ASSERT(pr.experts > 0, "a routing problem needs experts, got {}", pr.experts);
-  MOESIM_ASSERT(pr.sources >= 1, "a routing problem needs >= 1 source, got {}", pr.sources);
   MOESIM_ASSERT(pr.top_k >= 1 && pr.top_k <= pr.experts, "top_k {} outside [1, {}]", pr.top_k, pr.experts);
   MOESIM_ASSERT(static_cast<int>(pr.probabilities.size()) == pr.experts, "{} probabilities for {} experts",
                 pr.probabilities.size(), pr.experts);
@@ -600,7 +595,7 @@ RoutingLoads routing_loads(const RoutingProblem& problem) {
     const TokenRoutes routes = sample_token_routes(p, T, problem.top_k, problem.seed);
     out.sampled_load = loads_of(routes, problem.experts);
     const int64_t keep = no_drop ? std::numeric_limits<int64_t>::max() : out.capacity;
-    counts = fill_buffers(routes, problem.drop_policy, std::vector<int64_t>(problem.experts, keep), problem.sources);
+    counts = fill_buffers(routes, problem.drop_policy, std::vector<int64_t>(problem.experts, keep));
     dropped = counts.dropped;
     out.simulated_tokens = T;
   } else {
@@ -617,7 +612,7 @@ RoutingLoads routing_loads(const RoutingProblem& problem) {
         const double over = full > 0 ? static_cast<double>(std::max<int64_t>(0, full - out.capacity)) / full : 0.0;
         keep[e] -= std::llround(over * static_cast<double>(keep[e]));
       }
-      counts = fill_buffers(routes, problem.drop_policy, keep, problem.sources);
+      counts = fill_buffers(routes, problem.drop_policy, keep);
       out.simulated_tokens = sub_tokens;
     }
   }
@@ -631,15 +626,6 @@ RoutingLoads routing_loads(const RoutingProblem& problem) {
   out.dropped_gate_mass_fraction = safe_ratio(counts.dropped_gate, counts.total_gate);
   out.max_load = static_cast<double>(max_load);
   out.imbalance = safe_ratio(out.max_load, assignments / problem.experts);
-  out.kept_by_source.assign(static_cast<size_t>(problem.sources), 1.0);
-  for (size_t b = 0; b < counts.dropped_by_block.size(); ++b) {
-    // Block b of the counted tokens: t with floor(t sources / n) = b, k assignments each.
-    const auto n = static_cast<int64_t>(counted), sources = static_cast<int64_t>(problem.sources);
-    auto first_of = [&](int64_t block) { return (block * n + sources - 1) / sources; };
-    const auto bi = static_cast<int64_t>(b);
-    const double block = static_cast<double>(first_of(bi + 1) - first_of(bi)) * k;
-    out.kept_by_source[b] = block > 0 ? 1 - static_cast<double>(counts.dropped_by_block[b]) / block : 1.0;
-  }
   return out;
 }
 

@@ -105,9 +105,6 @@ struct RoutingProblem {
   // Optional: inclusion_probabilities(probabilities, top_k), for callers that route many problems
   // with the same distribution (about 1 ms saved per call at E = 256, k = 8). Empty: computed.
   std::vector<double> inclusion;
-  // The EP ranks whose tokens these are, in equal blocks in token order (rank r's are the r-th
-  // block), as the executor's capacity decision sees the group's tokens: kept_by_source.
-  int sources = 1;
 };
 
 // Expert capacity, in token slots per expert:
@@ -148,10 +145,6 @@ struct RoutingLoads {
   double primary_dropped_fraction = 0;       // tokens that lost their top-1 expert / T
   // sum of gate probabilities of dropped assignments / sum over all assignments.
   double dropped_gate_mass_fraction = 0;
-  // Per source (RoutingProblem::sources): the share of its assignments kept. Vanilla dropping fills
-  // in token order, so the first sources keep theirs and the last lose most; batch priority
-  // spreads the drops by priority. 1 each where nothing drops.
-  std::vector<double> kept_by_source;
   double max_load = 0;   // max_e sampled_load_e (before drops: the busiest expert's demand)
   double imbalance = 0;  // max_load / (T k' / E); 1 means perfectly even
   // How the sample was drawn: T when tokens were routed one by one; for the multinomial path

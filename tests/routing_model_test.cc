@@ -441,29 +441,6 @@ TEST_CASE("batch-priority routing drops fewer primary assignments and less gate 
   }
 }
 
-TEST_CASE("vanilla drops fall on the last sources' tokens, batch priority spreads them") {
-  // Two EP ranks' 256 tokens each, in rank order (as the executor's capacity decision sees them),
-  // 4 experts top-2, capacity factor 0.5: half the assignments are dropped.
-  for (int64_t T : {int64_t{512}, int64_t{1} << 18}) {  // per token; multinomial + subsample
-    INFO("T " << T);
-    RoutingProblem pr = problem(T, 4, 2, 0.5, strategy::VANILLA, std::vector<double>(4, 1.0), 7);
-    pr.sources = 2;
-    const cost::RoutingLoads vanilla = cost::routing_loads(pr);
-    REQUIRE(vanilla.kept_by_source.size() == 2);
-    // Kept shares average to what is kept overall.
-    CHECK((vanilla.kept_by_source[0] + vanilla.kept_by_source[1]) / 2 == Approx(1 - vanilla.dropped_fraction).epsilon(0.02));
-    CHECK(vanilla.kept_by_source[0] > 0.85);  // the first rank's tokens fill the buffers first
-    CHECK(vanilla.kept_by_source[1] < 0.15);
-    pr.drop_policy = strategy::BATCH_PRIORITY;
-    const cost::RoutingLoads bpr = cost::routing_loads(pr);
-    CHECK(bpr.kept_by_source[0] == Approx(bpr.kept_by_source[1]).epsilon(0.15));
-    pr.drop_policy = strategy::NO_DROP;
-    CHECK(cost::routing_loads(pr).kept_by_source == std::vector<double>{1.0, 1.0});
-  }
-  RoutingProblem one = problem(512, 4, 2, 0.5, strategy::VANILLA, std::vector<double>(4, 1.0), 7);
-  CHECK(cost::routing_loads(one).kept_by_source.size() == 1);  // one source by default
-}
-
 TEST_CASE("the multinomial path reproduces the full batch's drops in its subsample") {
   // Per-expert drop shares are carried into the subsample, so its own dropped share of
   // assignments matches the full sample's: check through the primary share at k = 1, where every
