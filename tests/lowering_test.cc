@@ -11,6 +11,7 @@
 #include <map>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <set>
 #include <unistd.h>
 
@@ -97,6 +98,18 @@ std::vector<std::pair<bool, int>> micro_steps(const RankSchedule& rs, const std:
     if (op.backward() && op.id().rfind(first_bwd_layer + " ", 0) == 0) out.push_back({true, op.micro_batch()});
   }
   return out;
+}
+
+// `s` lowered (seed 3) under its device's priors and under the priors with `price` applied.
+struct PlainAndPriced {
+  Schedule plain, priced;
+};
+PlainAndPriced lower_plain_and_priced(const cost::Setup& s, const std::function<void(profile::DeviceProfile&)>& price) {
+  const cost::DeviceProfile plain = cost::default_profile(s.cluster->device_type(0));
+  profile::DeviceProfile spec = plain.spec();
+  price(spec);
+  const cost::DeviceProfile priced = cost::DeviceProfile::from_spec(spec);
+  return {schedule::lower(s, {.seed = 3, .profile = &plain}), schedule::lower(s, {.seed = 3, .profile = &priced})};
 }
 
 }  // namespace
@@ -435,13 +448,9 @@ TEST_CASE("inference: prefill through the layers, then one decode iteration per 
 TEST_CASE("a decode iteration prices its dispatch's decision over the EP group, as training does", "[lowering]") {
   const std::string work = R"(name: "serve" inference { batch: 8 prompt_tokens: 16 generated_tokens: 3 })";
   auto added = [&](int ep) {  // what dispatch_choice_s adds to a decode iteration of an MoE layer
-    const cost::Setup s = make_setup(fmt::format("dp: 8 ep: {} drop_policy: NO_DROP", ep), work);
-    cost::DeviceProfile plain = cost::default_profile(s.cluster->device_type(0));
-    profile::DeviceProfile spec = plain.spec();
-    spec.set_dispatch_choice_s(1e-8);
-    const cost::DeviceProfile priced = cost::DeviceProfile::from_spec(spec);
-    return find(rank(schedule::lower(s, {.seed = 3, .profile = &priced}), 2), "L1 decode1").duration_s() -
-           find(rank(schedule::lower(s, {.seed = 3, .profile = &plain}), 2), "L1 decode1").duration_s();
+    const PlainAndPriced l = lower_plain_and_priced(make_setup(fmt::format("dp: 8 ep: {} drop_policy: NO_DROP", ep), work),
+                                                    [](profile::DeviceProfile& p) { p.set_dispatch_choice_s(1e-8); });
+    return find(rank(l.priced, 2), "L1 decode1").duration_s() - find(rank(l.plain, 2), "L1 decode1").duration_s();
   };
   const double one = added(1);
   CHECK(one > 0);
@@ -503,14 +512,10 @@ TEST_CASE("a batch-priority dispatch prices the sort of its EP group's tokens", 
   // 32 tokens per rank and micro-batch, EP = 8: under batch priority every rank of the group sorts
   // the group's 256 tokens (256 log2 256 = 2048 at the profile's priority_sort_s); vanilla sorts none.
   for (const char* policy : {"BATCH_PRIORITY", "VANILLA"}) {
-    const cost::Setup s = make_setup(fmt::format("dp: 8 ep: 8 drop_policy: {} capacity_factor: 1.25", policy));
-    cost::DeviceProfile plain = cost::default_profile(s.cluster->device_type(0));
-    profile::DeviceProfile spec = plain.spec();
-    spec.set_priority_sort_s(1e-8);
-    const cost::DeviceProfile priced = cost::DeviceProfile::from_spec(spec);
-    const Schedule a = schedule::lower(s, {.seed = 3, .profile = &plain});
-    const Schedule b = schedule::lower(s, {.seed = 3, .profile = &priced});
-    const RankSchedule &ra = rank(a, 2), &rb = rank(b, 2);
+    const PlainAndPriced l =
+        lower_plain_and_priced(make_setup(fmt::format("dp: 8 ep: 8 drop_policy: {} capacity_factor: 1.25", policy)),
+                               [](profile::DeviceProfile& p) { p.set_priority_sort_s(1e-8); });
+    const RankSchedule &ra = rank(l.plain, 2), &rb = rank(l.priced, 2);
     REQUIRE(ra.ops_size() == rb.ops_size());
     const bool sorts = std::string(policy) == "BATCH_PRIORITY";
     for (int i = 0; i < ra.ops_size(); ++i) {
@@ -526,14 +531,9 @@ TEST_CASE("a dispatch's capacity decision is priced over its EP group's token-ch
   // 32 tokens per rank and micro-batch, top-2: every rank of an EP group of 8 decides the group's
   // 8 x 32 x 2 choices; with EP = 1 the gate holds the dispatch and its rank's 64.
   for (int ep : {8, 1}) {
-    const cost::Setup s = make_setup(fmt::format("dp: 8 ep: {} drop_policy: NO_DROP", ep));
-    cost::DeviceProfile plain = cost::default_profile(s.cluster->device_type(0));
-    profile::DeviceProfile spec = plain.spec();
-    spec.set_dispatch_choice_s(1e-8);
-    const cost::DeviceProfile priced = cost::DeviceProfile::from_spec(spec);
-    const Schedule a = schedule::lower(s, {.seed = 3, .profile = &plain});
-    const Schedule b = schedule::lower(s, {.seed = 3, .profile = &priced});
-    const RankSchedule &ra = rank(a, 2), &rb = rank(b, 2);
+    const PlainAndPriced l = lower_plain_and_priced(make_setup(fmt::format("dp: 8 ep: {} drop_policy: NO_DROP", ep)),
+                                                    [](profile::DeviceProfile& p) { p.set_dispatch_choice_s(1e-8); });
+    const RankSchedule &ra = rank(l.plain, 2), &rb = rank(l.priced, 2);
     REQUIRE(ra.ops_size() == rb.ops_size());
     const std::string holder = ep > 1 ? "L0.moe.permute mb1 fwd" : "L0.moe.gate mb1 fwd";
     for (int i = 0; i < ra.ops_size(); ++i) {
