@@ -32,6 +32,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <iostream>
 #include <map>
 #include <set>
@@ -187,6 +188,19 @@ constexpr std::pair<cost::OpKind, profile::OpKind> kInSituKinds[] = {
     {cost::OpKind::kElementwise, profile::ELEMENTWISE},
     {cost::OpKind::kOptimizer, profile::OPTIMIZER}};
 
+// `spec`'s in-situ factors replaced: kernels(kind) for every kind of kInSituKinds, `gathers` for
+// the row gathers (EMBEDDING).
+void set_in_situ(profile::DeviceProfile& spec, const std::function<double(cost::OpKind)>& kernels, double gathers) {
+  spec.clear_in_situ();
+  auto add = [&](profile::OpKind op, double factor) {
+    profile::InSituFactor* f = spec.add_in_situ();
+    f->set_op(op);
+    f->set_time_factor(factor);
+  };
+  for (const auto& [kind, pkind] : kInSituKinds) add(pkind, kernels(kind));
+  add(profile::EMBEDDING, gathers);
+}
+
 // A collective as measured: all-to-all (direct) or all-reduce (ring) of nccl-tests' size S.
 struct CollectiveSample {
   cost::CollectiveOp op = cost::CollectiveOp::kAllToAll;
@@ -249,15 +263,8 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
   const cost::DeviceProfile given = cost::DeviceProfile::from_spec(spec, "calibration profile");
   auto with_factors = [&](double kernels, double gathers) {
     profile::DeviceProfile s = spec;
-    s.clear_in_situ();
-    for (const auto& [kind, pkind] : kInSituKinds) {
-      profile::InSituFactor* f = s.add_in_situ();
-      f->set_op(pkind);
-      f->set_time_factor(kernels * given.in_situ_time_factor(kind));
-    }
-    profile::InSituFactor* g = s.add_in_situ();
-    g->set_op(profile::EMBEDDING);
-    g->set_time_factor(gathers * given.in_situ_time_factor(cost::OpKind::kEmbedding));
+    set_in_situ(s, [&](cost::OpKind kind) { return kernels * given.in_situ_time_factor(kind); },
+                gathers * given.in_situ_time_factor(cost::OpKind::kEmbedding));
     return lower_with(s);
   };
   const schedule::Schedule doubled = with_factors(2, 1), gathers_doubled = with_factors(1, 2);
@@ -603,14 +610,7 @@ int calibrate(const Args& a) {
         spec, calibration_cluster, cluster_text(name, "calibration", device, 1, link_Bps, link_latency_s), ranks, world,
         host_world, backend);
     const InSitu& in_situ = rounds.busy;
-    for (const auto& [kind, pkind] : kInSituKinds) {
-      profile::InSituFactor* f = spec.add_in_situ();
-      f->set_op(pkind);
-      f->set_time_factor(in_situ.fit.factor);
-    }
-    profile::InSituFactor* gathers = spec.add_in_situ();
-    gathers->set_op(profile::EMBEDDING);
-    gathers->set_time_factor(in_situ.fit.gather_factor);
+    set_in_situ(spec, [&](cost::OpKind) { return in_situ.fit.factor; }, in_situ.fit.gather_factor);
     spec.set_op_overhead_s(in_situ.fit.op_overhead_s);
     spec.set_routing_choice_s(in_situ.fit.routing_choice_s);
     spec.set_dispatch_choice_s(in_situ.fit.dispatch_choice_s);
