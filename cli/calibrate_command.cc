@@ -16,6 +16,7 @@
 #include "costmodel/calibration.h"
 #include "costmodel/collectives.h"
 #include "costmodel/compute.h"
+#include "costmodel/memory.h"
 #include "costmodel/setup.h"
 #include "schedule/lowering.h"
 #include "executor/microbench.h"
@@ -217,6 +218,7 @@ struct InSitu {
   double measured_sum_s = 0, predicted_sum_s = 0;  // over the fitted compute ops
   // The step's collectives: per op, as validation measures it (trace::mean_op_times).
   std::vector<CollectiveSample> collectives;
+  double working_set_bytes = 0;  // the largest rank's (cost::working_set_bytes)
 };
 
 // The calibration step (cli/calibration_step.h) trained for 48 steps on every rank with the
@@ -226,10 +228,10 @@ struct InSitu {
 // that kind's factor at 2), then one factor for all kinds by cost::fit_in_situ_factor (see below).
 // Collective on `world`.
 InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluster, int ranks, exec::Comm* world,
-                   exec::Comm* host_world, exec::Backend& backend) {
+                   exec::Comm* host_world, exec::Backend& backend, int layers = 3) {
   const cost::Setup setup =
       cost::load_setup(cost::ConfigSource{"calibration-cluster", cluster},
-                       cost::ConfigSource{"calibration-model", calibration_model_text(ranks)},
+                       cost::ConfigSource{"calibration-model", calibration_model_text(ranks, layers)},
                        cost::ConfigSource{"calibration-workload", calibration_workload_text(ranks)},
                        cost::ConfigSource{"calibration-strategy", calibration_strategy_text(ranks)});
   auto lower_with = [&](const profile::DeviceProfile& sp) {
@@ -251,6 +253,8 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
   const trace::Trace measured = gather_traces(run.trace, host_world);
   InSitu out;
   if (world && world->rank() != 0) return out;
+  for (const cost::RankMemory& m : cost::estimate_memory(setup).ranks)
+    out.working_set_bytes = std::max(out.working_set_bytes, cost::working_set_bytes(m));
   // Measured as validation measures (traces/validation.h): means over the quiet half of the steps
   // after the first, a collective by its last arrival's span.
   const std::map<int, double> step_time = trace::step_times(measured, 1);
@@ -343,6 +347,10 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
 struct InSituRounds {
   InSitu busy;              // the round whose measured-to-predicted ratio is the median
   double alone_factor = 0;  // a rank alone against all busy, the median over the rounds; 0: not measured
+  // The step's MoE layer alone (calibration_model_text with 1 layer), every round's collectives:
+  // the same exchanges in a smaller working set. Several ranks only.
+  std::vector<CollectiveSample> small_collectives;
+  double small_working_set_bytes = 0;
 };
 
 // The calibration step in five rounds, a second apart (a stretch slowed by other tenants can last
@@ -358,13 +366,18 @@ InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::strin
                             exec::Backend& backend) {
   auto ratio = [](const InSitu& r) { return r.predicted_sum_s > 0 ? r.measured_sum_s / r.predicted_sum_s : 0.0; };
   const bool root = world == nullptr || world->rank() == 0;
+  InSituRounds out;
   std::vector<InSitu> busy;
   std::vector<double> alone;
   constexpr int kRounds = 5;
   for (int i = 0; i < kRounds; ++i) {
     if (i > 0) std::this_thread::sleep_for(std::chrono::seconds(1));
     busy.push_back(fit_in_situ(spec, cluster, ranks, world, host_world, backend));
-    if (ranks == 1 || backend.device() != exec::Device::kCpu) continue;
+    if (ranks == 1) continue;
+    const InSitu small = fit_in_situ(spec, cluster, ranks, world, host_world, backend, 1);
+    out.small_collectives.insert(out.small_collectives.end(), small.collectives.begin(), small.collectives.end());
+    out.small_working_set_bytes = small.working_set_bytes;
+    if (backend.device() != exec::Device::kCpu) continue;
     exec::Comm& host = host_world ? *host_world : *world;
     float wait_s = root ? static_cast<float>(1.0 + 1.5 * 48 * busy.back().step_s) : 0.0f;
     exec::all_reduce_sum_host(host, &wait_s, 1);
@@ -376,7 +389,6 @@ InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::strin
     }
     host.barrier();
   }
-  InSituRounds out;
   std::sort(busy.begin(), busy.end(), [&](const InSitu& x, const InSitu& y) { return ratio(x) < ratio(y); });
   out.busy = busy[kRounds / 2];
   // The exchanges of every round (a step's all-to-alls scatter by 30% from round to round here:
@@ -641,8 +653,28 @@ int calibrate(const Args& a) {
     // in the middle of a step run far below what a microbenchmark on warm buffers sees): the
     // bandwidth is refitted to the calibration step's collectives, keeping the microbenchmarks'
     // latency (the step's exchanges come in too few sizes to separate the two).
+    // And they cost more in a bigger step (its other data pushes their buffers out of the caches):
+    // the link is the MoE layer alone's, and the step's exchanges against it give the factor at
+    // the step's working set (device_profile.proto transfer_footprint).
     if (ranks > 1 && !in_situ.collectives.empty()) {
+      const bool two_depths = !rounds.small_collectives.empty() &&
+                              rounds.small_working_set_bytes < in_situ.working_set_bytes;
+      if (two_depths) fit_links(rounds.small_collectives, "collectives_in_situ_layer", link_latency_s);
+      const double small_Bps = link_Bps, small_all_reduce = all_reduce_efficiency;
       fit_links(in_situ.collectives, "collectives_in_situ", link_latency_s);
+      if (two_depths) {
+        const double factor = std::clamp(small_Bps / link_Bps, 0.1, 10.0);
+        link_Bps = small_Bps;
+        all_reduce_efficiency = small_all_reduce;
+        for (auto [bytes, f] : {std::pair{rounds.small_working_set_bytes, 1.0}, std::pair{in_situ.working_set_bytes, factor}}) {
+          profile::FootprintFactor* p = spec.add_transfer_footprint();
+          p->set_bytes(bytes);
+          p->set_time_factor(f);
+        }
+        r.set_transfer_footprint_factor(factor);
+        r.set_transfer_footprint_bytes(in_situ.working_set_bytes);
+        r.set_transfer_base_bytes(rounds.small_working_set_bytes);
+      }
       r.set_link_bandwidth_bps(link_Bps);
       r.set_link_latency_s(link_latency_s);
       r.set_all_reduce_efficiency(all_reduce_efficiency);
@@ -715,6 +747,10 @@ int calibrate(const Args& a) {
     if (ranks > 1)
       std::cout << fmt::format("link between ranks   {}/s, {} latency; all-reduce at {:.2f} of it\n", format_bytes(link_Bps),
                                format_seconds(link_latency_s), r.all_reduce_efficiency());
+    if (r.transfer_footprint_factor() > 0)
+      std::cout << fmt::format("exchanges in a step  x {:.3f} at a {} working set (that link at {})\n",
+                               r.transfer_footprint_factor(), format_bytes(r.transfer_footprint_bytes()),
+                               format_bytes(r.transfer_base_bytes()));
     std::cout << "\nfit residuals (|model - measured|, median / max):\n";
     for (const auto& [family, f] : r.residuals())
       std::cout << fmt::format("  {:<14} {:>3} samples  {:5.1f}% / {:5.1f}%\n", family, f.samples(), f.median_abs_pct(),

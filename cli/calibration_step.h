@@ -2,7 +2,8 @@
 // (cli/calibrate_command.cc), and `moesim validate --suite` trains again to measure the machine's
 // pace against its calibration (the profile's calibration_step_s). Not a model the suite
 // validates: a 3-layer transformer, d 96, the middle layer MoE with 2 x ranks experts top-2 (4 on
-// one rank), 8 sequences of 48 tokens per rank, DP = EP = ranks.
+// one rank), 8 sequences of 48 tokens per rank, DP = EP = ranks. Calibration also runs it with
+// the MoE layer alone, for the exchanges' dependence on the working set.
 #pragma once
 
 #include <fmt/format.h>
@@ -11,11 +12,14 @@
 
 namespace moesim::cli {
 
-inline std::string calibration_model_text(int ranks) {
-  return fmt::format("name: \"moesim-calibration\" transformer {{ layers: 3 hidden: 96 heads: 4 ffn_hidden: 192 "
+// `layers` 3: the step itself; 1: its MoE layer alone (embedding and head around it), whose
+// exchanges are the same but whose working set is half as big (the transfer's footprint factor,
+// device_profile.proto transfer_footprint).
+inline std::string calibration_model_text(int ranks, int layers = 3) {
+  return fmt::format("name: \"moesim-calibration\" transformer {{ layers: {} hidden: 96 heads: 4 ffn_hidden: 192 "
                      "activation: GELU norm: LAYER_NORM bias: true vocab: 96 max_sequence: 48 learned_positions: true "
-                     "moe {{ experts: {} top_k: 2 every_n_layers: 2 moe_layer_offset: 1 }} }}",
-                     ranks == 1 ? 4 : 2 * ranks);
+                     "moe {{ experts: {} top_k: 2 {}}} }}",
+                     layers, ranks == 1 ? 4 : 2 * ranks, layers > 1 ? "every_n_layers: 2 moe_layer_offset: 1 " : "");
 }
 
 inline std::string calibration_workload_text(int ranks) {

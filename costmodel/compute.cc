@@ -180,6 +180,15 @@ void validate(const ConfigScope& root, const profile::DeviceProfile& p) {
   };
   check_factors("backward", p.backward());
   check_factors("in_situ", p.in_situ());
+  for (int i = 0; i < p.transfer_footprint_size(); ++i) {
+    ConfigScope f = root.child("transfer_footprint", i);
+    f.positive("bytes", Need::kRequired, /*allow_zero=*/false, 1e18);
+    f.positive("time_factor", Need::kRequired, /*allow_zero=*/false, 100.0);
+    if (i > 0 && p.transfer_footprint(i).has_bytes() &&
+        !(p.transfer_footprint(i).bytes() > p.transfer_footprint(i - 1).bytes()))
+      f.error("bytes", fmt::format("{} bytes: the points' bytes must increase (the previous point has {})",
+                                   p.transfer_footprint(i).bytes(), p.transfer_footprint(i - 1).bytes()));
+  }
   root.positive("threads_per_rank", Need::kOptional, /*allow_zero=*/false, 4096);
   root.positive("softmax_score_s", Need::kOptional, /*allow_zero=*/true, 1e-3);
   root.positive("op_overhead_s", Need::kOptional, /*allow_zero=*/true, 1.0);
@@ -312,6 +321,19 @@ double DeviceProfile::peak_flops_per_s(OpKind kind, DType dtype) const {
 
 double DeviceProfile::backward_time_factor(OpKind kind) const { return backward_factor_[static_cast<size_t>(kind)]; }
 double DeviceProfile::in_situ_time_factor(OpKind kind) const { return in_situ_factor_[static_cast<size_t>(kind)]; }
+
+double DeviceProfile::transfer_time_factor(double working_set_bytes) const {
+  const auto& points = spec_.transfer_footprint();
+  if (points.empty()) return 1.0;
+  if (!(working_set_bytes > points[0].bytes())) return points[0].time_factor();
+  for (int i = 1; i < points.size(); ++i) {
+    const profile::FootprintFactor &a = points[i - 1], &b = points[i];
+    if (working_set_bytes > b.bytes()) continue;
+    const double w = std::log(working_set_bytes / a.bytes()) / std::log(b.bytes() / a.bytes());
+    return a.time_factor() + w * (b.time_factor() - a.time_factor());
+  }
+  return points[points.size() - 1].time_factor();
+}
 
 double DeviceProfile::host_share_factor(int ranks_here) const {
   const int calibrated = spec_.has_ranks_per_host() ? spec_.ranks_per_host() : 1;

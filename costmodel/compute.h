@@ -91,6 +91,9 @@ class DeviceProfile {
   double backward_time_factor(OpKind kind) const;
   // Every kernel of this kind takes this many times its roofline time (profile `in_situ`; 1).
   double in_situ_time_factor(OpKind kind) const;
+  // A collective's transfer time factor for ranks holding `working_set_bytes` each
+  // (cost::working_set_bytes; profile transfer_footprint, linear in log bytes; 1 without points).
+  double transfer_time_factor(double working_set_bytes) const;
   double kernel_launch_overhead_s() const { return launch_overhead_s_; }
   // Per attention score element (profile softmax_score_s; 0).
   double softmax_score_s() const { return spec_.softmax_score_s(); }

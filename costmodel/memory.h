@@ -78,6 +78,14 @@ struct RankMemory {
   bool fits() const { return total_bytes <= capacity_bytes; }
 };
 
+// What a rank's step works over: weights, gradients, optimizer states, activations, MoE buffers
+// and KV cache; not the communication library's buffers, which are reserved, not swept (a
+// transfer's speed depends on what else the step touches: DeviceProfile::transfer_time_factor).
+inline double working_set_bytes(const RankMemory& m) {
+  return m.weights_bytes + m.gradients_bytes + m.optimizer_bytes + m.activations_bytes + m.moe_buffers_bytes +
+         m.kv_cache_bytes;
+}
+
 struct MemoryReport {
   std::vector<RankMemory> ranks;  // every rank, by rank index
   int peak_rank = 0;              // the first rank with the least margin

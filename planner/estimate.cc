@@ -22,7 +22,10 @@ MemorySummary summarize(const cost::MemoryReport& report) {
   m.peak_bytes = r.total_bytes;
   m.capacity_bytes = r.capacity_bytes;
   m.state_bytes = r.weights_bytes + r.gradients_bytes + r.optimizer_bytes;
-  for (const cost::RankMemory& x : report.ranks) m.max_weights = std::max(m.max_weights, x.weights_bytes);
+  for (const cost::RankMemory& x : report.ranks) {
+    m.max_weights = std::max(m.max_weights, x.weights_bytes);
+    m.working_set_bytes = std::max(m.working_set_bytes, cost::working_set_bytes(x));
+  }
   return m;
 }
 
@@ -73,16 +76,16 @@ const Estimator::LayerTimes& Estimator::layer_times(const cost::Setup& s, int li
 
 double Estimator::collective_s(cost::CollectiveOp op, cost::CollectiveAlgo algo, const std::vector<int>& ranks, double bytes) {
   if (ranks.size() < 2 || bytes <= 0) return 0;
-  const auto key = std::make_tuple(static_cast<int>(op), static_cast<int>(algo), ranks, bytes);
+  const auto key = std::make_tuple(static_cast<int>(op), static_cast<int>(algo), ranks, bytes, transfer_factor_);
   auto it = collective_cache_.find(key);
   if (it != collective_cache_.end()) return it->second;
-  double t = 0;
+  cost::CollectiveCost c;
   try {
-    t = collectives_.cost(op, algo, ranks, bytes).time_s;
+    c = collectives_.cost(op, algo, ranks, bytes);
   } catch (const cost::CollectiveError&) {  // e.g. hierarchical on ranks not spread evenly: direct
-    t = collectives_.cost(op, cost::default_algo(op), ranks, bytes).time_s;
+    c = collectives_.cost(op, cost::default_algo(op), ranks, bytes);
   }
-  return collective_cache_.emplace(key, t).first->second;
+  return collective_cache_.emplace(key, c.latency_s + c.transfer_s * transfer_factor_).first->second;
 }
 
 // The busiest EP rank's expert load over the mean, from one routing draw (seeded).
@@ -121,6 +124,8 @@ Estimate Estimator::estimate(const cost::Setup& s, const MemorySummary& mem) {
   const int chunks = std::max(1, st.overlap_chunks());
   const cost::CollectiveAlgo a2a_algo =
       st.all_to_all() == strategy::HIERARCHICAL ? cost::CollectiveAlgo::kHierarchical : cost::CollectiveAlgo::kDirect;
+  // The busiest working set, as the lowering's slowest rank of a collective sets its factor.
+  transfer_factor_ = profile_.transfer_time_factor(mem.working_set_bytes);
 
   Estimate e;
   double worst_stage = 0, worst_compute = 0, worst_a2a = 0, worst_tp = 0, last_bwd = 0;

@@ -47,6 +47,7 @@ struct MemorySummary {
   double capacity_bytes = 0;
   double state_bytes = 0;    // the peak rank's weights + gradients + optimizer states
   double max_weights = 0;    // the largest weights_bytes of any rank
+  double working_set_bytes = 0;  // the largest cost::working_set_bytes of any rank
 };
 MemorySummary summarize(const cost::MemoryReport& report);
 
@@ -71,7 +72,9 @@ class Estimator {
   cost::DeviceProfile profile_;
   cost::CollectiveModel collectives_;
   std::map<std::tuple<const void*, int, int, int, bool, bool, double, int, int>, LayerTimes> layer_cache_;
-  std::map<std::tuple<int, int, std::vector<int>, double>, double> collective_cache_;
+  // (op, algorithm, ranks, bytes, transfer factor) -> seconds.
+  std::map<std::tuple<int, int, std::vector<int>, double, double>, double> collective_cache_;
+  double transfer_factor_ = 1;  // the estimate's (DeviceProfile::transfer_time_factor)
   std::map<std::tuple<int, int, double, int, double>, double> imbalance_cache_;
 };
 

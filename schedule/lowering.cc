@@ -273,8 +273,18 @@ class Lowering {
       c->set_bytes(bytes);
       c->set_matrix(matrix);
       c->set_transpose(transpose);
+      double factor = 0;
+      for (int r : ranks) factor = std::max(factor, transfer_factor(r));
+      if (factor != 1) c->set_transfer_factor(factor);
     }
     return it->second;
+  }
+
+  // The rank's profile's transfer time factor at its working set (DeviceProfile::transfer_time_factor).
+  double transfer_factor(int rank) {
+    const cost::DeviceProfile& prof = profile(rank);
+    if (prof.spec().transfer_footprint_size() == 0) return 1.0;
+    return prof.transfer_time_factor(cost::working_set_bytes(memory_.ranks[static_cast<size_t>(rank)]));
   }
 
   std::vector<int> tp_group(int p, int d) const {

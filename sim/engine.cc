@@ -45,6 +45,9 @@ int64_t ceil_ns(double s) {
 
 double ns_to_s(int64_t ns) { return static_cast<double>(ns) / 1e9; }
 
+// A collective's transfer time factor (schedule.proto Collective.transfer_factor; 0 means 1).
+double transfer_factor(const Collective& c) { return c.transfer_factor() > 0 ? c.transfer_factor() : 1.0; }
+
 // ---- breakdown categories --------------------------------------------------------------------
 
 enum Category : uint8_t {
@@ -413,6 +416,8 @@ void Engine::build_collectives() {
     } else {
       cs.size_bytes = col.bytes();
     }
+    if (!(col.transfer_factor() >= 0) || !(col.transfer_factor() <= 100))
+      bad(fmt::format("{}: transfer_factor {} is not in [0, 100] (0 means 1)", where, col.transfer_factor()));
     // Participants: on listed ranks, one op per simulated rank, every simulated listed rank joins.
     int simulated_listed = 0;
     for (int d : col.ranks())
@@ -464,6 +469,7 @@ void Engine::prepare_shapes() {
     put(cs.vee ? 0.0 : col.bytes());
     put(cs.vee ? col.matrix() : 0);
     put(cs.vee && col.transpose());
+    put(transfer_factor(col));
     key.append(reinterpret_cast<const char*>(col.ranks().data()), sizeof(int32_t) * col.ranks_size());
     auto [it, inserted] = index.try_emplace(key, static_cast<int32_t>(shapes_.size()));
     if (inserted) {
@@ -473,7 +479,7 @@ void Engine::prepare_shapes() {
         try {
           const cost::CollectiveCost cost = cs.vee ? model_.all_to_all_v(ranks, matrix_of(col), cs.algo)
                                                    : model_.cost(cs.cost_op, cs.algo, ranks, col.bytes());
-          sh.time_s = cost.time_s;
+          sh.time_s = cost.latency_s + cost.transfer_s * transfer_factor(col);
         } catch (const std::invalid_argument& e) {
           bad(fmt::format("collective {}: {}", c + 1, e.what()));
         }
@@ -499,6 +505,11 @@ const Shape& Engine::shape_for_flows(int c) {
     } catch (const std::invalid_argument& e) {
       bad(fmt::format("collective {}: {}", c + 1, e.what()));
     }
+    // A transfer slower than the links allow moves its bytes as if there were more of them.
+    const double factor = transfer_factor(col);
+    if (factor != 1)
+      for (Phase& p : sh.phases)
+        for (FlowSpec& f : p.flows) f.bytes *= factor;
     sh.decomposed = true;
   }
   return sh;

@@ -415,6 +415,39 @@ TEST_CASE("a rank sharing its host with fewer ranks than calibrated runs between
   CHECK(with("").host_share_factor(1) == 1);  // not calibrated with several ranks: no adjustment
 }
 
+TEST_CASE("a transfer's footprint factor: linear in log bytes between points, flat beyond them") {
+  const cost::DeviceProfile p = cost::load_device_profile_text(
+      "device { preset: \"h100-sxm5\" }\n"
+      "transfer_footprint { bytes: 1e6 time_factor: 1 }\n"
+      "transfer_footprint { bytes: 4e6 time_factor: 1.5 }\n"
+      "transfer_footprint { bytes: 16e6 time_factor: 3 }\n",
+      "footprint.textproto");
+  CHECK(p.transfer_time_factor(0) == 1);
+  CHECK(p.transfer_time_factor(0.5e6) == 1);
+  CHECK(p.transfer_time_factor(1e6) == 1);
+  CHECK(p.transfer_time_factor(2e6) == Approx(1.25));  // half way in log bytes
+  CHECK(p.transfer_time_factor(4e6) == Approx(1.5));
+  CHECK(p.transfer_time_factor(8e6) == Approx(2.25));
+  CHECK(p.transfer_time_factor(64e6) == 3);
+  // Without points (GPU priors) every working set gets 1.
+  CHECK(cost::load_device_profile_text("device { preset: \"h100-sxm5\" }\n", "none.textproto").transfer_time_factor(1e9) == 1);
+}
+
+TEST_CASE("bad profile: footprint points out of order, without bytes, or with a factor out of range") {
+  std::vector<Diagnostic> d = diagnostics_of("device { preset: \"h100-sxm5\" }\n"
+                                             "transfer_footprint { bytes: 4e6 time_factor: 1 }\n"
+                                             "transfer_footprint { bytes: 2e6 time_factor: 1.2 }\n"
+                                             "transfer_footprint { time_factor: 0 }\n"
+                                             "transfer_footprint { bytes: 8e6 time_factor: 101 }\n");
+  INFO(describe(d));
+  REQUIRE(d.size() == 4);
+  CHECK((d[0].line == 3 && d[0].field_path == "transfer_footprint[1].bytes"));
+  CHECK_THAT(d[0].message, Catch::Contains("must increase"));
+  CHECK((d[1].line == 4 && d[1].field_path == "transfer_footprint[2].bytes"));
+  CHECK((d[2].line == 4 && d[2].field_path == "transfer_footprint[2].time_factor"));
+  CHECK((d[3].line == 5 && d[3].field_path == "transfer_footprint[3].time_factor"));
+}
+
 TEST_CASE("bad profile: ranks per host 0 and a zero alone factor") {
   std::vector<Diagnostic> d =
       diagnostics_of("device { preset: \"h100-sxm5\" }\nranks_per_host: 0\nalone_time_factor: 0\n");

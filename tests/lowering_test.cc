@@ -547,3 +547,42 @@ TEST_CASE("a dispatch's capacity decision is priced over its EP group's token-ch
     CHECK(find(rb, holder).duration_s() > find(ra, holder).duration_s());
   }
 }
+
+TEST_CASE("a profile's footprint factor slows every collective by its ranks' working sets", "[lowering]") {
+  const cost::Setup s = make_setup("dp: 8 ep: 8");
+  const cost::MemoryReport m = cost::estimate_memory(s);
+  auto footprint = [](std::vector<std::pair<double, double>> points) {
+    return [points](profile::DeviceProfile& p) {
+      for (auto [bytes, factor] : points) {
+        profile::FootprintFactor* f = p.add_transfer_footprint();
+        f->set_bytes(bytes);
+        f->set_time_factor(factor);
+      }
+    };
+  };
+  // Points at half and twice each rank's working set: every rank is half way in log bytes.
+  const double ws = cost::working_set_bytes(m.ranks[0]);
+  REQUIRE(ws > 0);
+  for (const cost::RankMemory& r : m.ranks) REQUIRE(cost::working_set_bytes(r) == Approx(ws));
+  const PlainAndPriced l = lower_plain_and_priced(s, footprint({{ws / 2, 1.0}, {ws * 2, 3.0}}));
+  REQUIRE(l.priced.collectives_size() == l.plain.collectives_size());
+  for (int c = 0; c < l.priced.collectives_size(); ++c) {
+    CHECK(l.plain.collectives(c).transfer_factor() == 0);  // priors: none
+    CHECK(l.priced.collectives(c).transfer_factor() == Approx(2.0));
+  }
+  // The simulator moves a collective's bytes that many times slower: in the analytic network its
+  // transfer part grows by exactly (f - 1) x transfer, so equal steps in f add equal time.
+  auto a2a_s = [&](double factor) {
+    const Schedule sch = lower_plain_and_priced(s, footprint({{1.0, factor}})).priced;
+    sim::SimOptions o = analytic();
+    o.record_trace = true;
+    const sim::SimResult r = sim::simulate(sch, *s.cluster, o);
+    for (const trace::Span& sp : r.trace.spans())
+      if (sp.rank() == 2 && sp.op_id() == "L0.moe.dispatch_a2a mb0 fwd") return static_cast<double>(sp.end_ns() - sp.start_ns());
+    FAIL("no dispatch span");
+    return 0.0;
+  };
+  const double one = a2a_s(1), two = a2a_s(2), three = a2a_s(3);
+  CHECK(two > one);
+  CHECK(three - two == Approx(two - one).epsilon(0.01));
+}

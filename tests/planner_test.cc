@@ -311,3 +311,25 @@ TEST_CASE("the estimate prices a batch-priority dispatch's sort, apart from a va
   CHECK(compute_s("BATCH_PRIORITY") > vanilla);
   CHECK(compute_s("VANILLA") == vanilla);
 }
+
+TEST_CASE("the estimate slows collectives by the profile's footprint factor at the plan's working set", "[planner]") {
+  const topo::Cluster cluster = topo::load_cluster(src("configs/hardware/dgx-h100.textproto"));
+  const cost::Setup s = cost::load_setup(dgx(), tiny_model(), tiny_work(), {"s", "name: \"s\" dp: 8 ep: 8"});
+  const planner::MemorySummary mem = planner::summarize(cost::estimate_memory(s));
+  REQUIRE(mem.working_set_bytes > 0);
+  auto estimate = [&](double below, double above) {  // factors just below and above the working set
+    profile::DeviceProfile spec = cost::default_profile(cluster.device_type(0)).spec();
+    for (auto [bytes, factor] : {std::pair{mem.working_set_bytes / 2, below}, std::pair{mem.working_set_bytes * 2, above}}) {
+      profile::FootprintFactor* f = spec.add_transfer_footprint();
+      f->set_bytes(bytes);
+      f->set_time_factor(factor);
+    }
+    const cost::DeviceProfile p = cost::DeviceProfile::from_spec(spec);
+    return planner::Estimator(cluster, &p).estimate(s, mem);
+  };
+  const planner::Estimate one = estimate(1, 1), slow = estimate(1, 3), fast = estimate(0.5, 0.5);
+  CHECK(slow.a2a_s > one.a2a_s);
+  CHECK(slow.dp_s >= one.dp_s);
+  CHECK(fast.a2a_s < one.a2a_s);
+  CHECK(slow.compute_s == one.compute_s);  // kernels are not transfers
+}

@@ -624,6 +624,11 @@ TEST_CASE("schedules that are not well-formed are refused up front, naming the r
     b.s.mutable_ranks(0)->mutable_ops(1)->set_duration_s(1e-6);
     b.s.mutable_collectives(0)->set_bytes(0);
     refused(b.s, "collective 1: bytes 0");
+    b.s.mutable_collectives(0)->set_bytes(1e6);
+    b.s.mutable_collectives(0)->set_transfer_factor(-1);
+    refused(b.s, "collective 1: transfer_factor -1");
+    b.s.mutable_collectives(0)->set_transfer_factor(NAN);
+    refused(b.s, "collective 1: transfer_factor nan");
   }
   SECTION("an all-to-all-v whose matrix is missing or the wrong size") {
     b.s.mutable_collectives(0)->set_op(Collective::ALL_TO_ALL_V);
