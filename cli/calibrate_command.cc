@@ -590,8 +590,11 @@ int calibrate(const Args& a) {
         link_latency_s = fit.latency_s;
       }
       if (!all_reduce.empty())
-        all_reduce_efficiency =
-            cost::fit_link_bandwidth(all_reduce, cost::kDefaultStepOverhead_s, link_latency_s).bandwidth_Bps / link_Bps;
+        // Within what a cluster's collective_efficiency allows (a --quick calibration's few exchanges
+        // once put it at 12.9).
+        all_reduce_efficiency = std::clamp(
+            cost::fit_link_bandwidth(all_reduce, cost::kDefaultStepOverhead_s, link_latency_s).bandwidth_Bps / link_Bps,
+            0.01, 10.0);
       std::vector<double> residuals;
       for (size_t i = 0; i < samples.size(); ++i) {
         const bool is_a2a = measured[i].op == cost::CollectiveOp::kAllToAll;
@@ -753,7 +756,7 @@ int calibrate(const Args& a) {
                                format_bytes(r.transfer_base_bytes()));
     std::cout << "\nfit residuals (|model - measured|, median / max):\n";
     for (const auto& [family, f] : r.residuals())
-      std::cout << fmt::format("  {:<14} {:>3} samples  {:5.1f}% / {:5.1f}%\n", family, f.samples(), f.median_abs_pct(),
+      std::cout << fmt::format("  {:<25} {:>3} samples  {:5.1f}% / {:5.1f}%\n", family, f.samples(), f.median_abs_pct(),
                                f.max_abs_pct());
     std::cout << fmt::format("\nwrote {} and {} in {:.0f} s", out, profile_out, r.wall_s());
     if (!r.run_id().empty()) std::cout << fmt::format("; stored as {}", r.run_id());
@@ -782,7 +785,9 @@ std::vector<Command> calibrate_commands() {
        "times a second apart: the in-situ time factors (the kernels', the row gathers') and per-op\n"
        "overhead of its slowest rank, and the MoE routing's host time per token-choice (gate, gate\n"
        "backward, dispatch) measured inside its ops; with several ranks, the same step on rank 0\n"
-       "alone gives the factor for a rank alone on its host.\n"
+       "alone gives the factor for a rank alone on its host, and the step's MoE layer alone (the same\n"
+       "exchanges in half the working set) sets the link, the step's exchanges against it the factor\n"
+       "by which a bigger working set slows them (the profile's transfer_footprint).\n"
        "Prints each fit's residuals through the written profile.\n\n"
        "Writes --out (a cluster: one node of N devices joined by a switch) and <out>.profile.textproto\n"
        "beside it (the device profile; scenarios name it as device_profile, `moesim validate --suite`\n"

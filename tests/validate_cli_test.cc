@@ -215,6 +215,33 @@ TEST_CASE("calibrate writes a cluster and profile that load back, and a store ro
   CHECK(files == std::distance(std::filesystem::directory_iterator(dir.path), std::filesystem::directory_iterator()));
 }
 
+TEST_CASE("calibrate on 2 ranks prices exchanges by the working set: the layer's link, the step's factor") {
+  TempFile dir("calibrate2_dir");
+  std::filesystem::create_directories(dir.path);
+  const std::string out = dir.path + "/two.textproto";
+  const Run r = moesim_run(fmt::format("calibrate --out '{}' --ranks 2 --threads 1 --quick --json", out));
+  INFO(r.err);
+  REQUIRE(r.exit_code == 0);
+  const cli::CalibrateResult c = parse_json<cli::CalibrateResult>(r.out);
+  for (const char* family : {"collectives", "collectives_in_situ", "collectives_in_situ_layer"})
+    CHECK(c.residuals().count(family) == 1);
+  // The step's MoE layer alone holds less than the step (its two other layers' weights, states and
+  // activations), and the profile's points run from it, at 1, to the step, at the fitted factor.
+  CHECK(c.transfer_base_bytes() > 0);
+  CHECK(c.transfer_footprint_bytes() > c.transfer_base_bytes());
+  CHECK(c.transfer_footprint_factor() >= 0.1);
+  CHECK(c.transfer_footprint_factor() <= 10);
+  const cost::DeviceProfile p = cost::load_device_profile(dir.path + "/two.profile.textproto");
+  REQUIRE(p.spec().transfer_footprint_size() == 2);
+  CHECK(p.transfer_time_factor(c.transfer_base_bytes()) == 1);
+  CHECK(p.transfer_time_factor(c.transfer_footprint_bytes()) == Approx(c.transfer_footprint_factor()));
+  // The cluster's link is the one the factors are relative to, and its all-reduce efficiency loads.
+  const topo::Cluster cluster = topo::load_cluster(out);
+  CHECK(cluster.device_count() == 2);
+  CHECK(c.link_bandwidth_bps() > 0);
+  CHECK(cluster.collective_efficiency("all_reduce") == Approx(c.all_reduce_efficiency()).epsilon(1e-5));
+}
+
 TEST_CASE("calibrate refuses bad options, and a killed calibration leaves the previous files intact") {
   CHECK(moesim_run("calibrate --ranks 1").exit_code == 2);
   CHECK(moesim_run("calibrate --out /nonexistent/dir/x.textproto --ranks 1").exit_code == 2);
