@@ -192,7 +192,10 @@ InSituFit fit_in_situ(const std::vector<double>& c, const std::vector<double>& b
   bool gathers = false;
   for (size_t j = 0; j < c.size(); ++j) gathers = gathers || (used(j) && at_or_zero(terms.gather, j) > 0);
   double scaled = 0, rest = 0, gathered = 0, ops = 0;
-  LeastSquares f(gathers ? 3 : 2);
+  // Columns c, d (with gathers) and 1; without the last when the overhead comes out negative: h is
+  // floored at 0, and f_g must come from a fit that holds it there (with a negative h the gathers'
+  // factor took up what h took off every op: the calibration step's gathers came out 30-40% over).
+  LeastSquares with_h(gathers ? 3 : 2), without_h(gathers ? 2 : 1);
   for (size_t j = 0; j < c.size(); ++j)
     if (used(j)) {
       const double d = at_or_zero(terms.gather, j);
@@ -201,14 +204,22 @@ InSituFit fit_in_situ(const std::vector<double>& c, const std::vector<double>& b
       gathered += d;
       rest += r;
       ops += 1;
-      if (gathers) f.add({c[j], 1, d}, r, 1 / (t[j] * t[j]));
-      else f.add({c[j], 1}, r, 1 / (t[j] * t[j]));
+      const double w = 1 / (t[j] * t[j]);
+      if (gathers) {
+        with_h.add({c[j], d, 1}, r, w);
+        without_h.add({c[j], d}, r, w);
+      } else {
+        with_h.add({c[j], 1}, r, w);
+        without_h.add({c[j]}, r, w);
+      }
     }
   if (scaled <= 0) return fit;
-  if (const auto x = f.solve()) {
-    if (gathers) fit.gather_factor = std::clamp((*x)[2], 0.1, 10.0);
-    if ((*x)[1] > 0) fit.op_overhead_s = std::min((*x)[1], std::max(rest - fit.gather_factor * gathered, 0.0) / ops);
-  }
+  const size_t h_at = gathers ? 2 : 1;
+  std::optional<std::vector<double>> x = with_h.solve();
+  if (x && (*x)[h_at] > 0) fit.op_overhead_s = (*x)[h_at];
+  else x = without_h.solve();
+  if (x && gathers) fit.gather_factor = std::clamp((*x)[1], 0.1, 10.0);
+  fit.op_overhead_s = std::min(fit.op_overhead_s, std::max(rest - fit.gather_factor * gathered, 0.0) / ops);
   fit.factor = std::clamp((rest - fit.gather_factor * gathered - ops * fit.op_overhead_s) / scaled, 0.1, 10.0);
   return fit;
 }

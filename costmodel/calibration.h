@@ -75,7 +75,8 @@ double fit_backward_factor(const DeviceProfile& profile, OpKind kind, const std:
 // Gathers (EMBEDDING kernels: lookups, the dispatch's and the combine's row gathers) have their
 // own factor f_g: their time d_j (a part of b_j, at the profile's out-of-cache rate) depends on
 // what a step leaves in cache, which the other kernels' does not; h and f_g then come from
-// t_j - (b_j - d_j) - u_j - v_j = f c_j + f_g d_j + h (the same least squares), f_g clamped to
+// t_j - (b_j - d_j) - u_j - v_j = f c_j + f_g d_j + h (the same least squares; where h comes out
+// negative, again without h, so that f_g is the best with h at its floor), f_g clamped to
 // [0.1, 10] (1 without gathers), and f keeps the measured sum with f_g d_j in it.
 // Op j's entry of a per-op vector of InSituTerms or InSituHost: 0 past a shorter vector's end.
 inline double at_or_zero(const std::vector<double>& v, size_t j) { return j < v.size() ? v[j] : 0.0; }

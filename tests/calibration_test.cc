@@ -201,6 +201,30 @@ TEST_CASE("Gathers get their own factor, fitted on the ops that hold them") {
   CHECK(fit_in_situ(c, b, t).gather_factor == 1);
 }
 
+TEST_CASE("Gathers' factor is fitted with the overhead held at 0 when it would come out negative") {
+  // As above without overhead, every op 2 us faster than the model can say (a negative h): the
+  // unconstrained fit puts h at -2 us and the gathers at 0.5, which with h floored at 0 prices the
+  // gather-only op 2 us (25%) over. Fitted with h held at 0, the gathers' factor takes it.
+  InSituTerms terms;
+  terms.gather = counts_at(1, 10e-6, 4, 20e-6);
+  terms.gather[6] = 40e-6;
+  const InSituFit truth{.factor = 1.3, .op_overhead_s = 0, .gather_factor = 0.5};
+  auto [c, b, t] = synthetic_step(truth, {});
+  for (size_t j = 0; j < c.size(); ++j) {
+    if (j == 4) c[j] = 0;
+    b[j] += terms.gather[j];
+    t[j] = truth.time_s(c[j], b[j], terms, j) - 2e-6;
+  }
+  const InSituFit fit = fit_in_situ(c, b, t, terms);
+  CHECK(fit.op_overhead_s == 0);
+  CHECK(fit.gather_factor < 0.5);
+  // The gather-only op (8 us measured) within 10%, where 0.5 with no overhead gives 10 us.
+  CHECK(fit.time_s(c[4], b[4], terms, 4) == Approx(t[4]).epsilon(0.1));
+  InSituFit old = fit;
+  old.gather_factor = 0.5;
+  CHECK(std::fabs(fit.time_s(c[4], b[4], terms, 4) - t[4]) < std::fabs(old.time_s(c[4], b[4], terms, 4) - t[4]));
+}
+
 TEST_CASE("A gate holding its dispatch has both measured apart") {
   // EP = 1: each gate holds its dispatch's decision, 256 and 512 choices of each, at 80 and 12 ns
   // per choice, measured apart inside the op.
