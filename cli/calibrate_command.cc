@@ -219,7 +219,22 @@ struct InSitu {
   // The step's collectives: per op, as validation measures it (trace::mean_op_times).
   std::vector<CollectiveSample> collectives;
   double working_set_bytes = 0;  // the largest rank's (cost::working_set_bytes)
+  double gather_bytes = 0;       // the median bytes of its forward row gathers (EMBEDDING kernels)
 };
+
+// The median bytes of a setup's forward row gathers, sized for its micro-batch as the lowering
+// sizes them (the point at which a step's gather factor is read: profile gather_in_situ).
+double median_gather_bytes(const cost::Setup& setup) {
+  cost::ModelOptions mo;
+  mo.sequence = setup.layout.sequence;
+  mo.tokens = static_cast<double>(setup.layout.micro_batch) * setup.layout.sequence;
+  mo.act_elem_bytes = cost::activation_bytes(*setup.workload);
+  std::vector<double> bytes;
+  for (const cost::Layer& layer : cost::analyze(*setup.model, mo).layers)
+    for (const cost::Op& op : layer.ops)
+      if (op.kind == cost::OpKind::kEmbedding && op.bytes > 0) bytes.push_back(op.bytes);
+  return bytes.empty() ? 0 : trace::quantile(bytes, 0.5);
+}
 
 // The calibration step (cli/calibration_step.h) trained for 48 steps on every rank with the
 // Schedule lowered under `spec`; on
@@ -228,11 +243,11 @@ struct InSitu {
 // that kind's factor at 2), then one factor for all kinds by cost::fit_in_situ_factor (see below).
 // Collective on `world`.
 InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluster, int ranks, exec::Comm* world,
-                   exec::Comm* host_world, exec::Backend& backend, int layers = 3) {
+                   exec::Comm* host_world, exec::Backend& backend, int layers = 3, int sequences = 8) {
   const cost::Setup setup =
       cost::load_setup(cost::ConfigSource{"calibration-cluster", cluster},
                        cost::ConfigSource{"calibration-model", calibration_model_text(ranks, layers)},
-                       cost::ConfigSource{"calibration-workload", calibration_workload_text(ranks)},
+                       cost::ConfigSource{"calibration-workload", calibration_workload_text(ranks, sequences)},
                        cost::ConfigSource{"calibration-strategy", calibration_strategy_text(ranks)});
   auto lower_with = [&](const profile::DeviceProfile& sp) {
     const cost::DeviceProfile p = cost::DeviceProfile::from_spec(sp, "calibration profile");
@@ -245,7 +260,7 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
   exec::TrainOptions o;
   o.model = *setup.model;
   apply_strategy(*setup.strategy, "calibration", ranks, o);
-  o.batch = 8 * ranks;
+  o.batch = sequences * ranks;
   o.sequence = 48;
   o.steps = 48;
   o.schedule = std::make_shared<schedule::Schedule>(base);
@@ -255,6 +270,7 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
   if (world && world->rank() != 0) return out;
   for (const cost::RankMemory& m : cost::estimate_memory(setup).ranks)
     out.working_set_bytes = std::max(out.working_set_bytes, cost::working_set_bytes(m));
+  out.gather_bytes = median_gather_bytes(setup);
   // Measured as validation measures (traces/validation.h): means over the quiet half of the steps
   // after the first, a collective by its last arrival's span.
   const std::map<int, double> step_time = trace::step_times(measured, 1);
@@ -351,6 +367,8 @@ struct InSituRounds {
   // the same exchanges in a smaller working set. Several ranks only.
   std::vector<CollectiveSample> small_collectives;
   double small_working_set_bytes = 0;
+  // That layer at half the tokens: its gathers' factor (the median over the rounds) at their bytes.
+  double half_gather_factor = 0, half_gather_bytes = 0;
 };
 
 // The calibration step in five rounds, a second apart (a stretch slowed by other tenants can last
@@ -368,11 +386,15 @@ InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::strin
   const bool root = world == nullptr || world->rank() == 0;
   InSituRounds out;
   std::vector<InSitu> busy;
+  std::vector<double> half_gathers;
   std::vector<double> alone;
   constexpr int kRounds = 5;
   for (int i = 0; i < kRounds; ++i) {
     if (i > 0) std::this_thread::sleep_for(std::chrono::seconds(1));
     busy.push_back(fit_in_situ(spec, cluster, ranks, world, host_world, backend));
+    const InSitu half = fit_in_situ(spec, cluster, ranks, world, host_world, backend, 1, 4);
+    half_gathers.push_back(half.fit.gather_factor);
+    out.half_gather_bytes = half.gather_bytes;
     if (ranks == 1) continue;
     const InSitu small = fit_in_situ(spec, cluster, ranks, world, host_world, backend, 1);
     out.small_collectives.insert(out.small_collectives.end(), small.collectives.begin(), small.collectives.end());
@@ -397,6 +419,7 @@ InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::strin
   for (const InSitu& b : busy)
     out.busy.collectives.insert(out.busy.collectives.end(), b.collectives.begin(), b.collectives.end());
   if (!alone.empty()) out.alone_factor = trace::quantile(alone, 0.5);
+  if (root) out.half_gather_factor = trace::quantile(half_gathers, 0.5);
   return out;
 }
 
@@ -626,6 +649,15 @@ int calibrate(const Args& a) {
         host_world, backend);
     const InSitu& in_situ = rounds.busy;
     set_in_situ(spec, [&](cost::OpKind) { return in_situ.fit.factor; }, in_situ.fit.gather_factor);
+    // The gathers' factor by their size: the step's and its MoE layer's at half the tokens.
+    const bool gather_sizes = rounds.half_gather_bytes > 0 && rounds.half_gather_bytes < in_situ.gather_bytes;
+    if (gather_sizes)
+      for (auto [bytes, f] : {std::pair{rounds.half_gather_bytes, rounds.half_gather_factor},
+                              std::pair{in_situ.gather_bytes, in_situ.fit.gather_factor}}) {
+        profile::BytesFactor* p = spec.add_gather_in_situ();
+        p->set_bytes(bytes);
+        p->set_time_factor(f);
+      }
     spec.set_op_overhead_s(in_situ.fit.op_overhead_s);
     spec.set_routing_choice_s(in_situ.fit.routing_choice_s);
     spec.set_dispatch_choice_s(in_situ.fit.dispatch_choice_s);
@@ -639,6 +671,11 @@ int calibrate(const Args& a) {
     if (spec.has_alone_time_factor()) r.set_alone_time_factor(spec.alone_time_factor());
     r.set_in_situ_factor(in_situ.fit.factor);
     r.set_in_situ_gather_factor(in_situ.fit.gather_factor);
+    if (gather_sizes) {
+      r.set_gather_bytes(in_situ.gather_bytes);
+      r.set_half_gather_factor(rounds.half_gather_factor);
+      r.set_half_gather_bytes(rounds.half_gather_bytes);
+    }
     r.set_op_overhead_s(in_situ.fit.op_overhead_s);
     r.set_routing_choice_s(in_situ.fit.routing_choice_s);
     r.set_dispatch_choice_s(in_situ.fit.dispatch_choice_s);
@@ -670,7 +707,7 @@ int calibrate(const Args& a) {
         link_Bps = small_Bps;
         all_reduce_efficiency = small_all_reduce;
         for (auto [bytes, f] : {std::pair{rounds.small_working_set_bytes, 1.0}, std::pair{in_situ.working_set_bytes, factor}}) {
-          profile::FootprintFactor* p = spec.add_transfer_footprint();
+          profile::BytesFactor* p = spec.add_transfer_footprint();
           p->set_bytes(bytes);
           p->set_time_factor(f);
         }
@@ -739,9 +776,14 @@ int calibrate(const Args& a) {
     std::cout << fmt::format("attention core       {} per score, {} per group (sequence x head)\n",
                              format_seconds(r.softmax_score_s()), format_seconds(r.attention_group_s()));
     std::cout << fmt::format("batch-priority sort  {} per token x log2(tokens)\n", format_seconds(r.priority_sort_s()));
-    std::cout << fmt::format("in a training step   kernels x {:.3f}, gathers x {:.3f}, {} per op around them; per "
+    const std::string gathers =
+        r.half_gather_bytes() > 0
+            ? fmt::format("gathers x {:.3f} at {}, x {:.3f} at {}", r.half_gather_factor(), format_bytes(r.half_gather_bytes()),
+                          r.in_situ_gather_factor(), format_bytes(r.gather_bytes()))
+            : fmt::format("gathers x {:.3f}", r.in_situ_gather_factor());
+    std::cout << fmt::format("in a training step   kernels x {:.3f}, {}, {} per op around them; per "
                              "token-choice {} in a gate, {} in its backward, {} in a dispatch{}\n",
-                             r.in_situ_factor(), r.in_situ_gather_factor(), format_seconds(r.op_overhead_s()),
+                             r.in_situ_factor(), gathers, format_seconds(r.op_overhead_s()),
                              format_seconds(r.routing_choice_s()),
                              format_seconds(r.routing_backward_choice_s()), format_seconds(r.dispatch_choice_s()),
                              spec.has_alone_time_factor()
@@ -787,7 +829,8 @@ std::vector<Command> calibrate_commands() {
        "backward, dispatch) measured inside its ops; with several ranks, the same step on rank 0\n"
        "alone gives the factor for a rank alone on its host, and the step's MoE layer alone (the same\n"
        "exchanges in half the working set) sets the link, the step's exchanges against it the factor\n"
-       "by which a bigger working set slows them (the profile's transfer_footprint).\n"
+       "by which a bigger working set slows them (the profile's transfer_footprint). The layer at\n"
+       "half the tokens gives the gathers' factor at their smaller size (the profile's gather_in_situ).\n"
        "Prints each fit's residuals through the written profile.\n\n"
        "Writes --out (a cluster: one node of N devices joined by a switch) and <out>.profile.textproto\n"
        "beside it (the device profile; scenarios name it as device_profile, `moesim validate --suite`\n"

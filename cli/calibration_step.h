@@ -22,10 +22,11 @@ inline std::string calibration_model_text(int ranks, int layers = 3) {
                      layers, ranks == 1 ? 4 : 2 * ranks, layers > 1 ? "every_n_layers: 2 moe_layer_offset: 1 " : "");
 }
 
-inline std::string calibration_workload_text(int ranks) {
-  return fmt::format("name: \"calibration\" training {{ global_batch: {} micro_batch: 8 sequence: 48 precision: FP32 "
+// `sequences` per rank: 8 for the step; 4 for the MoE layer's gathers at half the size.
+inline std::string calibration_workload_text(int ranks, int sequences = 8) {
+  return fmt::format("name: \"calibration\" training {{ global_batch: {} micro_batch: {} sequence: 48 precision: FP32 "
                      "optimizer: ADAM }}",
-                     8 * ranks);
+                     sequences * ranks, sequences);
 }
 
 inline std::string calibration_strategy_text(int ranks) {

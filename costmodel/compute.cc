@@ -180,15 +180,18 @@ void validate(const ConfigScope& root, const profile::DeviceProfile& p) {
   };
   check_factors("backward", p.backward());
   check_factors("in_situ", p.in_situ());
-  for (int i = 0; i < p.transfer_footprint_size(); ++i) {
-    ConfigScope f = root.child("transfer_footprint", i);
-    f.positive("bytes", Need::kRequired, /*allow_zero=*/false, 1e18);
-    f.positive("time_factor", Need::kRequired, /*allow_zero=*/false, 100.0);
-    if (i > 0 && p.transfer_footprint(i).has_bytes() &&
-        !(p.transfer_footprint(i).bytes() > p.transfer_footprint(i - 1).bytes()))
-      f.error("bytes", fmt::format("{} bytes: the points' bytes must increase (the previous point has {})",
-                                   p.transfer_footprint(i).bytes(), p.transfer_footprint(i - 1).bytes()));
-  }
+  auto check_by_bytes = [&](const char* field, const auto& points) {
+    for (int i = 0; i < points.size(); ++i) {
+      ConfigScope f = root.child(field, i);
+      f.positive("bytes", Need::kRequired, /*allow_zero=*/false, 1e18);
+      f.positive("time_factor", Need::kRequired, /*allow_zero=*/false, 100.0);
+      if (i > 0 && points[i].has_bytes() && !(points[i].bytes() > points[i - 1].bytes()))
+        f.error("bytes", fmt::format("{} bytes: the points' bytes must increase (the previous point has {})",
+                                     points[i].bytes(), points[i - 1].bytes()));
+    }
+  };
+  check_by_bytes("transfer_footprint", p.transfer_footprint());
+  check_by_bytes("gather_in_situ", p.gather_in_situ());
   root.positive("threads_per_rank", Need::kOptional, /*allow_zero=*/false, 4096);
   root.positive("softmax_score_s", Need::kOptional, /*allow_zero=*/true, 1e-3);
   root.positive("op_overhead_s", Need::kOptional, /*allow_zero=*/true, 1.0);
@@ -322,17 +325,30 @@ double DeviceProfile::peak_flops_per_s(OpKind kind, DType dtype) const {
 double DeviceProfile::backward_time_factor(OpKind kind) const { return backward_factor_[static_cast<size_t>(kind)]; }
 double DeviceProfile::in_situ_time_factor(OpKind kind) const { return in_situ_factor_[static_cast<size_t>(kind)]; }
 
-double DeviceProfile::transfer_time_factor(double working_set_bytes) const {
-  const auto& points = spec_.transfer_footprint();
-  if (points.empty()) return 1.0;
-  if (!(working_set_bytes > points[0].bytes())) return points[0].time_factor();
+namespace {
+
+// A factor by bytes (device_profile.proto BytesFactor points): linear in log bytes between points,
+// flat beyond the ends; `none` without points.
+double factor_by_bytes(const google::protobuf::RepeatedPtrField<profile::BytesFactor>& points, double bytes, double none) {
+  if (points.empty()) return none;
+  if (!(bytes > points[0].bytes())) return points[0].time_factor();
   for (int i = 1; i < points.size(); ++i) {
-    const profile::FootprintFactor &a = points[i - 1], &b = points[i];
-    if (working_set_bytes > b.bytes()) continue;
-    const double w = std::log(working_set_bytes / a.bytes()) / std::log(b.bytes() / a.bytes());
+    const profile::BytesFactor &a = points[i - 1], &b = points[i];
+    if (bytes > b.bytes()) continue;
+    const double w = std::log(bytes / a.bytes()) / std::log(b.bytes() / a.bytes());
     return a.time_factor() + w * (b.time_factor() - a.time_factor());
   }
   return points[points.size() - 1].time_factor();
+}
+
+}  // namespace
+
+double DeviceProfile::transfer_time_factor(double working_set_bytes) const {
+  return factor_by_bytes(spec_.transfer_footprint(), working_set_bytes, 1.0);
+}
+
+double DeviceProfile::gather_time_factor(double bytes) const {
+  return factor_by_bytes(spec_.gather_in_situ(), bytes, in_situ_time_factor(OpKind::kEmbedding));
 }
 
 double DeviceProfile::host_share_factor(int ranks_here) const {
@@ -380,7 +396,9 @@ OpTime op_time(const DeviceProfile& profile, const Op& op, DType dtype) {
   if (op.kind == OpKind::kAttention) t.compute_s += static_cast<double>(op.groups) * profile.attention_group_s();
   const double bytes = op.bytes * dtype_bytes(t.dtype) / dtype_bytes(dtype);
   t.memory_s = bytes / (profile.memory_bandwidth_Bps() * profile.memory_bandwidth_efficiency(op.kind));
-  const double f = profile.in_situ_time_factor(op.kind) * (op.backward ? profile.backward_time_factor(op.kind) : 1.0);
+  const double in_situ =
+      op.kind == OpKind::kEmbedding ? profile.gather_time_factor(op.bytes) : profile.in_situ_time_factor(op.kind);
+  const double f = in_situ * (op.backward ? profile.backward_time_factor(op.kind) : 1.0);
   t.compute_s *= f;
   t.memory_s *= f;
   // Fitted in situ: not scaled again.

@@ -433,6 +433,29 @@ TEST_CASE("a transfer's footprint factor: linear in log bytes between points, fl
   CHECK(cost::load_device_profile_text("device { preset: \"h100-sxm5\" }\n", "none.textproto").transfer_time_factor(1e9) == 1);
 }
 
+TEST_CASE("row gathers take their in-situ factor by their bytes where the profile gives points") {
+  const std::string base = "device { preset: \"h100-sxm5\" }\n"
+                           "in_situ { op: EMBEDDING time_factor: 0.8 }\n"
+                           "in_situ { op: NORM time_factor: 1.5 }\n";
+  const cost::DeviceProfile flat = cost::load_device_profile_text(base, "flat.textproto");
+  const cost::DeviceProfile sized = cost::load_device_profile_text(
+      base + "gather_in_situ { bytes: 1e5 time_factor: 0.3 }\ngather_in_situ { bytes: 4e5 time_factor: 0.6 }\n",
+      "sized.textproto");
+  CHECK(flat.gather_time_factor(2e5) == Approx(0.8));  // no points: in_situ's EMBEDDING entry
+  CHECK(sized.gather_time_factor(5e4) == Approx(0.3));
+  CHECK(sized.gather_time_factor(2e5) == Approx(0.45));  // half way in log bytes
+  CHECK(sized.gather_time_factor(1e7) == Approx(0.6));
+  auto memory_s = [](const cost::DeviceProfile& p, OpKind kind) {
+    Op op;
+    op.name = "g";
+    op.kind = kind;
+    op.bytes = 2e5;
+    return cost::op_time(p, op, DType::kFp32).memory_s;
+  };
+  CHECK(memory_s(sized, OpKind::kEmbedding) == Approx(memory_s(flat, OpKind::kEmbedding) * 0.45 / 0.8));
+  CHECK(memory_s(sized, OpKind::kNorm) == Approx(memory_s(flat, OpKind::kNorm)));  // other kinds keep in_situ
+}
+
 TEST_CASE("bad profile: footprint points out of order, without bytes, or with a factor out of range") {
   std::vector<Diagnostic> d = diagnostics_of("device { preset: \"h100-sxm5\" }\n"
                                              "transfer_footprint { bytes: 4e6 time_factor: 1 }\n"
@@ -446,6 +469,13 @@ TEST_CASE("bad profile: footprint points out of order, without bytes, or with a 
   CHECK((d[1].line == 4 && d[1].field_path == "transfer_footprint[2].bytes"));
   CHECK((d[2].line == 4 && d[2].field_path == "transfer_footprint[2].time_factor"));
   CHECK((d[3].line == 5 && d[3].field_path == "transfer_footprint[3].time_factor"));
+}
+
+TEST_CASE("bad profile: gather points out of order") {
+  check_only("device { preset: \"h100-sxm5\" }\n"
+             "gather_in_situ { bytes: 4e5 time_factor: 0.6 }\n"
+             "gather_in_situ { bytes: 1e5 time_factor: 0.3 }\n",
+             3, "gather_in_situ[1].bytes", "must increase");
 }
 
 TEST_CASE("bad profile: ranks per host 0 and a zero alone factor") {

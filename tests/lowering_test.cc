@@ -554,7 +554,7 @@ TEST_CASE("a profile's footprint factor slows every collective by its ranks' wor
   auto footprint = [](std::vector<std::pair<double, double>> points) {
     return [points](profile::DeviceProfile& p) {
       for (auto [bytes, factor] : points) {
-        profile::FootprintFactor* f = p.add_transfer_footprint();
+        profile::BytesFactor* f = p.add_transfer_footprint();
         f->set_bytes(bytes);
         f->set_time_factor(factor);
       }

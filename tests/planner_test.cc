@@ -320,7 +320,7 @@ TEST_CASE("the estimate slows collectives by the profile's footprint factor at t
   auto estimate = [&](double below, double above) {  // factors just below and above the working set
     profile::DeviceProfile spec = cost::default_profile(cluster.device_type(0)).spec();
     for (auto [bytes, factor] : {std::pair{mem.working_set_bytes / 2, below}, std::pair{mem.working_set_bytes * 2, above}}) {
-      profile::FootprintFactor* f = spec.add_transfer_footprint();
+      profile::BytesFactor* f = spec.add_transfer_footprint();
       f->set_bytes(bytes);
       f->set_time_factor(factor);
     }

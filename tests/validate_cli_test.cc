@@ -205,6 +205,12 @@ TEST_CASE("calibrate writes a cluster and profile that load back, and a store ro
   CHECK(c.in_situ_gather_factor() >= 0.1);
   CHECK(c.in_situ_gather_factor() <= 10);
   CHECK(p.in_situ_time_factor(cost::OpKind::kEmbedding) == Approx(c.in_situ_gather_factor()));
+  // And by size: the step's MoE layer at half the tokens gathers fewer bytes, at its own factor.
+  CHECK(c.half_gather_bytes() > 0);
+  CHECK(c.half_gather_bytes() < c.gather_bytes());
+  REQUIRE(p.spec().gather_in_situ_size() == 2);
+  CHECK(p.gather_time_factor(c.half_gather_bytes()) == Approx(c.half_gather_factor()));
+  CHECK(p.gather_time_factor(c.gather_bytes()) == Approx(c.in_situ_gather_factor()));
   CHECK(p.in_situ_time_factor(cost::OpKind::kGemm) == Approx(c.in_situ_factor()));
   // Gathers are measured out of cache, the streaming kernels on warm buffers: slower per byte.
   CHECK(p.memory_bandwidth_efficiency(cost::OpKind::kEmbedding) < p.memory_bandwidth_efficiency(cost::OpKind::kElementwise));
