@@ -288,6 +288,18 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
     return lower_with(s);
   };
   const schedule::Schedule doubled = with_factors(2, 1), gathers_doubled = with_factors(1, 2);
+  // And the backward gathers' part of that: their backward factor doubled.
+  profile::DeviceProfile backward_gathers_spec = spec;
+  profile::BackwardFactor* gather_backward = nullptr;
+  for (profile::BackwardFactor& f : *backward_gathers_spec.mutable_backward())
+    if (f.op() == profile::EMBEDDING) gather_backward = &f;
+  if (!gather_backward) {
+    gather_backward = backward_gathers_spec.add_backward();
+    gather_backward->set_op(profile::EMBEDDING);
+    gather_backward->set_time_factor(1);
+  }
+  gather_backward->set_time_factor(2 * gather_backward->time_factor());
+  const schedule::Schedule backward_gathers_doubled = lower_with(backward_gathers_spec);
   // Each op's token-choices per host term: its time grows by them times a probe added to the
   // term's time per choice.
   constexpr double kProbe_s = 1e-6;
@@ -331,7 +343,10 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
     terms.gate.push_back(probed(routed));
     terms.dispatch.push_back(probed(dispatched));
     terms.gate_backward.push_back(probed(routed_backward));
-    terms.gather.push_back(std::max(gathers_doubled.ranks(slowest).ops(i).duration_s() - op.duration_s(), 0.0));
+    const double gathers = std::max(gathers_doubled.ranks(slowest).ops(i).duration_s() - op.duration_s(), 0.0);
+    terms.gather_backward.push_back(
+        std::min(std::max(backward_gathers_doubled.ranks(slowest).ops(i).duration_s() - op.duration_s(), 0.0), gathers));
+    terms.gather.push_back(gathers - terms.gather_backward.back());
     const auto h = host_times.find({op.id(), base.ranks(slowest).rank()});
     host.routing_s.push_back(h == host_times.end() ? 0 : h->second.routing_s);
     host.dispatch_s.push_back(h == host_times.end() ? 0 : h->second.dispatch_s);
@@ -648,16 +663,17 @@ int calibrate(const Args& a) {
         spec, calibration_cluster, cluster_text(name, "calibration", device, 1, link_Bps, link_latency_s), ranks, world,
         host_world, backend);
     const InSitu& in_situ = rounds.busy;
-    set_in_situ(spec, [&](cost::OpKind) { return in_situ.fit.factor; }, in_situ.fit.gather_factor);
-    // The gathers' factor by their size: the step's and its MoE layer's at half the tokens.
+    // The backward gathers' factor is the EMBEDDING kind's; the forward gathers' goes by their size:
+    // the step's, and its MoE layer's at half the tokens (one point without it).
+    set_in_situ(spec, [&](cost::OpKind) { return in_situ.fit.factor; }, in_situ.fit.gather_backward_factor);
     const bool gather_sizes = rounds.half_gather_bytes > 0 && rounds.half_gather_bytes < in_situ.gather_bytes;
-    if (gather_sizes)
-      for (auto [bytes, f] : {std::pair{rounds.half_gather_bytes, rounds.half_gather_factor},
-                              std::pair{in_situ.gather_bytes, in_situ.fit.gather_factor}}) {
-        profile::BytesFactor* p = spec.add_gather_in_situ();
-        p->set_bytes(bytes);
-        p->set_time_factor(f);
-      }
+    std::vector<std::pair<double, double>> gather_points = {{in_situ.gather_bytes, in_situ.fit.gather_factor}};
+    if (gather_sizes) gather_points.insert(gather_points.begin(), {rounds.half_gather_bytes, rounds.half_gather_factor});
+    for (auto [bytes, f] : gather_points) {
+      profile::BytesFactor* p = spec.add_gather_in_situ();
+      p->set_bytes(std::max(bytes, 1.0));
+      p->set_time_factor(f);
+    }
     spec.set_op_overhead_s(in_situ.fit.op_overhead_s);
     spec.set_routing_choice_s(in_situ.fit.routing_choice_s);
     spec.set_dispatch_choice_s(in_situ.fit.dispatch_choice_s);
@@ -671,6 +687,7 @@ int calibrate(const Args& a) {
     if (spec.has_alone_time_factor()) r.set_alone_time_factor(spec.alone_time_factor());
     r.set_in_situ_factor(in_situ.fit.factor);
     r.set_in_situ_gather_factor(in_situ.fit.gather_factor);
+    r.set_in_situ_gather_backward_factor(in_situ.fit.gather_backward_factor);
     if (gather_sizes) {
       r.set_gather_bytes(in_situ.gather_bytes);
       r.set_half_gather_factor(rounds.half_gather_factor);
@@ -778,9 +795,11 @@ int calibrate(const Args& a) {
     std::cout << fmt::format("batch-priority sort  {} per token x log2(tokens)\n", format_seconds(r.priority_sort_s()));
     const std::string gathers =
         r.half_gather_bytes() > 0
-            ? fmt::format("gathers x {:.3f} at {}, x {:.3f} at {}", r.half_gather_factor(), format_bytes(r.half_gather_bytes()),
-                          r.in_situ_gather_factor(), format_bytes(r.gather_bytes()))
-            : fmt::format("gathers x {:.3f}", r.in_situ_gather_factor());
+            ? fmt::format("gathers x {:.3f} at {}, x {:.3f} at {} (backward x {:.3f})", r.half_gather_factor(),
+                          format_bytes(r.half_gather_bytes()), r.in_situ_gather_factor(), format_bytes(r.gather_bytes()),
+                          r.in_situ_gather_backward_factor())
+            : fmt::format("gathers x {:.3f} (backward x {:.3f})", r.in_situ_gather_factor(),
+                          r.in_situ_gather_backward_factor());
     std::cout << fmt::format("in a training step   kernels x {:.3f}, {}, {} per op around them; per "
                              "token-choice {} in a gate, {} in its backward, {} in a dispatch{}\n",
                              r.in_situ_factor(), gathers, format_seconds(r.op_overhead_s()),

@@ -187,45 +187,56 @@ InSituFit fit_in_situ(const std::vector<double>& c, const std::vector<double>& b
   fit.routing_choice_s = rate(terms.gate, host.routing_s);
   fit.routing_backward_choice_s = rate(terms.gate_backward, host.routing_s);
   fit.dispatch_choice_s = rate(terms.dispatch, host.dispatch_s);
-  // The rest, t - (b - d) - the measured host seconds = f c + f_g d + h, by least squares on
-  // relative errors for h and f_g; then f from the measured sum.
-  bool gathers = false;
-  for (size_t j = 0; j < c.size(); ++j) gathers = gathers || (used(j) && at_or_zero(terms.gather, j) > 0);
-  double scaled = 0, rest = 0, gathered = 0, ops = 0;
-  // Columns c, d (with gathers) and 1; without the last when the overhead comes out negative: h is
-  // floored at 0, and f_g must come from a fit that holds it there (with a negative h the gathers'
-  // factor took up what h took off every op: the calibration step's gathers came out 30-40% over).
-  LeastSquares with_h(gathers ? 3 : 2), without_h(gathers ? 2 : 1);
+  // The rest, t - (b - d - e) - the measured host seconds = f c + f_g d + f_gb e + h, by least
+  // squares on relative errors for h, f_g and f_gb (each gather column only where some op holds
+  // such gathers); then f from the measured sum.
+  bool forward = false, backward = false;
+  for (size_t j = 0; j < c.size(); ++j) {
+    forward = forward || (used(j) && at_or_zero(terms.gather, j) > 0);
+    backward = backward || (used(j) && at_or_zero(terms.gather_backward, j) > 0);
+  }
+  const size_t gather_columns = (forward ? 1 : 0) + (backward ? 1 : 0);
+  // Without the overhead's column when it comes out negative: h is floored at 0, and the gathers'
+  // factors must come from a fit that holds it there (with a negative h they took up what h took
+  // off every op: the calibration step's gathers came out 30-40% over).
+  LeastSquares with_h(2 + gather_columns), without_h(1 + gather_columns);
+  double scaled = 0, rest = 0, ops = 0;
+  std::vector<double> row;
   for (size_t j = 0; j < c.size(); ++j)
     if (used(j)) {
-      const double d = at_or_zero(terms.gather, j);
-      const double r = t[j] - (b[j] - d) - at_or_zero(host.routing_s, j) - at_or_zero(host.dispatch_s, j);
+      const double d = at_or_zero(terms.gather, j), e = at_or_zero(terms.gather_backward, j);
+      const double r = t[j] - (b[j] - d - e) - at_or_zero(host.routing_s, j) - at_or_zero(host.dispatch_s, j);
       scaled += c[j];
-      gathered += d;
       rest += r;
       ops += 1;
-      const double w = 1 / (t[j] * t[j]);
-      if (gathers) {
-        with_h.add({c[j], d, 1}, r, w);
-        without_h.add({c[j], d}, r, w);
-      } else {
-        with_h.add({c[j], 1}, r, w);
-        without_h.add({c[j]}, r, w);
-      }
+      row = {c[j]};
+      if (forward) row.push_back(d);
+      if (backward) row.push_back(e);
+      without_h.add(row, r, 1 / (t[j] * t[j]));
+      row.push_back(1);
+      with_h.add(row, r, 1 / (t[j] * t[j]));
     }
   if (scaled <= 0) return fit;
-  const size_t h_at = gathers ? 2 : 1;
   std::optional<std::vector<double>> x = with_h.solve();
-  if (x && (*x)[h_at] > 0) fit.op_overhead_s = (*x)[h_at];
+  if (x && x->back() > 0) fit.op_overhead_s = x->back();
   else x = without_h.solve();
-  if (x && gathers) fit.gather_factor = std::clamp((*x)[1], 0.1, 10.0);
-  fit.op_overhead_s = std::min(fit.op_overhead_s, std::max(rest - fit.gather_factor * gathered, 0.0) / ops);
-  fit.factor = std::clamp((rest - fit.gather_factor * gathered - ops * fit.op_overhead_s) / scaled, 0.1, 10.0);
+  if (x) {
+    if (forward) fit.gather_factor = std::clamp((*x)[1], 0.1, 10.0);
+    if (backward) fit.gather_backward_factor = std::clamp((*x)[forward ? 2 : 1], 0.1, 10.0);
+  }
+  double gathered = 0;  // the gathers' seconds through their factors
+  for (size_t j = 0; j < c.size(); ++j)
+    if (used(j))
+      gathered += fit.gather_factor * at_or_zero(terms.gather, j) +
+                  fit.gather_backward_factor * at_or_zero(terms.gather_backward, j);
+  fit.op_overhead_s = std::min(fit.op_overhead_s, std::max(rest - gathered, 0.0) / ops);
+  fit.factor = std::clamp((rest - gathered - ops * fit.op_overhead_s) / scaled, 0.1, 10.0);
   return fit;
 }
 
 double InSituFit::time_s(double scaled, double fixed, const InSituTerms& terms, size_t j) const {
-  return fixed + (gather_factor - 1) * at_or_zero(terms.gather, j) + factor * scaled + op_overhead_s +
+  return fixed + (gather_factor - 1) * at_or_zero(terms.gather, j) +
+         (gather_backward_factor - 1) * at_or_zero(terms.gather_backward, j) + factor * scaled + op_overhead_s +
          routing_choice_s * at_or_zero(terms.gate, j) + dispatch_choice_s * at_or_zero(terms.dispatch, j) +
          routing_backward_choice_s * at_or_zero(terms.gate_backward, j);
 }

@@ -73,17 +73,20 @@ double fit_backward_factor(const DeviceProfile& profile, OpKind kind, const std:
 // the predicted sum of the ops is the measured one (a step is a sum of ops). f is clamped to
 // [0.1, 10]; f = 1 and the rest 0 without ops.
 // Gathers (EMBEDDING kernels: lookups, the dispatch's and the combine's row gathers) have their
-// own factor f_g: their time d_j (a part of b_j, at the profile's out-of-cache rate) depends on
-// what a step leaves in cache, which the other kernels' does not; h and f_g then come from
-// t_j - (b_j - d_j) - u_j - v_j = f c_j + f_g d_j + h (the same least squares; where h comes out
-// negative, again without h, so that f_g is the best with h at its floor), f_g clamped to
-// [0.1, 10] (1 without gathers), and f keeps the measured sum with f_g d_j in it.
+// own factors, f_g forward and f_gb backward (a backward gather adds rows into its source's
+// gradient): their times d_j and e_j (parts of b_j, at the profile's out-of-cache rate) depend on
+// what a step leaves in cache, which the other kernels' do not; h, f_g and f_gb then come from
+// t_j - (b_j - d_j - e_j) - u_j - v_j = f c_j + f_g d_j + f_gb e_j + h (the same least squares;
+// where h comes out negative, again without h, so that the gathers' factors are the best with h
+// at its floor), each clamped to [0.1, 10] (1 without such gathers), and f keeps the measured sum
+// with the gathers' terms in it.
 // Op j's entry of a per-op vector of InSituTerms or InSituHost: 0 past a shorter vector's end.
 inline double at_or_zero(const std::vector<double>& v, size_t j) { return j < v.size() ? v[j] : 0.0; }
 struct InSituTerms {
-  // Per op; shorter vectors: 0 past their end. Token-choices per host term, and `gather`: the
-  // seconds of the op's gathers at the profile's rate (d_j, part of its fixed time b_j).
-  std::vector<double> gate = {}, dispatch = {}, gate_backward = {}, gather = {};
+  // Per op; shorter vectors: 0 past their end. Token-choices per host term, and the seconds of the
+  // op's forward gathers (`gather`, d_j) and backward gathers (`gather_backward`, e_j) at the
+  // profile's rate (parts of its fixed time b_j).
+  std::vector<double> gate = {}, dispatch = {}, gate_backward = {}, gather = {}, gather_backward = {};
 };
 struct InSituHost {
   // Per op, seconds (trace Span routing_host_s, dispatch_host_s); shorter vectors: 0 past their end.
@@ -95,8 +98,10 @@ struct InSituFit {
   double routing_choice_s = 0;
   double dispatch_choice_s = 0;
   double routing_backward_choice_s = 0;
-  double gather_factor = 1;  // f_g
-  // Op j's time through the fit: b_j + (f_g - 1) d_j + f c_j + h + its host terms' counts x their times.
+  double gather_factor = 1;           // f_g
+  double gather_backward_factor = 1;  // f_gb
+  // Op j's time through the fit: b_j + (f_g - 1) d_j + (f_gb - 1) e_j + f c_j + h + its host
+  // terms' counts x their times.
   double time_s(double scaled, double fixed, const InSituTerms& terms, size_t j) const;
 };
 InSituFit fit_in_situ(const std::vector<double>& scaled, const std::vector<double>& fixed,

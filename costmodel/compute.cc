@@ -397,7 +397,7 @@ OpTime op_time(const DeviceProfile& profile, const Op& op, DType dtype) {
   const double bytes = op.bytes * dtype_bytes(t.dtype) / dtype_bytes(dtype);
   t.memory_s = bytes / (profile.memory_bandwidth_Bps() * profile.memory_bandwidth_efficiency(op.kind));
   const double in_situ =
-      op.kind == OpKind::kEmbedding ? profile.gather_time_factor(op.bytes) : profile.in_situ_time_factor(op.kind);
+      op.kind == OpKind::kEmbedding && !op.backward ? profile.gather_time_factor(op.bytes) : profile.in_situ_time_factor(op.kind);
   const double f = in_situ * (op.backward ? profile.backward_time_factor(op.kind) : 1.0);
   t.compute_s *= f;
   t.memory_s *= f;

@@ -7,8 +7,8 @@
 // The model, per kernel:
 //
 //   time_s    = launch_s + max(compute_s, memory_s) x in_situ(kind) [x backward(kind) for
-//               backward kernels]   (the profile's per-kind factors, default 1; a row gather's
-//               in_situ by its bytes where the profile has gather_in_situ points)
+//               backward kernels]   (the profile's per-kind factors, default 1; a forward row
+//               gather's in_situ by its bytes where the profile has gather_in_situ points)
 //               [+ host_s: routing_choices x routing_choice_s for an MoE gate's top-k
 //               (routing_backward_choice_s for its backward), dispatch_choices x
 //               dispatch_choice_s for its dispatch, + n log2 n x priority_sort_s for the n
@@ -95,8 +95,9 @@ class DeviceProfile {
   // A collective's transfer time factor for ranks holding `working_set_bytes` each
   // (cost::working_set_bytes; profile transfer_footprint, linear in log bytes; 1 without points).
   double transfer_time_factor(double working_set_bytes) const;
-  // A row gather's (EMBEDDING kernel's) in-situ factor by its bytes (profile gather_in_situ, linear
-  // in log bytes; without points in_situ_time_factor(kEmbedding)).
+  // A forward row gather's (EMBEDDING kernel's) in-situ factor by its bytes (profile gather_in_situ,
+  // linear in log bytes; without points in_situ_time_factor(kEmbedding), which backward gathers
+  // take).
   double gather_time_factor(double bytes) const;
   double kernel_launch_overhead_s() const { return launch_overhead_s_; }
   // Per attention score element (profile softmax_score_s; 0).

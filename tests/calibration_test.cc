@@ -201,6 +201,29 @@ TEST_CASE("Gathers get their own factor, fitted on the ops that hold them") {
   CHECK(fit_in_situ(c, b, t).gather_factor == 1);
 }
 
+TEST_CASE("Forward and backward gathers get a factor each") {
+  // The twelve ops, 1.3x and 4 us around each; forward gathers of 10 and 40 us at the profile's
+  // rate run at 0.4 of it, backward ones (scatter-adds) of 20 and 30 us at 0.8, one op holding both.
+  InSituTerms terms;
+  terms.gather = counts_at(1, 10e-6, 6, 40e-6);
+  terms.gather_backward = counts_at(4, 20e-6, 6, 30e-6);
+  const InSituFit truth{.factor = 1.3, .op_overhead_s = 4e-6, .gather_factor = 0.4, .gather_backward_factor = 0.8};
+  auto [c, b, t] = synthetic_step(truth, {});
+  for (size_t j = 0; j < c.size(); ++j) {
+    b[j] += at_or_zero(terms.gather, j) + at_or_zero(terms.gather_backward, j);
+    t[j] = truth.time_s(c[j], b[j], terms, j);
+  }
+  const InSituFit fit = fit_in_situ(c, b, t, terms);
+  CHECK(fit.gather_factor == Approx(0.4).epsilon(0.02));
+  CHECK(fit.gather_backward_factor == Approx(0.8).epsilon(0.02));
+  CHECK(fit.factor == Approx(1.3).epsilon(0.02));
+  CHECK(fit.op_overhead_s == Approx(4e-6).epsilon(0.02));
+  // Without backward gathers in the step its factor stays 1.
+  InSituTerms forward_only = terms;
+  forward_only.gather_backward.clear();
+  CHECK(fit_in_situ(c, b, t, forward_only).gather_backward_factor == 1);
+}
+
 TEST_CASE("Gathers' factor is fitted with the overhead held at 0 when it would come out negative") {
   // As above without overhead, every op 2 us faster than the model can say (a negative h): the
   // unconstrained fit puts h at -2 us and the gathers at 0.5, which with h floored at 0 prices the

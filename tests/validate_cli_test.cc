@@ -204,7 +204,9 @@ TEST_CASE("calibrate writes a cluster and profile that load back, and a store ro
   // combines.
   CHECK(c.in_situ_gather_factor() >= 0.1);
   CHECK(c.in_situ_gather_factor() <= 10);
-  CHECK(p.in_situ_time_factor(cost::OpKind::kEmbedding) == Approx(c.in_situ_gather_factor()));
+  CHECK(c.in_situ_gather_backward_factor() >= 0.1);
+  CHECK(c.in_situ_gather_backward_factor() <= 10);
+  CHECK(p.in_situ_time_factor(cost::OpKind::kEmbedding) == Approx(c.in_situ_gather_backward_factor()));
   // And by size: the step's MoE layer at half the tokens gathers fewer bytes, at its own factor.
   CHECK(c.half_gather_bytes() > 0);
   CHECK(c.half_gather_bytes() < c.gather_bytes());
