@@ -202,6 +202,16 @@ void set_in_situ(profile::DeviceProfile& spec, const std::function<double(cost::
   add(profile::EMBEDDING, gathers);
 }
 
+// Points (bytes, factor), by increasing bytes, appended to a profile's curve by bytes.
+void add_bytes_factors(google::protobuf::RepeatedPtrField<profile::BytesFactor>* curve,
+                       const std::vector<std::pair<double, double>>& points) {
+  for (auto [bytes, factor] : points) {
+    profile::BytesFactor* p = curve->Add();
+    p->set_bytes(std::max(bytes, 1.0));
+    p->set_time_factor(factor);
+  }
+}
+
 // A collective as measured: all-to-all (direct) or all-reduce (ring) of nccl-tests' size S.
 struct CollectiveSample {
   cost::CollectiveOp op = cost::CollectiveOp::kAllToAll;
@@ -236,8 +246,9 @@ double median_gather_bytes(const cost::Setup& setup) {
   return bytes.empty() ? 0 : trace::quantile(bytes, 0.5);
 }
 
-// The calibration step (cli/calibration_step.h) trained for 48 steps on every rank with the
-// Schedule lowered under `spec`; on
+// The calibration step (cli/calibration_step.h; `layers` and `sequences` per rank: the step 3 and
+// 8, its MoE layer alone 1) trained for 48 steps on every rank with the Schedule lowered under
+// `spec`; on
 // rank 0, each compute op's measured time (mean over the quiet half of steps 1..47, as validation)
 // against its predicted time split per kernel kind (each kind's share found by lowering again with
 // that kind's factor at 2), then one factor for all kinds by cost::fit_in_situ_factor (see below).
@@ -380,8 +391,8 @@ struct InSituRounds {
   double alone_factor = 0;  // a rank alone against all busy, the median over the rounds; 0: not measured
   // The step's MoE layer alone (calibration_model_text with 1 layer), every round's collectives:
   // the same exchanges in a smaller working set. Several ranks only.
-  std::vector<CollectiveSample> small_collectives;
-  double small_working_set_bytes = 0;
+  std::vector<CollectiveSample> layer_collectives;
+  double layer_working_set_bytes = 0;
   // That layer at half the tokens: its gathers' factor (the median over the rounds) at their bytes.
   double half_gather_factor = 0, half_gather_bytes = 0;
 };
@@ -411,9 +422,9 @@ InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::strin
     half_gathers.push_back(half.fit.gather_factor);
     out.half_gather_bytes = half.gather_bytes;
     if (ranks == 1) continue;
-    const InSitu small = fit_in_situ(spec, cluster, ranks, world, host_world, backend, 1);
-    out.small_collectives.insert(out.small_collectives.end(), small.collectives.begin(), small.collectives.end());
-    out.small_working_set_bytes = small.working_set_bytes;
+    const InSitu layer = fit_in_situ(spec, cluster, ranks, world, host_world, backend, 1);
+    out.layer_collectives.insert(out.layer_collectives.end(), layer.collectives.begin(), layer.collectives.end());
+    out.layer_working_set_bytes = layer.working_set_bytes;
     if (backend.device() != exec::Device::kCpu) continue;
     exec::Comm& host = host_world ? *host_world : *world;
     float wait_s = root ? static_cast<float>(1.0 + 1.5 * 48 * busy.back().step_s) : 0.0f;
@@ -669,11 +680,7 @@ int calibrate(const Args& a) {
     const bool gather_sizes = rounds.half_gather_bytes > 0 && rounds.half_gather_bytes < in_situ.gather_bytes;
     std::vector<std::pair<double, double>> gather_points = {{in_situ.gather_bytes, in_situ.fit.gather_factor}};
     if (gather_sizes) gather_points.insert(gather_points.begin(), {rounds.half_gather_bytes, rounds.half_gather_factor});
-    for (auto [bytes, f] : gather_points) {
-      profile::BytesFactor* p = spec.add_gather_in_situ();
-      p->set_bytes(std::max(bytes, 1.0));
-      p->set_time_factor(f);
-    }
+    add_bytes_factors(spec.mutable_gather_in_situ(), gather_points);
     spec.set_op_overhead_s(in_situ.fit.op_overhead_s);
     spec.set_routing_choice_s(in_situ.fit.routing_choice_s);
     spec.set_dispatch_choice_s(in_situ.fit.dispatch_choice_s);
@@ -714,23 +721,20 @@ int calibrate(const Args& a) {
     // the link is the MoE layer alone's, and the step's exchanges against it give the factor at
     // the step's working set (device_profile.proto transfer_footprint).
     if (ranks > 1 && !in_situ.collectives.empty()) {
-      const bool two_depths = !rounds.small_collectives.empty() &&
-                              rounds.small_working_set_bytes < in_situ.working_set_bytes;
-      if (two_depths) fit_links(rounds.small_collectives, "collectives_in_situ_layer", link_latency_s);
-      const double small_Bps = link_Bps, small_all_reduce = all_reduce_efficiency;
+      const bool two_depths = !rounds.layer_collectives.empty() &&
+                              rounds.layer_working_set_bytes < in_situ.working_set_bytes;
+      if (two_depths) fit_links(rounds.layer_collectives, "collectives_in_situ_layer", link_latency_s);
+      const double layer_Bps = link_Bps, layer_all_reduce = all_reduce_efficiency;
       fit_links(in_situ.collectives, "collectives_in_situ", link_latency_s);
       if (two_depths) {
-        const double factor = std::clamp(small_Bps / link_Bps, 0.1, 10.0);
-        link_Bps = small_Bps;
-        all_reduce_efficiency = small_all_reduce;
-        for (auto [bytes, f] : {std::pair{rounds.small_working_set_bytes, 1.0}, std::pair{in_situ.working_set_bytes, factor}}) {
-          profile::BytesFactor* p = spec.add_transfer_footprint();
-          p->set_bytes(bytes);
-          p->set_time_factor(f);
-        }
+        const double factor = std::clamp(layer_Bps / link_Bps, 0.1, 10.0);
+        link_Bps = layer_Bps;
+        all_reduce_efficiency = layer_all_reduce;
+        add_bytes_factors(spec.mutable_transfer_footprint(),
+                          {{rounds.layer_working_set_bytes, 1.0}, {in_situ.working_set_bytes, factor}});
         r.set_transfer_footprint_factor(factor);
         r.set_transfer_footprint_bytes(in_situ.working_set_bytes);
-        r.set_transfer_base_bytes(rounds.small_working_set_bytes);
+        r.set_transfer_base_bytes(rounds.layer_working_set_bytes);
       }
       r.set_link_bandwidth_bps(link_Bps);
       r.set_link_latency_s(link_latency_s);
