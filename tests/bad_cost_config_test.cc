@@ -2,6 +2,7 @@
 // breaks one thing in a known-good config and checks the diagnostic: file, line, field path and
 // the gist of the message.
 #include "costmodel/setup.h"
+#include "temp_dir.h"
 #include "test_diagnostics.h"
 
 #include <catch2/catch.hpp>
@@ -158,9 +159,7 @@ TEST_CASE("Bad workloads and strategies on their own") {
 // The four files together: the strategy must fit the cluster, model and workload.
 class Together {
  public:
-  // One folder per process: CTest runs test cases in parallel.
-  Together() : dir_(std::filesystem::temp_directory_path() / ("moesim_bad_cost_config_test_" + std::to_string(::getpid()))) {
-    std::filesystem::create_directories(dir_);
+  Together() : dir_(test::process_temp_dir()) {
     model_ = write("m.textproto", join(model_lines()));
     workload_ = write("w.textproto", "name: \"w\"\ntraining {\n  global_batch: 16\n  micro_batch: 1\n  sequence: 64\n}\n");
   }

@@ -1,7 +1,9 @@
 // Helpers for the end-to-end tests that run the moesim binary (cli_test, sim_cli_test): run it as
 // a user does, parse its --json output, write per-process temp files (CTest runs tests in
-// parallel, so every name carries the process id).
+// parallel: each process writes into a folder of its own, removed when it ends).
 #pragma once
+
+#include "temp_dir.h"
 
 #include <catch2/catch.hpp>
 #include <fmt/format.h>
@@ -35,10 +37,8 @@ inline std::string read_file(const std::string& path) {
   return ss.str();
 }
 
-// A path in the temp folder unique to this process: "<tmp>/<pid>_<name>".
-inline std::string temp_path(const std::string& name) {
-  return (std::filesystem::temp_directory_path() / fmt::format("{}_{}", ::getpid(), name)).string();
-}
+// A path in this process's temp folder (removed when the process ends): "<tmp>/moesim_test_<pid>/<name>".
+inline std::string temp_path(const std::string& name) { return (test::process_temp_dir() / name).string(); }
 
 // Writes `text` to temp_path(name) and returns that path.
 inline std::string write_temp(const std::string& name, const std::string& text) {

@@ -3,6 +3,7 @@
 #include "costmodel/memory.h"
 #include "schedule/lowering.h"
 #include "sim/engine.h"
+#include "temp_dir.h"
 
 #include <catch2/catch.hpp>
 #include <fmt/format.h>
@@ -33,7 +34,7 @@ routing { zipf { exponent: 1.2 } }
 // moe-tiny with 8 experts (one per GPU at ep 8), written once per process.
 std::string tiny8() {
   static const std::string path = [] {
-    const std::string p = (std::filesystem::temp_directory_path() / fmt::format("{}_moe_tiny8.textproto", ::getpid())).string();
+    const std::string p = (test::process_temp_dir() / "moe_tiny8.textproto").string();
     std::ofstream(p) << R"(name: "moe-tiny8"
 transformer { layers: 2 hidden: 64 heads: 4 ffn_hidden: 128 activation: GELU norm: LAYER_NORM bias: true vocab: 64
   max_sequence: 32 learned_positions: true moe { experts: 8 top_k: 2 } })";

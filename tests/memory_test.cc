@@ -1,6 +1,7 @@
 // Memory per rank against closed forms: ZeRO's model-state bytes, layer placement over pipeline
 // stages, in-flight micro-batches per schedule, expert sharding, offload and the KV cache.
 #include "costmodel/memory.h"
+#include "temp_dir.h"
 
 #include <catch2/catch.hpp>
 
@@ -14,10 +15,7 @@ namespace {
 const std::string kSource = MOESIM_SOURCE_DIR;
 
 std::string write_temp(const std::string& name, const std::string& text) {
-  // One folder per process: CTest runs test cases in parallel.
-  const auto dir = std::filesystem::temp_directory_path() / ("moesim_memory_test_" + std::to_string(::getpid()));
-  std::filesystem::create_directories(dir);
-  const auto path = dir / name;
+  const auto path = test::process_temp_dir() / name;
   std::ofstream(path) << text;
   return path.string();
 }
