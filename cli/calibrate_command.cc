@@ -393,8 +393,11 @@ struct InSituRounds {
   // the same exchanges in a smaller working set. Several ranks only.
   std::vector<CollectiveSample> layer_collectives;
   double layer_working_set_bytes = 0;
-  // That layer at half the tokens: its gathers' factor (the median over the rounds) at their bytes.
+  // That layer at half the tokens: its gathers' factor (the median over the rounds) at their bytes,
+  // and every round's collectives (an even smaller working set; several ranks only).
   double half_gather_factor = 0, half_gather_bytes = 0;
+  std::vector<CollectiveSample> half_collectives;
+  double half_working_set_bytes = 0;
 };
 
 // The calibration step in five rounds, a second apart (a stretch slowed by other tenants can last
@@ -422,6 +425,8 @@ InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::strin
     half_gathers.push_back(half.fit.gather_factor);
     out.half_gather_bytes = half.gather_bytes;
     if (ranks == 1) continue;
+    out.half_collectives.insert(out.half_collectives.end(), half.collectives.begin(), half.collectives.end());
+    out.half_working_set_bytes = half.working_set_bytes;
     const InSitu layer = fit_in_situ(spec, cluster, ranks, world, host_world, backend, 1);
     out.layer_collectives.insert(out.layer_collectives.end(), layer.collectives.begin(), layer.collectives.end());
     out.layer_working_set_bytes = layer.working_set_bytes;
@@ -718,20 +723,31 @@ int calibrate(const Args& a) {
     // bandwidth is refitted to the calibration step's collectives, keeping the microbenchmarks'
     // latency (the step's exchanges come in too few sizes to separate the two).
     // And they cost more in a bigger step (its other data pushes their buffers out of the caches):
-    // the link is the MoE layer alone's, and the step's exchanges against it give the factor at
-    // the step's working set (device_profile.proto transfer_footprint).
+    // the link is the MoE layer alone's, and the exchanges of the step and of the layer at half
+    // the tokens against it give the factors at their working sets (device_profile.proto
+    // transfer_footprint).
     if (ranks > 1 && !in_situ.collectives.empty()) {
       const bool two_depths = !rounds.layer_collectives.empty() &&
                               rounds.layer_working_set_bytes < in_situ.working_set_bytes;
+      const bool half_point = two_depths && !rounds.half_collectives.empty() &&
+                              rounds.half_working_set_bytes < rounds.layer_working_set_bytes;
       if (two_depths) fit_links(rounds.layer_collectives, "collectives_in_situ_layer", link_latency_s);
       const double layer_Bps = link_Bps, layer_all_reduce = all_reduce_efficiency;
+      if (half_point) fit_links(rounds.half_collectives, "collectives_in_situ_half", link_latency_s);
+      const double half_factor = std::clamp(layer_Bps / link_Bps, 0.1, 10.0);
       fit_links(in_situ.collectives, "collectives_in_situ", link_latency_s);
       if (two_depths) {
         const double factor = std::clamp(layer_Bps / link_Bps, 0.1, 10.0);
         link_Bps = layer_Bps;
         all_reduce_efficiency = layer_all_reduce;
-        add_bytes_factors(spec.mutable_transfer_footprint(),
-                          {{rounds.layer_working_set_bytes, 1.0}, {in_situ.working_set_bytes, factor}});
+        std::vector<std::pair<double, double>> points = {{rounds.layer_working_set_bytes, 1.0},
+                                                         {in_situ.working_set_bytes, factor}};
+        if (half_point) {
+          points.insert(points.begin(), {rounds.half_working_set_bytes, half_factor});
+          r.set_transfer_half_factor(half_factor);
+          r.set_transfer_half_bytes(rounds.half_working_set_bytes);
+        }
+        add_bytes_factors(spec.mutable_transfer_footprint(), points);
         r.set_transfer_footprint_factor(factor);
         r.set_transfer_footprint_bytes(in_situ.working_set_bytes);
         r.set_transfer_base_bytes(rounds.layer_working_set_bytes);
@@ -816,9 +832,12 @@ int calibrate(const Args& a) {
       std::cout << fmt::format("link between ranks   {}/s, {} latency; all-reduce at {:.2f} of it\n", format_bytes(link_Bps),
                                format_seconds(link_latency_s), r.all_reduce_efficiency());
     if (r.transfer_footprint_factor() > 0)
-      std::cout << fmt::format("exchanges in a step  x {:.3f} at a {} working set (that link at {})\n",
-                               r.transfer_footprint_factor(), format_bytes(r.transfer_footprint_bytes()),
-                               format_bytes(r.transfer_base_bytes()));
+      std::cout << fmt::format("exchanges in a step  {}x 1 at a {} working set (that link), x {:.3f} at {}\n",
+                               r.transfer_half_factor() > 0 ? fmt::format("x {:.3f} at {}, ", r.transfer_half_factor(),
+                                                                          format_bytes(r.transfer_half_bytes()))
+                                                            : std::string(),
+                               format_bytes(r.transfer_base_bytes()), r.transfer_footprint_factor(),
+                               format_bytes(r.transfer_footprint_bytes()));
     std::cout << "\nfit residuals (|model - measured|, median / max):\n";
     for (const auto& [family, f] : r.residuals())
       std::cout << fmt::format("  {:<25} {:>3} samples  {:5.1f}% / {:5.1f}%\n", family, f.samples(), f.median_abs_pct(),
@@ -851,9 +870,10 @@ std::vector<Command> calibrate_commands() {
        "overhead of its slowest rank, and the MoE routing's host time per token-choice (gate, gate\n"
        "backward, dispatch) measured inside its ops; with several ranks, the same step on rank 0\n"
        "alone gives the factor for a rank alone on its host, and the step's MoE layer alone (the same\n"
-       "exchanges in half the working set) sets the link, the step's exchanges against it the factor\n"
-       "by which a bigger working set slows them (the profile's transfer_footprint). The layer at\n"
-       "half the tokens gives the gathers' factor at their smaller size (the profile's gather_in_situ).\n"
+       "exchanges in half the working set) sets the link; the step's exchanges and the layer's at\n"
+       "half the tokens against it give the factors by which the working set slows them (the\n"
+       "profile's transfer_footprint), and the layer at half the tokens the gathers' factor at their\n"
+       "smaller size (the profile's gather_in_situ; backward gathers have one factor of their own).\n"
        "Prints each fit's residuals through the written profile.\n\n"
        "Writes --out (a cluster: one node of N devices joined by a switch) and <out>.profile.textproto\n"
        "beside it (the device profile; scenarios name it as device_profile, `moesim validate --suite`\n"

@@ -231,16 +231,22 @@ TEST_CASE("calibrate on 2 ranks prices exchanges by the working set: the layer's
   INFO(r.err);
   REQUIRE(r.exit_code == 0);
   const cli::CalibrateResult c = parse_json<cli::CalibrateResult>(r.out);
-  for (const char* family : {"collectives", "collectives_in_situ", "collectives_in_situ_layer"})
+  for (const char* family :
+       {"collectives", "collectives_in_situ", "collectives_in_situ_layer", "collectives_in_situ_half"})
     CHECK(c.residuals().count(family) == 1);
   // The step's MoE layer alone holds less than the step (its two other layers' weights, states and
-  // activations), and the profile's points run from it, at 1, to the step, at the fitted factor.
-  CHECK(c.transfer_base_bytes() > 0);
+  // activations), and at half the tokens less again (half the activations); the profile's points
+  // run through the three, the layer's at 1 (the link's).
+  CHECK(c.transfer_half_bytes() > 0);
+  CHECK(c.transfer_base_bytes() > c.transfer_half_bytes());
   CHECK(c.transfer_footprint_bytes() > c.transfer_base_bytes());
-  CHECK(c.transfer_footprint_factor() >= 0.1);
-  CHECK(c.transfer_footprint_factor() <= 10);
+  for (double f : {c.transfer_half_factor(), c.transfer_footprint_factor()}) {
+    CHECK(f >= 0.1);
+    CHECK(f <= 10);
+  }
   const cost::DeviceProfile p = cost::load_device_profile(dir.path + "/two.profile.textproto");
-  REQUIRE(p.spec().transfer_footprint_size() == 2);
+  REQUIRE(p.spec().transfer_footprint_size() == 3);
+  CHECK(p.transfer_time_factor(c.transfer_half_bytes()) == Approx(c.transfer_half_factor()));
   CHECK(p.transfer_time_factor(c.transfer_base_bytes()) == 1);
   CHECK(p.transfer_time_factor(c.transfer_footprint_bytes()) == Approx(c.transfer_footprint_factor()));
   // The cluster's link is the one the factors are relative to, and its all-reduce efficiency loads.
