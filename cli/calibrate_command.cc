@@ -35,6 +35,7 @@
 #include <fstream>
 #include <functional>
 #include <iostream>
+#include <limits>
 #include <map>
 #include <set>
 #include <thread>
@@ -224,12 +225,23 @@ struct InSitu {
   // The fitted compute ops of the slowest rank: their ids, measured times and times through the fit.
   std::vector<std::string> op_ids;
   std::vector<double> measured_s, model_s;
+  // The fit's inputs (cost::fit_in_situ), so that it can be fitted again.
+  std::vector<double> scaled, fixed;
+  cost::InSituTerms terms;
+  cost::InSituHost host;
   double step_s = 0;               // the mean quiet step
   double measured_sum_s = 0, predicted_sum_s = 0;  // over the fitted compute ops
   // The step's collectives: per op, as validation measures it (trace::mean_op_times).
   std::vector<CollectiveSample> collectives;
   double working_set_bytes = 0;  // the largest rank's (cost::working_set_bytes)
   double gather_bytes = 0;       // the median bytes of its forward row gathers (EMBEDDING kernels)
+
+  // The fit and each op's time through it, the per-op overhead at most `max_op_overhead_s`.
+  void refit(double max_op_overhead_s = std::numeric_limits<double>::infinity()) {
+    fit = cost::fit_in_situ(scaled, fixed, measured_s, terms, host, max_op_overhead_s);
+    model_s.clear();
+    for (size_t j = 0; j < measured_s.size(); ++j) model_s.push_back(fit.time_s(scaled[j], fixed[j], terms, j));
+  }
 };
 
 // The median bytes of a setup's forward row gathers, sized for its micro-batch as the lowering
@@ -380,9 +392,12 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
   // by the ops' sizes (an embedding lookup against an attention sublayer); the routing's host
   // terms are measured inside their ops (gates forward and backward, permutations; with one rank
   // the gate holds the dispatch's decision, measured apart all the same).
-  out.fit = cost::fit_in_situ(scaled, fixed, measured_s, terms, host);
-  for (size_t j = 0; j < measured_s.size(); ++j) out.model_s.push_back(out.fit.time_s(scaled[j], fixed[j], terms, j));
   out.measured_s = std::move(measured_s);
+  out.scaled = std::move(scaled);
+  out.fixed = std::move(fixed);
+  out.terms = std::move(terms);
+  out.host = std::move(host);
+  out.refit();
   return out;
 }
 
@@ -393,8 +408,11 @@ struct InSituRounds {
   // the same exchanges in a smaller working set. Several ranks only.
   std::vector<CollectiveSample> layer_collectives;
   double layer_working_set_bytes = 0;
-  // That layer at half the tokens: its gathers' factor (the median over the rounds) at their bytes,
-  // and every round's collectives (an even smaller working set; several ranks only).
+  // That layer at half the tokens: its gathers' factor (the median over the rounds) at their
+  // bytes, and every round's collectives (an even smaller working set; several ranks only). Its
+  // per-op overhead (the median over the rounds) caps the step's, since its smaller ops show an
+  // overhead every op pays more plainly: one round in five or so put the step's at 1-3 us where
+  // the layer's stayed 0, and every small op of the suite was priced that much over.
   double half_gather_factor = 0, half_gather_bytes = 0;
   std::vector<CollectiveSample> half_collectives;
   double half_working_set_bytes = 0;
@@ -415,7 +433,7 @@ InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::strin
   const bool root = world == nullptr || world->rank() == 0;
   InSituRounds out;
   std::vector<InSitu> busy;
-  std::vector<double> half_gathers;
+  std::vector<double> half_gathers, half_overheads;
   std::vector<double> alone;
   constexpr int kRounds = 5;
   for (int i = 0; i < kRounds; ++i) {
@@ -423,6 +441,7 @@ InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::strin
     busy.push_back(fit_in_situ(spec, cluster, ranks, world, host_world, backend));
     const InSitu half = fit_in_situ(spec, cluster, ranks, world, host_world, backend, 1, 4);
     half_gathers.push_back(half.fit.gather_factor);
+    half_overheads.push_back(half.fit.op_overhead_s);
     out.half_gather_bytes = half.gather_bytes;
     if (ranks == 1) continue;
     out.half_collectives.insert(out.half_collectives.end(), half.collectives.begin(), half.collectives.end());
@@ -450,7 +469,10 @@ InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::strin
   for (const InSitu& b : busy)
     out.busy.collectives.insert(out.busy.collectives.end(), b.collectives.begin(), b.collectives.end());
   if (!alone.empty()) out.alone_factor = trace::quantile(alone, 0.5);
-  if (root) out.half_gather_factor = trace::quantile(half_gathers, 0.5);
+  if (root) {
+    out.half_gather_factor = trace::quantile(half_gathers, 0.5);
+    out.busy.refit(trace::quantile(half_overheads, 0.5));
+  }
   return out;
 }
 

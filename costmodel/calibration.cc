@@ -169,7 +169,7 @@ LinkFit link_fit(const std::vector<LinkSample>& samples, double step_overhead_s,
 }  // namespace
 
 InSituFit fit_in_situ(const std::vector<double>& c, const std::vector<double>& b, const std::vector<double>& t,
-                      const InSituTerms& terms, const InSituHost& host) {
+                      const InSituTerms& terms, const InSituHost& host, double max_op_overhead_s) {
   // An op with nothing the factor scales (c = 0: a permutation is its gather and its dispatch's
   // decision) still tells the overhead.
   auto used = [&](size_t j) { return c[j] >= 0 && t[j] > 0; };
@@ -196,10 +196,12 @@ InSituFit fit_in_situ(const std::vector<double>& c, const std::vector<double>& b
     backward = backward || (used(j) && at_or_zero(terms.gather_backward, j) > 0);
   }
   const size_t gather_columns = (forward ? 1 : 0) + (backward ? 1 : 0);
-  // Without the overhead's column when it comes out negative: h is floored at 0, and the gathers'
-  // factors must come from a fit that holds it there (with a negative h they took up what h took
-  // off every op: the calibration step's gathers came out 30-40% over).
-  LeastSquares with_h(2 + gather_columns), without_h(1 + gather_columns);
+  // Without the overhead's column when it comes out negative (or above its cap): h is held at 0
+  // (or the cap), and the gathers' factors must come from a fit that holds it there (with a
+  // negative h they took up what h took off every op: the calibration step's gathers came out
+  // 30-40% over).
+  const double cap = std::max(max_op_overhead_s, 0.0);
+  LeastSquares with_h(2 + gather_columns), without_h(1 + gather_columns), at_cap(1 + gather_columns);
   double scaled = 0, rest = 0, ops = 0;
   std::vector<double> row;
   for (size_t j = 0; j < c.size(); ++j)
@@ -213,13 +215,20 @@ InSituFit fit_in_situ(const std::vector<double>& c, const std::vector<double>& b
       if (forward) row.push_back(d);
       if (backward) row.push_back(e);
       without_h.add(row, r, 1 / (t[j] * t[j]));
+      if (std::isfinite(cap)) at_cap.add(row, r - cap, 1 / (t[j] * t[j]));
       row.push_back(1);
       with_h.add(row, r, 1 / (t[j] * t[j]));
     }
   if (scaled <= 0) return fit;
   std::optional<std::vector<double>> x = with_h.solve();
-  if (x && x->back() > 0) fit.op_overhead_s = x->back();
-  else x = without_h.solve();
+  if (x && x->back() > cap) {
+    fit.op_overhead_s = cap;
+    x = at_cap.solve();
+  } else if (x && x->back() > 0) {
+    fit.op_overhead_s = x->back();
+  } else {
+    x = without_h.solve();
+  }
   if (x) {
     if (forward) fit.gather_factor = std::clamp((*x)[1], 0.1, 10.0);
     if (backward) fit.gather_backward_factor = std::clamp((*x)[forward ? 2 : 1], 0.1, 10.0);

@@ -25,6 +25,7 @@
 #include "costmodel/compute.h"
 #include "costmodel/device_profile.pb.h"
 
+#include <limits>
 #include <vector>
 
 namespace moesim::cost {
@@ -104,8 +105,11 @@ struct InSituFit {
   // terms' counts x their times.
   double time_s(double scaled, double fixed, const InSituTerms& terms, size_t j) const;
 };
+// `max_op_overhead_s`: h held at most there (where the fit would put it higher, again with h at
+// that value), from another step whose smaller ops bound it.
 InSituFit fit_in_situ(const std::vector<double>& scaled, const std::vector<double>& fixed,
-                      const std::vector<double>& measured, const InSituTerms& terms = {}, const InSituHost& host = {});
+                      const std::vector<double>& measured, const InSituTerms& terms = {}, const InSituHost& host = {},
+                      double max_op_overhead_s = std::numeric_limits<double>::infinity());
 
 // An attention core's time beyond its FLOPs (device_profile.proto softmax_score_s and
 // attention_group_s) from attention cores' forward samples: t_i - launch_s = flops_i u + scores_i v

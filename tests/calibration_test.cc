@@ -224,6 +224,26 @@ TEST_CASE("Forward and backward gathers get a factor each") {
   CHECK(fit_in_situ(c, b, t, forward_only).gather_backward_factor == 1);
 }
 
+TEST_CASE("A cap on the overhead holds it there, the factors fitted around it and the sum kept") {
+  // The twelve ops at 1.3x with 4 us around each, capped at 1 us (another step's smaller ops put
+  // it lower): h is 1 us, and the factor keeps the measured sum with it.
+  const InSituFit truth{.factor = 1.3, .op_overhead_s = 4e-6};
+  const auto [c, b, t] = synthetic_step(truth, {});
+  const InSituFit free = fit_in_situ(c, b, t);
+  CHECK(free.op_overhead_s == Approx(4e-6).epsilon(0.02));
+  const InSituFit capped = fit_in_situ(c, b, t, {}, {}, 1e-6);
+  CHECK(capped.op_overhead_s == Approx(1e-6));
+  double predicted = 0, measured = 0;
+  for (size_t j = 0; j < c.size(); ++j) {
+    predicted += capped.time_s(c[j], b[j], {}, j);
+    measured += t[j];
+  }
+  CHECK(predicted == Approx(measured).epsilon(1e-9));
+  CHECK(capped.factor > free.factor);
+  // A cap above the fitted overhead changes nothing.
+  CHECK(fit_in_situ(c, b, t, {}, {}, 1e-5).op_overhead_s == Approx(free.op_overhead_s));
+}
+
 TEST_CASE("Gathers' factor is fitted with the overhead held at 0 when it would come out negative") {
   // As above without overhead, every op 2 us faster than the model can say (a negative h): the
   // unconstrained fit puts h at -2 us and the gathers at 0.5, which with h floored at 0 prices the
