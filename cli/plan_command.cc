@@ -63,12 +63,13 @@ std::string relative_to(const std::string& path, const std::string& from_file) {
 }
 
 void write_plan(const planner::RankedPlan& rp, const std::string& out, const std::string& cluster, const std::string& model,
-                const std::string& workload) {
+                const std::string& workload, const std::string& profile) {
   plan::Plan p = rp.plan;
   p.set_name(p.strategy().name());
   p.set_cluster(relative_to(cluster, out));
   p.set_model(relative_to(model, out));
   p.set_workload(relative_to(workload, out));
+  if (!profile.empty()) p.set_device_profile(relative_to(profile, out));
   std::string text;
   google::protobuf::TextFormat::PrintToString(p, &text);
   const std::string why = write_file_atomically(
@@ -111,6 +112,22 @@ int plan_command(const Args& a) {
     const fs::path dir = out.has_parent_path() ? out.parent_path() : fs::path(".");
     if (fs::is_directory(out) || !fs::is_directory(dir)) throw UsageError(fmt::format("--out {}: not a writable file path", out.string()));
   }
+  // The devices' profile: --profile, else a calibration's beside the cluster (`moesim calibrate`
+  // writes <cluster>.profile.textproto), else the device types' priors.
+  std::string profile_file = a.get("--profile");
+  if (profile_file.empty()) {
+    const fs::path beside = fs::path(a.get("--cluster")).replace_extension().string() + ".profile.textproto";
+    if (fs::is_regular_file(beside)) profile_file = beside.string();
+  }
+  std::optional<cost::DeviceProfile> profile;
+  if (!profile_file.empty()) {
+    try {
+      profile.emplace(cost::load_device_profile(profile_file));
+    } catch (const ConfigError& e) {
+      return report_config_error(e, profile_file, json);
+    }
+    o.profile = &*profile;
+  }
   std::optional<Store> store;
   if (a.has("--db")) store.emplace(Store::open(a.get("--db")));
 
@@ -134,6 +151,7 @@ int plan_command(const Args& a) {
   out.set_cluster(a.get("--cluster"));
   out.set_model(a.get("--model"));
   out.set_workload(a.get("--workload"));
+  out.set_device_profile(profile_file);
   for (const planner::RankedPlan& rp : r->plans) *out.add_plans() = entry(rp);
   out.set_layouts_considered(r->layouts_considered);
   out.set_candidates(r->candidates);
@@ -143,7 +161,7 @@ int plan_command(const Args& a) {
   out.set_search_wall_s(r->search_wall_s);
   out.set_no_plan_reason(r->no_plan_reason);
   if (a.has("--out") && !r->plans.empty()) {
-    write_plan(r->plans.front(), a.get("--out"), a.get("--cluster"), a.get("--model"), a.get("--workload"));
+    write_plan(r->plans.front(), a.get("--out"), a.get("--cluster"), a.get("--model"), a.get("--workload"), profile_file);
     out.set_out_file(a.get("--out"));
   }
   if (store && !r->plans.empty()) {
@@ -169,9 +187,10 @@ int plan_command(const Args& a) {
     std::cout << to_json(out);
     return kExitOk;
   }
-  std::cout << fmt::format("{} layouts, {} candidates: {} do not divide, {} do not fit, {} simulated, in {}\n\n",
+  std::cout << fmt::format("{} layouts, {} candidates: {} do not divide, {} do not fit, {} simulated, in {}; priced with {}\n\n",
                            out.layouts_considered(), out.candidates(), out.pruned_divisibility(), out.pruned_memory(),
-                           out.simulated(), format_seconds(out.search_wall_s()));
+                           out.simulated(), format_seconds(out.search_wall_s()),
+                           profile_file.empty() ? "the device types' priors" : "profile " + profile_file);
   if (out.plans_size() > 0) {
     const bool nodes = o.objective != planner::Objective::kStepTime;
     std::cout << fmt::format("{:>4}  {:<48} {:>10} {:>14} {:>10}{}  {}\n", "rank", "strategy", "step", "tokens/s", "memory",
@@ -206,6 +225,9 @@ std::vector<Command> plan_commands() {
        "                          over 1, 2, 4, ... nodes: needs price_per_device_hour in the cluster), or\n"
        "                          fewest-devices (the fewest nodes whose best plan reaches the target)\n"
        "  --seed N                routing draws of the simulations\n"
+       "  --profile F             price every device with this device profile (default: a calibration's\n"
+       "                          <cluster>.profile.textproto beside the cluster, as `moesim calibrate`\n"
+       "                          writes it; else the device types' priors); the plan file records it\n"
        "  --out FILE              write the winner as a plan (replay: moesim simulate --plan FILE)\n"
        "  --db FILE               add a row to the SQLite results store\n"
        "  --json                  plans (step_time_s, tokens_per_s, peak_memory_bytes, the knobs, bottleneck),\n"
@@ -215,7 +237,7 @@ std::vector<Command> plan_commands() {
        "by memory (costmodel/memory.h), ranked by the analytic estimate, the best simulated.\n",
        {{"--vary-capacity-factor", "--keep-recompute"},
         {"--cluster", "--model", "--workload", "--top", "--simulate-top", "--pin", "--max-tp", "--max-pp", "--target-tokens-per-s",
-         "--objective", "--seed", "--out", "--db"}},
+         "--objective", "--seed", "--out", "--db", "--profile"}},
        plan_command},
   };
 }

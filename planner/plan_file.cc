@@ -25,6 +25,7 @@ sim::Scenario load_plan(const std::string& path) {
     return f.lexically_normal().string();
   };
   const std::string cluster = input("cluster", p.cluster()), model = input("model", p.model()), workload = input("workload", p.workload());
+  const std::string profile = p.has_device_profile() ? input("device_profile", p.device_profile()) : std::string();
   if (!p.has_strategy()) root.error("strategy", "missing");
   for (int r = 0; r < p.device_of_rank_size(); ++r)
     if (p.device_of_rank(r) != r) {
@@ -69,6 +70,7 @@ sim::Scenario load_plan(const std::string& path) {
   s.model = model;
   s.workload = workload;
   s.strategy = fmt::format("{}#strategy", path);
+  if (!profile.empty()) s.profile = cost::load_device_profile(profile);
   return s;
 }
 

@@ -1,6 +1,7 @@
 // Reading a plan file (planner/plan.proto) back as a scenario, for `moesim simulate --plan` and the
 // executor: the plan's cluster, model and workload files (relative to the plan's folder), the
-// workload's micro-batch size and recompute as the plan chose them, and the plan's strategy.
+// workload's micro-batch size and recompute as the plan chose them, the plan's strategy, and the
+// device profile it was priced with (if any).
 #pragma once
 
 #include "sim/scenario.h"

@@ -44,6 +44,9 @@ struct SearchOptions {
   int simulate_top = 20;              // candidates simulated with the event simulator
   uint64_t seed = 1;
   int routing_samples = schedule::kDefaultRoutingSamples;  // for the simulations (as `moesim simulate`)
+  // Every device's profile (a calibration's: `moesim calibrate`) for the estimate and the
+  // simulations; null: each device type's priors (cost::default_profile).
+  const cost::DeviceProfile* profile = nullptr;
   std::function<void(size_t done, size_t total)> progress;
 };
 

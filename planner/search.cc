@@ -81,7 +81,7 @@ SearchResult search_cluster(cost::Setup loaded, const SearchOptions& o) {
   out.pruned_divisibility = space.pruned_divisibility;
 
   Workloads workloads(base);
-  Estimator estimator(*base.cluster);
+  Estimator estimator(*base.cluster, o.profile);
   std::vector<Survivor> survivors;
   // Memory depends on neither the all-to-all algorithm nor the overlap chunks: one estimate per rest.
   std::map<std::string, MemorySummary> memory_cache;
@@ -175,6 +175,7 @@ SearchResult search_cluster(cost::Setup loaded, const SearchOptions& o) {
       schedule::LoweringOptions lo;
       lo.seed = o.seed;
       lo.routing_samples = o.routing_samples;
+      lo.profile = o.profile;
       const schedule::Schedule sch = schedule::lower(setup, lo);
       sim::SimOptions so;
       so.network = sch.folded() ? sim::NetworkMode::kAnalytic : sim::NetworkMode::kFlows;

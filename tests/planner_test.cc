@@ -197,6 +197,60 @@ TEST_CASE("moesim plan --json and --out, then simulate --plan replays the winner
   std::filesystem::remove_all(dir);
 }
 
+TEST_CASE("moesim plan prices with a calibration's profile, beside the cluster or given, and its plan replays with it",
+          "[planner][cli]") {
+  const TempFile dir_file("plan_profile");
+  const std::string dir = dir_file.path;
+  std::filesystem::create_directories(dir);
+  const std::string model_path = dir + "/moe-tiny8.textproto", work_path = dir + "/tiny-train.textproto";
+  std::ofstream(model_path) << kModel;
+  std::ofstream(work_path) << kWorkload;
+  // A calibration's cluster and profile side by side: the H100s with a kernel launch of 40 us (a
+  // tiny model's step is its launches).
+  std::filesystem::copy_file(src("configs/hardware/dgx-h100.textproto"), dir + "/local.textproto");
+  std::ofstream(dir + "/local.profile.textproto") << "device { preset: \"h100-sxm5\" }\n"
+                                                     "kernel_launch_overhead_s: 4e-5\n";
+  auto plan = [&](const std::string& cluster, const std::string& extra) {
+    const Run r = moesim_run(fmt::format("plan --cluster {} --model {} --workload {} --simulate-top 2 --top 2 "
+                                         "--pin 'zero_stage: 1 overlap_chunks: 1 tp: 1 pp: 1' --json {}",
+                                         cluster, model_path, work_path, extra));
+    INFO(r.err);
+    REQUIRE(r.exit_code == 0);
+    return parse_json<cli::PlanResult>(r.out);
+  };
+  const cli::PlanResult priors = plan("configs/hardware/dgx-h100.textproto", "");
+  CHECK(priors.device_profile().empty());
+  const cli::PlanResult beside = plan(dir + "/local.textproto", fmt::format("--out {}/best.plan.textproto", dir));
+  CHECK(beside.device_profile() == dir + "/local.profile.textproto");
+  REQUIRE(beside.plans_size() > 0);
+  CHECK(beside.plans(0).step_time_s() > 1.2 * priors.plans(0).step_time_s());
+  // Given explicitly, on the bundled cluster: the same figures.
+  const cli::PlanResult given =
+      plan("configs/hardware/dgx-h100.textproto", fmt::format("--profile {}/local.profile.textproto", dir));
+  CHECK(given.plans(0).step_time_s() == Approx(beside.plans(0).step_time_s()).epsilon(1e-9));
+  // The plan file names the profile (relative to its folder), and a replay prices with it.
+  CHECK(read_file(dir + "/best.plan.textproto").find("device_profile: \"local.profile.textproto\"") != std::string::npos);
+  const Run replay = moesim_run(fmt::format("simulate --plan {}/best.plan.textproto --json", dir));
+  INFO(replay.err);
+  REQUIRE(replay.exit_code == 0);
+  CHECK(parse_json<cli::SimulateResult>(replay.out).step_time_s() == Approx(beside.plans(0).step_time_s()).epsilon(1e-9));
+  // Bad input: a missing profile, a bad one (file, line and field), a plan naming a missing one.
+  const std::string args = fmt::format("plan --cluster configs/hardware/dgx-h100.textproto --model {} --workload {}",
+                                       model_path, work_path);
+  const Run missing = moesim_run(args + " --profile " + dir + "/nope.profile.textproto");
+  CHECK(missing.exit_code == 2);
+  CHECK(missing.err.find("nope.profile.textproto") != std::string::npos);
+  std::ofstream(dir + "/bad.profile.textproto") << "device { preset: \"h100-sxm5\" }\nop_overhead_s: -1\n";
+  const Run bad = moesim_run(args + " --profile " + dir + "/bad.profile.textproto");
+  CHECK(bad.exit_code == 2);
+  CHECK(bad.err.find("bad.profile.textproto:2: op_overhead_s") != std::string::npos);
+  std::ofstream(dir + "/gone.plan.textproto")
+      << read_file(dir + "/best.plan.textproto") << "device_profile: \"gone.profile.textproto\"\n";
+  const Run gone = moesim_run(fmt::format("simulate --plan {}/gone.plan.textproto", dir));
+  CHECK(gone.exit_code == 2);
+  CHECK(gone.err.find("device_profile") != std::string::npos);
+}
+
 TEST_CASE("objectives over node counts: cheapest per token, fewest devices for a target", "[planner]") {
   std::ifstream in(src("configs/hardware/h100-64.textproto"));
   std::string text((std::istreambuf_iterator<char>(in)), {});
