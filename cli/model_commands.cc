@@ -1,5 +1,6 @@
 // `moesim model show` and `moesim memory`.
 #include "cli/commands.h"
+#include "cli/simulate.h"
 #include "common/json.h"
 #include "common/units.h"
 #include "costmodel/cost_report.pb.h"
@@ -264,16 +265,14 @@ void print_memory(const report::MemoryReport& r, std::ostream& out) {
 }
 
 int memory(const Args& a) {
-  if (!a.positional().empty()) throw UsageError("memory takes no positional arguments: use --cluster, --model, ...");
-  for (const char* o : {"--cluster", "--model", "--workload", "--strategy"})
-    if (!a.has(o)) throw UsageError(fmt::format("missing {} FILE", o));
-  std::optional<cost::Setup> s;
+  std::optional<sim::Scenario> s;
+  std::string input;
   try {
-    s.emplace(cost::load_setup(a.get("--cluster"), a.get("--model"), a.get("--workload"), a.get("--strategy")));
+    s.emplace(scenario_of_args(a, &input));
   } catch (const ConfigError& e) {
-    return report_config_error(e, a.get("--strategy"), a.flag("--json"));
+    return report_config_error(e, input, a.flag("--json"));
   }
-  const report::MemoryReport r = memory_report(*s, cost::estimate_memory(*s));
+  const report::MemoryReport r = memory_report(s->setup, cost::estimate_memory(s->setup));
   if (a.flag("--json")) std::cout << to_json(r);
   else print_memory(r, std::cout);
   return kExitOk;
@@ -299,7 +298,8 @@ std::vector<Command> model_commands() {
        "routed experts a token does not use.\n",
        {{}, {"--sequence", "--device", "--tokens", "--dtype"}}, model_show},
       {"memory", "device memory per rank for a model, workload and strategy on a cluster: does it fit?",
-       "usage: moesim memory --cluster C --model M --workload W --strategy S [--json]\n\n"
+       "usage: moesim memory --cluster C --model M --workload W --strategy S [--json]\n"
+       "       moesim memory SCENARIO | --plan FILE [--json]   (as `moesim simulate` takes them)\n\n"
        "Per rank: weights, gradients, optimizer states (by ZeRO stage and precision), activations\n"
        "(by recompute mode and pipeline schedule), MoE dispatch buffers, communication buffers, KV\n"
        "cache (inference) and bytes offloaded to host memory; whether every rank fits and the margin\n"
@@ -307,7 +307,7 @@ std::vector<Command> model_commands() {
        "2 on bad input.\n\n"
        "--json: fits, peak_rank, peak_total_bytes, peak_margin_bytes and `ranks`: groups of ranks with\n"
        "identical figures (rank_list), each with total_bytes and its parts.\n",
-       {{}, {"--cluster", "--model", "--workload", "--strategy"}}, memory},
+       {{}, {"--cluster", "--model", "--workload", "--strategy", "--plan"}}, memory},
   };
 }
 

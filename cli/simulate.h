@@ -3,6 +3,7 @@
 // same JSON and the same store row.
 #pragma once
 
+#include "cli/args.h"
 #include "cli/cli.pb.h"
 #include "schedule/lowering.h"
 #include "sim/engine.h"
@@ -37,5 +38,11 @@ SimulateOutput simulate_scenario(const sim::Scenario& scenario, const SimulateOp
 
 // FNV-1a over the four configs as loaded, the device profile, the seed and the routing draws.
 std::string inputs_hash(const sim::Scenario& scenario);
+
+// The scenario a command is given as `simulate` takes it: a scenario file (the one positional
+// argument), --plan FILE (planner::load_plan), or --cluster/--model/--workload/--strategy; `input`
+// names the file diagnostics point into. Throws UsageError for none or a mix, ConfigError from the
+// loaders.
+sim::Scenario scenario_of_args(const Args& a, std::string* input);
 
 }  // namespace moesim::cli

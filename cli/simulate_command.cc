@@ -248,10 +248,7 @@ SimulateOutput simulate_scenario(const sim::Scenario& scenario, const SimulateOp
   return result;
 }
 
-namespace {
-
-int simulate(const Args& a) {
-  const bool json = a.flag("--json");
+sim::Scenario scenario_of_args(const Args& a, std::string* input) {
   const bool by_files = a.has("--cluster") || a.has("--model") || a.has("--workload") || a.has("--strategy");
   const bool by_plan = a.has("--plan");
   if (int(by_files) + int(by_plan) + int(!a.positional().empty()) > 1)
@@ -260,6 +257,16 @@ int simulate(const Args& a) {
   if (by_files)
     for (const char* o : {"--cluster", "--model", "--workload", "--strategy"})
       if (!a.has(o)) throw UsageError(fmt::format("missing {} FILE", o));
+  *input = by_files ? a.get("--strategy") : by_plan ? a.get("--plan") : a.positional()[0];
+  return by_files  ? sim::scenario_from_files(a.get("--cluster"), a.get("--model"), a.get("--workload"), a.get("--strategy"))
+         : by_plan ? planner::load_plan(*input)
+                   : sim::load_scenario(*input);
+}
+
+namespace {
+
+int simulate(const Args& a) {
+  const bool json = a.flag("--json");
   const std::string network = a.has("--network") ? a.get("--network") : "auto";
   if (network != "auto" && network != "flows" && network != "analytic")
     throw UsageError(fmt::format("--network: expected auto, flows or analytic, got '{}'", network));
@@ -268,11 +275,9 @@ int simulate(const Args& a) {
   if (a.has("--trace")) check_writable("--trace", a.get("--trace"));
 
   std::optional<sim::Scenario> sc;
-  const std::string input = by_files ? a.get("--strategy") : by_plan ? a.get("--plan") : a.positional()[0];
+  std::string input;
   try {
-    sc.emplace(by_files  ? sim::scenario_from_files(a.get("--cluster"), a.get("--model"), a.get("--workload"), a.get("--strategy"))
-               : by_plan ? planner::load_plan(input)
-                         : sim::load_scenario(input));
+    sc.emplace(scenario_of_args(a, &input));
   } catch (const ConfigError& e) {
     return report_config_error(e, input, json);
   }

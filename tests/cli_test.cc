@@ -334,6 +334,23 @@ TEST_CASE("memory: per-rank parts and whether it fits") {
   CHECK(b.err.find("bad_strategy.textproto:3: tp:") != std::string::npos);
   CHECK(b.out.empty());
   CHECK(moesim_run("memory --cluster configs/hardware/h100-64.textproto").exit_code == 2);  // missing files
+
+  // A scenario names the same four files: the same figures, as `simulate` takes it; a scenario and
+  // the four files at once, or two scenarios, are refused.
+  const Run four = moesim_run(
+      "memory --cluster configs/hardware/h100-64.textproto --model configs/models/mixtral-8x7b.textproto "
+      "--workload configs/workloads/mixtral-8x7b-train.textproto --strategy configs/strategies/mixtral-8x7b-megatron.textproto "
+      "--json");
+  const Run scenario = moesim_run("memory configs/scenarios/mixtral-8x7b-h100.textproto --json");
+  REQUIRE(four.exit_code == 0);
+  REQUIRE(scenario.exit_code == 0);
+  const auto peak = [](const Run& r) { return parse_json<report::MemoryReport>(r.out).peak_total_bytes(); };
+  CHECK(peak(scenario) == peak(four));
+  CHECK(peak(scenario) > 0);
+  CHECK(moesim_run("memory configs/scenarios/mixtral-8x7b-h100.textproto --cluster configs/hardware/h100-64.textproto")
+            .exit_code == 2);
+  CHECK(moesim_run("memory configs/scenarios/mixtral-8x7b-h100.textproto configs/scenarios/vmoe-b16-a100.textproto")
+            .exit_code == 2);
 }
 
 TEST_CASE("run: moe-tiny trains on one rank, per-step loss and step time as JSON") {
