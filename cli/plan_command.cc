@@ -107,6 +107,30 @@ int plan_command(const Args& a) {
     if (!google::protobuf::TextFormat::ParseFromString(text, &o.pinned))
       throw UsageError(fmt::format("--pin: not a strategy (a file, or fields such as \"tp: 8 pp: 4\"): {}", pin));
   }
+  if (a.flag("--executable")) {
+    // What the executor runs (`moesim run`, `validate --plan`): DP x EP training in fp32, without
+    // ZeRO, recompute, overlap chunks, offload, tensor or pipeline parallelism.
+    const strategy::Strategy& pin = o.pinned;
+    if ((pin.has_tp() && pin.tp() != 1) || (pin.has_pp() && pin.pp() != 1) || (pin.has_zero_stage() && pin.zero_stage() != 0) ||
+        (pin.has_overlap_chunks() && pin.overlap_chunks() != 1) || (pin.has_offload() && pin.offload().expert_fraction() > 0))
+      throw UsageError("--executable: the executor runs tp 1, pp 1, zero_stage 0, overlap_chunks 1 and no offload; "
+                       "--pin asks for another");
+    try {
+      const cost::Loaded<workload::Workload> w = cost::load_workload(a.get("--workload"));
+      if (!w->has_training() || w->training().precision() != workload::FP32)
+        throw UsageError(fmt::format("--executable: the executor trains in fp32; {} is {}", a.get("--workload"),
+                                     w->has_training() ? workload::Precision_Name(w->training().precision())
+                                                       : std::string("an inference workload")));
+    } catch (const ConfigError& e) {
+      return report_config_error(e, a.get("--workload"), json);
+    }
+    o.pinned.set_tp(1);
+    o.pinned.set_pp(1);
+    o.pinned.set_zero_stage(0);
+    o.pinned.set_overlap_chunks(1);
+    o.pinned.mutable_offload()->set_expert_fraction(0);
+    o.recompute = workload::NONE;
+  }
   if (a.has("--out")) {
     const fs::path out(a.get("--out"));
     const fs::path dir = out.has_parent_path() ? out.parent_path() : fs::path(".");
@@ -220,6 +244,8 @@ std::vector<Command> plan_commands() {
        "  --max-tp N, --max-pp N  bounds (default: TP within a node, PP up to the layers)\n"
        "  --vary-capacity-factor  also try capacity factors 1.0, 1.25, 1.5\n"
        "  --keep-recompute        keep the workload's recompute mode (default: try none, selective, full)\n"
+       "  --executable            only plans the executor runs (`moesim run`, `validate --plan`): tp 1,\n"
+       "                          pp 1, ZeRO 0, no recompute, overlap chunks or offload; an fp32 workload\n"
        "  --target-tokens-per-s X say so when the best plan does not reach X, naming the closest\n"
        "  --objective O           step-time (default: all devices, shortest step), cost (cheapest per token\n"
        "                          over 1, 2, 4, ... nodes: needs price_per_device_hour in the cluster), or\n"
@@ -235,7 +261,7 @@ std::vector<Command> plan_commands() {
        "The space: every dp x tp x pp x ep layout of the cluster's devices, ZeRO stage, micro-batch size,\n"
        "pipeline schedule, recompute, all-to-all algorithm, overlap chunks; pruned by divisibility and\n"
        "by memory (costmodel/memory.h), ranked by the analytic estimate, the best simulated.\n",
-       {{"--vary-capacity-factor", "--keep-recompute"},
+       {{"--vary-capacity-factor", "--keep-recompute", "--executable"},
         {"--cluster", "--model", "--workload", "--top", "--simulate-top", "--pin", "--max-tp", "--max-pp", "--target-tokens-per-s",
          "--objective", "--seed", "--out", "--db", "--profile"}},
        plan_command},

@@ -39,6 +39,7 @@ struct SearchOptions {
   int max_pp = 0;                     // 0: the layers
   bool vary_capacity_factor = false;  // else the pinned or default capacity factor
   bool vary_recompute = true;         // also try the recompute modes (the workload's is the default)
+  std::optional<workload::Recompute> recompute;  // every candidate with this recompute mode (training)
   double target_tokens_per_s = 0;     // > 0: report when the best plan does not reach it (kFewestDevices: required)
   int top = 10;                       // plans returned
   int simulate_top = 20;              // candidates simulated with the event simulator

@@ -114,8 +114,10 @@ Space enumerate(const cost::Setup& base, const SearchOptions& o) {
                 for (int chunks : knob(pin.has_overlap_chunks(), pin.overlap_chunks(), ep > 1 ? std::vector<int>{1, 2} : std::vector<int>{1}))
                   for (double cf : knob(pin.has_capacity_factor() || !o.vary_capacity_factor, pin.capacity_factor(),
                                         std::vector<double>{1.0, 1.25, 1.5}))
-                    for (auto rc : knob(!o.vary_recompute || !training,
-                                        training ? base.workload->training().recompute() : workload::NONE,
+                    for (auto rc : knob(!o.vary_recompute || !training || o.recompute.has_value(),
+                                        !training          ? workload::NONE
+                                        : o.recompute      ? *o.recompute
+                                                           : base.workload->training().recompute(),
                                         std::vector<workload::Recompute>{workload::NONE, workload::SELECTIVE, workload::FULL})) {
                       Candidate c;
                       c.strategy = pin;

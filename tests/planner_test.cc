@@ -251,6 +251,45 @@ TEST_CASE("moesim plan prices with a calibration's profile, beside the cluster o
   CHECK(gone.err.find("device_profile") != std::string::npos);
 }
 
+TEST_CASE("moesim plan --executable lists only plans the executor runs, and refuses what it cannot", "[planner][cli]") {
+  const TempFile dir_file("plan_executable");
+  const std::string dir = dir_file.path;
+  std::filesystem::create_directories(dir);
+  const std::string model_path = dir + "/moe-tiny8.textproto", bf16_path = dir + "/bf16.textproto",
+                    fp32_path = dir + "/fp32.textproto";
+  std::ofstream(model_path) << kModel;
+  std::ofstream(bf16_path) << kWorkload;
+  std::ofstream(fp32_path) << "name: \"fp32\" training { global_batch: 16 micro_batch: 1 sequence: 32 precision: FP32 "
+                              "optimizer: ADAM recompute: FULL }";
+  const std::string args = fmt::format("plan --cluster configs/hardware/dgx-h100.textproto --model {} --simulate-top 2 --top 50",
+                                       model_path);
+  const Run r = moesim_run(args + " --workload " + fp32_path + " --executable --json");
+  INFO(r.err);
+  REQUIRE(r.exit_code == 0);
+  const cli::PlanResult pr = parse_json<cli::PlanResult>(r.out);
+  REQUIRE(pr.plans_size() > 1);
+  for (const cli::PlanEntry& e : pr.plans()) {
+    INFO(e.name());
+    CHECK(e.tp() == 1);
+    CHECK(e.pp() == 1);
+    CHECK(e.zero_stage() == 0);
+    CHECK(e.overlap_chunks() == 1);
+    CHECK(e.recompute() == "NONE");  // the workload's FULL is not run by the executor
+    CHECK(e.dp() == 8);
+  }
+  // Without the switch the space holds what the executor cannot run.
+  const cli::PlanResult all = parse_json<cli::PlanResult>(moesim_run(args + " --workload " + fp32_path + " --json").out);
+  CHECK(std::any_of(all.plans().begin(), all.plans().end(),
+                    [](const cli::PlanEntry& e) { return e.tp() > 1 || e.pp() > 1 || e.zero_stage() > 0; }));
+  // Bad input: a bf16 workload, a pin the executor cannot run.
+  const Run bf16 = moesim_run(args + " --workload " + bf16_path + " --executable");
+  CHECK(bf16.exit_code == 2);
+  CHECK(bf16.err.find("fp32") != std::string::npos);
+  const Run pinned = moesim_run(args + " --workload " + fp32_path + " --executable --pin 'zero_stage: 1'");
+  CHECK(pinned.exit_code == 2);
+  CHECK(pinned.err.find("--executable") != std::string::npos);
+}
+
 TEST_CASE("objectives over node counts: cheapest per token, fewest devices for a target", "[planner]") {
   std::ifstream in(src("configs/hardware/h100-64.textproto"));
   std::string text((std::istreambuf_iterator<char>(in)), {});
