@@ -425,7 +425,8 @@ struct InSituRounds {
 // ratio against the same round's busy one: pairs a few seconds apart, so that the VM's drift over
 // the calibration cancels (with three rounds, one slowed busy run and one quick alone run in
 // another round once gave 0.83 against the usual 0.96-0.99). The collectives are every round's.
-// Collective like fit_in_situ; on other ranks than 0 an empty result.
+// Each round also runs the step's MoE layer at half the tokens and (several ranks) at the step's
+// tokens: InSituRounds. Collective like fit_in_situ; on other ranks than 0 an empty result.
 InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::string& cluster,
                             const std::string& alone_cluster, int ranks, exec::Comm* world, exec::Comm* host_world,
                             exec::Backend& backend) {
