@@ -401,6 +401,16 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
   return out;
 }
 
+// A step's routing host seconds (gates, their backwards, dispatch decisions) at `fit`'s rates per
+// token-choice, over `terms`' choices.
+double routing_host_s(const cost::InSituFit& fit, const cost::InSituTerms& terms) {
+  double s = 0;
+  for (double n : terms.gate) s += n * fit.routing_choice_s;
+  for (double n : terms.gate_backward) s += n * fit.routing_backward_choice_s;
+  for (double n : terms.dispatch) s += n * fit.dispatch_choice_s;
+  return s;
+}
+
 struct InSituRounds {
   InSitu busy;              // the round whose measured-to-predicted ratio is the median
   double alone_factor = 0;  // a rank alone against all busy, the median over the rounds; 0: not measured
@@ -408,6 +418,9 @@ struct InSituRounds {
   // the same exchanges in a smaller working set. Several ranks only.
   std::vector<CollectiveSample> layer_collectives;
   double layer_working_set_bytes = 0;
+  // Its routing's host time at its own per-choice rates against the step's (the same round's), the
+  // median over the rounds: the host terms' factor at its working set. 0: not measured.
+  double layer_host_factor = 0;
   // That layer at half the tokens: its gathers' factor (the median over the rounds) at their
   // bytes, and every round's collectives (an even smaller working set; several ranks only). Its
   // per-op overhead (the median over the rounds) caps the step's, since its smaller ops show an
@@ -434,7 +447,7 @@ InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::strin
   const bool root = world == nullptr || world->rank() == 0;
   InSituRounds out;
   std::vector<InSitu> busy;
-  std::vector<double> half_gathers, half_overheads;
+  std::vector<double> half_gathers, half_overheads, layer_hosts;
   std::vector<double> alone;
   constexpr int kRounds = 5;
   for (int i = 0; i < kRounds; ++i) {
@@ -450,6 +463,8 @@ InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::strin
     const InSitu layer = fit_in_situ(spec, cluster, ranks, world, host_world, backend, 1);
     out.layer_collectives.insert(out.layer_collectives.end(), layer.collectives.begin(), layer.collectives.end());
     out.layer_working_set_bytes = layer.working_set_bytes;
+    const double at_step_rates = routing_host_s(busy.back().fit, layer.terms);
+    if (root && at_step_rates > 0) layer_hosts.push_back(routing_host_s(layer.fit, layer.terms) / at_step_rates);
     if (backend.device() != exec::Device::kCpu) continue;
     exec::Comm& host = host_world ? *host_world : *world;
     float wait_s = root ? static_cast<float>(1.0 + 1.5 * 48 * busy.back().step_s) : 0.0f;
@@ -472,6 +487,7 @@ InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::strin
   if (!alone.empty()) out.alone_factor = trace::quantile(alone, 0.5);
   if (root) {
     out.half_gather_factor = trace::quantile(half_gathers, 0.5);
+    if (!layer_hosts.empty()) out.layer_host_factor = trace::quantile(layer_hosts, 0.5);
     out.busy.refit(trace::quantile(half_overheads, 0.5));
   }
   return out;
@@ -771,6 +787,13 @@ int calibrate(const Args& a) {
           r.set_transfer_half_bytes(rounds.half_working_set_bytes);
         }
         add_bytes_factors(spec.mutable_transfer_footprint(), points);
+        // The routing's host work the same way, the step's rates at 1.
+        if (rounds.layer_host_factor > 0) {
+          const double host = std::clamp(rounds.layer_host_factor, 0.1, 10.0);
+          add_bytes_factors(spec.mutable_host_footprint(),
+                            {{rounds.layer_working_set_bytes, host}, {in_situ.working_set_bytes, 1.0}});
+          r.set_host_footprint_factor(host);
+        }
         r.set_transfer_footprint_factor(factor);
         r.set_transfer_footprint_bytes(in_situ.working_set_bytes);
         r.set_transfer_base_bytes(rounds.layer_working_set_bytes);
@@ -855,12 +878,16 @@ int calibrate(const Args& a) {
       std::cout << fmt::format("link between ranks   {}/s, {} latency; all-reduce at {:.2f} of it\n", format_bytes(link_Bps),
                                format_seconds(link_latency_s), r.all_reduce_efficiency());
     if (r.transfer_footprint_factor() > 0)
-      std::cout << fmt::format("exchanges in a step  {}x 1 at a {} working set (that link), x {:.3f} at {}\n",
+      std::cout << fmt::format("exchanges in a step  {}x 1 at a {} working set (that link), x {:.3f} at {}{}\n",
                                r.transfer_half_factor() > 0 ? fmt::format("x {:.3f} at {}, ", r.transfer_half_factor(),
                                                                           format_bytes(r.transfer_half_bytes()))
                                                             : std::string(),
                                format_bytes(r.transfer_base_bytes()), r.transfer_footprint_factor(),
-                               format_bytes(r.transfer_footprint_bytes()));
+                               format_bytes(r.transfer_footprint_bytes()),
+                               r.host_footprint_factor() > 0
+                                   ? fmt::format("; routing's host work x {:.3f} at {}", r.host_footprint_factor(),
+                                                 format_bytes(r.transfer_base_bytes()))
+                                   : std::string());
     std::cout << "\nfit residuals (|model - measured|, median / max):\n";
     for (const auto& [family, f] : r.residuals())
       std::cout << fmt::format("  {:<25} {:>3} samples  {:5.1f}% / {:5.1f}%\n", family, f.samples(), f.median_abs_pct(),

@@ -192,6 +192,7 @@ void validate(const ConfigScope& root, const profile::DeviceProfile& p) {
   };
   check_by_bytes("transfer_footprint", p.transfer_footprint());
   check_by_bytes("gather_in_situ", p.gather_in_situ());
+  check_by_bytes("host_footprint", p.host_footprint());
   root.positive("threads_per_rank", Need::kOptional, /*allow_zero=*/false, 4096);
   root.positive("softmax_score_s", Need::kOptional, /*allow_zero=*/true, 1e-3);
   root.positive("op_overhead_s", Need::kOptional, /*allow_zero=*/true, 1.0);
@@ -347,6 +348,10 @@ double DeviceProfile::transfer_time_factor(double working_set_bytes) const {
   return factor_by_bytes(spec_.transfer_footprint(), working_set_bytes, 1.0);
 }
 
+double DeviceProfile::host_time_factor(double working_set_bytes) const {
+  return factor_by_bytes(spec_.host_footprint(), working_set_bytes, 1.0);
+}
+
 double DeviceProfile::gather_time_factor(double bytes) const {
   return factor_by_bytes(spec_.gather_in_situ(), bytes, in_situ_time_factor(OpKind::kEmbedding));
 }
@@ -405,6 +410,7 @@ OpTime op_time(const DeviceProfile& profile, const Op& op, DType dtype) {
   t.host_s = op.routing_choices * (op.backward ? profile.routing_backward_choice_s() : profile.routing_choice_s()) +
              op.dispatch_choices * profile.dispatch_choice_s() +
              priority_sort_work(op.priority_sort_tokens) * profile.priority_sort_s();
+  t.host_s *= op.host_time_factor;
   t.launch_s = profile.kernel_launch_overhead_s();
   t.memory_bound = t.memory_s > t.compute_s;
   t.time_s = t.launch_s + std::max(t.compute_s, t.memory_s) + t.host_s;

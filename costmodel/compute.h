@@ -12,7 +12,7 @@
 //               [+ host_s: routing_choices x routing_choice_s for an MoE gate's top-k
 //               (routing_backward_choice_s for its backward), dispatch_choices x
 //               dispatch_choice_s for its dispatch, + n log2 n x priority_sort_s for the n
-//               tokens a batch-priority dispatch sorts]
+//               tokens a batch-priority dispatch sorts; all x Op::host_time_factor]
 //   launch_s  = kernel launch overhead (profile, else device type, else 4 us)
 //   compute_s = flops / (peak_flops(kind, dtype') * eff_compute(kind, dtype', flops))
 //   memory_s  = bytes * width(dtype') / width(dtype) / (memory_bandwidth_Bps * eff_memory)
@@ -95,6 +95,9 @@ class DeviceProfile {
   // A collective's transfer time factor for ranks holding `working_set_bytes` each
   // (cost::working_set_bytes; profile transfer_footprint, linear in log bytes; 1 without points).
   double transfer_time_factor(double working_set_bytes) const;
+  // The routing's host terms' time factor for a rank holding `working_set_bytes` (profile
+  // host_footprint, linear in log bytes; 1 without points).
+  double host_time_factor(double working_set_bytes) const;
   // A forward row gather's (EMBEDDING kernel's) in-situ factor by its bytes (profile gather_in_situ,
   // linear in log bytes; without points in_situ_time_factor(kEmbedding), which backward gathers
   // take).

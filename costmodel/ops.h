@@ -64,6 +64,9 @@ struct Op {
   // it writes). Its backward reads the written rows' gradient and adds into the source's: the
   // written bytes once and the source's twice (backward_ops).
   double gather_source_bytes = 0;
+  // The host terms above (routing, dispatch, sort) take this many times the profile's rates: the
+  // running rank's working set (DeviceProfile::host_time_factor), set by the lowering.
+  double host_time_factor = 1;
 };
 
 // A share `f` of `op`'s work (a tensor-parallel split, fewer tokens): its FLOPs, traffic and

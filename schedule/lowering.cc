@@ -172,9 +172,18 @@ class Lowering {
     return it->second;
   }
 
-  // The kernel as this rank of its EP group runs it (cost::on_ep_rank).
-  cost::Op on_ep_rank(const cost::Op& op) const {
-    return cost::on_ep_rank(op, l_.ep, st_.drop_policy() == strategy::BATCH_PRIORITY);
+  // The kernel as `rank` of its EP group runs it (cost::on_ep_rank), its host terms at the rank's
+  // working set (DeviceProfile::host_time_factor).
+  cost::Op on_ep_rank(const cost::Op& op, int rank) {
+    cost::Op o = cost::on_ep_rank(op, l_.ep, st_.drop_policy() == strategy::BATCH_PRIORITY);
+    o.host_time_factor = host_factor(rank);
+    return o;
+  }
+
+  double host_factor(int rank) {
+    const cost::DeviceProfile& prof = profile(rank);
+    if (prof.spec().host_footprint_size() == 0) return 1.0;
+    return prof.host_time_factor(cost::working_set_bytes(memory_.ranks[static_cast<size_t>(rank)]));
   }
 
   // The kernel split over tensor parallelism.
@@ -196,10 +205,11 @@ class Lowering {
     if (recomputed) t->recompute += fwd;
   }
 
-  // Times of one part of a layer (not the routed experts), cached per (device type, layer, part).
+  // Times of one part of a layer (not the routed experts), cached per (device type, layer, part,
+  // host factor).
   const Times& part_times(int rank, int layer_index, Part part) {
     const int type = s_.cluster->device(rank).type;
-    const auto key = std::make_tuple(type, layer_index, static_cast<int>(part));
+    const auto key = std::make_tuple(type, layer_index, static_cast<int>(part), host_factor(rank));
     auto it = times_.find(key);
     if (it != times_.end()) return it->second;
     Times t;
@@ -207,7 +217,7 @@ class Lowering {
     const cost::DeviceProfile& prof = profile(rank);
     for (const cost::Op& op : layer.ops) {
       if (part_of(layer, op.name) != part) continue;
-      add_times(&t, prof, on_ep_rank(tp_split(op)),
+      add_times(&t, prof, on_ep_rank(tp_split(op), rank),
                 recompute_ == workload::SELECTIVE && cost::recomputed_selectively(op));
     }
     return times_.emplace(key, t).first->second;
@@ -947,7 +957,7 @@ class Lowering {
         }
         o.bytes = batch * ctx * mc_.layers[li].kv_cache_bytes;
       }
-      const cost::Op split = on_ep_rank(tp_split(o));
+      const cost::Op split = on_ep_rank(tp_split(o), rank_);
       t += cost::op_time(prof, split, dtype_).time_s;
       flops += split.flops;
     }
@@ -1003,7 +1013,7 @@ class Lowering {
   Schedule out_;
   std::map<int, cost::DeviceProfile> profiles_;
   std::map<int, double> host_share_;  // rank -> host_share_factor
-  std::map<std::tuple<int, int, int>, Times> times_;
+  std::map<std::tuple<int, int, int, double>, Times> times_;
   std::unordered_map<std::string, int> collective_index_;
   std::map<std::tuple<int, int64_t, int, int, int64_t, uint64_t>, Routing> routings_;
   std::map<int, int> chunk_matrix_;

@@ -471,6 +471,34 @@ TEST_CASE("bad profile: footprint points out of order, without bytes, or with a 
   CHECK((d[3].line == 5 && d[3].field_path == "transfer_footprint[3].time_factor"));
 }
 
+TEST_CASE("the routing's host terms take the op's host time factor, the kernels not") {
+  const cost::DeviceProfile p = cost::load_device_profile_text(
+      "device { preset: \"h100-sxm5\" }\nrouting_choice_s: 2e-8\ndispatch_choice_s: 1e-8\n"
+      "host_footprint { bytes: 1e6 time_factor: 0.5 }\nhost_footprint { bytes: 4e6 time_factor: 1 }\n",
+      "host.textproto");
+  CHECK(p.host_time_factor(2e6) == Approx(0.75));
+  CHECK(p.host_time_factor(1e3) == Approx(0.5));
+  Op gate;
+  gate.name = "gate.topk";
+  gate.kind = OpKind::kElementwise;
+  gate.bytes = 1e5;
+  gate.routing_choices = 1000;
+  gate.dispatch_choices = 2000;
+  const cost::OpTime one = cost::op_time(p, gate, DType::kFp32);
+  CHECK(one.host_s == Approx(1000 * 2e-8 + 2000 * 1e-8));
+  gate.host_time_factor = p.host_time_factor(2e6);
+  const cost::OpTime scaled = cost::op_time(p, gate, DType::kFp32);
+  CHECK(scaled.host_s == Approx(0.75 * one.host_s));
+  CHECK(scaled.time_s - scaled.host_s == Approx(one.time_s - one.host_s));
+}
+
+TEST_CASE("bad profile: host footprint points out of order") {
+  check_only("device { preset: \"h100-sxm5\" }\n"
+             "host_footprint { bytes: 4e6 time_factor: 1 }\n"
+             "host_footprint { bytes: 4e6 time_factor: 0.8 }\n",
+             3, "host_footprint[1].bytes", "must increase");
+}
+
 TEST_CASE("bad profile: gather points out of order") {
   check_only("device { preset: \"h100-sxm5\" }\n"
              "gather_in_situ { bytes: 4e5 time_factor: 0.6 }\n"

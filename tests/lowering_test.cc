@@ -587,3 +587,24 @@ TEST_CASE("a profile's footprint factor slows every collective by its ranks' wor
   CHECK(two > one);
   CHECK(three - two == Approx(two - one).epsilon(0.01));
 }
+
+TEST_CASE("a profile's host footprint scales the routing's host time of every rank, not its kernels", "[lowering]") {
+  const cost::Setup s = make_setup("dp: 8 ep: 8");
+  auto gate_s = [&](double rate, double factor) {
+    const PlainAndPriced l = lower_plain_and_priced(s, [&](profile::DeviceProfile& p) {
+      p.set_routing_choice_s(rate);
+      p.set_dispatch_choice_s(rate);
+      profile::BytesFactor* f = p.add_transfer_footprint();  // exchanges untouched: the gate alone
+      f->set_bytes(1);
+      f->set_time_factor(1);
+      profile::BytesFactor* h = p.add_host_footprint();
+      h->set_bytes(1);
+      h->set_time_factor(factor);
+    });
+    return find(rank(l.priced, 2), "L0.moe.gate mb0 fwd").duration_s();
+  };
+  const double kernels = gate_s(0, 1), host = gate_s(1e-8, 1) - kernels;
+  CHECK(host > 0);
+  CHECK(gate_s(1e-8, 2) - kernels == Approx(2 * host).epsilon(1e-6));
+  CHECK(gate_s(0, 2) == Approx(kernels));
+}

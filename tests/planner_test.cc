@@ -426,3 +426,21 @@ TEST_CASE("the estimate slows collectives by the profile's footprint factor at t
   CHECK(fast.a2a_s < one.a2a_s);
   CHECK(slow.compute_s == one.compute_s);  // kernels are not transfers
 }
+
+TEST_CASE("the estimate slows the routing's host work by the profile's host footprint", "[planner]") {
+  const topo::Cluster cluster = topo::load_cluster(src("configs/hardware/dgx-h100.textproto"));
+  const cost::Setup s = cost::load_setup(dgx(), tiny_model(), tiny_work(), {"s", "name: \"s\" dp: 8 ep: 8"});
+  const planner::MemorySummary mem = planner::summarize(cost::estimate_memory(s));
+  auto compute_s = [&](double rate, double factor) {
+    profile::DeviceProfile spec = cost::default_profile(cluster.device_type(0)).spec();
+    spec.set_dispatch_choice_s(rate);
+    profile::BytesFactor* h = spec.add_host_footprint();
+    h->set_bytes(mem.working_set_bytes);
+    h->set_time_factor(factor);
+    const cost::DeviceProfile p = cost::DeviceProfile::from_spec(spec);
+    return planner::Estimator(cluster, &p).estimate(s, mem).compute_s;
+  };
+  const double kernels = compute_s(0, 1), host = compute_s(1e-8, 1) - kernels;
+  CHECK(host > 0);
+  CHECK(compute_s(1e-8, 3) - kernels == Approx(3 * host).epsilon(1e-6));
+}

@@ -249,6 +249,12 @@ TEST_CASE("calibrate on 2 ranks prices exchanges by the working set: the layer's
   CHECK(p.transfer_time_factor(c.transfer_half_bytes()) == Approx(c.transfer_half_factor()));
   CHECK(p.transfer_time_factor(c.transfer_base_bytes()) == 1);
   CHECK(p.transfer_time_factor(c.transfer_footprint_bytes()) == Approx(c.transfer_footprint_factor()));
+  // The routing's host work by the same working sets: the layer's factor, 1 at the step's.
+  REQUIRE(p.spec().host_footprint_size() == 2);
+  CHECK(c.host_footprint_factor() >= 0.1);
+  CHECK(c.host_footprint_factor() <= 10);
+  CHECK(p.host_time_factor(c.transfer_base_bytes()) == Approx(c.host_footprint_factor()));
+  CHECK(p.host_time_factor(c.transfer_footprint_bytes()) == 1);
   // The cluster's link is the one the factors are relative to, and its all-reduce efficiency loads.
   const topo::Cluster cluster = topo::load_cluster(out);
   CHECK(cluster.device_count() == 2);
