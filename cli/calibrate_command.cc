@@ -500,7 +500,7 @@ int calibrate(const Args& a) {
   const std::string out = a.get("--out");
   const fs::path out_dir = fs::absolute(out).parent_path();
   if (!fs::is_directory(out_dir)) throw UsageError(fmt::format("--out {}: folder {} does not exist", out, out_dir.string()));
-  const std::string profile_out = fs::path(out).replace_extension().string() + ".profile.textproto";
+  const std::string profile_out = profile_beside(out);
   const int ranks = a.get_int("--ranks", 2, 1, 4096);
   const exec::Device device = check_device(a, ranks);
   const std::string name = a.get("--name", fs::path(out).stem().string());
@@ -766,24 +766,29 @@ int calibrate(const Args& a) {
     // the tokens against it give the factors at their working sets (device_profile.proto
     // transfer_footprint).
     if (ranks > 1 && !in_situ.collectives.empty()) {
+      // A run's link bandwidth (fit_links leaves it, with the all-reduce's efficiency, in place).
+      auto bandwidth = [&](const std::vector<CollectiveSample>& samples, const char* family) {
+        fit_links(samples, family, link_latency_s);
+        return link_Bps;
+      };
       const bool two_depths = !rounds.layer_collectives.empty() &&
                               rounds.layer_working_set_bytes < in_situ.working_set_bytes;
       const bool half_point = two_depths && !rounds.half_collectives.empty() &&
                               rounds.half_working_set_bytes < rounds.layer_working_set_bytes;
-      if (two_depths) fit_links(rounds.layer_collectives, "collectives_in_situ_layer", link_latency_s);
-      const double layer_Bps = link_Bps, layer_all_reduce = all_reduce_efficiency;
-      if (half_point) fit_links(rounds.half_collectives, "collectives_in_situ_half", link_latency_s);
-      const double half_factor = std::clamp(layer_Bps / link_Bps, 0.1, 10.0);
-      fit_links(in_situ.collectives, "collectives_in_situ", link_latency_s);
+      const double layer_Bps = two_depths ? bandwidth(rounds.layer_collectives, "collectives_in_situ_layer") : 0;
+      const double layer_all_reduce = all_reduce_efficiency;
+      const double half_Bps = half_point ? bandwidth(rounds.half_collectives, "collectives_in_situ_half") : 0;
+      const double step_Bps = bandwidth(in_situ.collectives, "collectives_in_situ");
       if (two_depths) {
-        const double factor = std::clamp(layer_Bps / link_Bps, 0.1, 10.0);
+        auto factor = [&](double Bps) { return std::clamp(layer_Bps / Bps, 0.1, 10.0); };
+        const double factor_at_step = factor(step_Bps);
         link_Bps = layer_Bps;
         all_reduce_efficiency = layer_all_reduce;
         std::vector<std::pair<double, double>> points = {{rounds.layer_working_set_bytes, 1.0},
-                                                         {in_situ.working_set_bytes, factor}};
+                                                         {in_situ.working_set_bytes, factor_at_step}};
         if (half_point) {
-          points.insert(points.begin(), {rounds.half_working_set_bytes, half_factor});
-          r.set_transfer_half_factor(half_factor);
+          points.insert(points.begin(), {rounds.half_working_set_bytes, factor(half_Bps)});
+          r.set_transfer_half_factor(factor(half_Bps));
           r.set_transfer_half_bytes(rounds.half_working_set_bytes);
         }
         add_bytes_factors(spec.mutable_transfer_footprint(), points);
@@ -794,7 +799,7 @@ int calibrate(const Args& a) {
                             {{rounds.layer_working_set_bytes, host}, {in_situ.working_set_bytes, 1.0}});
           r.set_host_footprint_factor(host);
         }
-        r.set_transfer_footprint_factor(factor);
+        r.set_transfer_footprint_factor(factor_at_step);
         r.set_transfer_footprint_bytes(in_situ.working_set_bytes);
         r.set_transfer_base_bytes(rounds.layer_working_set_bytes);
       }

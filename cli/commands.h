@@ -43,4 +43,11 @@ CheckResult check_result(const ConfigError& e, const std::string& file);
 // Reports a ConfigError: every diagnostic on stderr, and as a CheckResult on stdout under --json.
 int report_config_error(const ConfigError& e, const std::string& file, bool json);
 
+// The device profile `moesim calibrate --out CLUSTER` writes beside the cluster.
+std::string profile_beside(const std::string& cluster);
+
+// The profile a command prices `cluster`'s devices with: --profile, else a calibration's beside the
+// cluster when there is one, else "" (the device types' priors).
+std::string profile_for(const Args& a, const std::string& cluster);
+
 }  // namespace moesim::cli

@@ -7,6 +7,7 @@
 
 #include <fmt/format.h>
 
+#include <filesystem>
 #include <iostream>
 
 namespace moesim::cli {
@@ -102,6 +103,16 @@ CheckResult check_result(const ConfigError& e, const std::string& file) {
     p->set_message(d.message);
   }
   return r;
+}
+
+std::string profile_beside(const std::string& cluster) {
+  return std::filesystem::path(cluster).replace_extension().string() + ".profile.textproto";
+}
+
+std::string profile_for(const Args& a, const std::string& cluster) {
+  if (a.has("--profile")) return a.get("--profile");
+  const std::string beside = profile_beside(cluster);
+  return std::filesystem::is_regular_file(beside) ? beside : std::string();
 }
 
 int report_config_error(const ConfigError& e, const std::string& file, bool json) {

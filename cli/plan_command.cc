@@ -138,11 +138,7 @@ int plan_command(const Args& a) {
   }
   // The devices' profile: --profile, else a calibration's beside the cluster (`moesim calibrate`
   // writes <cluster>.profile.textproto), else the device types' priors.
-  std::string profile_file = a.get("--profile");
-  if (profile_file.empty()) {
-    const fs::path beside = fs::path(a.get("--cluster")).replace_extension().string() + ".profile.textproto";
-    if (fs::is_regular_file(beside)) profile_file = beside.string();
-  }
+  const std::string profile_file = profile_for(a, a.get("--cluster"));
   std::optional<cost::DeviceProfile> profile;
   if (!profile_file.empty()) {
     try {

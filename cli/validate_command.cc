@@ -382,11 +382,7 @@ int validate_suite(const Args& a) {
   if (!fs::exists(cluster))
     throw UsageError(fmt::format("{}: no such cluster; describe this machine first: moesim calibrate --out {}", cluster,
                                  cluster));
-  std::string profile = a.get("--profile");
-  if (profile.empty()) {
-    const fs::path beside = fs::path(cluster).replace_extension().string() + ".profile.textproto";
-    if (fs::exists(beside)) profile = beside.string();
-  }
+  std::string profile = profile_for(a, cluster);
   if (!profile.empty()) profile = fs::absolute(profile).string();
   const fs::path dir = a.get("--out", (fs::temp_directory_path() / fmt::format("moesim-suite-{}", ::getpid())).string());
   fs::create_directories(dir);

@@ -180,11 +180,9 @@ class Lowering {
     return o;
   }
 
-  double host_factor(int rank) {
-    const cost::DeviceProfile& prof = profile(rank);
-    if (prof.spec().host_footprint_size() == 0) return 1.0;
-    return prof.host_time_factor(cost::working_set_bytes(memory_.ranks[static_cast<size_t>(rank)]));
-  }
+  // The rank's working set (cost::working_set_bytes), which the profile's footprint factors read.
+  double working_set(int rank) const { return cost::working_set_bytes(memory_.ranks[static_cast<size_t>(rank)]); }
+  double host_factor(int rank) { return profile(rank).host_time_factor(working_set(rank)); }
 
   // The kernel split over tensor parallelism.
   cost::Op tp_split(cost::Op op) const {
@@ -290,12 +288,7 @@ class Lowering {
     return it->second;
   }
 
-  // The rank's profile's transfer time factor at its working set (DeviceProfile::transfer_time_factor).
-  double transfer_factor(int rank) {
-    const cost::DeviceProfile& prof = profile(rank);
-    if (prof.spec().transfer_footprint_size() == 0) return 1.0;
-    return prof.transfer_time_factor(cost::working_set_bytes(memory_.ranks[static_cast<size_t>(rank)]));
-  }
+  double transfer_factor(int rank) { return profile(rank).transfer_time_factor(working_set(rank)); }
 
   std::vector<int> tp_group(int p, int d) const {
     std::vector<int> g;

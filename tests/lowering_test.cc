@@ -594,9 +594,6 @@ TEST_CASE("a profile's host footprint scales the routing's host time of every ra
     const PlainAndPriced l = lower_plain_and_priced(s, [&](profile::DeviceProfile& p) {
       p.set_routing_choice_s(rate);
       p.set_dispatch_choice_s(rate);
-      profile::BytesFactor* f = p.add_transfer_footprint();  // exchanges untouched: the gate alone
-      f->set_bytes(1);
-      f->set_time_factor(1);
       profile::BytesFactor* h = p.add_host_footprint();
       h->set_bytes(1);
       h->set_time_factor(factor);
