@@ -64,10 +64,18 @@ double host_memory_bytes() {
 }
 
 // The cluster text: one node of `ranks` devices joined by a switch (processes on one host exchange
-// through shared memory; on GPUs, NVLink or PCIe as NCCL finds it), PCIe slower than the switch
-// so that routes between ranks take the switch.
-std::string cluster_text(const std::string& name, const std::string& description, const std::string& device, int ranks,
-                         double link_Bps, double link_latency_s, double all_reduce_efficiency = 1) {
+// through shared memory, whose copies share one bandwidth both ways: `half_duplex`; on GPUs,
+// NVLink or PCIe as NCCL finds it), PCIe slower than the switch so that routes between ranks take
+// the switch.
+struct ClusterText {
+  std::string name, device;
+  bool half_duplex = false;
+  std::string operator()(const std::string& description, int ranks, double link_Bps, double link_latency_s,
+                         double all_reduce_efficiency = 1) const;
+};
+
+std::string ClusterText::operator()(const std::string& description, int ranks, double link_Bps, double link_latency_s,
+                                    double all_reduce_efficiency) const {
   const std::string efficiency =
       all_reduce_efficiency == 1
           ? ""
@@ -84,10 +92,11 @@ std::string cluster_text(const std::string& name, const std::string& description
       "  devices_per_node: {}\n"
       "  intra_fabric: NVSWITCH  # ranks exchange through shared memory (CPU) or NVLink/PCIe (GPU): one switch\n"
       "  scaleup_bandwidth_Bps: {:.6g}\n"
-      "  scaleup_latency_s: {:.6g}\n"
+      "  scaleup_latency_s: {:.6g}\n{}"
       "  pcie {{ device_bandwidth_Bps: {:.6g} latency_s: 1e-4 }}  # not a path between ranks: kept slower\n"
       "}}\n",
-      name, description, name, device, ranks, link_Bps, link_latency_s, link_Bps / 10);
+      name, description, name, device, ranks, link_Bps, link_latency_s,
+      half_duplex ? "  scaleup_half_duplex: true  # one copy bandwidth for both directions\n" : "", link_Bps / 10);
 }
 
 std::string device_text(const std::string& name, double peak, double memory_bytes, double bandwidth, double launch_s) {
@@ -547,10 +556,11 @@ int calibrate(const Args& a) {
         m.gather.empty() ? elementwise_eff : std::min(1.0, cost::fit_memory_bandwidth(m.gather, launch_s) / bandwidth);
     const std::string device_name = backend.device() == exec::Device::kCpu ? "cpu-rank" : "gpu-rank";
     const double memory = backend.device() == exec::Device::kCpu ? host_memory_bytes() / ranks : host_memory_bytes();
-    const std::string device = device_text(device_name, peak, memory, bandwidth, launch_s);
+    const ClusterText cluster_text{name, device_text(device_name, peak, memory, bandwidth, launch_s),
+                                   backend.device() == exec::Device::kCpu};
     const std::string machine = machine_description(backend.name());
     profile::DeviceProfile spec;
-    google::protobuf::TextFormat::ParseFromString(fmt::format("device {{ {} }}", device), &spec);
+    google::protobuf::TextFormat::ParseFromString(fmt::format("device {{ {} }}", cluster_text.device), &spec);
     spec.set_source(fmt::format("calibrated on {} {}", machine, trace::utc_now_iso8601()));
     spec.set_memory_bandwidth_efficiency(1.0);
     spec.set_kernel_launch_overhead_s(launch_s);
@@ -664,7 +674,7 @@ int calibrate(const Args& a) {
     double link_Bps = bandwidth, link_latency_s = 1e-6, all_reduce_efficiency = 1;
     // `latency_s` < 0: latency and bandwidth; else the bandwidth alone with that latency.
     auto fit_links = [&](const std::vector<CollectiveSample>& measured, const char* family, double latency_s) {
-      const topo::Cluster ref = topo::load_cluster_text(cluster_text(name, "", device, ranks, 1e9, 1e-6), "reference");
+      const topo::Cluster ref = topo::load_cluster_text(cluster_text("", ranks, 1e9, 1e-6), "reference");
       const cost::CollectiveModel model(ref);
       std::vector<int> group(static_cast<size_t>(ranks));
       for (int i = 0; i < ranks; ++i) group[static_cast<size_t>(i)] = i;
@@ -713,9 +723,9 @@ int calibrate(const Args& a) {
     // runs) through the executor, its compute ops against the profile's predictions, one time
     // factor per kernel kind.
     const std::string calibration_cluster =
-        cluster_text(name, "calibration", device, ranks, link_Bps, link_latency_s, all_reduce_efficiency);
+        cluster_text("calibration", ranks, link_Bps, link_latency_s, all_reduce_efficiency);
     const InSituRounds rounds = in_situ_rounds(
-        spec, calibration_cluster, cluster_text(name, "calibration", device, 1, link_Bps, link_latency_s), ranks, world,
+        spec, calibration_cluster, cluster_text("calibration", 1, link_Bps, link_latency_s), ranks, world,
         host_world, backend);
     const InSitu& in_situ = rounds.busy;
     // The backward gathers' factor is the EMBEDDING kind's; the forward gathers' goes by their size:
@@ -816,7 +826,7 @@ int calibrate(const Args& a) {
         "# profile beside it ({}). Links: latency and bandwidth fitted to all-to-all times, and the\n"
         "# all-reduce's bandwidth efficiency against them{}.\n{}",
         ranks, fs::path(profile_out).filename().string(), ranks > 1 ? "" : " (one rank: not measured, placeholders)",
-        cluster_text(name, description, device, ranks, link_Bps, link_latency_s, all_reduce_efficiency));
+        cluster_text(description, ranks, link_Bps, link_latency_s, all_reduce_efficiency));
     std::string ptext;
     google::protobuf::TextFormat::PrintToString(spec, &ptext);
     ptext = "# Written by `moesim calibrate`: efficiency curves fitted to the executor's kernels on this machine.\n" + ptext;

@@ -231,7 +231,10 @@ class PhaseLoad {
     r.alpha_s = m_.params_.step_overhead_s + latency_s_;
     r.beta_s = route_transfer_s_;
     for (size_t i = 0; i < ranks_.size(); ++i) {
-      r.beta_s = std::max({r.beta_s, port_out_[i] / m_.port_out_Bps_[ranks_[i]], port_in_[i] / m_.port_in_Bps_[ranks_[i]]});
+      const int rank = ranks_[i];
+      r.beta_s = m_.port_half_duplex_[rank]
+                     ? std::max(r.beta_s, (port_out_[i] + port_in_[i]) / m_.port_out_Bps_[rank])
+                     : std::max({r.beta_s, port_out_[i] / m_.port_out_Bps_[rank], port_in_[i] / m_.port_in_Bps_[rank]});
       r.max_messages = std::max({r.max_messages, sent_[i], received_[i]});
     }
     for (int k : touched_out_) r.beta_s = std::max(r.beta_s, nic_out_[k] / m_.nic_out_Bps_[k]);
@@ -297,12 +300,15 @@ CollectiveModel::CollectiveModel(const topo::Cluster& cluster, CollectiveParams 
   port_out_Bps_.resize(devices);
   port_in_Bps_.resize(devices);
   port_carries_offnode_.resize(devices);
+  port_half_duplex_.resize(devices);
   for (int r = 0; r < devices; ++r) {
     const topo::VertexId v = cluster.device(r).vertex;
     double up_out = 0, up_in = 0, all_out = 0, all_in = 0;
+    bool half_duplex = false;
     for (topo::EdgeId e : boost::make_iterator_range(boost::out_edges(v, g))) {
       all_out += g[e].bandwidth_Bps;
       if (g[e].kind == hw::SCALEUP) up_out += g[e].bandwidth_Bps;
+      half_duplex = half_duplex || (g[e].kind == hw::SCALEUP && g[e].half_duplex);
     }
     for (topo::EdgeId e : boost::make_iterator_range(boost::in_edges(v, g))) {
       all_in += g[e].bandwidth_Bps;
@@ -312,6 +318,7 @@ CollectiveModel::CollectiveModel(const topo::Cluster& cluster, CollectiveParams 
     port_out_Bps_[r] = scaleup ? up_out : (all_out > 0 ? all_out : kInf);
     port_in_Bps_[r] = scaleup ? up_in : (all_in > 0 ? all_in : kInf);
     port_carries_offnode_[r] = !scaleup;
+    port_half_duplex_[r] = scaleup && half_duplex;
   }
 
   nic_of_vertex_.assign(boost::num_vertices(g), -1);

@@ -243,6 +243,7 @@ class CollectiveModel {
   std::vector<std::vector<int>> node_ranks_;  // by compact node id, in rank order
   std::vector<double> port_out_Bps_, port_in_Bps_;
   std::vector<uint8_t> port_carries_offnode_;  // no scale-up links: off-node flows share the port
+  std::vector<uint8_t> port_half_duplex_;      // half-duplex scale-up links: out + in share the port
   // Per NIC (compact id over the graph's NIC vertices): NETWORK link capacity each way.
   std::vector<int> nic_of_vertex_;  // -1 for vertices that are not NICs
   std::vector<double> nic_out_Bps_, nic_in_Bps_;

@@ -394,21 +394,30 @@ struct FillCounts {
   int64_t primary_dropped = 0;
   double dropped_gate = 0;
   double total_gate = 0;
+  std::vector<std::vector<int64_t>> kept;  // [source][expert], the tokens' blocks over `sources`
 };
 
 // Fills buffers in policy order; expert e keeps its first keep[e] assignments.
-FillCounts fill_buffers(const TokenRoutes& r, strategy::DropPolicy policy, const std::vector<int64_t>& keep) {
+FillCounts fill_buffers(const TokenRoutes& r, strategy::DropPolicy policy, const std::vector<int64_t>& keep,
+                        int sources) {
   FillCounts c;
   const int k = r.top_k;
   std::vector<int64_t> used(keep.size(), 0);
   std::vector<int> lost(r.tokens, 0);
   std::vector<double> priority(static_cast<size_t>(r.tokens));
   for (int64_t t = 0; t < r.tokens; ++t) priority[t] = k > 0 ? r.gate[static_cast<size_t>(t) * k] : 0;
+  std::vector<int> source(static_cast<size_t>(r.tokens));
+  int64_t t = 0;
+  const std::vector<int64_t> blocks = tokens_per_source(r.tokens, sources);
+  for (int s = 0; s < sources; ++s)
+    for (int64_t i = 0; i < blocks[s]; ++i) source[static_cast<size_t>(t++)] = s;
+  c.kept.assign(static_cast<size_t>(sources), std::vector<int64_t>(keep.size(), 0));
   for (int64_t a : fill_order(policy, r.tokens, k, priority)) {
     const int e = r.expert[a];
     c.total_gate += r.gate[a];
     if (used[e] < keep[e]) {
       ++used[e];
+      ++c.kept[source[static_cast<size_t>(a / k)]][e];
       continue;
     }
     ++c.dropped;
@@ -430,6 +439,7 @@ void check_problem(const RoutingProblem& pr) {
   MOESIM_ASSERT(pr.tokens >= 0, "tokens must be >= 0, got {}", pr.tokens);
   MOESIM_ASSERT(pr.experts > 0, "a routing problem needs experts, got {}", pr.experts);
   MOESIM_ASSERT(pr.top_k >= 1 && pr.top_k <= pr.experts, "top_k {} outside [1, {}]", pr.top_k, pr.experts);
+  MOESIM_ASSERT(pr.sources >= 1, "a routing problem needs at least one source rank, got {}", pr.sources);
   MOESIM_ASSERT(static_cast<int>(pr.probabilities.size()) == pr.experts, "{} probabilities for {} experts",
                 pr.probabilities.size(), pr.experts);
   MOESIM_ASSERT(pr.drop_policy == strategy::VANILLA || pr.drop_policy == strategy::BATCH_PRIORITY ||
@@ -514,6 +524,13 @@ int64_t expert_capacity(int64_t tokens, int experts, int top_k, double capacity_
   return static_cast<int64_t>(approx_eq(slots, nearest) ? nearest : std::ceil(slots));
 }
 
+std::vector<int64_t> tokens_per_source(int64_t tokens, int sources) {
+  MOESIM_ASSERT(tokens >= 0 && sources >= 1, "{} tokens over {} sources", tokens, sources);
+  std::vector<int64_t> n(static_cast<size_t>(sources), tokens / sources);
+  for (int s = 0; s < tokens % sources; ++s) ++n[s];
+  return n;
+}
+
 double route_bytes_per_rank(double tokens, double routed_per_token, int experts) {
   return (tokens * (1 + routed_per_token) + 2.0 * experts + 2) * sizeof(float);
 }
@@ -595,7 +612,7 @@ RoutingLoads routing_loads(const RoutingProblem& problem) {
     const TokenRoutes routes = sample_token_routes(p, T, problem.top_k, problem.seed);
     out.sampled_load = loads_of(routes, problem.experts);
     const int64_t keep = no_drop ? std::numeric_limits<int64_t>::max() : out.capacity;
-    counts = fill_buffers(routes, problem.drop_policy, std::vector<int64_t>(problem.experts, keep));
+    counts = fill_buffers(routes, problem.drop_policy, std::vector<int64_t>(problem.experts, keep), problem.sources);
     dropped = counts.dropped;
     out.simulated_tokens = T;
   } else {
@@ -612,13 +629,26 @@ RoutingLoads routing_loads(const RoutingProblem& problem) {
         const double over = full > 0 ? static_cast<double>(std::max<int64_t>(0, full - out.capacity)) / full : 0.0;
         keep[e] -= std::llround(over * static_cast<double>(keep[e]));
       }
-      counts = fill_buffers(routes, problem.drop_policy, keep);
+      counts = fill_buffers(routes, problem.drop_policy, keep, problem.sources);
       out.simulated_tokens = sub_tokens;
     }
   }
 
   const int64_t max_load = *std::max_element(out.sampled_load.begin(), out.sampled_load.end());
   if (no_drop) out.capacity = max_load;
+  // Whose assignments were kept: counted when every token was routed, else each expert's kept
+  // assignments split as the subsample's (as the sources' tokens when nothing dropped).
+  const std::vector<int64_t> blocks = tokens_per_source(T, problem.sources);
+  out.kept_by_source.assign(static_cast<size_t>(problem.sources), std::vector<double>(problem.experts, 0.0));
+  for (int e = 0; e < problem.experts; ++e) {
+    const double kept = static_cast<double>(std::min(out.sampled_load[e], out.capacity));
+    double counted_e = 0;
+    if (!counts.kept.empty())
+      for (int s = 0; s < problem.sources; ++s) counted_e += static_cast<double>(counts.kept[s][e]);
+    for (int s = 0; s < problem.sources; ++s)
+      out.kept_by_source[s][e] = counted_e > 0 ? kept * static_cast<double>(counts.kept[s][e]) / counted_e
+                                               : kept * safe_ratio(static_cast<double>(blocks[s]), static_cast<double>(T));
+  }
   const double counted = static_cast<double>(out.simulated_tokens);
   out.dropped_fraction = safe_ratio(static_cast<double>(dropped), assignments);
   out.tokens_fully_dropped_fraction = safe_ratio(static_cast<double>(counts.fully_dropped_tokens), counted);
@@ -721,8 +751,7 @@ std::vector<std::vector<double>> dispatch_bytes(const ExpertPlacementMap& map, c
   MOESIM_ASSERT(map.ranks > 0, "placement over {} ranks", map.ranks);
   const int R = map.ranks, E = problem.experts;
   const int64_t T = problem.tokens;
-  std::vector<int64_t> on_rank(R, T / R);
-  for (int s = 0; s < T % R; ++s) ++on_rank[s];
+  const std::vector<int64_t> on_rank = tokens_per_source(T, R);
   const std::vector<double> p = normalised(problem.probabilities);
   std::vector<std::vector<double>> bytes(R, std::vector<double>(R, 0.0));
   // holds[s * E + e]: rank s has a copy of expert e.

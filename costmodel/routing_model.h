@@ -105,6 +105,10 @@ struct RoutingProblem {
   // Optional: inclusion_probabilities(probabilities, top_k), for callers that route many problems
   // with the same distribution (about 1 ms saved per call at E = 256, k = 8). Empty: computed.
   std::vector<double> inclusion;
+  // The ranks the tokens come from, in consecutive blocks (tokens_per_source): the capacity is
+  // the group's, filled in policy order over all of them (so under VANILLA the first ranks' tokens
+  // take the buffers first), and RoutingLoads.kept_by_source says whose assignments were kept.
+  int sources = 1;
 };
 
 // Expert capacity, in token slots per expert:
@@ -113,6 +117,9 @@ struct RoutingProblem {
 // C >= the mean load whenever capacity_factor >= 1). A product within moesim's relative epsilon
 // of an integer counts as that integer, so 1.1 * 100 gives 110, not 111.
 int64_t expert_capacity(int64_t tokens, int experts, int top_k, double capacity_factor);
+
+// T tokens over R ranks in consecutive blocks: rank s holds floor(T/R) + (s < T mod R) of them.
+std::vector<int64_t> tokens_per_source(int64_t tokens, int sources);
 
 // Bytes of one rank's routing metadata in an MoE layer's route, the all-gather over the EP group
 // before the dispatch (EP > 1): each of its tokens' top gate probability and choices
@@ -145,6 +152,11 @@ struct RoutingLoads {
   double primary_dropped_fraction = 0;       // tokens that lost their top-1 expert / T
   // sum of gate probabilities of dropped assignments / sum over all assignments.
   double dropped_gate_mass_fraction = 0;
+  // kept_by_source[s][e]: source s's assignments to expert e that its buffer kept (sums over s to
+  // min(sampled_load_e, capacity)). Exact on the per-token path; on the multinomial path each
+  // expert's kept assignments split over the sources as the subsample's did (as their tokens
+  // when nothing dropped).
+  std::vector<std::vector<double>> kept_by_source;
   double max_load = 0;   // max_e sampled_load_e (before drops: the busiest expert's demand)
   double imbalance = 0;  // max_load / (T k' / E); 1 means perfectly even
   // How the sample was drawn: T when tokens were routed one by one; for the multinomial path

@@ -333,6 +333,7 @@ class Lowering {
     if (it != routings_.end()) return it->second;
     cost::RoutingProblem prob;
     prob.tokens = std::max<int64_t>(1, static_cast<int64_t>(std::llround(tokens_per_rank * l_.ep)));
+    prob.sources = l_.ep;
     prob.experts = layer.experts;
     prob.top_k = std::max(1, std::min(layer.top_k, layer.experts));
     prob.capacity_factor = st_.capacity_factor();
@@ -352,12 +353,20 @@ class Lowering {
     Routing r;
     r.rank_load = cost::rank_loads(placement_, kept);
     r.expert_load = kept;
-    // Every source sends rank j an equal share of the tokens j keeps.
+    // Source i sends rank j the assignments of its tokens that j's experts kept (a replicated
+    // expert's split evenly over its copies, as rank_loads does): the capacity is the group's, so
+    // under VANILLA the first ranks' tokens take the buffers first.
     ByteMatrix* m = out_.add_matrices();
     m->set_n(l_.ep);
     const double per_token = s_.cost.hidden * act_bytes_ / l_.tp;
-    for (int i = 0; i < l_.ep; ++i)
-      for (int j = 0; j < l_.ep; ++j) m->add_bytes(r.rank_load[j] * per_token / l_.ep);
+    for (int i = 0; i < l_.ep; ++i) {
+      std::vector<double> row(static_cast<size_t>(l_.ep), 0.0);
+      for (size_t e = 0; e < kept.size(); ++e) {
+        const std::vector<int>& copies = placement_.expert_ranks[e];
+        for (int j : copies) row[j] += loads.kept_by_source[i][e] / static_cast<double>(copies.size());
+      }
+      for (double rows : row) m->add_bytes(rows * per_token);
+    }
     r.matrix = out_.matrices_size();
     imbalance_sum_ += loads.imbalance;
     imbalance_max_ = std::max(imbalance_max_, loads.imbalance);

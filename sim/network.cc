@@ -131,6 +131,7 @@ struct FlowNetwork::Impl {
   // Per directed edge (by edge index).
   std::vector<double> capacity_Bps;
   std::vector<double> route_cost;  // the router's link cost, to choose among parallel edges
+  std::vector<int> reverse_edge;   // a half-duplex link's other direction, else -1
   std::vector<double> carried_bytes;
   std::vector<double> busy_s;
 
@@ -165,10 +166,18 @@ struct FlowNetwork::Impl {
     const size_t edges = boost::num_edges(g);
     capacity_Bps.resize(edges);
     route_cost.resize(edges);
+    reverse_edge.assign(edges, -1);
+    std::unordered_map<int, int> half_duplex;  // link id -> its first edge seen
     for (topo::EdgeId e : boost::make_iterator_range(boost::edges(g))) {
-      const size_t i = boost::get(boost::edge_index, g, e);
+      const int i = static_cast<int>(boost::get(boost::edge_index, g, e));
       capacity_Bps[i] = g[e].bandwidth_Bps;
       route_cost[i] = g[e].latency_s + topo::kRouteReferenceBytes / g[e].bandwidth_Bps;
+      if (!g[e].half_duplex) continue;
+      auto [it, first] = half_duplex.try_emplace(g[e].link_id, i);
+      if (!first) {
+        reverse_edge[i] = it->second;
+        reverse_edge[it->second] = i;
+      }
     }
     carried_bytes.assign(edges, 0);
     busy_s.assign(edges, 0);
@@ -220,6 +229,10 @@ struct FlowNetwork::Impl {
         for (int i : parallel) raw.push_back({i, per_path / static_cast<double>(parallel.size())});
       }
     }
+    // A half-duplex link carries the flow's bytes in both directions' shared capacity: the flow
+    // loads its other direction as much.
+    for (size_t h = 0, n = raw.size(); h < n; ++h)
+      if (reverse_edge[raw[h].edge] >= 0) raw.push_back({reverse_edge[raw[h].edge], raw[h].weight});
     std::sort(raw.begin(), raw.end(), [](const Hop& a, const Hop& b) { return a.edge < b.edge; });
     RouteSpan span{static_cast<int>(hops.size()), 0};
     for (const Hop& h : raw) {

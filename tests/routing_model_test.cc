@@ -451,6 +451,35 @@ TEST_CASE("the multinomial path reproduces the full batch's drops in its subsamp
   CHECK(l.primary_dropped_fraction == Approx(l.dropped_fraction).epsilon(0.03));
 }
 
+TEST_CASE("kept assignments by source rank: the group's capacity goes to the first ranks under vanilla") {
+  // Two ranks' 256 tokens each, k = 2 over 4 even experts, capacity ceil(0.5 * 2 * 512 / 4) = 128:
+  // about what rank 0's tokens alone bring each expert. VANILLA fills in token order (rank 0's
+  // first), as the executor's MoE layer does over the gathered routing; BPR by gate priority,
+  // which does not care which rank a token came from.
+  for (int64_t T : {int64_t{512}, int64_t{1} << 20}) {  // per token; multinomial + subsample
+    for (auto policy : {strategy::VANILLA, strategy::BATCH_PRIORITY, strategy::NO_DROP}) {
+      INFO("T " << T << " policy " << policy);
+      RoutingProblem pr = problem(T, 4, 2, 0.5, policy, {1, 1, 1, 1}, 3);
+      pr.sources = 2;
+      const cost::RoutingLoads l = cost::routing_loads(pr);
+      REQUIRE(l.kept_by_source.size() == 2);
+      double first = 0, all = 0;
+      for (int e = 0; e < 4; ++e) {
+        const double kept = static_cast<double>(std::min(l.sampled_load[e], l.capacity));
+        CHECK(l.kept_by_source[0][e] + l.kept_by_source[1][e] == Approx(kept));
+        first += l.kept_by_source[0][e];
+        all += kept;
+      }
+      if (policy == strategy::VANILLA) CHECK(first / all > 0.85);
+      else CHECK(first / all == Approx(0.5).margin(0.06));
+    }
+  }
+  // One source keeps everything kept.
+  const cost::RoutingLoads one = cost::routing_loads(problem(512, 4, 2, 0.5, strategy::VANILLA, {1, 1, 1, 1}, 3));
+  REQUIRE(one.kept_by_source.size() == 1);
+  CHECK(row_sum(one.kept_by_source[0]) == Approx(512));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Placement
 

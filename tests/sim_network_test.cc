@@ -703,3 +703,35 @@ TEST_CASE("bad input is refused with a clear message") {
     CHECK_THROWS_AS(sim::idle_time_s(c, {sim::Phase{0, 1, {{0, 99, 1e6}}}}), std::invalid_argument);
   }
 }
+
+TEST_CASE("half-duplex scale-up links: one way as long as both ways at half the bytes, flows and analytic alike") {
+  // CPU ranks exchange through shared memory: the copies of both directions share one bandwidth
+  // (topologies/hardware.proto scaleup_half_duplex).
+  auto two_ranks = [](bool half_duplex) {
+    return topo::load_cluster_text(
+        fmt::format("name: \"shm\" nodes: 1 node {{ device {{ preset: \"h100-sxm5\" }} devices_per_node: 2 "
+                    "intra_fabric: NVSWITCH scaleup_bandwidth_Bps: 10e9 scaleup_latency_s: 0 scaleup_half_duplex: {} "
+                    "pcie {{ device_bandwidth_Bps: 1e9 latency_s: 1e-4 }} }}",
+                    half_duplex),
+        "shm.textproto");
+  };
+  const std::vector<std::vector<double>> one_way = {{0, 64e6}, {0, 0}}, both_ways = {{0, 32e6}, {32e6, 0}};
+  for (bool half_duplex : {false, true}) {
+    INFO("half duplex " << half_duplex);
+    topo::Cluster c = two_ranks(half_duplex);
+    cost::CollectiveModel m(c);
+    const cost::CollectiveCost one = m.all_to_all_v({0, 1}, one_way), both = m.all_to_all_v({0, 1}, both_ways);
+    // 64 MB one way at 10 GB/s; both ways 32 MB each: 3.2 ms on their own links, 6.4 sharing them.
+    CHECK(one.transfer_s == Approx(6.4e-3));
+    CHECK(both.transfer_s == Approx(half_duplex ? 6.4e-3 : 3.2e-3));
+    for (const auto* bytes : {&one_way, &both_ways}) {
+      const double flow_s = sim::idle_time_s(c, sim::decompose_all_to_all_v(m, {0, 1}, *bytes, CollectiveAlgo::kDirect));
+      CHECK(flow_s == Approx(m.all_to_all_v({0, 1}, *bytes).time_s).epsilon(0.01));
+    }
+    // In the flow network, one flow each way: each at half the port when they share it.
+    sim::FlowNetwork net(c);
+    const int64_t a = net.add_flow(0, 1, 1e9, 0), b = net.add_flow(1, 0, 1e9, 0);
+    CHECK(net.rate(a) == Approx(half_duplex ? 5e9 : 10e9));
+    CHECK(net.rate(b) == Approx(half_duplex ? 5e9 : 10e9));
+  }
+}

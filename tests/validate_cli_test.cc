@@ -260,6 +260,11 @@ TEST_CASE("calibrate on 2 ranks prices exchanges by the working set: the layer's
   CHECK(cluster.device_count() == 2);
   CHECK(c.link_bandwidth_bps() > 0);
   CHECK(cluster.collective_efficiency("all_reduce") == Approx(c.all_reduce_efficiency()).epsilon(1e-5));
+  // CPU ranks exchange through shared memory: both directions of a rank's link share it.
+  int half_duplex = 0;
+  for (topo::EdgeId e : boost::make_iterator_range(boost::edges(cluster.graph())))
+    half_duplex += cluster.graph()[e].kind == hw::SCALEUP && cluster.graph()[e].half_duplex;
+  CHECK(half_duplex == 4);  // two ranks' links to the switch, both directions
 }
 
 TEST_CASE("calibrate refuses bad options, and a killed calibration leaves the previous files intact") {

@@ -269,11 +269,13 @@ std::vector<NicPort> build_node(const hw::NodeTemplate& t, int n, Built& out) {
   }
   if (t.intra_fabric() == hw::NVSWITCH) {
     VertexId nvs = b.add_vertex({hw::SWITCH, fmt::format("node{}.nvswitch", n), n, -1});
-    for (VertexId v : dev) b.add_link(v, nvs, t.scaleup_bandwidth_bps(), t.scaleup_latency_s() / 2, hw::SCALEUP);
+    for (VertexId v : dev)
+      b.add_link(v, nvs, t.scaleup_bandwidth_bps(), t.scaleup_latency_s() / 2, hw::SCALEUP, true, t.scaleup_half_duplex());
   } else if (t.intra_fabric() == hw::NVLINK_MESH && d_count > 1) {
     const double per_peer = t.scaleup_bandwidth_bps() / (d_count - 1);
     for (int i = 0; i < d_count; ++i)
-      for (int j = i + 1; j < d_count; ++j) b.add_link(dev[i], dev[j], per_peer, t.scaleup_latency_s(), hw::SCALEUP);
+      for (int j = i + 1; j < d_count; ++j)
+        b.add_link(dev[i], dev[j], per_peer, t.scaleup_latency_s(), hw::SCALEUP, true, t.scaleup_half_duplex());
   }
   std::vector<NicPort> ports;
   for (const hw::Nic& nic : t.nic()) {

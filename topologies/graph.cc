@@ -10,11 +10,11 @@ VertexId GraphBuilder::add_vertex(VertexProps props) {
 }
 
 void GraphBuilder::add_link(VertexId a, VertexId b, double bandwidth_Bps, double latency_s, hw::LinkKind kind,
-                            bool bidirectional) {
+                            bool bidirectional, bool half_duplex) {
   MOESIM_ASSERT(a < vertices_.size() && b < vertices_.size() && a != b, "bad link {} -> {}", a, b);
   MOESIM_ASSERT(bandwidth_Bps > 0 && latency_s >= 0, "link {} -> {}: bandwidth {} latency {}", vertices_[a].name,
                 vertices_[b].name, bandwidth_Bps, latency_s);
-  LinkProps props{bandwidth_Bps, latency_s, kind, link_count_++};
+  LinkProps props{bandwidth_Bps, latency_s, kind, link_count_++, half_duplex && bidirectional};
   edges_.emplace_back(a, b);
   edge_props_.push_back(props);
   if (bidirectional) {

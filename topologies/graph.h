@@ -26,6 +26,7 @@ struct LinkProps {
   double latency_s = 0;
   hw::LinkKind kind = hw::NETWORK;
   int link_id = -1;  // the physical link this direction belongs to
+  bool half_duplex = false;  // its two directions share bandwidth_Bps (the flows load both)
 };
 
 using Graph = boost::compressed_sparse_row_graph<boost::bidirectionalS, VertexProps, LinkProps, boost::no_property,
@@ -37,9 +38,10 @@ using EdgeId = boost::graph_traits<Graph>::edge_descriptor;
 class GraphBuilder {
  public:
   VertexId add_vertex(VertexProps props);
-  // One physical link: two directed edges when bidirectional, one otherwise.
+  // One physical link: two directed edges when bidirectional, one otherwise; a half-duplex one's
+  // two directions share its bandwidth.
   void add_link(VertexId a, VertexId b, double bandwidth_Bps, double latency_s, hw::LinkKind kind,
-                bool bidirectional = true);
+                bool bidirectional = true, bool half_duplex = false);
 
   int link_count() const { return link_count_; }
 
