@@ -467,12 +467,16 @@ int validate_suite(const Args& a) {
     return false;
   };
   std::vector<std::vector<ValidateResult>> runs(std::size(kSuite));
-  std::vector<double> pace;
+  std::vector<double> pace, exchange_pace;
   for (int pass = 0; pass < passes; ++pass) {
     if (!reference.empty()) {
       ValidateResult r;
       if (!run_child("calibration-step", reference, "", &r)) return kExitInternal;
       pace.push_back(r.measured_step_s() / calibration_step_s);  // both the mean of the quiet steps
+      std::vector<double> exchanges;
+      for (const OpErrorEntry& op : r.ops())
+        if (op.kind() == "dispatch_a2a" || op.kind() == "combine_a2a") exchanges.push_back(op.measured_s() / op.predicted_s());
+      if (!exchanges.empty()) exchange_pace.push_back(trace::quantile(exchanges, 0.5));
     }
     for (size_t i = 0; i < std::size(kSuite); ++i) {
       const SuitePlan& p = kSuite[i];
@@ -489,6 +493,8 @@ int validate_suite(const Args& a) {
     }
   }
   if (!pace.empty()) suite.set_pace_vs_calibration_pct((trace::quantile(pace, 0.5) - 1) * 100);
+  if (!exchange_pace.empty())
+    suite.set_exchange_pace_vs_calibration_pct((trace::quantile(exchange_pace, 0.5) - 1) * 100);
   std::vector<double> step_errors, predicted, measured;
   for (std::vector<ValidateResult>& plan_runs : runs) {
     std::sort(plan_runs.begin(), plan_runs.end(), [](const ValidateResult& x, const ValidateResult& y) {
@@ -541,6 +547,9 @@ int validate_suite(const Args& a) {
     std::cout << fmt::format("\nmachine pace: the calibration step runs {:+.1f}% against when it was calibrated (every "
                              "plan's error moves with it; recalibrate when it is large)",
                              suite.pace_vs_calibration_pct());
+  if (suite.has_exchange_pace_vs_calibration_pct())
+    std::cout << fmt::format("; its all-to-alls {:+.1f}% against their calibrated prediction",
+                             suite.exchange_pace_vs_calibration_pct());
   std::cout << fmt::format("\nscenarios in {}; {:.0f} s\n", dir.string(), suite.wall_s());
   return kExitOk;
 }
@@ -587,13 +596,14 @@ std::vector<Command> validate_commands() {
        "                    configs/hardware/local.textproto, from `moesim calibrate`) with its profile\n"
        "                    (--profile, else <cluster>.profile.textproto beside it), each with --feedback;\n"
        "                    a summary table, step-time median/p90 error and the plans' Kendall tau, and\n"
-       "                    the machine's pace against its calibration (the calibration step run again)\n"
+       "                    the machine's pace against its calibration (the calibration step run again:\n"
+       "                    its step time, and its all-to-alls against their calibrated prediction)\n"
        "  --passes P        the suite's plans run P times, one pass after another (default 3); per plan\n"
        "                    the pass with the median measured step time is compared (every pass is stored)\n"
        "  --predicted/--measured  join two trace files (.pb/.textproto) without running anything\n\n"
        "--json carries median_abs_pct_error, p90_abs_pct_error, per_kind, kendall_tau, unmatched_ops\n"
-       "(the suite also pace_vs_calibration_pct and per_kind_share_pct: each kind's median share of a\n"
-       "plan's measured op time).\n"
+       "(the suite also pace_vs_calibration_pct, exchange_pace_vs_calibration_pct and per_kind_share_pct:\n"
+       "each kind's median share of a plan's measured op time).\n"
        "The executor computes in fp32: the workload's precision must be FP32. Exit 2 on bad input.\n",
        {{"--feedback", "--suite"},
         {"--plan", "--scenario", "--profile", "--ranks", "--steps", "--warmup", "--routing-out", "--trace", "--db",

@@ -136,12 +136,16 @@ strategy_inline {{ name: "s" dp: 2 ep: 2 }})pb",
 
 // The suite runs the calibration step once per pass and reports the machine's pace against the
 // profile's calibration_step_s: a profile calibrated at 1000 s a step finds this machine ~100%
-// faster. The plans themselves run as the suite always runs them (one pass of 2 steps here).
+// faster; and its exchanges' against a link of 1 MB/s, ~100% faster too. The plans themselves run
+// as the suite always runs them (one pass of 2 steps here).
 TEST_CASE("validate --suite reports the machine's pace against its calibration") {
   TempFile dir("suite_dir");
   std::filesystem::create_directories(dir.path);
   const std::string cluster = dir.path + "/two.textproto";
-  std::ofstream(cluster) << kTwoRanks;
+  std::string slow_link = kTwoRanks;
+  slow_link.replace(slow_link.find("5e9"), 3, "1e6");
+  slow_link.replace(slow_link.find("5e8"), 3, "1e5");  // PCIe slower still: the ranks' route stays the link
+  std::ofstream(cluster) << slow_link;
   std::ofstream(dir.path + "/two.profile.textproto")
       << "device { name: \"cpu-rank\" peak_flops_per_s { fp32: 50e9 } memory_bytes: 8e9 memory_bandwidth_Bps: 20e9 "
          "kernel_launch_overhead_s: 1e-7 }\nthreads_per_rank: 1\nranks_per_host: 2\ncalibration_step_s: 1000\n";
@@ -162,6 +166,9 @@ TEST_CASE("validate --suite reports the machine's pace against its calibration")
   REQUIRE(s.has_pace_vs_calibration_pct());
   CHECK(s.pace_vs_calibration_pct() < -99.9);
   CHECK(s.pace_vs_calibration_pct() > -100);
+  REQUIRE(s.has_exchange_pace_vs_calibration_pct());
+  CHECK(s.exchange_pace_vs_calibration_pct() < -99);
+  CHECK(s.exchange_pace_vs_calibration_pct() > -100);
   // The step it ran: the calibration's model on the calibrated ranks.
   const sim::Scenario step = sim::load_scenario(dir.path + "/out/calibration-step.scenario.textproto");
   CHECK(step.setup.model->name() == "moesim-calibration");
