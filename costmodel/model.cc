@@ -280,10 +280,16 @@ void analyze_transformer(const model::Transformer& t, const ModelOptions& o, Mod
     l.encoder = encoder;
     LayerBuilder b(&l, tokens, e, t.bias());
     ActivationBytes saving;
+    // Each sublayer's residual add (two reads, one write) with its sublayer, as the executor runs
+    // it: the attention's in the attention op, the MLP's or MoE's in the MLP or the combine.
     ActivationBytes act = attention_block(b, t, d, l.name + ".attn", seq, causal, false, e, &l, &saving);
-    if (decoder_of_encdec) add(act, attention_block(b, t, d, l.name + ".cross", seq, false, true, e, &l, &saving));
+    b.memory_op(l.name + ".attn.residual", OpKind::kElementwise, tokens * d.h * e * 3);
+    if (decoder_of_encdec) {
+      add(act, attention_block(b, t, d, l.name + ".cross", seq, false, true, e, &l, &saving));
+      b.memory_op(l.name + ".cross.residual", OpKind::kElementwise, tokens * d.h * e * 3);
+    }
     add(act, ffn_block(b, t, d, l.name + (moe ? ".moe" : ".mlp"), moe, tokens, seq, e, &l, &saving));
-    b.memory_op(l.name + ".residual", OpKind::kElementwise, tokens * d.h * e * 3 * 2);
+    b.memory_op(l.name + ".residual", OpKind::kElementwise, tokens * d.h * e * 3);
     l.act_none = act;
     l.act_selective = {act.sharded - saving.sharded, act.replicated - saving.replicated, act.expert - saving.expert};
     l.act_full = d.h * e;

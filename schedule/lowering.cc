@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <map>
+#include <numeric>
 #include <optional>
 #include <unordered_map>
 
@@ -72,6 +73,9 @@ struct Routing {
   int matrix = 0;                   // 1-based index into Schedule.matrices
   std::vector<double> rank_load;    // kept token->expert assignments per EP rank
   std::vector<double> expert_load;  // kept assignments per expert
+  // Per EP rank: the share of its tokens' assignments that were kept, which its dispatch gathers
+  // into the send buffer and its combine gathers back (a dropped one moves nothing).
+  std::vector<double> kept_share;
 };
 
 class Lowering {
@@ -204,10 +208,11 @@ class Lowering {
   }
 
   // Times of one part of a layer (not the routed experts), cached per (device type, layer, part,
-  // host factor).
-  const Times& part_times(int rank, int layer_index, Part part) {
+  // host factor, kept share). `kept_share` scales the MoE gathers' rows (the dispatch's and the
+  // combine's): the share of the rank's assignments its experts' buffers kept.
+  const Times& part_times(int rank, int layer_index, Part part, double kept_share = 1) {
     const int type = s_.cluster->device(rank).type;
-    const auto key = std::make_tuple(type, layer_index, static_cast<int>(part), host_factor(rank));
+    const auto key = std::make_tuple(type, layer_index, static_cast<int>(part), host_factor(rank), kept_share);
     auto it = times_.find(key);
     if (it != times_.end()) return it->second;
     Times t;
@@ -215,8 +220,12 @@ class Lowering {
     const cost::DeviceProfile& prof = profile(rank);
     for (const cost::Op& op : layer.ops) {
       if (part_of(layer, op.name) != part) continue;
-      add_times(&t, prof, on_ep_rank(tp_split(op), rank),
-                recompute_ == workload::SELECTIVE && cost::recomputed_selectively(op));
+      cost::Op o = on_ep_rank(tp_split(op), rank);
+      if (layer.moe && o.kind == cost::OpKind::kEmbedding) {
+        o.bytes *= kept_share;
+        o.gather_source_bytes *= kept_share;
+      }
+      add_times(&t, prof, o, recompute_ == workload::SELECTIVE && cost::recomputed_selectively(op));
     }
     return times_.emplace(key, t).first->second;
   }
@@ -353,6 +362,12 @@ class Lowering {
     Routing r;
     r.rank_load = cost::rank_loads(placement_, kept);
     r.expert_load = kept;
+    const std::vector<int64_t> tokens_of = cost::tokens_per_source(prob.tokens, l_.ep);
+    for (int i = 0; i < l_.ep; ++i) {
+      const double assignments = static_cast<double>(tokens_of[i]) * layer.routed_per_token;
+      const double rows = std::accumulate(loads.kept_by_source[i].begin(), loads.kept_by_source[i].end(), 0.0);
+      r.kept_share.push_back(assignments > 0 ? std::min(1.0, rows / assignments) : 1.0);
+    }
     // Source i sends rank j the assignments of its tokens that j's experts kept (a replicated
     // expert's split evenly over its copies, as rank_loads does): the capacity is the group's, so
     // under VANILLA the first ranks' tokens take the buffers first.
@@ -506,16 +521,18 @@ class Lowering {
     const Routing& r = routing(li, mb, d_ / l_.ep * l_.ep, tokens, salt);
     double load = r.rank_load[d_ % l_.ep];
     if (fold_) load = *std::max_element(r.rank_load.begin(), r.rank_load.end());  // the group's straggler
+    const double kept_share =
+        fold_ ? *std::max_element(r.kept_share.begin(), r.kept_share.end()) : r.kept_share[d_ % l_.ep];
     if (!bwd && std::string(phase) == "fwd" && d_ % l_.ep == 0 && t_ == 0) count_expert_load(li, group[0], r.expert_load);
     const Times ex = expert_times(layer, load / chunks, tokens / chunks);
     // With EP > 1 the forward's routing decision waits for the group's routing metadata, and the
     // permutation into the send layout follows it; else the gate op holds the permutation.
     const bool routed = !bwd && l_.ep > 1;
-    const Times& permute = part_times(rank_, li, Part::kPermute);
+    const Times& permute = part_times(rank_, li, Part::kPermute, kept_share);
     Times gate = part_times(rank_, li, Part::kGate);
     if (!routed) gate += permute;
     const Times& shared = part_times(rank_, li, Part::kShared);
-    const Times& combine = part_times(rank_, li, Part::kCombine);
+    const Times& combine = part_times(rank_, li, Part::kCombine, kept_share);
     auto dur = [&](const Times& t, double k = 1) { return (bwd ? t.bwd : t.fwd) * k; };
     auto fl = [&](const Times& t, double k = 1) { return (bwd ? t.flops_bwd : t.flops_fwd) * k; };
 
@@ -1015,7 +1032,7 @@ class Lowering {
   Schedule out_;
   std::map<int, cost::DeviceProfile> profiles_;
   std::map<int, double> host_share_;  // rank -> host_share_factor
-  std::map<std::tuple<int, int, int, double>, Times> times_;
+  std::map<std::tuple<int, int, int, double, double>, Times> times_;
   std::unordered_map<std::string, int> collective_index_;
   std::map<std::tuple<int, int64_t, int, int, int64_t, uint64_t>, Routing> routings_;
   std::map<int, int> chunk_matrix_;

@@ -145,6 +145,11 @@ TEST_CASE("An MoE layer's gathers and host routing, and the embedding's lookups"
   CHECK(op("embed", "embed.positions").kind == OpKind::kEmbedding);
   CHECK(op("embed", "embed.add").fused_backward);
   CHECK(op("embed", "embed.add").bytes == 3 * 256 * 64 * o.act_elem_bytes);
+  // Each sublayer's residual add (two rows read, one written per token) with its sublayer: the
+  // attention's named under it, the MoE's at the layer's end (the lowering puts it in the
+  // combine, where the executor adds it).
+  CHECK(op("L0", "L0.attn.residual").bytes == 3 * 256 * row);
+  CHECK(op("L0", "L0.residual").bytes == 3 * 256 * row);
 }
 
 TEST_CASE("pMoE: each expert takes l of n patches") {
