@@ -274,14 +274,8 @@ double median_gather_bytes(const cost::Setup& setup) {
 // against its predicted time split per kernel kind (each kind's share found by lowering again with
 // that kind's factor at 2), then one factor for all kinds by cost::fit_in_situ_factor (see below).
 // Collective on `world`.
-InSitu fit_in_situ(const profile::DeviceProfile& given_spec, const std::string& cluster, int ranks, exec::Comm* world,
+InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluster, int ranks, exec::Comm* world,
                    exec::Comm* host_world, exec::Backend& backend, int layers = 3, int sequences = 8) {
-  // The backward table gathers' factor written out (the EMBEDDING entry's where none is given), so
-  // that doubling that entry below probes the other gathers alone.
-  profile::DeviceProfile spec = given_spec;
-  if (!spec.has_lookup_backward_in_situ())
-    spec.set_lookup_backward_in_situ(
-        cost::DeviceProfile::from_spec(given_spec, "calibration profile").lookup_backward_time_factor());
   const cost::Setup setup =
       cost::load_setup(cost::ConfigSource{"calibration-cluster", cluster},
                        cost::ConfigSource{"calibration-model", calibration_model_text(ranks, layers)},
@@ -338,10 +332,6 @@ InSitu fit_in_situ(const profile::DeviceProfile& given_spec, const std::string& 
   }
   gather_backward->set_time_factor(2 * gather_backward->time_factor());
   const schedule::Schedule backward_gathers_doubled = lower_with(backward_gathers_spec);
-  // And the table gathers' part of the backward ones: their own factor doubled.
-  profile::DeviceProfile lookups_spec = spec;
-  lookups_spec.set_lookup_backward_in_situ(2 * spec.lookup_backward_in_situ());
-  const schedule::Schedule lookups_doubled = lower_with(lookups_spec);
   // Each op's token-choices per host term: its time grows by them times a probe added to the
   // term's time per choice.
   constexpr double kProbe_s = 1e-6;
@@ -379,16 +369,15 @@ InSitu fit_in_situ(const profile::DeviceProfile& given_spec, const std::string& 
     if (op.collective() != 0 || op.duration_s() <= 0 || it == times.end()) continue;
     scaled.push_back(doubled.ranks(slowest).ops(i).duration_s() - op.duration_s());
     fixed.push_back(std::max(op.duration_s() - scaled.back(), 0.0));
-    auto grown = [&](const schedule::Schedule& s) { return std::max(s.ranks(slowest).ops(i).duration_s() - op.duration_s(), 0.0); };
-    auto probed = [&](const schedule::Schedule& s) { return grown(s) / kProbe_s; };
+    auto probed = [&](const schedule::Schedule& s) {
+      return std::max(s.ranks(slowest).ops(i).duration_s() - op.duration_s(), 0.0) / kProbe_s;
+    };
     terms.gate.push_back(probed(routed));
     terms.dispatch.push_back(probed(dispatched));
     terms.gate_backward.push_back(probed(routed_backward));
-    // The EMBEDDING entry doubled grows the forward and the other backward gathers; the backward
-    // factor doubled every backward gather, the table's among them.
-    const double gathers = grown(gathers_doubled), lookups = grown(lookups_doubled);
-    terms.lookup_backward.push_back(lookups);
-    terms.gather_backward.push_back(std::min(std::max(grown(backward_gathers_doubled) - lookups, 0.0), gathers));
+    const double gathers = std::max(gathers_doubled.ranks(slowest).ops(i).duration_s() - op.duration_s(), 0.0);
+    terms.gather_backward.push_back(
+        std::min(std::max(backward_gathers_doubled.ranks(slowest).ops(i).duration_s() - op.duration_s(), 0.0), gathers));
     terms.gather.push_back(gathers - terms.gather_backward.back());
     const auto h = host_times.find({op.id(), base.ranks(slowest).rank()});
     host.routing_s.push_back(h == host_times.end() ? 0 : h->second.routing_s);
@@ -742,7 +731,6 @@ int calibrate(const Args& a) {
     // The backward gathers' factor is the EMBEDDING kind's; the forward gathers' goes by their size:
     // the step's, and its MoE layer's at half the tokens (one point without it).
     set_in_situ(spec, [&](cost::OpKind) { return in_situ.fit.factor; }, in_situ.fit.gather_backward_factor);
-    spec.set_lookup_backward_in_situ(in_situ.fit.lookup_backward_factor);
     const bool gather_sizes = rounds.half_gather_bytes > 0 && rounds.half_gather_bytes < in_situ.gather_bytes;
     std::vector<std::pair<double, double>> gather_points = {{in_situ.gather_bytes, in_situ.fit.gather_factor}};
     if (gather_sizes) gather_points.insert(gather_points.begin(), {rounds.half_gather_bytes, rounds.half_gather_factor});
@@ -761,7 +749,6 @@ int calibrate(const Args& a) {
     r.set_in_situ_factor(in_situ.fit.factor);
     r.set_in_situ_gather_factor(in_situ.fit.gather_factor);
     r.set_in_situ_gather_backward_factor(in_situ.fit.gather_backward_factor);
-    r.set_in_situ_lookup_backward_factor(in_situ.fit.lookup_backward_factor);
     if (gather_sizes) {
       r.set_gather_bytes(in_situ.gather_bytes);
       r.set_half_gather_factor(rounds.half_gather_factor);
@@ -889,12 +876,11 @@ int calibrate(const Args& a) {
     std::cout << fmt::format("batch-priority sort  {} per token x log2(tokens)\n", format_seconds(r.priority_sort_s()));
     const std::string gathers =
         r.half_gather_bytes() > 0
-            ? fmt::format("gathers x {:.3f} at {}, x {:.3f} at {} (backward x {:.3f}, into tables x {:.3f})",
-                          r.half_gather_factor(), format_bytes(r.half_gather_bytes()), r.in_situ_gather_factor(),
-                          format_bytes(r.gather_bytes()), r.in_situ_gather_backward_factor(),
-                          r.in_situ_lookup_backward_factor())
-            : fmt::format("gathers x {:.3f} (backward x {:.3f}, into tables x {:.3f})", r.in_situ_gather_factor(),
-                          r.in_situ_gather_backward_factor(), r.in_situ_lookup_backward_factor());
+            ? fmt::format("gathers x {:.3f} at {}, x {:.3f} at {} (backward x {:.3f})", r.half_gather_factor(),
+                          format_bytes(r.half_gather_bytes()), r.in_situ_gather_factor(), format_bytes(r.gather_bytes()),
+                          r.in_situ_gather_backward_factor())
+            : fmt::format("gathers x {:.3f} (backward x {:.3f})", r.in_situ_gather_factor(),
+                          r.in_situ_gather_backward_factor());
     std::cout << fmt::format("in a training step   kernels x {:.3f}, {}, {} per op around them; per "
                              "token-choice {} in a gate, {} in its backward, {} in a dispatch{}\n",
                              r.in_situ_factor(), gathers, format_seconds(r.op_overhead_s()),

@@ -187,40 +187,33 @@ InSituFit fit_in_situ(const std::vector<double>& c, const std::vector<double>& b
   fit.routing_choice_s = rate(terms.gate, host.routing_s);
   fit.routing_backward_choice_s = rate(terms.gate_backward, host.routing_s);
   fit.dispatch_choice_s = rate(terms.dispatch, host.dispatch_s);
-  // The rest, t - (b - d - e - l) - the measured host seconds = f c + f_g d + f_gb e + f_l l + h,
-  // by least squares on relative errors for h and the gathers' factors (each gather column only
-  // where some op holds such gathers); then f from the measured sum.
-  struct Column {
-    const std::vector<double>* seconds;
-    double* factor;
-  };
-  std::vector<Column> columns;
-  for (Column col : {Column{&terms.gather, &fit.gather_factor}, Column{&terms.gather_backward, &fit.gather_backward_factor},
-                     Column{&terms.lookup_backward, &fit.lookup_backward_factor}})
-    for (size_t j = 0; j < c.size(); ++j)
-      if (used(j) && at_or_zero(*col.seconds, j) > 0) {
-        columns.push_back(col);
-        break;
-      }
-  auto gathers_at = [&](size_t j) {
-    return at_or_zero(terms.gather, j) + at_or_zero(terms.gather_backward, j) + at_or_zero(terms.lookup_backward, j);
-  };
+  // The rest, t - (b - d - e) - the measured host seconds = f c + f_g d + f_gb e + h, by least
+  // squares on relative errors for h, f_g and f_gb (each gather column only where some op holds
+  // such gathers); then f from the measured sum.
+  bool forward = false, backward = false;
+  for (size_t j = 0; j < c.size(); ++j) {
+    forward = forward || (used(j) && at_or_zero(terms.gather, j) > 0);
+    backward = backward || (used(j) && at_or_zero(terms.gather_backward, j) > 0);
+  }
+  const size_t gather_columns = (forward ? 1 : 0) + (backward ? 1 : 0);
   // Without the overhead's column when it comes out negative (or above its cap): h is held at 0
   // (or the cap), and the gathers' factors must come from a fit that holds it there (with a
   // negative h they took up what h took off every op: the calibration step's gathers came out
   // 30-40% over).
   const double cap = std::max(max_op_overhead_s, 0.0);
-  LeastSquares with_h(2 + columns.size()), without_h(1 + columns.size()), at_cap(1 + columns.size());
+  LeastSquares with_h(2 + gather_columns), without_h(1 + gather_columns), at_cap(1 + gather_columns);
   double scaled = 0, rest = 0, ops = 0;
   std::vector<double> row;
   for (size_t j = 0; j < c.size(); ++j)
     if (used(j)) {
-      const double r = t[j] - (b[j] - gathers_at(j)) - at_or_zero(host.routing_s, j) - at_or_zero(host.dispatch_s, j);
+      const double d = at_or_zero(terms.gather, j), e = at_or_zero(terms.gather_backward, j);
+      const double r = t[j] - (b[j] - d - e) - at_or_zero(host.routing_s, j) - at_or_zero(host.dispatch_s, j);
       scaled += c[j];
       rest += r;
       ops += 1;
       row = {c[j]};
-      for (const Column& col : columns) row.push_back(at_or_zero(*col.seconds, j));
+      if (forward) row.push_back(d);
+      if (backward) row.push_back(e);
       without_h.add(row, r, 1 / (t[j] * t[j]));
       if (std::isfinite(cap)) at_cap.add(row, r - cap, 1 / (t[j] * t[j]));
       row.push_back(1);
@@ -236,17 +229,15 @@ InSituFit fit_in_situ(const std::vector<double>& c, const std::vector<double>& b
   } else {
     x = without_h.solve();
   }
-  if (x)
-    for (size_t i = 0; i < columns.size(); ++i) *columns[i].factor = std::clamp((*x)[1 + i], 0.1, 10.0);
-  // Table gathers without a column of their own go as the other backward gathers.
-  if (std::none_of(columns.begin(), columns.end(), [&](const Column& col) { return col.factor == &fit.lookup_backward_factor; }))
-    fit.lookup_backward_factor = fit.gather_backward_factor;
+  if (x) {
+    if (forward) fit.gather_factor = std::clamp((*x)[1], 0.1, 10.0);
+    if (backward) fit.gather_backward_factor = std::clamp((*x)[forward ? 2 : 1], 0.1, 10.0);
+  }
   double gathered = 0;  // the gathers' seconds through their factors
   for (size_t j = 0; j < c.size(); ++j)
     if (used(j))
       gathered += fit.gather_factor * at_or_zero(terms.gather, j) +
-                  fit.gather_backward_factor * at_or_zero(terms.gather_backward, j) +
-                  fit.lookup_backward_factor * at_or_zero(terms.lookup_backward, j);
+                  fit.gather_backward_factor * at_or_zero(terms.gather_backward, j);
   fit.op_overhead_s = std::min(fit.op_overhead_s, std::max(rest - gathered, 0.0) / ops);
   fit.factor = std::clamp((rest - gathered - ops * fit.op_overhead_s) / scaled, 0.1, 10.0);
   return fit;
@@ -254,8 +245,7 @@ InSituFit fit_in_situ(const std::vector<double>& c, const std::vector<double>& b
 
 double InSituFit::time_s(double scaled, double fixed, const InSituTerms& terms, size_t j) const {
   return fixed + (gather_factor - 1) * at_or_zero(terms.gather, j) +
-         (gather_backward_factor - 1) * at_or_zero(terms.gather_backward, j) +
-         (lookup_backward_factor - 1) * at_or_zero(terms.lookup_backward, j) + factor * scaled + op_overhead_s +
+         (gather_backward_factor - 1) * at_or_zero(terms.gather_backward, j) + factor * scaled + op_overhead_s +
          routing_choice_s * at_or_zero(terms.gate, j) + dispatch_choice_s * at_or_zero(terms.dispatch, j) +
          routing_backward_choice_s * at_or_zero(terms.gate_backward, j);
 }

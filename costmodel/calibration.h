@@ -77,7 +77,7 @@ double fit_backward_factor(const DeviceProfile& profile, OpKind kind, const std:
 // own factors, f_g forward and f_gb backward (a backward gather adds rows into its source's
 // gradient): their times d_j and e_j (parts of b_j, at the profile's out-of-cache rate) depend on
 // what a step leaves in cache, which the other kernels' do not; h, f_g and f_gb then come from
-// t_j - (b_j - d_j - e_j - l_j) - u_j - v_j = f c_j + f_g d_j + f_gb e_j + f_l l_j + h (the same least squares;
+// t_j - (b_j - d_j - e_j) - u_j - v_j = f c_j + f_g d_j + f_gb e_j + h (the same least squares;
 // where h comes out negative, again without h, so that the gathers' factors are the best with h
 // at its floor), each clamped to [0.1, 10] (1 without such gathers), and f keeps the measured sum
 // with the gathers' terms in it.
@@ -85,11 +85,9 @@ double fit_backward_factor(const DeviceProfile& profile, OpKind kind, const std:
 inline double at_or_zero(const std::vector<double>& v, size_t j) { return j < v.size() ? v[j] : 0.0; }
 struct InSituTerms {
   // Per op; shorter vectors: 0 past their end. Token-choices per host term, and the seconds of the
-  // op's forward gathers (`gather`, d_j), backward gathers (`gather_backward`, e_j) and backward
-  // table gathers (`lookup_backward`, l_j: an embedding's, cost::Op table_lookup) at the profile's
-  // rate (parts of its fixed time b_j).
-  std::vector<double> gate = {}, dispatch = {}, gate_backward = {}, gather = {}, gather_backward = {},
-                      lookup_backward = {};
+  // op's forward gathers (`gather`, d_j) and backward gathers (`gather_backward`, e_j) at the
+  // profile's rate (parts of its fixed time b_j).
+  std::vector<double> gate = {}, dispatch = {}, gate_backward = {}, gather = {}, gather_backward = {};
 };
 struct InSituHost {
   // Per op, seconds (trace Span routing_host_s, dispatch_host_s); shorter vectors: 0 past their end.
@@ -103,9 +101,8 @@ struct InSituFit {
   double routing_backward_choice_s = 0;
   double gather_factor = 1;           // f_g
   double gather_backward_factor = 1;  // f_gb
-  double lookup_backward_factor = 1;  // f_l (f_gb without table gathers)
-  // Op j's time through the fit: b_j + (f_g - 1) d_j + (f_gb - 1) e_j + (f_l - 1) l_j + f c_j + h
-  // + its host terms' counts x their times.
+  // Op j's time through the fit: b_j + (f_g - 1) d_j + (f_gb - 1) e_j + f c_j + h + its host
+  // terms' counts x their times.
   double time_s(double scaled, double fixed, const InSituTerms& terms, size_t j) const;
 };
 // `max_op_overhead_s`: h held at most there (where the fit would put it higher, again with h at

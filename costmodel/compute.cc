@@ -193,7 +193,6 @@ void validate(const ConfigScope& root, const profile::DeviceProfile& p) {
   check_by_bytes("transfer_footprint", p.transfer_footprint());
   check_by_bytes("gather_in_situ", p.gather_in_situ());
   check_by_bytes("host_footprint", p.host_footprint());
-  root.positive("lookup_backward_in_situ", Need::kOptional, /*allow_zero=*/false, 100.0);
   root.positive("threads_per_rank", Need::kOptional, /*allow_zero=*/false, 4096);
   root.positive("softmax_score_s", Need::kOptional, /*allow_zero=*/true, 1e-3);
   root.positive("op_overhead_s", Need::kOptional, /*allow_zero=*/true, 1.0);
@@ -357,10 +356,6 @@ double DeviceProfile::gather_time_factor(double bytes) const {
   return factor_by_bytes(spec_.gather_in_situ(), bytes, in_situ_time_factor(OpKind::kEmbedding));
 }
 
-double DeviceProfile::lookup_backward_time_factor() const {
-  return spec_.has_lookup_backward_in_situ() ? spec_.lookup_backward_in_situ() : in_situ_time_factor(OpKind::kEmbedding);
-}
-
 double DeviceProfile::host_share_factor(int ranks_here) const {
   const int calibrated = spec_.has_ranks_per_host() ? spec_.ranks_per_host() : 1;
   if (calibrated <= 1 || ranks_here >= calibrated) return 1.0;
@@ -406,10 +401,8 @@ OpTime op_time(const DeviceProfile& profile, const Op& op, DType dtype) {
   if (op.kind == OpKind::kAttention) t.compute_s += static_cast<double>(op.groups) * profile.attention_group_s();
   const double bytes = op.bytes * dtype_bytes(t.dtype) / dtype_bytes(dtype);
   t.memory_s = bytes / (profile.memory_bandwidth_Bps() * profile.memory_bandwidth_efficiency(op.kind));
-  const double in_situ = op.kind != OpKind::kEmbedding ? profile.in_situ_time_factor(op.kind)
-                         : !op.backward                ? profile.gather_time_factor(op.bytes)
-                         : op.table_lookup             ? profile.lookup_backward_time_factor()
-                                                       : profile.in_situ_time_factor(op.kind);
+  const double in_situ =
+      op.kind == OpKind::kEmbedding && !op.backward ? profile.gather_time_factor(op.bytes) : profile.in_situ_time_factor(op.kind);
   const double f = in_situ * (op.backward ? profile.backward_time_factor(op.kind) : 1.0);
   t.compute_s *= f;
   t.memory_s *= f;

@@ -102,9 +102,6 @@ class DeviceProfile {
   // linear in log bytes; without points in_situ_time_factor(kEmbedding), which backward gathers
   // take).
   double gather_time_factor(double bytes) const;
-  // A backward table gather's (Op::table_lookup) in-situ factor (profile lookup_backward_in_situ;
-  // without it in_situ_time_factor(kEmbedding)).
-  double lookup_backward_time_factor() const;
   double kernel_launch_overhead_s() const { return launch_overhead_s_; }
   // Per attention score element (profile softmax_score_s; 0).
   double softmax_score_s() const { return spec_.softmax_score_s(); }

@@ -261,10 +261,8 @@ void analyze_transformer(const model::Transformer& t, const ModelOptions& o, Mod
     l.dense_params = double(t.vocab()) * d.h + (t.learned_positions() ? double(t.max_sequence()) * d.h : 0);
     l.embedding_params = l.dense_params;
     b.gather("embed.lookup", std::min(tokens, double(t.vocab())) * d.h * e, tokens * d.h * e);
-    l.ops.back().table_lookup = true;
     if (t.learned_positions()) {  // a second lookup, added to the first
       b.gather("embed.positions", seq * d.h * e, tokens * d.h * e);
-      l.ops.back().table_lookup = true;
       b.memory_op("embed.add", OpKind::kElementwise, tokens * d.h * e * 3);
       l.ops.back().fused_backward = true;  // its gradient passes through to both lookups
     }

@@ -64,10 +64,6 @@ struct Op {
   // it writes). Its backward reads the written rows' gradient and adds into the source's: the
   // written bytes once and the source's twice (backward_ops).
   double gather_source_bytes = 0;
-  // A gather from a parameter table (an embedding's lookups): its backward adds the tokens'
-  // gradient rows into the table's gradient, a few rows that stay in the nearest cache, where an
-  // MoE combine's spreads them over the activations (DeviceProfile::lookup_backward_time_factor).
-  bool table_lookup = false;
   // The host terms above (routing, dispatch, sort) take this many times the profile's rates: the
   // running rank's working set (DeviceProfile::host_time_factor), set by the lowering.
   double host_time_factor = 1;

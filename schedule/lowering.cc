@@ -40,12 +40,10 @@ uint64_t mix(uint64_t h, uint64_t v) {  // splitmix64-style combination for deri
   return h;
 }
 
-// Which part of a layer a kernel belongs to, from its name ("L3.attn.qkv" -> kAttn); its
-// backward's part where `backward` (an MoE layer's residual add: forward in the combine, its
-// gradient summed into the stream's by the gate's backward, as the executor runs them).
+// Which part of a layer a kernel belongs to, from its name ("L3.attn.qkv" -> kAttn).
 enum class Part { kAttn, kMlp, kGate, kPermute, kShared, kExperts, kCombine, kWhole };
 
-Part part_of(const Layer& layer, const std::string& op_name, bool backward = false) {
+Part part_of(const Layer& layer, const std::string& op_name) {
   if (layer.kind != LayerKind::kTransformer) return Part::kWhole;
   const std::string rest = op_name.substr(std::min(op_name.size(), layer.name.size() + 1));
   auto starts = [&](const char* p) { return rest.rfind(p, 0) == 0; };
@@ -54,8 +52,7 @@ Part part_of(const Layer& layer, const std::string& op_name, bool backward = fal
   if (starts("moe.dispatch")) return Part::kPermute;
   if (starts("moe.shared")) return Part::kShared;
   if (starts("moe.experts")) return Part::kExperts;
-  if (starts("residual")) return !layer.moe ? Part::kMlp : backward ? Part::kGate : Part::kCombine;
-  if (starts("moe.combine")) return Part::kCombine;
+  if (starts("moe.combine") || starts("residual")) return layer.moe ? Part::kCombine : Part::kMlp;
   return Part::kMlp;
 }
 
@@ -199,19 +196,15 @@ class Lowering {
     return op;
   }
 
-  void add_times(Times* t, const cost::DeviceProfile& prof, const cost::Op& op, bool recomputed, bool forward = true,
-                 bool backward = true) {
-    if (forward) {
-      const double fwd = cost::op_time(prof, op, dtype_).time_s;
-      t->fwd += fwd;
-      t->flops_fwd += op.flops;
-      if (recomputed) t->recompute += fwd;
-    }
-    if (!backward) return;
+  void add_times(Times* t, const cost::DeviceProfile& prof, const cost::Op& op, bool recomputed) {
+    const double fwd = cost::op_time(prof, op, dtype_).time_s;
+    t->fwd += fwd;
+    t->flops_fwd += op.flops;
     for (const cost::Op& b : cost::backward_ops(op)) {
       t->bwd += cost::op_time(prof, b, dtype_).time_s;
       t->flops_bwd += b.flops;
     }
+    if (recomputed) t->recompute += fwd;
   }
 
   // Times of one part of a layer (not the routed experts), cached per (device type, layer, part,
@@ -226,14 +219,13 @@ class Lowering {
     const Layer& layer = mc_.layers[layer_index];
     const cost::DeviceProfile& prof = profile(rank);
     for (const cost::Op& op : layer.ops) {
-      const bool forward = part_of(layer, op.name) == part, backward = part_of(layer, op.name, true) == part;
-      if (!forward && !backward) continue;
+      if (part_of(layer, op.name) != part) continue;
       cost::Op o = on_ep_rank(tp_split(op), rank);
       if (layer.moe && o.kind == cost::OpKind::kEmbedding) {
         o.bytes *= kept_share;
         o.gather_source_bytes *= kept_share;
       }
-      add_times(&t, prof, o, recompute_ == workload::SELECTIVE && cost::recomputed_selectively(op), forward, backward);
+      add_times(&t, prof, o, recompute_ == workload::SELECTIVE && cost::recomputed_selectively(op));
     }
     return times_.emplace(key, t).first->second;
   }

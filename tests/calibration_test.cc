@@ -222,29 +222,6 @@ TEST_CASE("Forward and backward gathers get a factor each") {
   InSituTerms forward_only = terms;
   forward_only.gather_backward.clear();
   CHECK(fit_in_situ(c, b, t, forward_only).gather_backward_factor == 1);
-  // Without table gathers theirs is the other backward gathers'.
-  CHECK(fit.lookup_backward_factor == fit.gather_backward_factor);
-}
-
-TEST_CASE("Backward gathers into tables get a factor of their own") {
-  // As above, with an embedding's backward (12 us at the profile's rate) running at 0.5 in op 0.
-  InSituTerms terms;
-  terms.gather = counts_at(1, 10e-6, 6, 40e-6);
-  terms.gather_backward = counts_at(4, 20e-6, 6, 30e-6);
-  terms.lookup_backward = counts_at(0, 12e-6, 0, 12e-6);
-  const InSituFit truth{.factor = 1.3, .op_overhead_s = 4e-6, .gather_factor = 0.4, .gather_backward_factor = 0.8,
-                        .lookup_backward_factor = 0.5};
-  auto [c, b, t] = synthetic_step(truth, {});
-  for (size_t j = 0; j < c.size(); ++j) {
-    b[j] += at_or_zero(terms.gather, j) + at_or_zero(terms.gather_backward, j) + at_or_zero(terms.lookup_backward, j);
-    t[j] = truth.time_s(c[j], b[j], terms, j);
-  }
-  const InSituFit fit = fit_in_situ(c, b, t, terms);
-  CHECK(fit.lookup_backward_factor == Approx(0.5).epsilon(0.02));
-  CHECK(fit.gather_backward_factor == Approx(0.8).epsilon(0.02));
-  CHECK(fit.gather_factor == Approx(0.4).epsilon(0.02));
-  CHECK(fit.factor == Approx(1.3).epsilon(0.02));
-  for (size_t j = 0; j < c.size(); ++j) CHECK(fit.time_s(c[j], b[j], terms, j) == Approx(t[j]).epsilon(0.02));
 }
 
 TEST_CASE("A cap on the overhead holds it there, the factors fitted around it and the sum kept") {

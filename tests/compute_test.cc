@@ -499,30 +499,6 @@ TEST_CASE("bad profile: host footprint points out of order") {
              3, "host_footprint[1].bytes", "must increase");
 }
 
-TEST_CASE("backward gathers into a table take their own in-situ factor, the MoE's the EMBEDDING entry") {
-  const std::string base = "device { preset: \"h100-sxm5\" }\nin_situ { op: EMBEDDING time_factor: 0.8 }\n";
-  const cost::DeviceProfile plain = cost::load_device_profile_text(base, "plain.textproto");
-  const cost::DeviceProfile own =
-      cost::load_device_profile_text(base + "lookup_backward_in_situ: 0.3\n", "own.textproto");
-  CHECK(plain.lookup_backward_time_factor() == Approx(0.8));  // none given: the EMBEDDING entry
-  CHECK(own.lookup_backward_time_factor() == Approx(0.3));
-  auto memory_s = [](const cost::DeviceProfile& p, bool table) {
-    Op op;
-    op.name = "g";
-    op.kind = OpKind::kEmbedding;
-    op.bytes = 2e5;
-    op.gather_source_bytes = 1e4;
-    op.table_lookup = table;
-    return cost::op_time(p, cost::backward_ops(op).at(0), DType::kFp32).memory_s;
-  };
-  CHECK(memory_s(own, true) == Approx(memory_s(plain, true) * 0.3 / 0.8));
-  CHECK(memory_s(own, false) == Approx(memory_s(plain, false)));  // the MoE's keep the EMBEDDING entry
-  CHECK(memory_s(plain, true) == Approx(memory_s(plain, false)));
-  // Out of (0, 100]: refused at its line.
-  check_only(base + "lookup_backward_in_situ: 0\n", 3, "lookup_backward_in_situ", "");
-  check_only(base + "lookup_backward_in_situ: 101\n", 3, "lookup_backward_in_situ", "");
-}
-
 TEST_CASE("bad profile: gather points out of order") {
   check_only("device { preset: \"h100-sxm5\" }\n"
              "gather_in_situ { bytes: 4e5 time_factor: 0.6 }\n"

@@ -262,8 +262,6 @@ TEST_CASE("calibrate on 2 ranks prices exchanges by the working set: the layer's
   CHECK(c.host_footprint_factor() <= 10);
   CHECK(p.host_time_factor(c.transfer_base_bytes()) == Approx(c.host_footprint_factor()));
   CHECK(p.host_time_factor(c.transfer_footprint_bytes()) == 1);
-  // The embedding's backward gathers have their own factor.
-  CHECK(p.spec().lookup_backward_in_situ() == Approx(c.in_situ_lookup_backward_factor()));
   // The cluster's link is the one the factors are relative to, and its all-reduce efficiency loads.
   const topo::Cluster cluster = topo::load_cluster(out);
   CHECK(cluster.device_count() == 2);
