@@ -197,7 +197,7 @@ int validate_one(const Args& a) {
   // yet: moe-tiny's first five steps on two ranks run up to 2x the later ones), so a quarter of
   // the steps is left out by default.
   o.steps = a.get_int("--steps", 20, 2, 100000);
-  const int warmup = a.get_int("--warmup", o.steps / 4, 0, o.steps - 1);
+  const int warmup = a.get_int("--warmup", std::max(o.steps / 4, std::min(trace::kWarmupSteps, o.steps / 2)), 0, o.steps - 1);
   schedule::LoweringOptions lo;
   lo.seed = in.scenario.seed;
   lo.fold = schedule::Fold::kNever;
@@ -583,8 +583,9 @@ std::vector<Command> validate_commands() {
        "  --profile F       the device profile for the prediction (moesim calibrate writes one);\n"
        "                    default the scenario's device_profile, else the device's priors\n"
        "  --steps K         steps run (default 20, the suite's 30); --warmup W of them left out of the\n"
-       "                    statistics (default a quarter of them: a fresh router balances its experts\n"
-       "                    over the first steps; 1 for two trace files)\n"
+       "                    statistics (default a quarter of them, at least 10 of 20 or more: a fresh\n"
+       "                    router balances its experts over the first steps, and a fresh process's\n"
+       "                    exchanges settle; 1 for two trace files)\n"
        "  --threads N       OpenBLAS threads per CPU rank (default: as many as the profile was calibrated\n"
        "                    with, else this machine's cores / its ranks)\n"
        "  --feedback        predict with the measured expert loads as the routing distribution\n"

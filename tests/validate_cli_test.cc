@@ -43,6 +43,17 @@ strategy_inline {{ name: "s" {} }}
                      cluster, MOESIM_SOURCE_DIR, precision, strategy);
 }
 
+TEST_CASE("validate leaves a fresh process's first steps out: a quarter, at least 10 of 20 or more") {
+  TempFile cluster("validate_warmup_cluster.textproto", kTwoRanks);
+  TempFile scenario("validate_warmup_scenario.textproto", scenario_text(cluster.path));
+  for (auto [steps, compared] : {std::pair{8, 4}, std::pair{20, 10}, std::pair{48, 36}}) {
+    const Run r = moesim_run(fmt::format("validate --scenario '{}' --steps {} --json", scenario.path, steps));
+    INFO(steps << " steps: " << r.err);
+    REQUIRE(r.exit_code == 0);
+    CHECK(parse_json<cli::ValidateResult>(r.out).compared_steps() == compared);
+  }
+}
+
 TEST_CASE("validate runs a tiny plan on 2 ranks and matches every op of both ranks") {
   TempFile cluster("validate_cluster.textproto", kTwoRanks);
   TempFile scenario("validate_scenario.textproto", scenario_text(cluster.path));

@@ -54,6 +54,11 @@ namespace moesim::trace {
 // The faster share of the steps that calibration and validation measure, and the statistic of a
 // microbenchmark's repeated batches (see above).
 inline constexpr double kQuietShare = 0.5;
+// Steps a fresh process runs before its exchanges settle: on the development VM the calibration
+// step's all-to-alls took 58, 40 and 36 us as medians of steps 0-9, 10-19 and 20-29, then 37-48.
+// Validation leaves at least these out (when it runs twice as many) and calibration measures
+// after them.
+inline constexpr int kWarmupSteps = 10;
 inline constexpr double kQuietQuantile = 0.25;
 
 // The traces do not describe the same ops: what() names the first op missing and from which side.
