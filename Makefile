@@ -45,7 +45,7 @@ bench: build
 	$(MPIRUN) -np 2 $(BUILD_DIR)/bench/comm_bench; a=$$?; \
 	$(BUILD_DIR)/bench/sim_bench; s=$$?; \
 	$(MOESIM) calibrate --out $(BUILD_DIR)/bench-local.textproto --ranks 2 && \
-	  $(MOESIM) validate --suite --cluster $(BUILD_DIR)/bench-local.textproto --steps 30; v=$$?; \
+	  $(MOESIM) validate --suite --cluster $(BUILD_DIR)/bench-local.textproto --steps 30 --out $(BUILD_DIR)/bench-suite; v=$$?; \
 	exit $$((t | c | m | a | s | v))
 
 clean:
