@@ -384,7 +384,9 @@ int validate_suite(const Args& a) {
                                  cluster));
   std::string profile = profile_for(a, cluster);
   if (!profile.empty()) profile = fs::absolute(profile).string();
-  const fs::path dir = a.get("--out", (fs::temp_directory_path() / fmt::format("moesim-suite-{}", ::getpid())).string());
+  // Absolute: the scenarios written there name their cluster by this path.
+  const fs::path dir =
+      fs::absolute(a.get("--out", (fs::temp_directory_path() / fmt::format("moesim-suite-{}", ::getpid())).string()));
   fs::create_directories(dir);
   const std::string self = fs::canonical("/proc/self/exe").string();
   const int steps = a.get_int("--steps", 30, 2, 100000);

@@ -160,8 +160,9 @@ TEST_CASE("validate --suite reports the machine's pace against its calibration")
   std::ofstream(dir.path + "/two.profile.textproto")
       << "device { name: \"cpu-rank\" peak_flops_per_s { fp32: 50e9 } memory_bytes: 8e9 memory_bandwidth_Bps: 20e9 "
          "kernel_launch_overhead_s: 1e-7 }\nthreads_per_rank: 1\nranks_per_host: 2\ncalibration_step_s: 1000\n";
-  const Run r = moesim_run(fmt::format("validate --suite --cluster '{}' --passes 1 --steps 2 --json --out '{}/out'",
-                                       cluster, dir.path));
+  // --out relative to the working folder (the scenarios written there must still find their cluster).
+  const std::string out = std::filesystem::relative(dir.path + "/out", MOESIM_SOURCE_DIR).string();
+  const Run r = moesim_run(fmt::format("validate --suite --cluster '{}' --passes 1 --steps 2 --json --out '{}'", cluster, out));
   INFO(r.err);
   REQUIRE(r.exit_code == 0);
   const cli::ValidateSuiteResult s = parse_json<cli::ValidateSuiteResult>(r.out);
