@@ -188,6 +188,28 @@ TEST_CASE("NVLink mesh: a device's scale-up bandwidth is split over its peers") 
   CHECK(m.bisection_bandwidth_Bps == Approx(4 * 64e9 + 2 * 64e9));
 }
 
+TEST_CASE("half-duplex scale-up links are marked on the graph and in the report") {
+  for (bool half : {false, true}) {
+    INFO("half duplex " << half);
+    const topo::Cluster c = topo::load_cluster_text(
+        fmt::format("name: \"shm\" nodes: 1 node {{ device {{ preset: \"h100-sxm5\" }} devices_per_node: 2 "
+                    "intra_fabric: NVSWITCH scaleup_bandwidth_Bps: 10e9 scaleup_latency_s: 0 scaleup_half_duplex: {} "
+                    "pcie {{ device_bandwidth_Bps: 1e9 latency_s: 1e-4 }} }}",
+                    half),
+        "shm.textproto");
+    int scaleup = 0, marked = 0;
+    for (topo::EdgeId e : boost::make_iterator_range(boost::edges(c.graph()))) {
+      scaleup += c.graph()[e].kind == hw::SCALEUP;
+      marked += c.graph()[e].half_duplex;
+    }
+    CHECK(scaleup == 4);
+    CHECK(marked == (half ? 4 : 0));  // only the scale-up links, both directions
+    const topo::TopologyMetrics m = topo::compute_metrics(c);
+    CHECK(m.devices[0].scaleup_Bps == Approx(10e9));
+    CHECK(m.devices[0].scaleup_half_duplex == half);
+  }
+}
+
 TEST_CASE("scale-out bandwidth is the graph's fair share, not the NIC's datasheet figure") {
   SECTION("two devices share each NIC") {
     topo::Cluster c = small_cluster(2, "single_switch {}", SmallNode{.devices = 4, .nics = 2, .nic_Bps = 10e9});

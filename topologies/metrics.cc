@@ -102,7 +102,10 @@ std::vector<DeviceBandwidth> device_bandwidths(const Cluster& c) {
   std::vector<DeviceBandwidth> out(c.device_count());
   for (int r = 0; r < c.device_count(); ++r)
     for (EdgeId e : boost::make_iterator_range(boost::out_edges(c.device(r).vertex, g))) {
-      if (g[e].kind == hw::SCALEUP) out[r].scaleup_Bps += g[e].bandwidth_Bps;
+      if (g[e].kind == hw::SCALEUP) {
+        out[r].scaleup_Bps += g[e].bandwidth_Bps;
+        out[r].scaleup_half_duplex = out[r].scaleup_half_duplex || g[e].half_duplex;
+      }
       if (g[e].kind == hw::PCIE) out[r].host_Bps += g[e].bandwidth_Bps;
     }
   std::vector<std::vector<VertexId>> groups = node_groups(c);

@@ -26,6 +26,7 @@ namespace moesim::topo {
 
 struct DeviceBandwidth {
   double scaleup_Bps = 0;
+  bool scaleup_half_duplex = false;  // its scale-up links' two directions share scaleup_Bps
   double scaleout_Bps = 0;
   double host_Bps = 0;
 };

@@ -45,6 +45,7 @@ report::TopologyReport make_report(const Cluster& c, const TopologyMetrics& m) {
     dr->set_node(c.device(d).node);
     dr->set_type(t.name());
     dr->set_scaleup_bandwidth_bps(m.devices[d].scaleup_Bps);
+    dr->set_scaleup_half_duplex(m.devices[d].scaleup_half_duplex);
     dr->set_scaleout_bandwidth_bps(m.devices[d].scaleout_Bps);
     dr->set_host_bandwidth_bps(m.devices[d].host_Bps);
   }
@@ -90,7 +91,10 @@ void print_report_table(const report::TopologyReport& r, std::ostream& out) {
                             r.link_count(), r.directed_link_count()));
   line("peak compute", fmt::format("{} bf16 dense", format_flops(r.total_peak_bf16_flops_per_s())));
   line("device memory", format_bytes(r.total_device_memory_bytes()));
-  line("scale-up / device", device_range(r, [](auto& d) { return d.scaleup_bandwidth_bps(); }, format_bandwidth));
+  const bool half_duplex = std::any_of(r.devices().begin(), r.devices().end(),
+                                       [](const report::DeviceReport& d) { return d.scaleup_half_duplex(); });
+  line("scale-up / device", device_range(r, [](auto& d) { return d.scaleup_bandwidth_bps(); }, format_bandwidth) +
+                                (half_duplex ? " (half-duplex: both directions together)" : ""));
   line("scale-out / device", device_range(r, [](auto& d) { return d.scaleout_bandwidth_bps(); }, format_bandwidth));
   line("host link / device", device_range(r, [](auto& d) { return d.host_bandwidth_bps(); }, format_bandwidth));
   line("bisection bandwidth", format_bandwidth(r.bisection_bandwidth_bps()) + " (one direction)");
