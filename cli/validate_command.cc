@@ -194,8 +194,9 @@ int validate_one(const Args& a) {
   o.optimizer = setup.workload->training().optimizer() == workload::SGD ? exec::OptimizerKind::kSgd
                                                                          : exec::OptimizerKind::kAdam;
   // The first steps of a fresh model route unevenly (the aux loss has not balanced the experts
-  // yet: moe-tiny's first five steps on two ranks run up to 2x the later ones), so a quarter of
-  // the steps is left out by default.
+  // yet: moe-tiny's first five steps on two ranks run up to 2x the later ones) and a fresh
+  // process's exchanges settle (trace::kWarmupSteps), so a quarter of the steps, and at least 10
+  // of 20 or more, are left out by default.
   o.steps = a.get_int("--steps", 20, 2, 100000);
   const int warmup = a.get_int("--warmup", std::max(o.steps / 4, std::min(trace::kWarmupSteps, o.steps / 2)), 0, o.steps - 1);
   schedule::LoweringOptions lo;

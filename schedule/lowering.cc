@@ -221,10 +221,7 @@ class Lowering {
     for (const cost::Op& op : layer.ops) {
       if (part_of(layer, op.name) != part) continue;
       cost::Op o = on_ep_rank(tp_split(op), rank);
-      if (layer.moe && o.kind == cost::OpKind::kEmbedding) {
-        o.bytes *= kept_share;
-        o.gather_source_bytes *= kept_share;
-      }
+      if (layer.moe && o.kind == cost::OpKind::kEmbedding) cost::scale_work(o, kept_share);
       add_times(&t, prof, o, recompute_ == workload::SELECTIVE && cost::recomputed_selectively(op));
     }
     return times_.emplace(key, t).first->second;
@@ -374,14 +371,8 @@ class Lowering {
     ByteMatrix* m = out_.add_matrices();
     m->set_n(l_.ep);
     const double per_token = s_.cost.hidden * act_bytes_ / l_.tp;
-    for (int i = 0; i < l_.ep; ++i) {
-      std::vector<double> row(static_cast<size_t>(l_.ep), 0.0);
-      for (size_t e = 0; e < kept.size(); ++e) {
-        const std::vector<int>& copies = placement_.expert_ranks[e];
-        for (int j : copies) row[j] += loads.kept_by_source[i][e] / static_cast<double>(copies.size());
-      }
-      for (double rows : row) m->add_bytes(rows * per_token);
-    }
+    for (int i = 0; i < l_.ep; ++i)
+      for (double rows : cost::rank_loads(placement_, loads.kept_by_source[i])) m->add_bytes(rows * per_token);
     r.matrix = out_.matrices_size();
     imbalance_sum_ += loads.imbalance;
     imbalance_max_ = std::max(imbalance_max_, loads.imbalance);

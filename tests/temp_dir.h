@@ -8,22 +8,23 @@
 
 #include <filesystem>
 #include <system_error>
+#include <utility>
 
 namespace moesim::test {
 
 inline const std::filesystem::path& process_temp_dir() {
+  // Created and removed by one object (no copy whose end would remove it early).
   struct Dir {
     std::filesystem::path path;
+    explicit Dir(std::filesystem::path p) : path(std::move(p)) { std::filesystem::create_directories(path); }
+    Dir(const Dir&) = delete;
+    Dir& operator=(const Dir&) = delete;
     ~Dir() {
       std::error_code ec;
       std::filesystem::remove_all(path, ec);
     }
   };
-  static const Dir dir = [] {
-    Dir d{std::filesystem::temp_directory_path() / fmt::format("moesim_test_{}", ::getpid())};
-    std::filesystem::create_directories(d.path);
-    return d;
-  }();
+  static const Dir dir(std::filesystem::temp_directory_path() / fmt::format("moesim_test_{}", ::getpid()));
   return dir.path;
 }
 
