@@ -159,8 +159,8 @@ class CpuBackend final : public Backend {
         continue;
       }
       const int64_t row = static_cast<int64_t>(slot[a]) * cols;
-      dweight[a] = static_cast<float>(
-          kernels::combine_backward_part(dy + (a / k) * cols, src + row, weight[a], grad_src + row, cols, 0, 1));
+      dweight[a] =
+          static_cast<float>(kernels::combine_backward_row(dy + (a / k) * cols, src + row, weight[a], grad_src + row, cols));
     }
   }
 

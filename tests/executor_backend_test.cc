@@ -662,7 +662,8 @@ TEST_CASE("bias add, row repeat, column sums and scale are exact on small intege
 }
 
 TEST_CASE("gathers, scatter-adds and the MoE combine move rows exactly") {
-  const int64_t src_rows = 6, cols = 5;
+  // 13 columns: the CPU combine backward's dot runs one pass of its 8 lanes and a tail of 5.
+  const int64_t src_rows = 6, cols = 13;
   const std::vector<float> src = small_integers(static_cast<size_t>(src_rows * cols), 17, 8);
   // Gather with repeats; scatter-add with a repeated index (rows collect in order).
   const std::vector<int32_t> index = {3, 0, 3, 5, 1};
