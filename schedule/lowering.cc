@@ -40,10 +40,13 @@ uint64_t mix(uint64_t h, uint64_t v) {  // splitmix64-style combination for deri
   return h;
 }
 
-// Which part of a layer a kernel belongs to, from its name ("L3.attn.qkv" -> kAttn).
+// Which part of a layer a kernel belongs to, from its name ("L3.attn.qkv" -> kAttn); its
+// backward's part where `backward`. An MoE layer's residual add runs in the combine, and its
+// gradient's sum into the stream's in the gate's backward (the combine's backward passes the
+// gradient through), as the executor runs them.
 enum class Part { kAttn, kMlp, kGate, kPermute, kShared, kExperts, kCombine, kWhole };
 
-Part part_of(const Layer& layer, const std::string& op_name) {
+Part part_of(const Layer& layer, const std::string& op_name, bool backward = false) {
   if (layer.kind != LayerKind::kTransformer) return Part::kWhole;
   const std::string rest = op_name.substr(std::min(op_name.size(), layer.name.size() + 1));
   auto starts = [&](const char* p) { return rest.rfind(p, 0) == 0; };
@@ -52,7 +55,8 @@ Part part_of(const Layer& layer, const std::string& op_name) {
   if (starts("moe.dispatch")) return Part::kPermute;
   if (starts("moe.shared")) return Part::kShared;
   if (starts("moe.experts")) return Part::kExperts;
-  if (starts("moe.combine") || starts("residual")) return layer.moe ? Part::kCombine : Part::kMlp;
+  if (starts("residual")) return !layer.moe ? Part::kMlp : backward ? Part::kGate : Part::kCombine;
+  if (starts("moe.combine")) return Part::kCombine;
   return Part::kMlp;
 }
 
@@ -196,15 +200,20 @@ class Lowering {
     return op;
   }
 
-  void add_times(Times* t, const cost::DeviceProfile& prof, const cost::Op& op, bool recomputed) {
-    const double fwd = cost::op_time(prof, op, dtype_).time_s;
-    t->fwd += fwd;
-    t->flops_fwd += op.flops;
+  // `op`'s forward and (or) its backward kernels into `t`.
+  void add_times(Times* t, const cost::DeviceProfile& prof, const cost::Op& op, bool recomputed, bool forward = true,
+                 bool backward = true) {
+    if (forward) {
+      const double fwd = cost::op_time(prof, op, dtype_).time_s;
+      t->fwd += fwd;
+      t->flops_fwd += op.flops;
+      if (recomputed) t->recompute += fwd;
+    }
+    if (!backward) return;
     for (const cost::Op& b : cost::backward_ops(op)) {
       t->bwd += cost::op_time(prof, b, dtype_).time_s;
       t->flops_bwd += b.flops;
     }
-    if (recomputed) t->recompute += fwd;
   }
 
   // Times of one part of a layer (not the routed experts), cached per (device type, layer, part,
@@ -219,10 +228,11 @@ class Lowering {
     const Layer& layer = mc_.layers[layer_index];
     const cost::DeviceProfile& prof = profile(rank);
     for (const cost::Op& op : layer.ops) {
-      if (part_of(layer, op.name) != part) continue;
+      const bool forward = part_of(layer, op.name) == part, backward = part_of(layer, op.name, true) == part;
+      if (!forward && !backward) continue;
       cost::Op o = on_ep_rank(tp_split(op), rank);
       if (layer.moe && o.kind == cost::OpKind::kEmbedding) cost::scale_work(o, kept_share);
-      add_times(&t, prof, o, recompute_ == workload::SELECTIVE && cost::recomputed_selectively(op));
+      add_times(&t, prof, o, recompute_ == workload::SELECTIVE && cost::recomputed_selectively(op), forward, backward);
     }
     return times_.emplace(key, t).first->second;
   }

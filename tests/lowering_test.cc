@@ -640,3 +640,40 @@ TEST_CASE("a profile's host footprint scales the routing's host time of every ra
   CHECK(gate_s(1e-8, 2) - kernels == Approx(2 * host).epsilon(1e-6));
   CHECK(gate_s(0, 2) == Approx(kernels));
 }
+
+// The executor adds an MoE layer's residual in its combine op, and the residual's gradient into
+// the stream's at the end of the gate's backward (the combine's backward passes it through):
+// priced there, an elementwise backward factor moves the gate's backward by the residual's and
+// the top-k's backward kernels, and leaves the combine's backward (its summing gather) alone.
+TEST_CASE("an MoE layer's residual is priced forward in the combine and its gradient's sum in the gate's backward", "[lowering]") {
+  const cost::Setup s = make_setup("dp: 8 ep: 1 zero_stage: 0");
+  auto slower_elementwise_backward = [](profile::DeviceProfile& p) {
+    profile::BackwardFactor* b = p.add_backward();
+    b->set_op(profile::ELEMENTWISE);
+    b->set_time_factor(3);
+  };
+  const cost::DeviceProfile plain = cost::default_profile(s.cluster->device_type(0));
+  profile::DeviceProfile spec = plain.spec();
+  REQUIRE(spec.backward_size() == 0);  // the priors' backward factors are 1
+  slower_elementwise_backward(spec);
+  const cost::DeviceProfile priced = cost::DeviceProfile::from_spec(spec);
+  const PlainAndPriced l = lower_plain_and_priced(s, slower_elementwise_backward);
+  const RankSchedule &a = rank(l.plain, 0), &b = rank(l.priced, 0);
+  CHECK(find(b, "L0.moe.combine mb0 bwd").duration_s() == find(a, "L0.moe.combine mb0 bwd").duration_s());
+  CHECK(find(b, "L0.moe.combine mb0 fwd").duration_s() == find(a, "L0.moe.combine mb0 fwd").duration_s());
+  // The gate's backward: its top-k's and the residual's backward kernels at 3x.
+  cost::ModelOptions mo;
+  mo.sequence = 32;
+  mo.tokens = 32;  // one sequence per micro-batch
+  mo.act_elem_bytes = cost::activation_bytes(*s.workload);
+  const cost::ModelCost mc = cost::analyze(*s.model, mo);
+  double extra = 0;
+  for (const cost::Op& op : mc.layers[1].ops)  // L0
+    if (op.name == "L0.moe.topk" || op.name == "L0.residual")
+      for (const cost::Op& bwd : cost::backward_ops(op))
+        extra += cost::op_time(priced, bwd, cost::DType::kBf16).time_s - cost::op_time(plain, bwd, cost::DType::kBf16).time_s;
+  REQUIRE(mc.layers[1].name == "L0");
+  CHECK(extra > 0);
+  CHECK(find(b, "L0.moe.gate mb0 bwd").duration_s() ==
+        Approx(find(a, "L0.moe.gate mb0 bwd").duration_s() + extra).epsilon(1e-9));
+}
