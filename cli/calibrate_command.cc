@@ -613,6 +613,13 @@ int calibrate(const Args& a) {
            t.core_groups});
     }
     add_backward(profile::ATTENTION, cost::fit_backward_factor(with_core, cost::OpKind::kAttention, core_bwd));
+    // The combine's gather against the dispatch's, per byte (the in-situ fit below then takes one
+    // factor for both): the median ratio over the shapes.
+    if (!m.gather_pairs.empty()) {
+      std::vector<double> ratios;
+      for (const exec::GatherPair& p : m.gather_pairs) ratios.push_back(p.sum_s / p.copy_s);
+      spec.set_summing_gather_factor(std::clamp(trace::quantile(ratios, 0.5), 0.1, 10.0));
+    }
     // The batch-priority sort: host work, as measured (the in-situ step drops vanilla).
     spec.set_priority_sort_s(cost::fit_priority_sort(m.capacity));
     const cost::DeviceProfile fitted = cost::DeviceProfile::from_spec(spec, profile_out);
@@ -656,6 +663,7 @@ int calibrate(const Args& a) {
         residuals_of(kernel_residuals(fitted, cost::OpKind::kElementwise, "elementwise", m.elementwise, rows));
     res["gather"] = residuals_of(kernel_residuals(fitted, cost::OpKind::kEmbedding, "gather", m.gather, rows));
     r.set_priority_sort_s(spec.priority_sort_s());
+    r.set_summing_gather_factor(fitted.summing_gather_factor());
     std::vector<double> sort_residuals;
     for (const cost::SortSample& c : m.capacity) {
       const double extra = c.batch_priority_s - c.vanilla_s,
@@ -874,6 +882,8 @@ int calibrate(const Args& a) {
     std::cout << fmt::format("attention core       {} per score, {} per group (sequence x head)\n",
                              format_seconds(r.softmax_score_s()), format_seconds(r.attention_group_s()));
     std::cout << fmt::format("batch-priority sort  {} per token x log2(tokens)\n", format_seconds(r.priority_sort_s()));
+    std::cout << fmt::format("summing gathers      x {:.3f} a copying gather's time per byte (the MoE combine)\n",
+                             r.summing_gather_factor());
     const std::string gathers =
         r.half_gather_bytes() > 0
             ? fmt::format("gathers x {:.3f} at {}, x {:.3f} at {} (backward x {:.3f})", r.half_gather_factor(),

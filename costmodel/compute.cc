@@ -204,6 +204,7 @@ void validate(const ConfigScope& root, const profile::DeviceProfile& p) {
   root.positive("calibration_step_s", Need::kOptional, /*allow_zero=*/false, 3600);
   root.positive("ranks_per_host", Need::kOptional, /*allow_zero=*/false, 1 << 20);
   root.positive("alone_time_factor", Need::kOptional, /*allow_zero=*/false, 10.0);
+  root.positive("summing_gather_factor", Need::kOptional, /*allow_zero=*/false, 100.0);
   topo::check_latency(root, "kernel_launch_overhead_s");
   std::map<std::pair<int, int>, int> seen;  // (kind, dtype) -> curve index
   for (int i = 0; i < p.compute_size(); ++i) {
@@ -401,6 +402,7 @@ OpTime op_time(const DeviceProfile& profile, const Op& op, DType dtype) {
   if (op.kind == OpKind::kAttention) t.compute_s += static_cast<double>(op.groups) * profile.attention_group_s();
   const double bytes = op.bytes * dtype_bytes(t.dtype) / dtype_bytes(dtype);
   t.memory_s = bytes / (profile.memory_bandwidth_Bps() * profile.memory_bandwidth_efficiency(op.kind));
+  if (op.summing_gather && !op.backward) t.memory_s *= profile.summing_gather_factor();
   const double in_situ =
       op.kind == OpKind::kEmbedding && !op.backward ? profile.gather_time_factor(op.bytes) : profile.in_situ_time_factor(op.kind);
   const double f = in_situ * (op.backward ? profile.backward_time_factor(op.kind) : 1.0);

@@ -208,6 +208,7 @@ ActivationBytes ffn_block(LayerBuilder& b, const model::Transformer& t, const Tr
   b.activation(prefix + ".experts.act", tokens * k * fe, tokens * k * (up + fe) * e);
   b.gemm(prefix + ".experts.down", rows, fe, d.h, static_cast<int64_t>(E), OpKind::kGroupedGemm);
   b.gather(prefix + ".combine", tokens * k * d.h * e, tokens * d.h * e);  // k rows summed into each token's
+  l->ops.back().summing_gather = true;
   // Expert inputs, up outputs, activation outputs and expert outputs (combine needs them for the
   // gate-probability gradient), k copies per token.
   act.expert += k * (2 * d.h + up + fe) * e;

@@ -64,6 +64,10 @@ struct Op {
   // it writes). Its backward reads the written rows' gradient and adds into the source's: the
   // written bytes once and the source's twice (backward_ops).
   double gather_source_bytes = 0;
+  // A row gather that sums rows into each output row (the MoE combine: k weighted rows per token)
+  // rather than copying them (a lookup, the dispatch): its forward takes the profile's
+  // summing_gather_factor times a copying gather's time for the same bytes.
+  bool summing_gather = false;
   // The host terms above (routing, dispatch, sort) take this many times the profile's rates: the
   // running rank's working set (DeviceProfile::host_time_factor), set by the lowering.
   double host_time_factor = 1;

@@ -170,6 +170,34 @@ void gather_samples(Bench& bench, Backend& b, int64_t rows, int64_t cols, Microb
                       })});
 }
 
+// The combine's gather and the dispatch's of `tokens` tokens, top-2, `cols` wide (GatherPair), on
+// warm buffers: the two run in a step on data a neighbouring op has just written (the dispatch on
+// the gate's input, the combine on the exchange's output), and their ratio is the kernels' own
+// work per byte (the combine reads and writes its output row once per choice: 2.4x the dispatch's
+// time on the development VM, warm or inside moe-tiny's and the calibration step's MoE layers).
+GatherPair gather_pair(Bench& bench, Backend& b, int64_t tokens, int64_t cols) {
+  constexpr int k = 2;
+  const int64_t slots = tokens * k;
+  std::vector<int32_t> token_of_slot(static_cast<size_t>(slots)), slot_of_choice(static_cast<size_t>(slots));
+  for (int64_t s = 0; s < slots; ++s) {  // a fixed shuffle of the slots over the choices
+    const int64_t a = (s * 7919) % slots;
+    slot_of_choice[static_cast<size_t>(a)] = static_cast<int32_t>(s);
+    token_of_slot[static_cast<size_t>(s)] = static_cast<int32_t>(a / k);
+  }
+  const Tensor tokens_in = filled(b, {tokens, cols}), slots_in = filled(b, {slots, cols}), weight = filled(b, {slots});
+  Tensor slots_out = Tensor::zeros({slots, cols}, DType::kF32, b.device()),
+         tokens_out = Tensor::zeros({tokens, cols}, DType::kF32, b.device());
+  const Tensor by_slot = Tensor::from_i32({slots}, token_of_slot.data(), token_of_slot.size(), b.device()),
+               by_choice = Tensor::from_i32({slots}, slot_of_choice.data(), slot_of_choice.size(), b.device());
+  GatherPair p{tokens, cols};
+  p.copy_s = bench.time([&] { b.gather_rows(tokens_in.device_f32(), by_slot.device_i32(), slots_out.device_f32(), slots, cols); });
+  p.sum_s = bench.time([&] {
+    b.gather_sum_rows(slots_in.device_f32(), by_choice.device_i32(), weight.device_f32(), tokens_out.device_f32(),
+                      tokens, k, cols);
+  });
+  return p;
+}
+
 // The MoE capacity decision (assign_capacity, the host work of every EP rank's dispatch) over
 // `tokens` tokens of 8 experts top-2, 1.0 capacity factor, under vanilla and batch-priority
 // dropping: the second sorts the tokens by their top gate probability first. Each call decides
@@ -220,6 +248,10 @@ void each_time(Microbenchmarks& m, F f) {
     f(s.vanilla_s);
     f(s.batch_priority_s);
   }
+  for (GatherPair& p : m.gather_pairs) {
+    f(p.copy_s);
+    f(p.sum_s);
+  }
   for (auto* v : {&m.all_to_all, &m.all_reduce})
     for (CommSample& s : *v) f(s.seconds);
 }
@@ -268,6 +300,8 @@ Microbenchmarks one_round(Backend& backend, Comm* world, const MicrobenchOptions
     memory_samples(bench, backend, tokens, 64, 256, m);
   for (int64_t rows : o.quick ? std::vector<int64_t>{512} : std::vector<int64_t>{256, 1024, 4096})
     for (int64_t cols : {64, 256}) gather_samples(bench, backend, rows, cols, m);
+  for (int64_t tokens : o.quick ? std::vector<int64_t>{256} : std::vector<int64_t>{128, 512})
+    for (int64_t cols : {64, 256}) m.gather_pairs.push_back(gather_pair(bench, backend, tokens, cols));
   for (int64_t n : o.quick ? std::vector<int64_t>{16384, 262144} : std::vector<int64_t>{4096, 32768, 262144, 1048576}) {
     Tensor p = filled(backend, {n}), g = filled(backend, {n});
     Tensor mo = Tensor::zeros({n}, DType::kF32, backend.device()), v = Tensor::zeros({n}, DType::kF32, backend.device());

@@ -22,6 +22,8 @@
 //   elementwise   residual adds (streaming), with the cost model's bytes
 //   gather        row gathers (embedding lookup, MoE dispatch) from and to buffers out of cache, as
 //                 a step's gathers find them, with the cost model's bytes
+//   gather_pairs  the MoE combine's summing gather against the dispatch's copying one of the same
+//                 tokens and width (the same cost-model bytes), on warm buffers
 //   optimizer     Adam steps over 4K..1M parameters (FLOPs cost::kAdamFlopsPerParameter each; bytes
 //                 the lowering's: parameters, gradients and both moments read and written)
 //   capacity      the MoE capacity decision (assign_capacity) over 256..16384 tokens under vanilla
@@ -46,6 +48,14 @@ struct CommSample {
   double seconds = 0;  // measured
 };
 
+// One shape's summing gather (gather_sum_rows: k = 2 weighted rows into each of `tokens` rows, as
+// the MoE combine runs it) and copying gather (gather_rows: each token's row to its 2 slots, as the
+// dispatch runs it). The cost model gives both the same bytes (cost::Op summing_gather).
+struct GatherPair {
+  int64_t tokens = 0, cols = 0;
+  double copy_s = 0, sum_s = 0;
+};
+
 struct AttentionSample {
   int64_t batch = 0, sequence = 0, d_model = 0, heads = 0;
   double forward_s = 0, backward_s = 0;
@@ -57,6 +67,7 @@ struct Microbenchmarks {
   std::vector<cost::KernelSample> norm_backward, activation_backward;  // the backward kernels' FLOPs and bytes
   std::vector<AttentionSample> attention;
   std::vector<cost::SortSample> capacity;
+  std::vector<GatherPair> gather_pairs;
   std::vector<CommSample> all_to_all, all_reduce;
   int ranks = 1;
 };

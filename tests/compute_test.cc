@@ -456,6 +456,38 @@ TEST_CASE("row gathers take their in-situ factor by their bytes where the profil
   CHECK(memory_s(sized, OpKind::kNorm) == Approx(memory_s(flat, OpKind::kNorm)));  // other kinds keep in_situ
 }
 
+// The MoE combine sums k rows into each token's: its forward takes summing_gather_factor times a
+// copying gather's memory time for the same bytes; its backward, and every other gather, do not.
+TEST_CASE("a summing gather's forward takes the profile's factor over a copying one's") {
+  const std::string base = "device { preset: \"h100-sxm5\" }\n";
+  const cost::DeviceProfile plain = cost::load_device_profile_text(base, "plain.textproto");
+  const cost::DeviceProfile summing =
+      cost::load_device_profile_text(base + "summing_gather_factor: 2.5\n", "summing.textproto");
+  CHECK(plain.summing_gather_factor() == 1);
+  CHECK(summing.summing_gather_factor() == 2.5);
+  Op copy;
+  copy.name = "dispatch";
+  copy.kind = OpKind::kEmbedding;
+  copy.bytes = 3e5;
+  copy.gather_source_bytes = 1e5;
+  Op sum = copy;
+  sum.name = "combine";
+  sum.summing_gather = true;
+  auto memory_s = [](const cost::DeviceProfile& p, const Op& op) { return cost::op_time(p, op, DType::kFp32).memory_s; };
+  CHECK(memory_s(summing, sum) == Approx(2.5 * memory_s(summing, copy)));
+  CHECK(memory_s(plain, sum) == Approx(memory_s(plain, copy)));
+  const std::vector<Op> sum_bwd = cost::backward_ops(sum), copy_bwd = cost::backward_ops(copy);
+  REQUIRE(sum_bwd.size() == 1);
+  REQUIRE(copy_bwd.size() == 1);
+  CHECK(memory_s(summing, sum_bwd[0]) == Approx(memory_s(summing, copy_bwd[0])));
+}
+
+TEST_CASE("bad profile: a summing gather factor of 0") {
+  check_only("device { preset: \"h100-sxm5\" }\n"
+             "summing_gather_factor: 0\n",
+             2, "summing_gather_factor", "");
+}
+
 TEST_CASE("bad profile: footprint points out of order, without bytes, or with a factor out of range") {
   std::vector<Diagnostic> d = diagnostics_of("device { preset: \"h100-sxm5\" }\n"
                                              "transfer_footprint { bytes: 4e6 time_factor: 1 }\n"

@@ -132,6 +132,10 @@ TEST_CASE("An MoE layer's gathers and host routing, and the embedding's lookups"
   }
   CHECK(op("L0", "L0.moe.dispatch").gather_source_bytes == 256 * row);
   CHECK(op("L0", "L0.moe.combine").gather_source_bytes == 512 * row);
+  // The combine sums each token's rows (the profile's summing_gather_factor); the others copy.
+  CHECK(op("L0", "L0.moe.combine").summing_gather);
+  CHECK_FALSE(op("L0", "L0.moe.dispatch").summing_gather);
+  CHECK_FALSE(op("embed", "embed.lookup").summing_gather);
   // Their backward adds the gathered rows' gradient back: the written rows read, the source's
   // read and written.
   const std::vector<Op> combine_bwd = backward_ops(op("L0", "L0.moe.combine"));
@@ -147,7 +151,7 @@ TEST_CASE("An MoE layer's gathers and host routing, and the embedding's lookups"
   CHECK(op("embed", "embed.add").bytes == 3 * 256 * 64 * o.act_elem_bytes);
   // Each sublayer's residual add (two rows read, one written per token) with its sublayer: the
   // attention's named under it, the MoE's at the layer's end (the lowering puts it in the
-  // combine, where the executor adds it).
+  // combine, where the executor adds it, and its gradient's sum in the gate's backward).
   CHECK(op("L0", "L0.attn.residual").bytes == 3 * 256 * row);
   CHECK(op("L0", "L0.residual").bytes == 3 * 256 * row);
 }
