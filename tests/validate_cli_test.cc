@@ -219,6 +219,11 @@ TEST_CASE("calibrate writes a cluster and profile that load back, and a store ro
   // microseconds on any CPU).
   CHECK(p.priority_sort_s() > 0);
   CHECK(p.priority_sort_s() == Approx(c.priority_sort_s()));
+  // The combine's summing gather against the dispatch's copying one, measured and written.
+  REQUIRE(p.spec().has_summing_gather_factor());
+  CHECK(p.summing_gather_factor() == Approx(c.summing_gather_factor()));
+  CHECK(c.summing_gather_factor() >= 0.1);
+  CHECK(c.summing_gather_factor() <= 10);
   // The gathers' own in-situ factor, fitted on the calibration step's lookups, permutations and
   // combines.
   CHECK(c.in_situ_gather_factor() >= 0.1);
