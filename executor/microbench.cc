@@ -256,15 +256,9 @@ void each_time(Microbenchmarks& m, F f) {
     for (CommSample& s : *v) f(s.seconds);
 }
 
-// One round: every sample once, averaged over the ranks; progress from `from` to `to`.
-Microbenchmarks one_round(Backend& backend, Comm* world, const MicrobenchOptions& o, double from, double to) {
-  Microbenchmarks m;
-  m.ranks = world ? world->size() : 1;
-  Bench bench(backend, world && world->size() > 1 ? world : nullptr, o);
-  auto progress = [&](double f) {
-    if (o.progress && (!world || world->rank() == 0)) o.progress(from + f * (to - from));
-  };
-
+// Every kernel family of one round (MicrobenchOptions::kernels); progress in 0..0.85 of it.
+void kernel_samples(Bench& bench, Backend& backend, const MicrobenchOptions& o,
+                    const std::function<void(double)>& progress, Microbenchmarks& m) {
   // Launch overhead: the smallest kernels.
   {
     const Tensor a = filled(backend, {1, 1});
@@ -315,8 +309,20 @@ Microbenchmarks one_round(Backend& backend, Comm* world, const MicrobenchOptions
   for (int64_t tokens : o.quick ? std::vector<int64_t>{256, 2048} : std::vector<int64_t>{256, 1024, 4096, 16384})
     m.capacity.push_back(capacity_sample(bench, tokens));
   progress(0.85);
+}
 
-  if (world && world->size() > 1) {
+// One round: every sample once, averaged over the ranks; progress from `from` to `to`.
+Microbenchmarks one_round(Backend& backend, Comm* world, const MicrobenchOptions& o, double from, double to) {
+  Microbenchmarks m;
+  m.ranks = world ? world->size() : 1;
+  Bench bench(backend, world && world->size() > 1 ? world : nullptr, o);
+  auto progress = [&](double f) {
+    if (o.progress && (!world || world->rank() == 0)) o.progress(from + f * (to - from));
+  };
+
+  if (o.kernels) kernel_samples(bench, backend, o, progress, m);
+
+  if (o.collectives && world && world->size() > 1) {
     const int n = world->size();
     for (double bytes = 1024; bytes <= (o.quick ? 256e3 : 4.2e6); bytes *= 4) {
       const int64_t per_peer = std::max<int64_t>(1, static_cast<int64_t>(bytes / sizeof(float)) / n);

@@ -76,6 +76,12 @@ struct MicrobenchOptions {
   double min_sample_s = 2e-3;  // each sample repeats its kernel until at least this long
   bool quick = false;          // fewer shapes and sizes (tests)
   int rounds = 1;              // every sample this many times, spread over the run: the median
+  // Which families run: the kernels' (launch .. capacity), the collectives' (all_to_all,
+  // all_reduce; 2+ ranks). calibrate runs the collectives last, after its in-situ step: the
+  // gigabytes they move through MPI warm its state, and a step's exchanges then run faster than
+  // in the fresh processes of `run` and `validate`.
+  bool kernels = true;
+  bool collectives = true;
   std::function<void(double fraction)> progress;  // 0..1, on rank 0
 };
 
