@@ -6,6 +6,7 @@
 #include "executor/backend.h"
 #include "executor/error.h"
 #include "executor/kernels.h"
+#include "executor/microbench.h"
 #include "executor/tensor.h"
 
 #include "common/error.h"
@@ -1002,4 +1003,34 @@ TEST_CASE("sgd and adam steps match their formulas in double, and the back ends 
     check_m.check(*backend, read(*backend, tm));
     check_v.check(*backend, read(*backend, tv));
   }
+}
+
+// calibrate runs the kernels' families and the collectives' apart (its in-situ step between
+// them); the combine's summing gather is timed beside the dispatch's copying one on each shape.
+TEST_CASE("microbenchmarks run the families asked for, the gather pairs on the shapes given") {
+  const std::unique_ptr<Backend> cpu = make_cpu_backend(1);
+  MicrobenchOptions o;
+  o.quick = true;
+  o.min_sample_s = 1e-4;
+  o.kernels = false;
+  const Microbenchmarks none = run_microbenchmarks(*cpu, nullptr, o);
+  CHECK(none.launch_s == 0);
+  CHECK(none.gemm.empty());
+  CHECK(none.gather.empty());
+  CHECK(none.gather_pairs.empty());
+  CHECK(none.capacity.empty());
+  o.kernels = true;
+  const Microbenchmarks m = run_microbenchmarks(*cpu, nullptr, o);
+  CHECK(m.launch_s > 0);
+  CHECK_FALSE(m.gemm.empty());
+  CHECK_FALSE(m.gather.empty());
+  REQUIRE(m.gather_pairs.size() == 2);  // quick: 256 tokens, 64 and 256 wide
+  for (const GatherPair& p : m.gather_pairs) {
+    CHECK(p.tokens == 256);
+    CHECK(p.copy_s > 0);
+    CHECK(p.sum_s > 0);
+  }
+  CHECK(m.gather_pairs[0].cols == 64);
+  CHECK(m.gather_pairs[1].cols == 256);
+  CHECK(m.all_to_all.empty());  // one rank: no collectives
 }
