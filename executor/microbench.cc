@@ -173,7 +173,7 @@ void gather_samples(Bench& bench, Backend& b, int64_t rows, int64_t cols, Microb
 // The combine's gather and the dispatch's of `tokens` tokens, top-2, `cols` wide (GatherPair), on
 // warm buffers: the two run in a step on data a neighbouring op has just written (the dispatch on
 // the gate's input, the combine on the exchange's output), and their ratio is the kernels' own
-// work per byte (the combine reads and writes its output row once per choice: 2.4x the dispatch's
+// work per byte (the combine reads and writes its output row once per choice: 2.1-2.4x the dispatch's
 // time on the development VM, warm or inside moe-tiny's and the calibration step's MoE layers).
 GatherPair gather_pair(Bench& bench, Backend& b, int64_t tokens, int64_t cols) {
   constexpr int k = 2;
