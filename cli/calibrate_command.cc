@@ -502,6 +502,39 @@ InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::strin
   return out;
 }
 
+// "sum" for GATHER_SUM: CalibrateResult.gather_kernel_factors' keys.
+std::string gather_kernel_label(profile::GatherKernel k) {
+  std::string name = profile::GatherKernel_Name(k).substr(std::string("GATHER_").size());
+  std::transform(name.begin(), name.end(), name.begin(), [](unsigned char c) { return std::tolower(c); });
+  return name;
+}
+
+// Each row gather kernel's time per cost-model byte against the dispatch's copy, the median over
+// the shapes (clamped to [0.1, 10]): the bytes cost::gather_op gives each of the uses the executor
+// runs the kernels in (exec::GatherKernels: a dispatch, a combine, a lookup and their backwards).
+std::map<cost::GatherKernel, double> gather_kernel_factors(const std::vector<exec::GatherKernels>& samples) {
+  using cost::GatherKernel;
+  std::map<GatherKernel, std::vector<double>> ratios;
+  for (const exec::GatherKernels& g : samples) {
+    constexpr double e = 4, k = 2;  // fp32, top-2
+    const double T = static_cast<double>(g.tokens), h = static_cast<double>(g.cols), V = static_cast<double>(g.table_rows);
+    const cost::Op dispatch = cost::gather_op("dispatch", T * h * e, T * k * h * e, GatherKernel::kCopy, GatherKernel::kSumBackward),
+                   combine = cost::gather_op("combine", T * k * h * e, T * h * e, GatherKernel::kSum, GatherKernel::kCombineBackward),
+                   lookup = cost::gather_op("lookup", V * h * e, T * h * e, GatherKernel::kLookup, GatherKernel::kScatterAdd);
+    auto backward_bytes = [](const cost::Op& op) { return cost::backward_ops(op).front().bytes; };
+    const double copy = g.copy_s / dispatch.bytes;
+    auto add = [&](GatherKernel kernel, double s, double bytes) { ratios[kernel].push_back(s / bytes / copy); };
+    add(GatherKernel::kSum, g.sum_s, combine.bytes);
+    add(GatherKernel::kLookup, g.lookup_s, lookup.bytes);
+    add(GatherKernel::kSumBackward, g.sum_backward_s, backward_bytes(dispatch));
+    add(GatherKernel::kCombineBackward, g.combine_backward_s, backward_bytes(combine));
+    add(GatherKernel::kScatterAdd, g.scatter_add_s, backward_bytes(lookup));
+  }
+  std::map<GatherKernel, double> out;
+  for (const auto& [kernel, v] : ratios) out[kernel] = std::clamp(trace::quantile(v, 0.5), 0.1, 10.0);
+  return out;
+}
+
 int calibrate(const Args& a) {
   if (!a.positional().empty()) throw UsageError("calibrate takes no positional arguments");
   if (!a.has("--out")) throw UsageError("give --out FILE: the cluster to write (its profile goes beside it)");
@@ -619,12 +652,12 @@ int calibrate(const Args& a) {
            t.core_groups});
     }
     add_backward(profile::ATTENTION, cost::fit_backward_factor(with_core, cost::OpKind::kAttention, core_bwd));
-    // The combine's gather against the dispatch's, per byte (the in-situ fit below then takes one
-    // factor for both): the median ratio over the shapes.
-    if (!m.gather_pairs.empty()) {
-      std::vector<double> ratios;
-      for (const exec::GatherPair& p : m.gather_pairs) ratios.push_back(p.sum_s / p.copy_s);
-      spec.set_summing_gather_factor(std::clamp(trace::quantile(ratios, 0.5), 0.1, 10.0));
+    // Each row gather's kernel against the dispatch's copy, per byte (the in-situ fits below then
+    // take one factor for the forward gathers and one for the backward ones).
+    for (const auto& [kernel, factor] : gather_kernel_factors(m.gather_kernels)) {
+      profile::GatherKernelFactor* g = spec.add_gather_kernel();
+      g->set_kernel(static_cast<profile::GatherKernel>(static_cast<int>(kernel) + 1));
+      g->set_time_factor(factor);
     }
     // The batch-priority sort: host work, as measured (the in-situ step drops vanilla).
     spec.set_priority_sort_s(cost::fit_priority_sort(m.capacity));
@@ -669,7 +702,8 @@ int calibrate(const Args& a) {
         residuals_of(kernel_residuals(fitted, cost::OpKind::kElementwise, "elementwise", m.elementwise, rows));
     res["gather"] = residuals_of(kernel_residuals(fitted, cost::OpKind::kEmbedding, "gather", m.gather, rows));
     r.set_priority_sort_s(spec.priority_sort_s());
-    r.set_summing_gather_factor(fitted.summing_gather_factor());
+    for (const profile::GatherKernelFactor& g : spec.gather_kernel())
+      (*r.mutable_gather_kernel_factors())[gather_kernel_label(g.kernel())] = g.time_factor();
     std::vector<double> sort_residuals;
     for (const cost::SortSample& c : m.capacity) {
       const double extra = c.batch_priority_s - c.vanilla_s,
@@ -895,8 +929,10 @@ int calibrate(const Args& a) {
     std::cout << fmt::format("attention core       {} per score, {} per group (sequence x head)\n",
                              format_seconds(r.softmax_score_s()), format_seconds(r.attention_group_s()));
     std::cout << fmt::format("batch-priority sort  {} per token x log2(tokens)\n", format_seconds(r.priority_sort_s()));
-    std::cout << fmt::format("summing gathers      x {:.3f} a copying gather's time per byte (the MoE combine)\n",
-                             r.summing_gather_factor());
+    std::string kernels;
+    for (const profile::GatherKernelFactor& g : spec.gather_kernel())
+      kernels += fmt::format("{}{} x {:.2f}", kernels.empty() ? "" : ", ", gather_kernel_label(g.kernel()), g.time_factor());
+    if (!kernels.empty()) std::cout << fmt::format("row gathers per byte {} (against a copy)\n", kernels);
     const std::string gathers =
         r.half_gather_bytes() > 0
             ? fmt::format("gathers x {:.3f} at {}, x {:.3f} at {} (backward x {:.3f})", r.half_gather_factor(),

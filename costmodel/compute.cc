@@ -204,7 +204,16 @@ void validate(const ConfigScope& root, const profile::DeviceProfile& p) {
   root.positive("calibration_step_s", Need::kOptional, /*allow_zero=*/false, 3600);
   root.positive("ranks_per_host", Need::kOptional, /*allow_zero=*/false, 1 << 20);
   root.positive("alone_time_factor", Need::kOptional, /*allow_zero=*/false, 10.0);
-  root.positive("summing_gather_factor", Need::kOptional, /*allow_zero=*/false, 100.0);
+  std::set<int> gather_kernels;
+  for (int i = 0; i < p.gather_kernel_size(); ++i) {
+    ConfigScope g = root.child("gather_kernel", i);
+    g.require("kernel");
+    g.positive("time_factor", Need::kRequired, /*allow_zero=*/false, 100.0);
+    const profile::GatherKernel k = p.gather_kernel(i).kernel();
+    if (p.gather_kernel(i).has_kernel() &&
+        (k == profile::GATHER_KERNEL_UNSPECIFIED || !gather_kernels.insert(k).second))
+      g.error("kernel", fmt::format("{} is not a gather kernel or has a factor already", profile::GatherKernel_Name(k)));
+  }
   topo::check_latency(root, "kernel_launch_overhead_s");
   std::map<std::pair<int, int>, int> seen;  // (kind, dtype) -> curve index
   for (int i = 0; i < p.compute_size(); ++i) {
@@ -247,6 +256,9 @@ class ProfileBuilder {
     out.backward_factor_.fill(1.0);
     for (const profile::BackwardFactor& b : s.backward())
       out.backward_factor_[static_cast<size_t>(index_of(b.op()))] = b.time_factor();
+    out.gather_kernel_factor_.fill(1.0);
+    for (const profile::GatherKernelFactor& g : s.gather_kernel())
+      out.gather_kernel_factor_[static_cast<size_t>(g.kernel() - 1)] = g.time_factor();
     out.in_situ_factor_.fill(1.0);
     for (const profile::InSituFactor& f : s.in_situ())
       out.in_situ_factor_[static_cast<size_t>(index_of(f.op()))] = f.time_factor();
@@ -402,7 +414,7 @@ OpTime op_time(const DeviceProfile& profile, const Op& op, DType dtype) {
   if (op.kind == OpKind::kAttention) t.compute_s += static_cast<double>(op.groups) * profile.attention_group_s();
   const double bytes = op.bytes * dtype_bytes(t.dtype) / dtype_bytes(dtype);
   t.memory_s = bytes / (profile.memory_bandwidth_Bps() * profile.memory_bandwidth_efficiency(op.kind));
-  if (op.summing_gather && !op.backward) t.memory_s *= profile.summing_gather_factor();
+  if (op.kind == OpKind::kEmbedding) t.memory_s *= profile.gather_kernel_factor(op.gather_kernel);
   const double in_situ =
       op.kind == OpKind::kEmbedding && !op.backward ? profile.gather_time_factor(op.bytes) : profile.in_situ_time_factor(op.kind);
   const double f = in_situ * (op.backward ? profile.backward_time_factor(op.kind) : 1.0);
@@ -463,7 +475,11 @@ std::vector<Op> backward_ops(const Op& fwd) {
       return {derived(".bwd", fwd.m, fwd.n, fwd.k, fwd.routing_choices > 0 ? 0 : 2 * fwd.flops, 2 * fwd.bytes)};
     // A gather's gradient scatters (adds) the output's gradient rows back into the source's: the
     // written bytes read once, the source's read and written.
-    case OpKind::kEmbedding: return {derived(".bwd", fwd.m, fwd.n, fwd.k, 0, fwd.bytes + fwd.gather_source_bytes)};
+    case OpKind::kEmbedding: {
+      Op bwd = derived(".bwd", fwd.m, fwd.n, fwd.k, 0, fwd.bytes + fwd.gather_source_bytes);
+      bwd.gather_kernel = fwd.gather_backward_kernel;
+      return {bwd};
+    }
     case OpKind::kOptimizer: return {};
   }
   MOESIM_ASSERT(false, "op {}: unknown kind {}", fwd.name, static_cast<int>(fwd.kind));

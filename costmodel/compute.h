@@ -16,7 +16,8 @@
 //   launch_s  = kernel launch overhead (profile, else device type, else 4 us)
 //   compute_s = flops / (peak_flops(kind, dtype') * eff_compute(kind, dtype', flops))
 //   memory_s  = bytes * width(dtype') / width(dtype) / (memory_bandwidth_Bps * eff_memory)
-//               [x summing_gather_factor for a forward summing gather: the MoE combine]
+//               [x gather_kernel(kernel) for a row gather: its kernel's time per byte
+//               against a copying gather's, default 1]
 //
 // dtype' is the data type the op really runs in on this device (fallbacks below); width() is
 // dtype_bytes(). eff_compute is the profile's curve for (kind, dtype'): linear in log(flops)
@@ -118,10 +119,8 @@ class DeviceProfile {
   double dispatch_choice_s() const { return spec_.dispatch_choice_s(); }
   // Per token x log2(tokens) of a batch-priority dispatch's sort (priority_sort_s; 0).
   double priority_sort_s() const { return spec_.priority_sort_s(); }
-  // A forward summing gather (the MoE combine) against a copying one, per byte (summing_gather_factor; 1).
-  double summing_gather_factor() const {
-    return spec_.has_summing_gather_factor() ? spec_.summing_gather_factor() : 1.0;
-  }
+  // A row gather's kernel against a copying gather, per cost-model byte (gather_kernel; 1).
+  double gather_kernel_factor(GatherKernel k) const { return gather_kernel_factor_[static_cast<size_t>(k)]; }
   // Per token-choice of an MoE gate's backward (routing_backward_choice_s; 0).
   double routing_backward_choice_s() const { return spec_.routing_backward_choice_s(); }
   // Per scheduled compute op, around its kernels (profile op_overhead_s; 0).
@@ -147,6 +146,7 @@ class DeviceProfile {
   std::array<double, kKinds> kind_memory_efficiency_{};  // by kind; filled when built
   std::array<double, kKinds> backward_factor_{};         // by kind; filled when built
   std::array<double, kKinds> in_situ_factor_{};          // by kind; filled when built
+  std::array<double, kGatherKernels> gather_kernel_factor_{1, 1, 1, 1, 1, 1};  // by GatherKernel
   double launch_overhead_s_ = kDefaultKernelLaunchOverhead_s;
 };
 

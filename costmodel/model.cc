@@ -45,12 +45,10 @@ class LayerBuilder {
     op.bytes = bytes;
     l_->ops.push_back(std::move(op));
   }
-  // A row gather (OpKind::kEmbedding) writing `written` bytes from a source whose distinct rows
-  // are `source` bytes: memory traffic counts each source row once however often it is gathered
-  // (a 64-entry vocabulary read for 256 tokens, a token's row sent to its k experts).
-  void gather(const std::string& name, double source, double written) {
-    memory_op(name, OpKind::kEmbedding, source + written);
-    l_->ops.back().gather_source_bytes = source;
+  // A row gather (cost::gather_op) and its backward's kernel.
+  void gather(const std::string& name, double source, double written, GatherKernel kernel,
+              GatherKernel backward_kernel) {
+    l_->ops.push_back(gather_op(name, source, written, kernel, backward_kernel));
   }
   // An activation function over `elements` outputs: memory-bound on GPUs, but its arithmetic
   // (kActivationFlops per output) bounds it on CPUs, so it carries those FLOPs (not counted in
@@ -199,7 +197,8 @@ ActivationBytes ffn_block(LayerBuilder& b, const model::Transformer& t, const Tr
     selective_saving->sharded += shared * fe * e;
   }
   const double rows = tokens * k / E;  // tokens per expert, balanced
-  b.gather(prefix + ".dispatch", tokens * d.h * e, tokens * k * d.h * e);  // each token's row to its k slots
+  b.gather(prefix + ".dispatch", tokens * d.h * e, tokens * k * d.h * e,  // each token's row to its k slots
+           GatherKernel::kCopy, GatherKernel::kSumBackward);
   // The capacity decision and the send layout, host work over every assignment of the EP group
   // (the lowering scales these to the group).
   l->ops.back().dispatch_choices = tokens * k;
@@ -207,8 +206,8 @@ ActivationBytes ffn_block(LayerBuilder& b, const model::Transformer& t, const Tr
   b.gemm(prefix + ".experts.up", rows, d.h, up, static_cast<int64_t>(E), OpKind::kGroupedGemm);
   b.activation(prefix + ".experts.act", tokens * k * fe, tokens * k * (up + fe) * e);
   b.gemm(prefix + ".experts.down", rows, fe, d.h, static_cast<int64_t>(E), OpKind::kGroupedGemm);
-  b.gather(prefix + ".combine", tokens * k * d.h * e, tokens * d.h * e);  // k rows summed into each token's
-  l->ops.back().summing_gather = true;
+  b.gather(prefix + ".combine", tokens * k * d.h * e, tokens * d.h * e,  // k rows summed into each token's
+           GatherKernel::kSum, GatherKernel::kCombineBackward);
   // Expert inputs, up outputs, activation outputs and expert outputs (combine needs them for the
   // gate-probability gradient), k copies per token.
   act.expert += k * (2 * d.h + up + fe) * e;
@@ -261,9 +260,10 @@ void analyze_transformer(const model::Transformer& t, const ModelOptions& o, Mod
     LayerBuilder b(&l, tokens, e, false);
     l.dense_params = double(t.vocab()) * d.h + (t.learned_positions() ? double(t.max_sequence()) * d.h : 0);
     l.embedding_params = l.dense_params;
-    b.gather("embed.lookup", std::min(tokens, double(t.vocab())) * d.h * e, tokens * d.h * e);
+    b.gather("embed.lookup", std::min(tokens, double(t.vocab())) * d.h * e, tokens * d.h * e, GatherKernel::kLookup,
+             GatherKernel::kScatterAdd);
     if (t.learned_positions()) {  // a second lookup, added to the first
-      b.gather("embed.positions", seq * d.h * e, tokens * d.h * e);
+      b.gather("embed.positions", seq * d.h * e, tokens * d.h * e, GatherKernel::kLookup, GatherKernel::kScatterAdd);
       b.memory_op("embed.add", OpKind::kElementwise, tokens * d.h * e * 3);
       l.ops.back().fused_backward = true;  // its gradient passes through to both lookups
     }

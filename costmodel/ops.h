@@ -24,6 +24,20 @@ enum class OpKind {
 
 enum class DType { kFp32, kTf32, kBf16, kFp16, kFp8 };
 
+// What a row gather (kEmbedding) does with its rows, which sets its time per cost-model byte
+// against a copying gather's (the profile's gather_kernel factors; the cost model's bytes count
+// each distinct source row once whatever the kernel), in the order of device_profile.proto's
+// GatherKernel (whose values are these + 1):
+enum class GatherKernel {
+  kCopy,             // rows copied to their slots (an MoE dispatch): the reference, 1
+  kSum,              // rows summed into each output row (an MoE combine)
+  kLookup,           // rows of a small table copied to many outputs (an embedding lookup)
+  kSumBackward,      // a dispatch's backward: each token's k gradient rows summed into its
+  kCombineBackward,  // the combine's backward: gradient rows scaled to their slots, each dotted
+  kScatterAdd,       // output rows added into a table's (a lookup's backward)
+};
+inline constexpr int kGatherKernels = 6;
+
 inline double dtype_bytes(DType t) {
   switch (t) {
     case DType::kFp32:
@@ -64,14 +78,28 @@ struct Op {
   // it writes). Its backward reads the written rows' gradient and adds into the source's: the
   // written bytes once and the source's twice (backward_ops).
   double gather_source_bytes = 0;
-  // A row gather that sums rows into each output row (the MoE combine: k weighted rows per token)
-  // rather than copying them (a lookup, the dispatch): its forward takes the profile's
-  // summing_gather_factor times a copying gather's time for the same bytes.
-  bool summing_gather = false;
+  // A row gather's kernel, and its backward's (backward_ops gives the backward op the latter).
+  GatherKernel gather_kernel = GatherKernel::kCopy;
+  GatherKernel gather_backward_kernel = GatherKernel::kScatterAdd;
   // The host terms above (routing, dispatch, sort) take this many times the profile's rates: the
   // running rank's working set (DeviceProfile::host_time_factor), set by the lowering.
   double host_time_factor = 1;
 };
+
+// A row gather (OpKind::kEmbedding) writing `written` bytes from a source whose distinct rows are
+// `source` bytes: its traffic counts each source row once however often it is gathered (a
+// 64-entry vocabulary read for 256 tokens, a token's row sent to its k experts).
+inline Op gather_op(std::string name, double source, double written, GatherKernel kernel,
+                    GatherKernel backward_kernel) {
+  Op op;
+  op.name = std::move(name);
+  op.kind = OpKind::kEmbedding;
+  op.bytes = source + written;
+  op.gather_source_bytes = source;
+  op.gather_kernel = kernel;
+  op.gather_backward_kernel = backward_kernel;
+  return op;
+}
 
 // A share `f` of `op`'s work (a tensor-parallel split, fewer tokens): its FLOPs, traffic and
 // softmax elements.

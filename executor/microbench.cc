@@ -170,32 +170,51 @@ void gather_samples(Bench& bench, Backend& b, int64_t rows, int64_t cols, Microb
                       })});
 }
 
-// The combine's gather and the dispatch's of `tokens` tokens, top-2, `cols` wide (GatherPair), on
-// warm buffers: the two run in a step on data a neighbouring op has just written (the dispatch on
-// the gate's input, the combine on the exchange's output), and their ratio is the kernels' own
-// work per byte (the combine reads and writes its output row once per choice: 2.1-2.4x the dispatch's
-// time on the development VM, warm or inside moe-tiny's and the calibration step's MoE layers).
-GatherPair gather_pair(Bench& bench, Backend& b, int64_t tokens, int64_t cols) {
+// The row gathers of `tokens` tokens, top-2, `cols` wide, and a 64-row table (GatherKernels), on
+// warm buffers: in a step they run on data a neighbouring op has just written (the dispatch on
+// the gate's input, the combine on the exchange's output) or on a small table, and their ratios
+// are the kernels' own work per byte (the combine reads and writes its output row once per
+// choice: 2.1-2.4x the dispatch's time on the development VM, warm or inside moe-tiny's and the
+// calibration step's MoE layers).
+GatherKernels gather_kernels(Bench& bench, Backend& b, int64_t tokens, int64_t cols) {
   constexpr int k = 2;
+  constexpr int64_t kTableRows = 64;
   const int64_t slots = tokens * k;
-  std::vector<int32_t> token_of_slot(static_cast<size_t>(slots)), slot_of_choice(static_cast<size_t>(slots));
+  std::vector<int32_t> token_of_slot(static_cast<size_t>(slots)), slot_of_choice(static_cast<size_t>(slots)),
+      ids(static_cast<size_t>(tokens));
   for (int64_t s = 0; s < slots; ++s) {  // a fixed shuffle of the slots over the choices
     const int64_t a = (s * 7919) % slots;
     slot_of_choice[static_cast<size_t>(a)] = static_cast<int32_t>(s);
     token_of_slot[static_cast<size_t>(s)] = static_cast<int32_t>(a / k);
   }
-  const Tensor tokens_in = filled(b, {tokens, cols}), slots_in = filled(b, {slots, cols}), weight = filled(b, {slots});
+  for (int64_t t = 0; t < tokens; ++t) ids[static_cast<size_t>(t)] = static_cast<int32_t>((t * 37 + 11) % kTableRows);
+  const Tensor token_rows = filled(b, {tokens, cols}), slot_rows = filled(b, {slots, cols}), weight = filled(b, {slots}),
+               table = filled(b, {kTableRows, cols});
   Tensor slots_out = Tensor::zeros({slots, cols}, DType::kF32, b.device()),
-         tokens_out = Tensor::zeros({tokens, cols}, DType::kF32, b.device());
+         tokens_out = Tensor::zeros({tokens, cols}, DType::kF32, b.device()),
+         dweight = Tensor::zeros({slots}, DType::kF32, b.device()),
+         dtable = Tensor::zeros({kTableRows, cols}, DType::kF32, b.device());
   const Tensor by_slot = Tensor::from_i32({slots}, token_of_slot.data(), token_of_slot.size(), b.device()),
-               by_choice = Tensor::from_i32({slots}, slot_of_choice.data(), slot_of_choice.size(), b.device());
-  GatherPair p{tokens, cols};
-  p.copy_s = bench.time([&] { b.gather_rows(tokens_in.device_f32(), by_slot.device_i32(), slots_out.device_f32(), slots, cols); });
-  p.sum_s = bench.time([&] {
-    b.gather_sum_rows(slots_in.device_f32(), by_choice.device_i32(), weight.device_f32(), tokens_out.device_f32(),
+               by_choice = Tensor::from_i32({slots}, slot_of_choice.data(), slot_of_choice.size(), b.device()),
+               by_token = Tensor::from_i32({tokens}, ids.data(), ids.size(), b.device());
+  GatherKernels g{tokens, cols, kTableRows};
+  g.copy_s = bench.time([&] { b.gather_rows(token_rows.device_f32(), by_slot.device_i32(), slots_out.device_f32(), slots, cols); });
+  g.sum_s = bench.time([&] {
+    b.gather_sum_rows(slot_rows.device_f32(), by_choice.device_i32(), weight.device_f32(), tokens_out.device_f32(),
                       tokens, k, cols);
   });
-  return p;
+  g.lookup_s = bench.time([&] { b.gather_rows(table.device_f32(), by_token.device_i32(), tokens_out.device_f32(), tokens, cols); });
+  g.sum_backward_s = bench.time([&] {
+    b.gather_sum_rows(slot_rows.device_f32(), by_choice.device_i32(), nullptr, tokens_out.device_f32(), tokens, k, cols);
+  });
+  g.combine_backward_s = bench.time([&] {
+    b.gather_sum_rows_backward(token_rows.device_f32(), slot_rows.device_f32(), by_choice.device_i32(),
+                               weight.device_f32(), slots_out.device_f32(), dweight.device_f32(), tokens, k, cols);
+  });
+  g.scatter_add_s = bench.time([&] {
+    b.scatter_add_rows(token_rows.device_f32(), by_token.device_i32(), dtable.device_f32(), tokens, cols);
+  });
+  return g;
 }
 
 // The MoE capacity decision (assign_capacity, the host work of every EP rank's dispatch) over
@@ -248,10 +267,9 @@ void each_time(Microbenchmarks& m, F f) {
     f(s.vanilla_s);
     f(s.batch_priority_s);
   }
-  for (GatherPair& p : m.gather_pairs) {
-    f(p.copy_s);
-    f(p.sum_s);
-  }
+  for (GatherKernels& g : m.gather_kernels)
+    for (double* t : {&g.copy_s, &g.sum_s, &g.lookup_s, &g.sum_backward_s, &g.combine_backward_s, &g.scatter_add_s})
+      f(*t);
   for (auto* v : {&m.all_to_all, &m.all_reduce})
     for (CommSample& s : *v) f(s.seconds);
 }
@@ -295,7 +313,7 @@ void kernel_samples(Bench& bench, Backend& backend, const MicrobenchOptions& o,
   for (int64_t rows : o.quick ? std::vector<int64_t>{512} : std::vector<int64_t>{256, 1024, 4096})
     for (int64_t cols : {64, 256}) gather_samples(bench, backend, rows, cols, m);
   for (int64_t tokens : o.quick ? std::vector<int64_t>{256} : std::vector<int64_t>{128, 512})
-    for (int64_t cols : {64, 256}) m.gather_pairs.push_back(gather_pair(bench, backend, tokens, cols));
+    for (int64_t cols : {64, 256}) m.gather_kernels.push_back(gather_kernels(bench, backend, tokens, cols));
   for (int64_t n : o.quick ? std::vector<int64_t>{16384, 262144} : std::vector<int64_t>{4096, 32768, 262144, 1048576}) {
     Tensor p = filled(backend, {n}), g = filled(backend, {n});
     Tensor mo = Tensor::zeros({n}, DType::kF32, backend.device()), v = Tensor::zeros({n}, DType::kF32, backend.device());

@@ -22,8 +22,8 @@
 //   elementwise   residual adds (streaming), with the cost model's bytes
 //   gather        row gathers (embedding lookup, MoE dispatch) from and to buffers out of cache, as
 //                 a step's gathers find them, with the cost model's bytes
-//   gather_pairs  the MoE combine's summing gather against the dispatch's copying one of the same
-//                 tokens and width (the same cost-model bytes), on warm buffers
+//   gather_kernels  the executor's row gathers (the MoE dispatch's, combine's, an embedding
+//                 lookup's and their backwards) on the same tokens and widths, warm
 //   optimizer     Adam steps over 4K..1M parameters (FLOPs cost::kAdamFlopsPerParameter each; bytes
 //                 the lowering's: parameters, gradients and both moments read and written)
 //   capacity      the MoE capacity decision (assign_capacity) over 256..16384 tokens under vanilla
@@ -48,12 +48,15 @@ struct CommSample {
   double seconds = 0;  // measured
 };
 
-// One shape's summing gather (gather_sum_rows: k = 2 weighted rows into each of `tokens` rows, as
-// the MoE combine runs it) and copying gather (gather_rows: each token's row to its 2 slots, as the
-// dispatch runs it). The cost model gives both the same bytes (cost::Op summing_gather).
-struct GatherPair {
-  int64_t tokens = 0, cols = 0;
-  double copy_s = 0, sum_s = 0;
+// One shape's row gathers as the executor runs them, top-2 over `tokens` tokens `cols` wide, and
+// a `table_rows`-row embedding table: the dispatch's copy (gather_rows, each token's row to its 2
+// slots), the combine's weighted sum (gather_sum_rows), a lookup (gather_rows from the table),
+// and their backwards: the dispatch's sum of each token's 2 rows (gather_sum_rows, no weights),
+// the combine's (gather_sum_rows_backward), the lookup's scatter-add into the table
+// (scatter_add_rows). Seconds per call, warm.
+struct GatherKernels {
+  int64_t tokens = 0, cols = 0, table_rows = 0;
+  double copy_s = 0, sum_s = 0, lookup_s = 0, sum_backward_s = 0, combine_backward_s = 0, scatter_add_s = 0;
 };
 
 struct AttentionSample {
@@ -67,7 +70,7 @@ struct Microbenchmarks {
   std::vector<cost::KernelSample> norm_backward, activation_backward;  // the backward kernels' FLOPs and bytes
   std::vector<AttentionSample> attention;
   std::vector<cost::SortSample> capacity;
-  std::vector<GatherPair> gather_pairs;
+  std::vector<GatherKernels> gather_kernels;
   std::vector<CommSample> all_to_all, all_reduce;
   int ranks = 1;
 };

@@ -456,36 +456,48 @@ TEST_CASE("row gathers take their in-situ factor by their bytes where the profil
   CHECK(memory_s(sized, OpKind::kNorm) == Approx(memory_s(flat, OpKind::kNorm)));  // other kinds keep in_situ
 }
 
-// The MoE combine sums k rows into each token's: its forward takes summing_gather_factor times a
-// copying gather's memory time for the same bytes; its backward, and every other gather, do not.
-TEST_CASE("a summing gather's forward takes the profile's factor over a copying one's") {
+// A row gather's time per byte goes by its kernel (the profile's gather_kernel factors against a
+// copy, 1 where not given), forward and backward: the MoE combine sums k rows into each token's,
+// its backward scales and dots them; a lookup's backward adds into its table.
+TEST_CASE("a row gather takes its kernel's factor forward and backward") {
   const std::string base = "device { preset: \"h100-sxm5\" }\n";
   const cost::DeviceProfile plain = cost::load_device_profile_text(base, "plain.textproto");
-  const cost::DeviceProfile summing =
-      cost::load_device_profile_text(base + "summing_gather_factor: 2.5\n", "summing.textproto");
-  CHECK(plain.summing_gather_factor() == 1);
-  CHECK(summing.summing_gather_factor() == 2.5);
-  Op copy;
-  copy.name = "dispatch";
-  copy.kind = OpKind::kEmbedding;
-  copy.bytes = 3e5;
-  copy.gather_source_bytes = 1e5;
-  Op sum = copy;
-  sum.name = "combine";
-  sum.summing_gather = true;
+  const cost::DeviceProfile by_kernel = cost::load_device_profile_text(
+      base + "gather_kernel { kernel: GATHER_SUM time_factor: 2.5 }\n"
+             "gather_kernel { kernel: GATHER_COMBINE_BACKWARD time_factor: 4 }\n"
+             "gather_kernel { kernel: GATHER_SCATTER_ADD time_factor: 0.5 }\n",
+      "kernels.textproto");
+  CHECK(plain.gather_kernel_factor(cost::GatherKernel::kSum) == 1);
+  CHECK(by_kernel.gather_kernel_factor(cost::GatherKernel::kSum) == 2.5);
+  CHECK(by_kernel.gather_kernel_factor(cost::GatherKernel::kLookup) == 1);  // not given
+  const Op copy = cost::gather_op("dispatch", 1e5, 2e5, cost::GatherKernel::kCopy, cost::GatherKernel::kScatterAdd);
+  const Op sum = cost::gather_op("combine", 1e5, 2e5, cost::GatherKernel::kSum, cost::GatherKernel::kCombineBackward);
+  CHECK(copy.bytes == 3e5);
+  CHECK(copy.gather_source_bytes == 1e5);
   auto memory_s = [](const cost::DeviceProfile& p, const Op& op) { return cost::op_time(p, op, DType::kFp32).memory_s; };
-  CHECK(memory_s(summing, sum) == Approx(2.5 * memory_s(summing, copy)));
+  CHECK(memory_s(by_kernel, sum) == Approx(2.5 * memory_s(by_kernel, copy)));
   CHECK(memory_s(plain, sum) == Approx(memory_s(plain, copy)));
+  // The backward ops carry the backward kernel: the same bytes, 4x against 0.5x.
   const std::vector<Op> sum_bwd = cost::backward_ops(sum), copy_bwd = cost::backward_ops(copy);
   REQUIRE(sum_bwd.size() == 1);
   REQUIRE(copy_bwd.size() == 1);
-  CHECK(memory_s(summing, sum_bwd[0]) == Approx(memory_s(summing, copy_bwd[0])));
+  CHECK(sum_bwd[0].gather_kernel == cost::GatherKernel::kCombineBackward);
+  CHECK(copy_bwd[0].gather_kernel == cost::GatherKernel::kScatterAdd);
+  CHECK(memory_s(by_kernel, sum_bwd[0]) == Approx(8 * memory_s(by_kernel, copy_bwd[0])));
+  CHECK(memory_s(plain, sum_bwd[0]) == Approx(memory_s(plain, copy_bwd[0])));
 }
 
-TEST_CASE("bad profile: a summing gather factor of 0") {
-  check_only("device { preset: \"h100-sxm5\" }\n"
-             "summing_gather_factor: 0\n",
-             2, "summing_gather_factor", "");
+TEST_CASE("bad profile: a gather kernel twice, without a kernel, or with a factor of 0") {
+  std::vector<Diagnostic> d = diagnostics_of("device { preset: \"h100-sxm5\" }\n"
+                                             "gather_kernel { kernel: GATHER_SUM time_factor: 2 }\n"
+                                             "gather_kernel { kernel: GATHER_SUM time_factor: 2.2 }\n"
+                                             "gather_kernel { time_factor: 1.5 }\n"
+                                             "gather_kernel { kernel: GATHER_LOOKUP time_factor: 0 }\n");
+  INFO(describe(d));
+  REQUIRE(d.size() == 3);
+  CHECK((d[0].line == 3 && d[0].field_path == "gather_kernel[1].kernel"));
+  CHECK((d[1].line == 4 && d[1].field_path == "gather_kernel[2].kernel"));
+  CHECK((d[2].line == 5 && d[2].field_path == "gather_kernel[3].time_factor"));
 }
 
 TEST_CASE("bad profile: footprint points out of order, without bytes, or with a factor out of range") {

@@ -1006,8 +1006,8 @@ TEST_CASE("sgd and adam steps match their formulas in double, and the back ends 
 }
 
 // calibrate runs the kernels' families and the collectives' apart (its in-situ step between
-// them); the combine's summing gather is timed beside the dispatch's copying one on each shape.
-TEST_CASE("microbenchmarks run the families asked for, the gather pairs on the shapes given") {
+// them); the row gathers' kernels are timed side by side on each shape.
+TEST_CASE("microbenchmarks run the families asked for, the gather kernels on the shapes given") {
   const std::unique_ptr<Backend> cpu = make_cpu_backend(1);
   MicrobenchOptions o;
   o.quick = true;
@@ -1017,20 +1017,20 @@ TEST_CASE("microbenchmarks run the families asked for, the gather pairs on the s
   CHECK(none.launch_s == 0);
   CHECK(none.gemm.empty());
   CHECK(none.gather.empty());
-  CHECK(none.gather_pairs.empty());
+  CHECK(none.gather_kernels.empty());
   CHECK(none.capacity.empty());
   o.kernels = true;
   const Microbenchmarks m = run_microbenchmarks(*cpu, nullptr, o);
   CHECK(m.launch_s > 0);
   CHECK_FALSE(m.gemm.empty());
   CHECK_FALSE(m.gather.empty());
-  REQUIRE(m.gather_pairs.size() == 2);  // quick: 256 tokens, 64 and 256 wide
-  for (const GatherPair& p : m.gather_pairs) {
-    CHECK(p.tokens == 256);
-    CHECK(p.copy_s > 0);
-    CHECK(p.sum_s > 0);
+  REQUIRE(m.gather_kernels.size() == 2);  // quick: 256 tokens, 64 and 256 wide
+  for (const GatherKernels& g : m.gather_kernels) {
+    CHECK(g.tokens == 256);
+    CHECK(g.table_rows == 64);
+    for (double t : {g.copy_s, g.sum_s, g.lookup_s, g.sum_backward_s, g.combine_backward_s, g.scatter_add_s}) CHECK(t > 0);
   }
-  CHECK(m.gather_pairs[0].cols == 64);
-  CHECK(m.gather_pairs[1].cols == 256);
+  CHECK(m.gather_kernels[0].cols == 64);
+  CHECK(m.gather_kernels[1].cols == 256);
   CHECK(m.all_to_all.empty());  // one rank: no collectives
 }

@@ -132,10 +132,17 @@ TEST_CASE("An MoE layer's gathers and host routing, and the embedding's lookups"
   }
   CHECK(op("L0", "L0.moe.dispatch").gather_source_bytes == 256 * row);
   CHECK(op("L0", "L0.moe.combine").gather_source_bytes == 512 * row);
-  // The combine sums each token's rows (the profile's summing_gather_factor); the others copy.
-  CHECK(op("L0", "L0.moe.combine").summing_gather);
-  CHECK_FALSE(op("L0", "L0.moe.dispatch").summing_gather);
-  CHECK_FALSE(op("embed", "embed.lookup").summing_gather);
+  // Their kernels (the profile's gather_kernel factors), forward and backward, as the executor
+  // runs them: the dispatch copies and its backward sums each token's k rows; the combine sums,
+  // its backward scales and dots; the lookups copy table rows and add into them backward.
+  CHECK(op("L0", "L0.moe.dispatch").gather_kernel == GatherKernel::kCopy);
+  CHECK(op("L0", "L0.moe.dispatch").gather_backward_kernel == GatherKernel::kSumBackward);
+  CHECK(op("L0", "L0.moe.combine").gather_kernel == GatherKernel::kSum);
+  CHECK(op("L0", "L0.moe.combine").gather_backward_kernel == GatherKernel::kCombineBackward);
+  for (const char* name : {"embed.lookup", "embed.positions"}) {
+    CHECK(op("embed", name).gather_kernel == GatherKernel::kLookup);
+    CHECK(op("embed", name).gather_backward_kernel == GatherKernel::kScatterAdd);
+  }
   // Their backward adds the gathered rows' gradient back: the written rows read, the source's
   // read and written.
   const std::vector<Op> combine_bwd = backward_ops(op("L0", "L0.moe.combine"));

@@ -219,11 +219,19 @@ TEST_CASE("calibrate writes a cluster and profile that load back, and a store ro
   // microseconds on any CPU).
   CHECK(p.priority_sort_s() > 0);
   CHECK(p.priority_sort_s() == Approx(c.priority_sort_s()));
-  // The combine's summing gather against the dispatch's copying one, measured and written.
-  REQUIRE(p.spec().has_summing_gather_factor());
-  CHECK(p.summing_gather_factor() == Approx(c.summing_gather_factor()));
-  CHECK(c.summing_gather_factor() >= 0.1);
-  CHECK(c.summing_gather_factor() <= 10);
+  // Each row gather kernel against the dispatch's copy, measured and written (the copy is the 1).
+  CHECK(c.gather_kernel_factors().size() == 5);
+  CHECK(c.gather_kernel_factors().count("copy") == 0);
+  for (const auto& [name, kernel] : {std::pair{"sum", cost::GatherKernel::kSum}, {"lookup", cost::GatherKernel::kLookup},
+                                     {"sum_backward", cost::GatherKernel::kSumBackward},
+                                     {"combine_backward", cost::GatherKernel::kCombineBackward},
+                                     {"scatter_add", cost::GatherKernel::kScatterAdd}}) {
+    INFO(name);
+    REQUIRE(c.gather_kernel_factors().count(name) == 1);
+    CHECK(p.gather_kernel_factor(kernel) == Approx(c.gather_kernel_factors().at(name)));
+    CHECK(c.gather_kernel_factors().at(name) >= 0.1);
+    CHECK(c.gather_kernel_factors().at(name) <= 10);
+  }
   // The gathers' own in-situ factor, fitted on the calibration step's lookups, permutations and
   // combines.
   CHECK(c.in_situ_gather_factor() >= 0.1);
