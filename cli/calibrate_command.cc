@@ -502,6 +502,11 @@ InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::strin
   return out;
 }
 
+// The profile's value for a cost::GatherKernel (device_profile.proto lists them in its order, from 1).
+profile::GatherKernel proto_kernel(cost::GatherKernel k) {
+  return static_cast<profile::GatherKernel>(static_cast<int>(k) + 1);
+}
+
 // "sum" for GATHER_SUM: CalibrateResult.gather_kernel_factors' keys.
 std::string gather_kernel_label(profile::GatherKernel k) {
   std::string name = profile::GatherKernel_Name(k).substr(std::string("GATHER_").size());
@@ -512,7 +517,13 @@ std::string gather_kernel_label(profile::GatherKernel k) {
 // Each row gather kernel's time per cost-model byte against the dispatch's copy, the median over
 // the shapes (clamped to [0.1, 10]): the bytes cost::gather_op gives each of the uses the executor
 // runs the kernels in (exec::GatherKernels: a dispatch, a combine, a lookup and their backwards).
-std::map<cost::GatherKernel, double> gather_kernel_factors(const std::vector<exec::GatherKernels>& samples) {
+// `points`: each measurement, with the copy's seconds per byte on its shape (for the residuals).
+struct GatherKernelPoint {
+  cost::GatherKernel kernel;
+  double bytes = 0, seconds = 0, copy_s_per_byte = 0;
+};
+std::map<cost::GatherKernel, double> gather_kernel_factors(const std::vector<exec::GatherKernels>& samples,
+                                                           std::vector<GatherKernelPoint>* points) {
   using cost::GatherKernel;
   std::map<GatherKernel, std::vector<double>> ratios;
   for (const exec::GatherKernels& g : samples) {
@@ -523,7 +534,10 @@ std::map<cost::GatherKernel, double> gather_kernel_factors(const std::vector<exe
                    lookup = cost::gather_op("lookup", V * h * e, T * h * e, GatherKernel::kLookup, GatherKernel::kScatterAdd);
     auto backward_bytes = [](const cost::Op& op) { return cost::backward_ops(op).front().bytes; };
     const double copy = g.copy_s / dispatch.bytes;
-    auto add = [&](GatherKernel kernel, double s, double bytes) { ratios[kernel].push_back(s / bytes / copy); };
+    auto add = [&](GatherKernel kernel, double s, double bytes) {
+      ratios[kernel].push_back(s / bytes / copy);
+      points->push_back({kernel, bytes, s, copy});
+    };
     add(GatherKernel::kSum, g.sum_s, combine.bytes);
     add(GatherKernel::kLookup, g.lookup_s, lookup.bytes);
     add(GatherKernel::kSumBackward, g.sum_backward_s, backward_bytes(dispatch));
@@ -654,9 +668,10 @@ int calibrate(const Args& a) {
     add_backward(profile::ATTENTION, cost::fit_backward_factor(with_core, cost::OpKind::kAttention, core_bwd));
     // Each row gather's kernel against the dispatch's copy, per byte (the in-situ fits below then
     // take one factor for the forward gathers and one for the backward ones).
-    for (const auto& [kernel, factor] : gather_kernel_factors(m.gather_kernels)) {
+    std::vector<GatherKernelPoint> gather_kernel_points;
+    for (const auto& [kernel, factor] : gather_kernel_factors(m.gather_kernels, &gather_kernel_points)) {
       profile::GatherKernelFactor* g = spec.add_gather_kernel();
-      g->set_kernel(static_cast<profile::GatherKernel>(static_cast<int>(kernel) + 1));
+      g->set_kernel(proto_kernel(kernel));
       g->set_time_factor(factor);
     }
     // The batch-priority sort: host work, as measured (the in-situ step drops vanilla).
@@ -704,6 +719,15 @@ int calibrate(const Args& a) {
     r.set_priority_sort_s(spec.priority_sort_s());
     for (const profile::GatherKernelFactor& g : spec.gather_kernel())
       (*r.mutable_gather_kernel_factors())[gather_kernel_label(g.kernel())] = g.time_factor();
+    std::vector<double> gather_kernel_residuals;
+    for (const GatherKernelPoint& p : gather_kernel_points) {
+      const double model_s = fitted.gather_kernel_factor(p.kernel) * p.copy_s_per_byte * p.bytes;
+      gather_kernel_residuals.push_back(std::fabs(model_s - p.seconds) / p.seconds * 100);
+      if (rows)
+        *rows += fmt::format("gather_kernel.{},0,{:.6g},{:.6g},{:.6g}\n",
+                             gather_kernel_label(proto_kernel(p.kernel)), p.bytes, p.seconds, model_s);
+    }
+    res["gather_kernels"] = residuals_of(gather_kernel_residuals);
     std::vector<double> sort_residuals;
     for (const cost::SortSample& c : m.capacity) {
       const double extra = c.batch_priority_s - c.vanilla_s,

@@ -15,6 +15,8 @@
 #include <fmt/format.h>
 
 #include <csignal>
+#include <fstream>
+#include <iterator>
 #include <set>
 #include <thread>
 
@@ -192,13 +194,16 @@ TEST_CASE("calibrate writes a cluster and profile that load back, and a store ro
   std::filesystem::create_directories(dir.path);
   const std::string out = dir.path + "/here.textproto";
   const std::string db = dir.path + "/results.db";
-  const Run r = moesim_run(fmt::format("calibrate --out '{}' --ranks 1 --threads 1 --quick --json --db '{}'", out, db));
+  const std::string samples = dir.path + "/samples.csv";
+  const Run r = moesim_run(
+      fmt::format("calibrate --out '{}' --ranks 1 --threads 1 --quick --json --db '{}' --samples '{}'", out, db, samples));
   INFO(r.err);
   REQUIRE(r.exit_code == 0);
   const cli::CalibrateResult c = parse_json<cli::CalibrateResult>(r.out);
   CHECK(c.peak_flops() > 0);
   CHECK(c.memory_bandwidth_bps() > 0);
-  for (const char* family : {"gemm", "grouped_gemm", "attention", "norm", "activation", "elementwise", "gather", "in_situ_ops"})
+  for (const char* family :
+       {"gemm", "grouped_gemm", "attention", "norm", "activation", "elementwise", "gather", "gather_kernels", "in_situ_ops"})
     CHECK(c.residuals().count(family) == 1);
   const topo::Cluster cluster = topo::load_cluster(out);
   CHECK(cluster.device_count() == 1);
@@ -248,6 +253,12 @@ TEST_CASE("calibrate writes a cluster and profile that load back, and a store ro
   CHECK(p.in_situ_time_factor(cost::OpKind::kGemm) == Approx(c.in_situ_factor()));
   // Gathers are measured out of cache, the streaming kernels on warm buffers: slower per byte.
   CHECK(p.memory_bandwidth_efficiency(cost::OpKind::kEmbedding) < p.memory_bandwidth_efficiency(cost::OpKind::kElementwise));
+  // --samples: every measurement beside the profile's time for it, the gather kernels' among them.
+  std::ifstream csv_file(samples);
+  const std::string csv((std::istreambuf_iterator<char>(csv_file)), std::istreambuf_iterator<char>());
+  CHECK(csv.rfind("family,flops,bytes,measured_s,model_s\n", 0) == 0);
+  for (const char* family : {"\ngemm,", "\ngather,", "\ngather_kernel.sum,", "\ngather_kernel.scatter_add,", "\nin_situ."})
+    CHECK_THAT(csv, Catch::Contains(family));
   CHECK(Store::open(db).list_runs(RunKind::kCalibrate).size() == 1);
   // No temporary files are left beside them.
   int files = 0;
