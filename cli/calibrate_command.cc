@@ -502,11 +502,6 @@ InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::strin
   return out;
 }
 
-// The profile's value for a cost::GatherKernel (device_profile.proto lists them in its order, from 1).
-profile::GatherKernel proto_kernel(cost::GatherKernel k) {
-  return static_cast<profile::GatherKernel>(static_cast<int>(k) + 1);
-}
-
 // "sum" for GATHER_SUM: CalibrateResult.gather_kernel_factors' keys.
 std::string gather_kernel_label(profile::GatherKernel k) {
   std::string name = profile::GatherKernel_Name(k).substr(std::string("GATHER_").size());
@@ -514,18 +509,17 @@ std::string gather_kernel_label(profile::GatherKernel k) {
   return name;
 }
 
-// Each row gather kernel's time per cost-model byte against the dispatch's copy, the median over
-// the shapes (clamped to [0.1, 10]): the bytes cost::gather_op gives each of the uses the executor
-// runs the kernels in (exec::GatherKernels: a dispatch, a combine, a lookup and their backwards).
-// `points`: each measurement, with the copy's seconds per byte on its shape (for the residuals).
+// Each measurement of exec::GatherKernels as the cost model sees it: the bytes cost::gather_op
+// gives each of the uses the executor runs the kernels in (a dispatch, a combine, a lookup and
+// their backwards), with the dispatch's copy's seconds per byte on its shape.
 struct GatherKernelPoint {
   cost::GatherKernel kernel;
   double bytes = 0, seconds = 0, copy_s_per_byte = 0;
+  double ratio() const { return seconds / bytes / copy_s_per_byte; }
 };
-std::map<cost::GatherKernel, double> gather_kernel_factors(const std::vector<exec::GatherKernels>& samples,
-                                                           std::vector<GatherKernelPoint>* points) {
+std::vector<GatherKernelPoint> gather_kernel_points(const std::vector<exec::GatherKernels>& samples) {
   using cost::GatherKernel;
-  std::map<GatherKernel, std::vector<double>> ratios;
+  std::vector<GatherKernelPoint> points;
   for (const exec::GatherKernels& g : samples) {
     constexpr double e = 4, k = 2;  // fp32, top-2
     const double T = static_cast<double>(g.tokens), h = static_cast<double>(g.cols), V = static_cast<double>(g.table_rows);
@@ -534,17 +528,20 @@ std::map<cost::GatherKernel, double> gather_kernel_factors(const std::vector<exe
                    lookup = cost::gather_op("lookup", V * h * e, T * h * e, GatherKernel::kLookup, GatherKernel::kScatterAdd);
     auto backward_bytes = [](const cost::Op& op) { return cost::backward_ops(op).front().bytes; };
     const double copy = g.copy_s / dispatch.bytes;
-    auto add = [&](GatherKernel kernel, double s, double bytes) {
-      ratios[kernel].push_back(s / bytes / copy);
-      points->push_back({kernel, bytes, s, copy});
-    };
-    add(GatherKernel::kSum, g.sum_s, combine.bytes);
-    add(GatherKernel::kLookup, g.lookup_s, lookup.bytes);
-    add(GatherKernel::kSumBackward, g.sum_backward_s, backward_bytes(dispatch));
-    add(GatherKernel::kCombineBackward, g.combine_backward_s, backward_bytes(combine));
-    add(GatherKernel::kScatterAdd, g.scatter_add_s, backward_bytes(lookup));
+    points.push_back({GatherKernel::kSum, combine.bytes, g.sum_s, copy});
+    points.push_back({GatherKernel::kLookup, lookup.bytes, g.lookup_s, copy});
+    points.push_back({GatherKernel::kSumBackward, backward_bytes(dispatch), g.sum_backward_s, copy});
+    points.push_back({GatherKernel::kCombineBackward, backward_bytes(combine), g.combine_backward_s, copy});
+    points.push_back({GatherKernel::kScatterAdd, backward_bytes(lookup), g.scatter_add_s, copy});
   }
-  std::map<GatherKernel, double> out;
+  return points;
+}
+
+// Each kernel's time per byte against the copy: the median ratio over the shapes, clamped to [0.1, 10].
+std::map<cost::GatherKernel, double> gather_kernel_factors(const std::vector<GatherKernelPoint>& points) {
+  std::map<cost::GatherKernel, std::vector<double>> ratios;
+  for (const GatherKernelPoint& p : points) ratios[p.kernel].push_back(p.ratio());
+  std::map<cost::GatherKernel, double> out;
   for (const auto& [kernel, v] : ratios) out[kernel] = std::clamp(trace::quantile(v, 0.5), 0.1, 10.0);
   return out;
 }
@@ -586,7 +583,7 @@ int calibrate(const Args& a) {
     // of `run` and `validate` (in one process, the step's all-to-alls took 43 and 40.5 us before
     // them and 38 after; `validate`'s 42-48).
     mo.collectives = false;
-    exec::Microbenchmarks m = exec::run_microbenchmarks(backend, world, mo);
+    const exec::Microbenchmarks m = exec::run_microbenchmarks(backend, world, mo);
     // The calibration step below runs as `moesim run` and `validate` do, in a heap like a fresh
     // process's: on the microbenchmarks' (hundreds of MB of cached blocks) its gates' host work
     // took 1.6x as long (31 us against 19 on the development VM).
@@ -668,10 +665,10 @@ int calibrate(const Args& a) {
     add_backward(profile::ATTENTION, cost::fit_backward_factor(with_core, cost::OpKind::kAttention, core_bwd));
     // Each row gather's kernel against the dispatch's copy, per byte (the in-situ fits below then
     // take one factor for the forward gathers and one for the backward ones).
-    std::vector<GatherKernelPoint> gather_kernel_points;
-    for (const auto& [kernel, factor] : gather_kernel_factors(m.gather_kernels, &gather_kernel_points)) {
+    const std::vector<GatherKernelPoint> kernel_points = gather_kernel_points(m.gather_kernels);
+    for (const auto& [kernel, factor] : gather_kernel_factors(kernel_points)) {
       profile::GatherKernelFactor* g = spec.add_gather_kernel();
-      g->set_kernel(proto_kernel(kernel));
+      g->set_kernel(cost::to_proto(kernel));
       g->set_time_factor(factor);
     }
     // The batch-priority sort: host work, as measured (the in-situ step drops vanilla).
@@ -720,12 +717,12 @@ int calibrate(const Args& a) {
     for (const profile::GatherKernelFactor& g : spec.gather_kernel())
       (*r.mutable_gather_kernel_factors())[gather_kernel_label(g.kernel())] = g.time_factor();
     std::vector<double> gather_kernel_residuals;
-    for (const GatherKernelPoint& p : gather_kernel_points) {
+    for (const GatherKernelPoint& p : kernel_points) {
       const double model_s = fitted.gather_kernel_factor(p.kernel) * p.copy_s_per_byte * p.bytes;
       gather_kernel_residuals.push_back(std::fabs(model_s - p.seconds) / p.seconds * 100);
       if (rows)
-        *rows += fmt::format("gather_kernel.{},0,{:.6g},{:.6g},{:.6g}\n",
-                             gather_kernel_label(proto_kernel(p.kernel)), p.bytes, p.seconds, model_s);
+        *rows += fmt::format("gather_kernel.{},0,{:.6g},{:.6g},{:.6g}\n", gather_kernel_label(cost::to_proto(p.kernel)),
+                             p.bytes, p.seconds, model_s);
     }
     res["gather_kernels"] = residuals_of(gather_kernel_residuals);
     std::vector<double> sort_residuals;
@@ -796,11 +793,9 @@ int calibrate(const Args& a) {
       co.collectives = true;
       co.progress = [&](double f) { progress_to(0.85 + 0.15 * f); };
       const exec::Microbenchmarks c = exec::run_microbenchmarks(backend, world, co);
-      m.all_to_all = c.all_to_all;
-      m.all_reduce = c.all_reduce;
       std::vector<CollectiveSample> measured;
-      for (const exec::CommSample& s : m.all_to_all) measured.push_back({cost::CollectiveOp::kAllToAll, s.bytes, s.seconds});
-      for (const exec::CommSample& s : m.all_reduce) measured.push_back({cost::CollectiveOp::kAllReduce, s.bytes, s.seconds});
+      for (const exec::CommSample& s : c.all_to_all) measured.push_back({cost::CollectiveOp::kAllToAll, s.bytes, s.seconds});
+      for (const exec::CommSample& s : c.all_reduce) measured.push_back({cost::CollectiveOp::kAllReduce, s.bytes, s.seconds});
       fit_links(measured, "collectives", -1);
     }
     r.set_link_bandwidth_bps(ranks > 1 ? link_Bps : 0);

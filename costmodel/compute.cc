@@ -258,7 +258,7 @@ class ProfileBuilder {
       out.backward_factor_[static_cast<size_t>(index_of(b.op()))] = b.time_factor();
     out.gather_kernel_factor_.fill(1.0);
     for (const profile::GatherKernelFactor& g : s.gather_kernel())
-      out.gather_kernel_factor_[static_cast<size_t>(g.kernel() - 1)] = g.time_factor();
+      out.gather_kernel_factor_[static_cast<size_t>(from_proto(g.kernel()))] = g.time_factor();
     out.in_situ_factor_.fill(1.0);
     for (const profile::InSituFactor& f : s.in_situ())
       out.in_situ_factor_[static_cast<size_t>(index_of(f.op()))] = f.time_factor();

@@ -65,6 +65,10 @@ inline constexpr double kDefaultKernelLaunchOverhead_s = 4e-6;
 
 // A validated device profile: the device (preset resolved) and one efficiency curve per
 // (op kind, dtype), the profile's own over the built-in priors. Cheap to copy.
+// A gather kernel as device_profile.proto names it (its GatherKernel values are cost's + 1), and back.
+inline profile::GatherKernel to_proto(GatherKernel k) { return static_cast<profile::GatherKernel>(static_cast<int>(k) + 1); }
+inline GatherKernel from_proto(profile::GatherKernel k) { return static_cast<GatherKernel>(static_cast<int>(k) - 1); }
+
 class DeviceProfile {
  public:
   // Validates a message built in code (diagnostics name `name` and field paths; no lines) and
@@ -146,7 +150,7 @@ class DeviceProfile {
   std::array<double, kKinds> kind_memory_efficiency_{};  // by kind; filled when built
   std::array<double, kKinds> backward_factor_{};         // by kind; filled when built
   std::array<double, kKinds> in_situ_factor_{};          // by kind; filled when built
-  std::array<double, kGatherKernels> gather_kernel_factor_{1, 1, 1, 1, 1, 1};  // by GatherKernel
+  std::array<double, kGatherKernels> gather_kernel_factor_{};  // by GatherKernel; filled when built
   double launch_overhead_s_ = kDefaultKernelLaunchOverhead_s;
 };
 
