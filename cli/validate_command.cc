@@ -511,14 +511,26 @@ int validate_suite(const Args& a) {
     suite.set_unmatched_ops(suite.unmatched_ops() + r->unmatched_ops());
   }
   if (progress) std::cerr << '\r' << std::string(40, ' ') << '\r';
-  // Per kind over every plan: each plan's median for a kind stands for its ops of that kind.
-  std::map<std::string, std::vector<double>> pooled, shares;
-  for (const ValidateResult& r : suite.plans())
-    for (const auto& [kind, k] : r.per_kind_detail()) {
-      for (int i = 0; i < k.ops(); ++i) pooled[kind].push_back(k.median_abs_pct());
+  // Per kind over every plan: each plan's median for a kind stands for its ops of that kind. Each
+  // op's error is its median over the passes (one fresh process's op is one draw of a wide spread
+  // on a shared machine); per_kind_median_pass takes the compared pass alone.
+  std::map<std::string, std::vector<double>> pooled, pooled_one_pass, shares;
+  for (size_t i = 0; i < runs.size(); ++i) {
+    std::vector<std::vector<trace::OpError>> pass_ops;
+    for (const ValidateResult& r : runs[i]) {
+      std::vector<trace::OpError>& ops = pass_ops.emplace_back();
+      for (const OpErrorEntry& e : r.ops())
+        ops.push_back({e.op_id(), e.kind(), e.rank(), e.predicted_s(), e.measured_s(), e.error_pct()});
+    }
+    for (const auto& [kind, k] : trace::per_kind_over_runs(pass_ops))
+      pooled[kind].insert(pooled[kind].end(), static_cast<size_t>(k.count), k.median_abs_pct);
+    for (const auto& [kind, k] : suite.plans(static_cast<int>(i)).per_kind_detail()) {
+      pooled_one_pass[kind].insert(pooled_one_pass[kind].end(), static_cast<size_t>(k.ops()), k.median_abs_pct());
       shares[kind].push_back(k.share_pct());
     }
+  }
   for (const auto& [kind, v] : pooled) (*suite.mutable_per_kind())[kind] = trace::quantile(v, 0.5);
+  for (const auto& [kind, v] : pooled_one_pass) (*suite.mutable_per_kind_median_pass())[kind] = trace::quantile(v, 0.5);
   for (const auto& [kind, v] : shares) (*suite.mutable_per_kind_share_pct())[kind] = trace::quantile(v, 0.5);
   const trace::ErrorStats s = trace::error_stats(step_errors);
   suite.set_median_abs_pct_error(s.median_abs_pct);
@@ -603,11 +615,13 @@ std::vector<Command> validate_commands() {
        "                    the machine's pace against its calibration (the calibration step run again:\n"
        "                    its step time, and its all-to-alls against their calibrated prediction)\n"
        "  --passes P        the suite's plans run P times, one pass after another (default 3); per plan\n"
-       "                    the pass with the median measured step time is compared (every pass is stored)\n"
+       "                    the pass with the median measured step time is compared (every pass is stored);\n"
+       "                    per kind, each op's error is its median over the passes\n"
        "  --predicted/--measured  join two trace files (.pb/.textproto) without running anything\n\n"
        "--json carries median_abs_pct_error, p90_abs_pct_error, per_kind, kendall_tau, unmatched_ops\n"
-       "(the suite also pace_vs_calibration_pct, exchange_pace_vs_calibration_pct and per_kind_share_pct:\n"
-       "each kind's median share of a plan's measured op time).\n"
+       "(the suite also pace_vs_calibration_pct, exchange_pace_vs_calibration_pct, per_kind_share_pct:\n"
+       "each kind's median share of a plan's measured op time, and per_kind_median_pass: per_kind from\n"
+       "the compared passes alone).\n"
        "The executor computes in fp32: the workload's precision must be FP32. Exit 2 on bad input.\n",
        {{"--feedback", "--suite"},
         {"--plan", "--scenario", "--profile", "--ranks", "--steps", "--warmup", "--routing-out", "--trace", "--db",

@@ -179,6 +179,13 @@ TEST_CASE("validate --suite reports the machine's pace against its calibration")
     CHECK(share > 0);
     CHECK(share < 100);
   }
+  // One pass: each op's median over the passes is that pass's error, so per kind the same figures
+  // as the compared pass's.
+  REQUIRE(s.per_kind_median_pass().size() == s.per_kind().size());
+  for (const auto& [kind, error] : s.per_kind()) {
+    INFO(kind);
+    CHECK(s.per_kind_median_pass().at(kind) == Approx(error));
+  }
   REQUIRE(s.has_pace_vs_calibration_pct());
   CHECK(s.pace_vs_calibration_pct() < -99.9);
   CHECK(s.pace_vs_calibration_pct() > -100);

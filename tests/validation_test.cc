@@ -4,7 +4,9 @@
 
 #include <catch2/catch.hpp>
 
+#include <cmath>
 #include <string>
+#include <vector>
 
 namespace moesim::trace {
 namespace {
@@ -155,6 +157,33 @@ TEST_CASE("Traces of different schedules are refused with the first missing op")
   CHECK_THROWS_WITH(compare(predicted(), extra, {.predicted_step_s = 1e-4}),
                     Catch::Contains("measured op 'optimizer' on rank 0") && Catch::Contains("not in the prediction"));
   CHECK_THROWS_AS(compare(predicted(), Trace(), {}), std::invalid_argument);
+}
+
+TEST_CASE("Repeated runs: each op's error is its median over the runs, then per kind") {
+  // Three runs of one plan. The all-reduce's errors per run are +40, -10 and +5 (median +5); the
+  // two all-to-alls (ops a and b, on two ranks) have medians -20 and +10 and +30 (rank 1 of op b
+  // misses the last run: the median of the other two); one run's NaN is left out.
+  auto op = [](const char* id, const char* kind, int rank, double error_pct) {
+    return OpError{id, kind, rank, 1.0, 1.0, error_pct};
+  };
+  const std::vector<std::vector<OpError>> runs = {
+      {op("ar", "all_reduce", 0, 40), op("a", "dispatch_a2a", 0, -20), op("b", "dispatch_a2a", 1, 20),
+       op("b", "dispatch_a2a", 0, 10)},
+      {op("ar", "all_reduce", 0, -10), op("a", "dispatch_a2a", 0, -30), op("b", "dispatch_a2a", 1, 40),
+       op("b", "dispatch_a2a", 0, 10)},
+      {op("ar", "all_reduce", 0, 5), op("a", "dispatch_a2a", 0, -10), op("b", "dispatch_a2a", 0, std::nan(""))},
+  };
+  const std::map<std::string, ErrorStats> k = per_kind_over_runs(runs);
+  REQUIRE(k.size() == 2);
+  CHECK(k.at("all_reduce").count == 1);
+  CHECK(k.at("all_reduce").median_abs_pct == Approx(5));
+  // dispatch: op a rank 0 median -20, op b rank 0 median 10, op b rank 1 median 30.
+  CHECK(k.at("dispatch_a2a").count == 3);
+  CHECK(k.at("dispatch_a2a").median_abs_pct == Approx(20));
+  CHECK(k.at("dispatch_a2a").max_abs_pct == Approx(30));
+  CHECK(k.at("dispatch_a2a").mean_pct == Approx(20.0 / 3));
+  // One run is that run's own figures.
+  CHECK(per_kind_over_runs({runs[0]}).at("all_reduce").median_abs_pct == Approx(40));
 }
 
 TEST_CASE("Quantiles interpolate, Kendall's tau counts concordant pairs") {

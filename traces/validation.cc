@@ -52,6 +52,22 @@ ErrorStats error_stats(const std::vector<double>& errors_pct) {
   return s;
 }
 
+std::map<std::string, ErrorStats> per_kind_over_runs(const std::vector<std::vector<OpError>>& runs) {
+  std::map<std::pair<std::string, int>, std::pair<std::string, std::vector<double>>> by_op;  // -> kind, errors
+  for (const std::vector<OpError>& run : runs)
+    for (const OpError& e : run) {
+      if (!std::isfinite(e.error_pct)) continue;
+      auto& [kind, errors] = by_op[{e.op_id, e.rank}];
+      kind = e.kind;
+      errors.push_back(e.error_pct);
+    }
+  std::map<std::string, std::vector<double>> kind_errors;
+  for (auto& [op, entry] : by_op) kind_errors[entry.first].push_back(quantile(entry.second, 0.5));
+  std::map<std::string, ErrorStats> out;
+  for (const auto& [kind, errors] : kind_errors) out[kind] = error_stats(errors);
+  return out;
+}
+
 double kendall_tau(const std::vector<double>& a, const std::vector<double>& b) {
   const size_t n = std::min(a.size(), b.size());
   if (n < 2) return 0;

@@ -119,6 +119,13 @@ std::string op_kind_label(const std::string& name);
 // one; ties with the last kept step kept).
 std::set<int> quiet_steps(const std::map<int, double>& step_time_s, double share);
 
+// Each kind's errors over repeated runs of one plan: per (op id, rank), the median of its error
+// over the runs (a run is one validation of the plan in a fresh process; an op missing from a run
+// counts in the others), then per kind the statistics of those medians. On the development VM one
+// moe-tiny plan's gradient all-reduce measured 25-44 us over eight fresh processes, its
+// all-to-alls 7.2-8.7 us: one run's op is one draw of that spread.
+std::map<std::string, ErrorStats> per_kind_over_runs(const std::vector<std::vector<OpError>>& runs);
+
 // Each measured step's time from `first_step` on: its latest span end minus its earliest span
 // start over every rank.
 std::map<int, double> step_times(const Trace& measured, int first_step = 0);
