@@ -514,7 +514,7 @@ int validate_suite(const Args& a) {
   // Per kind over every plan: each plan's median for a kind stands for its ops of that kind. Each
   // op's error is its median over the passes (one fresh process's op is one draw of a wide spread
   // on a shared machine); per_kind_median_pass takes the compared pass alone.
-  std::map<std::string, std::vector<double>> pooled, pooled_one_pass, shares;
+  std::map<std::string, std::vector<double>> pooled, pooled_one_pass, spreads, shares;
   for (size_t i = 0; i < runs.size(); ++i) {
     std::vector<std::vector<trace::OpError>> pass_ops;
     for (const ValidateResult& r : runs[i]) {
@@ -522,8 +522,10 @@ int validate_suite(const Args& a) {
       for (const OpErrorEntry& e : r.ops())
         ops.push_back({e.op_id(), e.kind(), e.rank(), e.predicted_s(), e.measured_s(), e.error_pct()});
     }
-    for (const auto& [kind, k] : trace::per_kind_over_runs(pass_ops))
-      pooled[kind].insert(pooled[kind].end(), static_cast<size_t>(k.count), k.median_abs_pct);
+    for (const auto& [kind, k] : trace::per_kind_over_runs(pass_ops)) {
+      pooled[kind].insert(pooled[kind].end(), static_cast<size_t>(k.errors.count), k.errors.median_abs_pct);
+      spreads[kind].insert(spreads[kind].end(), static_cast<size_t>(k.errors.count), k.spread_pct);
+    }
     for (const auto& [kind, k] : suite.plans(static_cast<int>(i)).per_kind_detail()) {
       pooled_one_pass[kind].insert(pooled_one_pass[kind].end(), static_cast<size_t>(k.ops()), k.median_abs_pct());
       shares[kind].push_back(k.share_pct());
@@ -531,6 +533,7 @@ int validate_suite(const Args& a) {
   }
   for (const auto& [kind, v] : pooled) (*suite.mutable_per_kind())[kind] = trace::quantile(v, 0.5);
   for (const auto& [kind, v] : pooled_one_pass) (*suite.mutable_per_kind_median_pass())[kind] = trace::quantile(v, 0.5);
+  for (const auto& [kind, v] : spreads) (*suite.mutable_per_kind_spread_pct())[kind] = trace::quantile(v, 0.5);
   for (const auto& [kind, v] : shares) (*suite.mutable_per_kind_share_pct())[kind] = trace::quantile(v, 0.5);
   const trace::ErrorStats s = trace::error_stats(step_errors);
   suite.set_median_abs_pct_error(s.median_abs_pct);
@@ -553,11 +556,15 @@ int validate_suite(const Args& a) {
   std::cout << fmt::format("\nstep time: median |error| {:.1f}%, p90 {:.1f}%, max {:.1f}%; plan ranking Kendall tau {:.2f}\n",
                            suite.median_abs_pct_error(), suite.p90_abs_pct_error(), suite.max_abs_pct_error(),
                            suite.kendall_tau());
-  std::cout << "per op kind (median |error|, in brackets its median share of a plan's measured op time):";
+  std::cout << fmt::format("per op kind (median |error|{}; in brackets its median share of a plan's measured op "
+                           "time):",
+                           passes > 1 ? fmt::format(", each op's over the {} passes, +- how far they spread", passes) : "");
   std::vector<std::pair<std::string, double>> kinds(suite.per_kind().begin(), suite.per_kind().end());
   std::sort(kinds.begin(), kinds.end(), [](const auto& x, const auto& y) { return x.second < y.second; });
   for (const auto& [kind, v] : kinds)
-    std::cout << fmt::format(" {} {:.1f}% ({:.1f}%)", kind, v, suite.per_kind_share_pct().at(kind));
+    std::cout << fmt::format(" {} {:.1f}%{} ({:.1f}%)", kind, v,
+                             passes > 1 ? fmt::format(" +-{:.1f}", suite.per_kind_spread_pct().at(kind)) : "",
+                             suite.per_kind_share_pct().at(kind));
   if (suite.has_pace_vs_calibration_pct())
     std::cout << fmt::format("\nmachine pace: the calibration step runs {:+.1f}% against when it was calibrated (every "
                              "plan's error moves with it; recalibrate when it is large)",
@@ -620,8 +627,9 @@ std::vector<Command> validate_commands() {
        "  --predicted/--measured  join two trace files (.pb/.textproto) without running anything\n\n"
        "--json carries median_abs_pct_error, p90_abs_pct_error, per_kind, kendall_tau, unmatched_ops\n"
        "(the suite also pace_vs_calibration_pct, exchange_pace_vs_calibration_pct, per_kind_share_pct:\n"
-       "each kind's median share of a plan's measured op time, and per_kind_median_pass: per_kind from\n"
-       "the compared passes alone).\n"
+       "each kind's median share of a plan's measured op time; per_kind_spread_pct: how far the passes\n"
+       "spread, per op half the range of its errors, the median over the kind's ops; and\n"
+       "per_kind_median_pass: per_kind from the compared passes alone).\n"
        "The executor computes in fp32: the workload's precision must be FP32. Exit 2 on bad input.\n",
        {{"--feedback", "--suite"},
         {"--plan", "--scenario", "--profile", "--ranks", "--steps", "--warmup", "--routing-out", "--trace", "--db",

@@ -185,6 +185,7 @@ TEST_CASE("validate --suite reports the machine's pace against its calibration")
   for (const auto& [kind, error] : s.per_kind()) {
     INFO(kind);
     CHECK(s.per_kind_median_pass().at(kind) == Approx(error));
+    CHECK(s.per_kind_spread_pct().at(kind) == 0);
   }
   REQUIRE(s.has_pace_vs_calibration_pct());
   CHECK(s.pace_vs_calibration_pct() < -99.9);

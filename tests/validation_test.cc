@@ -159,7 +159,7 @@ TEST_CASE("Traces of different schedules are refused with the first missing op")
   CHECK_THROWS_AS(compare(predicted(), Trace(), {}), std::invalid_argument);
 }
 
-TEST_CASE("Repeated runs: each op's error is its median over the runs, then per kind") {
+TEST_CASE("Repeated runs: each op's error is its median over the runs, then per kind, with the runs' spread") {
   // Three runs of one plan. The all-reduce's errors per run are +40, -10 and +5 (median +5); the
   // two all-to-alls (ops a and b, on two ranks) have medians -20 and +10 and +30 (rank 1 of op b
   // misses the last run: the median of the other two); one run's NaN is left out.
@@ -173,17 +173,24 @@ TEST_CASE("Repeated runs: each op's error is its median over the runs, then per 
        op("b", "dispatch_a2a", 0, 10)},
       {op("ar", "all_reduce", 0, 5), op("a", "dispatch_a2a", 0, -10), op("b", "dispatch_a2a", 0, std::nan(""))},
   };
-  const std::map<std::string, ErrorStats> k = per_kind_over_runs(runs);
+  const std::map<std::string, KindOverRuns> k = per_kind_over_runs(runs);
   REQUIRE(k.size() == 2);
-  CHECK(k.at("all_reduce").count == 1);
-  CHECK(k.at("all_reduce").median_abs_pct == Approx(5));
+  const ErrorStats& all_reduce = k.at("all_reduce").errors;
+  CHECK(all_reduce.count == 1);
+  CHECK(all_reduce.median_abs_pct == Approx(5));
+  CHECK(k.at("all_reduce").spread_pct == Approx(25));  // (40 - -10) / 2
   // dispatch: op a rank 0 median -20, op b rank 0 median 10, op b rank 1 median 30.
-  CHECK(k.at("dispatch_a2a").count == 3);
-  CHECK(k.at("dispatch_a2a").median_abs_pct == Approx(20));
-  CHECK(k.at("dispatch_a2a").max_abs_pct == Approx(30));
-  CHECK(k.at("dispatch_a2a").mean_pct == Approx(20.0 / 3));
-  // One run is that run's own figures.
-  CHECK(per_kind_over_runs({runs[0]}).at("all_reduce").median_abs_pct == Approx(40));
+  const ErrorStats& dispatch = k.at("dispatch_a2a").errors;
+  CHECK(dispatch.count == 3);
+  CHECK(dispatch.median_abs_pct == Approx(20));
+  CHECK(dispatch.max_abs_pct == Approx(30));
+  CHECK(dispatch.mean_pct == Approx(20.0 / 3));
+  // Half ranges 10, 0 and 10.
+  CHECK(k.at("dispatch_a2a").spread_pct == Approx(10));
+  // One run is that run's own figures, with no spread.
+  const KindOverRuns one = per_kind_over_runs({runs[0]}).at("all_reduce");
+  CHECK(one.errors.median_abs_pct == Approx(40));
+  CHECK(one.spread_pct == 0);
 }
 
 TEST_CASE("Quantiles interpolate, Kendall's tau counts concordant pairs") {

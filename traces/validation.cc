@@ -52,7 +52,7 @@ ErrorStats error_stats(const std::vector<double>& errors_pct) {
   return s;
 }
 
-std::map<std::string, ErrorStats> per_kind_over_runs(const std::vector<std::vector<OpError>>& runs) {
+std::map<std::string, KindOverRuns> per_kind_over_runs(const std::vector<std::vector<OpError>>& runs) {
   std::map<std::pair<std::string, int>, std::pair<std::string, std::vector<double>>> by_op;  // -> kind, errors
   for (const std::vector<OpError>& run : runs)
     for (const OpError& e : run) {
@@ -61,10 +61,14 @@ std::map<std::string, ErrorStats> per_kind_over_runs(const std::vector<std::vect
       kind = e.kind;
       errors.push_back(e.error_pct);
     }
-  std::map<std::string, std::vector<double>> kind_errors;
-  for (auto& [op, entry] : by_op) kind_errors[entry.first].push_back(quantile(entry.second, 0.5));
-  std::map<std::string, ErrorStats> out;
-  for (const auto& [kind, errors] : kind_errors) out[kind] = error_stats(errors);
+  std::map<std::string, std::vector<double>> kind_errors, kind_spreads;
+  for (auto& [op, entry] : by_op) {
+    const auto [lo, hi] = std::minmax_element(entry.second.begin(), entry.second.end());
+    kind_spreads[entry.first].push_back((*hi - *lo) / 2);
+    kind_errors[entry.first].push_back(quantile(entry.second, 0.5));
+  }
+  std::map<std::string, KindOverRuns> out;
+  for (const auto& [kind, errors] : kind_errors) out[kind] = {error_stats(errors), quantile(kind_spreads[kind], 0.5)};
   return out;
 }
 

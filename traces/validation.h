@@ -121,10 +121,16 @@ std::set<int> quiet_steps(const std::map<int, double>& step_time_s, double share
 
 // Each kind's errors over repeated runs of one plan: per (op id, rank), the median of its error
 // over the runs (a run is one validation of the plan in a fresh process; an op missing from a run
-// counts in the others), then per kind the statistics of those medians. On the development VM one
-// moe-tiny plan's gradient all-reduce measured 25-44 us over eight fresh processes, its
-// all-to-alls 7.2-8.7 us: one run's op is one draw of that spread.
-std::map<std::string, ErrorStats> per_kind_over_runs(const std::vector<std::vector<OpError>>& runs);
+// counts in the others), then per kind the statistics of those medians; and how far the runs
+// spread: per op half the range of its errors (percentage points), per kind the median of that
+// (0 with one run). On the development VM one moe-tiny plan's gradient all-reduce measured 25-44
+// us over eight fresh processes, its all-to-alls 7.2-8.7 us: one run's op is one draw of that
+// spread, and an error within it is not the model's to mend.
+struct KindOverRuns {
+  ErrorStats errors;
+  double spread_pct = 0;
+};
+std::map<std::string, KindOverRuns> per_kind_over_runs(const std::vector<std::vector<OpError>>& runs);
 
 // Each measured step's time from `first_step` on: its latest span end minus its earliest span
 // start over every rank.
