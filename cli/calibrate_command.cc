@@ -248,6 +248,10 @@ struct InSitu {
   // The fit and each op's time through it, the per-op overhead at most `max_op_overhead_s`.
   void refit(double max_op_overhead_s = std::numeric_limits<double>::infinity()) {
     fit = cost::fit_in_situ(scaled, fixed, measured_s, terms, host, max_op_overhead_s);
+    reprice();
+  }
+  // Each op's time through `fit` as it stands.
+  void reprice() {
     model_s.clear();
     for (size_t j = 0; j < measured_s.size(); ++j) model_s.push_back(fit.time_s(scaled[j], fixed[j], terms, j));
   }
@@ -498,6 +502,11 @@ InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::strin
     out.half_gather_factor = trace::quantile(half_gathers, 0.5);
     if (!layer_hosts.empty()) out.layer_host_factor = trace::quantile(layer_hosts, 0.5);
     out.busy.refit(trace::quantile(half_overheads, 0.5));
+    // The routing's host rates, each the median over the rounds (cost::median_host_rates).
+    std::vector<cost::InSituFit> fits;
+    for (const InSitu& b : busy) fits.push_back(b.fit);
+    cost::median_host_rates(fits, &out.busy.fit);
+    out.busy.reprice();
   }
   return out;
 }

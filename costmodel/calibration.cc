@@ -168,6 +168,16 @@ LinkFit link_fit(const std::vector<LinkSample>& samples, double step_overhead_s,
 
 }  // namespace
 
+void median_host_rates(const std::vector<InSituFit>& rounds, InSituFit* fit) {
+  if (rounds.empty()) return;
+  for (double InSituFit::*rate :
+       {&InSituFit::routing_choice_s, &InSituFit::dispatch_choice_s, &InSituFit::routing_backward_choice_s}) {
+    std::vector<double> v;
+    for (const InSituFit& r : rounds) v.push_back(r.*rate);
+    fit->*rate = median(std::move(v));
+  }
+}
+
 InSituFit fit_in_situ(const std::vector<double>& c, const std::vector<double>& b, const std::vector<double>& t,
                       const InSituTerms& terms, const InSituHost& host, double max_op_overhead_s) {
   // An op with nothing the factor scales (c = 0: a permutation is its gather and its dispatch's

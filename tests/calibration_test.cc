@@ -178,6 +178,34 @@ TEST_CASE("The host terms' times per choice come from the seconds measured in th
   CHECK(blind.op_overhead_s > 4.1e-6);
 }
 
+TEST_CASE("The host rates over rounds are each one's median; the rest of the fit is kept") {
+  // Five rounds of one step: the fourth slowed in its dispatch decisions alone (15 ns a choice
+  // against 7-8), the second in its gates.
+  std::vector<InSituFit> rounds;
+  const double gate[] = {90e-9, 200e-9, 92e-9, 88e-9, 91e-9}, dispatch[] = {7e-9, 7.5e-9, 8e-9, 15e-9, 7.2e-9},
+               backward[] = {25e-9, 26e-9, 24e-9, 25.5e-9, 27e-9};
+  for (int i = 0; i < 5; ++i)
+    rounds.push_back({.factor = 1.0 + 0.01 * i, .routing_choice_s = gate[i], .dispatch_choice_s = dispatch[i],
+                      .routing_backward_choice_s = backward[i]});
+  InSituFit fit = rounds[3];
+  fit.op_overhead_s = 1e-6;
+  fit.gather_factor = 0.2;
+  median_host_rates(rounds, &fit);
+  CHECK(fit.routing_choice_s == Approx(91e-9));
+  CHECK(fit.dispatch_choice_s == Approx(7.5e-9));
+  CHECK(fit.routing_backward_choice_s == Approx(25.5e-9));
+  CHECK(fit.factor == Approx(1.03));
+  CHECK(fit.op_overhead_s == 1e-6);
+  CHECK(fit.gather_factor == 0.2);
+  // An even count takes the middle pair's mean; no rounds leave the fit as it was.
+  rounds.pop_back();
+  median_host_rates(rounds, &fit);
+  CHECK(fit.dispatch_choice_s == Approx((7.5e-9 + 8e-9) / 2));
+  const InSituFit before = fit;
+  median_host_rates({}, &fit);
+  CHECK(fit.dispatch_choice_s == before.dispatch_choice_s);
+}
+
 TEST_CASE("Gathers get their own factor, fitted on the ops that hold them") {
   // The twelve ops of synthetic_step, 1.3x and 4 us around each; three hold gathers of 10, 20 and
   // 40 us at the profile's rate (in their fixed part) that run at half that in the step, one of
