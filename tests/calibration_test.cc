@@ -178,7 +178,7 @@ TEST_CASE("The host terms' times per choice come from the seconds measured in th
   CHECK(blind.op_overhead_s > 4.1e-6);
 }
 
-TEST_CASE("The host rates over rounds are each one's median; the rest of the fit is kept") {
+TEST_CASE("The host rates over rounds are each their median and the rest of the fit is kept") {
   // Five rounds of one step: the fourth slowed in its dispatch decisions alone (15 ns a choice
   // against 7-8), the second in its gates.
   std::vector<InSituFit> rounds;
