@@ -13,6 +13,8 @@ skipped and why:
     links.{png,svg}          busiest links' utilisation, most recent simulate run
     validation-steps.{png,svg}  predicted vs measured step time of the validate runs
     validation-ops.{png,svg}    every op of the most recent validate run, measured vs predicted
+    validation-kinds.{png,svg}  per op kind, the signed errors of the recent validate runs
+    calibration-history.{png,svg}  the latest calibrated machine's fitted parameters over time
 
 The same store gives byte-identical files. Prints what it wrote (--json: as JSON). Exit codes:
 0 ok, 2 bad input (not a moesim store, --out not a folder, matplotlib missing), 1 internal error.
@@ -39,6 +41,7 @@ except ImportError:
          "(scripts/install-deps does)")
 
 import breakdown  # noqa: E402
+import calibration  # noqa: E402
 import experts  # noqa: E402
 import links  # noqa: E402
 import memory  # noqa: E402
@@ -113,7 +116,7 @@ def main():
         fail(f"--out {args.out}: {e.strerror}")
 
     outcomes = []
-    for module in (breakdown, sweeps, memory, experts, links, validation):
+    for module in (breakdown, sweeps, memory, experts, links, validation, calibration):
         outcomes += module.make(runs, args.out)
     report = os.path.join(args.out, "report.md")
     write_markdown(report, args.db, runs, outcomes)

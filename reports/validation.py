@@ -4,21 +4,60 @@ every matched op's predicted and measured seconds):
     validation-steps   per validate run: the predicted and the measured step time side by side
     validation-ops     every matched op of the most recent validate run, measured (x) against
                        predicted (y) on log axes, coloured by op kind, with the y = x line
+    validation-kinds   per op kind, the signed error of every matched op over the most recent
+                       validate runs (a suite's passes), with the +-10% band
 """
 
+import statistics
+
 import plot
+
+KIND_RUNS = 30  # a suite of 10 plans in 3 passes
 
 
 def _validate_runs(runs):
     return [r for r in runs if r.kind == "validate" and r.ok and r.result and r.result.get("measured_step_s")]
 
 
+def kind_errors(runs):
+    """Per op kind, the signed percent error of every matched op of `runs` with a measured time."""
+    out = {}
+    for r in runs:
+        for o in r.result.get("ops", []):
+            measured = float(o.get("measured_s", 0) or 0)
+            if measured > 0:
+                out.setdefault(o.get("kind", "?"), []).append(
+                    (float(o.get("predicted_s", 0) or 0) - measured) / measured * 100)
+    return out
+
+
+def _kinds_figure(runs, out_dir):
+    shown = runs[-KIND_RUNS:]
+    errors = kind_errors(shown)
+    if not errors:
+        return plot.Skipped("validation-kinds", "Error by op kind", "the validate runs list no ops")
+    median_abs = {k: statistics.median(abs(e) for e in v) for k, v in errors.items()}
+    kinds = sorted(errors, key=lambda k: (median_abs[k], k))
+    fig, (ax,) = plot.new_figure(9.0, 4.5)
+    ax.axhspan(-10, 10, color="#55a868", alpha=0.15, linewidth=0)
+    ax.axhline(0, color="#888888", linewidth=1)
+    ax.boxplot([errors[k] for k in kinds], whis=(5, 95), showfliers=True, flierprops={"markersize": 2})
+    ax.set_xticks(range(1, len(kinds) + 1), kinds, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("error (%): + predicted slower")
+    ax.set_title("Signed error by op kind")
+    listed = ", ".join(f"{k} {median_abs[k]:.1f}%" for k in kinds)
+    caption = (f"Every matched (op, rank) of the {len(shown)} most recent validate runs, by kind: box the quartiles, "
+               f"whiskers 5-95%, the shaded band +-10%. Median |error|: {listed}.")
+    return plot.Made("validation-kinds", "Error by op kind", caption, plot.save(fig, out_dir, "validation-kinds"))
+
+
 def make(runs, out_dir):
     runs = _validate_runs(runs)
     if not runs:
         return [plot.Skipped("validation-steps", "Predicted vs measured step time", "no validate run in the store"),
-                plot.Skipped("validation-ops", "Predicted vs measured ops", "no validate run in the store")]
-    out = []
+                plot.Skipped("validation-ops", "Predicted vs measured ops", "no validate run in the store"),
+                plot.Skipped("validation-kinds", "Error by op kind", "no validate run in the store")]
+    out = [_kinds_figure(runs, out_dir)]
 
     shown = runs[-20:]
     fig, (ax,) = plot.new_figure(9.0, 4.0)

@@ -34,8 +34,10 @@ namespace fs = std::filesystem;
 namespace pb = google::protobuf;
 
 // The figures of the fixture store, by file name without extension.
-const std::vector<std::string> kFigures = {"breakdown",   "sweep-domain", "sweep-line",       "memory",
-                                           "expert-load", "links",        "validation-steps", "validation-ops"};
+const std::vector<std::string> kFigures = {"breakdown",        "sweep-domain",   "sweep-line",
+                                           "memory",           "expert-load",    "links",
+                                           "validation-steps", "validation-ops", "validation-kinds",
+                                           "calibration-history"};
 
 bool have_matplotlib() { return std::system("/usr/bin/python3 -c 'import matplotlib' >/dev/null 2>&1") == 0; }
 
@@ -142,6 +144,20 @@ void build_fixture(const std::string& db) {
       {"op_id": "L0.attn mb0 fwd", "kind": "attention", "rank": 0, "predicted_s": 0.001, "measured_s": 0.0012},
       {"op_id": "L0.moe.experts mb0 fwd", "kind": "experts", "rank": 0, "predicted_s": 0.002, "measured_s": 0.0025}]})";
   store.insert_run(validate);
+  // Two calibrations of one machine (what `moesim calibrate --db` stores), the link at 10 and 20
+  // GB/s, the kernels' in-step factor at 1 and 1.1, the peak the same; the other fits 0, not drawn.
+  for (const auto& [link_Bps, in_situ] : {std::pair{10e9, 1.0}, std::pair{20e9, 1.1}}) {
+    cli::CalibrateResult c;
+    c.set_machine("vm (AMD EPYC, test)");
+    c.set_peak_flops(100e9);
+    c.set_link_bandwidth_bps(link_Bps);
+    c.set_in_situ_factor(in_situ);
+    RunRecord calibrate;
+    calibrate.kind = RunKind::kCalibrate;
+    calibrate.cluster = c.machine();
+    calibrate.result_json = to_json(c);
+    store.insert_run(calibrate);
+  }
 }
 
 // A PNG's width and height from its IHDR chunk; {0, 0} when the file is not a PNG.
@@ -190,7 +206,7 @@ TEST_CASE("report draws every figure of a fixture store as PNG and SVG, linked f
     for (const char* ext : {".png", ".svg"}) expected.insert(fmt::format("{}/{}{}", out.path, f, ext));
   CHECK(strings_of(result.fields().at("files")) == expected);
   CHECK(result.fields().at("skipped").list_value().values_size() == 0);
-  CHECK(result.fields().at("runs").number_value() == 2 + 6 + 4 + 2 + 1);
+  CHECK(result.fields().at("runs").number_value() == 2 + 6 + 4 + 2 + 1 + 2);
 
   const std::string md = read_file(out.path + "/report.md");
   for (const std::string& f : kFigures) {
@@ -207,6 +223,12 @@ TEST_CASE("report draws every figure of a fixture store as PNG and SVG, linked f
                          "| validate-"})
     CHECK(md.find(id) != std::string::npos);
   CHECK(md.find("5 of the sweep's 6 stored points") != std::string::npos);
+  // The validate run's kinds, attention (1 ms predicted, 1.2 measured) 16.7% off and the experts
+  // (2 against 2.5) 20%; the calibrations' widest spreads, each parameter over its median.
+  CHECK(md.find("Median |error|: attention 16.7%, experts 20.0%.") != std::string::npos);
+  CHECK(md.find("2 calibrations of vm (AMD EPYC, test)") != std::string::npos);
+  CHECK(md.find("The widest: link bandwidth 0.67-1.33x, kernels in a step 0.95-1.05x, GEMM peak 1.00-1.00x.") !=
+        std::string::npos);
   CHECK(md.find("Skipped") == std::string::npos);
 
   // Re-plotting the same store gives the same bytes (fixed sizes, no dates, salted SVG ids).
@@ -244,7 +266,7 @@ TEST_CASE("report says which figures it skipped and why when the store lacks the
     CHECK_FALSE(v.struct_value().fields().at("reason").string_value().empty());
   }
   CHECK(skipped == std::set<std::string>{"breakdown", "sweep", "memory", "expert_load", "links", "validation-steps",
-                                         "validation-ops"});
+                                         "validation-ops", "validation-kinds", "calibration-history"});
   const std::string md = read_file(out.path + "/report.md");
   CHECK(md.find("## Skipped figures") != std::string::npos);
   CHECK(md.find("0 of its 2 points ran") != std::string::npos);
