@@ -26,6 +26,7 @@
 #include "traces/validation.h"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <google/protobuf/text_format.h>
 #include <unistd.h>
 
@@ -574,6 +575,16 @@ int calibrate(const Args& a) {
   return on_ranks(ranks, threads, timeout_s, device, [&](exec::Comm* world, exec::Comm* host_world, exec::Backend& backend) {
     const auto t0 = std::chrono::steady_clock::now();
     const bool root = !world || world->rank() == 0;
+    // One node's ranks: the cluster written is one node, its links those between its ranks. Ranks
+    // on several nodes (a launch across hosts) would fit one link to a mix of both classes.
+    const RankNodes nodes = rank_nodes(host_world);
+    if (nodes.ranks_of_node.size() > 1) {
+      if (!root) return kExitBadInput;
+      throw UsageError(fmt::format(
+          "calibrate measures the ranks of one node, but these {} ranks run on {} nodes ({} ranks; rank 0 on {}): "
+          "launch it on one node's ranks (the links between nodes are not calibrated yet)",
+          ranks, nodes.ranks_of_node.size(), fmt::join(nodes.ranks_of_node, " + "), nodes.mine));
+    }
     exec::MicrobenchOptions mo;
     mo.quick = a.flag("--quick");
     mo.rounds = mo.quick ? 1 : 6;
@@ -1039,7 +1050,9 @@ std::vector<Command> calibrate_commands() {
        "shapes (for tests); --samples writes every measurement with the fitted model's time as CSV.\n"
        "CPU ranks run --threads OpenBLAS threads each (default: this machine's cores / N); the profile\n"
        "records it and `moesim validate` runs its ranks with as many. With --device cuda the ranks are\n"
-       "GPUs and the links are NCCL's.\n",
+       "GPUs and the links are NCCL's. The ranks must run on one node (by host name, or\n"
+       "MOESIM_NODE_NAME where set): a launch across nodes is refused (exit 2), since the links between\n"
+       "nodes are not calibrated yet.\n",
        {{"--quick"}, {"--out", "--ranks", "--device", "--name", "--db", "--timeout", "--samples", "--threads"}},
        calibrate},
   };

@@ -23,6 +23,7 @@
 #include <iostream>
 #include <thread>
 #include <memory>
+#include <unistd.h>
 #include <string>
 #include <vector>
 
@@ -101,6 +102,45 @@ inline trace::Trace gather_traces(const trace::Trace& mine, exec::Comm* world) {
     }
   }
   return world->rank() == 0 ? trace::merge(parts) : mine;
+}
+
+// The node each rank runs on: its host name (MOESIM_NODE_NAME instead, when set: containers that
+// share a host can name their nodes), told apart by a 48-bit hash carried in three exact fp32
+// words, nodes numbered by first appearance. Collective over `world` (nullptr: one rank).
+struct RankNodes {
+  std::vector<int> node_of_rank;  // by rank
+  std::vector<int> ranks_of_node;  // by node
+  std::string mine;                // this rank's node name
+};
+inline RankNodes rank_nodes(exec::Comm* world) {
+  RankNodes out;
+  if (const char* name = std::getenv("MOESIM_NODE_NAME")) {
+    out.mine = name;
+  } else {
+    char host[256] = {};
+    ::gethostname(host, sizeof(host) - 1);
+    out.mine = host;
+  }
+  uint64_t h = 1469598103934665603ull;  // FNV-1a
+  for (unsigned char c : out.mine) h = (h ^ c) * 1099511628211ull;
+  const float mine[3] = {static_cast<float>(h & 0xffff), static_cast<float>((h >> 16) & 0xffff),
+                         static_cast<float>((h >> 32) & 0xffff)};
+  const int size = world ? world->size() : 1;
+  std::vector<float> all(static_cast<size_t>(3 * size));
+  if (world) world->all_gather(mine, all.data(), 3);
+  else std::copy(mine, mine + 3, all.begin());
+  std::vector<std::vector<float>> seen;
+  for (int r = 0; r < size; ++r) {
+    const std::vector<float> key(all.begin() + 3 * r, all.begin() + 3 * r + 3);
+    const auto it = std::find(seen.begin(), seen.end(), key);
+    out.node_of_rank.push_back(static_cast<int>(it - seen.begin()));
+    if (it == seen.end()) {
+      seen.push_back(key);
+      out.ranks_of_node.push_back(0);
+    }
+    ++out.ranks_of_node[static_cast<size_t>(out.node_of_rank.back())];
+  }
+  return out;
 }
 
 // Runs body(world, host_world, backend) on every rank; an exec::Error on any rank ends all of them

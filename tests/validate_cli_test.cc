@@ -350,5 +350,32 @@ TEST_CASE("calibrate refuses bad options, and a killed calibration leaves the pr
   if (read_file(profile) != previous_profile) CHECK_NOTHROW(cost::load_device_profile(profile));
 }
 
+// A launch across two nodes (two ranks naming different nodes, as on two hosts) is refused before
+// anything is measured, naming the nodes' ranks, and the previous files stay; a launch whose
+// ranks name one node goes on.
+TEST_CASE("calibrate refuses ranks on several nodes") {
+  TempFile dir("calibrate_nodes");
+  std::filesystem::create_directories(dir.path);
+  const std::string out = dir.path + "/local.textproto";
+  const std::string previous = std::string("# previous\n") + kTwoRanks;
+  std::ofstream(out) << previous;
+  const std::string args = fmt::format("calibrate --ranks 2 --quick --out '{}'", out);
+  auto launch = [&](const char* first, const char* second) {
+    return fmt::format("{} --allow-run-as-root --oversubscribe -np 1 -x MOESIM_NODE_NAME={} '{}' {} : -np 1 -x "
+                       "MOESIM_NODE_NAME={}",
+                       MOESIM_MPIEXEC, first, MOESIM_BINARY, args, second);
+  };
+  const Run two = moesim_run(args, "", launch("node-a", "node-b"));
+  INFO(two.err);
+  CHECK(two.exit_code == 2);
+  CHECK_THAT(two.err, Catch::Contains("these 2 ranks run on 2 nodes (1 + 1 ranks; rank 0 on node-a)"));
+  CHECK(read_file(out) == previous);
+  const Run one = moesim_run(args, "", launch("node-a", "node-a"));
+  INFO(one.err);
+  CHECK(one.exit_code == 0);
+  CHECK_NOTHROW(topo::load_cluster(out));
+  CHECK(read_file(out) != previous);
+}
+
 }  // namespace
 }  // namespace moesim::testing
