@@ -68,15 +68,39 @@ double host_memory_bytes() {
 // through shared memory, whose copies share one bandwidth both ways: `half_duplex`; on GPUs,
 // NVLink or PCIe as NCCL finds it), PCIe slower than the switch so that routes between ranks take
 // the switch.
+// Several nodes: `nodes` of ranks / nodes devices, a NIC per device on one switch, the network's
+// bandwidth per rank and its latency between two ranks (half on each NIC).
+struct Network {
+  int nodes = 1;
+  double Bps = 0, latency_s = 0;
+};
 struct ClusterText {
   std::string name, device;
   bool half_duplex = false;
   std::string operator()(const std::string& description, int ranks, double link_Bps, double link_latency_s,
-                         double all_reduce_efficiency = 1) const;
+                         double all_reduce_efficiency = 1, const Network& network = {}) const;
 };
 
 std::string ClusterText::operator()(const std::string& description, int ranks, double link_Bps, double link_latency_s,
-                                    double all_reduce_efficiency) const {
+                                    double all_reduce_efficiency, const Network& network) const {
+  const int per_node = ranks / std::max(1, network.nodes);
+  // Between nodes a rank's traffic takes PCIe to its NIC: PCIe carries the NIC's bandwidth four
+  // times over, but at most 1.5x the switch's, so that routes within a node take the switch (two
+  // links) rather than PCIe (four, through the root complex: topologies/routing.h's cost).
+  const double pcie_Bps = network.nodes > 1 ? (per_node > 1 ? std::min(4 * network.Bps, 1.5 * link_Bps) : 4 * network.Bps)
+                                            : link_Bps / 10;
+  const std::string nic =
+      network.nodes > 1 ? fmt::format("  nic {{ count: {} bandwidth_Bps: {:.6g} latency_s: {:.6g} }}  # the network, "
+                                      "per rank\n",
+                                      per_node, network.Bps, network.latency_s / 2)
+                        : "";
+  const std::string pcie =
+      network.nodes > 1
+          ? fmt::format("  pcie {{ device_bandwidth_Bps: {:.6g} latency_s: 0 }}  # to the NICs, under the switch\n", pcie_Bps)
+          : fmt::format("  pcie {{ device_bandwidth_Bps: {:.6g} latency_s: 1e-4 }}  # not a path between ranks: kept "
+                        "slower\n",
+                        pcie_Bps);
+  const std::string fabric = network.nodes > 1 ? "fabric { single_switch { link_latency_s: 0 } }\n" : "";
   const std::string efficiency =
       all_reduce_efficiency == 1
           ? ""
@@ -86,18 +110,17 @@ std::string ClusterText::operator()(const std::string& description, int ranks, d
   return efficiency + fmt::format(
       "name: \"{}\"\n"
       "description: \"{}\"\n"
-      "nodes: 1\n"
+      "nodes: {}\n"
       "node {{\n"
       "  name: \"{}-node\"\n"
       "  device {{ {} }}\n"
       "  devices_per_node: {}\n"
       "  intra_fabric: NVSWITCH  # ranks exchange through shared memory (CPU) or NVLink/PCIe (GPU): one switch\n"
       "  scaleup_bandwidth_Bps: {:.6g}\n"
-      "  scaleup_latency_s: {:.6g}\n{}"
-      "  pcie {{ device_bandwidth_Bps: {:.6g} latency_s: 1e-4 }}  # not a path between ranks: kept slower\n"
-      "}}\n",
-      name, description, name, device, ranks, link_Bps, link_latency_s,
-      half_duplex ? "  scaleup_half_duplex: true  # one copy bandwidth for both directions\n" : "", link_Bps / 10);
+      "  scaleup_latency_s: {:.6g}\n{}{}{}"
+      "}}\n{}",
+      name, description, std::max(1, network.nodes), name, device, per_node, link_Bps, link_latency_s,
+      half_duplex ? "  scaleup_half_duplex: true  # one copy bandwidth for both directions\n" : "", pcie, nic, fabric);
 }
 
 std::string device_text(const std::string& name, double peak, double memory_bytes, double bandwidth, double launch_s) {
@@ -575,15 +598,24 @@ int calibrate(const Args& a) {
   return on_ranks(ranks, threads, timeout_s, device, [&](exec::Comm* world, exec::Comm* host_world, exec::Backend& backend) {
     const auto t0 = std::chrono::steady_clock::now();
     const bool root = !world || world->rank() == 0;
-    // One node's ranks: the cluster written is one node, its links those between its ranks. Ranks
-    // on several nodes (a launch across hosts) would fit one link to a mix of both classes.
+    // The ranks' nodes: with several, the links within a node and the network between nodes are
+    // measured apart (one link fitted to both classes would describe neither), each over groups
+    // of its own: a node's ranks, and the ranks of one local index across the nodes.
     const RankNodes nodes = rank_nodes(host_world);
-    if (nodes.ranks_of_node.size() > 1) {
+    const int node_count = static_cast<int>(nodes.ranks_of_node.size());
+    const int per_node = ranks / node_count;
+    if (std::any_of(nodes.ranks_of_node.begin(), nodes.ranks_of_node.end(), [&](int n) { return n != per_node; })) {
       if (!root) return kExitBadInput;
-      throw UsageError(fmt::format(
-          "calibrate measures the ranks of one node, but these {} ranks run on {} nodes ({} ranks; rank 0 on {}): "
-          "launch it on one node's ranks (the links between nodes are not calibrated yet)",
-          ranks, nodes.ranks_of_node.size(), fmt::join(nodes.ranks_of_node, " + "), nodes.mine));
+      throw UsageError(fmt::format("these {} ranks run on {} nodes with {} ranks (rank 0 on {}): calibrate needs as many "
+                                   "ranks on every node",
+                                   ranks, node_count, fmt::join(nodes.ranks_of_node, " + "), nodes.mine));
+    }
+    std::unique_ptr<exec::Comm> in_node, across_nodes;
+    if (node_count > 1) {
+      const int rank = world->rank(), node = nodes.node_of_rank[static_cast<size_t>(rank)];
+      const int local = static_cast<int>(std::count(nodes.node_of_rank.begin(), nodes.node_of_rank.begin() + rank, node));
+      if (per_node > 1) in_node = world->split(node, rank);
+      across_nodes = world->split(local, node);
     }
     exec::MicrobenchOptions mo;
     mo.quick = a.flag("--quick");
@@ -625,7 +657,7 @@ int calibrate(const Args& a) {
     const double gather_eff =
         m.gather.empty() ? elementwise_eff : std::min(1.0, cost::fit_memory_bandwidth(m.gather, launch_s) / bandwidth);
     const std::string device_name = backend.device() == exec::Device::kCpu ? "cpu-rank" : "gpu-rank";
-    const double memory = backend.device() == exec::Device::kCpu ? host_memory_bytes() / ranks : host_memory_bytes();
+    const double memory = backend.device() == exec::Device::kCpu ? host_memory_bytes() / per_node : host_memory_bytes();
     const ClusterText cluster_text{name, device_text(device_name, peak, memory, bandwidth, launch_s),
                                    backend.device() == exec::Device::kCpu};
     const std::string machine = machine_description(backend.name());
@@ -762,11 +794,17 @@ int calibrate(const Args& a) {
     // collectives.
     double link_Bps = bandwidth, link_latency_s = 1e-6, all_reduce_efficiency = 1;
     // `latency_s` < 0: latency and bandwidth; else the bandwidth alone with that latency.
-    auto fit_links = [&](const std::vector<CollectiveSample>& measured, const char* family, double latency_s) {
-      const topo::Cluster ref = topo::load_cluster_text(cluster_text("", ranks, 1e9, 1e-6), "reference");
+    // Over a group of `group_size` ranks (every rank's group alike), by the collectives' model on
+    // one node of them (a network's links are full duplex: `duplex`).
+    auto fit_links = [&](const std::vector<CollectiveSample>& measured, const char* family, double latency_s,
+                         int group_size = 0, bool duplex = false) {
+      if (group_size == 0) group_size = ranks;
+      ClusterText reference = cluster_text;
+      reference.half_duplex = reference.half_duplex && !duplex;
+      const topo::Cluster ref = topo::load_cluster_text(reference("", group_size, 1e9, 1e-6), "reference");
       const cost::CollectiveModel model(ref);
-      std::vector<int> group(static_cast<size_t>(ranks));
-      for (int i = 0; i < ranks; ++i) group[static_cast<size_t>(i)] = i;
+      std::vector<int> group(static_cast<size_t>(group_size));
+      for (int i = 0; i < group_size; ++i) group[static_cast<size_t>(i)] = i;
       std::vector<cost::LinkSample> samples, a2a, all_reduce;
       for (const CollectiveSample& s : measured) {
         const bool is_a2a = s.op == cost::CollectiveOp::kAllToAll;
@@ -806,21 +844,37 @@ int calibrate(const Args& a) {
                                                cluster_text("calibration", 1, link_Bps, link_latency_s), ranks, world,
                                                host_world, backend);
     progress_to(0.85);
-    // The collectives' microbenchmarks, and the links fitted to them.
+    // The collectives' microbenchmarks, and the links fitted to them: with several nodes, first
+    // across the nodes (every local index's group at once, as a step's exchanges load every NIC),
+    // then within them (every node's group at once).
+    Network network;
     if (ranks > 1) {
-      exec::MicrobenchOptions co = mo;
-      co.kernels = false;
-      co.collectives = true;
-      co.progress = [&](double f) { progress_to(0.85 + 0.15 * f); };
-      const exec::Microbenchmarks c = exec::run_microbenchmarks(backend, world, co);
-      std::vector<CollectiveSample> measured;
-      for (const exec::CommSample& s : c.all_to_all) measured.push_back({cost::CollectiveOp::kAllToAll, s.bytes, s.seconds});
-      for (const exec::CommSample& s : c.all_reduce) measured.push_back({cost::CollectiveOp::kAllReduce, s.bytes, s.seconds});
-      fit_links(measured, "collectives", -1);
+      auto measure = [&](exec::Comm* group, const char* family, bool duplex, double from, double to) {
+        exec::MicrobenchOptions co = mo;
+        co.kernels = false;
+        co.collectives = true;
+        co.progress = [&](double f) { progress_to(from + (to - from) * f); };
+        const exec::Microbenchmarks c = exec::run_microbenchmarks(backend, group, co);
+        std::vector<CollectiveSample> measured;
+        for (const exec::CommSample& s : c.all_to_all) measured.push_back({cost::CollectiveOp::kAllToAll, s.bytes, s.seconds});
+        for (const exec::CommSample& s : c.all_reduce) measured.push_back({cost::CollectiveOp::kAllReduce, s.bytes, s.seconds});
+        fit_links(measured, family, -1, group->size(), duplex);
+      };
+      if (node_count == 1) {
+        measure(world, "collectives", false, 0.85, 1.0);
+      } else {
+        measure(across_nodes.get(), "collectives_network", true, 0.85, per_node > 1 ? 0.92 : 1.0);
+        network = {node_count, link_Bps, link_latency_s};
+        if (per_node > 1) measure(in_node.get(), "collectives", false, 0.92, 1.0);
+      }
     }
-    r.set_link_bandwidth_bps(ranks > 1 ? link_Bps : 0);
-    r.set_link_latency_s(ranks > 1 ? link_latency_s : 0);
+    const bool links_within = per_node > 1;  // between ranks of one node
+    r.set_link_bandwidth_bps(links_within ? link_Bps : 0);
+    r.set_link_latency_s(links_within ? link_latency_s : 0);
     if (ranks > 1) r.set_all_reduce_efficiency(all_reduce_efficiency);
+    r.set_nodes(node_count);
+    r.set_network_bandwidth_bps(network.Bps);
+    r.set_network_latency_s(network.latency_s);
     const InSitu& in_situ = rounds.busy;
     // The backward gathers' factor is the EMBEDDING kind's; the forward gathers' goes by their size:
     // the step's, and its MoE layer's at half the tokens (one point without it).
@@ -836,7 +890,7 @@ int calibrate(const Args& a) {
     spec.set_calibration_step_s(in_situ.step_s);
     if (rounds.alone_factor > 0) {
       spec.set_alone_time_factor(rounds.alone_factor);
-      spec.set_ranks_per_host(ranks);
+      spec.set_ranks_per_host(per_node);
     }
     if (!root) return kExitOk;
     if (spec.has_alone_time_factor()) r.set_alone_time_factor(spec.alone_time_factor());
@@ -869,7 +923,7 @@ int calibrate(const Args& a) {
     // the link is the MoE layer alone's, and the exchanges of the step and of the layer at half
     // the tokens against it give the factors at their working sets (device_profile.proto
     // transfer_footprint).
-    if (ranks > 1 && !in_situ.collectives.empty()) {
+    if (node_count == 1 && ranks > 1 && !in_situ.collectives.empty()) {
       // A run's link bandwidth (fit_links leaves it, with the all-reduce's efficiency, in place).
       auto bandwidth = [&](const std::vector<CollectiveSample>& samples, const char* family) {
         fit_links(samples, family, link_latency_s);
@@ -919,8 +973,12 @@ int calibrate(const Args& a) {
         "# Written by `moesim calibrate --ranks {}`: this machine's ranks as devices, with the device\n"
         "# profile beside it ({}). Links: latency and bandwidth fitted to all-to-all times, and the\n"
         "# all-reduce's bandwidth efficiency against them{}.\n{}",
-        ranks, fs::path(profile_out).filename().string(), ranks > 1 ? "" : " (one rank: not measured, placeholders)",
-        cluster_text(description, ranks, link_Bps, link_latency_s, all_reduce_efficiency));
+        ranks, fs::path(profile_out).filename().string(),
+        ranks == 1          ? " (one rank: not measured, placeholders)"
+        : node_count == 1   ? ""
+        : links_within      ? "; the network between the nodes fitted apart, one rank per node"
+                            : " (one rank per node: the node's link a placeholder; the network fitted)",
+        cluster_text(description, ranks, link_Bps, link_latency_s, all_reduce_efficiency, network));
     std::string ptext;
     google::protobuf::TextFormat::PrintToString(spec, &ptext);
     ptext = "# Written by `moesim calibrate`: efficiency curves fitted to the executor's kernels on this machine.\n" + ptext;
@@ -987,9 +1045,12 @@ int calibrate(const Args& a) {
                              spec.has_alone_time_factor()
                                  ? fmt::format("; a rank alone x {:.3f}", r.alone_time_factor())
                                  : std::string());
-    if (ranks > 1)
+    if (links_within)
       std::cout << fmt::format("link between ranks   {}/s, {} latency; all-reduce at {:.2f} of it\n", format_bytes(link_Bps),
                                format_seconds(link_latency_s), r.all_reduce_efficiency());
+    if (node_count > 1)
+      std::cout << fmt::format("network              {} nodes of {} rank(s): {}/s a rank, {} latency\n", node_count,
+                               per_node, format_bytes(network.Bps), format_seconds(network.latency_s));
     if (r.transfer_footprint_factor() > 0)
       std::cout << fmt::format("exchanges in a step  {}x 1 at a {} working set (that link), x {:.3f} at {}{}\n",
                                r.transfer_half_factor() > 0 ? fmt::format("x {:.3f} at {}, ", r.transfer_half_factor(),
@@ -1042,7 +1103,9 @@ std::vector<Command> calibrate_commands() {
        "profile's transfer_footprint), and the layer at half the tokens the gathers' factor at their\n"
        "smaller size (the profile's gather_in_situ; backward gathers have one factor of their own).\n"
        "Prints each fit's residuals through the written profile.\n\n"
-       "Writes --out (a cluster: one node of N devices joined by a switch) and <out>.profile.textproto\n"
+       "Writes --out (a cluster: one node of N devices joined by a switch; ranks on several nodes, by\n"
+       "host name or MOESIM_NODE_NAME, as many on each: that many nodes joined by a network, a NIC per\n"
+       "rank on one switch, fitted to the collectives of one rank per node) and <out>.profile.textproto\n"
        "beside it (the device profile; scenarios name it as device_profile, `moesim validate --suite`\n"
        "finds it beside the cluster). Both are written only once everything succeeded: an interrupted\n"
        "calibration leaves the previous files intact. --db adds a calibrate row with the machine's\n"
@@ -1050,9 +1113,7 @@ std::vector<Command> calibrate_commands() {
        "shapes (for tests); --samples writes every measurement with the fitted model's time as CSV.\n"
        "CPU ranks run --threads OpenBLAS threads each (default: this machine's cores / N); the profile\n"
        "records it and `moesim validate` runs its ranks with as many. With --device cuda the ranks are\n"
-       "GPUs and the links are NCCL's. The ranks must run on one node (by host name, or\n"
-       "MOESIM_NODE_NAME where set): a launch across nodes is refused (exit 2), since the links between\n"
-       "nodes are not calibrated yet.\n",
+       "GPUs and the links are NCCL's. Nodes with unequal ranks are refused (exit 2).\n",
        {{"--quick"}, {"--out", "--ranks", "--device", "--name", "--db", "--timeout", "--samples", "--threads"}},
        calibrate},
   };

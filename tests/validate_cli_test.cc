@@ -350,31 +350,61 @@ TEST_CASE("calibrate refuses bad options, and a killed calibration leaves the pr
   if (read_file(profile) != previous_profile) CHECK_NOTHROW(cost::load_device_profile(profile));
 }
 
-// A launch across two nodes (two ranks naming different nodes, as on two hosts) is refused before
-// anything is measured, naming the nodes' ranks, and the previous files stay; a launch whose
-// ranks name one node goes on.
-TEST_CASE("calibrate refuses ranks on several nodes") {
+// Ranks on two nodes (ranks naming different nodes, as on two hosts): the network between them is
+// fitted to the collectives of one rank per node and written as a NIC per rank on one switch, so
+// that routes between nodes take it; with one rank per node no link within a node is measured.
+// Nodes with unequal ranks are refused before anything is measured, the previous files kept.
+TEST_CASE("calibrate measures the network between nodes and refuses unequal nodes") {
   TempFile dir("calibrate_nodes");
   std::filesystem::create_directories(dir.path);
   const std::string out = dir.path + "/local.textproto";
-  const std::string previous = std::string("# previous\n") + kTwoRanks;
-  std::ofstream(out) << previous;
-  const std::string args = fmt::format("calibrate --ranks 2 --quick --out '{}'", out);
-  auto launch = [&](const char* first, const char* second) {
-    return fmt::format("{} --allow-run-as-root --oversubscribe -np 1 -x MOESIM_NODE_NAME={} '{}' {} : -np 1 -x "
-                       "MOESIM_NODE_NAME={}",
-                       MOESIM_MPIEXEC, first, MOESIM_BINARY, args, second);
+  auto args = [&](int ranks) { return fmt::format("calibrate --ranks {} --quick --json --out '{}'", ranks, out); };
+  // An MPMD launch: `first` ranks naming node-a, then `second` naming node-b.
+  auto launch = [&](int first, int second) {
+    return fmt::format("{} --allow-run-as-root --oversubscribe -np {} -x MOESIM_NODE_NAME=node-a '{}' {} : -np {} -x "
+                       "MOESIM_NODE_NAME=node-b",
+                       MOESIM_MPIEXEC, first, MOESIM_BINARY, args(first + second), second);
   };
-  const Run two = moesim_run(args, "", launch("node-a", "node-b"));
+  const Run two = moesim_run(args(2), "", launch(1, 1));
   INFO(two.err);
-  CHECK(two.exit_code == 2);
-  CHECK_THAT(two.err, Catch::Contains("these 2 ranks run on 2 nodes (1 + 1 ranks; rank 0 on node-a)"));
+  REQUIRE(two.exit_code == 0);
+  const cli::CalibrateResult r = parse_json<cli::CalibrateResult>(two.out);
+  CHECK(r.nodes() == 2);
+  CHECK(r.network_bandwidth_bps() > 0);
+  CHECK(r.link_bandwidth_bps() == 0);  // one rank per node: nothing within a node
+  CHECK(r.residuals().count("collectives_network") == 1);
+  CHECK(r.residuals().count("collectives") == 0);
+  const topo::Cluster c = topo::load_cluster(out);
+  CHECK(c.node_count() == 2);
+  CHECK(c.device_count() == 2);
+  REQUIRE(c.spec().node().nic_size() == 1);
+  CHECK(c.spec().node().nic(0).bandwidth_bps() == Approx(r.network_bandwidth_bps()).epsilon(1e-5));
+  CHECK(c.spec().fabric().has_single_switch());
+  // Two nodes of two: the link within a node and the network apart; a route within a node takes
+  // the node's switch (two links), one between nodes the NICs.
+  const Run four = moesim_run(args(4), "", launch(2, 2));
+  INFO(four.err);
+  REQUIRE(four.exit_code == 0);
+  const cli::CalibrateResult r4 = parse_json<cli::CalibrateResult>(four.out);
+  CHECK(r4.nodes() == 2);
+  CHECK(r4.link_bandwidth_bps() > 0);
+  CHECK(r4.network_bandwidth_bps() > 0);
+  CHECK(r4.residuals().count("collectives") == 1);
+  CHECK(r4.residuals().count("collectives_network") == 1);
+  const topo::Cluster c4 = topo::load_cluster(out);
+  CHECK(c4.node_count() == 2);
+  CHECK(c4.spec().node().devices_per_node() == 2);
+  const Run within = moesim_run(fmt::format("topo route '{}' --from 0 --to 1 --json", out));
+  const Run between = moesim_run(fmt::format("topo route '{}' --from 0 --to 2 --json", out));
+  REQUIRE(within.exit_code == 0);
+  REQUIRE(between.exit_code == 0);
+  CHECK_THAT(within.out, Catch::Contains("\"hops\": 2"));
+  CHECK_THAT(between.out, Catch::Contains("\"hops\": 6"));
+  const std::string previous = read_file(out);
+  const Run unequal = moesim_run(args(3), "", launch(2, 1));
+  CHECK(unequal.exit_code == 2);
+  CHECK_THAT(unequal.err, Catch::Contains("these 3 ranks run on 2 nodes with 2 + 1 ranks (rank 0 on node-a)"));
   CHECK(read_file(out) == previous);
-  const Run one = moesim_run(args, "", launch("node-a", "node-a"));
-  INFO(one.err);
-  CHECK(one.exit_code == 0);
-  CHECK_NOTHROW(topo::load_cluster(out));
-  CHECK(read_file(out) != previous);
 }
 
 }  // namespace
