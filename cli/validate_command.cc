@@ -445,7 +445,8 @@ int validate_suite(const Args& a) {
     const profile::DeviceProfile& spec = loaded.spec();
     calibration_step_s = spec.calibration_step_s();
     const int ranks = std::max(1, node.node().devices_per_node());  // the calibrated ranks
-    if (calibration_step_s > 0) {
+    // A calibration across nodes ran its step on all of them, which the suite (on one node) cannot.
+    if (calibration_step_s > 0 && node.nodes() <= 1) {
       reference = (dir / "calibration-step.scenario.textproto").string();
       std::ofstream(reference) << fmt::format(
           "# moesim validate --suite: the calibration step, for the machine's pace against its calibration\n"

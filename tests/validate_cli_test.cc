@@ -400,6 +400,14 @@ TEST_CASE("calibrate measures the network between nodes and refuses unequal node
   REQUIRE(between.exit_code == 0);
   CHECK_THAT(within.out, Catch::Contains("\"hops\": 2"));
   CHECK_THAT(between.out, Catch::Contains("\"hops\": 6"));
+  // The suite runs on one node of it, without the pace: the calibration step ran on both nodes.
+  const Run suite = moesim_run(
+      fmt::format("validate --suite --cluster '{}' --passes 1 --steps 2 --json --out '{}'", out, dir.path + "/suite"));
+  INFO(suite.err);
+  REQUIRE(suite.exit_code == 0);
+  const cli::ValidateSuiteResult s = parse_json<cli::ValidateSuiteResult>(suite.out);
+  CHECK(s.plans_size() == 10);
+  CHECK_FALSE(s.has_pace_vs_calibration_pct());
   const std::string previous = read_file(out);
   const Run unequal = moesim_run(args(3), "", launch(2, 1));
   CHECK(unequal.exit_code == 2);
