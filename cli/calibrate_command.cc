@@ -64,16 +64,17 @@ double host_memory_bytes() {
   return static_cast<double>(::sysconf(_SC_PHYS_PAGES)) * static_cast<double>(::sysconf(_SC_PAGESIZE));
 }
 
-// The cluster text: one node of `ranks` devices joined by a switch (processes on one host exchange
-// through shared memory, whose copies share one bandwidth both ways: `half_duplex`; on GPUs,
-// NVLink or PCIe as NCCL finds it), PCIe slower than the switch so that routes between ranks take
-// the switch.
 // Several nodes: `nodes` of ranks / nodes devices, a NIC per device on one switch, the network's
 // bandwidth per rank and its latency between two ranks (half on each NIC).
 struct Network {
   int nodes = 1;
   double Bps = 0, latency_s = 0;
 };
+
+// The cluster text: one node of `ranks` devices joined by a switch (processes on one host exchange
+// through shared memory, whose copies share one bandwidth both ways: `half_duplex`; on GPUs,
+// NVLink or PCIe as NCCL finds it), PCIe slower than the switch so that routes between ranks take
+// the switch; or, with a `network`, its nodes of ranks / nodes devices each.
 struct ClusterText {
   std::string name, device;
   bool half_duplex = false;
@@ -976,7 +977,7 @@ int calibrate(const Args& a) {
         ranks, fs::path(profile_out).filename().string(),
         ranks == 1          ? " (one rank: not measured, placeholders)"
         : node_count == 1   ? ""
-        : links_within      ? "; the network between the nodes fitted apart, one rank per node"
+        : links_within      ? "; the network between the nodes fitted apart, to collectives of one rank per node"
                             : " (one rank per node: the node's link a placeholder; the network fitted)",
         cluster_text(description, ranks, link_Bps, link_latency_s, all_reduce_efficiency, network));
     std::string ptext;
