@@ -600,8 +600,7 @@ int calibrate(const Args& a) {
     const auto t0 = std::chrono::steady_clock::now();
     const bool root = !world || world->rank() == 0;
     // The ranks' nodes: with several, the links within a node and the network between nodes are
-    // measured apart (one link fitted to both classes would describe neither), each over groups
-    // of its own: a node's ranks, and the ranks of one local index across the nodes.
+    // measured apart (below: one link fitted to both classes would describe neither).
     const RankNodes nodes = rank_nodes(host_world);
     const int node_count = static_cast<int>(nodes.ranks_of_node.size());
     const int per_node = ranks / node_count;
@@ -610,13 +609,6 @@ int calibrate(const Args& a) {
       throw UsageError(fmt::format("these {} ranks run on {} nodes with {} ranks (rank 0 on {}): calibrate needs as many "
                                    "ranks on every node",
                                    ranks, node_count, fmt::join(nodes.ranks_of_node, " + "), nodes.mine));
-    }
-    std::unique_ptr<exec::Comm> in_node, across_nodes;
-    if (node_count > 1) {
-      const int rank = world->rank(), node = nodes.node_of_rank[static_cast<size_t>(rank)];
-      const int local = static_cast<int>(std::count(nodes.node_of_rank.begin(), nodes.node_of_rank.begin() + rank, node));
-      if (per_node > 1) in_node = world->split(node, rank);
-      across_nodes = world->split(local, node);
     }
     exec::MicrobenchOptions mo;
     mo.quick = a.flag("--quick");
@@ -863,10 +855,12 @@ int calibrate(const Args& a) {
       };
       if (node_count == 1) {
         measure(world, "collectives", false, 0.85, 1.0);
-      } else {
-        measure(across_nodes.get(), "collectives_network", true, 0.85, per_node > 1 ? 0.92 : 1.0);
+      } else {  // groups of the ranks of one local index across the nodes, then of each node's ranks
+        const int rank = world->rank(), node = nodes.node_of_rank[static_cast<size_t>(rank)];
+        const int local = static_cast<int>(std::count(nodes.node_of_rank.begin(), nodes.node_of_rank.begin() + rank, node));
+        measure(world->split(local, node).get(), "collectives_network", true, 0.85, per_node > 1 ? 0.92 : 1.0);
         network = {node_count, link_Bps, link_latency_s};
-        if (per_node > 1) measure(in_node.get(), "collectives", false, 0.92, 1.0);
+        if (per_node > 1) measure(world->split(node, rank).get(), "collectives", false, 0.92, 1.0);
       }
     }
     const bool links_within = per_node > 1;  // between ranks of one node

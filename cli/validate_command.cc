@@ -514,8 +514,8 @@ int validate_suite(const Args& a) {
   if (progress) std::cerr << '\r' << std::string(40, ' ') << '\r';
   // Per kind over every plan: each plan's median for a kind stands for its ops of that kind. Each
   // op's error is its median over the passes (one fresh process's op is one draw of a wide spread
-  // on a shared machine); per_kind_median_pass takes the compared pass alone.
-  std::map<std::string, std::vector<double>> pooled, pooled_one_pass, spreads, shares;
+  // on a shared machine); `plans` carry the compared passes' own figures.
+  std::map<std::string, std::vector<double>> pooled, spreads, shares;
   for (size_t i = 0; i < runs.size(); ++i) {
     std::vector<std::vector<trace::OpError>> pass_ops;
     for (const ValidateResult& r : runs[i]) {
@@ -527,13 +527,9 @@ int validate_suite(const Args& a) {
       pooled[kind].insert(pooled[kind].end(), static_cast<size_t>(k.errors.count), k.errors.median_abs_pct);
       spreads[kind].insert(spreads[kind].end(), static_cast<size_t>(k.errors.count), k.spread_pct);
     }
-    for (const auto& [kind, k] : suite.plans(static_cast<int>(i)).per_kind_detail()) {
-      pooled_one_pass[kind].insert(pooled_one_pass[kind].end(), static_cast<size_t>(k.ops()), k.median_abs_pct());
-      shares[kind].push_back(k.share_pct());
-    }
+    for (const auto& [kind, k] : suite.plans(static_cast<int>(i)).per_kind_detail()) shares[kind].push_back(k.share_pct());
   }
   for (const auto& [kind, v] : pooled) (*suite.mutable_per_kind())[kind] = trace::quantile(v, 0.5);
-  for (const auto& [kind, v] : pooled_one_pass) (*suite.mutable_per_kind_median_pass())[kind] = trace::quantile(v, 0.5);
   for (const auto& [kind, v] : spreads) (*suite.mutable_per_kind_spread_pct())[kind] = trace::quantile(v, 0.5);
   for (const auto& [kind, v] : shares) (*suite.mutable_per_kind_share_pct())[kind] = trace::quantile(v, 0.5);
   const trace::ErrorStats s = trace::error_stats(step_errors);
@@ -629,8 +625,7 @@ std::vector<Command> validate_commands() {
        "--json carries median_abs_pct_error, p90_abs_pct_error, per_kind, kendall_tau, unmatched_ops\n"
        "(the suite also pace_vs_calibration_pct, exchange_pace_vs_calibration_pct, per_kind_share_pct:\n"
        "each kind's median share of a plan's measured op time; per_kind_spread_pct: how far the passes\n"
-       "spread, per op half the range of its errors, the median over the kind's ops; and\n"
-       "per_kind_median_pass: per_kind from the compared passes alone).\n"
+       "spread, per op half the range of its errors, the median over the kind's ops).\n"
        "The executor computes in fp32: the workload's precision must be FP32. Exit 2 on bad input.\n",
        {{"--feedback", "--suite"},
         {"--plan", "--scenario", "--profile", "--ranks", "--steps", "--warmup", "--routing-out", "--trace", "--db",
