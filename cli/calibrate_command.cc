@@ -265,7 +265,7 @@ struct InSitu {
   cost::InSituHost host;
   double step_s = 0;               // the mean quiet step
   double measured_sum_s = 0, predicted_sum_s = 0;  // over the fitted compute ops
-  // The step's collectives: per op, as validation measures it (trace::mean_op_times).
+  // The step's collectives: per op, as validation measures it (trace::median_op_times).
   std::vector<CollectiveSample> collectives;
   double working_set_bytes = 0;  // the largest rank's (cost::working_set_bytes)
   double gather_bytes = 0;       // the median bytes of its forward row gathers (EMBEDDING kernels)
@@ -299,7 +299,7 @@ double median_gather_bytes(const cost::Setup& setup) {
 // The calibration step (cli/calibration_step.h; `layers` and `sequences` per rank: the step 3 and
 // 8, its MoE layer alone 1) trained for 48 steps on every rank with the Schedule lowered under
 // `spec`; on
-// rank 0, each compute op's measured time (mean over the quiet half of steps 10..47, as validation)
+// rank 0, each compute op's measured time (median over the quiet half of steps 10..47, as validation)
 // against its predicted time split per kernel kind (each kind's share found by lowering again with
 // that kind's factor at 2), then one factor for all kinds by cost::fit_in_situ_factor (see below).
 // Collective on `world`.
@@ -332,13 +332,13 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
   for (const cost::RankMemory& m : cost::estimate_memory(setup).ranks)
     out.working_set_bytes = std::max(out.working_set_bytes, cost::working_set_bytes(m));
   out.gather_bytes = median_gather_bytes(setup);
-  // Measured as validation measures (traces/validation.h): means over the quiet half of the steps
+  // Measured as validation measures (traces/validation.h): medians over the quiet half of the steps
   // after the warm-up (kWarmupSteps), a collective by its last arrival's span.
   const std::map<int, double> step_time = trace::step_times(measured, trace::kWarmupSteps);
   const std::set<int> quiet = trace::quiet_steps(step_time, trace::kQuietShare);
   for (int step : quiet) out.step_s += step_time.at(step) / static_cast<double>(quiet.size());
-  const std::map<std::pair<std::string, int>, double> times = trace::mean_op_times(measured, quiet);
-  const std::map<std::pair<std::string, int>, trace::HostRouting> host_times = trace::mean_host_routing(measured, quiet);
+  const std::map<std::pair<std::string, int>, double> times = trace::median_op_times(measured, quiet);
+  const std::map<std::pair<std::string, int>, trace::HostRouting> host_times = trace::median_host_routing(measured, quiet);
   // The kernels' factors (every kind of kInSituKinds, then the gathers') times these: an op's
   // time grows by exactly the part a doubled factor scales.
   const cost::DeviceProfile given = cost::DeviceProfile::from_spec(spec, "calibration profile");

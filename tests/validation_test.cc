@@ -99,7 +99,7 @@ TEST_CASE("The join recovers known per-op and per-kind errors, collectives from 
   CHECK(all.step.max_abs_pct == Approx(55));
 }
 
-TEST_CASE("Measured times are means over the quiet half of the steps: slowed stretches do not move them") {
+TEST_CASE("Measured times are medians over the quiet half of the steps: slowed stretches do not move them") {
   // Steps 1..8 compared; steps 5..8 run 1.5x slow everywhere (a co-tenant's stretch), so a mean
   // over every step would sit between the two regimes while the quiet half is the undisturbed one.
   Trace t;
@@ -121,7 +121,7 @@ TEST_CASE("Measured times are means over the quiet half of the steps: slowed str
   double ops = 0;
   for (const OpError& e : quiet.ops)
     if (e.rank == 0) ops += e.measured_s;
-  CHECK(ops == Approx(quiet.measured_step_quiet_s));  // means over the same steps add up
+  CHECK(ops == Approx(quiet.measured_step_quiet_s));  // steady ops' medians add up to the step
   // Every step (an option) lands between the regimes: 80 and 120 us -> 100 us.
   const Comparison all = compare(predicted(), t, {.predicted_step_s = 360e-6, .quiet_share = 1.0});
   for (const OpError& e : all.ops)
@@ -130,20 +130,49 @@ TEST_CASE("Measured times are means over the quiet half of the steps: slowed str
   CHECK(quiet_steps({{1, 3.0}}, 0.1) == std::set<int>{1});
 }
 
-TEST_CASE("Host routing seconds are means over the given steps, per op and rank") {
+TEST_CASE("An op's hiccup in one step does not move its measured time: the median over the steps") {
+  // Five steps of 100 us; in step 3 the exchange meets a 60 us hiccup on both ranks (a rank
+  // descheduled) and the attention a 20 us one on rank 1 alone. A mean would put the exchange
+  // at 28 us and rank 1's attention at 54.
   Trace t;
-  for (int step = 0; step < 3; ++step) {
+  for (int s = 1; s <= 5; ++s) {
+    const int64_t base = s * 1'000'000;
+    for (int r = 0; r < 2; ++r) {
+      const int64_t attn_end = base + 50'000 + (s == 3 && r == 1 ? 20'000 : 0);
+      *t.add_spans() = span("L0.attn mb0 fwd", "attn", ATTENTION, r, s, base, attn_end);
+      // Rank 0 arrives 5 us before rank 1: a collective is its last arrival's span.
+      const int64_t arrive = attn_end + (r == 0 ? 0 : 5'000), end = attn_end + 18'000 + (s == 3 ? 60'000 : 0);
+      *t.add_spans() = span("L0.moe.dispatch_a2a mb0 fwd", "moe.dispatch_a2a", ALL_TO_ALL, r, s, arrive, end);
+    }
+  }
+  const auto times = median_op_times(t, {1, 2, 3, 4, 5});
+  CHECK(times.at({"L0.attn mb0 fwd", 0}) == Approx(50e-6));
+  CHECK(times.at({"L0.attn mb0 fwd", 1}) == Approx(50e-6));
+  CHECK(times.at({"L0.moe.dispatch_a2a mb0 fwd", 0}) == Approx(13e-6));  // 18 - 5, rank 1's span
+  CHECK(times.at({"L0.moe.dispatch_a2a mb0 fwd", 1}) == Approx(13e-6));
+  // Two spans of one op id in a step count as one time: their sum.
+  *t.add_spans() = span("L0.attn mb0 fwd", "attn", ATTENTION, 0, 2, 2'500'000, 2'510'000);
+  *t.add_spans() = span("L0.attn mb0 fwd", "attn", ATTENTION, 0, 4, 4'500'000, 4'510'000);
+  *t.add_spans() = span("L0.attn mb0 fwd", "attn", ATTENTION, 0, 5, 5'500'000, 5'510'000);
+  CHECK(median_op_times(t, {1, 2, 3, 4, 5}).at({"L0.attn mb0 fwd", 0}) == Approx(60e-6));
+  CHECK(median_op_times(t, {1, 3}).at({"L0.attn mb0 fwd", 0}) == Approx(50e-6));  // only the given steps
+}
+
+TEST_CASE("Host routing seconds are medians over the given steps, per op and rank") {
+  Trace t;
+  for (int step = 0; step < 4; ++step) {
     Span gate = span("L0.moe.gate mb0 fwd", "moe.gate", ELEMENTWISE, 1, step, 0, 100'000);
-    gate.set_routing_host_s(10e-6 * (step + 1));
+    gate.set_routing_host_s(step == 3 ? 300e-6 : 10e-6 * (step + 1));  // step 3: a hiccup
     gate.set_dispatch_host_s(step == 2 ? 4e-6 : 0);
     *t.add_spans() = gate;
     *t.add_spans() = span("L0.attn mb0 fwd", "attn", ATTENTION, 1, step, 100'000, 200'000);
   }
-  const auto h = mean_host_routing(t, {1, 2});
+  const auto h = median_host_routing(t, {1, 2});
   REQUIRE(h.size() == 1);  // the attention has none
   const HostRouting& g = h.at({"L0.moe.gate mb0 fwd", 1});
   CHECK(g.routing_s == Approx(25e-6));
   CHECK(g.dispatch_s == Approx(2e-6));
+  CHECK(median_host_routing(t, {1, 2, 3}).at({"L0.moe.gate mb0 fwd", 1}).routing_s == Approx(30e-6));  // not 110
 }
 
 TEST_CASE("Traces of different schedules are refused with the first missing op") {

@@ -110,7 +110,7 @@ std::map<int, double> step_times(const Trace& measured, int first_step) {
   return out;
 }
 
-std::map<std::pair<std::string, int>, double> mean_op_times(const Trace& measured, const std::set<int>& steps) {
+std::map<std::pair<std::string, int>, double> median_op_times(const Trace& measured, const std::set<int>& steps) {
   // The last rank to arrive at a collective waits for no one: its span is the exchange itself.
   // Measured on one rank's clock, as ranks' clocks start at their own exit from a barrier.
   std::map<std::pair<int, std::string>, int64_t> shortest;  // (step, collective op id) -> ns
@@ -120,24 +120,37 @@ std::map<std::pair<std::string, int>, double> mean_op_times(const Trace& measure
     auto [it, fresh] = shortest.emplace(std::pair{s.step(), s.op_id()}, d);
     if (!fresh) it->second = std::min(it->second, d);
   }
-  std::map<std::pair<std::string, int>, double> out;
-  const double per_step = steps.empty() ? 0 : 1.0 / static_cast<double>(steps.size());
+  std::map<std::pair<std::string, int>, std::map<int, double>> per_step;  // (op id, rank) -> step -> s
   for (const Span& s : measured.spans()) {
     if (!steps.count(s.step())) continue;
     const int64_t d = is_collective(s.kind()) ? shortest[{s.step(), s.op_id()}] : std::max<int64_t>(0, s.end_ns() - s.start_ns());
-    out[{s.op_id(), s.rank()}] += static_cast<double>(d) * 1e-9 * per_step;
+    per_step[{s.op_id(), s.rank()}][s.step()] += static_cast<double>(d) * 1e-9;
+  }
+  std::map<std::pair<std::string, int>, double> out;
+  for (const auto& [key, by_step] : per_step) {
+    std::vector<double> v;
+    for (const auto& [step, t] : by_step) v.push_back(t);
+    out[key] = quantile(v, 0.5);
   }
   return out;
 }
 
-std::map<std::pair<std::string, int>, HostRouting> mean_host_routing(const Trace& measured, const std::set<int>& steps) {
-  std::map<std::pair<std::string, int>, HostRouting> out;
-  const double per_step = steps.empty() ? 0 : 1.0 / static_cast<double>(steps.size());
+std::map<std::pair<std::string, int>, HostRouting> median_host_routing(const Trace& measured, const std::set<int>& steps) {
+  std::map<std::pair<std::string, int>, std::map<int, HostRouting>> per_step;  // (op id, rank) -> step -> s
   for (const Span& s : measured.spans()) {
     if (!steps.count(s.step()) || (s.routing_host_s() <= 0 && s.dispatch_host_s() <= 0)) continue;
-    HostRouting& h = out[{s.op_id(), s.rank()}];
-    h.routing_s += s.routing_host_s() * per_step;
-    h.dispatch_s += s.dispatch_host_s() * per_step;
+    HostRouting& h = per_step[{s.op_id(), s.rank()}][s.step()];
+    h.routing_s += s.routing_host_s();
+    h.dispatch_s += s.dispatch_host_s();
+  }
+  std::map<std::pair<std::string, int>, HostRouting> out;
+  for (const auto& [key, by_step] : per_step) {
+    std::vector<double> routing, dispatch;
+    for (const auto& [step, h] : by_step) {
+      routing.push_back(h.routing_s);
+      dispatch.push_back(h.dispatch_s);
+    }
+    out[key] = {quantile(routing, 0.5), quantile(dispatch, 0.5)};
   }
   return out;
 }
@@ -168,7 +181,7 @@ Comparison compare(const Trace& predicted, const Trace& measured, const CompareO
   // The quiet steps: the faster `quiet_share` of the compared steps by step time (ties kept).
   const std::map<int, double> step_time = step_times(measured, first_step);
   const std::set<int> quiet = quiet_steps(step_time, options.quiet_share);
-  const std::map<Key, double> means = mean_op_times(measured, quiet);
+  const std::map<Key, double> medians = median_op_times(measured, quiet);
 
   Comparison c;
   c.predicted_step_s = options.predicted_step_s;
@@ -187,7 +200,7 @@ Comparison compare(const Trace& predicted, const Trace& measured, const CompareO
     e.kind = op_kind_label(p.name().empty() ? p.op_id() : p.name());
     e.rank = p.rank();
     e.predicted_s = static_cast<double>(p.end_ns() - p.start_ns()) * 1e-9;
-    e.measured_s = means.at(k);
+    e.measured_s = medians.at(k);
     e.error_pct = e.measured_s > 0 ? (e.predicted_s - e.measured_s) / e.measured_s * 100
                   : e.predicted_s > 0 ? std::numeric_limits<double>::infinity()
                                       : 0;

@@ -10,7 +10,7 @@
 // makes compare() throw TraceMismatch naming it (traces of different plans are not joined).
 //
 // ## Durations
-// Predicted: the span's end - start (one simulated step). Measured: the mean of the rank's span
+// Predicted: the span's end - start (one simulated step). Measured: the median of the rank's span
 // over the quiet steps: the faster `quiet_share` (default kQuietShare, half) of the compared steps
 // (steps >= skip_steps, the warm-up left out) by step time. For a collective the
 // simulator's span starts when every participant is ready (the rendezvous), while an executor
@@ -25,17 +25,21 @@
 // error_pct = (predicted - measured) / measured x 100 (positive: the simulator is slow). A step's
 // measured time is the latest span end minus the earliest span start over all ranks in that step;
 // each compared step gives one step-time error against the one predicted step time, and the mean
-// over the quiet steps gives the run's step time and its error (step_error_pct). Means over the
-// same steps add up: the ops' measured times sum to the step's, as the predicted ones do.
+// over the quiet steps gives the run's step time and its error (step_error_pct).
 // Medians and percentiles interpolate linearly between order statistics (numpy's default).
 //
-// ## Why the quiet steps
+// ## Why the quiet steps, and an op's median over them
 // On a shared machine other tenants slow whole stretches of a run and never speed one up: on the
 // development VM one rank's moe-tiny step took 9.5-10.5 ms in most stretches and 13-15 ms in
 // others of 100-200 ms, and the share of slow steps changed from run to run (a run's median moved
 // by 40%). A stretch outlasts a step, so a step is slowed as a whole: the faster half of the
-// steps is the machine's own speed. Their means, not each op's own quantile, because quantiles do
-// not add: the sum of the ops' lower quartiles fell 10% short of the steps' lower quartile.
+// steps is the machine's own speed. Within them a short op still meets a hiccup now and then (a
+// rank descheduled for a few microseconds, a page fault), too short to slow its step out of the
+// quiet half: over one run's steps, moe-tiny's 179 kB gradient all-reduce took 16-18 us in
+// some steps and 40-147 in others, and a permutation's mean was 13.1 us against a median of 8.4.
+// So an op's measured time is its median over the quiet steps, the op as it usually runs; a step
+// is not a sum of medians, but the ops' medians fell short of their means' sum by 0.2-0.7% of the
+// step over the suite's 2-rank plans, and the suite's per-kind errors fell (docs/VALIDATION.md).
 // Calibration's in-situ step measures the same way, and its microbenchmarks take the lower
 // quartile of repeated batches of one kernel (kQuietQuantile), so a prediction and its check
 // describe one machine.
@@ -136,17 +140,17 @@ std::map<std::string, KindOverRuns> per_kind_over_runs(const std::vector<std::ve
 // start over every rank.
 std::map<int, double> step_times(const Trace& measured, int first_step = 0);
 
-// Each (op id, rank)'s measured time as validation takes it (see "Durations"), the mean over
-// `steps`: a span's duration; a collective's, the shortest span of the ranks running that op id
-// in the step, the same for each of them.
-std::map<std::pair<std::string, int>, double> mean_op_times(const Trace& measured, const std::set<int>& steps);
+// Each (op id, rank)'s measured time as validation takes it (see "Durations"), the median over
+// `steps`: a span's duration (its spans' sum in a step); a collective's, the shortest span of
+// the ranks running that op id in the step, the same for each of them.
+std::map<std::pair<std::string, int>, double> median_op_times(const Trace& measured, const std::set<int>& steps);
 
-// Each (op id, rank)'s host-side routing seconds (Span routing_host_s, dispatch_host_s), the means
-// over `steps`; only the ops that have some.
+// Each (op id, rank)'s host-side routing seconds (Span routing_host_s, dispatch_host_s), each the
+// median over `steps` (as median_op_times); only the ops that have some.
 struct HostRouting {
   double routing_s = 0, dispatch_s = 0;
 };
-std::map<std::pair<std::string, int>, HostRouting> mean_host_routing(const Trace& measured, const std::set<int>& steps);
+std::map<std::pair<std::string, int>, HostRouting> median_host_routing(const Trace& measured, const std::set<int>& steps);
 
 // The q-quantile (0..1) of `values` with linear interpolation; 0 for no values.
 double quantile(std::vector<double> values, double q);
