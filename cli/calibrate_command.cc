@@ -280,6 +280,20 @@ struct InSitu {
     model_s.clear();
     for (size_t j = 0; j < measured_s.size(); ++j) model_s.push_back(fit.time_s(scaled[j], fixed[j], terms, j));
   }
+  // Measured over predicted (before the fit) for the ops that are mostly row gathers, as
+  // measured_sum_s / predicted_sum_s for all of them; 0 without such ops.
+  double gather_ratio() const {
+    double measured = 0, predicted = 0;
+    for (size_t j = 0; j < measured_s.size(); ++j) {
+      const double base = fixed[j] + scaled[j];
+      const double gathers = (j < terms.gather.size() ? terms.gather[j] : 0) +
+                             (j < terms.gather_backward.size() ? terms.gather_backward[j] : 0);
+      if (!(gathers >= 0.5 * base) || base <= 0) continue;
+      measured += measured_s[j];
+      predicted += base;
+    }
+    return predicted > 0 ? measured / predicted : 0;
+  }
 };
 
 // The median bytes of a setup's forward row gathers, sized for its micro-batch as the lowering
@@ -452,6 +466,7 @@ double routing_host_s(const cost::InSituFit& fit, const cost::InSituTerms& terms
 struct InSituRounds {
   InSitu busy;              // the round whose measured-to-predicted ratio is the median
   double alone_factor = 0;  // a rank alone against all busy, the median over the rounds; 0: not measured
+  double alone_gather_factor = 0;  // the same for the ops that are mostly row gathers
   // The step's MoE layer alone (calibration_model_text with 1 layer), every round's collectives:
   // the same exchanges in a smaller working set. Several ranks only.
   std::vector<CollectiveSample> layer_collectives;
@@ -486,7 +501,7 @@ InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::strin
   InSituRounds out;
   std::vector<InSitu> busy;
   std::vector<double> half_gathers, half_overheads, layer_hosts;
-  std::vector<double> alone;
+  std::vector<double> alone, alone_gathers;
   constexpr int kRounds = 5;
   for (int i = 0; i < kRounds; ++i) {
     if (i > 0) std::this_thread::sleep_for(std::chrono::seconds(1));
@@ -510,6 +525,8 @@ InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::strin
     if (root) {
       const InSitu a = fit_in_situ(spec, alone_cluster, 1, nullptr, nullptr, backend);
       if (ratio(a) > 0 && ratio(busy.back()) > 0) alone.push_back(ratio(a) / ratio(busy.back()));
+      if (a.gather_ratio() > 0 && busy.back().gather_ratio() > 0)
+        alone_gathers.push_back(a.gather_ratio() / busy.back().gather_ratio());
     } else {
       std::this_thread::sleep_for(std::chrono::duration<double>(wait_s));
     }
@@ -523,6 +540,7 @@ InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::strin
   for (const InSitu& b : busy)
     out.busy.collectives.insert(out.busy.collectives.end(), b.collectives.begin(), b.collectives.end());
   if (!alone.empty()) out.alone_factor = trace::quantile(alone, 0.5);
+  if (!alone_gathers.empty()) out.alone_gather_factor = std::clamp(trace::quantile(alone_gathers, 0.5), 0.1, 10.0);
   if (root) {
     out.half_gather_factor = trace::quantile(half_gathers, 0.5);
     if (!layer_hosts.empty()) out.layer_host_factor = trace::quantile(layer_hosts, 0.5);
@@ -886,9 +904,11 @@ int calibrate(const Args& a) {
     if (rounds.alone_factor > 0) {
       spec.set_alone_time_factor(rounds.alone_factor);
       spec.set_ranks_per_host(per_node);
+      if (rounds.alone_gather_factor > 0) spec.set_alone_gather_time_factor(rounds.alone_gather_factor);
     }
     if (!root) return kExitOk;
     if (spec.has_alone_time_factor()) r.set_alone_time_factor(spec.alone_time_factor());
+    if (spec.has_alone_gather_time_factor()) r.set_alone_gather_time_factor(spec.alone_gather_time_factor());
     r.set_in_situ_factor(in_situ.fit.factor);
     r.set_in_situ_gather_factor(in_situ.fit.gather_factor);
     r.set_in_situ_gather_backward_factor(in_situ.fit.gather_backward_factor);
@@ -1038,7 +1058,10 @@ int calibrate(const Args& a) {
                              format_seconds(r.routing_choice_s()),
                              format_seconds(r.routing_backward_choice_s()), format_seconds(r.dispatch_choice_s()),
                              spec.has_alone_time_factor()
-                                 ? fmt::format("; a rank alone x {:.3f}", r.alone_time_factor())
+                                 ? fmt::format("; a rank alone x {:.3f}{}", r.alone_time_factor(),
+                                               r.alone_gather_time_factor() > 0
+                                                   ? fmt::format(" (its gathers x {:.3f})", r.alone_gather_time_factor())
+                                                   : std::string())
                                  : std::string());
     if (links_within)
       std::cout << fmt::format("link between ranks   {}/s, {} latency; all-reduce at {:.2f} of it\n", format_bytes(link_Bps),
@@ -1092,11 +1115,12 @@ std::vector<Command> calibrate_commands() {
        "times a second apart: the in-situ time factors (the kernels', the row gathers') and per-op\n"
        "overhead of its slowest rank, and the MoE routing's host time per token-choice (gate, gate\n"
        "backward, dispatch) measured inside its ops; with several ranks, the same step on rank 0\n"
-       "alone gives the factor for a rank alone on its host, and the step's MoE layer alone (the same\n"
-       "exchanges in half the working set) sets the link; the step's exchanges and the layer's at\n"
-       "half the tokens against it give the factors by which the working set slows them (the\n"
-       "profile's transfer_footprint), and the layer at half the tokens the gathers' factor at their\n"
-       "smaller size (the profile's gather_in_situ; backward gathers have one factor of their own).\n"
+       "alone gives the factors for a rank alone on its host (its ops', its row gathers' apart), and\n"
+       "the step's MoE layer alone (the same exchanges in half the working set) sets the link; the\n"
+       "step's exchanges and the layer's at half the tokens against it give the factors by which the\n"
+       "working set slows them (the profile's transfer_footprint), and the layer at half the tokens\n"
+       "the gathers' factor at their smaller size (the profile's gather_in_situ; backward gathers\n"
+       "have one factor of their own).\n"
        "Prints each fit's residuals through the written profile.\n\n"
        "Writes --out (a cluster: one node of N devices joined by a switch; ranks on several nodes, by\n"
        "host name or MOESIM_NODE_NAME, as many on each: that many nodes joined by a network, a NIC per\n"

@@ -204,6 +204,7 @@ void validate(const ConfigScope& root, const profile::DeviceProfile& p) {
   root.positive("calibration_step_s", Need::kOptional, /*allow_zero=*/false, 3600);
   root.positive("ranks_per_host", Need::kOptional, /*allow_zero=*/false, 1 << 20);
   root.positive("alone_time_factor", Need::kOptional, /*allow_zero=*/false, 10.0);
+  root.positive("alone_gather_time_factor", Need::kOptional, /*allow_zero=*/false, 10.0);
   std::set<int> gather_kernels;
   for (int i = 0; i < p.gather_kernel_size(); ++i) {
     ConfigScope g = root.child("gather_kernel", i);
@@ -369,10 +370,12 @@ double DeviceProfile::gather_time_factor(double bytes) const {
   return factor_by_bytes(spec_.gather_in_situ(), bytes, in_situ_time_factor(OpKind::kEmbedding));
 }
 
-double DeviceProfile::host_share_factor(int ranks_here) const {
+double DeviceProfile::host_share_factor(int ranks_here, bool gathers) const {
   const int calibrated = spec_.has_ranks_per_host() ? spec_.ranks_per_host() : 1;
   if (calibrated <= 1 || ranks_here >= calibrated) return 1.0;
-  const double alone = spec_.has_alone_time_factor() ? spec_.alone_time_factor() : 1.0;
+  const double alone = gathers && spec_.has_alone_gather_time_factor() ? spec_.alone_gather_time_factor()
+                       : spec_.has_alone_time_factor()                  ? spec_.alone_time_factor()
+                                                                        : 1.0;
   return alone + (1.0 - alone) * static_cast<double>(std::max(ranks_here, 1) - 1) / (calibrated - 1);
 }
 
@@ -417,7 +420,8 @@ OpTime op_time(const DeviceProfile& profile, const Op& op, DType dtype) {
   if (op.kind == OpKind::kEmbedding) t.memory_s *= profile.gather_kernel_factor(op.gather_kernel);
   const double in_situ =
       op.kind == OpKind::kEmbedding && !op.backward ? profile.gather_time_factor(op.bytes) : profile.in_situ_time_factor(op.kind);
-  const double f = in_situ * (op.backward ? profile.backward_time_factor(op.kind) : 1.0);
+  const double f = in_situ * (op.backward ? profile.backward_time_factor(op.kind) : 1.0) *
+                   (op.kind == OpKind::kEmbedding ? op.gather_share_factor : 1.0);
   t.compute_s *= f;
   t.memory_s *= f;
   // Fitted in situ: not scaled again.

@@ -115,8 +115,9 @@ class DeviceProfile {
   double attention_group_s() const { return spec_.attention_group_s(); }
   // A compute op's time factor for a rank sharing its host with `ranks_here` ranks (itself
   // included) of a plan: 1 at the calibrated ranks_per_host or more, alone_time_factor at 1,
-  // linear between (profile ranks_per_host, alone_time_factor; 1).
-  double host_share_factor(int ranks_here) const;
+  // linear between (profile ranks_per_host, alone_time_factor; 1). A row gather's with `gathers`
+  // (alone_gather_time_factor at 1, where given).
+  double host_share_factor(int ranks_here, bool gathers = false) const;
   // Per token-choice of an MoE gate's routing (profile routing_choice_s; 0).
   double routing_choice_s() const { return spec_.routing_choice_s(); }
   // Per EP-group token-choice of an MoE dispatch's capacity decision (dispatch_choice_s; 0).

@@ -84,6 +84,10 @@ struct Op {
   // The host terms above (routing, dispatch, sort) take this many times the profile's rates: the
   // running rank's working set (DeviceProfile::host_time_factor), set by the lowering.
   double host_time_factor = 1;
+  // A row gather's kernels take this many times their time on top of the op's own host-share
+  // factor (the lowering's: a rank alone on its host, DeviceProfile::host_share_factor for gathers
+  // over the one for every op). Backward ops keep it (backward_ops).
+  double gather_share_factor = 1;
 };
 
 // A row gather (OpKind::kEmbedding) writing `written` bytes from a source whose distinct rows are

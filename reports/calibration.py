@@ -23,6 +23,7 @@ PARAMETERS = [
     ("half_gather_factor", "gathers in a step (small)"),
     ("in_situ_gather_factor", "gathers in a step"),
     ("in_situ_gather_backward_factor", "backward gathers in a step"),
+    ("alone_gather_time_factor", "gathers of a rank alone"),
     ("op_overhead_s", "per-op overhead"),
     ("routing_choice_s", "gate routing per choice"),
     ("dispatch_choice_s", "dispatch decision per choice"),

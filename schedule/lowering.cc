@@ -181,10 +181,11 @@ class Lowering {
   }
 
   // The kernel as `rank` of its EP group runs it (cost::on_ep_rank), its host terms at the rank's
-  // working set (DeviceProfile::host_time_factor).
+  // working set (DeviceProfile::host_time_factor), its row gathers at their own share of the host.
   cost::Op on_ep_rank(const cost::Op& op, int rank) {
     cost::Op o = cost::on_ep_rank(op, l_.ep, st_.drop_policy() == strategy::BATCH_PRIORITY);
     o.host_time_factor = host_factor(rank);
+    o.gather_share_factor = gather_share_factor(rank);
     return o;
   }
 
@@ -221,7 +222,8 @@ class Lowering {
   // combine's): the share of the rank's assignments its experts' buffers kept.
   const Times& part_times(int rank, int layer_index, Part part, double kept_share = 1) {
     const int type = s_.cluster->device(rank).type;
-    const auto key = std::make_tuple(type, layer_index, static_cast<int>(part), host_factor(rank), kept_share);
+    const auto key =
+        std::make_tuple(type, layer_index, static_cast<int>(part), host_factor(rank), gather_share_factor(rank), kept_share);
     auto it = times_.find(key);
     if (it != times_.end()) return it->second;
     Times t;
@@ -434,18 +436,25 @@ class Lowering {
     return rs_->ops_size() - 1;
   }
 
-  // The profile's factor for `rank` sharing its node with the plan's ranks there (itself included);
-  // counted once per rank, and only for profiles calibrated with several ranks per host.
-  double host_share_factor(int rank) {
+  // The profile's factor for `rank` sharing its node with the plan's ranks there (itself included),
+  // for every op and (second) for its row gathers; counted once per rank, and only for profiles
+  // calibrated with several ranks per host.
+  std::pair<double, double> host_shares(int rank) {
     const cost::DeviceProfile& prof = profile(rank);
-    if (prof.spec().ranks_per_host() <= 1) return 1.0;
-    auto [it, fresh] = host_share_.try_emplace(rank, 1.0);
+    if (prof.spec().ranks_per_host() <= 1) return {1.0, 1.0};
+    auto [it, fresh] = host_share_.try_emplace(rank, 1.0, 1.0);
     if (fresh) {
       int here = 0;
       for (int r = 0; r < l_.devices; ++r) here += s_.cluster->device(r).node == s_.cluster->device(rank).node;
-      it->second = prof.host_share_factor(here);
+      it->second = {prof.host_share_factor(here), prof.host_share_factor(here, true)};
     }
     return it->second;
+  }
+  double host_share_factor(int rank) { return host_shares(rank).first; }
+  // The row gathers' on top of it (cost::Op gather_share_factor).
+  double gather_share_factor(int rank) {
+    const auto [all, gathers] = host_shares(rank);
+    return gathers / all;
   }
 
   int compute(std::string id, std::string name, double duration, double flops, std::vector<int> deps, int mb, int layer,
@@ -1032,8 +1041,8 @@ class Lowering {
 
   Schedule out_;
   std::map<int, cost::DeviceProfile> profiles_;
-  std::map<int, double> host_share_;  // rank -> host_share_factor
-  std::map<std::tuple<int, int, int, double, double>, Times> times_;
+  std::map<int, std::pair<double, double>> host_share_;  // rank -> host_shares
+  std::map<std::tuple<int, int, int, double, double, double>, Times> times_;
   std::unordered_map<std::string, int> collective_index_;
   std::map<std::tuple<int, int64_t, int, int, int64_t, uint64_t>, Routing> routings_;
   std::map<int, int> chunk_matrix_;

@@ -413,6 +413,14 @@ TEST_CASE("a rank sharing its host with fewer ranks than calibrated runs between
   const cost::DeviceProfile four = with("ranks_per_host: 4\nalone_time_factor: 0.7\n");
   CHECK(four.host_share_factor(2) == Approx(0.7 + 0.3 / 3));
   CHECK(with("").host_share_factor(1) == 1);  // not calibrated with several ranks: no adjustment
+  // Row gathers by their own alone factor where the profile gives one, else the same.
+  CHECK(two.host_share_factor(1, true) == Approx(0.8));
+  const cost::DeviceProfile gathers = with("ranks_per_host: 4\nalone_time_factor: 0.9\nalone_gather_time_factor: 0.6\n");
+  CHECK(gathers.host_share_factor(1) == Approx(0.9));
+  CHECK(gathers.host_share_factor(1, true) == Approx(0.6));
+  CHECK(gathers.host_share_factor(3, true) == Approx(0.6 + 0.4 * 2 / 3));
+  CHECK(gathers.host_share_factor(4, true) == 1);
+  CHECK(with("alone_gather_time_factor: 0.6\n").host_share_factor(1, true) == 1);  // no ranks_per_host
 }
 
 TEST_CASE("a transfer's footprint factor: linear in log bytes between points, flat beyond them") {
@@ -454,6 +462,22 @@ TEST_CASE("row gathers take their in-situ factor by their bytes where the profil
   };
   CHECK(memory_s(sized, OpKind::kEmbedding) == Approx(memory_s(flat, OpKind::kEmbedding) * 0.45 / 0.8));
   CHECK(memory_s(sized, OpKind::kNorm) == Approx(memory_s(flat, OpKind::kNorm)));  // other kinds keep in_situ
+  // A gather's share of its host (set by the lowering) scales its kernels, forward and backward,
+  // and no other kind's.
+  for (OpKind kind : {OpKind::kEmbedding, OpKind::kNorm}) {
+    Op op;
+    op.name = "g";
+    op.kind = kind;
+    op.bytes = 2e5;
+    const cost::OpTime plain = cost::op_time(flat, op, DType::kFp32);
+    const Op bwd = cost::backward_ops(op).at(0);
+    const double plain_bwd = cost::op_time(flat, bwd, DType::kFp32).memory_s;
+    op.gather_share_factor = 0.5;
+    const double f = kind == OpKind::kEmbedding ? 0.5 : 1.0;
+    CHECK(cost::op_time(flat, op, DType::kFp32).memory_s == Approx(plain.memory_s * f));
+    CHECK(cost::op_time(flat, op, DType::kFp32).launch_s == plain.launch_s);
+    CHECK(cost::op_time(flat, cost::backward_ops(op).at(0), DType::kFp32).memory_s == Approx(plain_bwd * f));
+  }
 }
 
 // A row gather's time per byte goes by its kernel (the profile's gather_kernel factors against a
@@ -551,11 +575,12 @@ TEST_CASE("bad profile: gather points out of order") {
 }
 
 TEST_CASE("bad profile: ranks per host 0 and a zero alone factor") {
-  std::vector<Diagnostic> d =
-      diagnostics_of("device { preset: \"h100-sxm5\" }\nranks_per_host: 0\nalone_time_factor: 0\n");
-  REQUIRE(d.size() == 2);
+  std::vector<Diagnostic> d = diagnostics_of(
+      "device { preset: \"h100-sxm5\" }\nranks_per_host: 0\nalone_time_factor: 0\nalone_gather_time_factor: -1\n");
+  REQUIRE(d.size() == 3);
   CHECK(d[0].field_path == "ranks_per_host");
   CHECK(d[1].field_path == "alone_time_factor");
+  CHECK((d[2].line == 4 && d[2].field_path == "alone_gather_time_factor"));
 }
 
 TEST_CASE("bad profile: sizes decreasing") {

@@ -542,6 +542,36 @@ TEST_CASE("a profile calibrated with more ranks per host scales a plan with fewe
     const double expected = ra.ops(i).collective() == 0 ? ra.ops(i).duration_s() * factor : ra.ops(i).duration_s();
     CHECK(rb.ops(i).duration_s() == Approx(expected).epsilon(1e-12));
   }
+  // The row gathers by their own factor: the embedding's backward (its scatter-adds alone) moves by
+  // it, its forward between the two (its elementwise kernels by the op's), the ops without gathers
+  // as before. Without launch overheads, which take the op's factor.
+  profile::DeviceProfile quick = plain.spec();
+  quick.set_kernel_launch_overhead_s(0);
+  const cost::DeviceProfile unshared = cost::DeviceProfile::from_spec(quick);
+  quick.set_ranks_per_host(16);
+  quick.set_alone_time_factor(0.7);
+  quick.set_alone_gather_time_factor(0.4);
+  const cost::DeviceProfile gathers = cost::DeviceProfile::from_spec(quick);
+  const Schedule c = schedule::lower(s, {.profile = &unshared}), d = schedule::lower(s, {.profile = &gathers});
+  const RankSchedule &rc = rank(c, 3), &rd = rank(d, 3);
+  REQUIRE(rd.ops_size() == rc.ops_size());
+  const double gather_factor = 0.4 + 0.6 * 7 / 15;
+  int embeds = 0, blocks = 0;
+  for (int i = 0; i < rc.ops_size(); ++i) {
+    INFO(rc.ops(i).id());
+    const std::string& id = rc.ops(i).id();
+    const bool embed = id.rfind("embed ", 0) == 0, block = id.find(".attn") != std::string::npos || id.find(".mlp") != std::string::npos;
+    embeds += embed;
+    blocks += block;
+    if (block) CHECK(rd.ops(i).duration_s() == Approx(rc.ops(i).duration_s() * factor).epsilon(1e-9));
+    if (embed && id.ends_with("bwd")) CHECK(rd.ops(i).duration_s() == Approx(rc.ops(i).duration_s() * gather_factor).margin(1e-10));
+    if (embed && id.ends_with("fwd")) {
+      CHECK(rd.ops(i).duration_s() > rc.ops(i).duration_s() * gather_factor + 1e-10);
+      CHECK(rd.ops(i).duration_s() < rc.ops(i).duration_s() * factor - 1e-10);
+    }
+  }
+  CHECK(embeds == 4);  // two micro-batches, forward and backward
+  CHECK(blocks > 4);
 }
 
 TEST_CASE("a batch-priority dispatch prices the sort of its EP group's tokens", "[lowering]") {

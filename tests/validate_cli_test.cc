@@ -308,6 +308,13 @@ TEST_CASE("calibrate on 2 ranks prices exchanges by the working set: the layer's
   CHECK(p.transfer_time_factor(c.transfer_half_bytes()) == Approx(c.transfer_half_factor()));
   CHECK(p.transfer_time_factor(c.transfer_base_bytes()) == 1);
   CHECK(p.transfer_time_factor(c.transfer_footprint_bytes()) == Approx(c.transfer_footprint_factor()));
+  // A rank alone on the host, for every op and for its row gathers apart.
+  CHECK(c.alone_time_factor() > 0);
+  CHECK(c.alone_gather_time_factor() >= 0.1);
+  CHECK(c.alone_gather_time_factor() <= 10);
+  CHECK(p.host_share_factor(1) == Approx(c.alone_time_factor()));
+  CHECK(p.host_share_factor(1, true) == Approx(c.alone_gather_time_factor()));
+  CHECK(p.host_share_factor(2, true) == 1);
   // The routing's host work by the same working sets: the layer's factor, 1 at the step's.
   REQUIRE(p.spec().host_footprint_size() == 2);
   CHECK(c.host_footprint_factor() >= 0.1);
