@@ -490,7 +490,8 @@ struct InSituRounds {
 // MPI wait would spin a core), and the alone factor is the median over the rounds of the alone
 // ratio against the same round's busy one: pairs a few seconds apart, so that the VM's drift over
 // the calibration cancels (with three rounds, one slowed busy run and one quick alone run in
-// another round once gave 0.83 against the usual 0.96-0.99). The collectives are every round's.
+// another round once gave 0.83 against the usual 0.96-0.99); the alone gather factor the same over
+// the ops that are mostly row gathers (InSitu::gather_ratio). The collectives are every round's.
 // Each round also runs the step's MoE layer at half the tokens and (several ranks) at the step's
 // tokens: InSituRounds. Collective like fit_in_situ; on other ranks than 0 an empty result.
 InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::string& cluster,
