@@ -471,16 +471,21 @@ int validate_suite(const Args& a) {
     return false;
   };
   std::vector<std::vector<ValidateResult>> runs(std::size(kSuite));
-  std::vector<double> pace, exchange_pace;
+  std::vector<double> pace, exchange_pace, gather_pace;
   for (int pass = 0; pass < passes; ++pass) {
     if (!reference.empty()) {
       ValidateResult r;
       if (!run_child("calibration-step", reference, "", &r)) return kExitInternal;
       pace.push_back(r.measured_step_s() / calibration_step_s);  // both the mean of the quiet steps
-      std::vector<double> exchanges;
-      for (const OpErrorEntry& op : r.ops())
-        if (op.kind() == "dispatch_a2a" || op.kind() == "combine_a2a") exchanges.push_back(op.measured_s() / op.predicted_s());
+      std::vector<double> exchanges, gathers;
+      for (const OpErrorEntry& op : r.ops()) {
+        if (!(op.predicted_s() > 0)) continue;
+        const double ratio = op.measured_s() / op.predicted_s();
+        if (op.kind() == "dispatch_a2a" || op.kind() == "combine_a2a") exchanges.push_back(ratio);
+        if (op.kind() == "embed" || op.kind() == "permute" || op.kind() == "combine") gathers.push_back(ratio);
+      }
       if (!exchanges.empty()) exchange_pace.push_back(trace::quantile(exchanges, 0.5));
+      if (!gathers.empty()) gather_pace.push_back(trace::quantile(gathers, 0.5));
     }
     for (size_t i = 0; i < std::size(kSuite); ++i) {
       const SuitePlan& p = kSuite[i];
@@ -499,6 +504,7 @@ int validate_suite(const Args& a) {
   if (!pace.empty()) suite.set_pace_vs_calibration_pct((trace::quantile(pace, 0.5) - 1) * 100);
   if (!exchange_pace.empty())
     suite.set_exchange_pace_vs_calibration_pct((trace::quantile(exchange_pace, 0.5) - 1) * 100);
+  if (!gather_pace.empty()) suite.set_gather_pace_vs_calibration_pct((trace::quantile(gather_pace, 0.5) - 1) * 100);
   std::vector<double> step_errors, predicted, measured;
   for (std::vector<ValidateResult>& plan_runs : runs) {
     std::sort(plan_runs.begin(), plan_runs.end(), [](const ValidateResult& x, const ValidateResult& y) {
@@ -569,6 +575,9 @@ int validate_suite(const Args& a) {
   if (suite.has_exchange_pace_vs_calibration_pct())
     std::cout << fmt::format("; its all-to-alls {:+.1f}% against their calibrated prediction",
                              suite.exchange_pace_vs_calibration_pct());
+  if (suite.has_gather_pace_vs_calibration_pct())
+    std::cout << fmt::format(", its gathers (embedding, permutation, combine) {:+.1f}%",
+                             suite.gather_pace_vs_calibration_pct());
   std::cout << fmt::format("\nscenarios in {}; {:.0f} s\n", dir.string(), suite.wall_s());
   return kExitOk;
 }
@@ -617,13 +626,15 @@ std::vector<Command> validate_commands() {
        "                    (--profile, else <cluster>.profile.textproto beside it), each with --feedback;\n"
        "                    a summary table, step-time median/p90 error and the plans' Kendall tau, and\n"
        "                    the machine's pace against its calibration (the calibration step run again:\n"
-       "                    its step time, and its all-to-alls against their calibrated prediction)\n"
+       "                    its step time, and its all-to-alls and its gathers against their calibrated\n"
+       "                    prediction)\n"
        "  --passes P        the suite's plans run P times, one pass after another (default 3); per plan\n"
        "                    the pass with the median measured step time is compared (every pass is stored);\n"
        "                    per kind, each op's error is its median over the passes\n"
        "  --predicted/--measured  join two trace files (.pb/.textproto) without running anything\n\n"
        "--json carries median_abs_pct_error, p90_abs_pct_error, per_kind, kendall_tau, unmatched_ops\n"
-       "(the suite also pace_vs_calibration_pct, exchange_pace_vs_calibration_pct, per_kind_share_pct:\n"
+       "(the suite also pace_vs_calibration_pct, exchange_pace_vs_calibration_pct,\n"
+       "gather_pace_vs_calibration_pct, per_kind_share_pct:\n"
        "each kind's median share of a plan's measured op time; per_kind_spread_pct: how far the passes\n"
        "spread, per op half the range of its errors, the median over the kind's ops).\n"
        "The executor computes in fp32: the workload's precision must be FP32. Exit 2 on bad input.\n",

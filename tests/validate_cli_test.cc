@@ -153,7 +153,7 @@ strategy_inline {{ name: "s" dp: 2 ep: 2 }})pb",
 // profile's calibration_step_s: a profile calibrated at 1000 s a step finds this machine ~100%
 // faster; and its exchanges' against a link of 10 KB/s, ~100% faster too (seconds predicted for
 // each: with 1 MB/s, an exchange that waited out a descheduled peer on a loaded machine, 10-30 ms,
-// came out only 90% faster). The plans themselves run as the suite always runs them (one pass of
+// came out only 90% faster); its gathers' against a memory of 1 MB/s, the same. The plans themselves run as the suite always runs them (one pass of
 // 2 steps here).
 TEST_CASE("validate --suite reports the machine's pace against its calibration") {
   TempFile dir("suite_dir");
@@ -165,7 +165,8 @@ TEST_CASE("validate --suite reports the machine's pace against its calibration")
   std::ofstream(cluster) << slow_link;
   std::ofstream(dir.path + "/two.profile.textproto")
       << "device { name: \"cpu-rank\" peak_flops_per_s { fp32: 50e9 } memory_bytes: 8e9 memory_bandwidth_Bps: 20e9 "
-         "kernel_launch_overhead_s: 1e-7 }\nthreads_per_rank: 1\nranks_per_host: 2\ncalibration_step_s: 1000\n";
+         "kernel_launch_overhead_s: 1e-7 }\nthreads_per_rank: 1\nranks_per_host: 2\ncalibration_step_s: 1000\n"
+         "memory { op: EMBEDDING efficiency: 5e-5 }\n";
   // --out relative to the working folder (the scenarios written there must still find their cluster).
   const std::string out = std::filesystem::relative(dir.path + "/out", MOESIM_SOURCE_DIR).string();
   const Run r = moesim_run(fmt::format("validate --suite --cluster '{}' --passes 1 --steps 2 --json --out '{}'", cluster, out));
@@ -199,6 +200,9 @@ TEST_CASE("validate --suite reports the machine's pace against its calibration")
   REQUIRE(s.has_exchange_pace_vs_calibration_pct());
   CHECK(s.exchange_pace_vs_calibration_pct() < -99);
   CHECK(s.exchange_pace_vs_calibration_pct() > -100);
+  REQUIRE(s.has_gather_pace_vs_calibration_pct());
+  CHECK(s.gather_pace_vs_calibration_pct() < -90);
+  CHECK(s.gather_pace_vs_calibration_pct() > -100);
   // The step it ran: the calibration's model on the calibrated ranks.
   const sim::Scenario step = sim::load_scenario(dir.path + "/out/calibration-step.scenario.textproto");
   CHECK(step.setup.model->name() == "moesim-calibration");
