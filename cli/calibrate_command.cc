@@ -286,9 +286,8 @@ struct InSitu {
     double measured = 0, predicted = 0;
     for (size_t j = 0; j < measured_s.size(); ++j) {
       const double base = fixed[j] + scaled[j];
-      const double gathers = (j < terms.gather.size() ? terms.gather[j] : 0) +
-                             (j < terms.gather_backward.size() ? terms.gather_backward[j] : 0);
-      if (!(gathers >= 0.5 * base) || base <= 0) continue;
+      const double gathers = cost::at_or_zero(terms.gather, j) + cost::at_or_zero(terms.gather_backward, j);
+      if (!(base > 0 && gathers >= 0.5 * base)) continue;
       measured += measured_s[j];
       predicted += base;
     }
@@ -526,8 +525,8 @@ InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::strin
     if (root) {
       const InSitu a = fit_in_situ(spec, alone_cluster, 1, nullptr, nullptr, backend);
       if (ratio(a) > 0 && ratio(busy.back()) > 0) alone.push_back(ratio(a) / ratio(busy.back()));
-      if (a.gather_ratio() > 0 && busy.back().gather_ratio() > 0)
-        alone_gathers.push_back(a.gather_ratio() / busy.back().gather_ratio());
+      const double alone_g = a.gather_ratio(), busy_g = busy.back().gather_ratio();
+      if (alone_g > 0 && busy_g > 0) alone_gathers.push_back(alone_g / busy_g);
     } else {
       std::this_thread::sleep_for(std::chrono::duration<double>(wait_s));
     }

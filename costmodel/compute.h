@@ -63,12 +63,12 @@ namespace moesim::cost {
 inline constexpr double kDefaultMemoryBandwidthEfficiency = 0.85;
 inline constexpr double kDefaultKernelLaunchOverhead_s = 4e-6;
 
-// A validated device profile: the device (preset resolved) and one efficiency curve per
-// (op kind, dtype), the profile's own over the built-in priors. Cheap to copy.
 // A gather kernel as device_profile.proto names it (its GatherKernel values are cost's + 1), and back.
 inline profile::GatherKernel to_proto(GatherKernel k) { return static_cast<profile::GatherKernel>(static_cast<int>(k) + 1); }
 inline GatherKernel from_proto(profile::GatherKernel k) { return static_cast<GatherKernel>(static_cast<int>(k) - 1); }
 
+// A validated device profile: the device (preset resolved) and one efficiency curve per
+// (op kind, dtype), the profile's own over the built-in priors. Cheap to copy.
 class DeviceProfile {
  public:
   // Validates a message built in code (diagnostics name `name` and field paths; no lines) and

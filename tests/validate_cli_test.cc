@@ -153,8 +153,8 @@ strategy_inline {{ name: "s" dp: 2 ep: 2 }})pb",
 // profile's calibration_step_s: a profile calibrated at 1000 s a step finds this machine ~100%
 // faster; and its exchanges' against a link of 10 KB/s, ~100% faster too (seconds predicted for
 // each: with 1 MB/s, an exchange that waited out a descheduled peer on a loaded machine, 10-30 ms,
-// came out only 90% faster); its gathers' against a memory of 1 MB/s, the same. The plans themselves run as the suite always runs them (one pass of
-// 2 steps here).
+// came out only 90% faster); and its gathers' against a memory of 1 MB/s, ~100% faster as well.
+// The plans themselves run as the suite always runs them (one pass of 2 steps here).
 TEST_CASE("validate --suite reports the machine's pace against its calibration") {
   TempFile dir("suite_dir");
   std::filesystem::create_directories(dir.path);

@@ -110,6 +110,17 @@ std::map<int, double> step_times(const Trace& measured, int first_step) {
   return out;
 }
 
+namespace {
+
+// The median of a (op id, rank)'s seconds over the steps it ran in.
+double median_over_steps(const std::map<int, double>& by_step) {
+  std::vector<double> v;
+  for (const auto& [step, seconds] : by_step) v.push_back(seconds);
+  return quantile(std::move(v), 0.5);
+}
+
+}  // namespace
+
 std::map<std::pair<std::string, int>, double> median_op_times(const Trace& measured, const std::set<int>& steps) {
   // The last rank to arrive at a collective waits for no one: its span is the exchange itself.
   // Measured on one rank's clock, as ranks' clocks start at their own exit from a barrier.
@@ -127,31 +138,21 @@ std::map<std::pair<std::string, int>, double> median_op_times(const Trace& measu
     per_step[{s.op_id(), s.rank()}][s.step()] += static_cast<double>(d) * 1e-9;
   }
   std::map<std::pair<std::string, int>, double> out;
-  for (const auto& [key, by_step] : per_step) {
-    std::vector<double> v;
-    for (const auto& [step, t] : by_step) v.push_back(t);
-    out[key] = quantile(v, 0.5);
-  }
+  for (const auto& [key, by_step] : per_step) out[key] = median_over_steps(by_step);
   return out;
 }
 
 std::map<std::pair<std::string, int>, HostRouting> median_host_routing(const Trace& measured, const std::set<int>& steps) {
-  std::map<std::pair<std::string, int>, std::map<int, HostRouting>> per_step;  // (op id, rank) -> step -> s
+  // (op id, rank) -> step -> seconds, the routing's and the dispatch's
+  std::map<std::pair<std::string, int>, std::pair<std::map<int, double>, std::map<int, double>>> per_step;
   for (const Span& s : measured.spans()) {
     if (!steps.count(s.step()) || (s.routing_host_s() <= 0 && s.dispatch_host_s() <= 0)) continue;
-    HostRouting& h = per_step[{s.op_id(), s.rank()}][s.step()];
-    h.routing_s += s.routing_host_s();
-    h.dispatch_s += s.dispatch_host_s();
+    auto& [routing, dispatch] = per_step[{s.op_id(), s.rank()}];
+    routing[s.step()] += s.routing_host_s();
+    dispatch[s.step()] += s.dispatch_host_s();
   }
   std::map<std::pair<std::string, int>, HostRouting> out;
-  for (const auto& [key, by_step] : per_step) {
-    std::vector<double> routing, dispatch;
-    for (const auto& [step, h] : by_step) {
-      routing.push_back(h.routing_s);
-      dispatch.push_back(h.dispatch_s);
-    }
-    out[key] = {quantile(routing, 0.5), quantile(dispatch, 0.5)};
-  }
+  for (const auto& [key, times] : per_step) out[key] = {median_over_steps(times.first), median_over_steps(times.second)};
   return out;
 }
 
