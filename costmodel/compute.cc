@@ -478,9 +478,14 @@ std::vector<Op> backward_ops(const Op& fwd) {
     case OpKind::kElementwise:
       return {derived(".bwd", fwd.m, fwd.n, fwd.k, fwd.routing_choices > 0 ? 0 : 2 * fwd.flops, 2 * fwd.bytes)};
     // A gather's gradient scatters (adds) the output's gradient rows back into the source's: the
-    // written bytes read once, the source's read and written.
+    // written bytes read once, the source's read and written. A lookup's scatter-add reads and
+    // writes a table row per token, however few distinct rows they hit: a 64-row table's
+    // gradient takes 512 tokens' time for 512 tokens, not 64 rows', where the forward's repeated
+    // rows are read from cache.
     case OpKind::kEmbedding: {
-      Op bwd = derived(".bwd", fwd.m, fwd.n, fwd.k, 0, fwd.bytes + fwd.gather_source_bytes);
+      const double written = fwd.bytes - fwd.gather_source_bytes;
+      const double touched = fwd.gather_backward_kernel == GatherKernel::kScatterAdd ? written : fwd.gather_source_bytes;
+      Op bwd = derived(".bwd", fwd.m, fwd.n, fwd.k, 0, written + 2 * touched);
       bwd.gather_kernel = fwd.gather_backward_kernel;
       return {bwd};
     }

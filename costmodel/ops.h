@@ -26,8 +26,8 @@ enum class DType { kFp32, kTf32, kBf16, kFp16, kFp8 };
 
 // What a row gather (kEmbedding) does with its rows, which sets its time per cost-model byte
 // against a copying gather's (the profile's gather_kernel factors; the cost model's bytes count
-// each distinct source row once whatever the kernel), in the order of device_profile.proto's
-// GatherKernel (whose values are these + 1):
+// each distinct source row once, but a scatter-add's a row per token), in the order of
+// device_profile.proto's GatherKernel (whose values are these + 1):
 enum class GatherKernel {
   kCopy,             // rows copied to their slots (an MoE dispatch): the reference, 1
   kSum,              // rows summed into each output row (an MoE combine)
@@ -76,7 +76,8 @@ struct Op {
   double priority_sort_tokens = 0;
   // A row gather (kEmbedding): the distinct source rows' bytes, part of `bytes` (the rest is what
   // it writes). Its backward reads the written rows' gradient and adds into the source's: the
-  // written bytes once and the source's twice (backward_ops).
+  // written bytes once and the source's twice, a scatter-add's a row per written row
+  // (backward_ops).
   double gather_source_bytes = 0;
   // A row gather's kernel, and its backward's (backward_ops gives the backward op the latter).
   GatherKernel gather_kernel = GatherKernel::kCopy;

@@ -220,9 +220,10 @@ TEST_CASE("backward of attention, norm, elementwise and embedding") {
     b = cost::backward_ops(op);
     REQUIRE(b.size() == 1);
     CHECK(b[0].kind == kind);
-    // A gather's gradient moves the same rows back; the vector ops read their inputs and the
-    // output's gradient and write the input's.
-    CHECK(b[0].bytes == (kind == OpKind::kEmbedding ? 1 : 2) * op.bytes);
+    // A gather (no distinct source rows given, a scatter-add backward) reads its written rows'
+    // gradient and reads and writes a source row for each; the vector ops read their inputs and
+    // the output's gradient and write the input's.
+    CHECK(b[0].bytes == (kind == OpKind::kEmbedding ? 3 : 2) * op.bytes);
     CHECK(b[0].flops == (kind == OpKind::kEmbedding ? 0.0 : 2 * op.flops));
   }
 }
@@ -494,7 +495,7 @@ TEST_CASE("a row gather takes its kernel's factor forward and backward") {
   CHECK(plain.gather_kernel_factor(cost::GatherKernel::kSum) == 1);
   CHECK(by_kernel.gather_kernel_factor(cost::GatherKernel::kSum) == 2.5);
   CHECK(by_kernel.gather_kernel_factor(cost::GatherKernel::kLookup) == 1);  // not given
-  const Op copy = cost::gather_op("dispatch", 1e5, 2e5, cost::GatherKernel::kCopy, cost::GatherKernel::kScatterAdd);
+  const Op copy = cost::gather_op("dispatch", 1e5, 2e5, cost::GatherKernel::kCopy, cost::GatherKernel::kSumBackward);
   const Op sum = cost::gather_op("combine", 1e5, 2e5, cost::GatherKernel::kSum, cost::GatherKernel::kCombineBackward);
   CHECK(copy.bytes == 3e5);
   CHECK(copy.gather_source_bytes == 1e5);
@@ -506,9 +507,31 @@ TEST_CASE("a row gather takes its kernel's factor forward and backward") {
   REQUIRE(sum_bwd.size() == 1);
   REQUIRE(copy_bwd.size() == 1);
   CHECK(sum_bwd[0].gather_kernel == cost::GatherKernel::kCombineBackward);
-  CHECK(copy_bwd[0].gather_kernel == cost::GatherKernel::kScatterAdd);
-  CHECK(memory_s(by_kernel, sum_bwd[0]) == Approx(8 * memory_s(by_kernel, copy_bwd[0])));
+  CHECK(copy_bwd[0].gather_kernel == cost::GatherKernel::kSumBackward);
+  CHECK(memory_s(by_kernel, sum_bwd[0]) == Approx(4 * memory_s(by_kernel, copy_bwd[0])));
   CHECK(memory_s(plain, sum_bwd[0]) == Approx(memory_s(plain, copy_bwd[0])));
+}
+
+TEST_CASE("a lookup's scatter-add backward touches a table row per token, other gathers' backwards the distinct rows") {
+  // A 64-row table of 256-byte rows looked up by 128 and by 512 tokens: the forward reads the
+  // distinct rows once (64 x 256 bytes) and writes a row per token; the scatter-add reads each
+  // token's gradient row and reads and writes its table row, so 4x the tokens is 4x its bytes.
+  constexpr double row = 256, rows = 64;
+  auto lookup = [&](double tokens) {
+    return cost::gather_op("embed.lookup", std::min(tokens, rows) * row, tokens * row, cost::GatherKernel::kLookup,
+                           cost::GatherKernel::kScatterAdd);
+  };
+  const Op small = lookup(128), large = lookup(512);
+  CHECK(small.bytes == (64 + 128) * row);
+  CHECK(large.bytes == (64 + 512) * row);
+  const Op small_bwd = cost::backward_ops(small).at(0), large_bwd = cost::backward_ops(large).at(0);
+  CHECK(small_bwd.bytes == 3 * 128 * row);
+  CHECK(large_bwd.bytes == 4 * small_bwd.bytes);
+  // A dispatch's backward sums each token's k = 2 slot rows: its 2 x 128 written rows read, its 128
+  // distinct source rows read and written.
+  const Op dispatch =
+      cost::gather_op("dispatch", 128 * row, 256 * row, cost::GatherKernel::kCopy, cost::GatherKernel::kSumBackward);
+  CHECK(cost::backward_ops(dispatch).at(0).bytes == (256 + 2 * 128) * row);
 }
 
 TEST_CASE("bad profile: a gather kernel twice, without a kernel, or with a factor of 0") {
