@@ -62,9 +62,10 @@ def make(runs, out_dir):
     fig, (ax,) = plot.new_figure(9.0, 4.5)
     x = list(range(len(calibrations)))
     labels = sorted(ratios)
-    for i, label in enumerate(labels):  # the palette's ten colours, then again dotted
-        ax.plot(x, ratios[label], marker="o", markersize=3, linewidth=1, label=label, linestyle="-" if i < 10 else ":",
-                color=plot.category_colour(label, labels))
+    for i, label in enumerate(labels):  # the palette's ten colours, then again dotted with other markers
+        colour, marker = plot.series_style(label, labels)
+        ax.plot(x, ratios[label], marker=marker, markersize=3, linewidth=1, label=label, linestyle="-" if i < 10 else ":",
+                color=colour)
     ax.axhline(1.0, color="#888888", linewidth=1, linestyle="--")
     ax.set_xticks(x, [r.id for r in calibrations], rotation=30, ha="right", fontsize=7)
     ax.set_ylabel("value / its median")

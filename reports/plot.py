@@ -41,6 +41,16 @@ def category_colour(name, known):
     return _PALETTE[i % len(_PALETTE)]
 
 
+_MARKERS = ["o", "s", "^", "D"]
+
+
+def series_style(name, known):
+    """A colour and a marker for `name` of the list `known` of series drawn in one axes, each
+    series its own pair (up to 40): a validate run's 13 op kinds outnumber the colours."""
+    i = known.index(name)
+    return _PALETTE[i % len(_PALETTE)], _MARKERS[(i // len(_PALETTE)) % len(_MARKERS)]
+
+
 @dataclass
 class Made:
     key: str        # "breakdown", "sweep", "memory", "expert_load", "links"

@@ -84,8 +84,9 @@ def make(runs, out_dir):
     fig, (ax,) = plot.new_figure(6.5, 5.5)
     for kind in kinds:
         mine = [o for o in ops if o.get("kind", "?") == kind]
+        colour, marker = plot.series_style(kind, kinds)
         ax.scatter([1e6 * float(o.get("measured_s", 0)) for o in mine], [1e6 * float(o.get("predicted_s", 0)) for o in mine],
-                   s=14, label=kind, color=plot.category_colour(kind, kinds))
+                   s=14, label=kind, color=colour, marker=marker)
     values = [1e6 * float(o.get(k, 0)) for o in ops for k in ("measured_s", "predicted_s")]
     positive = [v for v in values if v > 0] or [1.0]
     lo, hi = min(positive) / 1.5, max(positive) * 1.5

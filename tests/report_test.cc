@@ -18,6 +18,7 @@
 #include <google/protobuf/util/json_util.h>
 #include <sqlite3.h>
 
+#include <array>
 #include <cstdlib>
 #include <filesystem>
 #include <optional>
@@ -347,3 +348,22 @@ TEST_CASE("report without python3 or without matplotlib exits 2 saying what to i
 }
 
 }  // namespace
+
+TEST_CASE("report gives each op kind of a validate run its own colour and marker") {
+  SKIP_WITHOUT_MATPLOTLIB();
+  // The 13 op kinds of the validation suite's runs, sorted as validation-ops sorts them: the
+  // breakdown's fixed colours had all_reduce and head both green. Printed: how many distinct
+  // (colour, marker) pairs they get.
+  const std::string cmd = fmt::format(
+      "cd '{}/reports' && /usr/bin/python3 -c 'import plot; k = sorted(\"all_reduce attention combine combine_a2a "
+      "dispatch_a2a embed experts gate head mlp optimizer permute route\".split()); "
+      "print(len(k), len({{plot.series_style(x, k) for x in k}}))' 2>&1",
+      MOESIM_SOURCE_DIR);
+  FILE* pipe = ::popen(cmd.c_str(), "r");
+  REQUIRE(pipe != nullptr);
+  std::string out;
+  std::array<char, 256> buf;
+  for (size_t n; (n = std::fread(buf.data(), 1, buf.size(), pipe)) > 0;) out.append(buf.data(), n);
+  REQUIRE(::pclose(pipe) == 0);
+  CHECK(out == "13 13\n");
+}
