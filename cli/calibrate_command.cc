@@ -481,6 +481,7 @@ struct InSituRounds {
   double half_gather_factor = 0, half_gather_bytes = 0;
   std::vector<CollectiveSample> half_collectives;
   double half_working_set_bytes = 0;
+  double layer_gather_factor = 0;  // the MoE layer alone's gathers' factor (median over the rounds)
 };
 
 // The calibration step in five rounds, a second apart (a stretch slowed by other tenants can last
@@ -500,7 +501,7 @@ InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::strin
   const bool root = world == nullptr || world->rank() == 0;
   InSituRounds out;
   std::vector<InSitu> busy;
-  std::vector<double> half_gathers, half_overheads, layer_hosts;
+  std::vector<double> half_gathers, half_overheads, layer_hosts, layer_gathers;
   std::vector<double> alone, alone_gathers;
   constexpr int kRounds = 5;
   for (int i = 0; i < kRounds; ++i) {
@@ -510,12 +511,13 @@ InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::strin
     half_gathers.push_back(half.fit.gather_factor);
     half_overheads.push_back(half.fit.op_overhead_s);
     out.half_gather_bytes = half.gather_bytes;
+    out.half_working_set_bytes = half.working_set_bytes;
     if (ranks == 1) continue;
     out.half_collectives.insert(out.half_collectives.end(), half.collectives.begin(), half.collectives.end());
-    out.half_working_set_bytes = half.working_set_bytes;
     const InSitu layer = fit_in_situ(spec, cluster, ranks, world, host_world, backend, 1);
     out.layer_collectives.insert(out.layer_collectives.end(), layer.collectives.begin(), layer.collectives.end());
     out.layer_working_set_bytes = layer.working_set_bytes;
+    layer_gathers.push_back(layer.fit.gather_factor);
     const double at_step_rates = routing_host_s(busy.back().fit, layer.terms);
     if (root && at_step_rates > 0) layer_hosts.push_back(routing_host_s(layer.fit, layer.terms) / at_step_rates);
     if (backend.device() != exec::Device::kCpu) continue;
@@ -544,6 +546,7 @@ InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::strin
   if (root) {
     out.half_gather_factor = trace::quantile(half_gathers, 0.5);
     if (!layer_hosts.empty()) out.layer_host_factor = trace::quantile(layer_hosts, 0.5);
+    if (!layer_gathers.empty()) out.layer_gather_factor = trace::quantile(layer_gathers, 0.5);
     out.busy.refit(trace::quantile(half_overheads, 0.5));
     // The routing's host rates, each the median over the rounds (cost::median_host_rates).
     std::vector<cost::InSituFit> fits;
@@ -889,13 +892,21 @@ int calibrate(const Args& a) {
     r.set_network_bandwidth_bps(network.Bps);
     r.set_network_latency_s(network.latency_s);
     const InSitu& in_situ = rounds.busy;
-    // The backward gathers' factor is the EMBEDDING kind's; the forward gathers' goes by their size:
-    // the step's, and its MoE layer's at half the tokens (one point without it).
+    // The backward gathers' factor is the EMBEDDING kind's; the forward gathers' goes by the rank's
+    // working set in a lowered step (gather_footprint: every gather of a step at the factor its
+    // fit found for them all, the step's MoE layer alone at half the tokens, the layer, the step),
+    // and by their size elsewhere (gather_in_situ: the step's, and the half-token layer's).
     set_in_situ(spec, [&](cost::OpKind) { return in_situ.fit.factor; }, in_situ.fit.gather_backward_factor);
     const bool gather_sizes = rounds.half_gather_bytes > 0 && rounds.half_gather_bytes < in_situ.gather_bytes;
     std::vector<std::pair<double, double>> gather_points = {{in_situ.gather_bytes, in_situ.fit.gather_factor}};
     if (gather_sizes) gather_points.insert(gather_points.begin(), {rounds.half_gather_bytes, rounds.half_gather_factor});
     add_bytes_factors(spec.mutable_gather_in_situ(), gather_points);
+    std::vector<std::pair<double, double>> footprint = {{in_situ.working_set_bytes, in_situ.fit.gather_factor}};
+    if (rounds.layer_gather_factor > 0 && rounds.layer_working_set_bytes < in_situ.working_set_bytes)
+      footprint.insert(footprint.begin(), {rounds.layer_working_set_bytes, rounds.layer_gather_factor});
+    if (rounds.half_gather_factor > 0 && rounds.half_working_set_bytes < footprint.front().first)
+      footprint.insert(footprint.begin(), {rounds.half_working_set_bytes, rounds.half_gather_factor});
+    add_bytes_factors(spec.mutable_gather_footprint(), footprint);
     spec.set_op_overhead_s(in_situ.fit.op_overhead_s);
     spec.set_routing_choice_s(in_situ.fit.routing_choice_s);
     spec.set_dispatch_choice_s(in_situ.fit.dispatch_choice_s);
@@ -916,6 +927,10 @@ int calibrate(const Args& a) {
       r.set_gather_bytes(in_situ.gather_bytes);
       r.set_half_gather_factor(rounds.half_gather_factor);
       r.set_half_gather_bytes(rounds.half_gather_bytes);
+    }
+    for (const profile::BytesFactor& p : spec.gather_footprint()) {
+      r.add_gather_footprint_bytes(p.bytes());
+      r.add_gather_footprint_factors(p.time_factor());
     }
     r.set_op_overhead_s(in_situ.fit.op_overhead_s);
     r.set_routing_choice_s(in_situ.fit.routing_choice_s);
@@ -1045,13 +1060,12 @@ int calibrate(const Args& a) {
     for (const profile::GatherKernelFactor& g : spec.gather_kernel())
       kernels += fmt::format("{}{} x {:.2f}", kernels.empty() ? "" : ", ", gather_kernel_label(g.kernel()), g.time_factor());
     if (!kernels.empty()) std::cout << fmt::format("row gathers per byte {} (against a copy)\n", kernels);
-    const std::string gathers =
-        r.half_gather_bytes() > 0
-            ? fmt::format("gathers x {:.3f} at {}, x {:.3f} at {} (backward x {:.3f})", r.half_gather_factor(),
-                          format_bytes(r.half_gather_bytes()), r.in_situ_gather_factor(), format_bytes(r.gather_bytes()),
-                          r.in_situ_gather_backward_factor())
-            : fmt::format("gathers x {:.3f} (backward x {:.3f})", r.in_situ_gather_factor(),
-                          r.in_situ_gather_backward_factor());
+    std::string gathers;
+    for (int i = 0; i < r.gather_footprint_bytes_size(); ++i)
+      gathers += fmt::format("{}x {:.3f} at {}{}{}", i == 0 ? "gathers " : ", ", r.gather_footprint_factors(i),
+                             i == 0 ? "a " : "", format_bytes(r.gather_footprint_bytes(i)),
+                             i == 0 ? " working set" : "");
+    gathers += fmt::format(" (backward x {:.3f})", r.in_situ_gather_backward_factor());
     std::cout << fmt::format("in a training step   kernels x {:.3f}, {}, {} per op around them; per "
                              "token-choice {} in a gate, {} in its backward, {} in a dispatch{}\n",
                              r.in_situ_factor(), gathers, format_seconds(r.op_overhead_s()),
@@ -1118,9 +1132,9 @@ std::vector<Command> calibrate_commands() {
        "alone gives the factors for a rank alone on its host (its ops', its row gathers' apart), and\n"
        "the step's MoE layer alone (the same exchanges in half the working set) sets the link; the\n"
        "step's exchanges and the layer's at half the tokens against it give the factors by which the\n"
-       "working set slows them (the profile's transfer_footprint), and the layer at half the tokens\n"
-       "the gathers' factor at their smaller size (the profile's gather_in_situ; backward gathers\n"
-       "have one factor of their own).\n"
+       "working set slows them (the profile's transfer_footprint), and the forward row gathers'\n"
+       "factors of the three runs the same (gather_footprint; backward gathers have one factor of\n"
+       "their own).\n"
        "Prints each fit's residuals through the written profile.\n\n"
        "Writes --out (a cluster: one node of N devices joined by a switch; ranks on several nodes, by\n"
        "host name or MOESIM_NODE_NAME, as many on each: that many nodes joined by a network, a NIC per\n"

@@ -108,6 +108,9 @@ class DeviceProfile {
   // linear in log bytes; without points in_situ_time_factor(kEmbedding), which backward gathers
   // take).
   double gather_time_factor(double bytes) const;
+  // The same by the running rank's working set (profile gather_footprint, linear in log bytes,
+  // flat beyond the ends), which replaces the factor by bytes where given; 0 without points.
+  double gather_footprint_factor(double working_set_bytes) const;
   double kernel_launch_overhead_s() const { return launch_overhead_s_; }
   // Per attention score element (profile softmax_score_s; 0).
   double softmax_score_s() const { return spec_.softmax_score_s(); }

@@ -89,6 +89,10 @@ struct Op {
   // factor (the lowering's: a rank alone on its host, DeviceProfile::host_share_factor for gathers
   // over the one for every op). Backward ops keep it (backward_ops).
   double gather_share_factor = 1;
+  // A forward row gather's in-situ factor at the running rank's working set
+  // (DeviceProfile::gather_footprint_factor), set by the lowering; 0: by the op's bytes
+  // (DeviceProfile::gather_time_factor).
+  double gather_time_factor = 0;
 };
 
 // A row gather (OpKind::kEmbedding) writing `written` bytes from a source whose distinct rows are

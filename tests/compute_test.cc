@@ -463,6 +463,28 @@ TEST_CASE("row gathers take their in-situ factor by their bytes where the profil
   };
   CHECK(memory_s(sized, OpKind::kEmbedding) == Approx(memory_s(flat, OpKind::kEmbedding) * 0.45 / 0.8));
   CHECK(memory_s(sized, OpKind::kNorm) == Approx(memory_s(flat, OpKind::kNorm)));  // other kinds keep in_situ
+  // By the rank's working set (gather_footprint), which the lowering reads into the op: it takes
+  // the place of the factor by bytes, forward only.
+  const cost::DeviceProfile footprint = cost::load_device_profile_text(
+      base + "gather_in_situ { bytes: 1e5 time_factor: 0.3 }\n"
+             "gather_footprint { bytes: 4e6 time_factor: 0.2 }\ngather_footprint { bytes: 16e6 time_factor: 0.6 }\n",
+      "footprint.textproto");
+  CHECK(sized.gather_footprint_factor(8e6) == 0);  // no points
+  CHECK(footprint.gather_footprint_factor(1e6) == Approx(0.2));
+  CHECK(footprint.gather_footprint_factor(8e6) == Approx(0.4));  // half way in log bytes
+  CHECK(footprint.gather_footprint_factor(1e9) == Approx(0.6));
+  Op gather;
+  gather.name = "g";
+  gather.kind = OpKind::kEmbedding;
+  gather.bytes = 2e5;
+  const double by_bytes = cost::op_time(footprint, gather, DType::kFp32).memory_s;
+  gather.gather_time_factor = footprint.gather_footprint_factor(8e6);
+  CHECK(cost::op_time(footprint, gather, DType::kFp32).memory_s == Approx(by_bytes * 0.4 / 0.3));
+  const Op gather_bwd = cost::backward_ops(gather).at(0);
+  Op plain_bwd = gather_bwd;
+  plain_bwd.gather_time_factor = 0;
+  CHECK(cost::op_time(footprint, gather_bwd, DType::kFp32).memory_s ==
+        Approx(cost::op_time(footprint, plain_bwd, DType::kFp32).memory_s));
   // A gather's share of its host (set by the lowering) scales its kernels, forward and backward,
   // and no other kind's.
   for (OpKind kind : {OpKind::kEmbedding, OpKind::kNorm}) {
@@ -595,6 +617,10 @@ TEST_CASE("bad profile: gather points out of order") {
              "gather_in_situ { bytes: 4e5 time_factor: 0.6 }\n"
              "gather_in_situ { bytes: 1e5 time_factor: 0.3 }\n",
              3, "gather_in_situ[1].bytes", "must increase");
+  check_only("device { preset: \"h100-sxm5\" }\n"
+             "gather_footprint { bytes: 8e6 time_factor: 0.6 }\n"
+             "gather_footprint { bytes: 4e6 time_factor: 0.3 }\n",
+             3, "gather_footprint[1].bytes", "must increase");
 }
 
 TEST_CASE("bad profile: ranks per host 0 and a zero alone factor") {

@@ -574,6 +574,48 @@ TEST_CASE("a profile calibrated with more ranks per host scales a plan with fewe
   CHECK(blocks > 4);
 }
 
+TEST_CASE("forward row gathers take the gather footprint's factor at their rank's working set", "[lowering]") {
+  // Points at half and twice rank 3's working set, 0.2 and 0.8: at its working set, half way in
+  // log bytes, 0.5, which must price every op as a flat factor of 0.5 by bytes does (forward
+  // gathers at 0.5, backward ones and the other kernels as before); past the last point, its 0.8.
+  const cost::Setup s = make_setup("dp: 8 ep: 8 capacity_factor: 1.25");
+  const double ws = cost::working_set_bytes(cost::estimate_memory(s).ranks.at(3));
+  REQUIRE(ws > 0);
+  const profile::DeviceProfile base = cost::default_profile(s.cluster->device_type(0)).spec();
+  auto lowered = [&](const std::function<void(profile::DeviceProfile&)>& edit) {
+    profile::DeviceProfile spec = base;
+    edit(spec);
+    const cost::DeviceProfile p = cost::DeviceProfile::from_spec(spec);
+    return schedule::lower(s, {.seed = 3, .profile = &p});
+  };
+  auto point = [](google::protobuf::RepeatedPtrField<profile::BytesFactor>* curve, double bytes, double factor) {
+    profile::BytesFactor* f = curve->Add();
+    f->set_bytes(bytes);
+    f->set_time_factor(factor);
+  };
+  struct Case {
+    double first, second, factor;  // the points' working sets (0.2 and 0.8), the factor at ws
+  };
+  for (const Case c : {Case{ws / 2, 2 * ws, 0.5}, Case{ws / 8, ws / 2, 0.8}}) {
+    INFO("points at " << c.first << " and " << c.second << " bytes, the rank's working set " << ws);
+    const Schedule by_footprint = lowered([&](profile::DeviceProfile& p) {
+      point(p.mutable_gather_footprint(), c.first, 0.2);
+      point(p.mutable_gather_footprint(), c.second, 0.8);
+    });
+    const Schedule by_bytes = lowered([&](profile::DeviceProfile& p) { point(p.mutable_gather_in_situ(), 1e3, c.factor); });
+    const Schedule plain = lowered([](profile::DeviceProfile&) {});
+    const RankSchedule &rf = rank(by_footprint, 3), &rb = rank(by_bytes, 3), &rp = rank(plain, 3);
+    REQUIRE(rf.ops_size() == rb.ops_size());
+    int moved = 0;
+    for (int i = 0; i < rf.ops_size(); ++i) {
+      INFO(rf.ops(i).id());
+      CHECK(rf.ops(i).duration_s() == Approx(rb.ops(i).duration_s()).epsilon(1e-12));
+      moved += rf.ops(i).duration_s() != Approx(rp.ops(i).duration_s()).epsilon(1e-9);
+    }
+    CHECK(moved > 0);  // the embedding's and the MoE layers' forward gathers
+  }
+}
+
 TEST_CASE("a batch-priority dispatch prices the sort of its EP group's tokens", "[lowering]") {
   // 32 tokens per rank and micro-batch, EP = 8: under batch priority every rank of the group sorts
   // the group's 256 tokens (256 log2 256 = 2048 at the profile's priority_sort_s); vanilla sorts none.

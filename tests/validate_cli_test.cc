@@ -3,6 +3,7 @@
 // missing op, bad inputs refused before any rank starts (exit 2), and a calibration that writes a
 // cluster and profile that load back, leaves the previous ones intact when killed, and stores a
 // row. Accuracy figures belong to the benchmark (docs/VALIDATION.md), not to these tests.
+#include "cli/calibration_step.h"
 #include "cli/cli.pb.h"
 #include "cli_helpers.h"
 #include "costmodel/compute.h"
@@ -20,6 +21,7 @@
 #include <iterator>
 #include <map>
 #include <set>
+#include <sstream>
 #include <thread>
 
 namespace moesim::testing {
@@ -270,6 +272,15 @@ TEST_CASE("calibrate writes a cluster and profile that load back, and a store ro
   REQUIRE(p.spec().gather_in_situ_size() == 2);
   CHECK(p.gather_time_factor(c.half_gather_bytes()) == Approx(c.half_gather_factor()));
   CHECK(p.gather_time_factor(c.gather_bytes()) == Approx(c.in_situ_gather_factor()));
+  // And by the rank's working set, which the lowering reads: the half-token layer and the step
+  // (with several ranks the layer alone between them), smallest first, at their fitted factors.
+  REQUIRE(c.gather_footprint_bytes_size() == 2);
+  REQUIRE(p.spec().gather_footprint_size() == 2);
+  CHECK(c.gather_footprint_bytes(0) < c.gather_footprint_bytes(1));
+  for (int i = 0; i < 2; ++i)
+    CHECK(p.gather_footprint_factor(c.gather_footprint_bytes(i)) == Approx(c.gather_footprint_factors(i)));
+  CHECK(c.gather_footprint_factors(0) == Approx(c.half_gather_factor()));
+  CHECK(c.gather_footprint_factors(1) == Approx(c.in_situ_gather_factor()));
   CHECK(p.in_situ_time_factor(cost::OpKind::kGemm) == Approx(c.in_situ_factor()));
   // Gathers are measured out of cache, the streaming kernels on warm buffers: slower per byte.
   CHECK(p.memory_bandwidth_efficiency(cost::OpKind::kEmbedding) < p.memory_bandwidth_efficiency(cost::OpKind::kElementwise));
@@ -279,6 +290,28 @@ TEST_CASE("calibrate writes a cluster and profile that load back, and a store ro
   CHECK(csv.rfind("family,flops,bytes,measured_s,model_s\n", 0) == 0);
   for (const char* family : {"\ngemm,", "\ngather,", "\ngather_kernel.sum,", "\ngather_kernel.scatter_add,", "\nin_situ."})
     CHECK_THAT(csv, Catch::Contains(family));
+  // The written profile prices the calibration step as its fit did: each in_situ row's model time
+  // is the op's duration in the step lowered with the profile (its gathers at the step's working
+  // set; by their bytes, the embedding's lookups had taken the half-token layer's factor).
+  const cost::Setup step = cost::load_setup(
+      cost::ConfigSource{out, std::nullopt}, cost::ConfigSource{"model", cli::calibration_model_text(1)},
+      cost::ConfigSource{"workload", cli::calibration_workload_text(1)},
+      cost::ConfigSource{"strategy", cli::calibration_strategy_text(1)});
+  const schedule::Schedule lowered = schedule::lower(step, {.fold = schedule::Fold::kNever, .profile = &p});
+  std::map<std::string, double> duration;
+  for (const schedule::Op& op : lowered.ranks(0).ops()) duration[op.id()] = op.duration_s();
+  int in_situ_rows = 0;
+  std::istringstream rows(csv);
+  for (std::string line; std::getline(rows, line);) {
+    if (line.rfind("in_situ.", 0) != 0) continue;
+    const size_t id_end = line.find(','), model_at = line.rfind(',');
+    const std::string id = line.substr(8, id_end - 8);
+    INFO(line);
+    REQUIRE(duration.count(id) == 1);
+    CHECK(duration.at(id) == Approx(std::stod(line.substr(model_at + 1))).epsilon(1e-4));
+    ++in_situ_rows;
+  }
+  CHECK(in_situ_rows > 10);
   CHECK(Store::open(db).list_runs(RunKind::kCalibrate).size() == 1);
   // No temporary files are left beside them.
   int files = 0;
@@ -325,6 +358,15 @@ TEST_CASE("calibrate on 2 ranks prices exchanges by the working set: the layer's
   CHECK(c.host_footprint_factor() <= 10);
   CHECK(p.host_time_factor(c.transfer_base_bytes()) == Approx(c.host_footprint_factor()));
   CHECK(p.host_time_factor(c.transfer_footprint_bytes()) == 1);
+  // The forward gathers' factor at the same three working sets (the half-token layer, the layer,
+  // the step), the step's its fitted one.
+  REQUIRE(c.gather_footprint_bytes_size() == 3);
+  CHECK(c.gather_footprint_bytes(0) == Approx(c.transfer_half_bytes()));
+  CHECK(c.gather_footprint_bytes(1) == Approx(c.transfer_base_bytes()));
+  CHECK(c.gather_footprint_bytes(2) == Approx(c.transfer_footprint_bytes()));
+  CHECK(c.gather_footprint_factors(2) == Approx(c.in_situ_gather_factor()));
+  for (int i = 0; i < 3; ++i)
+    CHECK(p.gather_footprint_factor(c.gather_footprint_bytes(i)) == Approx(c.gather_footprint_factors(i)));
   // The cluster's link is the one the factors are relative to, and its all-reduce efficiency loads.
   const topo::Cluster cluster = topo::load_cluster(out);
   CHECK(cluster.device_count() == 2);
