@@ -425,7 +425,7 @@ OpTime op_time(const DeviceProfile& profile, const Op& op, DType dtype) {
   if (op.kind == OpKind::kEmbedding) t.memory_s *= profile.gather_kernel_factor(op.gather_kernel);
   const double in_situ =
       op.kind != OpKind::kEmbedding || op.backward ? profile.in_situ_time_factor(op.kind)
-      : op.gather_time_factor > 0                  ? op.gather_time_factor
+      : op.gather_footprint_factor > 0             ? op.gather_footprint_factor
                                                    : profile.gather_time_factor(op.bytes);
   const double f = in_situ * (op.backward ? profile.backward_time_factor(op.kind) : 1.0) *
                    (op.kind == OpKind::kEmbedding ? op.gather_share_factor : 1.0);

@@ -92,7 +92,7 @@ struct Op {
   // A forward row gather's in-situ factor at the running rank's working set
   // (DeviceProfile::gather_footprint_factor), set by the lowering; 0: by the op's bytes
   // (DeviceProfile::gather_time_factor).
-  double gather_time_factor = 0;
+  double gather_footprint_factor = 0;
 };
 
 // A row gather (OpKind::kEmbedding) writing `written` bytes from a source whose distinct rows are

@@ -187,7 +187,7 @@ class Lowering {
     cost::Op o = cost::on_ep_rank(op, l_.ep, st_.drop_policy() == strategy::BATCH_PRIORITY);
     o.host_time_factor = host_factor(rank);
     o.gather_share_factor = gather_share_factor(rank);
-    o.gather_time_factor = gather_factor(rank);
+    o.gather_footprint_factor = gather_factor(rank);
     return o;
   }
 

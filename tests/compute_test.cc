@@ -478,11 +478,11 @@ TEST_CASE("row gathers take their in-situ factor by their bytes where the profil
   gather.kind = OpKind::kEmbedding;
   gather.bytes = 2e5;
   const double by_bytes = cost::op_time(footprint, gather, DType::kFp32).memory_s;
-  gather.gather_time_factor = footprint.gather_footprint_factor(8e6);
+  gather.gather_footprint_factor = footprint.gather_footprint_factor(8e6);
   CHECK(cost::op_time(footprint, gather, DType::kFp32).memory_s == Approx(by_bytes * 0.4 / 0.3));
   const Op gather_bwd = cost::backward_ops(gather).at(0);
   Op plain_bwd = gather_bwd;
-  plain_bwd.gather_time_factor = 0;
+  plain_bwd.gather_footprint_factor = 0;
   CHECK(cost::op_time(footprint, gather_bwd, DType::kFp32).memory_s ==
         Approx(cost::op_time(footprint, plain_bwd, DType::kFp32).memory_s));
   // A gather's share of its host (set by the lowering) scales its kernels, forward and backward,
