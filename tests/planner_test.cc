@@ -444,3 +444,27 @@ TEST_CASE("the estimate slows the routing's host work by the profile's host foot
   CHECK(host > 0);
   CHECK(compute_s(1e-8, 3) - kernels == Approx(3 * host).epsilon(1e-6));
 }
+
+TEST_CASE("the estimate prices forward row gathers by the profile's gather footprint, as the lowering does",
+          "[planner]") {
+  const topo::Cluster cluster = topo::load_cluster(src("configs/hardware/dgx-h100.textproto"));
+  const cost::Setup s = cost::load_setup(dgx(), tiny_model(), tiny_work(), {"s", "name: \"s\" dp: 8 ep: 8"});
+  const planner::MemorySummary mem = planner::summarize(cost::estimate_memory(s));
+  // One point at the plan's working set (footprint) or at any bytes (the curve by bytes): a flat
+  // factor either way, which must price the plan alike; the footprint wins where both are given.
+  auto compute_s = [&](double footprint, double by_bytes) {
+    profile::DeviceProfile spec = cost::default_profile(cluster.device_type(0)).spec();
+    auto add = [](google::protobuf::RepeatedPtrField<profile::BytesFactor>* curve, double bytes, double factor) {
+      profile::BytesFactor* f = curve->Add();
+      f->set_bytes(bytes);
+      f->set_time_factor(factor);
+    };
+    if (footprint > 0) add(spec.mutable_gather_footprint(), mem.working_set_bytes, footprint);
+    if (by_bytes > 0) add(spec.mutable_gather_in_situ(), 1e3, by_bytes);
+    const cost::DeviceProfile p = cost::DeviceProfile::from_spec(spec);
+    return planner::Estimator(cluster, &p).estimate(s, mem).compute_s;
+  };
+  CHECK(compute_s(3, 0) == Approx(compute_s(0, 3)).epsilon(1e-12));
+  CHECK(compute_s(3, 0.5) == Approx(compute_s(0, 3)).epsilon(1e-12));
+  CHECK(compute_s(3, 0) > compute_s(0, 0.5));
+}
