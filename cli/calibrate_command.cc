@@ -237,12 +237,16 @@ void set_in_situ(profile::DeviceProfile& spec, const std::function<double(cost::
   add(profile::EMBEDDING, gathers);
 }
 
-// Points (bytes, factor), by increasing bytes, appended to a profile's curve by bytes.
+// Points (bytes, factor) appended to a profile's curve by bytes: those measured (a factor > 0),
+// sorted by bytes, the first of equal bytes (the curve's bytes must increase).
 void add_bytes_factors(google::protobuf::RepeatedPtrField<profile::BytesFactor>* curve,
-                       const std::vector<std::pair<double, double>>& points) {
+                       std::vector<std::pair<double, double>> points) {
+  std::sort(points.begin(), points.end());
   for (auto [bytes, factor] : points) {
+    bytes = std::max(bytes, 1.0);
+    if (!(factor > 0) || (!curve->empty() && !(bytes > curve->rbegin()->bytes()))) continue;
     profile::BytesFactor* p = curve->Add();
-    p->set_bytes(std::max(bytes, 1.0));
+    p->set_bytes(bytes);
     p->set_time_factor(factor);
   }
 }
@@ -898,15 +902,11 @@ int calibrate(const Args& a) {
     // and by their size elsewhere (gather_in_situ: the step's, and the half-token layer's).
     set_in_situ(spec, [&](cost::OpKind) { return in_situ.fit.factor; }, in_situ.fit.gather_backward_factor);
     const bool gather_sizes = rounds.half_gather_bytes > 0 && rounds.half_gather_bytes < in_situ.gather_bytes;
-    std::vector<std::pair<double, double>> gather_points = {{in_situ.gather_bytes, in_situ.fit.gather_factor}};
-    if (gather_sizes) gather_points.insert(gather_points.begin(), {rounds.half_gather_bytes, rounds.half_gather_factor});
-    add_bytes_factors(spec.mutable_gather_in_situ(), gather_points);
-    std::vector<std::pair<double, double>> footprint = {{in_situ.working_set_bytes, in_situ.fit.gather_factor}};
-    if (rounds.layer_gather_factor > 0 && rounds.layer_working_set_bytes < in_situ.working_set_bytes)
-      footprint.insert(footprint.begin(), {rounds.layer_working_set_bytes, rounds.layer_gather_factor});
-    if (rounds.half_gather_factor > 0 && rounds.half_working_set_bytes < footprint.front().first)
-      footprint.insert(footprint.begin(), {rounds.half_working_set_bytes, rounds.half_gather_factor});
-    add_bytes_factors(spec.mutable_gather_footprint(), footprint);
+    add_bytes_factors(spec.mutable_gather_in_situ(), {{rounds.half_gather_bytes, rounds.half_gather_factor},
+                                                      {in_situ.gather_bytes, in_situ.fit.gather_factor}});
+    add_bytes_factors(spec.mutable_gather_footprint(), {{rounds.half_working_set_bytes, rounds.half_gather_factor},
+                                                        {rounds.layer_working_set_bytes, rounds.layer_gather_factor},
+                                                        {in_situ.working_set_bytes, in_situ.fit.gather_factor}});
     spec.set_op_overhead_s(in_situ.fit.op_overhead_s);
     spec.set_routing_choice_s(in_situ.fit.routing_choice_s);
     spec.set_dispatch_choice_s(in_situ.fit.dispatch_choice_s);
@@ -1060,12 +1060,12 @@ int calibrate(const Args& a) {
     for (const profile::GatherKernelFactor& g : spec.gather_kernel())
       kernels += fmt::format("{}{} x {:.2f}", kernels.empty() ? "" : ", ", gather_kernel_label(g.kernel()), g.time_factor());
     if (!kernels.empty()) std::cout << fmt::format("row gathers per byte {} (against a copy)\n", kernels);
-    std::string gathers;
+    std::vector<std::string> by_working_set;
     for (int i = 0; i < r.gather_footprint_bytes_size(); ++i)
-      gathers += fmt::format("{}x {:.3f} at {}{}{}", i == 0 ? "gathers " : ", ", r.gather_footprint_factors(i),
-                             i == 0 ? "a " : "", format_bytes(r.gather_footprint_bytes(i)),
-                             i == 0 ? " working set" : "");
-    gathers += fmt::format(" (backward x {:.3f})", r.in_situ_gather_backward_factor());
+      by_working_set.push_back(
+          fmt::format("x {:.3f} at {}", r.gather_footprint_factors(i), format_bytes(r.gather_footprint_bytes(i))));
+    const std::string gathers = fmt::format("gathers by working set {} (backward x {:.3f})", fmt::join(by_working_set, ", "),
+                                            r.in_situ_gather_backward_factor());
     std::cout << fmt::format("in a training step   kernels x {:.3f}, {}, {} per op around them; per "
                              "token-choice {} in a gate, {} in its backward, {} in a dispatch{}\n",
                              r.in_situ_factor(), gathers, format_seconds(r.op_overhead_s()),
