@@ -69,7 +69,16 @@ double host_memory_bytes() {
 struct Network {
   int nodes = 1;
   double Bps = 0, latency_s = 0;
+  cost::LinkRendezvous rendezvous;
 };
+
+// A cluster's rendezvous field (hardware.proto Rendezvous), empty without a step.
+std::string rendezvous_text(const char* field, const cost::LinkRendezvous& r) {
+  if (!(r.eager_limit_bytes > 0)) return "";
+  return fmt::format("{} {{ eager_limit_bytes: {:.6g} latency_s: {:.6g} }}  # messages over the limit wait for a "
+                     "handshake\n",
+                     field, r.eager_limit_bytes, r.latency_s);
+}
 
 // The cluster text: one node of `ranks` devices joined by a switch (processes on one host exchange
 // through shared memory, whose copies share one bandwidth both ways: `half_duplex`; on GPUs,
@@ -79,11 +88,13 @@ struct ClusterText {
   std::string name, device;
   bool half_duplex = false;
   std::string operator()(const std::string& description, int ranks, double link_Bps, double link_latency_s,
-                         double all_reduce_efficiency = 1, const Network& network = {}) const;
+                         double all_reduce_efficiency = 1, const Network& network = {},
+                         const cost::LinkRendezvous& rendezvous = {}) const;
 };
 
 std::string ClusterText::operator()(const std::string& description, int ranks, double link_Bps, double link_latency_s,
-                                    double all_reduce_efficiency, const Network& network) const {
+                                    double all_reduce_efficiency, const Network& network,
+                                    const cost::LinkRendezvous& rendezvous) const {
   const int per_node = ranks / std::max(1, network.nodes);
   // Between nodes a rank's traffic takes PCIe to its NIC: PCIe carries the NIC's bandwidth four
   // times over, but at most 1.5x the switch's, so that routes within a node take the switch (two
@@ -108,7 +119,9 @@ std::string ClusterText::operator()(const std::string& description, int ranks, d
           : fmt::format("collective_efficiency {{ op: \"all_reduce\" bandwidth_efficiency: {:.6g} }}  # against the "
                         "all-to-all's link bandwidth\n",
                         all_reduce_efficiency);
-  return efficiency + fmt::format(
+  return efficiency + rendezvous_text("rendezvous", rendezvous) +
+         rendezvous_text("network_rendezvous", network.nodes > 1 ? network.rendezvous : cost::LinkRendezvous{}) +
+         fmt::format(
       "name: \"{}\"\n"
       "description: \"{}\"\n"
       "nodes: {}\n"
@@ -806,11 +819,13 @@ int calibrate(const Args& a) {
     res["priority_sort"] = residuals_of(sort_residuals);
 
     // Links: the collective model's steps and transfer on a reference cluster of these ranks, then
-    // least-squares fits: the link's latency and bandwidth to the all-to-alls, and the all-reduce's
+    // least-squares fits: the link's latency, bandwidth and rendezvous (the step in latency over
+    // the library's eager limit) to the all-to-alls, and the all-reduce's
     // bandwidth efficiency against that link (MPI reduces on the host: one link bandwidth cannot
     // fit both); first to the microbenchmarks, then (below) to the calibration step's own
     // collectives.
     double link_Bps = bandwidth, link_latency_s = 1e-6, all_reduce_efficiency = 1;
+    cost::LinkRendezvous link_rendezvous;
     // `latency_s` < 0: latency and bandwidth; else the bandwidth alone with that latency.
     // Over a group of `group_size` ranks (every rank's group alike), by the collectives' model on
     // one node of them (a network's links are full duplex: `duplex`).
@@ -828,25 +843,31 @@ int calibrate(const Args& a) {
         const bool is_a2a = s.op == cost::CollectiveOp::kAllToAll;
         const cost::CollectiveCost c =
             model.cost(s.op, is_a2a ? cost::CollectiveAlgo::kDirect : cost::CollectiveAlgo::kRing, group, s.bytes);
-        samples.push_back({static_cast<double>(c.steps), c.transfer_s * 1e9, s.seconds});
+        // Each step's messages: S / n (the all-to-all's to each peer, the ring's chunks).
+        samples.push_back({static_cast<double>(c.steps), c.transfer_s * 1e9, s.seconds, s.bytes / group_size});
         (is_a2a ? a2a : all_reduce).push_back(samples.back());
       }
       if (!a2a.empty()) {
-        const cost::LinkFit fit = latency_s < 0 ? cost::fit_link(a2a, cost::kDefaultStepOverhead_s, link_Bps)
-                                                : cost::fit_link_bandwidth(a2a, cost::kDefaultStepOverhead_s, latency_s);
+        const cost::LinkFit fit =
+            latency_s < 0 ? cost::fit_link(a2a, cost::kDefaultStepOverhead_s, link_Bps)
+                          : cost::fit_link_bandwidth(a2a, cost::kDefaultStepOverhead_s, latency_s, link_rendezvous);
         link_Bps = fit.bandwidth_Bps;
         link_latency_s = fit.latency_s;
+        link_rendezvous = fit.rendezvous;
       }
       if (!all_reduce.empty())
         // Within what a cluster's collective_efficiency allows (a --quick calibration's few exchanges
         // once put it at 12.9).
         all_reduce_efficiency = std::clamp(
-            cost::fit_link_bandwidth(all_reduce, cost::kDefaultStepOverhead_s, link_latency_s).bandwidth_Bps / link_Bps,
+            cost::fit_link_bandwidth(all_reduce, cost::kDefaultStepOverhead_s, link_latency_s, link_rendezvous)
+                    .bandwidth_Bps /
+                link_Bps,
             0.01, 10.0);
       std::vector<double> residuals;
       for (size_t i = 0; i < samples.size(); ++i) {
         const bool is_a2a = measured[i].op == cost::CollectiveOp::kAllToAll;
         const double model_s = samples[i].steps * (cost::kDefaultStepOverhead_s + link_latency_s) +
+                               link_rendezvous.steps(samples[i]) * link_rendezvous.latency_s +
                                samples[i].transfer_c / (link_Bps * (is_a2a ? 1 : all_reduce_efficiency));
         residuals.push_back((model_s - samples[i].seconds) / samples[i].seconds * 100);
         csv += fmt::format("{}.{},0,{:.6g},{:.6g},{:.6g}\n", family, is_a2a ? "all_to_all" : "all_reduce",
@@ -884,13 +905,20 @@ int calibrate(const Args& a) {
         const int rank = world->rank(), node = nodes.node_of_rank[static_cast<size_t>(rank)];
         const int local = static_cast<int>(std::count(nodes.node_of_rank.begin(), nodes.node_of_rank.begin() + rank, node));
         measure(world->split(local, node).get(), "collectives_network", true, 0.85, per_node > 1 ? 0.92 : 1.0);
-        network = {node_count, link_Bps, link_latency_s};
+        network = {node_count, link_Bps, link_latency_s, link_rendezvous};
+        link_rendezvous = {};
         if (per_node > 1) measure(world->split(node, rank).get(), "collectives", false, 0.92, 1.0);
       }
     }
     const bool links_within = per_node > 1;  // between ranks of one node
     r.set_link_bandwidth_bps(links_within ? link_Bps : 0);
     r.set_link_latency_s(links_within ? link_latency_s : 0);
+    if (links_within) {
+      r.set_link_eager_limit_bytes(link_rendezvous.eager_limit_bytes);
+      r.set_link_rendezvous_s(link_rendezvous.latency_s);
+    }
+    r.set_network_eager_limit_bytes(network.rendezvous.eager_limit_bytes);
+    r.set_network_rendezvous_s(network.rendezvous.latency_s);
     if (ranks > 1) r.set_all_reduce_efficiency(all_reduce_efficiency);
     r.set_nodes(node_count);
     r.set_network_bandwidth_bps(network.Bps);
@@ -1001,14 +1029,15 @@ int calibrate(const Args& a) {
         fmt::format("this machine as {} rank(s): {}, calibrated {}", ranks, machine, trace::utc_now_iso8601());
     const std::string ctext = fmt::format(
         "# Written by `moesim calibrate --ranks {}`: this machine's ranks as devices, with the device\n"
-        "# profile beside it ({}). Links: latency and bandwidth fitted to all-to-all times, and the\n"
-        "# all-reduce's bandwidth efficiency against them{}.\n{}",
+        "# profile beside it ({}). Links: latency, bandwidth and rendezvous fitted to all-to-all times,\n"
+        "# and the all-reduce's bandwidth efficiency against them{}.\n{}",
         ranks, fs::path(profile_out).filename().string(),
         ranks == 1          ? " (one rank: not measured, placeholders)"
         : node_count == 1   ? ""
         : links_within      ? "; the network between the nodes fitted apart, to collectives of one rank per node"
                             : " (one rank per node: the node's link a placeholder; the network fitted)",
-        cluster_text(description, ranks, link_Bps, link_latency_s, all_reduce_efficiency, network));
+        cluster_text(description, ranks, link_Bps, link_latency_s, all_reduce_efficiency, network,
+                     links_within ? link_rendezvous : cost::LinkRendezvous{}));
     std::string ptext;
     google::protobuf::TextFormat::PrintToString(spec, &ptext);
     ptext = "# Written by `moesim calibrate`: efficiency curves fitted to the executor's kernels on this machine.\n" + ptext;
@@ -1077,12 +1106,19 @@ int calibrate(const Args& a) {
                                                    ? fmt::format(" (its gathers x {:.3f})", r.alone_gather_time_factor())
                                                    : std::string())
                                  : std::string());
+    auto rendezvous_line = [](const cost::LinkRendezvous& r) {
+      return r.eager_limit_bytes > 0 ? fmt::format(", {} more over {} a message (rendezvous)", format_seconds(r.latency_s),
+                                                   format_bytes(r.eager_limit_bytes))
+                                     : std::string();
+    };
     if (links_within)
-      std::cout << fmt::format("link between ranks   {}/s, {} latency; all-reduce at {:.2f} of it\n", format_bytes(link_Bps),
-                               format_seconds(link_latency_s), r.all_reduce_efficiency());
+      std::cout << fmt::format("link between ranks   {}/s, {} latency{}; all-reduce at {:.2f} of it\n",
+                               format_bytes(link_Bps), format_seconds(link_latency_s), rendezvous_line(link_rendezvous),
+                               r.all_reduce_efficiency());
     if (node_count > 1)
-      std::cout << fmt::format("network              {} nodes of {} rank(s): {}/s a rank, {} latency\n", node_count,
-                               per_node, format_bytes(network.Bps), format_seconds(network.latency_s));
+      std::cout << fmt::format("network              {} nodes of {} rank(s): {}/s a rank, {} latency{}\n", node_count,
+                               per_node, format_bytes(network.Bps), format_seconds(network.latency_s),
+                               rendezvous_line(network.rendezvous));
     if (r.transfer_footprint_factor() > 0)
       std::cout << fmt::format("exchanges in a step  {}x 1 at a {} working set (that link), x {:.3f} at {}{}\n",
                                r.transfer_half_factor() > 0 ? fmt::format("x {:.3f} at {}, ", r.transfer_half_factor(),

@@ -151,20 +151,64 @@ double fit_backward_factor(const DeviceProfile& profile, OpKind kind, const std:
 namespace {
 
 // The fit's figures for a per-step time lambda and an inverse bandwidth beta.
-LinkFit link_fit(const std::vector<LinkSample>& samples, double step_overhead_s, double lambda, double beta) {
+LinkFit link_fit(const std::vector<LinkSample>& samples, double step_overhead_s, double lambda, double beta,
+                 const LinkRendezvous& rendezvous) {
   LinkFit fit;
   fit.lambda_s = lambda;
   fit.latency_s = std::max(0.0, lambda - step_overhead_s);
   fit.bandwidth_Bps = beta > 0 ? 1 / beta : 1e18;
+  fit.rendezvous = rendezvous;
   std::vector<double> residuals;
   for (const LinkSample& s : samples) {
-    const double model = s.steps * (step_overhead_s + fit.latency_s) + s.transfer_c / fit.bandwidth_Bps;
+    const double model = s.steps * (step_overhead_s + fit.latency_s) + rendezvous.steps(s) * rendezvous.latency_s +
+                         s.transfer_c / fit.bandwidth_Bps;
     residuals.push_back(std::fabs(model - s.seconds) / s.seconds * 100);
   }
   fit.median_abs_residual_pct = median(residuals);
   fit.max_abs_residual_pct = *std::max_element(residuals.begin(), residuals.end());
   return fit;
 }
+
+// The eager limit and rendezvous latency that fit `samples` best, or none (see fit_link).
+LinkRendezvous fit_rendezvous(const std::vector<LinkSample>& samples) {
+  // Squared relative residuals of the least-squares fit over `x(s)`'s terms; infinite when the
+  // terms cannot be told apart or (with `solution`) one of them comes out not positive.
+  auto residual = [&](auto x, size_t terms, std::vector<double>* solution) {
+    LeastSquares f(terms);
+    for (const LinkSample& s : samples) f.add(x(s), s.seconds, 1 / (s.seconds * s.seconds));
+    const auto v = f.solve();
+    if (!v || (solution && std::any_of(v->begin(), v->end(), [](double t) { return t <= 0; })))
+      return std::numeric_limits<double>::infinity();
+    double sum = 0;
+    for (const LinkSample& s : samples) {
+      const std::vector<double> xs = x(s);
+      double model = 0;
+      for (size_t i = 0; i < terms; ++i) model += (*v)[i] * xs[i];
+      sum += std::pow((model - s.seconds) / s.seconds, 2);
+    }
+    if (solution) *solution = *v;
+    return sum;
+  };
+  const double none = residual([](const LinkSample& s) { return std::vector<double>{s.steps, s.transfer_c}; }, 2, nullptr);
+  std::vector<double> sizes;
+  for (const LinkSample& s : samples) sizes.push_back(s.message_bytes);
+  std::sort(sizes.begin(), sizes.end());
+  LinkRendezvous best;
+  double best_residual = 0.5 * none;
+  for (size_t i = 1; i + 2 < sizes.size(); ++i) {  // at least two samples either side
+    if (!(sizes[i] > 0) || sizes[i + 1] == sizes[i]) continue;
+    const LinkRendezvous step{std::sqrt(sizes[i] * sizes[i + 1]), 1};
+    std::vector<double> v;
+    const double r = residual(
+        [&](const LinkSample& s) { return std::vector<double>{s.steps, step.steps(s), s.transfer_c}; }, 3, &v);
+    if (r < best_residual && v[1] >= 0.05 * v[0]) {  // and R a material part of a step
+      best_residual = r;
+      best = {step.eager_limit_bytes, v[1]};
+    }
+  }
+  return best;
+}
+
 
 }  // namespace
 
@@ -291,11 +335,13 @@ double fit_priority_sort(const std::vector<SortSample>& samples) {
 
 LinkFit fit_link(const std::vector<LinkSample>& samples, double step_overhead_s, double fallback_Bps) {
   if (samples.size() < 2) throw std::invalid_argument("a link fit needs at least 2 collective samples");
-  LeastSquares f(2);  // t = steps lambda + c beta
-  for (const LinkSample& s : samples) {
+  for (const LinkSample& s : samples)
     if (!(s.seconds > 0)) throw std::invalid_argument("collective samples need positive times");
-    f.add({s.steps, s.transfer_c}, s.seconds, 1 / (s.seconds * s.seconds));
-  }
+  const LinkRendezvous rendezvous = fit_rendezvous(samples);
+  // What is left of each time for t = steps lambda + c beta.
+  auto rest = [&](const LinkSample& s) { return s.seconds - rendezvous.steps(s) * rendezvous.latency_s; };
+  LeastSquares f(2);
+  for (const LinkSample& s : samples) f.add({s.steps, s.transfer_c}, rest(s), 1 / (s.seconds * s.seconds));
   const auto x = f.solve();
   if (!x) throw std::invalid_argument("collective samples of one shape cannot separate latency from bandwidth");
   double lambda = (*x)[0];
@@ -304,7 +350,7 @@ LinkFit fit_link(const std::vector<LinkSample>& samples, double step_overhead_s,
     double num = 0, den = 0;
     for (const LinkSample& s : samples) {
       const double w = 1 / (s.seconds * s.seconds), v = latency ? s.steps : s.transfer_c;
-      num += w * v * (s.seconds - known * (latency ? s.transfer_c : s.steps));
+      num += w * v * (rest(s) - known * (latency ? s.transfer_c : s.steps));
       den += w * v * v;
     }
     return den > 0 ? num / den : 0;
@@ -317,21 +363,21 @@ LinkFit fit_link(const std::vector<LinkSample>& samples, double step_overhead_s,
     lambda = 0;
     beta = one_term(false, 0);
   }
-  return link_fit(samples, step_overhead_s, lambda, beta);
+  return link_fit(samples, step_overhead_s, lambda, beta, rendezvous);
 }
 
-LinkFit fit_link_bandwidth(const std::vector<LinkSample>& samples, double step_overhead_s, double latency_s) {
+LinkFit fit_link_bandwidth(const std::vector<LinkSample>& samples, double step_overhead_s, double latency_s,
+                           const LinkRendezvous& rendezvous) {
   const double lambda = step_overhead_s + latency_s;
   double num = 0, den = 0;
   for (const LinkSample& s : samples) {
     if (!(s.seconds > 0) || s.transfer_c <= 0) continue;
     const double w = 1 / (s.seconds * s.seconds);
-    num += w * s.transfer_c * (s.seconds - s.steps * lambda);
+    num += w * s.transfer_c * (s.seconds - s.steps * lambda - rendezvous.steps(s) * rendezvous.latency_s);
     den += w * s.transfer_c * s.transfer_c;
   }
   if (den <= 0) throw std::invalid_argument("no collective sample moves bytes: the bandwidth cannot be fitted");
-  return link_fit(samples, step_overhead_s, lambda, std::max(num / den, 1e-15));
+  return link_fit(samples, step_overhead_s, lambda, std::max(num / den, 1e-15), rendezvous);
 }
-
 
 }  // namespace moesim::cost

@@ -187,7 +187,7 @@ namespace detail {
 class PhaseLoad {
  public:
   struct Result {
-    double alpha_s = 0;   // o + the largest route latency; 0 when nothing moves
+    double alpha_s = 0;   // o + the largest message latency; 0 when nothing moves
     double beta_s = 0;    // the slowest flow or busiest port
     int max_messages = 0; // the most flows any rank sends or receives
   };
@@ -210,7 +210,7 @@ class PhaseLoad {
     if (!(r.bottleneck_Bps > 0))
       throw CollectiveError(fmt::format("no route from rank {} to rank {} in {}", s, t, m_.cluster_.name()));
     any_ = true;
-    latency_s_ = std::max(latency_s_, r.latency_s);
+    latency_s_ = std::max(latency_s_, r.latency_s + m_.rendezvous_s(s, t, bytes));
     route_transfer_s_ = std::max(route_transfer_s_, bytes / r.bottleneck_Bps);
     ++sent_[i];
     ++received_[j];
@@ -376,6 +376,14 @@ const CollectiveModel::Route& CollectiveModel::route(int src, int dst) const {
   if (src < 0 || src >= n || dst < 0 || dst >= n)
     throw CollectiveError(fmt::format("route {} -> {}: ranks must be in 0 .. {}", src, dst, n - 1));
   return routes_from(src)[dst];
+}
+
+double CollectiveModel::message_latency_s(int src, int dst, double bytes) const {
+  return route(src, dst).latency_s + rendezvous_s(src, dst, bytes);
+}
+
+double CollectiveModel::rendezvous_s(int src, int dst, double bytes) const {
+  return cluster_.rendezvous_s(node_of_[src] != node_of_[dst], bytes);
 }
 
 int CollectiveModel::node_count(const std::vector<int>& ranks) const {

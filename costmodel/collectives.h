@@ -13,10 +13,12 @@
 // order and the tree layout: the caller places ranks, e.g. node by node so a ring leaves each node
 // once). S is the size as nccl-tests defines it for the op (see CollectiveOp). o is the per-step
 // software overhead (CollectiveParams::step_overhead_s). Routes come from topo::Router: each
-// (source, destination) pair has a bottleneck bandwidth B and a latency L.
+// (source, destination) pair has a bottleneck bandwidth B and a latency L. A flow f over the
+// collective library's eager limit (hardware.proto Rendezvous, within a node or between nodes)
+// waits for a handshake first: R_f is its rendezvous latency, 0 for a flow up to the limit.
 //
 // ## One phase: a set F of flows that run at the same time
-//   alpha(F) = o + max_{f in F} L_f
+//   alpha(F) = o + max_{f in F} (L_f + R_f)
 //   beta(F)  = max( max_{f in F} bytes_f / B_f,                  the flow's own route
 //                   max_{ports p} bytes(p) / capacity(p) )        shared ports
 // The shared ports, each counted in both directions (out of / into a device or NIC):
@@ -216,6 +218,10 @@ class CollectiveModel {
     double latency_s = 0;
   };
   const Route& route(int src, int dst) const;
+  // What one message of `bytes` from rank `src` to `dst` waits before its bytes flow: its route's
+  // latency, and the collective library's rendezvous when it is over the eager limit (the
+  // cluster's Rendezvous within a node or between nodes).
+  double message_latency_s(int src, int dst, double bytes) const;
 
   const topo::Cluster& cluster() const { return cluster_; }
   const CollectiveParams& params() const { return params_; }
@@ -231,6 +237,7 @@ class CollectiveModel {
   const std::vector<Route>& routes_from(int src) const;
   const std::vector<int>& nics_of(int rank) const;  // compact NIC ids
   void check_ranks(const std::vector<int>& ranks) const;
+  double rendezvous_s(int src, int dst, double bytes) const;
   CollectiveCost all_to_all_impl(const std::vector<int>& ranks, CollectiveAlgo algo, double size_bytes,
                                  const std::vector<std::vector<double>>* matrix) const;
 

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <utility>
 
 namespace moesim::exec {
 namespace {
@@ -342,7 +343,13 @@ Microbenchmarks one_round(Backend& backend, Comm* world, const MicrobenchOptions
 
   if (o.collectives && world && world->size() > 1) {
     const int n = world->size();
-    for (double bytes = 1024; bytes <= (o.quick ? 256e3 : 4.2e6); bytes *= 4) {
+    // Sizes by 4x, and by 2^(1/4) where messages (bytes / n) are under 16 KB: transports switch
+    // from eager sends to a rendezvous there (Open MPI's shared memory at 4 KB), a step in latency
+    // the link fit looks for between two sizes (cost::fit_link).
+    std::vector<double> sizes;
+    for (double bytes = 1024; bytes <= (o.quick ? 256e3 : 4.2e6);)
+      sizes.push_back(std::exchange(bytes, bytes * (!o.quick && bytes / n < 16384 ? std::pow(2.0, 0.25) : 4)));
+    for (double bytes : sizes) {
       const int64_t per_peer = std::max<int64_t>(1, static_cast<int64_t>(bytes / sizeof(float)) / n);
       const int64_t total = per_peer * n;
       const std::vector<int64_t> counts(static_cast<size_t>(n), per_peer);

@@ -24,8 +24,8 @@ int floor_log2(int n) {
 int heap_parent(int p) { return (p - 1) / 2; }
 
 // The flows of one phase over positions in the rank list, with what alpha(F) and k need: the
-// largest route latency and the most messages any rank sends or receives. Like the analytic
-// model, a flow to itself or of no bytes is left out.
+// largest message latency (route and rendezvous) and the most messages any rank sends or
+// receives. Like the analytic model, a flow to itself or of no bytes is left out.
 class PhaseBuilder {
  public:
   PhaseBuilder(const cost::CollectiveModel& m, const std::vector<int>& ranks)
@@ -34,14 +34,14 @@ class PhaseBuilder {
   void add(int i, int j, double bytes) {
     if (i == j || bytes <= 0) return;
     const int s = ranks_[i], t = ranks_[j];
-    latency_s_ = std::max(latency_s_, m_.route(s, t).latency_s);
+    latency_s_ = std::max(latency_s_, m_.message_latency_s(s, t, bytes));
     flows_.push_back({s, t, bytes});
     max_messages_ = std::max({max_messages_, ++sent_[i], ++received_[j]});
   }
 
   bool empty() const { return flows_.empty(); }
   int max_messages() const { return max_messages_; }
-  // o + the largest route latency; 0 when nothing moves.
+  // o + the largest message latency; 0 when nothing moves.
   double alpha_s() const { return flows_.empty() ? 0 : m_.params().step_overhead_s + latency_s_; }
   std::vector<FlowSpec> take() { return std::move(flows_); }
 

@@ -3,8 +3,8 @@
 //   std::vector<sim::Phase> p = sim::decompose(model, cost::CollectiveOp::kAllReduce,
 //                                              cost::CollectiveAlgo::kRing, ranks, 256e6);
 //
-// Each phase waits `delay_s` (its alpha: steps x (software overhead + the phase's largest route
-// latency)) and then starts its flows; the next phase starts when every flow of this one has
+// Each phase waits `delay_s` (its alpha: steps x (software overhead + the phase's largest message
+// latency, route and rendezvous)) and then starts its flows; the next phase starts when every flow of this one has
 // finished; `repeat` runs the same phase that many times in a row. The decomposition is the one
 // costmodel/collectives.h writes down for its analytic times, so on an idle network a collective
 // takes the analytic time (within the difference between port sums and max-min rates), and

@@ -572,6 +572,16 @@ TEST_CASE("a price per device hour must be a positive number") {
   check(only_diagnostic(c), 2, "price_per_device_hour", "must be");
 }
 
+TEST_CASE("a rendezvous has an eager limit above 0 and a latency of at least 0") {
+  Config no_limit = fat_tree_cluster().set(1, "name: \"bad\"\nrendezvous { latency_s: 1e-6 }");
+  check(only_diagnostic(no_limit), 2, "rendezvous.eager_limit_bytes", "required");
+  Config negative =
+      fat_tree_cluster().set(1, "name: \"bad\"\nnetwork_rendezvous { eager_limit_bytes: 65536 latency_s: -1e-6 }");
+  check(only_diagnostic(negative), 2, "network_rendezvous.latency_s", "must be");
+  Config zero = fat_tree_cluster().set(1, "name: \"bad\"\nrendezvous { eager_limit_bytes: 0 latency_s: 1e-6 }");
+  check(only_diagnostic(zero), 2, "rendezvous.eager_limit_bytes", "greater than zero");
+}
+
 TEST_CASE("a collective efficiency names a known collective once, with an efficiency above 0 and at most 10") {
   Config unknown = fat_tree_cluster().set(1, "name: \"bad\"\ncollective_efficiency { op: \"allreduce\" bandwidth_efficiency: 0.5 }");
   check(only_diagnostic(unknown), 2, "collective_efficiency[0].op", "'allreduce' is not a collective");

@@ -12,6 +12,7 @@
 #include <google/protobuf/text_format.h>
 
 #include <cmath>
+#include <random>
 
 namespace moesim::cost {
 namespace {
@@ -378,18 +379,22 @@ TEST_CASE("The softmax's time per score and the time per group are told from the
   CHECK_THROWS_AS(fit_attention_core(samples, 2e-6), std::invalid_argument);
 }
 
-TEST_CASE("Link latency and bandwidth are recovered from the collective model's own times") {
-  // Two devices on one switch, 5 GB/s and 3 us apart (PCIe slower, so routes take the switch, as
-  // in the clusters `moesim calibrate` writes): all-to-alls and all-reduces from 1 KB to 16 MB
-  // timed by the model, then fitted back through a reference cluster of other parameters.
-  auto cluster_with = [](double bw, double lat) {
-    return topo::load_cluster_text(fmt::format(R"pb(name: "c" nodes: 1
+// Two devices on one switch, `bw` and `lat` apart (PCIe slower, so routes take the switch, as in
+// the clusters `moesim calibrate` writes), with `extra` text (a rendezvous).
+topo::Cluster link_cluster(double bw, double lat, const std::string& extra = "") {
+  return topo::load_cluster_text(fmt::format(R"pb(name: "c" nodes: 1
       node {{ device {{ name: "r" peak_flops_per_s {{ fp32: 1e11 }} memory_bytes: 1e10 memory_bandwidth_Bps: 1e10 }}
               devices_per_node: 2 intra_fabric: NVSWITCH scaleup_bandwidth_Bps: {} scaleup_latency_s: {}
               pcie {{ device_bandwidth_Bps: 1e8 latency_s: 1e-5 }} }})pb",
-                                               bw, lat),
-                                   "c.textproto");
-  };
+                                             bw, lat) +
+                                     extra,
+                                 "c.textproto");
+}
+
+TEST_CASE("Link latency and bandwidth are recovered from the collective model's own times") {
+  // 5 GB/s and 3 us: all-to-alls and all-reduces from 1 KB to 16 MB timed by the model, then
+  // fitted back through a reference cluster of other parameters.
+  auto cluster_with = [](double bw, double lat) { return link_cluster(bw, lat); };
   const topo::Cluster truth = cluster_with(5e9, 3e-6), ref = cluster_with(1e9, 1e-6);
   const CollectiveModel measured(truth), model(ref);
   std::vector<LinkSample> samples;
@@ -408,6 +413,53 @@ TEST_CASE("Link latency and bandwidth are recovered from the collective model's 
   CHECK(bw.latency_s == Approx(3e-6));
   // One size only cannot tell latency from bandwidth.
   CHECK_THROWS_AS(fit_link({samples[0], samples[0]}, kDefaultStepOverhead_s), std::invalid_argument);
+}
+
+// All-to-alls on 2 ranks from 1 KB to 64 KB by 2^(1/4), then to 4 MB by 4x (as the executor's
+// microbenchmarks), timed on `truth` with relative noise up to `noise` (seeded), in the linear
+// form of a reference cluster.
+std::vector<LinkSample> all_to_all_samples(const topo::Cluster& truth, double noise) {
+  const topo::Cluster ref = link_cluster(1e9, 1e-6);
+  const CollectiveModel measured(truth), model(ref);
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<double> jitter(-noise, noise);
+  std::vector<LinkSample> samples;
+  for (double S = 1024; S <= 4.2e6; S *= S < 65536 ? std::pow(2.0, 0.25) : 4) {
+    const CollectiveCost m = model.cost(CollectiveOp::kAllToAll, {0, 1}, S);
+    const double t = measured.cost(CollectiveOp::kAllToAll, {0, 1}, S).time_s * (1 + jitter(rng));
+    samples.push_back({double(m.steps), m.transfer_s * 1e9, t, S / 2});
+  }
+  return samples;
+}
+
+TEST_CASE("A rendezvous step in latency is found between the two message sizes around it") {
+  // Open MPI's shared memory on the development VM: eager up to 4 KB, then 1.8 us more a message.
+  const topo::Cluster truth =
+      link_cluster(5e9, 3e-6, "rendezvous { eager_limit_bytes: 4096 latency_s: 1.8e-6 }");
+  for (double noise : {0.0, 0.03}) {
+    INFO("noise " << noise);
+    const std::vector<LinkSample> samples = all_to_all_samples(truth, noise);
+    const LinkFit fit = fit_link(samples, kDefaultStepOverhead_s);
+    const double eps = noise > 0 ? 0.1 : 0.02;
+    CHECK(fit.bandwidth_Bps == Approx(5e9).epsilon(eps));
+    CHECK(fit.latency_s == Approx(3e-6).epsilon(eps));
+    CHECK(fit.rendezvous.latency_s == Approx(1.8e-6).epsilon(noise > 0 ? 0.25 : 0.02));
+    // Between the largest message at most 4096 bytes and the next (4096 x 2^(1/4) = 4871).
+    CHECK(fit.rendezvous.eager_limit_bytes > 4096 / std::pow(2.0, 0.25));
+    CHECK(fit.rendezvous.eager_limit_bytes < 4096 * std::pow(2.0, 0.25));
+    if (noise == 0) CHECK(fit.max_abs_residual_pct < 0.1);
+    // The bandwidth alone, the rest given, from the samples over the limit.
+    const std::vector<LinkSample> large(samples.end() - 3, samples.end());
+    const LinkFit bw = fit_link_bandwidth(large, kDefaultStepOverhead_s, fit.latency_s, fit.rendezvous);
+    CHECK(bw.bandwidth_Bps == Approx(fit.bandwidth_Bps).epsilon(0.1));
+    CHECK(bw.rendezvous.eager_limit_bytes == fit.rendezvous.eager_limit_bytes);
+  }
+  // Without a step, none is found, noise or not.
+  for (double noise : {0.0, 0.03}) {
+    const LinkFit none = fit_link(all_to_all_samples(link_cluster(5e9, 3e-6), noise), kDefaultStepOverhead_s);
+    CHECK(none.rendezvous.eager_limit_bytes == 0);
+    CHECK(none.bandwidth_Bps == Approx(5e9).epsilon(0.1));
+  }
 }
 
 }  // namespace

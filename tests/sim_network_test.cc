@@ -537,6 +537,41 @@ TEST_CASE("on small two-node clusters too, NICs shared or not") {
   }
 }
 
+TEST_CASE("a rendezvous over the eager limit: the same step latency in flows and the analytic model") {
+  // Within a node a message over 1 MB waits 5 us more, between nodes one over 4 MB 20 us more.
+  const topo::Cluster c = topo::load_cluster_text(
+      test::cluster_text(2, "single_switch { }") +
+          "rendezvous { eager_limit_bytes: 1e6 latency_s: 5e-6 }\n"
+          "network_rendezvous { eager_limit_bytes: 4e6 latency_s: 20e-6 }\n",
+      "rendezvous.textproto");
+  const topo::Cluster plain = nodes_of(2, 2, 2);
+  const cost::CollectiveModel m(c), base(plain);
+  CHECK(m.message_latency_s(0, 1, 1e6) == Approx(base.route(0, 1).latency_s));
+  CHECK(m.message_latency_s(0, 1, 1.5e6) == Approx(base.route(0, 1).latency_s + 5e-6));
+  CHECK(m.message_latency_s(0, 2, 1.5e6) == Approx(base.route(0, 2).latency_s));
+  CHECK(m.message_latency_s(0, 2, 5e6) == Approx(base.route(0, 2).latency_s + 20e-6));
+  const std::vector<int> node0 = {0, 1}, all = cost::first_ranks(4);
+  // A ring all-reduce in one node: chunks of S/2, each of its 2 steps pays the rendezvous over 1 MB.
+  for (double S : {1.5e6, 3e6}) {
+    const cost::CollectiveCost a = m.cost(CollectiveOp::kAllReduce, CollectiveAlgo::kRing, node0, S),
+                               b = base.cost(CollectiveOp::kAllReduce, CollectiveAlgo::kRing, node0, S);
+    CHECK(a.latency_s - b.latency_s == Approx(S / 2 > 1e6 ? 2 * 5e-6 : 0).margin(1e-12));
+    CHECK(a.transfer_s == Approx(b.transfer_s));
+  }
+  // An all-to-all over both nodes: each step's alpha takes its slowest message's latency.
+  for (double S : {8e6, 24e6}) {  // S / 4 a message: 2 MB (within-node rendezvous only), 6 MB (both)
+    const cost::CollectiveCost a = m.cost(CollectiveOp::kAllToAll, all, S), b = base.cost(CollectiveOp::kAllToAll, all, S);
+    const double net = base.route(0, 2).latency_s, up = base.route(0, 1).latency_s;
+    const double worst = std::max(up + 5e-6, net + (S / 4 > 4e6 ? 20e-6 : 0));
+    CHECK(a.latency_s == Approx(a.steps * (o + worst)));
+    CHECK(b.latency_s == Approx(b.steps * (o + net)));
+  }
+  for (const Case& k : every_case(m, all, 24e6)) {
+    INFO(k.name);
+    CHECK(sim::idle_time_s(c, k.phases) == Approx(k.analytic_s).epsilon(0.01));
+  }
+}
+
 TEST_CASE("where flows and the analytic model legitimately differ (sim/flows.h)") {
   SECTION("a skewed all-to-all-v by hand: the busiest port idles while its senders are shared") {
     topo::Cluster c = load("dgx-h100");

@@ -372,6 +372,12 @@ TEST_CASE("calibrate on 2 ranks prices exchanges by the working set: the layer's
   CHECK(cluster.device_count() == 2);
   CHECK(c.link_bandwidth_bps() > 0);
   CHECK(cluster.collective_efficiency("all_reduce") == Approx(c.all_reduce_efficiency()).epsilon(1e-5));
+  // The rendezvous the link fit found (Open MPI's shared memory has one at 4 KB, which --quick's
+  // five sizes may or may not make out) is the cluster's, within the node only.
+  CHECK(cluster.spec().has_rendezvous() == (c.link_eager_limit_bytes() > 0));
+  CHECK(cluster.spec().rendezvous().eager_limit_bytes() == Approx(c.link_eager_limit_bytes()).epsilon(1e-5));
+  CHECK(cluster.spec().rendezvous().latency_s() == Approx(c.link_rendezvous_s()).epsilon(1e-5));
+  CHECK_FALSE(cluster.spec().has_network_rendezvous());
   // CPU ranks exchange through shared memory: both directions of a rank's link share it.
   int half_duplex = 0;
   for (topo::EdgeId e : boost::make_iterator_range(boost::edges(cluster.graph())))
@@ -444,6 +450,9 @@ TEST_CASE("calibrate measures the network between nodes and refuses unequal node
   REQUIRE(c.spec().node().nic_size() == 1);
   CHECK(c.spec().node().nic(0).bandwidth_bps() == Approx(r.network_bandwidth_bps()).epsilon(1e-5));
   CHECK(c.spec().fabric().has_single_switch());
+  CHECK(c.spec().has_network_rendezvous() == (r.network_eager_limit_bytes() > 0));
+  CHECK(c.spec().network_rendezvous().latency_s() == Approx(r.network_rendezvous_s()).epsilon(1e-5));
+  CHECK_FALSE(c.spec().has_rendezvous());
   // Two nodes of two: the link within a node and the network apart; a route within a node takes
   // the node's switch (two links), one between nodes the NICs.
   const cli::CalibrateResult r4 = calibrated(2);

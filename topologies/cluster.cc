@@ -224,6 +224,12 @@ void validate(const ConfigScope& root, const hw::Cluster& c) {
     else if (!ops.insert(op).second)
       e.error("op", fmt::format("{} has an efficiency already", op));
   }
+  for (const char* field : {"rendezvous", "network_rendezvous"}) {
+    if (!root.has(field)) continue;
+    const ConfigScope r = root.child(field);
+    r.positive("eager_limit_bytes", Need::kRequired, /*allow_zero=*/false, kMaxBytes);
+    r.positive("latency_s", Need::kRequired, /*allow_zero=*/true, kMaxLatency_s);
+  }
   const bool templated = c.has_node() || c.has_nodes() || c.has_fabric();
   if (c.has_graph() && templated) {
     root.error("graph", "describe the cluster either as node + nodes + fabric or as an explicit graph, not both");
@@ -406,6 +412,11 @@ double Cluster::collective_efficiency(std::string_view op) const {
   for (const hw::CollectiveEfficiency& e : spec_.collective_efficiency())
     if (e.op() == op) return e.bandwidth_efficiency();
   return 1.0;
+}
+
+double Cluster::rendezvous_s(bool between_nodes, double message_bytes) const {
+  const hw::Rendezvous& r = between_nodes ? spec_.network_rendezvous() : spec_.rendezvous();
+  return r.has_eager_limit_bytes() && message_bytes > r.eager_limit_bytes() ? r.latency_s() : 0;
 }
 
 std::string Cluster::fabric_kind() const {
