@@ -96,8 +96,9 @@ void print_table(const report::CollectiveReport& r, std::ostream& out) {
   out << fmt::format("{:<11}{} ({:.0f} B, {})\n", "size", format_bytes(r.size_bytes()), r.size_bytes(),
                      r.size_meaning());
   out << fmt::format("{:<11}{}\n", "time", format_seconds(r.time_s()));
-  out << fmt::format("{:<11}{}  ({} steps x (overhead {} + route latency))\n", "  latency", format_seconds(r.latency_s()),
-                     r.steps(), format_seconds(r.step_overhead_s()));
+  out << fmt::format("{:<11}{}  ({} steps x (overhead {} + message latency: route, and rendezvous over the "
+                     "eager limit))\n",
+                     "  latency", format_seconds(r.latency_s()), r.steps(), format_seconds(r.step_overhead_s()));
   out << fmt::format("{:<11}{}  (bytes over shared bandwidth)\n", "  transfer", format_seconds(r.transfer_s()));
   out << fmt::format("{:<11}{}  (size / time)\n", "algBw", format_bandwidth(r.alg_bw_bps()));
   out << fmt::format("{:<11}{}  (algBw x {})\n", "busBw", format_bandwidth(r.bus_bw_bps()), r.bus_factor_formula());
@@ -183,10 +184,12 @@ std::string collective_help() {
       "                    software cost of one step on top of the route latency (default {})\n"
       "  --json            machine-readable output (time_s, latency_s, transfer_s, alg_bw_Bps,\n"
       "                    bus_bw_Bps, bus_factor, ...)\n\n"
-      "An alpha-beta estimate: each step costs overhead + route latency + bytes / bandwidth, with\n"
+      "An alpha-beta estimate: each step costs overhead + message latency + bytes / bandwidth, with\n"
       "device ports and NICs shared by the flows crossing them at once (formulas in\n"
-      "costmodel/collectives.h). algBw = size / time; busBw = algBw x factor as nccl-tests defines\n"
-      "it: all_reduce 2(n-1)/n; all_gather, reduce_scatter, all_to_all (n-1)/n; send_recv, broadcast 1.\n",
+      "costmodel/collectives.h). A message's latency is its route's, and the cluster's rendezvous\n"
+      "latency more when it is over the collective library's eager limit (hardware.proto Rendezvous).\n"
+      "algBw = size / time; busBw = algBw x factor as nccl-tests defines it: all_reduce 2(n-1)/n;\n"
+      "all_gather, reduce_scatter, all_to_all (n-1)/n; send_recv, broadcast 1.\n",
       algos, cost::kDefaultStepOverhead_s);
 }
 
