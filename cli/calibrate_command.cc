@@ -282,8 +282,9 @@ struct InSitu {
   cost::InSituHost host;
   double step_s = 0;               // the mean quiet step
   double measured_sum_s = 0, predicted_sum_s = 0;  // over the fitted compute ops
-  // The step's collectives: per op, as validation measures it (trace::median_op_times).
-  std::vector<CollectiveSample> collectives;
+  // The step's collectives: per op, as validation measures it (trace::median_op_times); its
+  // routes' all-gathers apart (compared with the fitted link, not fitted to).
+  std::vector<CollectiveSample> collectives, routes;
   double working_set_bytes = 0;  // the largest rank's (cost::working_set_bytes)
   double gather_bytes = 0;       // the median bytes of its forward row gathers (EMBEDDING kernels)
 
@@ -450,6 +451,10 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
     auto it = times.find({op.id(), base.ranks(0).rank()});
     if (op.collective() == 0 || it == times.end()) continue;
     const schedule::Collective& c = base.collectives(op.collective() - 1);
+    if (c.op() == schedule::Collective::ALL_GATHER) {
+      out.routes.push_back({cost::CollectiveOp::kAllGather, op.bytes(), it->second});
+      continue;
+    }
     const bool a2a = c.op() == schedule::Collective::ALL_TO_ALL || c.op() == schedule::Collective::ALL_TO_ALL_V;
     if (!a2a && c.op() != schedule::Collective::ALL_REDUCE) continue;
     out.collectives.push_back({a2a ? cost::CollectiveOp::kAllToAll : cost::CollectiveOp::kAllReduce, op.bytes(), it->second});
@@ -487,6 +492,8 @@ struct InSituRounds {
   // the same exchanges in a smaller working set. Several ranks only.
   std::vector<CollectiveSample> layer_collectives;
   double layer_working_set_bytes = 0;
+  // Every round's routes (all-gathers) of the step and of both MoE layers alone.
+  std::vector<CollectiveSample> routes;
   // Its routing's host time at its own per-choice rates against the step's (the same round's), the
   // median over the rounds: the host terms' factor at its working set. 0: not measured.
   double layer_host_factor = 0;
@@ -533,6 +540,8 @@ InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::strin
     out.half_collectives.insert(out.half_collectives.end(), half.collectives.begin(), half.collectives.end());
     const InSitu layer = fit_in_situ(spec, cluster, ranks, world, host_world, backend, 1);
     out.layer_collectives.insert(out.layer_collectives.end(), layer.collectives.begin(), layer.collectives.end());
+    for (const InSitu* r : {static_cast<const InSitu*>(&busy.back()), &half, &layer})
+      out.routes.insert(out.routes.end(), r->routes.begin(), r->routes.end());
     out.layer_working_set_bytes = layer.working_set_bytes;
     layer_gathers.push_back(layer.fit.gather_factor);
     const double at_step_rates = routing_host_s(busy.back().fit, layer.terms);
@@ -826,27 +835,31 @@ int calibrate(const Args& a) {
     // collectives.
     double link_Bps = bandwidth, link_latency_s = 1e-6, all_reduce_efficiency = 1;
     cost::LinkRendezvous link_rendezvous;
-    // `latency_s` < 0: latency and bandwidth; else the bandwidth alone with that latency.
-    // Over a group of `group_size` ranks (every rank's group alike), by the collectives' model on
-    // one node of them (a network's links are full duplex: `duplex`).
-    auto fit_links = [&](const std::vector<CollectiveSample>& measured, const char* family, double latency_s,
-                         int group_size = 0, bool duplex = false) {
-      if (group_size == 0) group_size = ranks;
+    // The samples in the model's linear form: steps and transfer on a reference cluster of
+    // `group_size` ranks at 1 GB/s (a network's links are full duplex: `duplex`).
+    auto linear = [&](const std::vector<CollectiveSample>& measured, int group_size, bool duplex) {
       ClusterText reference = cluster_text;
       reference.half_duplex = reference.half_duplex && !duplex;
       const topo::Cluster ref = topo::load_cluster_text(reference("", group_size, 1e9, 1e-6), "reference");
       const cost::CollectiveModel model(ref);
-      std::vector<int> group(static_cast<size_t>(group_size));
-      for (int i = 0; i < group_size; ++i) group[static_cast<size_t>(i)] = i;
-      std::vector<cost::LinkSample> samples, a2a, all_reduce;
+      std::vector<cost::LinkSample> samples;
       for (const CollectiveSample& s : measured) {
-        const bool is_a2a = s.op == cost::CollectiveOp::kAllToAll;
-        const cost::CollectiveCost c =
-            model.cost(s.op, is_a2a ? cost::CollectiveAlgo::kDirect : cost::CollectiveAlgo::kRing, group, s.bytes);
+        const cost::CollectiveCost c = model.cost(s.op, cost::first_ranks(group_size), s.bytes);
         // Each step's messages: S / n (the all-to-all's to each peer, the ring's chunks).
         samples.push_back({static_cast<double>(c.steps), c.transfer_s * 1e9, s.seconds, s.bytes / group_size});
-        (is_a2a ? a2a : all_reduce).push_back(samples.back());
       }
+      return samples;
+    };
+    // `latency_s` < 0: latency and bandwidth; else the bandwidth alone with that latency. Over a
+    // group of `group_size` ranks (every rank's group alike), by the collectives' model on one node
+    // of them.
+    auto fit_links = [&](const std::vector<CollectiveSample>& measured, const char* family, double latency_s,
+                         int group_size = 0, bool duplex = false) {
+      if (group_size == 0) group_size = ranks;
+      const std::vector<cost::LinkSample> samples = linear(measured, group_size, duplex);
+      std::vector<cost::LinkSample> a2a, all_reduce;
+      for (size_t i = 0; i < samples.size(); ++i)
+        (measured[i].op == cost::CollectiveOp::kAllToAll ? a2a : all_reduce).push_back(samples[i]);
       if (!a2a.empty()) {
         const cost::LinkFit fit =
             latency_s < 0 ? cost::fit_link(a2a, cost::kDefaultStepOverhead_s, link_Bps)
@@ -982,6 +995,23 @@ int calibrate(const Args& a) {
     // the tokens against it give the factors at their working sets (device_profile.proto
     // transfer_footprint).
     if (node_count == 1 && ranks > 1 && !in_situ.collectives.empty()) {
+      // The step's routes (all-gathers of a few KB, on either side of Open MPI's eager limit) against
+      // the link as fitted: residuals only (their rendezvous in a step runs 2-4 us over what it
+      // takes after a barrier, but taking its height from them put the exchanges' footprint
+      // factors off: docs/VALIDATION.md).
+      if (!rounds.routes.empty()) {
+        const std::vector<cost::LinkSample> routes = linear(rounds.routes, ranks, false);
+        std::vector<double> residuals;
+        for (size_t i = 0; i < routes.size(); ++i) {
+          const cost::LinkSample& x = routes[i];
+          const double model_s = x.steps * (cost::kDefaultStepOverhead_s + link_latency_s) +
+                                 link_rendezvous.steps(x) * link_rendezvous.latency_s + x.transfer_c / link_Bps;
+          residuals.push_back((model_s - x.seconds) / x.seconds * 100);
+          csv += fmt::format("routes_in_situ.all_gather,0,{:.6g},{:.6g},{:.6g}\n", rounds.routes[i].bytes, x.seconds,
+                             model_s);
+        }
+        res["routes_in_situ"] = residuals_of(residuals);
+      }
       // A run's link bandwidth (fit_links leaves it, with the all-reduce's efficiency, in place).
       auto bandwidth = [&](const std::vector<CollectiveSample>& samples, const char* family) {
         fit_links(samples, family, link_latency_s);

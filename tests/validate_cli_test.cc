@@ -378,6 +378,10 @@ TEST_CASE("calibrate on 2 ranks prices exchanges by the working set: the layer's
   CHECK(cluster.spec().rendezvous().eager_limit_bytes() == Approx(c.link_eager_limit_bytes()).epsilon(1e-5));
   CHECK(cluster.spec().rendezvous().latency_s() == Approx(c.link_rendezvous_s()).epsilon(1e-5));
   CHECK_FALSE(cluster.spec().has_network_rendezvous());
+  // The calibration step's routes (an all-gather a round in the step and in each MoE layer alone)
+  // against the fitted link: five rounds of the three.
+  REQUIRE(c.residuals().count("routes_in_situ") == 1);
+  CHECK(c.residuals().at("routes_in_situ").samples() == 15);
   // CPU ranks exchange through shared memory: both directions of a rank's link share it.
   int half_duplex = 0;
   for (topo::EdgeId e : boost::make_iterator_range(boost::edges(cluster.graph())))
