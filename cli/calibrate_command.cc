@@ -1097,7 +1097,9 @@ int calibrate(const Args& a) {
                                         {"memory_bandwidth_Bps", bandwidth},
                                         {"kernel_launch_overhead_s", launch_s},
                                         {"link_bandwidth_Bps", r.link_bandwidth_bps()},
-                                        {"link_latency_s", r.link_latency_s()}};
+                                        {"link_latency_s", r.link_latency_s()},
+                                        {"link_rendezvous_s", r.link_rendezvous_s()},
+                                        {"link_eager_limit_bytes", r.link_eager_limit_bytes()}};
       for (const auto& [family, f] : r.residuals()) metrics.push_back({"residual." + family, f.median_abs_pct()});
       r.set_run_id(store.insert_run(rec, metrics));
     }

@@ -18,6 +18,7 @@ PARAMETERS = [
     ("peak_flops", "GEMM peak"),
     ("memory_bandwidth_Bps", "memory bandwidth"),
     ("link_bandwidth_Bps", "link bandwidth"),
+    ("link_rendezvous_s", "rendezvous over the eager limit"),
     ("all_reduce_efficiency", "all-reduce efficiency"),
     ("in_situ_factor", "kernels in a step"),
     ("half_gather_factor", "gathers in a step (small)"),
