@@ -850,6 +850,11 @@ int calibrate(const Args& a) {
       }
       return samples;
     };
+    // A sample's time on the link as fitted, its transfer at `efficiency` of the link's bandwidth.
+    auto link_model_s = [&](const cost::LinkSample& x, double efficiency = 1) {
+      return x.steps * (cost::kDefaultStepOverhead_s + link_latency_s) +
+             link_rendezvous.steps(x) * link_rendezvous.latency_s + x.transfer_c / (link_Bps * efficiency);
+    };
     // `latency_s` < 0: latency and bandwidth; else the bandwidth alone with that latency. Over a
     // group of `group_size` ranks (every rank's group alike), by the collectives' model on one node
     // of them.
@@ -879,9 +884,7 @@ int calibrate(const Args& a) {
       std::vector<double> residuals;
       for (size_t i = 0; i < samples.size(); ++i) {
         const bool is_a2a = measured[i].op == cost::CollectiveOp::kAllToAll;
-        const double model_s = samples[i].steps * (cost::kDefaultStepOverhead_s + link_latency_s) +
-                               link_rendezvous.steps(samples[i]) * link_rendezvous.latency_s +
-                               samples[i].transfer_c / (link_Bps * (is_a2a ? 1 : all_reduce_efficiency));
+        const double model_s = link_model_s(samples[i], is_a2a ? 1 : all_reduce_efficiency);
         residuals.push_back((model_s - samples[i].seconds) / samples[i].seconds * 100);
         csv += fmt::format("{}.{},0,{:.6g},{:.6g},{:.6g}\n", family, is_a2a ? "all_to_all" : "all_reduce",
                            measured[i].bytes, samples[i].seconds, model_s);
@@ -1003,12 +1006,10 @@ int calibrate(const Args& a) {
         const std::vector<cost::LinkSample> routes = linear(rounds.routes, ranks, false);
         std::vector<double> residuals;
         for (size_t i = 0; i < routes.size(); ++i) {
-          const cost::LinkSample& x = routes[i];
-          const double model_s = x.steps * (cost::kDefaultStepOverhead_s + link_latency_s) +
-                                 link_rendezvous.steps(x) * link_rendezvous.latency_s + x.transfer_c / link_Bps;
-          residuals.push_back((model_s - x.seconds) / x.seconds * 100);
-          csv += fmt::format("routes_in_situ.all_gather,0,{:.6g},{:.6g},{:.6g}\n", rounds.routes[i].bytes, x.seconds,
-                             model_s);
+          const double model_s = link_model_s(routes[i]);
+          residuals.push_back((model_s - routes[i].seconds) / routes[i].seconds * 100);
+          csv += fmt::format("routes_in_situ.all_gather,0,{:.6g},{:.6g},{:.6g}\n", rounds.routes[i].bytes,
+                             routes[i].seconds, model_s);
         }
         res["routes_in_situ"] = residuals_of(residuals);
       }

@@ -209,7 +209,6 @@ LinkRendezvous fit_rendezvous(const std::vector<LinkSample>& samples) {
   return best;
 }
 
-
 }  // namespace
 
 void median_host_rates(const std::vector<InSituFit>& rounds, InSituFit* fit) {
