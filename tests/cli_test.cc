@@ -50,6 +50,31 @@ TEST_CASE("topo show prints a table for people") {
   CHECK(r.err.empty());
 }
 
+TEST_CASE("topo show names the collective library's efficiency and rendezvous, as the cluster gives them") {
+  std::ifstream f(MOESIM_SOURCE_DIR "/configs/hardware/dgx-h100.textproto");
+  std::stringstream text;
+  text << f.rdbuf()
+       << "\ncollective_efficiency { op: \"all_reduce\" bandwidth_efficiency: 0.5 }\n"
+          "rendezvous { eager_limit_bytes: 4096 latency_s: 1.5e-6 }\n";
+  const std::string path = write_temp("library.textproto", text.str());
+  Run table = moesim_run(fmt::format("topo show '{}'", path));
+  REQUIRE(table.exit_code == 0);
+  CHECK_THAT(table.out, Catch::Contains("collective library    all_reduce at 0.50 of the links; rendezvous 1.5 us more "
+                                        "over 4.1 kB a message (within a node)"));
+  Run json = moesim_run(fmt::format("topo show '{}' --json", path));
+  REQUIRE(json.exit_code == 0);
+  const auto rep = parse_json<report::TopologyReport>(json.out);
+  REQUIRE(rep.collective_efficiency_size() == 1);
+  CHECK(rep.collective_efficiency(0).bandwidth_efficiency() == 0.5);
+  CHECK(rep.rendezvous().eager_limit_bytes() == 4096);
+  CHECK(rep.rendezvous().latency_s() == 1.5e-6);
+  CHECK_FALSE(rep.has_network_rendezvous());
+  // Without them, no such line.
+  CHECK_THAT(moesim_run("topo show configs/hardware/dgx-h100.textproto").out,
+             !Catch::Contains("collective library"));
+  std::filesystem::remove(path);
+}
+
 TEST_CASE("topo check: ok on a good file, every problem and exit 2 on a bad one") {
   Run good = moesim_run("topo check configs/hardware/h100-1024.textproto --json");
   REQUIRE(good.exit_code == 0);

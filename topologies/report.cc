@@ -7,6 +7,7 @@
 
 #include <fmt/format.h>
 #include <fmt/ostream.h>
+#include <fmt/ranges.h>
 
 #include <algorithm>
 #include <map>
@@ -49,6 +50,9 @@ report::TopologyReport make_report(const Cluster& c, const TopologyMetrics& m) {
     dr->set_scaleout_bandwidth_bps(m.devices[d].scaleout_Bps);
     dr->set_host_bandwidth_bps(m.devices[d].host_Bps);
   }
+  *r.mutable_collective_efficiency() = c.spec().collective_efficiency();
+  if (c.spec().has_rendezvous()) *r.mutable_rendezvous() = c.spec().rendezvous();
+  if (c.spec().has_network_rendezvous()) *r.mutable_network_rendezvous() = c.spec().network_rendezvous();
   for (const RouteClass& k : m.route_classes) {
     report::RouteClassReport* rc = r.add_routes_from_device0();
     rc->set_same_node(k.same_node);
@@ -100,6 +104,16 @@ void print_report_table(const report::TopologyReport& r, std::ostream& out) {
   line("bisection bandwidth", format_bandwidth(r.bisection_bandwidth_bps()) + " (one direction)");
   line("diameter", fmt::format("{} hops, longest route latency {} (routes from {} of {} devices)", r.diameter_hops(),
                                format_seconds(r.max_route_latency_s()), r.diameter_sources(), r.device_count()));
+  std::vector<std::string> library;
+  for (const hw::CollectiveEfficiency& e : r.collective_efficiency())
+    library.push_back(fmt::format("{} at {:.2f} of the links", e.op(), e.bandwidth_efficiency()));
+  auto rendezvous = [&](const hw::Rendezvous& v, std::string_view where) {
+    library.push_back(fmt::format("rendezvous {} more over {} a message ({})", format_seconds(v.latency_s()),
+                                  format_bytes(v.eager_limit_bytes()), where));
+  };
+  if (r.has_rendezvous()) rendezvous(r.rendezvous(), "within a node");
+  if (r.has_network_rendezvous()) rendezvous(r.network_rendezvous(), "between nodes");
+  if (!library.empty()) line("collective library", fmt::format("{}", fmt::join(library, "; ")));
   if (r.routes_from_device0_size() == 0) return;
   fmt::print(out, "\nroutes from {}:\n", r.devices(0).name());
   fmt::print(out, "  {:<11}{:>8}{:>6}{:>13}{:>11}{:>12}\n", "to", "devices", "hops", "bottleneck", "latency", "ECMP paths");
