@@ -851,13 +851,29 @@ int calibrate(const Args& a) {
       return samples;
     };
     // A sample's time on the link as fitted, its transfer at `efficiency` of the link's bandwidth.
-    auto link_model_s = [&](const cost::LinkSample& x, double efficiency = 1) {
+    // `transfer_factor`: the transfer's in-situ factor at the sample's working set.
+    auto link_model_s = [&](const cost::LinkSample& x, double efficiency = 1, double transfer_factor = 1) {
       return x.steps * (cost::kDefaultStepOverhead_s + link_latency_s) +
-             link_rendezvous.steps(x) * link_rendezvous.latency_s + x.transfer_c / (link_Bps * efficiency);
+             link_rendezvous.steps(x) * link_rendezvous.latency_s +
+             x.transfer_c * transfer_factor / (link_Bps * efficiency);
+    };
+    // The samples of a `family` against the link as it stands: --samples rows and residuals.
+    auto link_rows = [&](const std::vector<CollectiveSample>& measured, const char* family, int group_size = 0,
+                         bool duplex = false, double transfer_factor = 1) {
+      const std::vector<cost::LinkSample> samples = linear(measured, group_size ? group_size : ranks, duplex);
+      std::vector<double> residuals;
+      for (size_t i = 0; i < samples.size(); ++i) {
+        const bool is_a2a = measured[i].op == cost::CollectiveOp::kAllToAll;
+        const double model_s = link_model_s(samples[i], is_a2a ? 1 : all_reduce_efficiency, transfer_factor);
+        residuals.push_back((model_s - samples[i].seconds) / samples[i].seconds * 100);
+        csv += fmt::format("{}.{},0,{:.6g},{:.6g},{:.6g}\n", family, is_a2a ? "all_to_all" : "all_reduce",
+                           measured[i].bytes, samples[i].seconds, model_s);
+      }
+      res[family] = residuals_of(residuals);
     };
     // `latency_s` < 0: latency and bandwidth; else the bandwidth alone with that latency. Over a
     // group of `group_size` ranks (every rank's group alike), by the collectives' model on one node
-    // of them.
+    // of them. With a `family`, its rows against the fit.
     auto fit_links = [&](const std::vector<CollectiveSample>& measured, const char* family, double latency_s,
                          int group_size = 0, bool duplex = false) {
       if (group_size == 0) group_size = ranks;
@@ -881,15 +897,7 @@ int calibrate(const Args& a) {
                     .bandwidth_Bps /
                 link_Bps,
             0.01, 10.0);
-      std::vector<double> residuals;
-      for (size_t i = 0; i < samples.size(); ++i) {
-        const bool is_a2a = measured[i].op == cost::CollectiveOp::kAllToAll;
-        const double model_s = link_model_s(samples[i], is_a2a ? 1 : all_reduce_efficiency);
-        residuals.push_back((model_s - samples[i].seconds) / samples[i].seconds * 100);
-        csv += fmt::format("{}.{},0,{:.6g},{:.6g},{:.6g}\n", family, is_a2a ? "all_to_all" : "all_reduce",
-                           measured[i].bytes, samples[i].seconds, model_s);
-      }
-      res[family] = residuals_of(residuals);
+      if (family) link_rows(measured, family, group_size, duplex);
     };
     // In situ: a calibration step of a small MoE transformer (not a model the validation suite
     // runs) through the executor, its compute ops against the profile's predictions, one time
@@ -1014,21 +1022,22 @@ int calibrate(const Args& a) {
         res["routes_in_situ"] = residuals_of(residuals);
       }
       // A run's link bandwidth (fit_links leaves it, with the all-reduce's efficiency, in place).
-      auto bandwidth = [&](const std::vector<CollectiveSample>& samples, const char* family) {
-        fit_links(samples, family, link_latency_s);
+      auto bandwidth = [&](const std::vector<CollectiveSample>& samples) {
+        fit_links(samples, nullptr, link_latency_s);
         return link_Bps;
       };
       const bool two_depths = !rounds.layer_collectives.empty() &&
                               rounds.layer_working_set_bytes < in_situ.working_set_bytes;
       const bool half_point = two_depths && !rounds.half_collectives.empty() &&
                               rounds.half_working_set_bytes < rounds.layer_working_set_bytes;
-      const double layer_Bps = two_depths ? bandwidth(rounds.layer_collectives, "collectives_in_situ_layer") : 0;
+      const double layer_Bps = two_depths ? bandwidth(rounds.layer_collectives) : 0;
       const double layer_all_reduce = all_reduce_efficiency;
-      const double half_Bps = half_point ? bandwidth(rounds.half_collectives, "collectives_in_situ_half") : 0;
-      const double step_Bps = bandwidth(in_situ.collectives, "collectives_in_situ");
+      const double half_Bps = half_point ? bandwidth(rounds.half_collectives) : 0;
+      const double step_Bps = bandwidth(in_situ.collectives);
+      double factor_at_step = 1;
       if (two_depths) {
         auto factor = [&](double Bps) { return std::clamp(layer_Bps / Bps, 0.1, 10.0); };
-        const double factor_at_step = factor(step_Bps);
+        factor_at_step = factor(step_Bps);
         link_Bps = layer_Bps;
         all_reduce_efficiency = layer_all_reduce;
         std::vector<std::pair<double, double>> points = {{rounds.layer_working_set_bytes, 1.0},
@@ -1053,6 +1062,11 @@ int calibrate(const Args& a) {
       r.set_link_bandwidth_bps(link_Bps);
       r.set_link_latency_s(link_latency_s);
       r.set_all_reduce_efficiency(all_reduce_efficiency);
+      // Each run's exchanges through what is written: the link and the all-reduce's efficiency the
+      // layer's, the transfers at each working set's factor.
+      if (two_depths) link_rows(rounds.layer_collectives, "collectives_in_situ_layer");
+      if (half_point) link_rows(rounds.half_collectives, "collectives_in_situ_half", 0, false, r.transfer_half_factor());
+      link_rows(in_situ.collectives, "collectives_in_situ", 0, false, factor_at_step);
     }
 
     // The files: both written to temporary names, checked, then renamed.

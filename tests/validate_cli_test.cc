@@ -6,6 +6,7 @@
 #include "cli/calibration_step.h"
 #include "cli/cli.pb.h"
 #include "cli_helpers.h"
+#include "costmodel/collectives.h"
 #include "costmodel/compute.h"
 #include "schedule/lowering.h"
 #include "sim/scenario.h"
@@ -322,8 +323,9 @@ TEST_CASE("calibrate writes a cluster and profile that load back, and a store ro
 TEST_CASE("calibrate on 2 ranks prices exchanges by the working set: the layer's link, the step's factor") {
   TempFile dir("calibrate2_dir");
   std::filesystem::create_directories(dir.path);
-  const std::string out = dir.path + "/two.textproto";
-  const Run r = moesim_run(fmt::format("calibrate --out '{}' --ranks 2 --threads 1 --quick --json", out));
+  const std::string out = dir.path + "/two.textproto", samples = dir.path + "/two.csv";
+  const Run r =
+      moesim_run(fmt::format("calibrate --out '{}' --ranks 2 --threads 1 --quick --json --samples '{}'", out, samples));
   INFO(r.err);
   REQUIRE(r.exit_code == 0);
   const cli::CalibrateResult c = parse_json<cli::CalibrateResult>(r.out);
@@ -382,6 +384,30 @@ TEST_CASE("calibrate on 2 ranks prices exchanges by the working set: the layer's
   // against the fitted link: five rounds of the three.
   REQUIRE(c.residuals().count("routes_in_situ") == 1);
   CHECK(c.residuals().at("routes_in_situ").samples() == 15);
+  // Each in-situ exchange's --samples row is its time through what was written: the cluster's
+  // collective (latency, rendezvous, the all-reduce's efficiency) with the transfer at the
+  // profile's factor for its run's working set.
+  const cost::CollectiveModel collectives(cluster);
+  const std::map<std::string, double> working_set = {{"collectives_in_situ_layer", c.transfer_base_bytes()},
+                                                     {"collectives_in_situ_half", c.transfer_half_bytes()},
+                                                     {"collectives_in_situ", c.transfer_footprint_bytes()}};
+  std::ifstream csv_file(samples);
+  int exchange_rows = 0;
+  for (std::string line; std::getline(csv_file, line);) {
+    const std::string family = line.substr(0, line.find('.'));
+    if (!working_set.count(family)) continue;
+    INFO(line);
+    std::vector<std::string> f;  // family, flops, bytes, measured_s, model_s
+    std::istringstream fields(line);
+    for (std::string field; std::getline(fields, field, ',');) f.push_back(field);
+    REQUIRE(f.size() == 5);
+    const bool a2a = line.find(".all_to_all,") != std::string::npos;
+    const cost::CollectiveCost m =
+        collectives.cost(a2a ? cost::CollectiveOp::kAllToAll : cost::CollectiveOp::kAllReduce, {0, 1}, std::stod(f[2]));
+    CHECK(std::stod(f[4]) == Approx(m.latency_s + m.transfer_s * p.transfer_time_factor(working_set.at(family))).epsilon(1e-4));
+    ++exchange_rows;
+  }
+  CHECK(exchange_rows > 20);
   // CPU ranks exchange through shared memory: both directions of a rank's link share it.
   int half_duplex = 0;
   for (topo::EdgeId e : boost::make_iterator_range(boost::edges(cluster.graph())))
