@@ -82,8 +82,9 @@ struct Op {
   // A row gather's kernel, and its backward's (backward_ops gives the backward op the latter).
   GatherKernel gather_kernel = GatherKernel::kCopy;
   GatherKernel gather_backward_kernel = GatherKernel::kScatterAdd;
-  // The host terms above (routing, dispatch, sort) take this many times the profile's rates: the
-  // running rank's working set (DeviceProfile::host_time_factor), set by the lowering.
+  // The host terms above fitted in a step (routing, dispatch; not the sort, a microbenchmark's
+  // rate) take this many times the profile's rates: the running rank's working set
+  // (DeviceProfile::host_time_factor), set by the lowering.
   double host_time_factor = 1;
   // A row gather's kernels take this many times their time on top of the op's own host-share
   // factor (the lowering's: a rank alone on its host, DeviceProfile::host_share_factor for gathers

@@ -584,9 +584,9 @@ TEST_CASE("bad profile: footprint points out of order, without bytes, or with a 
   CHECK((d[3].line == 5 && d[3].field_path == "transfer_footprint[3].time_factor"));
 }
 
-TEST_CASE("the routing's host terms take the op's host time factor, the kernels not") {
+TEST_CASE("the routing's host terms fitted in a step take the op's host time factor, the sort and kernels not") {
   const cost::DeviceProfile p = cost::load_device_profile_text(
-      "device { preset: \"h100-sxm5\" }\nrouting_choice_s: 2e-8\ndispatch_choice_s: 1e-8\n"
+      "device { preset: \"h100-sxm5\" }\nrouting_choice_s: 2e-8\ndispatch_choice_s: 1e-8\npriority_sort_s: 4e-9\n"
       "host_footprint { bytes: 1e6 time_factor: 0.5 }\nhost_footprint { bytes: 4e6 time_factor: 1 }\n",
       "host.textproto");
   CHECK(p.host_time_factor(2e6) == Approx(0.75));
@@ -603,6 +603,9 @@ TEST_CASE("the routing's host terms take the op's host time factor, the kernels 
   const cost::OpTime scaled = cost::op_time(p, gate, DType::kFp32);
   CHECK(scaled.host_s == Approx(0.75 * one.host_s));
   CHECK(scaled.time_s - scaled.host_s == Approx(one.time_s - one.host_s));
+  // A batch-priority sort's time (a microbenchmark's rate, not the step's) stays as it is.
+  gate.priority_sort_tokens = 512;  // 512 log2 512 = 4608
+  CHECK(cost::op_time(p, gate, DType::kFp32).host_s == Approx(scaled.host_s + 4608 * 4e-9));
 }
 
 TEST_CASE("bad profile: host footprint points out of order") {
