@@ -857,19 +857,24 @@ int calibrate(const Args& a) {
              link_rendezvous.steps(x) * link_rendezvous.latency_s +
              x.transfer_c * transfer_factor / (link_Bps * efficiency);
     };
-    // The samples of a `family` against the link as it stands: --samples rows and residuals.
-    auto link_rows = [&](const std::vector<CollectiveSample>& measured, const char* family, int group_size = 0,
-                         bool duplex = false, double transfer_factor = 1) {
-      const std::vector<cost::LinkSample> samples = linear(measured, group_size ? group_size : ranks, duplex);
+    // The samples of a `family` (`measured` in the linear form: `samples`) against the link as it
+    // stands: --samples rows and residuals. The all-reduces at their efficiency.
+    auto link_rows = [&](const std::vector<CollectiveSample>& measured, const std::vector<cost::LinkSample>& samples,
+                         const char* family, double transfer_factor = 1) {
       std::vector<double> residuals;
       for (size_t i = 0; i < samples.size(); ++i) {
-        const bool is_a2a = measured[i].op == cost::CollectiveOp::kAllToAll;
-        const double model_s = link_model_s(samples[i], is_a2a ? 1 : all_reduce_efficiency, transfer_factor);
+        const cost::CollectiveOp op = measured[i].op;
+        const double model_s =
+            link_model_s(samples[i], op == cost::CollectiveOp::kAllReduce ? all_reduce_efficiency : 1, transfer_factor);
         residuals.push_back((model_s - samples[i].seconds) / samples[i].seconds * 100);
-        csv += fmt::format("{}.{},0,{:.6g},{:.6g},{:.6g}\n", family, is_a2a ? "all_to_all" : "all_reduce",
-                           measured[i].bytes, samples[i].seconds, model_s);
+        csv += fmt::format("{}.{},0,{:.6g},{:.6g},{:.6g}\n", family, cost::op_name(op), measured[i].bytes,
+                           samples[i].seconds, model_s);
       }
       res[family] = residuals_of(residuals);
+    };
+    // The same for a run of the calibration step (its collectives on all `ranks`).
+    auto step_rows = [&](const std::vector<CollectiveSample>& measured, const char* family, double transfer_factor = 1) {
+      link_rows(measured, linear(measured, ranks, false), family, transfer_factor);
     };
     // `latency_s` < 0: latency and bandwidth; else the bandwidth alone with that latency. Over a
     // group of `group_size` ranks (every rank's group alike), by the collectives' model on one node
@@ -897,7 +902,7 @@ int calibrate(const Args& a) {
                     .bandwidth_Bps /
                 link_Bps,
             0.01, 10.0);
-      if (family) link_rows(measured, family, group_size, duplex);
+      if (family) link_rows(measured, samples, family);
     };
     // In situ: a calibration step of a small MoE transformer (not a model the validation suite
     // runs) through the executor, its compute ops against the profile's predictions, one time
@@ -1010,17 +1015,7 @@ int calibrate(const Args& a) {
       // the link as fitted: residuals only (their rendezvous in a step runs 2-4 us over what it
       // takes after a barrier, but taking its height from them put the exchanges' footprint
       // factors off: docs/VALIDATION.md).
-      if (!rounds.routes.empty()) {
-        const std::vector<cost::LinkSample> routes = linear(rounds.routes, ranks, false);
-        std::vector<double> residuals;
-        for (size_t i = 0; i < routes.size(); ++i) {
-          const double model_s = link_model_s(routes[i]);
-          residuals.push_back((model_s - routes[i].seconds) / routes[i].seconds * 100);
-          csv += fmt::format("routes_in_situ.all_gather,0,{:.6g},{:.6g},{:.6g}\n", rounds.routes[i].bytes,
-                             routes[i].seconds, model_s);
-        }
-        res["routes_in_situ"] = residuals_of(residuals);
-      }
+      if (!rounds.routes.empty()) step_rows(rounds.routes, "routes_in_situ");
       // A run's link bandwidth (fit_links leaves it, with the all-reduce's efficiency, in place).
       auto bandwidth = [&](const std::vector<CollectiveSample>& samples) {
         fit_links(samples, nullptr, link_latency_s);
@@ -1064,9 +1059,9 @@ int calibrate(const Args& a) {
       r.set_all_reduce_efficiency(all_reduce_efficiency);
       // Each run's exchanges through what is written: the link and the all-reduce's efficiency the
       // layer's, the transfers at each working set's factor.
-      if (two_depths) link_rows(rounds.layer_collectives, "collectives_in_situ_layer");
-      if (half_point) link_rows(rounds.half_collectives, "collectives_in_situ_half", 0, false, r.transfer_half_factor());
-      link_rows(in_situ.collectives, "collectives_in_situ", 0, false, factor_at_step);
+      if (two_depths) step_rows(rounds.layer_collectives, "collectives_in_situ_layer");
+      if (half_point) step_rows(rounds.half_collectives, "collectives_in_situ_half", r.transfer_half_factor());
+      step_rows(in_situ.collectives, "collectives_in_situ", factor_at_step);
     }
 
     // The files: both written to temporary names, checked, then renamed.
