@@ -221,8 +221,8 @@ class Lowering {
   }
 
   // Times of one part of a layer (not the routed experts), cached per (device type, layer, part,
-  // host factors, gather factor, kept share). `kept_share` scales the MoE gathers' rows (the dispatch's and the
-  // combine's): the share of the rank's assignments its experts' buffers kept.
+  // host factors, gather factor, kept share). `kept_share` scales the MoE gathers' rows (the
+  // dispatch's and the combine's): the share of the rank's assignments its experts' buffers kept.
   const Times& part_times(int rank, int layer_index, Part part, double kept_share = 1) {
     const int type = s_.cluster->device(rank).type;
     const auto key =
