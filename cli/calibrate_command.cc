@@ -508,8 +508,11 @@ struct InSituRounds {
   double layer_gather_factor = 0;  // the MoE layer alone's gathers' factor (median over the rounds)
 };
 
-// The calibration step in five rounds, a second apart (a stretch slowed by other tenants can last
-// seconds); the fit is the round whose measured-to-predicted ratio is the median. With several CPU
+// The calibration step in `rounds` rounds, each begun `period_s` after the one before: the VM's
+// pace for memory-bound ops and exchanges moves between levels 1.5x apart that last 5-60 s (the
+// calibration step's all-to-alls, run every 1.5 s for two and a half minutes: 24-50 us, quartiles
+// 30 and 36; docs/VALIDATION.md), so the rounds span about a minute to draw on several of them;
+// the fit is the round whose measured-to-predicted ratio is the median. With several CPU
 // ranks each round then runs the step on rank 0 alone, while the other ranks sleep through it (an
 // MPI wait would spin a core), and the alone factor is the median over the rounds of the alone
 // ratio against the same round's busy one: pairs a few seconds apart, so that the VM's drift over
@@ -520,16 +523,24 @@ struct InSituRounds {
 // tokens: InSituRounds. Collective like fit_in_situ; on other ranks than 0 an empty result.
 InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::string& cluster,
                             const std::string& alone_cluster, int ranks, exec::Comm* world, exec::Comm* host_world,
-                            exec::Backend& backend) {
+                            exec::Backend& backend, int rounds, double period_s) {
   auto ratio = [](const InSitu& r) { return r.predicted_sum_s > 0 ? r.measured_sum_s / r.predicted_sum_s : 0.0; };
   const bool root = world == nullptr || world->rank() == 0;
   InSituRounds out;
   std::vector<InSitu> busy;
   std::vector<double> half_gathers, half_overheads, layer_hosts, layer_gathers;
   std::vector<double> alone, alone_gathers;
-  constexpr int kRounds = 5;
-  for (int i = 0; i < kRounds; ++i) {
-    if (i > 0) std::this_thread::sleep_for(std::chrono::seconds(1));
+  auto next = std::chrono::steady_clock::now();
+  for (int i = 0; i < rounds; ++i) {
+    // Every rank waits the same: rank 0's clock decides, as the ranks' clocks start apart.
+    if (i > 0) {
+      float wait_s = root ? static_cast<float>(std::chrono::duration<double>(next - std::chrono::steady_clock::now()).count()) : 0.0f;
+      exec::Comm* clock = host_world ? host_world : world;
+      if (clock) exec::all_reduce_sum_host(*clock, &wait_s, 1);
+      std::this_thread::sleep_for(std::chrono::duration<double>(std::max(wait_s, 1.0f)));
+    }
+    next = std::chrono::steady_clock::now() + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                                                  std::chrono::duration<double>(period_s));
     busy.push_back(fit_in_situ(spec, cluster, ranks, world, host_world, backend));
     const InSitu half = fit_in_situ(spec, cluster, ranks, world, host_world, backend, 1, 4);
     half_gathers.push_back(half.fit.gather_factor);
@@ -561,9 +572,9 @@ InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::strin
     host.barrier();
   }
   std::sort(busy.begin(), busy.end(), [&](const InSitu& x, const InSitu& y) { return ratio(x) < ratio(y); });
-  out.busy = busy[kRounds / 2];
+  out.busy = busy[busy.size() / 2];
   // The exchanges of every round (a step's all-to-alls scatter by 30% from round to round here:
-  // one round's would set the link by its moment).
+  // one round's would set the link by its moment; fit_link_bandwidth takes their median).
   out.busy.collectives.clear();
   for (const InSitu& b : busy)
     out.busy.collectives.insert(out.busy.collectives.end(), b.collectives.begin(), b.collectives.end());
@@ -910,7 +921,7 @@ int calibrate(const Args& a) {
     // the in-situ fit reads the compute ops alone).
     const InSituRounds rounds = in_situ_rounds(spec, cluster_text("calibration", ranks, link_Bps, link_latency_s),
                                                cluster_text("calibration", 1, link_Bps, link_latency_s), ranks, world,
-                                               host_world, backend);
+                                               host_world, backend, mo.quick ? 5 : 9, mo.quick ? 0 : 6);
     progress_to(0.85);
     // The collectives' microbenchmarks, and the links fitted to them: with several nodes, first
     // across the nodes (every local index's group at once, as a step's exchanges load every NIC),
@@ -1205,16 +1216,17 @@ std::vector<Command> calibrate_commands() {
        "per token x log2(tokens), and the link latency and bandwidth, the library's rendezvous (the\n"
        "step in latency over its eager limit, searched between the all-to-alls' sizes) and the\n"
        "all-reduce's efficiency in the collective model's own terms; figures are the slowest rank's.\n"
-       "The calibration step (a small MoE transformer the validation suite does not run), five\n"
-       "times a second apart: the in-situ time factors (the kernels', the row gathers') and per-op\n"
+       "The calibration step (a small MoE transformer the validation suite does not run), nine\n"
+       "times, six seconds apart (a shared machine's pace moves over seconds; five times a second\n"
+       "apart with --quick): the in-situ time factors (the kernels', the row gathers') and per-op\n"
        "overhead of its slowest rank, and the MoE routing's host time per token-choice (gate, gate\n"
        "backward, dispatch) measured inside its ops; with several ranks, the same step on rank 0\n"
        "alone gives the factors for a rank alone on its host (its ops', its row gathers' apart), and\n"
-       "the step's MoE layer alone (the same exchanges in half the working set) sets the link; the\n"
-       "step's exchanges and the layer's at half the tokens against it give the factors by which the\n"
-       "working set slows them (the profile's transfer_footprint), and the forward row gathers'\n"
-       "factors of the three runs the same (gather_footprint; backward gathers have one factor of\n"
-       "their own).\n"
+       "the step's MoE layer alone (the same exchanges in half the working set) sets the link (the\n"
+       "median of its exchanges' bandwidths); the step's exchanges and the layer's at half the\n"
+       "tokens against it give the factors by which the working set slows them (the profile's\n"
+       "transfer_footprint), and the forward row gathers' factors of the three runs the same\n"
+       "(gather_footprint; backward gathers have one factor of their own).\n"
        "Prints each fit's residuals through the written profile.\n\n"
        "Writes --out (a cluster: one node of N devices joined by a switch; ranks on several nodes, by\n"
        "host name or MOESIM_NODE_NAME, as many on each: that many nodes joined by a network, a NIC per\n"

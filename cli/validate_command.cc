@@ -46,6 +46,7 @@
 #include <optional>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -385,13 +386,14 @@ int validate_suite(const Args& a) {
                                  cluster));
   std::string profile = profile_for(a, cluster);
   if (!profile.empty()) profile = fs::absolute(profile).string();
+  const int steps = a.get_int("--steps", 30, 2, 100000);
+  const int passes = a.get_int("--passes", 5, 1, 100);
+  const double pass_gap_s = a.get_double("--pass-gap", 5, 0, 3600);
   // Absolute: the scenarios written there name their cluster by this path.
   const fs::path dir =
       fs::absolute(a.get("--out", (fs::temp_directory_path() / fmt::format("moesim-suite-{}", ::getpid())).string()));
   fs::create_directories(dir);
   const std::string self = fs::canonical("/proc/self/exe").string();
-  const int steps = a.get_int("--steps", 30, 2, 100000);
-  const int passes = a.get_int("--passes", 3, 1, 100);
   const bool progress = ::isatty(STDERR_FILENO) && !json;
   const auto t0 = std::chrono::steady_clock::now();
 
@@ -420,9 +422,12 @@ int validate_suite(const Args& a) {
   ValidateSuiteResult suite;
   suite.set_cluster(cluster);
   suite.set_device_profile(profile);
-  // Every plan once per pass, the passes one after another: a plan whose run fell in a stretch
-  // slowed by other tenants (seconds long on a shared VM) is then not the one compared. Per plan,
-  // the pass with the median measured step time (calibration takes the median of its rounds).
+  // Every plan once per pass, the passes one after another and --pass-gap apart: a plan whose run
+  // fell in a stretch slowed by other tenants (seconds long on a shared VM) is then not the one
+  // compared, and its ops' medians draw on the machine's paces over the better part of a minute
+  // (memory-bound ops and exchanges move between levels 1.5x apart lasting 5-60 s here, as
+  // calibration's rounds span a minute for: docs/VALIDATION.md). Per plan, the pass with the
+  // median measured step time (calibration takes the median of its rounds).
   std::vector<std::string> scenarios;
   for (const SuitePlan& p : kSuite) {
     scenarios.push_back((dir / fmt::format("{}.scenario.textproto", p.name)).string());
@@ -473,6 +478,7 @@ int validate_suite(const Args& a) {
   std::vector<std::vector<ValidateResult>> runs(std::size(kSuite));
   std::vector<double> pace, exchange_pace, gather_pace;
   for (int pass = 0; pass < passes; ++pass) {
+    if (pass > 0) std::this_thread::sleep_for(std::chrono::duration<double>(pass_gap_s));
     if (!reference.empty()) {
       ValidateResult r;
       if (!run_child("calibration-step", reference, "", &r)) return kExitInternal;
@@ -628,9 +634,11 @@ std::vector<Command> validate_commands() {
        "                    the machine's pace against its calibration (the calibration step run again:\n"
        "                    its step time, and its all-to-alls and its gathers against their calibrated\n"
        "                    prediction)\n"
-       "  --passes P        the suite's plans run P times, one pass after another (default 3); per plan\n"
+       "  --passes P        the suite's plans run P times, one pass after another (default 5); per plan\n"
        "                    the pass with the median measured step time is compared (every pass is stored);\n"
        "                    per kind, each op's error is its median over the passes\n"
+       "  --pass-gap S      seconds between passes (default 5): a shared machine's pace moves over seconds,\n"
+       "                    and the passes' medians then draw on the better part of a minute\n"
        "  --predicted/--measured  join two trace files (.pb/.textproto) without running anything\n\n"
        "--json carries median_abs_pct_error, p90_abs_pct_error, per_kind, kendall_tau, unmatched_ops\n"
        "(the suite also pace_vs_calibration_pct, exchange_pace_vs_calibration_pct,\n"
@@ -640,7 +648,8 @@ std::vector<Command> validate_commands() {
        "The executor computes in fp32: the workload's precision must be FP32. Exit 2 on bad input.\n",
        {{"--feedback", "--suite"},
         {"--plan", "--scenario", "--profile", "--ranks", "--steps", "--warmup", "--routing-out", "--trace", "--db",
-         "--timeout", "--device", "--cluster", "--out", "--predicted", "--measured", "--threads", "--passes"}},
+         "--timeout", "--device", "--cluster", "--out", "--predicted", "--measured", "--threads", "--passes",
+         "--pass-gap"}},
        validate},
   };
 }

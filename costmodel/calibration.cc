@@ -368,15 +368,13 @@ LinkFit fit_link(const std::vector<LinkSample>& samples, double step_overhead_s,
 LinkFit fit_link_bandwidth(const std::vector<LinkSample>& samples, double step_overhead_s, double latency_s,
                            const LinkRendezvous& rendezvous) {
   const double lambda = step_overhead_s + latency_s;
-  double num = 0, den = 0;
+  std::vector<double> betas;  // each sample's own seconds per transfer byte
   for (const LinkSample& s : samples) {
     if (!(s.seconds > 0) || s.transfer_c <= 0) continue;
-    const double w = 1 / (s.seconds * s.seconds);
-    num += w * s.transfer_c * (s.seconds - s.steps * lambda - rendezvous.steps(s) * rendezvous.latency_s);
-    den += w * s.transfer_c * s.transfer_c;
+    betas.push_back((s.seconds - s.steps * lambda - rendezvous.steps(s) * rendezvous.latency_s) / s.transfer_c);
   }
-  if (den <= 0) throw std::invalid_argument("no collective sample moves bytes: the bandwidth cannot be fitted");
-  return link_fit(samples, step_overhead_s, lambda, std::max(num / den, 1e-15), rendezvous);
+  if (betas.empty()) throw std::invalid_argument("no collective sample moves bytes: the bandwidth cannot be fitted");
+  return link_fit(samples, step_overhead_s, lambda, std::max(median(betas), 1e-15), rendezvous);
 }
 
 }  // namespace moesim::cost

@@ -184,10 +184,12 @@ struct LinkFit {
 // the latency is fitted alone.
 LinkFit fit_link(const std::vector<LinkSample>& samples, double step_overhead_s, double fallback_Bps = 0);
 
-// The bandwidth alone, with the per-step latency L and the rendezvous given: least squares on
-// relative errors of t_i = steps_i (o + L) + rendezvous steps_i R + c_i / B (for samples of too
-// few sizes to separate the terms, such as a training step's exchanges). Throws
-// std::invalid_argument without samples that move bytes.
+// The bandwidth alone, with the per-step latency L and the rendezvous given, for samples of too
+// few sizes to separate the terms, such as a training step's exchanges: 1/B is the median over
+// the samples of each one's own (t_i - steps_i (o + L) - rendezvous steps_i R) / c_i. The median,
+// not a least-squares mean: a training step's exchanges on a shared VM run at two or three paces
+// 1.5x apart over a calibration, and the median takes the usual one, as validation's per-op
+// medians do. Throws std::invalid_argument without samples that move bytes.
 LinkFit fit_link_bandwidth(const std::vector<LinkSample>& samples, double step_overhead_s, double latency_s,
                            const LinkRendezvous& rendezvous = {});
 

@@ -415,6 +415,23 @@ TEST_CASE("Link latency and bandwidth are recovered from the collective model's 
   CHECK_THROWS_AS(fit_link({samples[0], samples[0]}, kDefaultStepOverhead_s), std::invalid_argument);
 }
 
+TEST_CASE("The bandwidth alone takes the pace most of the samples ran at") {
+  // A training step's exchanges on a shared VM come at two paces 1.5x apart over a calibration
+  // (docs/VALIDATION.md): the fit is the usual pace's, not a mean of the two.
+  auto samples = [](int quick, int slow) {
+    std::vector<LinkSample> out;
+    for (int i = 0; i < quick + slow; ++i) {
+      const double c = 150e3 * (1 + 0.01 * i);  // bytes at the reference cluster's 1 B/ns
+      const double beta = (i < quick ? 1 : 1.5) / 10e9;
+      out.push_back({1, c, kDefaultStepOverhead_s + c * beta});
+    }
+    return out;
+  };
+  CHECK(fit_link_bandwidth(samples(6, 4), kDefaultStepOverhead_s, 0).bandwidth_Bps == Approx(10e9).epsilon(0.01));
+  CHECK(fit_link_bandwidth(samples(3, 6), kDefaultStepOverhead_s, 0).bandwidth_Bps == Approx(10e9 / 1.5).epsilon(0.01));
+  CHECK_THROWS_AS(fit_link_bandwidth({{1, 0, 1e-6}}, kDefaultStepOverhead_s, 0), std::invalid_argument);
+}
+
 // All-to-alls on 2 ranks from 1 KB to 64 KB by 2^(1/4), then to 4 MB by 4x (as the executor's
 // microbenchmarks), timed on `truth` with relative noise up to `noise` (seeded), in the linear
 // form of a reference cluster.

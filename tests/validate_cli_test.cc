@@ -172,6 +172,11 @@ TEST_CASE("validate --suite reports the machine's pace against its calibration")
          "memory { op: EMBEDDING efficiency: 5e-5 }\n";
   // --out relative to the working folder (the scenarios written there must still find their cluster).
   const std::string out = std::filesystem::relative(dir.path + "/out", MOESIM_SOURCE_DIR).string();
+  // A bad gap between passes is refused before anything runs or is written.
+  const Run gap = moesim_run(fmt::format("validate --suite --cluster '{}' --pass-gap -1 --out '{}'", cluster, out));
+  CHECK(gap.exit_code == 2);
+  CHECK_THAT(gap.err, Catch::Contains("--pass-gap"));
+  CHECK_FALSE(std::filesystem::exists(dir.path + "/out"));
   const Run r = moesim_run(fmt::format("validate --suite --cluster '{}' --passes 1 --steps 2 --json --out '{}'", cluster, out));
   INFO(r.err);
   REQUIRE(r.exit_code == 0);
