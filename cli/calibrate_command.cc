@@ -492,6 +492,9 @@ struct InSituRounds {
   // the same exchanges in a smaller working set. Several ranks only.
   std::vector<CollectiveSample> layer_collectives;
   double layer_working_set_bytes = 0;
+  // Each round's median all-to-all in that layer alone, in round order: how far the machine's pace
+  // for exchanges moved over the calibration (docs/VALIDATION.md, "The machine's paces").
+  std::vector<double> layer_exchange_s;
   // Every round's routes (all-gathers) of the step and of both MoE layers alone.
   std::vector<CollectiveSample> routes;
   // Its routing's host time at its own per-choice rates against the step's (the same round's), the
@@ -507,6 +510,11 @@ struct InSituRounds {
   double half_working_set_bytes = 0;
   double layer_gather_factor = 0;  // the MoE layer alone's gathers' factor (median over the rounds)
 };
+
+// Rounds' exchanges further apart than this (the upper over the lower quartile of the rounds'
+// medians) are reported as the machine's pace moving during the calibration (this VM's levels
+// are 1.5x apart).
+constexpr double kSteadyRounds = 1.25;
 
 // The calibration step in `rounds` rounds, each begun `period_s` after the one before: the VM's
 // pace for memory-bound ops and exchanges moves between levels 1.5x apart that last 5-60 s (the
@@ -551,6 +559,10 @@ InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::strin
     out.half_collectives.insert(out.half_collectives.end(), half.collectives.begin(), half.collectives.end());
     const InSitu layer = fit_in_situ(spec, cluster, ranks, world, host_world, backend, 1);
     out.layer_collectives.insert(out.layer_collectives.end(), layer.collectives.begin(), layer.collectives.end());
+    std::vector<double> exchanges;
+    for (const CollectiveSample& c : layer.collectives)
+      if (c.op == cost::CollectiveOp::kAllToAll) exchanges.push_back(c.seconds);
+    if (!exchanges.empty()) out.layer_exchange_s.push_back(trace::quantile(exchanges, 0.5));
     for (const InSitu* r : {static_cast<const InSitu*>(&busy.back()), &half, &layer})
       out.routes.insert(out.routes.end(), r->routes.begin(), r->routes.end());
     out.layer_working_set_bytes = layer.working_set_bytes;
@@ -1064,6 +1076,10 @@ int calibrate(const Args& a) {
         r.set_transfer_footprint_factor(factor_at_step);
         r.set_transfer_footprint_bytes(in_situ.working_set_bytes);
         r.set_transfer_base_bytes(rounds.layer_working_set_bytes);
+        if (rounds.layer_exchange_s.size() >= 2) {  // the middle half: one slowed round is the median's to drop
+          r.set_exchange_round_low_s(trace::quantile(rounds.layer_exchange_s, 0.25));
+          r.set_exchange_round_high_s(trace::quantile(rounds.layer_exchange_s, 0.75));
+        }
       }
       r.set_link_bandwidth_bps(link_Bps);
       r.set_link_latency_s(link_latency_s);
@@ -1183,6 +1199,15 @@ int calibrate(const Args& a) {
                                    ? fmt::format("; routing's host work x {:.3f} at {}", r.host_footprint_factor(),
                                                  format_bytes(r.transfer_base_bytes()))
                                    : std::string());
+    if (r.exchange_round_low_s() > 0) {
+      const double apart = r.exchange_round_high_s() / r.exchange_round_low_s();
+      std::cout << fmt::format(
+          "exchanges by round   the layer's all-to-alls {} to {} (the rounds' quartiles, {:.2f}x apart){}\n",
+          format_seconds(r.exchange_round_low_s()), format_seconds(r.exchange_round_high_s()), apart,
+          apart > kSteadyRounds ? ": this machine's pace for exchanges moved during the calibration, and "
+                                  "predictions of exchanges can be off by as much"
+                                : "");
+    }
     std::cout << "\nfit residuals (|model - measured|, median / max):\n";
     for (const auto& [family, f] : r.residuals())
       std::cout << fmt::format("  {:<25} {:>3} samples  {:5.1f}% / {:5.1f}%\n", family, f.samples(), f.median_abs_pct(),
@@ -1227,7 +1252,9 @@ std::vector<Command> calibrate_commands() {
        "tokens against it give the factors by which the working set slows them (the profile's\n"
        "transfer_footprint), and the forward row gathers' factors of the three runs the same\n"
        "(gather_footprint; backward gathers have one factor of their own).\n"
-       "Prints each fit's residuals through the written profile.\n\n"
+       "Prints each fit's residuals through the written profile, and how far the rounds' exchanges\n"
+       "moved (the quartiles of the layer's all-to-all over them: a shared machine's pace for exchanges\n"
+       "moves, which no profile can follow; past 1.25x apart it says so).\n\n"
        "Writes --out (a cluster: one node of N devices joined by a switch; ranks on several nodes, by\n"
        "host name or MOESIM_NODE_NAME, as many on each: that many nodes joined by a network, a NIC per\n"
        "rank on one switch, fitted to the collectives of one rank per node) and <out>.profile.textproto\n"

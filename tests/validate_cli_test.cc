@@ -413,6 +413,27 @@ TEST_CASE("calibrate on 2 ranks prices exchanges by the working set: the layer's
     ++exchange_rows;
   }
   CHECK(exchange_rows > 20);
+  // How far the rounds' exchanges moved: the quartiles of the rounds' median all-to-all in the
+  // layer alone, each round's rows in --samples between its all-reduces.
+  std::vector<double> round_medians, round;
+  std::ifstream layer_rows(samples);
+  for (std::string line; std::getline(layer_rows, line);) {
+    if (line.rfind("collectives_in_situ_layer.", 0) != 0) continue;
+    if (line.find(".all_reduce,") != std::string::npos) {
+      if (!round.empty()) round_medians.push_back(trace::quantile(round, 0.5));
+      round.clear();
+      continue;
+    }
+    std::vector<std::string> f;
+    std::istringstream fields(line);
+    for (std::string field; std::getline(fields, field, ',');) f.push_back(field);
+    round.push_back(std::stod(f.at(3)));
+  }
+  if (!round.empty()) round_medians.push_back(trace::quantile(round, 0.5));
+  REQUIRE(round_medians.size() == 5);  // --quick's five rounds
+  CHECK(c.exchange_round_low_s() == Approx(trace::quantile(round_medians, 0.25)).epsilon(1e-4));
+  CHECK(c.exchange_round_high_s() == Approx(trace::quantile(round_medians, 0.75)).epsilon(1e-4));
+  CHECK(c.exchange_round_low_s() <= c.exchange_round_high_s());
   // CPU ranks exchange through shared memory: both directions of a rank's link share it.
   int half_duplex = 0;
   for (topo::EdgeId e : boost::make_iterator_range(boost::edges(cluster.graph())))
