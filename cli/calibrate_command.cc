@@ -542,7 +542,8 @@ InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::strin
   for (int i = 0; i < rounds; ++i) {
     // Every rank waits the same: rank 0's clock decides, as the ranks' clocks start apart.
     if (i > 0) {
-      float wait_s = root ? static_cast<float>(std::chrono::duration<double>(next - std::chrono::steady_clock::now()).count()) : 0.0f;
+      const double left_s = std::chrono::duration<double>(next - std::chrono::steady_clock::now()).count();
+      float wait_s = root ? static_cast<float>(left_s) : 0.0f;
       exec::Comm* clock = host_world ? host_world : world;
       if (clock) exec::all_reduce_sum_host(*clock, &wait_s, 1);
       std::this_thread::sleep_for(std::chrono::duration<double>(std::max(wait_s, 1.0f)));
@@ -909,10 +910,13 @@ int calibrate(const Args& a) {
       std::vector<cost::LinkSample> a2a, all_reduce;
       for (size_t i = 0; i < samples.size(); ++i)
         (measured[i].op == cost::CollectiveOp::kAllToAll ? a2a : all_reduce).push_back(samples[i]);
+      // In a step (latency given): one size a run, drawn over the rounds: their median.
+      const cost::Pooling pooling = latency_s < 0 ? cost::Pooling::kLeastSquares : cost::Pooling::kMedian;
       if (!a2a.empty()) {
         const cost::LinkFit fit =
-            latency_s < 0 ? cost::fit_link(a2a, cost::kDefaultStepOverhead_s, link_Bps)
-                          : cost::fit_link_bandwidth(a2a, cost::kDefaultStepOverhead_s, latency_s, link_rendezvous);
+            latency_s < 0
+                ? cost::fit_link(a2a, cost::kDefaultStepOverhead_s, link_Bps)
+                : cost::fit_link_bandwidth(a2a, cost::kDefaultStepOverhead_s, latency_s, link_rendezvous, pooling);
         link_Bps = fit.bandwidth_Bps;
         link_latency_s = fit.latency_s;
         link_rendezvous = fit.rendezvous;
@@ -921,7 +925,7 @@ int calibrate(const Args& a) {
         // Within what a cluster's collective_efficiency allows (a --quick calibration's few exchanges
         // once put it at 12.9).
         all_reduce_efficiency = std::clamp(
-            cost::fit_link_bandwidth(all_reduce, cost::kDefaultStepOverhead_s, link_latency_s, link_rendezvous)
+            cost::fit_link_bandwidth(all_reduce, cost::kDefaultStepOverhead_s, link_latency_s, link_rendezvous, pooling)
                     .bandwidth_Bps /
                 link_Bps,
             0.01, 10.0);

@@ -366,15 +366,21 @@ LinkFit fit_link(const std::vector<LinkSample>& samples, double step_overhead_s,
 }
 
 LinkFit fit_link_bandwidth(const std::vector<LinkSample>& samples, double step_overhead_s, double latency_s,
-                           const LinkRendezvous& rendezvous) {
+                           const LinkRendezvous& rendezvous, Pooling pooling) {
   const double lambda = step_overhead_s + latency_s;
+  double num = 0, den = 0;
   std::vector<double> betas;  // each sample's own seconds per transfer byte
   for (const LinkSample& s : samples) {
     if (!(s.seconds > 0) || s.transfer_c <= 0) continue;
-    betas.push_back((s.seconds - s.steps * lambda - rendezvous.steps(s) * rendezvous.latency_s) / s.transfer_c);
+    const double rest = s.seconds - s.steps * lambda - rendezvous.steps(s) * rendezvous.latency_s;
+    const double w = 1 / (s.seconds * s.seconds);
+    num += w * s.transfer_c * rest;
+    den += w * s.transfer_c * s.transfer_c;
+    betas.push_back(rest / s.transfer_c);
   }
   if (betas.empty()) throw std::invalid_argument("no collective sample moves bytes: the bandwidth cannot be fitted");
-  return link_fit(samples, step_overhead_s, lambda, std::max(median(betas), 1e-15), rendezvous);
+  const double beta = pooling == Pooling::kMedian ? median(betas) : num / den;
+  return link_fit(samples, step_overhead_s, lambda, std::max(beta, 1e-15), rendezvous);
 }
 
 }  // namespace moesim::cost

@@ -184,13 +184,23 @@ struct LinkFit {
 // the latency is fitted alone.
 LinkFit fit_link(const std::vector<LinkSample>& samples, double step_overhead_s, double fallback_Bps = 0);
 
-// The bandwidth alone, with the per-step latency L and the rendezvous given, for samples of too
-// few sizes to separate the terms, such as a training step's exchanges: 1/B is the median over
-// the samples of each one's own (t_i - steps_i (o + L) - rendezvous steps_i R) / c_i. The median,
-// not a least-squares mean: a training step's exchanges on a shared VM run at two or three paces
-// 1.5x apart over a calibration, and the median takes the usual one, as validation's per-op
-// medians do. Throws std::invalid_argument without samples that move bytes.
+// How fit_link_bandwidth pools its samples.
+enum class Pooling {
+  // Least squares on relative errors of t_i = steps_i (o + L) + rendezvous steps_i R + c_i / B:
+  // samples of many sizes (microbenchmarks), where the large transfers set B and the small ones,
+  // mostly latency (and under o + L when L is floored at 0), weigh little.
+  kLeastSquares,
+  // 1/B the median over the samples of each one's own (t_i - steps_i (o + L) - rendezvous steps_i
+  // R) / c_i: samples of one or two sizes drawn over a calibration, such as a training step's
+  // exchanges, which on a shared VM run at two or three paces 1.5x apart; the median takes the
+  // usual one, as validation's per-op medians do (a mean would sit between them).
+  kMedian,
+};
+
+// The bandwidth alone, with the per-step latency L and the rendezvous given (for samples of too
+// few sizes to separate the terms, or with the latency fitted elsewhere). Throws
+// std::invalid_argument without samples that move bytes.
 LinkFit fit_link_bandwidth(const std::vector<LinkSample>& samples, double step_overhead_s, double latency_s,
-                           const LinkRendezvous& rendezvous = {});
+                           const LinkRendezvous& rendezvous = {}, Pooling pooling = Pooling::kLeastSquares);
 
 }  // namespace moesim::cost
