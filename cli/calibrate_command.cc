@@ -538,15 +538,18 @@ InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::strin
   std::vector<InSitu> busy;
   std::vector<double> half_gathers, half_overheads, layer_hosts, layer_gathers;
   std::vector<double> alone, alone_gathers;
+  // Rank 0's seconds on every rank: each waits as long (the ranks' clocks start apart).
+  exec::Comm* host = host_world ? host_world : world;
+  auto root_s = [&](double seconds) {
+    float s = root ? static_cast<float>(seconds) : 0.0f;
+    if (host) exec::all_reduce_sum_host(*host, &s, 1);
+    return static_cast<double>(s);
+  };
   auto next = std::chrono::steady_clock::now();
   for (int i = 0; i < rounds; ++i) {
-    // Every rank waits the same: rank 0's clock decides, as the ranks' clocks start apart.
     if (i > 0) {
       const double left_s = std::chrono::duration<double>(next - std::chrono::steady_clock::now()).count();
-      float wait_s = root ? static_cast<float>(left_s) : 0.0f;
-      exec::Comm* clock = host_world ? host_world : world;
-      if (clock) exec::all_reduce_sum_host(*clock, &wait_s, 1);
-      std::this_thread::sleep_for(std::chrono::duration<double>(std::max(wait_s, 1.0f)));
+      std::this_thread::sleep_for(std::chrono::duration<double>(std::max(root_s(left_s), 1.0)));
     }
     next = std::chrono::steady_clock::now() + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
                                                   std::chrono::duration<double>(period_s));
@@ -571,9 +574,7 @@ InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::strin
     const double at_step_rates = routing_host_s(busy.back().fit, layer.terms);
     if (root && at_step_rates > 0) layer_hosts.push_back(routing_host_s(layer.fit, layer.terms) / at_step_rates);
     if (backend.device() != exec::Device::kCpu) continue;
-    exec::Comm& host = host_world ? *host_world : *world;
-    float wait_s = root ? static_cast<float>(1.0 + 1.5 * 48 * busy.back().step_s) : 0.0f;
-    exec::all_reduce_sum_host(host, &wait_s, 1);
+    const double wait_s = root_s(1.0 + 1.5 * 48 * busy.back().step_s);
     if (root) {
       const InSitu a = fit_in_situ(spec, alone_cluster, 1, nullptr, nullptr, backend);
       if (ratio(a) > 0 && ratio(busy.back()) > 0) alone.push_back(ratio(a) / ratio(busy.back()));
@@ -582,7 +583,7 @@ InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::strin
     } else {
       std::this_thread::sleep_for(std::chrono::duration<double>(wait_s));
     }
-    host.barrier();
+    host->barrier();
   }
   std::sort(busy.begin(), busy.end(), [&](const InSitu& x, const InSitu& y) { return ratio(x) < ratio(y); });
   out.busy = busy[busy.size() / 2];
@@ -896,17 +897,10 @@ int calibrate(const Args& a) {
       }
       res[family] = residuals_of(residuals);
     };
-    // The same for a run of the calibration step (its collectives on all `ranks`).
-    auto step_rows = [&](const std::vector<CollectiveSample>& measured, const char* family, double transfer_factor = 1) {
-      link_rows(measured, linear(measured, ranks, false), family, transfer_factor);
-    };
-    // `latency_s` < 0: latency and bandwidth; else the bandwidth alone with that latency. Over a
-    // group of `group_size` ranks (every rank's group alike), by the collectives' model on one node
-    // of them. With a `family`, its rows against the fit.
-    auto fit_links = [&](const std::vector<CollectiveSample>& measured, const char* family, double latency_s,
-                         int group_size = 0, bool duplex = false) {
-      if (group_size == 0) group_size = ranks;
-      const std::vector<cost::LinkSample> samples = linear(measured, group_size, duplex);
+    // `latency_s` < 0: latency and bandwidth; else the bandwidth alone with that latency, fitted to
+    // `measured` in its linear form (`samples`). With a `family`, its rows against the fit.
+    auto fit_links = [&](const std::vector<CollectiveSample>& measured, const std::vector<cost::LinkSample>& samples,
+                         const char* family, double latency_s) {
       std::vector<cost::LinkSample> a2a, all_reduce;
       for (size_t i = 0; i < samples.size(); ++i)
         (measured[i].op == cost::CollectiveOp::kAllToAll ? a2a : all_reduce).push_back(samples[i]);
@@ -953,7 +947,7 @@ int calibrate(const Args& a) {
         std::vector<CollectiveSample> measured;
         for (const exec::CommSample& s : c.all_to_all) measured.push_back({cost::CollectiveOp::kAllToAll, s.bytes, s.seconds});
         for (const exec::CommSample& s : c.all_reduce) measured.push_back({cost::CollectiveOp::kAllReduce, s.bytes, s.seconds});
-        fit_links(measured, family, -1, group->size(), duplex);
+        fit_links(measured, linear(measured, group->size(), duplex), family, -1);
       };
       if (node_count == 1) {
         measure(world, "collectives", false, 0.85, 1.0);
@@ -1042,20 +1036,23 @@ int calibrate(const Args& a) {
       // the link as fitted: residuals only (their rendezvous in a step runs 2-4 us over what it
       // takes after a barrier, but taking its height from them put the exchanges' footprint
       // factors off: docs/VALIDATION.md).
-      if (!rounds.routes.empty()) step_rows(rounds.routes, "routes_in_situ");
+      // Each run's collectives (on all `ranks`) in the model's linear form, once.
+      const std::vector<cost::LinkSample> routes = linear(rounds.routes, ranks, false),
+                                          layer = linear(rounds.layer_collectives, ranks, false),
+                                          half = linear(rounds.half_collectives, ranks, false),
+                                          step = linear(in_situ.collectives, ranks, false);
+      if (!routes.empty()) link_rows(rounds.routes, routes, "routes_in_situ");
       // A run's link bandwidth (fit_links leaves it, with the all-reduce's efficiency, in place).
-      auto bandwidth = [&](const std::vector<CollectiveSample>& samples) {
-        fit_links(samples, nullptr, link_latency_s);
+      auto bandwidth = [&](const std::vector<CollectiveSample>& measured, const std::vector<cost::LinkSample>& samples) {
+        fit_links(measured, samples, nullptr, link_latency_s);
         return link_Bps;
       };
-      const bool two_depths = !rounds.layer_collectives.empty() &&
-                              rounds.layer_working_set_bytes < in_situ.working_set_bytes;
-      const bool half_point = two_depths && !rounds.half_collectives.empty() &&
-                              rounds.half_working_set_bytes < rounds.layer_working_set_bytes;
-      const double layer_Bps = two_depths ? bandwidth(rounds.layer_collectives) : 0;
+      const bool two_depths = !layer.empty() && rounds.layer_working_set_bytes < in_situ.working_set_bytes;
+      const bool half_point = two_depths && !half.empty() && rounds.half_working_set_bytes < rounds.layer_working_set_bytes;
+      const double layer_Bps = two_depths ? bandwidth(rounds.layer_collectives, layer) : 0;
       const double layer_all_reduce = all_reduce_efficiency;
-      const double half_Bps = half_point ? bandwidth(rounds.half_collectives) : 0;
-      const double step_Bps = bandwidth(in_situ.collectives);
+      const double half_Bps = half_point ? bandwidth(rounds.half_collectives, half) : 0;
+      const double step_Bps = bandwidth(in_situ.collectives, step);
       double factor_at_step = 1;
       if (two_depths) {
         auto factor = [&](double Bps) { return std::clamp(layer_Bps / Bps, 0.1, 10.0); };
@@ -1090,9 +1087,9 @@ int calibrate(const Args& a) {
       r.set_all_reduce_efficiency(all_reduce_efficiency);
       // Each run's exchanges through what is written: the link and the all-reduce's efficiency the
       // layer's, the transfers at each working set's factor.
-      if (two_depths) step_rows(rounds.layer_collectives, "collectives_in_situ_layer");
-      if (half_point) step_rows(rounds.half_collectives, "collectives_in_situ_half", r.transfer_half_factor());
-      step_rows(in_situ.collectives, "collectives_in_situ", factor_at_step);
+      if (two_depths) link_rows(rounds.layer_collectives, layer, "collectives_in_situ_layer");
+      if (half_point) link_rows(rounds.half_collectives, half, "collectives_in_situ_half", r.transfer_half_factor());
+      link_rows(in_situ.collectives, step, "collectives_in_situ", factor_at_step);
     }
 
     // The files: both written to temporary names, checked, then renamed.

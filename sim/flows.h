@@ -4,11 +4,11 @@
 //                                              cost::CollectiveAlgo::kRing, ranks, 256e6);
 //
 // Each phase waits `delay_s` (its alpha: steps x (software overhead + the phase's largest message
-// latency, route and rendezvous)) and then starts its flows; the next phase starts when every flow of this one has
-// finished; `repeat` runs the same phase that many times in a row. The decomposition is the one
-// costmodel/collectives.h writes down for its analytic times, so on an idle network a collective
-// takes the analytic time (within the difference between port sums and max-min rates), and
-// contention with other traffic can only add:
+// latency, route and rendezvous)) and then starts its flows; the next phase starts when every
+// flow of this one has finished; `repeat` runs the same phase that many times in a row. The
+// decomposition is the one costmodel/collectives.h writes down for its analytic times, so on an
+// idle network a collective takes the analytic time (within the difference between port sums and
+// max-min rates), and contention with other traffic can only add:
 //   ring all-reduce:      2(n-1) x { alpha(F_ring), F_ring(S/n) }
 //   tree all-reduce:      { 2D alpha(F_tree), F_ring(2(n-1)S/n) }
 //   ring all-gather / reduce-scatter: (n-1) x { alpha(F_ring), F_ring(S/n) }
