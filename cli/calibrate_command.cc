@@ -392,6 +392,17 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
   }
   gather_backward->set_time_factor(2 * gather_backward->time_factor());
   const schedule::Schedule backward_gathers_doubled = lower_with(backward_gathers_spec);
+  // And the lookups' backwards among those: their own factor (scatter_add_footprint, flat) at 1
+  // and at 2.
+  auto with_scatter_add = [&](double factor) {
+    profile::DeviceProfile s = spec;
+    s.clear_scatter_add_footprint();
+    profile::BytesFactor* p = s.add_scatter_add_footprint();
+    p->set_bytes(1);
+    p->set_time_factor(factor);
+    return lower_with(s);
+  };
+  const schedule::Schedule scatter_added = with_scatter_add(1), scatter_add_doubled = with_scatter_add(2);
   // Each op's token-choices per host term: its time grows by them times a probe added to the
   // term's time per choice.
   constexpr double kProbe_s = 1e-6;
@@ -439,6 +450,9 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
     terms.gather_backward.push_back(
         std::min(std::max(backward_gathers_doubled.ranks(slowest).ops(i).duration_s() - op.duration_s(), 0.0), gathers));
     terms.gather.push_back(gathers - terms.gather_backward.back());
+    const double scatter_add =
+        scatter_add_doubled.ranks(slowest).ops(i).duration_s() - scatter_added.ranks(slowest).ops(i).duration_s();
+    terms.scatter_add.push_back(std::min(std::max(scatter_add, 0.0), terms.gather_backward.back()));
     const auto h = host_times.find({op.id(), base.ranks(slowest).rank()});
     host.routing_s.push_back(h == host_times.end() ? 0 : h->second.routing_s);
     host.dispatch_s.push_back(h == host_times.end() ? 0 : h->second.dispatch_s);
@@ -509,6 +523,9 @@ struct InSituRounds {
   std::vector<CollectiveSample> half_collectives;
   double half_working_set_bytes = 0;
   double layer_gather_factor = 0;  // the MoE layer alone's gathers' factor (median over the rounds)
+  // The lookups' backwards' factor (cost::InSituFit::scatter_add_factor) of the layer at half the
+  // tokens and of the layer (several ranks), each the median over the rounds.
+  double half_scatter_add_factor = 0, layer_scatter_add_factor = 0;
 };
 
 // Rounds' exchanges further apart than this (the upper over the lower quartile of the rounds'
@@ -536,7 +553,7 @@ InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::strin
   const bool root = world == nullptr || world->rank() == 0;
   InSituRounds out;
   std::vector<InSitu> busy;
-  std::vector<double> half_gathers, half_overheads, layer_hosts, layer_gathers;
+  std::vector<double> half_gathers, half_overheads, layer_hosts, layer_gathers, half_scatters, layer_scatters;
   std::vector<double> alone, alone_gathers;
   // Rank 0's seconds on every rank: each waits as long (the ranks' clocks start apart).
   exec::Comm* host = host_world ? host_world : world;
@@ -556,6 +573,7 @@ InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::strin
     busy.push_back(fit_in_situ(spec, cluster, ranks, world, host_world, backend));
     const InSitu half = fit_in_situ(spec, cluster, ranks, world, host_world, backend, 1, 4);
     half_gathers.push_back(half.fit.gather_factor);
+    half_scatters.push_back(half.fit.scatter_add_factor);
     half_overheads.push_back(half.fit.op_overhead_s);
     out.half_gather_bytes = half.gather_bytes;
     out.half_working_set_bytes = half.working_set_bytes;
@@ -571,6 +589,7 @@ InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::strin
       out.routes.insert(out.routes.end(), r->routes.begin(), r->routes.end());
     out.layer_working_set_bytes = layer.working_set_bytes;
     layer_gathers.push_back(layer.fit.gather_factor);
+    layer_scatters.push_back(layer.fit.scatter_add_factor);
     const double at_step_rates = routing_host_s(busy.back().fit, layer.terms);
     if (root && at_step_rates > 0) layer_hosts.push_back(routing_host_s(layer.fit, layer.terms) / at_step_rates);
     if (backend.device() != exec::Device::kCpu) continue;
@@ -598,6 +617,8 @@ InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::strin
     out.half_gather_factor = trace::quantile(half_gathers, 0.5);
     if (!layer_hosts.empty()) out.layer_host_factor = trace::quantile(layer_hosts, 0.5);
     if (!layer_gathers.empty()) out.layer_gather_factor = trace::quantile(layer_gathers, 0.5);
+    out.half_scatter_add_factor = trace::quantile(half_scatters, 0.5);
+    if (!layer_scatters.empty()) out.layer_scatter_add_factor = trace::quantile(layer_scatters, 0.5);
     out.busy.refit(trace::quantile(half_overheads, 0.5));
     // The routing's host rates, each the median over the rounds (cost::median_host_rates).
     std::vector<cost::InSituFit> fits;
@@ -985,6 +1006,10 @@ int calibrate(const Args& a) {
     add_bytes_factors(spec.mutable_gather_footprint(), {{rounds.half_working_set_bytes, rounds.half_gather_factor},
                                                         {rounds.layer_working_set_bytes, rounds.layer_gather_factor},
                                                         {in_situ.working_set_bytes, in_situ.fit.gather_factor}});
+    add_bytes_factors(spec.mutable_scatter_add_footprint(),
+                      {{rounds.half_working_set_bytes, rounds.half_scatter_add_factor},
+                       {rounds.layer_working_set_bytes, rounds.layer_scatter_add_factor},
+                       {in_situ.working_set_bytes, in_situ.fit.scatter_add_factor}});
     spec.set_op_overhead_s(in_situ.fit.op_overhead_s);
     spec.set_routing_choice_s(in_situ.fit.routing_choice_s);
     spec.set_dispatch_choice_s(in_situ.fit.dispatch_choice_s);
@@ -1009,6 +1034,10 @@ int calibrate(const Args& a) {
     for (const profile::BytesFactor& p : spec.gather_footprint()) {
       r.add_gather_footprint_bytes(p.bytes());
       r.add_gather_footprint_factors(p.time_factor());
+    }
+    for (const profile::BytesFactor& p : spec.scatter_add_footprint()) {
+      r.add_scatter_add_footprint_bytes(p.bytes());
+      r.add_scatter_add_footprint_factors(p.time_factor());
     }
     r.set_op_overhead_s(in_situ.fit.op_overhead_s);
     r.set_routing_choice_s(in_situ.fit.routing_choice_s);
@@ -1159,12 +1188,16 @@ int calibrate(const Args& a) {
     for (const profile::GatherKernelFactor& g : spec.gather_kernel())
       kernels += fmt::format("{}{} x {:.2f}", kernels.empty() ? "" : ", ", gather_kernel_label(g.kernel()), g.time_factor());
     if (!kernels.empty()) std::cout << fmt::format("row gathers per byte {} (against a copy)\n", kernels);
-    std::vector<std::string> by_working_set;
-    for (int i = 0; i < r.gather_footprint_bytes_size(); ++i)
-      by_working_set.push_back(
-          fmt::format("x {:.3f} at {}", r.gather_footprint_factors(i), format_bytes(r.gather_footprint_bytes(i))));
-    const std::string gathers = fmt::format("gathers by working set {} (backward x {:.3f})", fmt::join(by_working_set, ", "),
-                                            r.in_situ_gather_backward_factor());
+    auto by_working_set = [](const auto& bytes, const auto& factors) {
+      std::vector<std::string> points;
+      for (int i = 0; i < bytes.size() && i < factors.size(); ++i)
+        points.push_back(fmt::format("x {:.3f} at {}", factors[i], format_bytes(bytes[i])));
+      return fmt::format("{}", fmt::join(points, ", "));
+    };
+    const std::string gathers = fmt::format(
+        "gathers by working set {} (backward x {:.3f}; lookups' backward {})",
+        by_working_set(r.gather_footprint_bytes(), r.gather_footprint_factors()), r.in_situ_gather_backward_factor(),
+        by_working_set(r.scatter_add_footprint_bytes(), r.scatter_add_footprint_factors()));
     std::cout << fmt::format("in a training step   kernels x {:.3f}, {}, {} per op around them; per "
                              "token-choice {} in a gate, {} in its backward, {} in a dispatch{}\n",
                              r.in_situ_factor(), gathers, format_seconds(r.op_overhead_s()),

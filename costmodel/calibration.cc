@@ -224,8 +224,10 @@ void median_host_rates(const std::vector<InSituFit>& rounds, InSituFit* fit) {
 InSituFit fit_in_situ(const std::vector<double>& c, const std::vector<double>& b, const std::vector<double>& t,
                       const InSituTerms& terms, const InSituHost& host, double max_op_overhead_s) {
   // An op with nothing the factor scales (c = 0: a permutation is its gather and its dispatch's
-  // decision) still tells the overhead.
-  auto used = [&](size_t j) { return c[j] >= 0 && t[j] > 0; };
+  // decision) still tells the overhead. One holding a lookup's backward sits out (its own factor).
+  auto valid = [&](size_t j) { return c[j] >= 0 && t[j] > 0; };
+  auto scatters = [&](size_t j) { return valid(j) && at_or_zero(terms.scatter_add, j) > 0; };
+  auto used = [&](size_t j) { return valid(j) && !scatters(j); };
   InSituFit fit;
   // Each host term's time per choice: its ops' measured seconds over their choices.
   auto rate = [&](const std::vector<double>& counts, const std::vector<double>& seconds) {
@@ -293,12 +295,23 @@ InSituFit fit_in_situ(const std::vector<double>& c, const std::vector<double>& b
                   fit.gather_backward_factor * at_or_zero(terms.gather_backward, j);
   fit.op_overhead_s = std::min(fit.op_overhead_s, std::max(rest - gathered, 0.0) / ops);
   fit.factor = std::clamp((rest - gathered - ops * fit.op_overhead_s) / scaled, 0.1, 10.0);
+  // The lookups' backwards: what the ops holding them leave past the rest of the fit (time_s with
+  // f_s still 1).
+  double left = 0, scattered = 0;
+  for (size_t j = 0; j < c.size(); ++j)
+    if (scatters(j)) {
+      scattered += at_or_zero(terms.scatter_add, j);
+      left += t[j] - fit.time_s(c[j], b[j], terms, j);
+    }
+  if (scattered > 0) fit.scatter_add_factor = std::clamp(1 + left / scattered, 0.1, 10.0);
   return fit;
 }
 
 double InSituFit::time_s(double scaled, double fixed, const InSituTerms& terms, size_t j) const {
+  const double s = at_or_zero(terms.scatter_add, j);
   return fixed + (gather_factor - 1) * at_or_zero(terms.gather, j) +
-         (gather_backward_factor - 1) * at_or_zero(terms.gather_backward, j) + factor * scaled + op_overhead_s +
+         (gather_backward_factor - 1) * (at_or_zero(terms.gather_backward, j) - s) + (scatter_add_factor - 1) * s +
+         factor * scaled + op_overhead_s +
          routing_choice_s * at_or_zero(terms.gate, j) + dispatch_choice_s * at_or_zero(terms.dispatch, j) +
          routing_backward_choice_s * at_or_zero(terms.gate_backward, j);
 }

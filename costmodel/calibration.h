@@ -81,14 +81,21 @@ double fit_backward_factor(const DeviceProfile& profile, OpKind kind, const std:
 // t_j - (b_j - d_j - e_j) - u_j - v_j = f c_j + f_g d_j + f_gb e_j + h (the same least squares;
 // where h comes out negative, again without h, so that the gathers' factors are the best with h
 // at its floor), each clamped to [0.1, 10] (1 without such gathers), and f keeps the measured sum
-// with the gathers' terms in it.
+// with the gathers' terms in it. An op holding a lookup's backward (a scatter-add into its table,
+// s_j of its e_j) sits out of those: a table's gradient is cache resident or not by the step's
+// working set, where the combine's backward is not (device_profile.proto scatter_add_footprint),
+// and one f_gb for both priced the one 10% over where the other was 10% under. Its factor f_s is
+// then what those ops leave: sum_j (t_j - (b_j - d_j - e_j) - u_j - v_j - f c_j - f_g d_j
+// - f_gb (e_j - s_j) - h) / sum_j s_j over them, clamped to [0.1, 10] (1 without such ops).
 // Op j's entry of a per-op vector of InSituTerms or InSituHost: 0 past a shorter vector's end.
 inline double at_or_zero(const std::vector<double>& v, size_t j) { return j < v.size() ? v[j] : 0.0; }
 struct InSituTerms {
   // Per op; shorter vectors: 0 past their end. Token-choices per host term, and the seconds of the
-  // op's forward gathers (`gather`, d_j) and backward gathers (`gather_backward`, e_j) at the
-  // profile's rate (parts of its fixed time b_j).
-  std::vector<double> gate = {}, dispatch = {}, gate_backward = {}, gather = {}, gather_backward = {};
+  // op's forward gathers (`gather`, d_j), backward gathers (`gather_backward`, e_j) and of its
+  // lookups' backwards among those (`scatter_add`, s_j) at the profile's rate (parts of its fixed
+  // time b_j).
+  std::vector<double> gate = {}, dispatch = {}, gate_backward = {}, gather = {}, gather_backward = {},
+                      scatter_add = {};
 };
 struct InSituHost {
   // Per op, seconds (trace Span routing_host_s, dispatch_host_s); shorter vectors: 0 past their end.
@@ -102,8 +109,9 @@ struct InSituFit {
   double routing_backward_choice_s = 0;
   double gather_factor = 1;           // f_g
   double gather_backward_factor = 1;  // f_gb
-  // Op j's time through the fit: b_j + (f_g - 1) d_j + (f_gb - 1) e_j + f c_j + h + its host
-  // terms' counts x their times.
+  double scatter_add_factor = 1;      // f_s
+  // Op j's time through the fit: b_j + (f_g - 1) d_j + (f_gb - 1) (e_j - s_j) + (f_s - 1) s_j
+  // + f c_j + h + its host terms' counts x their times.
   double time_s(double scaled, double fixed, const InSituTerms& terms, size_t j) const;
 };
 // The routing's host rates of `fit` (routing_choice_s, dispatch_choice_s,

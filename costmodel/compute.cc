@@ -194,6 +194,7 @@ void validate(const ConfigScope& root, const profile::DeviceProfile& p) {
   check_by_bytes("gather_in_situ", p.gather_in_situ());
   check_by_bytes("host_footprint", p.host_footprint());
   check_by_bytes("gather_footprint", p.gather_footprint());
+  check_by_bytes("scatter_add_footprint", p.scatter_add_footprint());
   root.positive("threads_per_rank", Need::kOptional, /*allow_zero=*/false, 4096);
   root.positive("softmax_score_s", Need::kOptional, /*allow_zero=*/true, 1e-3);
   root.positive("op_overhead_s", Need::kOptional, /*allow_zero=*/true, 1.0);
@@ -371,6 +372,10 @@ double DeviceProfile::gather_footprint_factor(double working_set_bytes) const {
   return factor_by_bytes(spec_.gather_footprint(), working_set_bytes, 0.0);
 }
 
+double DeviceProfile::scatter_add_factor(double working_set_bytes) const {
+  return factor_by_bytes(spec_.scatter_add_footprint(), working_set_bytes, 0.0);
+}
+
 double DeviceProfile::gather_time_factor(double bytes) const {
   return factor_by_bytes(spec_.gather_in_situ(), bytes, in_situ_time_factor(OpKind::kEmbedding));
 }
@@ -423,11 +428,16 @@ OpTime op_time(const DeviceProfile& profile, const Op& op, DType dtype) {
   const double bytes = op.bytes * dtype_bytes(t.dtype) / dtype_bytes(dtype);
   t.memory_s = bytes / (profile.memory_bandwidth_Bps() * profile.memory_bandwidth_efficiency(op.kind));
   if (op.kind == OpKind::kEmbedding) t.memory_s *= profile.gather_kernel_factor(op.gather_kernel);
+  // A lookup's backward at the rank's working set where the lowering gave it: in place of both the
+  // in-situ and the backward factor.
+  const bool scatter_add = op.kind == OpKind::kEmbedding && op.backward &&
+                           op.gather_kernel == GatherKernel::kScatterAdd && op.scatter_add_factor > 0;
   const double in_situ =
-      op.kind != OpKind::kEmbedding || op.backward ? profile.in_situ_time_factor(op.kind)
+      scatter_add                                  ? op.scatter_add_factor
+      : op.kind != OpKind::kEmbedding || op.backward ? profile.in_situ_time_factor(op.kind)
       : op.gather_footprint_factor > 0             ? op.gather_footprint_factor
                                                    : profile.gather_time_factor(op.bytes);
-  const double f = in_situ * (op.backward ? profile.backward_time_factor(op.kind) : 1.0) *
+  const double f = in_situ * (op.backward && !scatter_add ? profile.backward_time_factor(op.kind) : 1.0) *
                    (op.kind == OpKind::kEmbedding ? op.gather_share_factor : 1.0);
   t.compute_s *= f;
   t.memory_s *= f;

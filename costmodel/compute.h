@@ -111,6 +111,9 @@ class DeviceProfile {
   // The same by the running rank's working set (profile gather_footprint, linear in log bytes,
   // flat beyond the ends), which replaces the factor by bytes where given; 0 without points.
   double gather_footprint_factor(double working_set_bytes) const;
+  // A lookup's backward (scatter-add) in-situ factor by the running rank's working set (profile
+  // scatter_add_footprint, as gather_footprint), in place of the backward gathers'; 0 without points.
+  double scatter_add_factor(double working_set_bytes) const;
   double kernel_launch_overhead_s() const { return launch_overhead_s_; }
   // Per attention score element (profile softmax_score_s; 0).
   double softmax_score_s() const { return spec_.softmax_score_s(); }

@@ -94,6 +94,10 @@ struct Op {
   // (DeviceProfile::gather_footprint_factor), set by the lowering; 0: by the op's bytes
   // (DeviceProfile::gather_time_factor).
   double gather_footprint_factor = 0;
+  // A lookup's backward (a kScatterAdd backward gather) at the running rank's working set
+  // (DeviceProfile::scatter_add_factor), set by the lowering on the forward op; 0: the backward
+  // gathers' factor.
+  double scatter_add_factor = 0;
 };
 
 // A row gather (OpKind::kEmbedding) writing `written` bytes from a source whose distinct rows are

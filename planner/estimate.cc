@@ -45,7 +45,7 @@ const Estimator::LayerTimes& Estimator::layer_times(const cost::Setup& s, int li
   const bool batch_priority = s.strategy->drop_policy() == strategy::BATCH_PRIORITY;
   const auto key = std::make_tuple(static_cast<const void*>(&s.cost.layers[li]), li, s.layout.tp, s.layout.ep, sp,
                                    batch_priority, tokens, static_cast<int>(rc), static_cast<int>(dtype), host_factor_,
-                                   gather_factor_);
+                                   gather_factor_, scatter_add_factor_);
   auto it = layer_cache_.find(key);
   if (it != layer_cache_.end()) return it->second;
   const cost::Layer& layer = s.cost.layers[li];
@@ -55,6 +55,7 @@ const Estimator::LayerTimes& Estimator::layer_times(const cost::Setup& s, int li
     cost::Op op = cost::on_ep_rank(model_op, s.layout.ep, batch_priority);
     op.host_time_factor = host_factor_;
     op.gather_footprint_factor = gather_factor_;
+    op.scatter_add_factor = scatter_add_factor_;
     cost::scale_work(op, scale);
     op.m *= scale;
     op.routing_choices *= scale;
@@ -131,6 +132,7 @@ Estimate Estimator::estimate(const cost::Setup& s, const MemorySummary& mem) {
   transfer_factor_ = profile_.transfer_time_factor(mem.working_set_bytes);
   host_factor_ = profile_.host_time_factor(mem.working_set_bytes);
   gather_factor_ = profile_.gather_footprint_factor(mem.working_set_bytes);
+  scatter_add_factor_ = profile_.scatter_add_factor(mem.working_set_bytes);
 
   Estimate e;
   double worst_stage = 0, worst_compute = 0, worst_a2a = 0, worst_tp = 0, last_bwd = 0;

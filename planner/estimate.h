@@ -71,12 +71,14 @@ class Estimator {
   const topo::Cluster& cluster_;
   cost::DeviceProfile profile_;
   cost::CollectiveModel collectives_;
-  std::map<std::tuple<const void*, int, int, int, bool, bool, double, int, int, double, double>, LayerTimes> layer_cache_;
+  std::map<std::tuple<const void*, int, int, int, bool, bool, double, int, int, double, double, double>, LayerTimes>
+      layer_cache_;
   // (op, algorithm, ranks, bytes, transfer factor) -> seconds.
   std::map<std::tuple<int, int, std::vector<int>, double, double>, double> collective_cache_;
   double transfer_factor_ = 1;  // the estimate's (DeviceProfile::transfer_time_factor)
   double host_factor_ = 1;      // the estimate's (DeviceProfile::host_time_factor)
   double gather_factor_ = 0;    // the estimate's (DeviceProfile::gather_footprint_factor; 0: by bytes)
+  double scatter_add_factor_ = 0;  // the estimate's (DeviceProfile::scatter_add_factor; 0: none)
   std::map<std::tuple<int, int, double, int, double>, double> imbalance_cache_;
 };
 

@@ -181,13 +181,14 @@ class Lowering {
   }
 
   // The kernel as `rank` of its EP group runs it (cost::on_ep_rank), its host terms and forward row
-  // gathers at the rank's working set (DeviceProfile::host_time_factor, gather_footprint_factor),
-  // its row gathers at their own share of the host.
+  // gathers and lookups' backwards at the rank's working set (DeviceProfile::host_time_factor,
+  // gather_footprint_factor, scatter_add_factor), its row gathers at their own share of the host.
   cost::Op on_ep_rank(const cost::Op& op, int rank) {
     cost::Op o = cost::on_ep_rank(op, l_.ep, st_.drop_policy() == strategy::BATCH_PRIORITY);
     o.host_time_factor = host_factor(rank);
     o.gather_share_factor = gather_share_factor(rank);
     o.gather_footprint_factor = gather_factor(rank);
+    o.scatter_add_factor = scatter_add_factor(rank);
     return o;
   }
 
@@ -195,6 +196,7 @@ class Lowering {
   double working_set(int rank) const { return cost::working_set_bytes(memory_.ranks[static_cast<size_t>(rank)]); }
   double host_factor(int rank) { return profile(rank).host_time_factor(working_set(rank)); }
   double gather_factor(int rank) { return profile(rank).gather_footprint_factor(working_set(rank)); }
+  double scatter_add_factor(int rank) { return profile(rank).scatter_add_factor(working_set(rank)); }
 
   // The kernel split over tensor parallelism.
   cost::Op tp_split(cost::Op op) const {
@@ -221,13 +223,13 @@ class Lowering {
   }
 
   // Times of one part of a layer (not the routed experts), cached per (device type, layer, part,
-  // host factors, gather factor, kept share). `kept_share` scales the MoE gathers' rows (the
+  // host factors, gather factors, kept share). `kept_share` scales the MoE gathers' rows (the
   // dispatch's and the combine's): the share of the rank's assignments its experts' buffers kept.
   const Times& part_times(int rank, int layer_index, Part part, double kept_share = 1) {
     const int type = s_.cluster->device(rank).type;
     const auto key =
         std::make_tuple(type, layer_index, static_cast<int>(part), host_factor(rank), gather_share_factor(rank),
-                        gather_factor(rank), kept_share);
+                        gather_factor(rank), scatter_add_factor(rank), kept_share);
     auto it = times_.find(key);
     if (it != times_.end()) return it->second;
     Times t;
@@ -1046,7 +1048,7 @@ class Lowering {
   Schedule out_;
   std::map<int, cost::DeviceProfile> profiles_;
   std::map<int, std::pair<double, double>> host_share_;  // rank -> host_shares
-  std::map<std::tuple<int, int, int, double, double, double, double>, Times> times_;
+  std::map<std::tuple<int, int, int, double, double, double, double, double>, Times> times_;
   std::unordered_map<std::string, int> collective_index_;
   std::map<std::tuple<int, int64_t, int, int, int64_t, uint64_t>, Routing> routings_;
   std::map<int, int> chunk_matrix_;

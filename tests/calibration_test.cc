@@ -232,7 +232,7 @@ TEST_CASE("Gathers get their own factor, fitted on the ops that hold them") {
 
 TEST_CASE("Forward and backward gathers get a factor each") {
   // The twelve ops, 1.3x and 4 us around each; forward gathers of 10 and 40 us at the profile's
-  // rate run at 0.4 of it, backward ones (scatter-adds) of 20 and 30 us at 0.8, one op holding both.
+  // rate run at 0.4 of it, backward ones of 20 and 30 us at 0.8, one op holding both.
   InSituTerms terms;
   terms.gather = counts_at(1, 10e-6, 6, 40e-6);
   terms.gather_backward = counts_at(4, 20e-6, 6, 30e-6);
@@ -251,6 +251,37 @@ TEST_CASE("Forward and backward gathers get a factor each") {
   InSituTerms forward_only = terms;
   forward_only.gather_backward.clear();
   CHECK(fit_in_situ(c, b, t, forward_only).gather_backward_factor == 1);
+}
+
+TEST_CASE("A lookup's backward gets its own factor, out of the other backward gathers' fit") {
+  // As above, with op 9 a lookup's backward: its 12 us scatter-add at 1.6x the profile's rate where
+  // the other backward gathers run at 0.8 (a cold table's gradient in a step whose combine's
+  // backward finds its rows warm).
+  InSituTerms terms;
+  terms.gather = counts_at(1, 10e-6, 6, 40e-6);
+  terms.gather_backward = counts_at(4, 20e-6, 9, 12e-6);
+  terms.scatter_add = counts_at(9, 12e-6, 9, 12e-6);
+  const InSituFit truth{.factor = 1.3,
+                        .op_overhead_s = 4e-6,
+                        .gather_factor = 0.4,
+                        .gather_backward_factor = 0.8,
+                        .scatter_add_factor = 1.6};
+  auto [c, b, t] = synthetic_step(truth, {});
+  for (size_t j = 0; j < c.size(); ++j) {
+    b[j] += at_or_zero(terms.gather, j) + at_or_zero(terms.gather_backward, j);
+    t[j] = truth.time_s(c[j], b[j], terms, j);
+  }
+  const InSituFit fit = fit_in_situ(c, b, t, terms);
+  CHECK(fit.scatter_add_factor == Approx(1.6).epsilon(0.02));
+  CHECK(fit.gather_backward_factor == Approx(0.8).epsilon(0.02));
+  CHECK(fit.gather_factor == Approx(0.4).epsilon(0.02));
+  CHECK(fit.factor == Approx(1.3).epsilon(0.02));
+  CHECK(fit.op_overhead_s == Approx(4e-6).epsilon(0.02));
+  for (size_t j = 0; j < c.size(); ++j) CHECK(fit.time_s(c[j], b[j], terms, j) == Approx(t[j]).epsilon(1e-6));
+  // Not told which backward gather is a lookup's: its factor stays 1.
+  InSituTerms pooled = terms;
+  pooled.scatter_add.clear();
+  CHECK(fit_in_situ(c, b, t, pooled).scatter_add_factor == 1);
 }
 
 TEST_CASE("A cap on the overhead holds it there, the factors fitted around it and the sum kept") {

@@ -485,6 +485,33 @@ TEST_CASE("row gathers take their in-situ factor by their bytes where the profil
   plain_bwd.gather_footprint_factor = 0;
   CHECK(cost::op_time(footprint, gather_bwd, DType::kFp32).memory_s ==
         Approx(cost::op_time(footprint, plain_bwd, DType::kFp32).memory_s));
+  // A lookup's backward (scatter-add) by the working set too (scatter_add_footprint, read into the
+  // op by the lowering): in place of in_situ x backward for EMBEDDING; other backward gathers and
+  // the forward keep theirs.
+  const cost::DeviceProfile scatter = cost::load_device_profile_text(
+      base + "backward { op: EMBEDDING time_factor: 2 }\n"
+             "scatter_add_footprint { bytes: 4e6 time_factor: 0.5 }\n"
+             "scatter_add_footprint { bytes: 16e6 time_factor: 1.5 }\n",
+      "scatter.textproto");
+  CHECK(footprint.scatter_add_factor(8e6) == 0);  // no points
+  CHECK(scatter.scatter_add_factor(8e6) == Approx(1.0));  // half way in log bytes
+  for (cost::GatherKernel k : {cost::GatherKernel::kScatterAdd, cost::GatherKernel::kCombineBackward}) {
+    Op lookup;
+    lookup.name = "lookup";
+    lookup.kind = OpKind::kEmbedding;
+    lookup.bytes = 2e5;
+    lookup.gather_source_bytes = 2e4;
+    lookup.gather_backward_kernel = k;
+    const Op plain = cost::backward_ops(lookup).at(0);
+    const double fwd = cost::op_time(scatter, lookup, DType::kFp32).memory_s;
+    lookup.scatter_add_factor = scatter.scatter_add_factor(8e6);
+    const Op bwd = cost::backward_ops(lookup).at(0);
+    CHECK(cost::op_time(scatter, lookup, DType::kFp32).memory_s == Approx(fwd));
+    const double ratio =
+        cost::op_time(scatter, bwd, DType::kFp32).memory_s / cost::op_time(scatter, plain, DType::kFp32).memory_s;
+    // The plain backward's factor: in_situ 0.8 x backward 2.
+    CHECK(ratio == Approx(k == cost::GatherKernel::kScatterAdd ? 1.0 / 1.6 : 1.0));
+  }
   // A gather's share of its host (set by the lowering) scales its kernels, forward and backward,
   // and no other kind's.
   for (OpKind kind : {OpKind::kEmbedding, OpKind::kNorm}) {
@@ -624,6 +651,10 @@ TEST_CASE("bad profile: gather points out of order") {
              "gather_footprint { bytes: 8e6 time_factor: 0.6 }\n"
              "gather_footprint { bytes: 4e6 time_factor: 0.3 }\n",
              3, "gather_footprint[1].bytes", "must increase");
+  check_only("device { preset: \"h100-sxm5\" }\n"
+             "scatter_add_footprint { bytes: 8e6 time_factor: 0.6 }\n"
+             "scatter_add_footprint { bytes: 16e6 time_factor: 0 }\n",
+             3, "scatter_add_footprint[1].time_factor", "greater than zero");
 }
 
 TEST_CASE("bad profile: ranks per host 0 and a zero alone factor") {

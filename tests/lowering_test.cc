@@ -616,6 +616,43 @@ TEST_CASE("forward row gathers take the gather footprint's factor at their rank'
   }
 }
 
+TEST_CASE("lookups' backwards take the scatter-add footprint's factor at their rank's working set", "[lowering]") {
+  // Points at half and twice rank 3's working set, 0.5 and 1.5: at it, 1 (half way in log bytes),
+  // in place of the backward gathers' in_situ x backward (here 3 x 1): the embedding's backward
+  // (a scatter-add into its tables) as with no factor at all; every other op, the MoE layers'
+  // backward gathers among them, as with in_situ 3.
+  const cost::Setup s = make_setup("dp: 8 ep: 8 capacity_factor: 1.25");
+  const double ws = cost::working_set_bytes(cost::estimate_memory(s).ranks.at(3));
+  profile::DeviceProfile spec = cost::default_profile(s.cluster->device_type(0)).spec();
+  const cost::DeviceProfile unscaled = cost::DeviceProfile::from_spec(spec);
+  profile::InSituFactor* f = spec.add_in_situ();
+  f->set_op(profile::EMBEDDING);
+  f->set_time_factor(3);
+  const cost::DeviceProfile plain = cost::DeviceProfile::from_spec(spec);
+  for (auto [bytes, factor] : {std::pair{ws / 2, 0.5}, {2 * ws, 1.5}}) {
+    profile::BytesFactor* p = spec.add_scatter_add_footprint();
+    p->set_bytes(bytes);
+    p->set_time_factor(factor);
+  }
+  const cost::DeviceProfile footprint = cost::DeviceProfile::from_spec(spec);
+  const Schedule sp = schedule::lower(s, {.seed = 3, .profile = &plain}),
+                 sf = schedule::lower(s, {.seed = 3, .profile = &footprint}),
+                 su = schedule::lower(s, {.seed = 3, .profile = &unscaled});
+  const RankSchedule &rp = rank(sp, 3), &rf = rank(sf, 3), &ru = rank(su, 3);
+  REQUIRE(rp.ops_size() == rf.ops_size());
+  REQUIRE(ru.ops_size() == rf.ops_size());
+  int lookups = 0;
+  for (int i = 0; i < rp.ops_size(); ++i) {
+    const std::string& id = rp.ops(i).id();
+    INFO(id);
+    const bool lookup = id.starts_with("embed") && id.ends_with("bwd");
+    lookups += lookup;
+    CHECK(rf.ops(i).duration_s() == Approx((lookup ? ru : rp).ops(i).duration_s()).epsilon(1e-12));
+    if (lookup) CHECK(rf.ops(i).duration_s() < rp.ops(i).duration_s());
+  }
+  CHECK(lookups == 2);  // two micro-batches
+}
+
 TEST_CASE("a batch-priority dispatch prices the sort of its EP group's tokens", "[lowering]") {
   // 32 tokens per rank and micro-batch, EP = 8: under batch priority every rank of the group sorts
   // the group's 256 tokens (256 log2 256 = 2048 at the profile's priority_sort_s); vanilla sorts none.

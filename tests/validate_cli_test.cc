@@ -287,6 +287,15 @@ TEST_CASE("calibrate writes a cluster and profile that load back, and a store ro
     CHECK(p.gather_footprint_factor(c.gather_footprint_bytes(i)) == Approx(c.gather_footprint_factors(i)));
   CHECK(c.gather_footprint_factors(0) == Approx(c.half_gather_factor()));
   CHECK(c.gather_footprint_factors(1) == Approx(c.in_situ_gather_factor()));
+  // The lookups' backwards by working set, at the same points, each the factor its fit left them.
+  REQUIRE(c.scatter_add_footprint_bytes_size() == 2);
+  REQUIRE(c.scatter_add_footprint_factors_size() == 2);
+  for (int i = 0; i < 2; ++i) {
+    CHECK(c.scatter_add_footprint_bytes(i) == Approx(c.gather_footprint_bytes(i)));
+    CHECK(p.scatter_add_factor(c.scatter_add_footprint_bytes(i)) == Approx(c.scatter_add_footprint_factors(i)));
+    CHECK(c.scatter_add_footprint_factors(i) >= 0.1);
+    CHECK(c.scatter_add_footprint_factors(i) <= 10);
+  }
   CHECK(p.in_situ_time_factor(cost::OpKind::kGemm) == Approx(c.in_situ_factor()));
   // Gathers are measured out of cache, the streaming kernels on warm buffers: slower per byte.
   CHECK(p.memory_bandwidth_efficiency(cost::OpKind::kEmbedding) < p.memory_bandwidth_efficiency(cost::OpKind::kElementwise));
