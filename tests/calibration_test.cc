@@ -32,6 +32,17 @@ SyntheticStep synthetic_step(const InSituFit& truth, const InSituTerms& terms) {
   return s;
 }
 
+// The same step whose ops hold `terms`' gathers too (their seconds part of the fixed times b),
+// timed by `truth`.
+SyntheticStep gathering_step(const InSituFit& truth, const InSituTerms& terms) {
+  SyntheticStep s = synthetic_step(truth, {});
+  for (size_t j = 0; j < s.c.size(); ++j) {
+    s.b[j] += at_or_zero(terms.gather, j) + at_or_zero(terms.gather_backward, j);
+    s.t[j] = truth.time_s(s.c[j], s.b[j], terms, j);
+  }
+  return s;
+}
+
 // Twelve counts, `a` at op i and `b` at op k, 0 elsewhere.
 std::vector<double> counts_at(size_t i, double a, size_t k, double b) {
   std::vector<double> v(12, 0.0);
@@ -237,11 +248,7 @@ TEST_CASE("Forward and backward gathers get a factor each") {
   terms.gather = counts_at(1, 10e-6, 6, 40e-6);
   terms.gather_backward = counts_at(4, 20e-6, 6, 30e-6);
   const InSituFit truth{.factor = 1.3, .op_overhead_s = 4e-6, .gather_factor = 0.4, .gather_backward_factor = 0.8};
-  auto [c, b, t] = synthetic_step(truth, {});
-  for (size_t j = 0; j < c.size(); ++j) {
-    b[j] += at_or_zero(terms.gather, j) + at_or_zero(terms.gather_backward, j);
-    t[j] = truth.time_s(c[j], b[j], terms, j);
-  }
+  const auto [c, b, t] = gathering_step(truth, terms);
   const InSituFit fit = fit_in_situ(c, b, t, terms);
   CHECK(fit.gather_factor == Approx(0.4).epsilon(0.02));
   CHECK(fit.gather_backward_factor == Approx(0.8).epsilon(0.02));
@@ -266,11 +273,7 @@ TEST_CASE("A lookup's backward gets its own factor, out of the other backward ga
                         .gather_factor = 0.4,
                         .gather_backward_factor = 0.8,
                         .scatter_add_factor = 1.6};
-  auto [c, b, t] = synthetic_step(truth, {});
-  for (size_t j = 0; j < c.size(); ++j) {
-    b[j] += at_or_zero(terms.gather, j) + at_or_zero(terms.gather_backward, j);
-    t[j] = truth.time_s(c[j], b[j], terms, j);
-  }
+  const auto [c, b, t] = gathering_step(truth, terms);
   const InSituFit fit = fit_in_situ(c, b, t, terms);
   CHECK(fit.scatter_add_factor == Approx(1.6).epsilon(0.02));
   CHECK(fit.gather_backward_factor == Approx(0.8).epsilon(0.02));
