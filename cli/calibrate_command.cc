@@ -167,6 +167,7 @@ std::vector<double> kernel_residuals(const cost::DeviceProfile& p, cost::OpKind 
     op.flops = s.flops;
     op.bytes = s.bytes;
     op.backward = backward;
+    op.groups = static_cast<int64_t>(std::max(1.0, s.groups));
     const double t = cost::op_time(p, op, cost::DType::kFp32).time_s;
     out.push_back(std::fabs(t - s.seconds) / s.seconds * 100);
     if (csv) *csv += fmt::format("{},{:.6g},{:.6g},{:.6g},{:.6g}\n", family, s.flops, s.bytes, s.seconds, t);
@@ -729,9 +730,15 @@ int calibrate(const Args& a) {
 
     // Kernels.
     const double launch_s = m.launch_s;
+    // A GPU's BLAS calls each cost the host a fixed time (costmodel/calibration.h); a CPU's are
+    // part of its curves' efficiency.
+    const double blas_call_s =
+        backend.device() == exec::Device::kCuda ? cost::fit_blas_call_s(m.gemm, m.grouped_gemm, launch_s) : 0;
     std::vector<cost::KernelSample> all_gemms = m.gemm;
     all_gemms.insert(all_gemms.end(), m.grouped_gemm.begin(), m.grouped_gemm.end());
-    const double peak = cost::fit_peak_flops(all_gemms, launch_s);
+    const double peak = cost::fit_peak_flops(all_gemms, launch_s, blas_call_s);
+    const std::vector<cost::KernelSample> gemms = cost::without_blas_calls(m.gemm, blas_call_s),
+                                          grouped_gemms = cost::without_blas_calls(m.grouped_gemm, blas_call_s);
     // The device's bandwidth: the fastest streaming kernel; each memory-bound kind its share of it.
     double bandwidth = 0;
     for (const auto* v : {&m.norm, &m.elementwise})
@@ -752,6 +759,7 @@ int calibrate(const Args& a) {
     spec.set_source(fmt::format("calibrated on {} {}", machine, trace::utc_now_iso8601()));
     spec.set_memory_bandwidth_efficiency(1.0);
     spec.set_kernel_launch_overhead_s(launch_s);
+    if (blas_call_s > 0) spec.set_blas_call_s(blas_call_s);
     if (backend.device() == exec::Device::kCpu) spec.set_threads_per_rank(threads);
     for (auto [kind, eff] : {std::pair{profile::NORM, norm_eff}, std::pair{profile::ELEMENTWISE, elementwise_eff},
                              std::pair{profile::EMBEDDING, gather_eff}, std::pair{profile::OPTIMIZER, elementwise_eff}}) {
@@ -759,8 +767,8 @@ int calibrate(const Args& a) {
       me->set_op(kind);
       me->set_efficiency(eff);
     }
-    *spec.add_compute() = cost::fit_efficiency_curve(profile::GEMM, profile::FP32, m.gemm, peak, launch_s);
-    *spec.add_compute() = cost::fit_efficiency_curve(profile::GROUPED_GEMM, profile::FP32, m.grouped_gemm, peak, launch_s);
+    *spec.add_compute() = cost::fit_efficiency_curve(profile::GEMM, profile::FP32, gemms, peak, launch_s);
+    *spec.add_compute() = cost::fit_efficiency_curve(profile::GROUPED_GEMM, profile::FP32, grouped_gemms, peak, launch_s);
     *spec.add_compute() = cost::fit_efficiency_curve(profile::ELEMENTWISE, profile::FP32, m.activation, peak, launch_s);
     *spec.add_compute() = cost::fit_efficiency_curve(profile::OPTIMIZER, profile::FP32, m.optimizer, peak, launch_s);
     auto add_backward = [&](profile::OpKind kind, double factor) {
@@ -822,6 +830,7 @@ int calibrate(const Args& a) {
     r.set_peak_flops(peak);
     r.set_memory_bandwidth_bps(bandwidth);
     r.set_kernel_launch_overhead_s(launch_s);
+    r.set_blas_call_s(blas_call_s);
     auto& res = *r.mutable_residuals();
     std::string csv = "family,flops,bytes,measured_s,model_s\n";
     std::string* rows = a.has("--samples") ? &csv : nullptr;
@@ -1163,6 +1172,7 @@ int calibrate(const Args& a) {
       std::vector<RunMetric> metrics = {{"peak_flops", peak},
                                         {"memory_bandwidth_Bps", bandwidth},
                                         {"kernel_launch_overhead_s", launch_s},
+                                        {"blas_call_s", blas_call_s},
                                         {"link_bandwidth_Bps", r.link_bandwidth_bps()},
                                         {"link_latency_s", r.link_latency_s()},
                                         {"link_rendezvous_s", r.link_rendezvous_s()},
@@ -1180,7 +1190,8 @@ int calibrate(const Args& a) {
     std::cout << fmt::format("{} rank(s) on {}\n", ranks, machine);
     std::cout << fmt::format("peak (fp32 GEMM)     {:.1f} GFLOP/s\n", peak / 1e9);
     std::cout << fmt::format("memory bandwidth     {}/s\n", format_bytes(bandwidth));
-    std::cout << fmt::format("kernel launch        {}\n", format_seconds(launch_s));
+    std::cout << fmt::format("kernel launch        {}{}\n", format_seconds(launch_s),
+                             blas_call_s > 0 ? fmt::format(", a BLAS call {} more", format_seconds(blas_call_s)) : "");
     std::cout << fmt::format("attention core       {} per score, {} per group (sequence x head)\n",
                              format_seconds(r.softmax_score_s()), format_seconds(r.attention_group_s()));
     std::cout << fmt::format("batch-priority sort  {} per token x log2(tokens)\n", format_seconds(r.priority_sort_s()));

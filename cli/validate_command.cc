@@ -31,6 +31,7 @@
 #include "topologies/hardware.pb.h"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <google/protobuf/text_format.h>
 #include <google/protobuf/util/json_util.h>
 #include <unistd.h>
@@ -396,6 +397,12 @@ int validate_suite(const Args& a) {
   const std::string self = fs::canonical("/proc/self/exe").string();
   const bool progress = ::isatty(STDERR_FILENO) && !json;
   const auto t0 = std::chrono::steady_clock::now();
+  // On GPUs every rank needs its own (NCCL refuses two ranks on one device): the plans with more
+  // ranks than this machine has GPUs are skipped, named in the result.
+  const bool cuda = check_device(a, 1) == exec::Device::kCuda;
+  const int gpus = cuda ? exec::cuda_device_count() : 0;
+  const std::string device_arg = cuda ? " --device cuda" : "";
+  auto runs_here = [&](int ranks) { return !cuda || ranks <= gpus; };
 
   // The cluster with as many devices as each plan has ranks (the calibrated node, resized).
   hw::Cluster node;
@@ -451,7 +458,7 @@ int validate_suite(const Args& a) {
     calibration_step_s = spec.calibration_step_s();
     const int ranks = std::max(1, node.node().devices_per_node());  // the calibrated ranks
     // A calibration across nodes ran its step on all of them, which the suite (on one node) cannot.
-    if (calibration_step_s > 0 && node.nodes() <= 1) {
+    if (calibration_step_s > 0 && node.nodes() <= 1 && runs_here(ranks)) {
       reference = (dir / "calibration-step.scenario.textproto").string();
       std::ofstream(reference) << fmt::format(
           "# moesim validate --suite: the calibration step, for the machine's pace against its calibration\n"
@@ -464,8 +471,8 @@ int validate_suite(const Args& a) {
   // One child `moesim validate --scenario`; false (after saying why) when it failed.
   auto run_child = [&](const std::string& name, const std::string& scenario, const std::string& extra,
                        ValidateResult* r) {
-    std::string cmd = fmt::format("{} validate --scenario {} --json --steps {}{}", quoted(self), quoted(scenario),
-                                  steps, extra);
+    std::string cmd = fmt::format("{} validate --scenario {} --json --steps {}{}{}", quoted(self), quoted(scenario),
+                                  steps, device_arg, extra);
     if (a.has("--timeout")) cmd += " --timeout " + quoted(a.get("--timeout"));
     if (a.has("--threads")) cmd += " --threads " + quoted(a.get("--threads"));
     int status = 0;
@@ -475,7 +482,12 @@ int validate_suite(const Args& a) {
     std::cerr << fmt::format("moesim: suite plan {} failed (scenario {}): {}\n", name, scenario, text);
     return false;
   };
-  std::vector<std::vector<ValidateResult>> runs(std::size(kSuite));
+  std::vector<size_t> selected;  // the plans run here, indices into kSuite
+  for (size_t i = 0; i < std::size(kSuite); ++i) {
+    if (runs_here(kSuite[i].ranks)) selected.push_back(i);
+    else suite.add_skipped_plans(kSuite[i].name);
+  }
+  std::vector<std::vector<ValidateResult>> runs(selected.size());
   std::vector<double> pace, exchange_pace, gather_pace;
   for (int pass = 0; pass < passes; ++pass) {
     if (pass > 0) std::this_thread::sleep_for(std::chrono::duration<double>(pass_gap_s));
@@ -493,17 +505,17 @@ int validate_suite(const Args& a) {
       if (!exchanges.empty()) exchange_pace.push_back(trace::quantile(exchanges, 0.5));
       if (!gathers.empty()) gather_pace.push_back(trace::quantile(gathers, 0.5));
     }
-    for (size_t i = 0; i < std::size(kSuite); ++i) {
-      const SuitePlan& p = kSuite[i];
+    for (size_t i = 0; i < selected.size(); ++i) {
+      const SuitePlan& p = kSuite[selected[i]];
       if (progress)
-        std::cerr << fmt::format("\r[pass {}/{}, {}/{}] {:<24}", pass + 1, passes, i + 1, std::size(kSuite), p.name)
+        std::cerr << fmt::format("\r[pass {}/{}, {}/{}] {:<24}", pass + 1, passes, i + 1, selected.size(), p.name)
                   << std::flush;
       std::string extra = " --feedback";
       if (a.has("--db")) extra += " --db " + quoted(a.get("--db"));  // every pass is a stored run
       if (a.has("--trace"))
         extra += " --trace " + quoted(a.get("--trace") + "." + p.name + (passes > 1 ? fmt::format(".{}", pass) : ""));
       ValidateResult r;
-      if (!run_child(p.name, scenarios[i], extra, &r)) return kExitInternal;
+      if (!run_child(p.name, scenarios[selected[i]], extra, &r)) return kExitInternal;
       runs[i].push_back(std::move(r));
     }
   }
@@ -584,6 +596,9 @@ int validate_suite(const Args& a) {
   if (suite.has_gather_pace_vs_calibration_pct())
     std::cout << fmt::format(", its gathers (embedding, permutation, combine) {:+.1f}%",
                              suite.gather_pace_vs_calibration_pct());
+  if (suite.skipped_plans_size() > 0)
+    std::cout << fmt::format("\nskipped (one GPU per rank, and this machine has {}): {}", gpus,
+                             fmt::join(suite.skipped_plans(), ", "));
   std::cout << fmt::format("\nscenarios in {}; {:.0f} s\n", dir.string(), suite.wall_s());
   return kExitOk;
 }
@@ -606,7 +621,7 @@ std::vector<Command> validate_commands() {
        "usage: moesim validate --plan P | --scenario S [--profile F] [--steps K] [--warmup W] [--feedback]\n"
        "                       [--routing-out W.textproto] [--trace PREFIX] [--db results.db] [--json]\n"
        "       moesim validate --suite [--cluster C] [--profile F] [--steps K] [--passes P] [--out DIR] [--db results.db]\n"
-       "                       [--json]\n"
+       "                       [--device cpu|cuda] [--json]\n"
        "       moesim validate --predicted A.pb --measured B.pb [--warmup W] [--json]\n\n"
        "The plan's (or scenario's) step is lowered once (schedule/lowering.h, every rank); its ranks\n"
        "run it for real (launched under mpirun as `moesim run` does) and rank 0 simulates the same\n"
@@ -620,6 +635,7 @@ std::vector<Command> validate_commands() {
        "                    statistics (default a quarter of them, at least 10 of 20 or more: a fresh\n"
        "                    router balances its experts over the first steps, and a fresh process's\n"
        "                    exchanges settle; 1 for two trace files)\n"
+       "  --device D        cpu (default) or cuda: one GPU per rank, NCCL between them\n"
        "  --threads N       OpenBLAS threads per CPU rank (default: as many as the profile was calibrated\n"
        "                    with, else this machine's cores / its ranks)\n"
        "  --feedback        predict with the measured expert loads as the routing distribution\n"
@@ -633,7 +649,8 @@ std::vector<Command> validate_commands() {
        "                    a summary table, step-time median/p90 error and the plans' Kendall tau, and\n"
        "                    the machine's pace against its calibration (the calibration step run again:\n"
        "                    its step time, and its all-to-alls and its gathers against their calibrated\n"
-       "                    prediction)\n"
+       "                    prediction); with --device cuda, the plans with more ranks than this machine\n"
+       "                    has GPUs are skipped (named: skipped_plans)\n"
        "  --passes P        the suite's plans run P times, one pass after another (default 5); per plan\n"
        "                    the pass with the median measured step time is compared (every pass is stored);\n"
        "                    per kind, each op's error is its median over the passes\n"

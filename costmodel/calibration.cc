@@ -75,10 +75,71 @@ double median(std::vector<double> v) {
 
 }  // namespace
 
-double fit_peak_flops(const std::vector<KernelSample>& samples, double launch_s) {
+double fit_peak_flops(const std::vector<KernelSample>& samples, double launch_s, double call_s) {
   double best = 0;
-  for (const KernelSample& s : samples)
-    if (s.flops > 0 && s.seconds > 0) best = std::max(best, s.flops / busy_s(s, launch_s));
+  for (const KernelSample& s : samples) {
+    const double busy = s.seconds - launch_s - std::max(1.0, s.groups) * call_s;
+    if (s.flops > 0 && busy > 0.01 * s.seconds && busy >= 0.5 * (s.seconds - launch_s)) best = std::max(best, s.flops / busy);
+  }
+  return best;
+}
+
+std::vector<KernelSample> without_blas_calls(std::vector<KernelSample> samples, double call_s) {
+  for (KernelSample& s : samples) s.seconds = std::max(s.seconds - std::max(1.0, s.groups) * call_s, 0.01 * s.seconds);
+  return samples;
+}
+
+double fit_blas_call_s(const std::vector<KernelSample>& gemm, const std::vector<KernelSample>& grouped,
+                       double launch_s, int steps) {
+  // The mean |error| of both kinds through the profile fitted with c; infinite without a peak.
+  auto error_at = [&](double c) {
+    std::vector<KernelSample> all = gemm;
+    all.insert(all.end(), grouped.begin(), grouped.end());
+    const double peak = fit_peak_flops(all, launch_s, c);
+    const std::vector<KernelSample> g = without_blas_calls(gemm, c), gg = without_blas_calls(grouped, c);
+    if (!(peak > 0)) return std::numeric_limits<double>::infinity();
+    profile::DeviceProfile spec;
+    hw::DeviceType& device = *spec.mutable_device();
+    device.set_name("blas-call-fit");
+    device.mutable_peak_flops_per_s()->set_fp32(peak);
+    device.set_memory_bytes(1);
+    device.set_memory_bandwidth_bps(1);
+    spec.set_kernel_launch_overhead_s(launch_s);
+    spec.set_blas_call_s(c);
+    for (auto [kind, samples] : {std::pair{profile::GEMM, &g}, std::pair{profile::GROUPED_GEMM, &gg}})
+      if (!samples->empty()) *spec.add_compute() = fit_efficiency_curve(kind, profile::FP32, *samples, peak, launch_s);
+    const DeviceProfile p = DeviceProfile::from_spec(spec, "blas call fit");
+    std::vector<double> errors;
+    for (auto [kind, samples] : {std::pair{OpKind::kGemm, &gemm}, std::pair{OpKind::kGroupedGemm, &grouped}})
+      for (const KernelSample& s : *samples) {
+        Op op;
+        op.kind = kind;
+        op.flops = s.flops;
+        op.groups = static_cast<int64_t>(std::max(1.0, s.groups));
+        errors.push_back(std::fabs(op_time(p, op, DType::kFp32).time_s - s.seconds) / s.seconds);
+      }
+    double sum = 0;
+    for (double e : errors) sum += e;
+    return sum / static_cast<double>(errors.size());
+  };
+  double most = 0;
+  for (const std::vector<KernelSample>* v : {&gemm, &grouped})
+    for (const KernelSample& s : *v) most = std::max(most, (s.seconds - launch_s) / std::max(1.0, s.groups));
+  if (!(most > 0)) return 0;
+  // The grid over [0, most], then again around its best.
+  double best = 0, best_error = std::numeric_limits<double>::infinity(), lo = 0, hi = most;
+  for (int pass = 0; pass < 2; ++pass) {
+    const double step = (hi - lo) / steps;
+    for (int i = 0; i <= steps; ++i) {
+      const double c = lo + step * i, error = error_at(c);
+      if (error < best_error) {
+        best_error = error;
+        best = c;
+      }
+    }
+    lo = std::max(0.0, best - step);
+    hi = best + step;
+  }
   return best;
 }
 

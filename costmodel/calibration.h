@@ -11,6 +11,10 @@
 // e[i+1] <= e[i] (1 + ln(f[i+1] / f[i])) (compute.h's rule: a bigger kernel never runs faster).
 // The peak is the fastest sample's achieved FLOP/s (t - launch), so the best kernel has
 // efficiency 1.
+// On a GPU each BLAS call also costs the host a fixed time c (the profile's blas_call_s): t =
+// launch_s + calls x c + flops / (peak x eff(flops)), whose flat part a curve under that rule
+// cannot follow. fit_blas_call_s searches c for the smallest mean |error| of GEMMs and grouped
+// GEMMs through curves fitted to t - calls x c.
 // Memory-bound kernels take launch_s + bytes / bandwidth: the bandwidth is sum(bytes) /
 // sum(t - launch), the time-weighted fit over the samples.
 //
@@ -36,17 +40,33 @@ struct KernelSample {
   double bytes = 0;
   double seconds = 0;  // measured, launch included
   double softmax_elements = 0;  // attention cores: score elements (cost::Op::softmax_elements)
-  double groups = 0;            // attention cores: sequences x heads (cost::Op::groups)
+  double groups = 0;            // attention cores: sequences x heads (cost::Op::groups);
+                                // grouped GEMMs: their groups, each a BLAS call
 };
 
-// The achieved FLOP/s of the fastest sample (flops / (t - launch)); 0 without samples.
-double fit_peak_flops(const std::vector<KernelSample>& samples, double launch_s);
+// The achieved FLOP/s of the fastest sample (flops / (t - launch - calls x call_s)) among those
+// whose arithmetic is at least half of their time beyond the launch (the rest of a GPU's small
+// GEMMs is its BLAS calls' fixed time, by which their FLOPs would give a rate above the
+// device's); 0 without samples.
+double fit_peak_flops(const std::vector<KernelSample>& samples, double launch_s, double call_s = 0);
 
 // The efficiency curve of `op` / `dtype` through the samples (see above). Samples with no FLOPs
 // are ignored; an empty curve when none is left.
 profile::EfficiencyCurve fit_efficiency_curve(profile::OpKind op, profile::DType dtype,
                                               const std::vector<KernelSample>& samples, double peak_flops,
                                               double launch_s, double group_ratio = 2.0);
+
+// c above (seconds per BLAS call) from the GEMMs' and the grouped GEMMs' samples: the value whose
+// fitted profile (peak and both curves through without_blas_calls) has the smallest mean |error|
+// over both, searched on a grid of `steps` + 1 values from 0 to the largest (t - launch)
+// / calls, then on one as fine around its best (the smallest of equals). The samples that tell c
+// apart are grouped GEMMs of the same FLOPs in different groups. 0 without samples.
+double fit_blas_call_s(const std::vector<KernelSample>& gemm, const std::vector<KernelSample>& grouped,
+                       double launch_s, int steps = 400);
+
+// The samples with their BLAS calls' time (calls x call_s; calls = max(1, groups)) taken off,
+// floored at 1% of their time.
+std::vector<KernelSample> without_blas_calls(std::vector<KernelSample> samples, double call_s);
 
 // Bandwidth of memory-bound kernels: sum(bytes) / sum(t - launch).
 double fit_memory_bandwidth(const std::vector<KernelSample>& samples, double launch_s);

@@ -199,6 +199,7 @@ void validate(const ConfigScope& root, const profile::DeviceProfile& p) {
   root.positive("softmax_score_s", Need::kOptional, /*allow_zero=*/true, 1e-3);
   root.positive("op_overhead_s", Need::kOptional, /*allow_zero=*/true, 1.0);
   root.positive("attention_group_s", Need::kOptional, /*allow_zero=*/true, 1.0);
+  root.positive("blas_call_s", Need::kOptional, /*allow_zero=*/true, 1e-2);
   root.positive("routing_choice_s", Need::kOptional, /*allow_zero=*/true, 1e-3);
   root.positive("dispatch_choice_s", Need::kOptional, /*allow_zero=*/true, 1e-3);
   root.positive("routing_backward_choice_s", Need::kOptional, /*allow_zero=*/true, 1e-3);
@@ -416,6 +417,18 @@ DeviceProfile default_profile(const hw::DeviceType& device) {
   return ProfileBuilder::build(std::move(spec), nullptr, fmt::format("device type '{}'", device.name()));
 }
 
+namespace {
+
+// The BLAS calls an op makes (each pays the profile's blas_call_s): a GEMM one, a grouped GEMM
+// one per group (the executors loop over the experts).
+double blas_calls(const Op& op) {
+  if (op.kind == OpKind::kGemm) return 1;
+  if (op.kind == OpKind::kGroupedGemm) return static_cast<double>(std::max<int64_t>(op.groups, 1));
+  return 0;
+}
+
+}  // namespace
+
 OpTime op_time(const DeviceProfile& profile, const Op& op, DType dtype) {
   MOESIM_ASSERT(std::isfinite(op.flops) && op.flops >= 0 && std::isfinite(op.bytes) && op.bytes >= 0,
                 "op {}: flops {} and bytes {} must be finite and >= 0", op.name, op.flops, op.bytes);
@@ -448,7 +461,7 @@ OpTime op_time(const DeviceProfile& profile, const Op& op, DType dtype) {
               op.dispatch_choices * profile.dispatch_choice_s()) *
                  op.host_time_factor +
              priority_sort_work(op.priority_sort_tokens) * profile.priority_sort_s();
-  t.launch_s = profile.kernel_launch_overhead_s();
+  t.launch_s = profile.kernel_launch_overhead_s() + blas_calls(op) * profile.blas_call_s();
   t.memory_bound = t.memory_s > t.compute_s;
   t.time_s = t.launch_s + std::max(t.compute_s, t.memory_s) + t.host_s;
   return t;

@@ -14,6 +14,7 @@
 //               dispatch_choice_s for its dispatch, + n log2 n x priority_sort_s for the n
 //               tokens a batch-priority dispatch sorts; all x Op::host_time_factor]
 //   launch_s  = kernel launch overhead (profile, else device type, else 4 us)
+//               [+ blas_call_s per BLAS call: a GEMM's one, a grouped GEMM's one per group]
 //   compute_s = flops / (peak_flops(kind, dtype') * eff_compute(kind, dtype', flops))
 //   memory_s  = bytes * width(dtype') / width(dtype) / (memory_bandwidth_Bps * eff_memory)
 //               [x gather_kernel(kernel) for a row gather: its kernel's time per byte
@@ -119,6 +120,8 @@ class DeviceProfile {
   double softmax_score_s() const { return spec_.softmax_score_s(); }
   // Per attention group, sequence x head (profile attention_group_s; 0).
   double attention_group_s() const { return spec_.attention_group_s(); }
+  // Per BLAS call of a GEMM (a grouped GEMM's per group) beyond its kernel launch (blas_call_s; 0).
+  double blas_call_s() const { return spec_.blas_call_s(); }
   // A compute op's time factor for a rank sharing its host with `ranks_here` ranks (itself
   // included) of a plan: 1 at the calibrated ranks_per_host or more, alone_time_factor at 1,
   // linear between (profile ranks_per_host, alone_time_factor; 1). A row gather's with `gathers`

@@ -115,15 +115,15 @@ void gemm_forms(Bench& bench, Backend& b, int64_t m, int64_t k, int64_t n, int g
   out.push_back({flops, bytes, bench.time(each([&](int g) {
                    b.gemm(false, false, m, n, k, 1.0f, x.device_f32() + g * m * k, w.device_f32() + g * k * n, 0.0f,
                           y.device_f32() + g * m * n);
-                 }))});
+                 })), 0, static_cast<double>(groups)});
   out.push_back({flops, bytes, bench.time(each([&](int g) {
                    b.gemm(false, true, m, k, n, 1.0f, dy.device_f32() + g * m * n, w.device_f32() + g * k * n, 0.0f,
                           dx.device_f32() + g * m * k);
-                 }))});
+                 })), 0, static_cast<double>(groups)});
   out.push_back({flops, bytes, bench.time(each([&](int g) {
                    b.gemm(true, false, k, n, m, 1.0f, x.device_f32() + g * m * k, dy.device_f32() + g * m * n, 1.0f,
                           dw.device_f32() + g * k * n);
-                 }))});
+                 })), 0, static_cast<double>(groups)});
 }
 
 // The attention sublayer (LayerNorm + attention), forward and backward.

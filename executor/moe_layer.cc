@@ -634,9 +634,14 @@ void MoeLayer::experts_forward() {
 
 void MoeLayer::timed_gemm(MoePartTimes& times, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t kk,
                           const float* a, const float* b, float beta, float* c) {
+  if (!time_gemms_) {
+    backend_.gemm(trans_a, trans_b, m, n, kk, 1.0f, a, b, beta, c);
+    return;
+  }
   backend_.synchronize();
   const auto t0 = Clock::now();
   backend_.gemm(trans_a, trans_b, m, n, kk, 1.0f, a, b, beta, c);
+  backend_.synchronize();
   times.expert_gemm_s += elapsed_s(t0);
   times.expert_gemm_flops += 2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(kk);
 }
@@ -810,6 +815,7 @@ BenchLayerResult bench_layer(const BenchLayerOptions& options, Comm* comm, Backe
     throw Error(fmt::format("bench_layer: needs iterations >= 1 and warmup >= 0, got {} and {}", options.iterations,
                             options.warmup_iterations));
   MoeLayer layer(options.layer, backend, comm);
+  layer.time_expert_gemms(true);
   const int64_t D = options.layer.hidden, F = options.layer.ffn_hidden, T = options.tokens / ep;
   // Inputs and output gradients indexed by global token, so every EP split sees the same batch.
   Tensor x_host = Tensor::empty({T, D}), dy_host = Tensor::empty({T, D});

@@ -184,7 +184,7 @@ struct MoeRoutingStats {
 //   combine_s   all_to_all_v of expert outputs back and the gate-weighted sum (backward: gradients
 //               of expert outputs and gate weights, and their exchange to the experts' ranks)
 // expert_gemm_s and expert_gemm_flops: the expert GEMM calls alone (part of experts_s), counted
-// 2 m n k per GEMM.
+// 2 m n k per GEMM, where MoeLayer::time_expert_gemms is on (0 otherwise).
 struct MoePartTimes {
   double gate_s = 0;
   double dispatch_s = 0;
@@ -276,6 +276,9 @@ class MoeLayer {
   std::span<const uint8_t> kept() const { return keep_; }
   const MoePartTimes& forward_times() const { return fwd_times_; }
   const MoePartTimes& backward_times() const { return bwd_times_; }
+  // Times each expert GEMM (expert_gemm_s) between device syncs, which a GPU's step would pay
+  // for every GEMM: off unless on (moesim bench-layer).
+  void time_expert_gemms(bool on) { time_gemms_ = on; }
   // Host-side routing seconds since the last call (trace Span routing_host_s, dispatch_host_s):
   // the gate's top-k, gate weights and aux sums, or its router gradient (routing_s); the capacity
   // decision and aux losses (dispatch_s).
@@ -382,6 +385,7 @@ class MoeLayer {
   Tensor send_buf_, expert_in_, hidden_pre_, hidden_act_, expert_out_, returned_;
   Tensor grad_send_, grad_expert_out_, grad_hidden_, grad_expert_in_, dgate_;
   MoePartTimes fwd_times_, bwd_times_;
+  bool time_gemms_ = false;
   HostTimes host_times_;
 };
 

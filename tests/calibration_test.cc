@@ -103,6 +103,68 @@ TEST_CASE("Efficiency curves, peak and bandwidth are recovered from the model's 
   CHECK(fit_memory_bandwidth(mem, launch) == Approx(20e9).epsilon(0.02));
 }
 
+TEST_CASE("A GPU's time per BLAS call is recovered beside its curves, and 0 where there is none") {
+  // A GPU-like truth: 40 TFLOP/s, a 10 us launch, 9 us per BLAS call, efficiency 0.002 at 1e5
+  // FLOPs rising to 0.17 at 1e9 (every GEMM below 1e7 FLOPs 19-21 us, nearly flat).
+  auto truth = [](double call_s) {
+    return load_device_profile_text(fmt::format(R"pb(
+      device {{ name: "gpu-rank" peak_flops_per_s {{ fp32: 40e12 }} memory_bytes: 8e9 memory_bandwidth_Bps: 3e12
+               kernel_launch_overhead_s: 10e-6 }}
+      blas_call_s: {}
+      compute {{ op: GEMM dtype: FP32 point {{ flops: 1e5 efficiency: 0.002 }} point {{ flops: 1e6 efficiency: 0.006 }}
+                point {{ flops: 1e7 efficiency: 0.018 }} point {{ flops: 1e8 efficiency: 0.055 }}
+                point {{ flops: 1e9 efficiency: 0.17 }} }}
+      compute {{ op: GROUPED_GEMM dtype: FP32 point {{ flops: 1e5 efficiency: 0.002 }} point {{ flops: 1e6 efficiency: 0.006 }}
+                point {{ flops: 1e7 efficiency: 0.018 }} point {{ flops: 1e8 efficiency: 0.055 }}
+                point {{ flops: 1e9 efficiency: 0.17 }} }})pb",
+                                                call_s),
+                                    "gpu.textproto");
+  };
+  for (const double call_s : {9e-6, 0.0}) {
+    CAPTURE(call_s);
+    const DeviceProfile p = truth(call_s);
+    // GEMMs 3x apart; grouped GEMMs of 1 and 4 groups whose FLOPs meet (8 rows in 4 groups, 32 in 1):
+    // the pairs that tell the calls' time from the curve's.
+    std::vector<KernelSample> gemms, grouped;
+    for (double f = 1e5; f < 1e9; f *= 3) {
+      Op op = gemm(1, 1, 1);
+      op.flops = f;
+      gemms.push_back({f, 0, op_time(p, op, DType::kFp32).time_s, 0, 1});
+    }
+    for (double g : {1.0, 4.0})
+      for (double rows : {8.0, 32.0, 128.0, 512.0}) {
+        Op op = gemm(rows, 64, 128 * g);
+        op.kind = OpKind::kGroupedGemm;
+        op.groups = static_cast<int64_t>(g);
+        grouped.push_back({op.flops, 0, op_time(p, op, DType::kFp32).time_s, 0, g});
+      }
+    const double fitted = fit_blas_call_s(gemms, grouped, 10e-6);
+    CHECK(fitted == Approx(call_s).margin(0.02 * 9e-6));
+    // Through the fitted call time, the peak and curves reproduce every sample.
+    std::vector<KernelSample> all = gemms;
+    all.insert(all.end(), grouped.begin(), grouped.end());
+    const double peak = fit_peak_flops(all, 10e-6, fitted);
+    const std::vector<KernelSample> g = without_blas_calls(gemms, fitted), gg = without_blas_calls(grouped, fitted);
+    // The fastest sample's rate: the biggest GEMM's.
+    CHECK(peak == Approx(40e12 * p.compute_efficiency(OpKind::kGemm, DType::kFp32, gemms.back().flops)).epsilon(0.02));
+    profile::DeviceProfile spec = p.spec();
+    spec.mutable_device()->mutable_peak_flops_per_s()->set_fp32(peak);
+    spec.set_blas_call_s(fitted);
+    spec.clear_compute();
+    *spec.add_compute() = fit_efficiency_curve(profile::GEMM, profile::FP32, g, peak, 10e-6);
+    *spec.add_compute() = fit_efficiency_curve(profile::GROUPED_GEMM, profile::FP32, gg, peak, 10e-6);
+    const DeviceProfile fit = DeviceProfile::from_spec(spec);
+    for (auto [kind, samples] : {std::pair{OpKind::kGemm, &gemms}, std::pair{OpKind::kGroupedGemm, &grouped}})
+      for (const KernelSample& s : *samples) {
+        Op op = gemm(1, 1, 1);
+        op.kind = kind;
+        op.flops = s.flops;
+        op.groups = static_cast<int64_t>(s.groups);
+        CHECK(op_time(fit, op, DType::kFp32).time_s == Approx(s.seconds).epsilon(0.02));
+      }
+  }
+}
+
 TEST_CASE("A too-steep or noisy curve is clamped to compute.h's rule and to at most 1") {
   // Efficiency 0.1 at 1e4 then 1.0 at 2e4 would make the bigger kernel faster: clamped.
   std::vector<KernelSample> s = {{1e4, 0, 1e4 / (0.1 * 1e9)}, {2e4, 0, 2e4 / (1.0 * 1e9)}, {4e4, 0, 4e4 / (3.0 * 1e9)}};

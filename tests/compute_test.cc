@@ -385,6 +385,33 @@ TEST_CASE("bad profile: threads per rank 0") {
              2, "threads_per_rank", "greater than zero");
 }
 
+TEST_CASE("a GEMM pays one BLAS call, a grouped GEMM one per group, other kernels none") {
+  // 40 GFLOP/s at efficiency 0.5; launch 1 us; 5 us per BLAS call.
+  const cost::DeviceProfile p = cost::load_device_profile_text(R"pb(
+    device { name: "gpu-rank" peak_flops_per_s { fp32: 40e9 } memory_bytes: 8e9 memory_bandwidth_Bps: 20e9
+             kernel_launch_overhead_s: 1e-6 }
+    blas_call_s: 5e-6
+    compute { op: GEMM dtype: FP32 point { flops: 1 efficiency: 0.5 } }
+    compute { op: GROUPED_GEMM dtype: FP32 point { flops: 1 efficiency: 0.5 } })pb",
+                                                   "calls.textproto");
+  const Op gemm{"g", OpKind::kGemm, 32, 32, 32, 1, 2e6, 0};
+  CHECK(cost::op_time(p, gemm, DType::kFp32).time_s == Approx(1e-6 + 5e-6 + 2e6 / 20e9));
+  const Op experts{"e", OpKind::kGroupedGemm, 32, 32, 32, 8, 2e6, 0};
+  const cost::OpTime t = cost::op_time(p, experts, DType::kFp32);
+  CHECK(t.launch_s == Approx(1e-6 + 8 * 5e-6));
+  CHECK(t.time_s == Approx(1e-6 + 8 * 5e-6 + 2e6 / 20e9));
+  // The backward's two GEMMs (dgrad, wgrad) each pay them.
+  for (const Op& b : cost::backward_ops(experts)) CHECK(cost::op_time(p, b, DType::kFp32).launch_s == Approx(41e-6));
+  Op act{"act", OpKind::kElementwise, 0, 0, 0, 1, 0, 4e6};
+  CHECK(cost::op_time(p, act, DType::kFp32).launch_s == Approx(1e-6));
+}
+
+TEST_CASE("bad profile: a negative time per BLAS call") {
+  check_only("device { preset: \"h100-sxm5\" }\n"
+             "blas_call_s: -9e-6\n",
+             2, "blas_call_s", "");
+}
+
 TEST_CASE("bad profile: a negative softmax time per score") {
   check_only("device { preset: \"h100-sxm5\" }\n"
              "softmax_score_s: -1e-9\n",

@@ -701,6 +701,13 @@ TEST_CASE("Timings and the routing histogram are filled", "[moe]") {
   Tensor x = Tensor::empty({12, 6}), dy = Tensor::empty({12, 6});
   fill(x, rng, -1, 1);
   fill(dy, rng, -1, 1);
+  // Untimed (a step's): no GEMM time or FLOPs counted.
+  layer.forward(x);
+  layer.backward(dy);
+  CHECK(layer.forward_times().expert_gemm_s == 0);
+  CHECK(layer.backward_times().expert_gemm_flops == 0);
+  layer.zero_grad();
+  layer.time_expert_gemms(true);
   layer.forward(x);
   layer.backward(dy);
   const MoeRoutingStats& s = layer.routing_stats();
