@@ -15,9 +15,22 @@
 #include "executor/kernels.h"
 #include "executor/tensor.h"
 
+#include <cstddef>
+#include <cstdint>
 #include <memory>
 
 namespace moesim::exec {
+
+// One tensor of an optimizer step over several (Backend::adam_step_many): n elements each.
+struct AdamTensor {
+  float* param;
+  const float* grad;
+  float* m;
+  float* v;
+  int64_t n;
+};
+// At most this many tensors a GPU launch (their pointers travel in the kernel's parameters).
+inline constexpr int kAdamTensorsPerLaunch = 48;
 
 class Backend {
  public:
@@ -95,6 +108,11 @@ class Backend {
   virtual void sgd_step(float* param, const float* grad, float* velocity, int64_t n, const kernels::SgdHyper& h) = 0;
   virtual void adam_step(float* param, const float* grad, float* m, float* v, int64_t n,
                          const kernels::AdamHyper& h) = 0;
+  // adam_step on every tensor, in one kernel launch per kAdamTensorsPerLaunch on a GPU (where a
+  // launch per tensor cost moe-tiny's 35 tensors 0.12-0.16 ms a step on an H200); a loop here.
+  virtual void adam_step_many(const AdamTensor* tensors, size_t count, const kernels::AdamHyper& h) {
+    for (size_t i = 0; i < count; ++i) adam_step(tensors[i].param, tensors[i].grad, tensors[i].m, tensors[i].v, tensors[i].n, h);
+  }
 
   // Memory on the back end's device.
   virtual void copy(const void* src, void* dst, size_t bytes) = 0;  // device to device

@@ -617,16 +617,22 @@ void MoeLayer::experts_forward() {
   hidden_pre_ = device_tensor({expert_rows_, F});
   hidden_act_ = gelu ? device_tensor({expert_rows_, F}) : Tensor();
   expert_out_ = device_tensor({expert_rows_, D});
+  // Every expert's up projection, one activation over all their rows (one kernel launch, not one
+  // per expert), then every expert's down projection.
   for (int le = 0; le < local_experts_; ++le) {
     const int64_t begin = expert_row_begin_[le], n = expert_row_begin_[le + 1] - begin;
     if (n == 0) continue;
-    const float* x = xin + begin * D;
     float* h = hidden_pre_.device_f32() + begin * F;
-    float* act = gelu ? hidden_act_.device_f32() + begin * F : h;
-    float* o = expert_out_.device_f32() + begin * D;
     backend_.repeat_row(b1_.device_f32() + le * F, h, n, F);
-    timed_gemm(fwd_times_, false, false, n, F, D, x, w1_.device_f32() + le * D * F, 1.0f, h);
-    if (gelu) backend_.gelu(h, act, n * F);
+    timed_gemm(fwd_times_, false, false, n, F, D, xin + begin * D, w1_.device_f32() + le * D * F, 1.0f, h);
+  }
+  const int64_t first = expert_row_begin_[0], rows = expert_row_begin_[local_experts_] - first;
+  if (gelu && rows > 0) backend_.gelu(hidden_pre_.device_f32() + first * F, hidden_act_.device_f32() + first * F, rows * F);
+  for (int le = 0; le < local_experts_; ++le) {
+    const int64_t begin = expert_row_begin_[le], n = expert_row_begin_[le + 1] - begin;
+    if (n == 0) continue;
+    const float* act = (gelu ? hidden_act_ : hidden_pre_).device_f32() + begin * F;
+    float* o = expert_out_.device_f32() + begin * D;
     backend_.repeat_row(b2_.device_f32() + le * D, o, n, D);
     timed_gemm(fwd_times_, false, false, n, D, F, act, w2_.device_f32() + le * F * D, 1.0f, o);
   }
@@ -651,29 +657,33 @@ void MoeLayer::experts_backward(const float* grad_out, float* grad_in) {
   const bool gelu = config_.activation == ExpertActivation::kGelu;
   const float* xin = comm_ != nullptr ? expert_in_.device_f32() : send_buf_.device_f32();
   grad_hidden_ = device_tensor({expert_rows_, F});
+  // Every expert's down projection's gradients, the activation's over all their rows at once,
+  // then every expert's up projection's.
   for (int le = 0; le < local_experts_; ++le) {
     const int64_t begin = expert_row_begin_[le], n = expert_row_begin_[le + 1] - begin;
     if (n == 0) continue;
-    const float* x = xin + begin * D;
-    const float* h = hidden_pre_.device_f32() + begin * F;
-    const float* act = gelu ? hidden_act_.device_f32() + begin * F : h;
+    const float* act = (gelu ? hidden_act_ : hidden_pre_).device_f32() + begin * F;
     const float* dout = grad_out + begin * D;
-    float* dact = grad_hidden_.device_f32() + begin * F;
     // dW2 += act^T dout, db2 += column sums of dout, dact = dout W2^T.
     timed_gemm(bwd_times_, true, false, F, D, n, act, dout, 1.0f, dw2_.device_f32() + le * F * D);
     backend_.column_sums_add(dout, db2_.device_f32() + le * D, n, D);
-    timed_gemm(bwd_times_, false, true, n, F, D, dout, w2_.device_f32() + le * F * D, 0.0f, dact);
-    // dh = gelu'(h) * dact, written over the activations (no longer needed).
-    float* dh = dact;
-    if (gelu) {
-      dh = hidden_act_.device_f32() + begin * F;
-      backend_.gelu_backward(h, dact, dh, n * F);
-    }
+    timed_gemm(bwd_times_, false, true, n, F, D, dout, w2_.device_f32() + le * F * D, 0.0f,
+               grad_hidden_.device_f32() + begin * F);
+  }
+  // dh = gelu'(h) * dact, written over the activations (no longer needed).
+  const int64_t first = expert_row_begin_[0], rows = expert_row_begin_[local_experts_] - first;
+  const Tensor& dh_all = gelu ? hidden_act_ : grad_hidden_;
+  if (gelu && rows > 0)
+    backend_.gelu_backward(hidden_pre_.device_f32() + first * F, grad_hidden_.device_f32() + first * F,
+                           hidden_act_.device_f32() + first * F, rows * F);
+  for (int le = 0; le < local_experts_; ++le) {
+    const int64_t begin = expert_row_begin_[le], n = expert_row_begin_[le + 1] - begin;
+    if (n == 0) continue;
+    const float* dh = dh_all.device_f32() + begin * F;
     // dW1 += x^T dh, db1 += column sums of dh, dx = dh W1^T.
-    timed_gemm(bwd_times_, true, false, D, F, n, x, dh, 1.0f, dw1_.device_f32() + le * D * F);
+    timed_gemm(bwd_times_, true, false, D, F, n, xin + begin * D, dh, 1.0f, dw1_.device_f32() + le * D * F);
     backend_.column_sums_add(dh, db1_.device_f32() + le * F, n, F);
-    float* dx = grad_in + begin * D;
-    timed_gemm(bwd_times_, false, true, n, D, F, dh, w1_.device_f32() + le * D * F, 0.0f, dx);
+    timed_gemm(bwd_times_, false, true, n, D, F, dh, w1_.device_f32() + le * D * F, 0.0f, grad_in + begin * D);
   }
 }
 

@@ -102,9 +102,12 @@ void Adam::step() {
   h.eps = options_.eps;
   h.decay = options_.decoupled_weight_decay ? 1.0f - lr_ * wd : 1.0f;
   h.l2 = options_.decoupled_weight_decay ? 0.0f : wd;
+  std::vector<AdamTensor> tensors;
+  tensors.reserve(params_.size());
   for (size_t i = 0; i < params_.size(); ++i)
-    backend_->adam_step(params_[i].value.device_f32(), params_[i].grad.device_f32(), m_[i].device_f32(),
-                        v_[i].device_f32(), params_[i].value.numel(), h);
+    tensors.push_back({params_[i].value.device_f32(), params_[i].grad.device_f32(), m_[i].device_f32(),
+                       v_[i].device_f32(), params_[i].value.numel()});
+  backend_->adam_step_many(tensors.data(), tensors.size(), h);
 }
 
 }  // namespace moesim::exec

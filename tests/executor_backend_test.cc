@@ -1003,6 +1003,35 @@ TEST_CASE("sgd and adam steps match their formulas in double, and the back ends 
     check_m.check(*backend, read(*backend, tm));
     check_v.check(*backend, read(*backend, tv));
   }
+  // Many tensors at once, more than one launch takes and of unequal sizes (one empty), step as
+  // each alone: bit for bit, each tensor its own slice of the same values.
+  for (const auto& backend : backends_under_test()) {
+    CAPTURE(backend->name());
+    const int count = kAdamTensorsPerLaunch + 5;
+    std::vector<Tensor> ps, gs, ms, vs, alone;
+    std::vector<AdamTensor> tensors;
+    for (int t = 0; t < count; ++t) {
+      const int64_t begin = (t * 37) % 500, size = t == 3 ? 0 : 1 + (t * 53) % 500;
+      auto slice = [&](const std::vector<float>& v) {
+        return std::vector<float>(v.begin() + begin, v.begin() + begin + size);
+      };
+      ps.push_back(on(*backend, {size}, slice(p0)));
+      gs.push_back(on(*backend, {size}, slice(grad)));
+      ms.push_back(on(*backend, {size}, slice(m0)));
+      vs.push_back(on(*backend, {size}, slice(v0)));
+      tensors.push_back({ps.back().device_f32(), gs.back().device_f32(), ms.back().device_f32(), vs.back().device_f32(), size});
+      Tensor p = on(*backend, {size}, slice(p0)), m = on(*backend, {size}, slice(m0)), v = on(*backend, {size}, slice(v0));
+      backend->adam_step(p.device_f32(), gs.back().device_f32(), m.device_f32(), v.device_f32(), size, h);
+      for (Tensor* x : {&p, &m, &v}) alone.push_back(*x);
+    }
+    backend->adam_step_many(tensors.data(), tensors.size(), h);
+    for (int t = 0; t < count; ++t) {
+      CAPTURE(t);
+      CHECK(read(*backend, ps[t]) == read(*backend, alone[3 * t]));
+      CHECK(read(*backend, ms[t]) == read(*backend, alone[3 * t + 1]));
+      CHECK(read(*backend, vs[t]) == read(*backend, alone[3 * t + 2]));
+    }
+  }
 }
 
 // calibrate runs the kernels' families and the collectives' apart (its in-situ step between
