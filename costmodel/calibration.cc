@@ -67,6 +67,9 @@ class LeastSquares {
   std::vector<double> a_, b_;  // the normal equations: row-major matrix, right-hand side
 };
 
+// A GEMM sample's BLAS calls: its groups (one for a plain GEMM).
+double blas_calls(const KernelSample& s) { return std::max(1.0, s.groups); }
+
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   const size_t n = v.size();
@@ -78,26 +81,27 @@ double median(std::vector<double> v) {
 double fit_peak_flops(const std::vector<KernelSample>& samples, double launch_s, double call_s) {
   double best = 0;
   for (const KernelSample& s : samples) {
-    const double busy = s.seconds - launch_s - std::max(1.0, s.groups) * call_s;
-    if (s.flops > 0 && busy > 0.01 * s.seconds && busy >= 0.5 * (s.seconds - launch_s)) best = std::max(best, s.flops / busy);
+    const double busy = s.seconds - launch_s - blas_calls(s) * call_s;
+    if (s.flops > 0 && busy > 0.01 * s.seconds && busy >= 0.5 * (s.seconds - launch_s))
+      best = std::max(best, s.flops / busy);
   }
   return best;
 }
 
 std::vector<KernelSample> without_blas_calls(std::vector<KernelSample> samples, double call_s) {
-  for (KernelSample& s : samples) s.seconds = std::max(s.seconds - std::max(1.0, s.groups) * call_s, 0.01 * s.seconds);
+  for (KernelSample& s : samples) s.seconds = std::max(s.seconds - blas_calls(s) * call_s, 0.01 * s.seconds);
   return samples;
 }
 
 double fit_blas_call_s(const std::vector<KernelSample>& gemm, const std::vector<KernelSample>& grouped,
                        double launch_s, int steps) {
+  std::vector<KernelSample> all = gemm;
+  all.insert(all.end(), grouped.begin(), grouped.end());
   // The mean |error| of both kinds through the profile fitted with c; infinite without a peak.
   auto error_at = [&](double c) {
-    std::vector<KernelSample> all = gemm;
-    all.insert(all.end(), grouped.begin(), grouped.end());
     const double peak = fit_peak_flops(all, launch_s, c);
-    const std::vector<KernelSample> g = without_blas_calls(gemm, c), gg = without_blas_calls(grouped, c);
     if (!(peak > 0)) return std::numeric_limits<double>::infinity();
+    const std::vector<KernelSample> g = without_blas_calls(gemm, c), gg = without_blas_calls(grouped, c);
     profile::DeviceProfile spec;
     hw::DeviceType& device = *spec.mutable_device();
     device.set_name("blas-call-fit");
@@ -109,22 +113,19 @@ double fit_blas_call_s(const std::vector<KernelSample>& gemm, const std::vector<
     for (auto [kind, samples] : {std::pair{profile::GEMM, &g}, std::pair{profile::GROUPED_GEMM, &gg}})
       if (!samples->empty()) *spec.add_compute() = fit_efficiency_curve(kind, profile::FP32, *samples, peak, launch_s);
     const DeviceProfile p = DeviceProfile::from_spec(spec, "blas call fit");
-    std::vector<double> errors;
+    double sum = 0;
     for (auto [kind, samples] : {std::pair{OpKind::kGemm, &gemm}, std::pair{OpKind::kGroupedGemm, &grouped}})
       for (const KernelSample& s : *samples) {
         Op op;
         op.kind = kind;
         op.flops = s.flops;
-        op.groups = static_cast<int64_t>(std::max(1.0, s.groups));
-        errors.push_back(std::fabs(op_time(p, op, DType::kFp32).time_s - s.seconds) / s.seconds);
+        op.groups = static_cast<int64_t>(blas_calls(s));
+        sum += std::fabs(op_time(p, op, DType::kFp32).time_s - s.seconds) / s.seconds;
       }
-    double sum = 0;
-    for (double e : errors) sum += e;
-    return sum / static_cast<double>(errors.size());
+    return sum / static_cast<double>(all.size());
   };
   double most = 0;
-  for (const std::vector<KernelSample>* v : {&gemm, &grouped})
-    for (const KernelSample& s : *v) most = std::max(most, (s.seconds - launch_s) / std::max(1.0, s.groups));
+  for (const KernelSample& s : all) most = std::max(most, (s.seconds - launch_s) / blas_calls(s));
   if (!(most > 0)) return 0;
   // The grid over [0, most], then again around its best.
   double best = 0, best_error = std::numeric_limits<double>::infinity(), lo = 0, hi = most;

@@ -111,7 +111,7 @@ class Backend {
   // adam_step on every tensor, in one kernel launch per kAdamTensorsPerLaunch on a GPU (where a
   // launch per tensor cost moe-tiny's 35 tensors 0.12-0.16 ms a step on an H200); a loop here.
   virtual void adam_step_many(const AdamTensor* tensors, size_t count, const kernels::AdamHyper& h) {
-    for (size_t i = 0; i < count; ++i) adam_step(tensors[i].param, tensors[i].grad, tensors[i].m, tensors[i].v, tensors[i].n, h);
+    for (const AdamTensor* t = tensors; t != tensors + count; ++t) adam_step(t->param, t->grad, t->m, t->v, t->n, h);
   }
 
   // Memory on the back end's device.
