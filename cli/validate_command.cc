@@ -390,6 +390,12 @@ int validate_suite(const Args& a) {
   const int steps = a.get_int("--steps", 30, 2, 100000);
   const int passes = a.get_int("--passes", 5, 1, 100);
   const double pass_gap_s = a.get_double("--pass-gap", 5, 0, 3600);
+  // On GPUs every rank needs its own (NCCL refuses two ranks on one device): the plans with more
+  // ranks than this machine has GPUs are skipped, named in the result.
+  const bool cuda = check_device(a, 1) == exec::Device::kCuda;
+  const int gpus = cuda ? exec::cuda_device_count() : 0;
+  const std::string device_arg = cuda ? " --device cuda" : "";
+  auto runs_here = [&](int ranks) { return !cuda || ranks <= gpus; };
   // Absolute: the scenarios written there name their cluster by this path.
   const fs::path dir =
       fs::absolute(a.get("--out", (fs::temp_directory_path() / fmt::format("moesim-suite-{}", ::getpid())).string()));
@@ -397,12 +403,6 @@ int validate_suite(const Args& a) {
   const std::string self = fs::canonical("/proc/self/exe").string();
   const bool progress = ::isatty(STDERR_FILENO) && !json;
   const auto t0 = std::chrono::steady_clock::now();
-  // On GPUs every rank needs its own (NCCL refuses two ranks on one device): the plans with more
-  // ranks than this machine has GPUs are skipped, named in the result.
-  const bool cuda = check_device(a, 1) == exec::Device::kCuda;
-  const int gpus = cuda ? exec::cuda_device_count() : 0;
-  const std::string device_arg = cuda ? " --device cuda" : "";
-  auto runs_here = [&](int ranks) { return !cuda || ranks <= gpus; };
 
   // The cluster with as many devices as each plan has ranks (the calibrated node, resized).
   hw::Cluster node;

@@ -480,6 +480,12 @@ TEST_CASE("run and bench-layer: bad input exits 2 before any rank starts") {
   CHECK(cuda.exit_code == 2);
   // Refused plainly on this machine: either the build has no CUDA or there is no device.
   CHECK(cuda.err.find("--device cuda") != std::string::npos);
+  // The suite likewise, before it writes anything (its --out stays absent).
+  const std::string out = (std::filesystem::temp_directory_path() / fmt::format("cli-suite-cuda-{}", ::getpid())).string();
+  Run suite = moesim_run("validate --suite --device cuda --cluster configs/hardware/dgx-a100.textproto --out " + out);
+  CHECK(suite.exit_code == 2);
+  CHECK(suite.err.find("--device cuda") != std::string::npos);
+  CHECK(!std::filesystem::exists(out));
   // Inside a launch of 2 ranks, --ranks 3 is refused by every rank.
   Run launch = moesim_run("run --model configs/models/moe-tiny.textproto --ranks 3", "",
                           fmt::format("'{}' --allow-run-as-root --oversubscribe -np 2", MOESIM_MPIEXEC));
