@@ -19,6 +19,7 @@
 #include "costmodel/memory.h"
 #include "costmodel/setup.h"
 #include "schedule/lowering.h"
+#include "sim/engine.h"
 #include "executor/microbench.h"
 #include "topologies/cluster.h"
 #include "traces/recorder.h"
@@ -35,6 +36,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <initializer_list>
 #include <iostream>
 #include <limits>
 #include <map>
@@ -299,20 +301,55 @@ struct InSitu {
     model_s.clear();
     for (size_t j = 0; j < measured_s.size(); ++j) model_s.push_back(fit.time_s(scaled[j], fixed[j], terms, j));
   }
+  // Whether op j is mostly row gathers: at least half its predicted time (before the fit).
+  bool mostly_gathers(size_t j) const {
+    const double base = fixed[j] + scaled[j];
+    const double gathers = cost::at_or_zero(terms.gather, j) + cost::at_or_zero(terms.gather_backward, j);
+    return base > 0 && gathers >= 0.5 * base;
+  }
   // Measured over predicted (before the fit) for the ops that are mostly row gathers, as
   // measured_sum_s / predicted_sum_s for all of them; 0 without such ops.
   double gather_ratio() const {
     double measured = 0, predicted = 0;
     for (size_t j = 0; j < measured_s.size(); ++j) {
-      const double base = fixed[j] + scaled[j];
-      const double gathers = cost::at_or_zero(terms.gather, j) + cost::at_or_zero(terms.gather_backward, j);
-      if (!(base > 0 && gathers >= 0.5 * base)) continue;
+      if (!mostly_gathers(j)) continue;
       measured += measured_s[j];
-      predicted += base;
+      predicted += fixed[j] + scaled[j];
     }
     return predicted > 0 ? measured / predicted : 0;
   }
 };
+
+// The calibration step (3 layers, 8 sequences per rank) as the simulator composes it from `spec`'s
+// ops on `cluster`: its step time.
+double simulated_step_s(const std::string& cluster, const profile::DeviceProfile& spec, int ranks) {
+  const cost::Setup setup =
+      cost::load_setup(cost::ConfigSource{"calibration-cluster", cluster},
+                       cost::ConfigSource{"calibration-model", calibration_model_text(ranks)},
+                       cost::ConfigSource{"calibration-workload", calibration_workload_text(ranks)},
+                       cost::ConfigSource{"calibration-strategy", calibration_strategy_text(ranks)});
+  const cost::DeviceProfile profile = cost::DeviceProfile::from_spec(spec, "calibration profile");
+  schedule::LoweringOptions lo;
+  lo.fold = schedule::Fold::kNever;
+  lo.profile = &profile;
+  sim::SimOptions so;
+  so.network = sim::NetworkMode::kFlows;
+  return sim::simulate(schedule::lower(setup, lo), *setup.cluster, so).step_time_s;
+}
+
+// The per-op overhead bound from one step at two token counts (cost::op_overhead_intercept) over
+// the ops `big` holds mostly row gathers of (their time is linear in the tokens) and `small` holds
+// too; infinity without such ops.
+double overhead_intercept(const InSitu& small, int small_sequences, const InSitu& big, int big_sequences) {
+  std::map<std::string, double> small_s;
+  for (size_t j = 0; j < small.op_ids.size(); ++j) small_s[small.op_ids[j]] = small.measured_s[j];
+  std::vector<std::pair<double, double>> times;
+  for (size_t j = 0; j < big.op_ids.size(); ++j) {
+    auto it = small_s.find(big.op_ids[j]);
+    if (big.mostly_gathers(j) && it != small_s.end()) times.emplace_back(it->second, big.measured_s[j]);
+  }
+  return cost::op_overhead_intercept(times, small_sequences, big_sequences);
+}
 
 // The median bytes of a setup's forward row gathers, sized for its micro-batch as the lowering
 // sizes them (the point at which a step's gather factor is read: profile gather_in_situ).
@@ -516,10 +553,11 @@ struct InSituRounds {
   // median over the rounds: the host terms' factor at its working set. 0: not measured.
   double layer_host_factor = 0;
   // That layer at half the tokens: its gathers' factor (the median over the rounds) at their
-  // bytes, and every round's collectives (an even smaller working set; several ranks only). Its
-  // per-op overhead (the median over the rounds) caps the step's, since its smaller ops show an
-  // overhead every op pays more plainly: one round in five or so put the step's at 1-3 us where
-  // the layer's stayed 0, and every small op of the suite was priced that much over.
+  // bytes, and every round's collectives (an even smaller working set; several ranks only). The
+  // per-op overhead of every fit is at most what its gathers and the same layer's at a quarter of
+  // its tokens give at no tokens (overhead_intercept; the step's final fit: the median over the
+  // rounds): a step's fit alone put it at 1-3 us one round in five on the development VM, and at
+  // 9-11 us on the third host, and every small op of the suite was priced that much over.
   double half_gather_factor = 0, half_gather_bytes = 0;
   std::vector<CollectiveSample> half_collectives;
   double half_working_set_bytes = 0;
@@ -554,7 +592,7 @@ InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::strin
   const bool root = world == nullptr || world->rank() == 0;
   InSituRounds out;
   std::vector<InSitu> busy;
-  std::vector<double> half_gathers, half_overheads, layer_hosts, layer_gathers, half_scatters, layer_scatters;
+  std::vector<double> half_gathers, overheads, layer_hosts, layer_gathers, half_scatters, layer_scatters;
   std::vector<double> alone, alone_gathers;
   // Rank 0's seconds on every rank: each waits as long (the ranks' clocks start apart).
   exec::Comm* host = host_world ? host_world : world;
@@ -572,21 +610,28 @@ InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::strin
     next = std::chrono::steady_clock::now() + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
                                                   std::chrono::duration<double>(period_s));
     busy.push_back(fit_in_situ(spec, cluster, ranks, world, host_world, backend));
-    const InSitu half = fit_in_situ(spec, cluster, ranks, world, host_world, backend, 1, 4);
+    InSitu half = fit_in_situ(spec, cluster, ranks, world, host_world, backend, 1, 4);
+    // The per-op overhead: at most what the layer's gathers take at no tokens (its ops at a
+    // quarter of those tokens again), in every fit of the round, whose gathers' factors take the rest.
+    const double overhead =
+        overhead_intercept(fit_in_situ(spec, cluster, ranks, world, host_world, backend, 1, 1), 1, half, 4);
+    overheads.push_back(overhead);
+    busy.back().refit(overhead);
+    half.refit(overhead);
     half_gathers.push_back(half.fit.gather_factor);
     half_scatters.push_back(half.fit.scatter_add_factor);
-    half_overheads.push_back(half.fit.op_overhead_s);
     out.half_gather_bytes = half.gather_bytes;
     out.half_working_set_bytes = half.working_set_bytes;
     if (ranks == 1) continue;
     out.half_collectives.insert(out.half_collectives.end(), half.collectives.begin(), half.collectives.end());
-    const InSitu layer = fit_in_situ(spec, cluster, ranks, world, host_world, backend, 1);
+    InSitu layer = fit_in_situ(spec, cluster, ranks, world, host_world, backend, 1);
+    layer.refit(overhead);
     out.layer_collectives.insert(out.layer_collectives.end(), layer.collectives.begin(), layer.collectives.end());
     std::vector<double> exchanges;
     for (const CollectiveSample& c : layer.collectives)
       if (c.op == cost::CollectiveOp::kAllToAll) exchanges.push_back(c.seconds);
     if (!exchanges.empty()) out.layer_exchange_s.push_back(trace::quantile(exchanges, 0.5));
-    for (const InSitu* r : {static_cast<const InSitu*>(&busy.back()), &half, &layer})
+    for (const InSitu* r : std::initializer_list<const InSitu*>{&busy.back(), &half, &layer})
       out.routes.insert(out.routes.end(), r->routes.begin(), r->routes.end());
     out.layer_working_set_bytes = layer.working_set_bytes;
     layer_gathers.push_back(layer.fit.gather_factor);
@@ -620,7 +665,7 @@ InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::strin
     if (!layer_gathers.empty()) out.layer_gather_factor = trace::quantile(layer_gathers, 0.5);
     out.half_scatter_add_factor = trace::quantile(half_scatters, 0.5);
     if (!layer_scatters.empty()) out.layer_scatter_add_factor = trace::quantile(layer_scatters, 0.5);
-    out.busy.refit(trace::quantile(half_overheads, 0.5));
+    out.busy.refit(trace::quantile(overheads, 0.5));
     // The routing's host rates, each the median over the rounds (cost::median_host_rates).
     std::vector<cost::InSituFit> fits;
     for (const InSitu& b : busy) fits.push_back(b.fit);
@@ -766,6 +811,10 @@ int calibrate(const Args& a) {
       profile::MemoryEfficiency* me = spec.add_memory();
       me->set_op(kind);
       me->set_efficiency(eff);
+      // Streaming kernels by their size (a step's residual adds are small and find their data in
+      // the nearer caches); the optimizer's kernels are few and big: its efficiency is theirs.
+      if (kind == profile::ELEMENTWISE)
+        add_bytes_factors(me->mutable_by_bytes(), cost::memory_time_factors(m.elementwise, launch_s, bandwidth * eff));
     }
     *spec.add_compute() = cost::fit_efficiency_curve(profile::GEMM, profile::FP32, gemms, peak, launch_s);
     *spec.add_compute() = cost::fit_efficiency_curve(profile::GROUPED_GEMM, profile::FP32, grouped_gemms, peak, launch_s);
@@ -1130,9 +1179,16 @@ int calibrate(const Args& a) {
       link_rows(in_situ.collectives, step, "collectives_in_situ", factor_at_step);
     }
 
-    // The files: both written to temporary names, checked, then renamed.
     const std::string description =
         fmt::format("this machine as {} rank(s): {}, calibrated {}", ranks, machine, trace::utc_now_iso8601());
+    const std::string cluster = cluster_text(description, ranks, link_Bps, link_latency_s, all_reduce_efficiency,
+                                             network, links_within ? link_rendezvous : cost::LinkRendezvous{});
+    // The step against its ops, through everything fitted above.
+    const double simulated_s = simulated_step_s(cluster, spec, ranks);
+    r.set_step_spread_factor(simulated_s > 0 ? std::clamp(spec.calibration_step_s() / simulated_s, 1.0, 10.0) : 1.0);
+    spec.set_step_spread_factor(r.step_spread_factor());
+
+    // The files: both written to temporary names, checked, then renamed.
     const std::string ctext = fmt::format(
         "# Written by `moesim calibrate --ranks {}`: this machine's ranks as devices, with the device\n"
         "# profile beside it ({}). Links: latency, bandwidth and rendezvous fitted to all-to-all times,\n"
@@ -1142,8 +1198,7 @@ int calibrate(const Args& a) {
         : node_count == 1   ? ""
         : links_within      ? "; the network between the nodes fitted apart, to collectives of one rank per node"
                             : " (one rank per node: the node's link a placeholder; the network fitted)",
-        cluster_text(description, ranks, link_Bps, link_latency_s, all_reduce_efficiency, network,
-                     links_within ? link_rendezvous : cost::LinkRendezvous{}));
+        cluster);
     std::string ptext;
     google::protobuf::TextFormat::PrintToString(spec, &ptext);
     ptext = "# Written by `moesim calibrate`: efficiency curves fitted to the executor's kernels on this machine.\n" + ptext;
@@ -1210,7 +1265,8 @@ int calibrate(const Args& a) {
         by_working_set(r.gather_footprint_bytes(), r.gather_footprint_factors()), r.in_situ_gather_backward_factor(),
         by_working_set(r.scatter_add_footprint_bytes(), r.scatter_add_footprint_factors()));
     std::cout << fmt::format("in a training step   kernels x {:.3f}, {}, {} per op around them; per "
-                             "token-choice {} in a gate, {} in its backward, {} in a dispatch{}\n",
+                             "token-choice {} in a gate, {} in its backward, {} in a dispatch{}; the step x {:.3f} "
+                             "its ops' usual times\n",
                              r.in_situ_factor(), gathers, format_seconds(r.op_overhead_s()),
                              format_seconds(r.routing_choice_s()),
                              format_seconds(r.routing_backward_choice_s()), format_seconds(r.dispatch_choice_s()),
@@ -1219,7 +1275,8 @@ int calibrate(const Args& a) {
                                                r.alone_gather_time_factor() > 0
                                                    ? fmt::format(" (its gathers x {:.3f})", r.alone_gather_time_factor())
                                                    : std::string())
-                                 : std::string());
+                                 : std::string(),
+                             r.step_spread_factor());
     auto rendezvous_line = [](const cost::LinkRendezvous& r) {
       return r.eager_limit_bytes > 0 ? fmt::format(", {} more over {} a message (rendezvous)", format_seconds(r.latency_s),
                                                    format_bytes(r.eager_limit_bytes))

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <initializer_list>
+#include <map>
 #include <optional>
 #include <stdexcept>
 
@@ -193,6 +194,18 @@ double fit_memory_bandwidth(const std::vector<KernelSample>& samples, double lau
   return seconds > 0 ? bytes / seconds : 0;
 }
 
+std::vector<std::pair<double, double>> memory_time_factors(const std::vector<KernelSample>& samples, double launch_s,
+                                                           double Bps) {
+  std::map<double, std::vector<double>> by_bytes;
+  for (const KernelSample& s : samples)
+    if (s.bytes > 0 && s.seconds > 0) by_bytes[s.bytes].push_back(busy_s(s, launch_s));
+  std::vector<std::pair<double, double>> out;
+  if (!(Bps > 0)) return out;
+  for (auto& [bytes, seconds] : by_bytes)
+    out.emplace_back(bytes, std::clamp(median(std::move(seconds)) * Bps / bytes, 0.01, 100.0));
+  return out;
+}
+
 double fit_backward_factor(const DeviceProfile& profile, OpKind kind, const std::vector<KernelSample>& samples) {
   std::vector<double> ratios;
   for (const KernelSample& s : samples) {
@@ -281,6 +294,14 @@ void median_host_rates(const std::vector<InSituFit>& rounds, InSituFit* fit) {
     for (const InSituFit& r : rounds) v.push_back(r.*rate);
     fit->*rate = median(std::move(v));
   }
+}
+
+double op_overhead_intercept(const std::vector<std::pair<double, double>>& times, double tokens_small,
+                             double tokens_big) {
+  if (times.empty() || !(tokens_small >= 0 && tokens_small < tokens_big)) return std::numeric_limits<double>::infinity();
+  std::vector<double> at_zero;
+  for (auto [small, big] : times) at_zero.push_back((tokens_big * small - tokens_small * big) / (tokens_big - tokens_small));
+  return std::max(median(std::move(at_zero)), 0.0);
 }
 
 InSituFit fit_in_situ(const std::vector<double>& c, const std::vector<double>& b, const std::vector<double>& t,

@@ -71,6 +71,13 @@ std::vector<KernelSample> without_blas_calls(std::vector<KernelSample> samples, 
 // Bandwidth of memory-bound kernels: sum(bytes) / sum(t - launch).
 double fit_memory_bandwidth(const std::vector<KernelSample>& samples, double launch_s);
 
+// A memory-bound kind's time factors by bytes (device_profile.proto MemoryEfficiency by_bytes) for
+// the bandwidth `Bps` its efficiency gives: per size of the samples (equal bytes: their median
+// time), (t - launch) / (bytes / Bps), clamped to [0.01, 100]. By increasing bytes; none without
+// samples that move bytes.
+std::vector<std::pair<double, double>> memory_time_factors(const std::vector<KernelSample>& samples, double launch_s,
+                                                           double Bps);
+
 // The backward factor of `kind` (device_profile.proto `backward`): the median over the samples
 // (backward kernels' FLOPs, bytes and times) of (t - launch) / (the profile's roofline time for
 // them with factor 1, launch aside). 1 without samples.
@@ -142,10 +149,22 @@ struct InSituFit {
 // and put the suite's permutations 90% over. Unchanged without rounds.
 void median_host_rates(const std::vector<InSituFit>& rounds, InSituFit* fit);
 // `max_op_overhead_s`: h held at most there (where the fit would put it higher, again with h at
-// that value), from another step whose smaller ops bound it.
+// that value), from the same ops measured at fewer tokens (op_overhead_intercept).
 InSituFit fit_in_situ(const std::vector<double>& scaled, const std::vector<double>& fixed,
                       const std::vector<double>& measured, const InSituTerms& terms = {}, const InSituHost& host = {},
                       double max_op_overhead_s = std::numeric_limits<double>::infinity());
+
+// The per-op overhead as the time an op takes at no tokens: the same ops measured in a step of
+// `tokens_small` and one of `tokens_big` tokens per rank (seconds (t_small, t_big) per op), each
+// op's line through its two times read at 0 tokens, (n_big t_small - n_small t_big) / (n_big -
+// n_small); the median over the ops, floored at 0. For ops whose kernels are memory-bound (row
+// gathers, elementwise), whose time is linear in the tokens. In a step, ops of similar sizes cannot
+// tell h from the gathers' factor: on the third host (Intel, 480 MiB L3) the calibration step's
+// fit put h at 9-11 us with every gather factor at its floor, where moe-tiny's quickest ops took
+// 5 us and the ops extrapolated to 0.6-0.7. Infinity without ops or with tokens_small >=
+// tokens_big: no bound.
+double op_overhead_intercept(const std::vector<std::pair<double, double>>& times, double tokens_small,
+                             double tokens_big);
 
 // An attention core's time beyond its FLOPs (device_profile.proto softmax_score_s and
 // attention_group_s) from attention cores' forward samples: t_i - launch_s = flops_i u + scores_i v

@@ -155,6 +155,19 @@ void validate_curve(const ConfigScope& c, const profile::EfficiencyCurve& curve)
   }
 }
 
+// Points of a BytesFactor curve (`field` under `parent`): bytes > 0 and increasing, factors in (0, 100].
+void check_by_bytes(const ConfigScope& parent, const char* field,
+                    const google::protobuf::RepeatedPtrField<profile::BytesFactor>& points) {
+  for (int i = 0; i < points.size(); ++i) {
+    ConfigScope f = parent.child(field, i);
+    f.positive("bytes", Need::kRequired, /*allow_zero=*/false, 1e18);
+    f.positive("time_factor", Need::kRequired, /*allow_zero=*/false, 100.0);
+    if (i > 0 && points[i].has_bytes() && !(points[i].bytes() > points[i - 1].bytes()))
+      f.error("bytes", fmt::format("{} bytes: the points' bytes must increase (the previous point has {})",
+                                   points[i].bytes(), points[i - 1].bytes()));
+  }
+}
+
 void validate(const ConfigScope& root, const profile::DeviceProfile& p) {
   if (root.require("device") && !p.device().has_preset()) topo::validate_device_type(root.child("device"), Need::kOptional);  // else reported
   root.positive("memory_bandwidth_efficiency", Need::kOptional, /*allow_zero=*/false, 1.0);
@@ -166,6 +179,7 @@ void validate(const ConfigScope& root, const profile::DeviceProfile& p) {
     if (p.memory(i).has_op() && (index_of(p.memory(i).op()) < 0 || !memory_kinds.insert(p.memory(i).op()).second))
       m.error("op", fmt::format("{} is not a kernel kind or has a memory efficiency already",
                                 profile::OpKind_Name(p.memory(i).op())));
+    check_by_bytes(m, "by_bytes", p.memory(i).by_bytes());
   }
   auto check_factors = [&](const char* field, const auto& factors) {
     std::set<int> kinds;
@@ -180,26 +194,17 @@ void validate(const ConfigScope& root, const profile::DeviceProfile& p) {
   };
   check_factors("backward", p.backward());
   check_factors("in_situ", p.in_situ());
-  auto check_by_bytes = [&](const char* field, const auto& points) {
-    for (int i = 0; i < points.size(); ++i) {
-      ConfigScope f = root.child(field, i);
-      f.positive("bytes", Need::kRequired, /*allow_zero=*/false, 1e18);
-      f.positive("time_factor", Need::kRequired, /*allow_zero=*/false, 100.0);
-      if (i > 0 && points[i].has_bytes() && !(points[i].bytes() > points[i - 1].bytes()))
-        f.error("bytes", fmt::format("{} bytes: the points' bytes must increase (the previous point has {})",
-                                     points[i].bytes(), points[i - 1].bytes()));
-    }
-  };
-  check_by_bytes("transfer_footprint", p.transfer_footprint());
-  check_by_bytes("gather_in_situ", p.gather_in_situ());
-  check_by_bytes("host_footprint", p.host_footprint());
-  check_by_bytes("gather_footprint", p.gather_footprint());
-  check_by_bytes("scatter_add_footprint", p.scatter_add_footprint());
+  check_by_bytes(root, "transfer_footprint", p.transfer_footprint());
+  check_by_bytes(root, "gather_in_situ", p.gather_in_situ());
+  check_by_bytes(root, "host_footprint", p.host_footprint());
+  check_by_bytes(root, "gather_footprint", p.gather_footprint());
+  check_by_bytes(root, "scatter_add_footprint", p.scatter_add_footprint());
   root.positive("threads_per_rank", Need::kOptional, /*allow_zero=*/false, 4096);
   root.positive("softmax_score_s", Need::kOptional, /*allow_zero=*/true, 1e-3);
   root.positive("op_overhead_s", Need::kOptional, /*allow_zero=*/true, 1.0);
   root.positive("attention_group_s", Need::kOptional, /*allow_zero=*/true, 1.0);
   root.positive("blas_call_s", Need::kOptional, /*allow_zero=*/true, 1e-2);
+  root.in_range("step_spread_factor", 1.0, 10.0, Need::kOptional);
   root.positive("routing_choice_s", Need::kOptional, /*allow_zero=*/true, 1e-3);
   root.positive("dispatch_choice_s", Need::kOptional, /*allow_zero=*/true, 1e-3);
   root.positive("routing_backward_choice_s", Need::kOptional, /*allow_zero=*/true, 1e-3);
@@ -255,8 +260,11 @@ class ProfileBuilder {
     out.source_ = s.has_source() ? s.source() : "unspecified";
     if (s.has_memory_bandwidth_efficiency()) out.memory_efficiency_ = s.memory_bandwidth_efficiency();
     out.kind_memory_efficiency_.fill(out.memory_efficiency_);
-    for (const profile::MemoryEfficiency& m : s.memory())
-      out.kind_memory_efficiency_[static_cast<size_t>(index_of(m.op()))] = m.efficiency();
+    for (int i = 0; i < s.memory_size(); ++i) {
+      const size_t kind = static_cast<size_t>(index_of(s.memory(i).op()));
+      out.kind_memory_efficiency_[kind] = s.memory(i).efficiency();
+      out.kind_memory_entry_[kind] = i + 1;
+    }
     out.backward_factor_.fill(1.0);
     for (const profile::BackwardFactor& b : s.backward())
       out.backward_factor_[static_cast<size_t>(index_of(b.op()))] = b.time_factor();
@@ -394,6 +402,11 @@ double DeviceProfile::memory_bandwidth_efficiency(OpKind kind) const {
   return kind_memory_efficiency_[static_cast<size_t>(kind)];
 }
 
+double DeviceProfile::memory_time_factor(OpKind kind, double bytes) const {
+  const int entry = kind_memory_entry_[static_cast<size_t>(kind)];
+  return entry == 0 ? 1.0 : factor_by_bytes(spec_.memory(entry - 1).by_bytes(), bytes, 1.0);
+}
+
 double DeviceProfile::compute_efficiency(OpKind kind, DType dtype, double flops) const {
   return curve(kind, dtype).at(flops);
 }
@@ -439,7 +452,8 @@ OpTime op_time(const DeviceProfile& profile, const Op& op, DType dtype) {
   t.compute_s += op.softmax_elements * profile.softmax_score_s();
   if (op.kind == OpKind::kAttention) t.compute_s += static_cast<double>(op.groups) * profile.attention_group_s();
   const double bytes = op.bytes * dtype_bytes(t.dtype) / dtype_bytes(dtype);
-  t.memory_s = bytes / (profile.memory_bandwidth_Bps() * profile.memory_bandwidth_efficiency(op.kind));
+  t.memory_s = bytes / (profile.memory_bandwidth_Bps() * profile.memory_bandwidth_efficiency(op.kind)) *
+               profile.memory_time_factor(op.kind, bytes);
   if (op.kind == OpKind::kEmbedding) t.memory_s *= profile.gather_kernel_factor(op.gather_kernel);
   // A lookup's backward at the rank's working set where the lowering gave it: in place of both the
   // in-situ and the backward factor.

@@ -95,6 +95,9 @@ class DeviceProfile {
   double memory_bandwidth_efficiency() const { return memory_efficiency_; }
   // The kind's own memory efficiency (profile `memory`), else the one above.
   double memory_bandwidth_efficiency(OpKind kind) const;
+  // A kernel of that kind and `bytes`: its memory time over what the efficiency gives (profile
+  // `memory` by_bytes, linear in log bytes; 1 without points).
+  double memory_time_factor(OpKind kind, double bytes) const;
   // Backward kernels of this kind take this many times their roofline time (profile `backward`; 1).
   double backward_time_factor(OpKind kind) const;
   // Every kernel of this kind takes this many times its roofline time (profile `in_situ`; 1).
@@ -122,6 +125,8 @@ class DeviceProfile {
   double attention_group_s() const { return spec_.attention_group_s(); }
   // Per BLAS call of a GEMM (a grouped GEMM's per group) beyond its kernel launch (blas_call_s; 0).
   double blas_call_s() const { return spec_.blas_call_s(); }
+  // A step over the time its ops compose to (profile step_spread_factor; 1).
+  double step_spread_factor() const { return spec_.has_step_spread_factor() ? spec_.step_spread_factor() : 1.0; }
   // A compute op's time factor for a rank sharing its host with `ranks_here` ranks (itself
   // included) of a plan: 1 at the calibrated ranks_per_host or more, alone_time_factor at 1,
   // linear between (profile ranks_per_host, alone_time_factor; 1). A row gather's with `gathers`
@@ -158,6 +163,7 @@ class DeviceProfile {
   std::array<double, kDTypes> peak_flops_per_s_{};  // by requested DType, after fallback
   double memory_efficiency_ = kDefaultMemoryBandwidthEfficiency;
   std::array<double, kKinds> kind_memory_efficiency_{};  // by kind; filled when built
+  std::array<int, kKinds> kind_memory_entry_{};          // by kind: its spec_.memory index + 1; 0: none
   std::array<double, kKinds> backward_factor_{};         // by kind; filled when built
   std::array<double, kKinds> in_situ_factor_{};          // by kind; filled when built
   std::array<double, kGatherKernels> gather_kernel_factor_{};  // by GatherKernel; filled when built

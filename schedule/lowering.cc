@@ -422,6 +422,8 @@ class Lowering {
     op->mutable_stream()->set_kind(e.stream);
     op->mutable_stream()->set_index(e.stream_index);
     op->set_duration_s(e.duration_s);
+    if (e.stream == trace::COMPUTE && e.collective == 0 && e.duration_s > 0)
+      op->set_gap_s((profile(rank_).step_spread_factor() - 1) * e.duration_s);
     op->set_flops(e.flops);
     for (int d : e.deps)
       if (d >= 0) op->add_deps(d);

@@ -129,6 +129,7 @@ struct Later {
 
 struct OpState {
   int64_t duration_ns = 0;
+  int64_t gap_ns = 0;  // after the span, before its successors (schedule Op gap_s)
   int64_t alloc_bytes = 0;
   int64_t free_bytes = 0;
   int64_t ready_ns = -1;
@@ -321,8 +322,12 @@ void Engine::build() {
       st.collective = op.collective() - 1;
       st.alloc_bytes = op.alloc_bytes();
       st.free_bytes = op.free_bytes();
+      if (!(op.gap_s() >= 0) || !(op.gap_s() <= kMaxDuration_s))
+        bad(fmt::format("{}: gap_s {} is not a finite number in [0, {:g}]", op_label(s_, r, i), op.gap_s(),
+                        kMaxDuration_s));
       if (st.collective < 0) {
         st.duration_ns = ceil_ns(op.duration_s());
+        st.gap_ns = ceil_ns(op.gap_s());
         st.compute = op.stream().kind() == trace::COMPUTE;
         st.waited_category = category_of_plain_op(op);
       }
@@ -522,7 +527,7 @@ void Engine::make_ready(int g) {
   op.ready_ns = now_ns_;
   if (op.collective < 0) {
     start_op(g);
-    push(now_ns_ + op.duration_ns, EventType::kOpEnd, g);
+    push(now_ns_ + op.duration_ns + op.gap_ns, EventType::kOpEnd, g);
     return;
   }
   CollectiveState& cs = colls_[op.collective];
@@ -545,7 +550,7 @@ void Engine::start_op(int g) {
 
 void Engine::finish_op(int g) {
   OpState& op = ops_[g];
-  op.end_ns = now_ns_;
+  op.end_ns = now_ns_ - op.gap_ns;  // the span; the rank's time runs on through the gap
   RankState& rk = ranks_[op.rank];
   rk.current_bytes -= op.free_bytes;
   rk.last_finished = g;

@@ -369,6 +369,43 @@ TEST_CASE("A cap on the overhead holds it there, the factors fitted around it an
   CHECK(fit_in_situ(c, b, t, {}, {}, 1e-5).op_overhead_s == Approx(free.op_overhead_s));
 }
 
+TEST_CASE("The per-op overhead is the ops' time at no tokens, the median over them") {
+  // Ops of 0.8 us plus a time per token each, at 48 and 192 tokens (the calibration's layer at
+  // one and four sequences): every line meets 0.8 us at 0 tokens.
+  std::vector<std::pair<double, double>> times;
+  for (double per_token : {2e-8, 5e-8, 9e-8, 3e-7}) times.emplace_back(0.8e-6 + 48 * per_token, 0.8e-6 + 192 * per_token);
+  CHECK(op_overhead_intercept(times, 1, 4) == Approx(0.8e-6).epsilon(0.02));
+  // One op that slows per token with its size (out of cache at four times the tokens) reads
+  // below 0 alone; the median is the others'.
+  times.emplace_back(0.8e-6 + 48 * 1e-7, 0.8e-6 + 192 * 3e-7);
+  CHECK(op_overhead_intercept(times, 1, 4) == Approx(0.8e-6).epsilon(0.02));
+  // Every op through the origin or below it: no overhead, not a negative one.
+  CHECK(op_overhead_intercept({{1e-6, 4e-6}, {1e-6, 5e-6}}, 1, 4) == 0);
+  // Nothing to bound it with: no bound.
+  CHECK(std::isinf(op_overhead_intercept({}, 1, 4)));
+  CHECK(std::isinf(op_overhead_intercept(times, 4, 4)));
+}
+
+TEST_CASE("A memory-bound kind's factors by bytes are each size's time over the kind's bandwidth") {
+  // Times of a kernel streaming at 100 GB/s up to 1 MB and 25 GB/s at 8 MB, 2 us launch, with a
+  // kind bandwidth of 50 GB/s: factors 0.5 and 2; a size measured three times takes its median.
+  const double launch = 2e-6;
+  const std::vector<KernelSample> samples = {{0, 1e5, launch + 1e5 / 100e9},
+                                             {0, 1e6, launch + 1e6 / 100e9},
+                                             {0, 1e6, launch + 1e6 / 10e9},
+                                             {0, 1e6, launch + 1e6 / 100e9},
+                                             {0, 8e6, launch + 8e6 / 25e9},
+                                             {0, 0, 1e-6}};  // moves no bytes: left out
+  const auto factors = memory_time_factors(samples, launch, 50e9);
+  REQUIRE(factors.size() == 3);
+  CHECK(factors[0].first == 1e5);
+  CHECK(factors[0].second == Approx(0.5));
+  CHECK(factors[1].second == Approx(0.5));
+  CHECK(factors[2].first == 8e6);
+  CHECK(factors[2].second == Approx(2));
+  CHECK(memory_time_factors(samples, launch, 0).empty());
+}
+
 TEST_CASE("Gathers' factor is fitted with the overhead held at 0 when it would come out negative") {
   // As above without overhead, every op 2 us faster than the model can say (a negative h): the
   // unconstrained fit puts h at -2 us and the gathers at 0.5, which with h floored at 0 prices the

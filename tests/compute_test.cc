@@ -430,6 +430,13 @@ TEST_CASE("bad profile: a negative per-op overhead") {
              2, "op_overhead_s", "");
 }
 
+TEST_CASE("bad profile: a step spread below 1 (a step shorter than its ops)") {
+  check_only("device { preset: \"h100-sxm5\" }\n"
+             "step_spread_factor: 0.9\n",
+             2, "step_spread_factor", "");
+  CHECK(cost::load_device_profile_text("device { preset: \"h100-sxm5\" }\n", "p.textproto").step_spread_factor() == 1);
+}
+
 TEST_CASE("a rank sharing its host with fewer ranks than calibrated runs between alone and busy") {
   const auto with = [](const std::string& extra) {
     return cost::load_device_profile_text("device { preset: \"h100-sxm5\" }\n" + extra, "share.textproto");
@@ -660,6 +667,44 @@ TEST_CASE("the routing's host terms fitted in a step take the op's host time fac
   // A batch-priority sort's time (a microbenchmark's rate, not the step's) stays as it is.
   gate.priority_sort_tokens = 512;  // 512 log2 512 = 4608
   CHECK(cost::op_time(p, gate, DType::kFp32).host_s == Approx(scaled.host_s + 4608 * 4e-9));
+}
+
+TEST_CASE("a memory-bound kind's kernels take its time factor by their bytes where the profile gives points") {
+  const std::string base = "device { preset: \"h100-sxm5\" }\n";
+  const cost::DeviceProfile flat =
+      cost::load_device_profile_text(base + "memory { op: ELEMENTWISE efficiency: 0.5 }\n", "flat.textproto");
+  const cost::DeviceProfile sized = cost::load_device_profile_text(
+      base + "memory { op: ELEMENTWISE efficiency: 0.5 by_bytes { bytes: 1e5 time_factor: 0.25 } "
+             "by_bytes { bytes: 1e7 time_factor: 1.25 } }\n",
+      "sized.textproto");
+  CHECK(flat.memory_time_factor(OpKind::kElementwise, 1e6) == 1);  // no points
+  CHECK(sized.memory_time_factor(OpKind::kElementwise, 1e4) == Approx(0.25));  // flat beyond the ends
+  CHECK(sized.memory_time_factor(OpKind::kElementwise, 1e6) == Approx(0.75));  // half way in log bytes
+  CHECK(sized.memory_time_factor(OpKind::kElementwise, 1e9) == Approx(1.25));
+  CHECK(sized.memory_time_factor(OpKind::kNorm, 1e4) == 1);  // another kind, without an entry
+  auto memory_s = [](const cost::DeviceProfile& p, OpKind kind, double bytes) {
+    Op op;
+    op.name = "e";
+    op.kind = kind;
+    op.bytes = bytes;
+    return cost::op_time(p, op, DType::kFp32).memory_s;
+  };
+  for (double bytes : {1e4, 1e6, 1e9})
+    CHECK(memory_s(sized, OpKind::kElementwise, bytes) ==
+          Approx(memory_s(flat, OpKind::kElementwise, bytes) * sized.memory_time_factor(OpKind::kElementwise, bytes)));
+  CHECK(memory_s(sized, OpKind::kNorm, 1e4) == Approx(memory_s(flat, OpKind::kNorm, 1e4)));
+}
+
+TEST_CASE("bad profile: a memory efficiency's points by bytes out of order or not positive") {
+  check_only("device { preset: \"h100-sxm5\" }\n"
+             "memory { op: ELEMENTWISE efficiency: 0.5\n"
+             "  by_bytes { bytes: 4e5 time_factor: 0.6 }\n"
+             "  by_bytes { bytes: 1e5 time_factor: 0.3 } }\n",
+             4, "memory[0].by_bytes[1].bytes", "must increase");
+  check_only("device { preset: \"h100-sxm5\" }\n"
+             "memory { op: NORM efficiency: 0.5\n"
+             "  by_bytes { bytes: 1e5 time_factor: 0 } }\n",
+             3, "memory[0].by_bytes[0].time_factor", "");
 }
 
 TEST_CASE("bad profile: host footprint points out of order") {

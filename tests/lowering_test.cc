@@ -525,6 +525,33 @@ TEST_CASE("a profile's per-op overhead is added to every compute op, not to coll
   CHECK(compute > 10);
 }
 
+TEST_CASE("a profile's step spread gives every compute op a gap of its share, collectives none", "[lowering]") {
+  const cost::Setup s = make_setup("dp: 8 ep: 1 zero_stage: 0");
+  cost::DeviceProfile plain = cost::default_profile(s.cluster->device_type(0));
+  profile::DeviceProfile spec = plain.spec();
+  spec.set_step_spread_factor(1.04);
+  const cost::DeviceProfile spread = cost::DeviceProfile::from_spec(spec);
+  const Schedule a = schedule::lower(s, {.profile = &plain});
+  const Schedule b = schedule::lower(s, {.profile = &spread});
+  const RankSchedule &ra = rank(a, 0), &rb = rank(b, 0);
+  REQUIRE(ra.ops_size() == rb.ops_size());
+  int compute = 0;
+  for (int i = 0; i < ra.ops_size(); ++i) {
+    INFO(ra.ops(i).id());
+    CHECK(ra.ops(i).gap_s() == 0);
+    CHECK(rb.ops(i).duration_s() == ra.ops(i).duration_s());  // the op's own time stays
+    if (ra.ops(i).collective() != 0) {
+      CHECK(rb.ops(i).gap_s() == 0);
+    } else if (ra.ops(i).duration_s() > 0) {
+      CHECK(rb.ops(i).gap_s() == Approx(0.04 * ra.ops(i).duration_s()).epsilon(1e-12));
+      ++compute;
+    }
+  }
+  CHECK(compute > 10);
+  // The simulated step takes the gaps.
+  CHECK(sim::simulate(b, *s.cluster, {}).step_time_s > sim::simulate(a, *s.cluster, {}).step_time_s);
+}
+
 TEST_CASE("a profile calibrated with more ranks per host scales a plan with fewer between alone and busy", "[lowering]") {
   const cost::Setup s = make_setup("dp: 8 ep: 1 zero_stage: 0");  // 8 ranks on one DGX node
   cost::DeviceProfile plain = cost::default_profile(s.cluster->device_type(0));

@@ -192,6 +192,27 @@ TEST_CASE("ops on one stream run one after another, on two streams side by side,
   CHECK(res.events == 6);
 }
 
+TEST_CASE("a compute op's gap is in its rank's step, after its span and before what follows it") {
+  topo::Cluster c = dgx();
+  Sched b;
+  const int r = b.rank(0);
+  const int a = b.op(r, "a", 10 * us);
+  b.last(r).set_gap_s(3 * us);
+  b.op(r, "b", 20 * us);                        // same stream: after a's gap
+  b.op(r, "c", 5 * us, StreamId::copy(), {a});  // a dependant on another stream waits it too
+  b.last(r).set_gap_s(1 * us);
+  sim::SimResult res = sim::simulate(b.s, c, analytic());
+  CHECK(span(res, 0, "a").end_ns() == 10'000);  // the op itself
+  CHECK(span(res, 0, "b").start_ns() == 13'000);
+  CHECK(span(res, 0, "c").start_ns() == 13'000);
+  CHECK(span(res, 0, "c").end_ns() == 18'000);
+  CHECK(res.step_time_s == Approx(33 * us));  // b ends last; c's gap ends before it
+  CHECK(sum_of(res.ranks[0].breakdown) == Approx(res.ranks[0].end_s).epsilon(1e-12));
+  // A gap that is not a finite number >= 0 is refused, naming the op.
+  b.last(r).set_gap_s(-1 * us);
+  CHECK_THROWS_WITH(sim::simulate(b.s, c, analytic()), Catch::Contains("op 2 'c': gap_s"));
+}
+
 TEST_CASE("durations round up to whole nanoseconds, and exact ones stay exact") {
   topo::Cluster c = dgx();
   Sched b;
