@@ -278,6 +278,8 @@ struct InSitu {
   cost::InSituFit fit;  // the factor for every kind of kInSituKinds, the per-op overhead, the host terms
   // The fitted compute ops of the slowest rank: their ids, measured times and times through the fit.
   std::vector<std::string> op_ids;
+  std::vector<std::string> kinds;  // each op's kind as validation names it (trace::op_kind_label)
+  std::vector<bool> backward;
   std::vector<double> measured_s, model_s;
   // The fit's inputs (cost::fit_in_situ), so that it can be fitted again.
   std::vector<double> scaled, fixed;
@@ -496,6 +498,8 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
     host.dispatch_s.push_back(h == host_times.end() ? 0 : h->second.dispatch_s);
     measured_s.push_back(it->second);
     out.op_ids.push_back(op.id());
+    out.kinds.push_back(trace::op_kind_label(op.name()));
+    out.backward.push_back(op.backward());
     out.measured_sum_s += it->second;
     out.predicted_sum_s += op.duration_s();
   }
@@ -511,9 +515,10 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
     if (!a2a && c.op() != schedule::Collective::ALL_REDUCE) continue;
     out.collectives.push_back({a2a ? cost::CollectiveOp::kAllToAll : cost::CollectiveOp::kAllReduce, op.bytes(), it->second});
   }
-  // One factor for every kind: the ops mix kinds in fixed proportions (an expert FFN is always its
-  // GEMMs and its activation; attention always its norm and projections), so per-kind factors
-  // would trade off against each other and follow the noise. The per-op overhead is told apart
+  // One factor for every kernel kind: the ops mix kinds in fixed proportions (an expert FFN is
+  // always its GEMMs and its activation; attention always its norm and projections), so per-kind
+  // factors would trade off against each other and follow the noise (each kind of op gets its own
+  // factor on top, from its own ops: cost::fit_op_kind_factors). The per-op overhead is told apart
   // by the ops' sizes (an embedding lookup against an attention sublayer); the routing's host
   // terms are measured inside their ops (gates forward and backward, permutations; with one rank
   // the gate holds the dispatch's decision, measured apart all the same).
@@ -565,7 +570,14 @@ struct InSituRounds {
   // The lookups' backwards' factor (cost::InSituFit::scatter_add_factor) of the layer at half the
   // tokens and of the layer (several ranks), each the median over the rounds.
   double half_scatter_add_factor = 0, layer_scatter_add_factor = 0;
+  // Each kind of op's factor (cost::fit_op_kind_factors) in that layer at half the tokens, the
+  // median over the rounds: a kind whose factor there is not the step's follows its size.
+  std::map<std::pair<std::string, bool>, double> half_kind_factors;
 };
+
+// A kind of op's factor in the MoE layer at half the tokens further than this from the step's
+// (relative) follows the op's size: not written (cost::fit_op_kind_factors).
+constexpr double kSameKindPace = 0.1;
 
 // Rounds' exchanges further apart than this (the upper over the lower quartile of the rounds'
 // medians) are reported as the machine's pace moving during the calibration (this VM's levels
@@ -593,6 +605,7 @@ InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::strin
   InSituRounds out;
   std::vector<InSitu> busy;
   std::vector<double> half_gathers, overheads, layer_hosts, layer_gathers, half_scatters, layer_scatters;
+  std::map<std::pair<std::string, bool>, std::vector<double>> half_kinds;
   std::vector<double> alone, alone_gathers;
   // Rank 0's seconds on every rank: each waits as long (the ranks' clocks start apart).
   exec::Comm* host = host_world ? host_world : world;
@@ -620,6 +633,9 @@ InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::strin
     half.refit(overhead);
     half_gathers.push_back(half.fit.gather_factor);
     half_scatters.push_back(half.fit.scatter_add_factor);
+    for (const auto& [key, factor] : cost::fit_op_kind_factors(half.kinds, half.backward, half.measured_s,
+                                                                half.model_s, half.fit.op_overhead_s))
+      half_kinds[key].push_back(factor);
     out.half_gather_bytes = half.gather_bytes;
     out.half_working_set_bytes = half.working_set_bytes;
     if (ranks == 1) continue;
@@ -664,6 +680,7 @@ InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::strin
     if (!layer_hosts.empty()) out.layer_host_factor = trace::quantile(layer_hosts, 0.5);
     if (!layer_gathers.empty()) out.layer_gather_factor = trace::quantile(layer_gathers, 0.5);
     out.half_scatter_add_factor = trace::quantile(half_scatters, 0.5);
+    for (const auto& [key, factors] : half_kinds) out.half_kind_factors[key] = trace::quantile(factors, 0.5);
     if (!layer_scatters.empty()) out.layer_scatter_add_factor = trace::quantile(layer_scatters, 0.5);
     out.busy.refit(trace::quantile(overheads, 0.5));
     // The routing's host rates, each the median over the rounds (cost::median_host_rates).
@@ -673,6 +690,11 @@ InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::strin
     out.busy.reprice();
   }
   return out;
+}
+
+// "gate fwd" for the gates' forward ops: CalibrateResult.op_kind_factors' keys.
+std::string op_kind_key(const std::pair<std::string, bool>& kind) {
+  return fmt::format("{} {}", kind.first, kind.second ? "bwd" : "fwd");
 }
 
 // "sum" for GATHER_SUM: CalibrateResult.gather_kernel_factors' keys.
@@ -1073,6 +1095,32 @@ int calibrate(const Args& a) {
     spec.set_dispatch_choice_s(in_situ.fit.dispatch_choice_s);
     spec.set_routing_backward_choice_s(in_situ.fit.routing_backward_choice_s);
     spec.set_calibration_step_s(in_situ.step_s);
+    // Each kind of op at its own pace beyond the fit, the step's ops through it as written; not a
+    // kind whose factor the MoE layer at half the tokens does not share within kSameKindPace: its
+    // pace follows its size, and the step's would misprice other sizes (on the third host the
+    // optimizer's 1.26-1.30, over 2.3x moe-tiny's parameters, put moe-tiny's 30% over).
+    std::map<std::pair<std::string, bool>, double> op_kinds = cost::fit_op_kind_factors(
+        in_situ.kinds, in_situ.backward, in_situ.measured_s, in_situ.model_s, in_situ.fit.op_overhead_s);
+    std::erase_if(op_kinds, [&](const auto& kind) {
+      auto half = rounds.half_kind_factors.find(kind.first);
+      const bool sized = half != rounds.half_kind_factors.end() &&
+                         std::fabs(half->second / kind.second - 1) > kSameKindPace;
+      if (sized) (*r.mutable_op_kind_sized())[op_kind_key(kind.first)] = half->second / kind.second;
+      return sized || !cost::is_op_kind(kind.first.first);
+    });
+    for (const auto& [key, factor] : op_kinds) {
+      profile::OpKindFactor* k = spec.add_op_kind();
+      k->set_op(key.first);
+      k->set_backward(key.second);
+      k->set_time_factor(factor);
+      (*r.mutable_op_kind_factors())[op_kind_key(key)] = factor;
+    }
+    std::vector<double> model_s = in_situ.model_s;
+    for (size_t j = 0; j < model_s.size(); ++j) {
+      auto k = op_kinds.find({in_situ.kinds[j], in_situ.backward[j]});
+      if (k != op_kinds.end())
+        model_s[j] = (model_s[j] - in_situ.fit.op_overhead_s) * k->second + in_situ.fit.op_overhead_s;
+    }
     if (rounds.alone_factor > 0) {
       spec.set_alone_time_factor(rounds.alone_factor);
       spec.set_ranks_per_host(per_node);
@@ -1105,9 +1153,9 @@ int calibrate(const Args& a) {
     r.set_attention_group_s(core.group_s);
     std::vector<double> in_situ_errors;
     for (size_t j = 0; j < in_situ.op_ids.size(); ++j) {
-      in_situ_errors.push_back((in_situ.model_s[j] - in_situ.measured_s[j]) / in_situ.measured_s[j] * 100);
+      in_situ_errors.push_back((model_s[j] - in_situ.measured_s[j]) / in_situ.measured_s[j] * 100);
       if (rows)
-        *rows += fmt::format("in_situ.{},0,0,{:.6g},{:.6g}\n", in_situ.op_ids[j], in_situ.measured_s[j], in_situ.model_s[j]);
+        *rows += fmt::format("in_situ.{},0,0,{:.6g},{:.6g}\n", in_situ.op_ids[j], in_situ.measured_s[j], model_s[j]);
     }
     res["in_situ_ops"] = residuals_of(in_situ_errors);
     // Exchanges inside a step cost what they cost there (on this VM, transfers between processes
@@ -1277,6 +1325,16 @@ int calibrate(const Args& a) {
                                                    : std::string())
                                  : std::string(),
                              r.step_spread_factor());
+    auto by_kind = [](const google::protobuf::Map<std::string, double>& factors) {
+      std::vector<std::string> parts;
+      for (const auto& [kind, x] : std::map<std::string, double>(factors.begin(), factors.end()))
+        parts.push_back(fmt::format("{} x {:.3f}", kind, x));
+      return fmt::format("{}", fmt::join(parts, ", "));
+    };
+    if (!r.op_kind_factors().empty()) std::cout << "by kind of op        " << by_kind(r.op_kind_factors()) << "\n";
+    if (!r.op_kind_sized().empty())
+      std::cout << "  left at 1 (its pace follows its size: at half the tokens, against the step) "
+                << by_kind(r.op_kind_sized()) << "\n";
     auto rendezvous_line = [](const cost::LinkRendezvous& r) {
       return r.eager_limit_bytes > 0 ? fmt::format(", {} more over {} a message (rendezvous)", format_seconds(r.latency_s),
                                                    format_bytes(r.eager_limit_bytes))

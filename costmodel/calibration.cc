@@ -296,6 +296,22 @@ void median_host_rates(const std::vector<InSituFit>& rounds, InSituFit* fit) {
   }
 }
 
+std::map<std::pair<std::string, bool>, double> fit_op_kind_factors(const std::vector<std::string>& kinds,
+                                                                   const std::vector<bool>& backward,
+                                                                   const std::vector<double>& measured,
+                                                                   const std::vector<double>& model, double overhead_s) {
+  std::map<std::pair<std::string, bool>, std::pair<double, double>> sums;  // (measured, model) beyond h
+  for (size_t j = 0; j < kinds.size() && j < backward.size() && j < measured.size() && j < model.size(); ++j) {
+    auto& [t, m] = sums[{kinds[j], backward[j]}];
+    t += measured[j] - overhead_s;
+    m += model[j] - overhead_s;
+  }
+  std::map<std::pair<std::string, bool>, double> out;
+  for (const auto& [key, s] : sums)
+    if (s.second > 0) out[key] = std::clamp(s.first / s.second, 0.1, 10.0);
+  return out;
+}
+
 double op_overhead_intercept(const std::vector<std::pair<double, double>>& times, double tokens_small,
                              double tokens_big) {
   if (times.empty() || !(tokens_small >= 0 && tokens_small < tokens_big)) return std::numeric_limits<double>::infinity();

@@ -31,6 +31,7 @@
 #include "costmodel/device_profile.pb.h"
 
 #include <limits>
+#include <map>
 #include <vector>
 
 namespace moesim::cost {
@@ -153,6 +154,15 @@ void median_host_rates(const std::vector<InSituFit>& rounds, InSituFit* fit);
 InSituFit fit_in_situ(const std::vector<double>& scaled, const std::vector<double>& fixed,
                       const std::vector<double>& measured, const InSituTerms& terms = {}, const InSituHost& host = {},
                       double max_op_overhead_s = std::numeric_limits<double>::infinity());
+
+// Per kind of scheduled op (`kinds[j]`, validation's label) and direction: the sum over its ops of
+// (t_j - h) over the sum of (m_j - h), m_j the op's time through the in-situ fit and h its per-op
+// overhead (device_profile.proto op_kind), clamped to [0.1, 10]; a kind whose ops' times through
+// the fit do not exceed h is left out. Keyed by (kind, backward).
+std::map<std::pair<std::string, bool>, double> fit_op_kind_factors(const std::vector<std::string>& kinds,
+                                                                   const std::vector<bool>& backward,
+                                                                   const std::vector<double>& measured,
+                                                                   const std::vector<double>& model, double overhead_s);
 
 // The per-op overhead as the time an op takes at no tokens: the same ops measured in a step of
 // `tokens_small` and one of `tokens_big` tokens per rank (seconds (t_small, t_big) per op), each

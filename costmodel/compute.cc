@@ -5,13 +5,16 @@
 #include "topologies/registry.h"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <google/protobuf/descriptor.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <map>
-#include <set>
 #include <optional>
+#include <set>
+#include <string_view>
 #include <utility>
 
 namespace moesim::cost {
@@ -155,6 +158,10 @@ void validate_curve(const ConfigScope& c, const profile::EfficiencyCurve& curve)
   }
 }
 
+// The kinds of scheduled compute op a profile's op_kind may name (validation's labels).
+constexpr std::array<std::string_view, 10> kOpKindNames = {"embed",  "attention", "mlp",     "gate", "permute",
+                                                           "shared", "experts",   "combine", "head", "optimizer"};
+
 // Points of a BytesFactor curve (`field` under `parent`): bytes > 0 and increasing, factors in (0, 100].
 void check_by_bytes(const ConfigScope& parent, const char* field,
                     const google::protobuf::RepeatedPtrField<profile::BytesFactor>& points) {
@@ -205,6 +212,16 @@ void validate(const ConfigScope& root, const profile::DeviceProfile& p) {
   root.positive("attention_group_s", Need::kOptional, /*allow_zero=*/true, 1.0);
   root.positive("blas_call_s", Need::kOptional, /*allow_zero=*/true, 1e-2);
   root.in_range("step_spread_factor", 1.0, 10.0, Need::kOptional);
+  std::set<std::pair<std::string, bool>> op_kinds;
+  for (int i = 0; i < p.op_kind_size(); ++i) {
+    ConfigScope f = root.child("op_kind", i);
+    const profile::OpKindFactor& k = p.op_kind(i);
+    if (f.require("op") && !is_op_kind(k.op()))
+      f.error("op", fmt::format("'{}' is not a kind of compute op (one of {})", k.op(), fmt::join(kOpKindNames, ", ")));
+    else if (k.has_op() && !op_kinds.insert({k.op(), k.backward()}).second)
+      f.error("op", fmt::format("{} {} has a factor already", k.op(), k.backward() ? "backward" : "forward"));
+    f.positive("time_factor", Need::kRequired, /*allow_zero=*/false, 10.0);
+  }
   root.positive("routing_choice_s", Need::kOptional, /*allow_zero=*/true, 1e-3);
   root.positive("dispatch_choice_s", Need::kOptional, /*allow_zero=*/true, 1e-3);
   root.positive("routing_backward_choice_s", Need::kOptional, /*allow_zero=*/true, 1e-3);
@@ -265,6 +282,7 @@ class ProfileBuilder {
       out.kind_memory_efficiency_[kind] = s.memory(i).efficiency();
       out.kind_memory_entry_[kind] = i + 1;
     }
+    for (const profile::OpKindFactor& k : s.op_kind()) out.op_kind_factor_[{k.op(), k.backward()}] = k.time_factor();
     out.backward_factor_.fill(1.0);
     for (const profile::BackwardFactor& b : s.backward())
       out.backward_factor_[static_cast<size_t>(index_of(b.op()))] = b.time_factor();
@@ -400,6 +418,15 @@ double DeviceProfile::host_share_factor(int ranks_here, bool gathers) const {
 
 double DeviceProfile::memory_bandwidth_efficiency(OpKind kind) const {
   return kind_memory_efficiency_[static_cast<size_t>(kind)];
+}
+
+bool is_op_kind(std::string_view name) {
+  return std::find(kOpKindNames.begin(), kOpKindNames.end(), name) != kOpKindNames.end();
+}
+
+double DeviceProfile::op_kind_factor(const std::string& kind, bool backward) const {
+  auto it = op_kind_factor_.find({kind, backward});
+  return it == op_kind_factor_.end() ? 1.0 : it->second;
 }
 
 double DeviceProfile::memory_time_factor(OpKind kind, double bytes) const {

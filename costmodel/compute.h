@@ -55,8 +55,10 @@
 #include "topologies/hardware.pb.h"
 
 #include <array>
+#include <map>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace moesim::cost {
@@ -125,6 +127,9 @@ class DeviceProfile {
   double attention_group_s() const { return spec_.attention_group_s(); }
   // Per BLAS call of a GEMM (a grouped GEMM's per group) beyond its kernel launch (blas_call_s; 0).
   double blas_call_s() const { return spec_.blas_call_s(); }
+  // A scheduled compute op's time factor by its kind as validation names it ("gate") and direction
+  // (profile op_kind; 1).
+  double op_kind_factor(const std::string& kind, bool backward) const;
   // A step over the time its ops compose to (profile step_spread_factor; 1).
   double step_spread_factor() const { return spec_.has_step_spread_factor() ? spec_.step_spread_factor() : 1.0; }
   // A compute op's time factor for a rank sharing its host with `ranks_here` ranks (itself
@@ -164,11 +169,16 @@ class DeviceProfile {
   double memory_efficiency_ = kDefaultMemoryBandwidthEfficiency;
   std::array<double, kKinds> kind_memory_efficiency_{};  // by kind; filled when built
   std::array<int, kKinds> kind_memory_entry_{};          // by kind: its spec_.memory index + 1; 0: none
+  std::map<std::pair<std::string, bool>, double> op_kind_factor_;  // (op kind, backward) -> factor
   std::array<double, kKinds> backward_factor_{};         // by kind; filled when built
   std::array<double, kKinds> in_situ_factor_{};          // by kind; filled when built
   std::array<double, kGatherKernels> gather_kernel_factor_{};  // by GatherKernel; filled when built
   double launch_overhead_s_ = kDefaultKernelLaunchOverhead_s;
 };
+
+// Whether `name` is a kind of scheduled compute op a profile's op_kind may name (validation's
+// labels: embed, attention, mlp, gate, permute, shared, experts, combine, head, optimizer).
+bool is_op_kind(std::string_view name);
 
 // Parses and validates a profile file. Throws ConfigError listing every problem, each as
 // FILE:LINE: field.path: message: a curve point's efficiency outside (0, 1] or flops not

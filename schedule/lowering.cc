@@ -4,6 +4,7 @@
 #include "common/error.h"
 #include "costmodel/memory.h"
 #include "costmodel/routing_model.h"
+#include "traces/validation.h"
 
 #include <fmt/format.h>
 
@@ -471,9 +472,14 @@ class Lowering {
     e.id = std::move(id);
     e.name = std::move(name);
     e.kind = kind;
-    // The op's kernels, plus what the host spends around them (profile op_overhead_s), at the pace
-    // of a rank sharing its host with as many of the plan's ranks as it does.
-    if (duration > 0) duration = (duration + profile(rank_).op_overhead_s()) * host_share_factor(rank_);
+    // The op's kernels at its kind's factor, plus what the host spends around them (profile
+    // op_kind, op_overhead_s), at the pace of a rank sharing its host with as many of the plan's
+    // ranks as it does.
+    if (duration > 0) {
+      const cost::DeviceProfile& p = profile(rank_);
+      duration = (duration * p.op_kind_factor(trace::op_kind_label(e.name), bwd) + p.op_overhead_s()) *
+                 host_share_factor(rank_);
+    }
     e.duration_s = duration;
     e.flops = flops;
     e.deps = std::move(deps);

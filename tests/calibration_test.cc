@@ -386,6 +386,27 @@ TEST_CASE("The per-op overhead is the ops' time at no tokens, the median over th
   CHECK(std::isinf(op_overhead_intercept(times, 4, 4)));
 }
 
+TEST_CASE("Each kind of op's factor is its ops' measured time beyond the overhead over their modelled") {
+  // Gates forward run 1.25x their model beyond a 1 us overhead, their backwards 0.9x; two
+  // attention ops 0.9x and 1.1x of theirs (equal sizes): 1 over both. An op modelled at the
+  // overhead alone tells nothing.
+  const double h = 1e-6;
+  auto at = [&](double model, double factor) { return h + factor * (model - h); };
+  const std::vector<std::string> kinds = {"gate", "gate", "gate", "attention", "attention", "embed"};
+  const std::vector<bool> backward = {false, false, true, false, false, false};
+  const std::vector<double> model = {40e-6, 60e-6, 50e-6, 500e-6, 500e-6, h};
+  const std::vector<double> measured = {at(40e-6, 1.25), at(60e-6, 1.25), at(50e-6, 0.9), at(500e-6, 0.9),
+                                        at(500e-6, 1.1), 3e-6};
+  const auto f = fit_op_kind_factors(kinds, backward, measured, model, h);
+  REQUIRE(f.size() == 3);
+  CHECK(f.at({"gate", false}) == Approx(1.25));
+  CHECK(f.at({"gate", true}) == Approx(0.9));
+  CHECK(f.at({"attention", false}) == Approx(1.0));
+  CHECK(f.count({"embed", false}) == 0);
+  // Clamped to [0.1, 10].
+  CHECK(fit_op_kind_factors({"head"}, {false}, {1e-3}, {2e-6}, h).at({"head", false}) == 10);
+}
+
 TEST_CASE("A memory-bound kind's factors by bytes are each size's time over the kind's bandwidth") {
   // Times of a kernel streaming at 100 GB/s up to 1 MB and 25 GB/s at 8 MB, 2 us launch, with a
   // kind bandwidth of 50 GB/s: factors 0.5 and 2; a size measured three times takes its median.

@@ -430,6 +430,32 @@ TEST_CASE("bad profile: a negative per-op overhead") {
              2, "op_overhead_s", "");
 }
 
+TEST_CASE("a kind of op's factor by its name and direction, 1 for the others") {
+  const cost::DeviceProfile p = cost::load_device_profile_text(
+      "device { preset: \"h100-sxm5\" }\n"
+      "op_kind { op: \"gate\" time_factor: 1.2 }\n"
+      "op_kind { op: \"gate\" backward: true time_factor: 0.9 }\n",
+      "kinds.textproto");
+  CHECK(p.op_kind_factor("gate", false) == Approx(1.2));
+  CHECK(p.op_kind_factor("gate", true) == Approx(0.9));
+  CHECK(p.op_kind_factor("attention", false) == 1);
+  CHECK(cost::is_op_kind("experts"));
+  CHECK_FALSE(cost::is_op_kind("moe.gate"));  // validation's label, not the span's name
+}
+
+TEST_CASE("bad profile: a kind of op that is not one, twice, or without a positive factor") {
+  check_only("device { preset: \"h100-sxm5\" }\n"
+             "op_kind { op: \"moe.gate\" time_factor: 1.2 }\n",
+             2, "op_kind[0].op", "not a kind of compute op");
+  check_only("device { preset: \"h100-sxm5\" }\n"
+             "op_kind { op: \"gate\" time_factor: 1.2 }\n"
+             "op_kind { op: \"gate\" time_factor: 1.1 }\n",
+             3, "op_kind[1].op", "has a factor already");
+  check_only("device { preset: \"h100-sxm5\" }\n"
+             "op_kind { op: \"head\" time_factor: 0 }\n",
+             2, "op_kind[0].time_factor", "");
+}
+
 TEST_CASE("bad profile: a step spread below 1 (a step shorter than its ops)") {
   check_only("device { preset: \"h100-sxm5\" }\n"
              "step_spread_factor: 0.9\n",

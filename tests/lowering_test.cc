@@ -525,6 +525,33 @@ TEST_CASE("a profile's per-op overhead is added to every compute op, not to coll
   CHECK(compute > 10);
 }
 
+TEST_CASE("a profile's factor for a kind of op scales those ops in that direction, their overhead aside", "[lowering]") {
+  const cost::Setup s = make_setup("dp: 8 ep: 8");
+  cost::DeviceProfile plain = cost::default_profile(s.cluster->device_type(0));
+  profile::DeviceProfile spec = plain.spec();
+  spec.set_op_overhead_s(2e-6);
+  const cost::DeviceProfile base = cost::DeviceProfile::from_spec(spec);
+  profile::OpKindFactor* gate = spec.add_op_kind();
+  gate->set_op("gate");
+  gate->set_time_factor(1.5);
+  const cost::DeviceProfile scaled = cost::DeviceProfile::from_spec(spec);
+  const Schedule a = schedule::lower(s, {.profile = &base});
+  const Schedule b = schedule::lower(s, {.profile = &scaled});
+  const RankSchedule &ra = rank(a, 0), &rb = rank(b, 0);
+  REQUIRE(ra.ops_size() == rb.ops_size());
+  int gates = 0;
+  for (int i = 0; i < ra.ops_size(); ++i) {
+    INFO(ra.ops(i).id());
+    if (ra.ops(i).name() == "moe.gate" && !ra.ops(i).backward()) {
+      CHECK(rb.ops(i).duration_s() == Approx(1.5 * (ra.ops(i).duration_s() - 2e-6) + 2e-6).epsilon(1e-12));
+      ++gates;
+    } else {
+      CHECK(rb.ops(i).duration_s() == ra.ops(i).duration_s());  // gates backward and every other op
+    }
+  }
+  CHECK(gates > 0);
+}
+
 TEST_CASE("a profile's step spread gives every compute op a gap of its share, collectives none", "[lowering]") {
   const cost::Setup s = make_setup("dp: 8 ep: 1 zero_stage: 0");
   cost::DeviceProfile plain = cost::default_profile(s.cluster->device_type(0));

@@ -297,6 +297,23 @@ TEST_CASE("calibrate writes a cluster and profile that load back, and a store ro
     CHECK(c.scatter_add_footprint_factors(i) <= 10);
   }
   CHECK(p.in_situ_time_factor(cost::OpKind::kGemm) == Approx(c.in_situ_factor()));
+  // Each kind of op's factor as reported, none for a kind left at 1 as size-dependent; the step
+  // against its ops, at least 1; a residual add's memory time by its bytes, a point per size.
+  CHECK_FALSE(c.op_kind_factors().empty());
+  for (const auto& [key, factor] : c.op_kind_factors()) {
+    INFO(key);
+    const size_t space = key.find(' ');
+    REQUIRE(space != std::string::npos);
+    CHECK(p.op_kind_factor(key.substr(0, space), key.substr(space + 1) == "bwd") == Approx(factor));
+  }
+  for (const auto& [key, ratio] : c.op_kind_sized()) {
+    CHECK(c.op_kind_factors().count(key) == 0);
+    CHECK(std::fabs(ratio - 1) > 0.1);
+  }
+  CHECK(c.step_spread_factor() >= 1);
+  CHECK(p.step_spread_factor() == Approx(c.step_spread_factor()));
+  for (const profile::MemoryEfficiency& m : p.spec().memory())
+    CHECK(m.by_bytes_size() == (m.op() == profile::ELEMENTWISE ? 2 : 0));  // --quick: two sizes
   // Gathers are measured out of cache, the streaming kernels on warm buffers: slower per byte.
   CHECK(p.memory_bandwidth_efficiency(cost::OpKind::kEmbedding) < p.memory_bandwidth_efficiency(cost::OpKind::kElementwise));
   // --samples: every measurement beside the profile's time for it, the gather kernels' among them.
