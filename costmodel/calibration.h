@@ -171,8 +171,8 @@ std::map<std::pair<std::string, bool>, double> fit_op_kind_factors(const std::ve
 // gathers, elementwise), whose time is linear in the tokens. In a step, ops of similar sizes cannot
 // tell h from the gathers' factor: on the third host (Intel, 480 MiB L3) the calibration step's
 // fit put h at 9-11 us with every gather factor at its floor, where moe-tiny's quickest ops took
-// 5 us and the ops extrapolated to 0.6-0.7. Infinity without ops or with tokens_small >=
-// tokens_big: no bound.
+// 5 us and every small op extrapolated to about 1 us (1.3-1.6 through this). Infinity without
+// ops or with tokens_small >= tokens_big: no bound.
 double op_overhead_intercept(const std::vector<std::pair<double, double>>& times, double tokens_small,
                              double tokens_big);
 
