@@ -19,7 +19,6 @@
 #include "costmodel/memory.h"
 #include "costmodel/setup.h"
 #include "schedule/lowering.h"
-#include "sim/engine.h"
 #include "executor/microbench.h"
 #include "topologies/cluster.h"
 #include "traces/recorder.h"
@@ -91,12 +90,12 @@ struct ClusterText {
   bool half_duplex = false;
   std::string operator()(const std::string& description, int ranks, double link_Bps, double link_latency_s,
                          double all_reduce_efficiency = 1, const Network& network = {},
-                         const cost::LinkRendezvous& rendezvous = {}) const;
+                         const cost::LinkRendezvous& rendezvous = {}, double all_gather_latency_s = 0) const;
 };
 
 std::string ClusterText::operator()(const std::string& description, int ranks, double link_Bps, double link_latency_s,
                                     double all_reduce_efficiency, const Network& network,
-                                    const cost::LinkRendezvous& rendezvous) const {
+                                    const cost::LinkRendezvous& rendezvous, double all_gather_latency_s) const {
   const int per_node = ranks / std::max(1, network.nodes);
   // Between nodes a rank's traffic takes PCIe to its NIC: PCIe carries the NIC's bandwidth four
   // times over, but at most 1.5x the switch's, so that routes within a node take the switch (two
@@ -116,11 +115,16 @@ std::string ClusterText::operator()(const std::string& description, int ranks, d
                         pcie_Bps);
   const std::string fabric = network.nodes > 1 ? "fabric { single_switch { link_latency_s: 0 } }\n" : "";
   const std::string efficiency =
-      all_reduce_efficiency == 1
-          ? ""
-          : fmt::format("collective_efficiency {{ op: \"all_reduce\" bandwidth_efficiency: {:.6g} }}  # against the "
-                        "all-to-all's link bandwidth\n",
-                        all_reduce_efficiency);
+      (all_reduce_efficiency == 1
+           ? ""
+           : fmt::format("collective_efficiency {{ op: \"all_reduce\" bandwidth_efficiency: {:.6g} }}  # against the "
+                         "all-to-all's link bandwidth\n",
+                         all_reduce_efficiency)) +
+      (all_gather_latency_s > 0
+           ? fmt::format("collective_efficiency {{ op: \"all_gather\" bandwidth_efficiency: 1 latency_s: {:.6g} }}  # "
+                         "a call's fixed cost below the eager limit, over the link's\n",
+                         all_gather_latency_s)
+           : "");
   return efficiency + rendezvous_text("rendezvous", rendezvous) +
          rendezvous_text("network_rendezvous", network.nodes > 1 ? network.rendezvous : cost::LinkRendezvous{}) +
          fmt::format(
@@ -286,6 +290,9 @@ struct InSitu {
   cost::InSituTerms terms;
   cost::InSituHost host;
   double step_s = 0;               // the mean quiet step
+  // The step over its ops' usual times: step_s over the largest sum, over the ranks, of a rank's
+  // ops' medians (as validation measures them; a collective's the last arrival's).
+  double spread = 1;
   double measured_sum_s = 0, predicted_sum_s = 0;  // over the fitted compute ops
   // The step's collectives: per op, as validation measures it (trace::median_op_times); its
   // routes' all-gathers apart (compared with the fitted link, not fitted to).
@@ -321,23 +328,6 @@ struct InSitu {
     return predicted > 0 ? measured / predicted : 0;
   }
 };
-
-// The calibration step (3 layers, 8 sequences per rank) as the simulator composes it from `spec`'s
-// ops on `cluster`: its step time.
-double simulated_step_s(const std::string& cluster, const profile::DeviceProfile& spec, int ranks) {
-  const cost::Setup setup =
-      cost::load_setup(cost::ConfigSource{"calibration-cluster", cluster},
-                       cost::ConfigSource{"calibration-model", calibration_model_text(ranks)},
-                       cost::ConfigSource{"calibration-workload", calibration_workload_text(ranks)},
-                       cost::ConfigSource{"calibration-strategy", calibration_strategy_text(ranks)});
-  const cost::DeviceProfile profile = cost::DeviceProfile::from_spec(spec, "calibration profile");
-  schedule::LoweringOptions lo;
-  lo.fold = schedule::Fold::kNever;
-  lo.profile = &profile;
-  sim::SimOptions so;
-  so.network = sim::NetworkMode::kFlows;
-  return sim::simulate(schedule::lower(setup, lo), *setup.cluster, so).step_time_s;
-}
 
 // The per-op overhead bound from one step at two token counts (cost::op_overhead_intercept) over
 // the ops `big` holds mostly row gathers of (their time is linear in the tokens) and `small` holds
@@ -409,6 +399,11 @@ InSitu fit_in_situ(const profile::DeviceProfile& spec, const std::string& cluste
   const std::set<int> quiet = trace::quiet_steps(step_time, trace::kQuietShare);
   for (int step : quiet) out.step_s += step_time.at(step) / static_cast<double>(quiet.size());
   const std::map<std::pair<std::string, int>, double> times = trace::median_op_times(measured, quiet);
+  std::map<int, double> rank_sum_s;
+  for (const auto& [key, seconds] : times) rank_sum_s[key.second] += seconds;
+  double ops_s = 0;
+  for (const auto& [rank, seconds] : rank_sum_s) ops_s = std::max(ops_s, seconds);
+  if (ops_s > 0) out.spread = out.step_s / ops_s;
   const std::map<std::pair<std::string, int>, trace::HostRouting> host_times = trace::median_host_routing(measured, quiet);
   // The kernels' factors (every kind of kInSituKinds, then the gathers') times these: an op's
   // time grows by exactly the part a doubled factor scales.
@@ -959,7 +954,7 @@ int calibrate(const Args& a) {
     // bandwidth efficiency against that link (MPI reduces on the host: one link bandwidth cannot
     // fit both); first to the microbenchmarks, then (below) to the calibration step's own
     // collectives.
-    double link_Bps = bandwidth, link_latency_s = 1e-6, all_reduce_efficiency = 1;
+    double link_Bps = bandwidth, link_latency_s = 1e-6, all_reduce_efficiency = 1, all_gather_latency_s = 0;
     cost::LinkRendezvous link_rendezvous;
     // The samples in the model's linear form: steps and transfer on a reference cluster of
     // `group_size` ranks at 1 GB/s (a network's links are full duplex: `duplex`).
@@ -991,7 +986,8 @@ int calibrate(const Args& a) {
       for (size_t i = 0; i < samples.size(); ++i) {
         const cost::CollectiveOp op = measured[i].op;
         const double model_s =
-            link_model_s(samples[i], op == cost::CollectiveOp::kAllReduce ? all_reduce_efficiency : 1, transfer_factor);
+            link_model_s(samples[i], op == cost::CollectiveOp::kAllReduce ? all_reduce_efficiency : 1, transfer_factor) +
+            (op == cost::CollectiveOp::kAllGather ? all_gather_latency_s : 0);
         residuals.push_back((model_s - samples[i].seconds) / samples[i].seconds * 100);
         csv += fmt::format("{}.{},0,{:.6g},{:.6g},{:.6g}\n", family, cost::op_name(op), measured[i].bytes,
                            samples[i].seconds, model_s);
@@ -1095,6 +1091,9 @@ int calibrate(const Args& a) {
     spec.set_dispatch_choice_s(in_situ.fit.dispatch_choice_s);
     spec.set_routing_backward_choice_s(in_situ.fit.routing_backward_choice_s);
     spec.set_calibration_step_s(in_situ.step_s);
+    // The step against its ops' usual times, as measured (the median round's).
+    r.set_step_spread_factor(std::clamp(in_situ.spread, 1.0, 10.0));
+    spec.set_step_spread_factor(r.step_spread_factor());
     // Each kind of op at its own pace beyond the fit, the step's ops through it as written; not a
     // kind whose factor the MoE layer at half the tokens does not share within kSameKindPace: its
     // pace follows its size, and the step's would misprice other sizes (on the third host the
@@ -1176,7 +1175,6 @@ int calibrate(const Args& a) {
                                           layer = linear(rounds.layer_collectives, ranks, false),
                                           half = linear(rounds.half_collectives, ranks, false),
                                           step = linear(in_situ.collectives, ranks, false);
-      if (!routes.empty()) link_rows(rounds.routes, routes, "routes_in_situ");
       // A run's link bandwidth (fit_links leaves it, with the all-reduce's efficiency, in place).
       auto bandwidth = [&](const std::vector<CollectiveSample>& measured, const std::vector<cost::LinkSample>& samples) {
         fit_links(measured, samples, nullptr, link_latency_s);
@@ -1225,16 +1223,25 @@ int calibrate(const Args& a) {
       if (two_depths) link_rows(rounds.layer_collectives, layer, "collectives_in_situ_layer");
       if (half_point) link_rows(rounds.half_collectives, half, "collectives_in_situ_half", r.transfer_half_factor());
       link_rows(in_situ.collectives, step, "collectives_in_situ", factor_at_step);
+      // The routes (all-gathers of a few KB) against the link as fitted: below the eager limit each
+      // pays a fixed cost the all-to-alls do not (Open MPI's nonblocking all-gather progresses its
+      // rounds as a schedule: 10 us a call on the third host, docs/VALIDATION.md), their median
+      // time over the link's; over it their rendezvous in a step runs 2-4 us over what it takes
+      // after a barrier (taking its height from them put the exchanges' footprint factors off).
+      std::vector<double> over;
+      for (const cost::LinkSample& x : routes)
+        if (link_rendezvous.eager_limit_bytes <= 0 || x.message_bytes <= link_rendezvous.eager_limit_bytes)
+          over.push_back(x.seconds - link_model_s(x));
+      if (!over.empty()) all_gather_latency_s = std::clamp(trace::quantile(over, 0.5), 0.0, 1.0);
+      r.set_all_gather_latency_s(all_gather_latency_s);
+      if (!routes.empty()) link_rows(rounds.routes, routes, "routes_in_situ");
     }
 
     const std::string description =
         fmt::format("this machine as {} rank(s): {}, calibrated {}", ranks, machine, trace::utc_now_iso8601());
-    const std::string cluster = cluster_text(description, ranks, link_Bps, link_latency_s, all_reduce_efficiency,
-                                             network, links_within ? link_rendezvous : cost::LinkRendezvous{});
-    // The step against its ops, through everything fitted above.
-    const double simulated_s = simulated_step_s(cluster, spec, ranks);
-    r.set_step_spread_factor(simulated_s > 0 ? std::clamp(spec.calibration_step_s() / simulated_s, 1.0, 10.0) : 1.0);
-    spec.set_step_spread_factor(r.step_spread_factor());
+    const std::string cluster =
+        cluster_text(description, ranks, link_Bps, link_latency_s, all_reduce_efficiency, network,
+                     links_within ? link_rendezvous : cost::LinkRendezvous{}, all_gather_latency_s);
 
     // The files: both written to temporary names, checked, then renamed.
     const std::string ctext = fmt::format(
@@ -1341,9 +1348,12 @@ int calibrate(const Args& a) {
                                      : std::string();
     };
     if (links_within)
-      std::cout << fmt::format("link between ranks   {}/s, {} latency{}; all-reduce at {:.2f} of it\n",
+      std::cout << fmt::format("link between ranks   {}/s, {} latency{}; all-reduce at {:.2f} of it{}\n",
                                format_bytes(link_Bps), format_seconds(link_latency_s), rendezvous_line(link_rendezvous),
-                               r.all_reduce_efficiency());
+                               r.all_reduce_efficiency(),
+                               r.all_gather_latency_s() > 0
+                                   ? fmt::format("; an all-gather {} more a call", format_seconds(r.all_gather_latency_s()))
+                                   : std::string());
     if (node_count > 1)
       std::cout << fmt::format("network              {} nodes of {} rank(s): {}/s a rank, {} latency{}\n", node_count,
                                per_node, format_bytes(network.Bps), format_seconds(network.latency_s),

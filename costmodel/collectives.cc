@@ -476,6 +476,7 @@ CollectiveCost CollectiveModel::cost(CollectiveOp op, CollectiveAlgo algo, const
     case CollectiveOp::kAllToAll: break;  // above
   }
   c.transfer_s /= cluster_.collective_efficiency(op_name(op));
+  c.latency_s += cluster_.collective_latency_s(op_name(op));
   c.time_s = c.latency_s + c.transfer_s;
   c.bus_factor = bus_factor(op, n);
   c.alg_bw_Bps = bytes / c.time_s;
@@ -568,6 +569,7 @@ CollectiveCost CollectiveModel::all_to_all_impl(const std::vector<int>& ranks, C
     c.transfer_s = r1.beta_s + r2.beta_s;
   }
   c.transfer_s /= cluster_.collective_efficiency(op_name(CollectiveOp::kAllToAll));
+  c.latency_s += cluster_.collective_latency_s(op_name(CollectiveOp::kAllToAll));
   c.time_s = c.latency_s + c.transfer_s;
   c.bus_factor = bus_factor(CollectiveOp::kAllToAll, n);
   c.alg_bw_Bps = c.time_s > 0 ? size_bytes / c.time_s : kInf;

@@ -126,6 +126,14 @@ std::vector<Phase> all_to_all(const cost::CollectiveModel& m, const std::vector<
   return out;
 }
 
+// The library's fixed time per call of `op` (hardware.proto CollectiveEfficiency latency_s): a
+// phase of no flows before the others.
+std::vector<Phase> with_call_latency(const cost::CollectiveModel& model, CollectiveOp op, std::vector<Phase> phases) {
+  const double latency_s = model.cluster().collective_latency_s(cost::op_name(op));
+  if (latency_s > 0) phases.insert(phases.begin(), Phase{latency_s, 1, {}});
+  return phases;
+}
+
 }  // namespace
 
 std::vector<Phase> decompose(const cost::CollectiveModel& model, CollectiveOp op, CollectiveAlgo algo,
@@ -153,7 +161,7 @@ std::vector<Phase> decompose(const cost::CollectiveModel& model, CollectiveOp op
       break;
     }
     case CollectiveOp::kAllToAll:
-      return all_to_all(model, ranks, algo, [&](int, int) { return bytes / n; });
+      return with_call_latency(model, op, all_to_all(model, ranks, algo, [&](int, int) { return bytes / n; }));
     case CollectiveOp::kSendRecv: {
       PhaseBuilder p(model, ranks);
       for (int i = 0; i + 1 < n; ++i) p.add(i, i + 1, bytes);
@@ -166,14 +174,15 @@ std::vector<Phase> decompose(const cost::CollectiveModel& model, CollectiveOp op
       break;
     }
   }
-  return out;
+  return with_call_latency(model, op, std::move(out));
 }
 
 std::vector<Phase> decompose_all_to_all_v(const cost::CollectiveModel& model, const std::vector<int>& ranks,
                                           const std::vector<std::vector<double>>& bytes, CollectiveAlgo algo) {
   (void)model.all_to_all_v(ranks, bytes, algo);  // the model's checks, with its errors
   const double efficiency = model.cluster().collective_efficiency(cost::op_name(CollectiveOp::kAllToAll));
-  return all_to_all(model, ranks, algo, [&](int i, int j) { return bytes[i][j] / efficiency; });
+  return with_call_latency(model, CollectiveOp::kAllToAll,
+                           all_to_all(model, ranks, algo, [&](int i, int j) { return bytes[i][j] / efficiency; }));
 }
 
 double idle_time_s(const topo::Cluster& cluster, const std::vector<Phase>& phases) {

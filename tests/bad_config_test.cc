@@ -590,4 +590,7 @@ TEST_CASE("a collective efficiency names a known collective once, with an effici
   Config twice = fat_tree_cluster().set(1, "name: \"bad\"\ncollective_efficiency { op: \"all_reduce\" bandwidth_efficiency: 0.5 }\n"
                                             "collective_efficiency { op: \"all_reduce\" bandwidth_efficiency: 0.7 }");
   check(only_diagnostic(twice), 3, "collective_efficiency[1].op", "efficiency already");
+  Config negative = fat_tree_cluster().set(
+      1, "name: \"bad\"\ncollective_efficiency { op: \"all_gather\" bandwidth_efficiency: 1 latency_s: -1e-6 }");
+  check(only_diagnostic(negative), 2, "collective_efficiency[0].latency_s", "");
 }

@@ -381,3 +381,23 @@ TEST_CASE("a collective library's bandwidth efficiency divides that collective's
   CHECK(halved.cost(CollectiveOp::kAllToAll, ranks, S).time_s ==
         Approx(plain.cost(CollectiveOp::kAllToAll, ranks, S).time_s));
 }
+
+TEST_CASE("a collective library's time per call adds to that collective's latency, and only its") {
+  std::ifstream f(MOESIM_SOURCE_DIR "/configs/hardware/dgx-h100.textproto");
+  std::stringstream text;
+  text << f.rdbuf() << "\ncollective_efficiency { op: \"all_gather\" bandwidth_efficiency: 1 latency_s: 1e-5 }\n";
+  const topo::Cluster fixed = topo::load_cluster_text(text.str(), "fixed-all-gather.textproto");
+  CHECK(fixed.collective_latency_s("all_gather") == 1e-5);
+  CHECK(fixed.collective_latency_s("all_reduce") == 0);
+  const topo::Cluster c = dgx();
+  const cost::CollectiveModel plain(c), library(fixed);
+  const std::vector<int> ranks = cost::first_ranks(8);
+  for (double S : {4e3, 256e6}) {
+    const cost::CollectiveCost a = plain.cost(CollectiveOp::kAllGather, CollectiveAlgo::kRing, ranks, S);
+    const cost::CollectiveCost b = library.cost(CollectiveOp::kAllGather, CollectiveAlgo::kRing, ranks, S);
+    CHECK(b.latency_s == Approx(a.latency_s + 1e-5));
+    CHECK(b.transfer_s == Approx(a.transfer_s));
+    CHECK(library.cost(CollectiveOp::kAllReduce, CollectiveAlgo::kRing, ranks, S).time_s ==
+          Approx(plain.cost(CollectiveOp::kAllReduce, CollectiveAlgo::kRing, ranks, S).time_s));
+  }
+}

@@ -367,6 +367,22 @@ TEST_CASE("each collective's phases, flows and bytes on small clusters") {
     CHECK(total_bytes(sim::decompose(half, CollectiveOp::kAllToAll, CollectiveAlgo::kDirect, ranks, S)) ==
           Approx(total_bytes(sim::decompose(m, CollectiveOp::kAllToAll, CollectiveAlgo::kDirect, ranks, S))));
   }
+  SECTION("a library's fixed time per all-gather: a phase of no flows first, once; other collectives none") {
+    const topo::Cluster fixed = topo::load_cluster_text(
+        test::cluster_text(2, "single_switch { }", {.devices = 2, .nics = 2}) +
+            "collective_efficiency { op: \"all_gather\" bandwidth_efficiency: 1 latency_s: 1e-5 }\n",
+        "fixed.textproto");
+    cost::CollectiveModel lib(fixed);
+    const std::vector<sim::Phase> p = sim::decompose(lib, CollectiveOp::kAllGather, CollectiveAlgo::kRing, ranks, S);
+    const std::vector<sim::Phase> q = sim::decompose(m, CollectiveOp::kAllGather, CollectiveAlgo::kRing, ranks, S);
+    REQUIRE(p.size() == q.size() + 1);
+    CHECK(p[0].delay_s == 1e-5);
+    CHECK(p[0].repeat == 1);
+    CHECK(p[0].flows.empty());
+    CHECK(total_bytes(p) == Approx(total_bytes(q)));
+    CHECK(sim::idle_time_s(fixed, p) == Approx(sim::idle_time_s(c, q) + 1e-5));
+    CHECK(sim::decompose(lib, CollectiveOp::kAllReduce, CollectiveAlgo::kRing, ranks, S).size() == 1);
+  }
   SECTION("tree all-reduce: one phase, 2 floor(log2 4) = 4 tree alphas, ring flows of 2(n-1)S/n") {
     std::vector<sim::Phase> p = sim::decompose(m, CollectiveOp::kAllReduce, CollectiveAlgo::kTree, ranks, S);
     REQUIRE(p.size() == 1);

@@ -374,6 +374,11 @@ TEST_CASE("calibrate on 2 ranks prices exchanges by the working set: the layer's
     CHECK(f <= 10);
   }
   const cost::DeviceProfile p = cost::load_device_profile(dir.path + "/two.profile.textproto");
+  // The routes' all-gathers: their fixed cost per call over the link's model, in the cluster.
+  CHECK(c.residuals().count("routes_in_situ") == 1);
+  CHECK(c.all_gather_latency_s() >= 0);
+  CHECK(c.all_gather_latency_s() < 1e-3);
+  CHECK(topo::load_cluster(out).collective_latency_s("all_gather") == Approx(c.all_gather_latency_s()));
   REQUIRE(p.spec().transfer_footprint_size() == 3);
   CHECK(p.transfer_time_factor(c.transfer_half_bytes()) == Approx(c.transfer_half_factor()));
   CHECK(p.transfer_time_factor(c.transfer_base_bytes()) == 1);

@@ -218,6 +218,7 @@ void validate(const ConfigScope& root, const hw::Cluster& c) {
   for (int i = 0; i < c.collective_efficiency_size(); ++i) {
     const ConfigScope e = root.child("collective_efficiency", i);
     e.positive("bandwidth_efficiency", Need::kRequired, /*allow_zero=*/false, 10.0);
+    e.positive("latency_s", Need::kOptional, /*allow_zero=*/true, 1.0);
     const std::string& op = c.collective_efficiency(i).op();
     if (std::find(std::begin(kCollectiveOpNames), std::end(kCollectiveOpNames), op) == std::end(kCollectiveOpNames))
       e.error("op", fmt::format("'{}' is not a collective: choose {}", op, fmt::join(kCollectiveOpNames, ", ")));
@@ -412,6 +413,12 @@ double Cluster::collective_efficiency(std::string_view op) const {
   for (const hw::CollectiveEfficiency& e : spec_.collective_efficiency())
     if (e.op() == op) return e.bandwidth_efficiency();
   return 1.0;
+}
+
+double Cluster::collective_latency_s(std::string_view op) const {
+  for (const hw::CollectiveEfficiency& e : spec_.collective_efficiency())
+    if (e.op() == op) return e.latency_s();
+  return 0.0;
 }
 
 double Cluster::rendezvous_s(bool between_nodes, double message_bytes) const {

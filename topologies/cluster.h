@@ -68,6 +68,9 @@ class Cluster {
   std::string fabric_kind() const;
   // The collective library's bandwidth efficiency for `op` (hardware.proto); 1 when not given.
   double collective_efficiency(std::string_view op) const;
+  // The collective library's seconds per call of `op` beyond the links' (hardware.proto); 0 when
+  // not given.
+  double collective_latency_s(std::string_view op) const;
   // What the collective library's rendezvous adds to a message of `message_bytes` within a node
   // or between nodes (hardware.proto Rendezvous): 0 up to the eager limit or without one.
   double rendezvous_s(bool between_nodes, double message_bytes) const;
