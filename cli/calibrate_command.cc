@@ -539,6 +539,7 @@ double routing_host_s(const cost::InSituFit& fit, const cost::InSituTerms& terms
 struct InSituRounds {
   InSitu busy;              // the round whose measured-to-predicted ratio is the median
   double alone_factor = 0;  // a rank alone against all busy, the median over the rounds; 0: not measured
+  double alone_spread = 0;  // the step's spread (InSitu::spread) run alone, the median; 0: not measured
   double alone_gather_factor = 0;  // the same for the ops that are mostly row gathers
   // The step's MoE layer alone (calibration_model_text with 1 layer), every round's collectives:
   // the same exchanges in a smaller working set. Several ranks only.
@@ -601,7 +602,7 @@ InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::strin
   std::vector<InSitu> busy;
   std::vector<double> half_gathers, overheads, layer_hosts, layer_gathers, half_scatters, layer_scatters;
   std::map<std::pair<std::string, bool>, std::vector<double>> half_kinds;
-  std::vector<double> alone, alone_gathers;
+  std::vector<double> alone, alone_gathers, alone_spreads;
   // Rank 0's seconds on every rank: each waits as long (the ranks' clocks start apart).
   exec::Comm* host = host_world ? host_world : world;
   auto root_s = [&](double seconds) {
@@ -654,6 +655,7 @@ InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::strin
     if (root) {
       const InSitu a = fit_in_situ(spec, alone_cluster, 1, nullptr, nullptr, backend);
       if (ratio(a) > 0 && ratio(busy.back()) > 0) alone.push_back(ratio(a) / ratio(busy.back()));
+      alone_spreads.push_back(a.spread);
       const double alone_g = a.gather_ratio(), busy_g = busy.back().gather_ratio();
       if (alone_g > 0 && busy_g > 0) alone_gathers.push_back(alone_g / busy_g);
     } else {
@@ -669,6 +671,7 @@ InSituRounds in_situ_rounds(const profile::DeviceProfile& spec, const std::strin
   for (const InSitu& b : busy)
     out.busy.collectives.insert(out.busy.collectives.end(), b.collectives.begin(), b.collectives.end());
   if (!alone.empty()) out.alone_factor = trace::quantile(alone, 0.5);
+  if (!alone_spreads.empty()) out.alone_spread = trace::quantile(alone_spreads, 0.5);
   if (!alone_gathers.empty()) out.alone_gather_factor = std::clamp(trace::quantile(alone_gathers, 0.5), 0.1, 10.0);
   if (root) {
     out.half_gather_factor = trace::quantile(half_gathers, 0.5);
@@ -1094,6 +1097,10 @@ int calibrate(const Args& a) {
     // The step against its ops' usual times, as measured (the median round's).
     r.set_step_spread_factor(std::clamp(in_situ.spread, 1.0, 10.0));
     spec.set_step_spread_factor(r.step_spread_factor());
+    if (rounds.alone_spread > 0) {  // a rank alone on its host: no other rank to wait for
+      r.set_alone_step_spread_factor(std::clamp(rounds.alone_spread, 1.0, 10.0));
+      spec.set_alone_step_spread_factor(r.alone_step_spread_factor());
+    }
     // Each kind of op at its own pace beyond the fit, the step's ops through it as written; not a
     // kind whose factor the MoE layer at half the tokens does not share within kSameKindPace: its
     // pace follows its size, and the step's would misprice other sizes (on the third host the
@@ -1321,7 +1328,7 @@ int calibrate(const Args& a) {
         by_working_set(r.scatter_add_footprint_bytes(), r.scatter_add_footprint_factors()));
     std::cout << fmt::format("in a training step   kernels x {:.3f}, {}, {} per op around them; per "
                              "token-choice {} in a gate, {} in its backward, {} in a dispatch{}; the step x {:.3f} "
-                             "its ops' usual times\n",
+                             "its ops' usual times{}\n",
                              r.in_situ_factor(), gathers, format_seconds(r.op_overhead_s()),
                              format_seconds(r.routing_choice_s()),
                              format_seconds(r.routing_backward_choice_s()), format_seconds(r.dispatch_choice_s()),
@@ -1331,7 +1338,10 @@ int calibrate(const Args& a) {
                                                    ? fmt::format(" (its gathers x {:.3f})", r.alone_gather_time_factor())
                                                    : std::string())
                                  : std::string(),
-                             r.step_spread_factor());
+                             r.step_spread_factor(),
+                             r.alone_step_spread_factor() > 0
+                                 ? fmt::format(" (x {:.3f} alone)", r.alone_step_spread_factor())
+                                 : std::string());
     auto by_kind = [](const google::protobuf::Map<std::string, double>& factors) {
       std::vector<std::string> parts;
       for (const auto& [kind, x] : std::map<std::string, double>(factors.begin(), factors.end()))

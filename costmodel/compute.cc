@@ -212,6 +212,7 @@ void validate(const ConfigScope& root, const profile::DeviceProfile& p) {
   root.positive("attention_group_s", Need::kOptional, /*allow_zero=*/true, 1.0);
   root.positive("blas_call_s", Need::kOptional, /*allow_zero=*/true, 1e-2);
   root.in_range("step_spread_factor", 1.0, 10.0, Need::kOptional);
+  root.in_range("alone_step_spread_factor", 1.0, 10.0, Need::kOptional);
   std::set<std::pair<std::string, bool>> op_kinds;
   for (int i = 0; i < p.op_kind_size(); ++i) {
     ConfigScope f = root.child("op_kind", i);
@@ -422,6 +423,14 @@ double DeviceProfile::memory_bandwidth_efficiency(OpKind kind) const {
 
 bool is_op_kind(std::string_view name) {
   return std::find(kOpKindNames.begin(), kOpKindNames.end(), name) != kOpKindNames.end();
+}
+
+double DeviceProfile::step_spread_factor(int ranks_here) const {
+  const double busy = step_spread_factor();
+  const int calibrated = spec_.has_ranks_per_host() ? spec_.ranks_per_host() : 1;
+  if (!spec_.has_alone_step_spread_factor() || calibrated <= 1 || ranks_here >= calibrated) return busy;
+  const double alone = spec_.alone_step_spread_factor();
+  return alone + (busy - alone) * static_cast<double>(std::max(ranks_here, 1) - 1) / (calibrated - 1);
 }
 
 double DeviceProfile::op_kind_factor(const std::string& kind, bool backward) const {

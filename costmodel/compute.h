@@ -132,6 +132,9 @@ class DeviceProfile {
   double op_kind_factor(const std::string& kind, bool backward) const;
   // A step over the time its ops compose to (profile step_spread_factor; 1).
   double step_spread_factor() const { return spec_.has_step_spread_factor() ? spec_.step_spread_factor() : 1.0; }
+  // For a rank sharing its host with `ranks_here` ranks (itself included): the one above at the
+  // calibrated ranks_per_host or more, alone_step_spread_factor at 1, linear between (profile).
+  double step_spread_factor(int ranks_here) const;
   // A compute op's time factor for a rank sharing its host with `ranks_here` ranks (itself
   // included) of a plan: 1 at the calibrated ranks_per_host or more, alone_time_factor at 1,
   // linear between (profile ranks_per_host, alone_time_factor; 1). A row gather's with `gathers`

@@ -424,7 +424,7 @@ class Lowering {
     op->mutable_stream()->set_index(e.stream_index);
     op->set_duration_s(e.duration_s);
     if (e.stream == trace::COMPUTE && e.collective == 0 && e.duration_s > 0)
-      op->set_gap_s((profile(rank_).step_spread_factor() - 1) * e.duration_s);
+      op->set_gap_s((profile(rank_).step_spread_factor(ranks_on_host(rank_)) - 1) * e.duration_s);
     op->set_flops(e.flops);
     for (int d : e.deps)
       if (d >= 0) op->add_deps(d);
@@ -453,10 +453,16 @@ class Lowering {
     if (prof.spec().ranks_per_host() <= 1) return {1.0, 1.0};
     auto [it, fresh] = host_share_.try_emplace(rank, 1.0, 1.0);
     if (fresh) {
-      int here = 0;
-      for (int r = 0; r < l_.devices; ++r) here += s_.cluster->device(r).node == s_.cluster->device(rank).node;
+      const int here = ranks_on_host(rank);
       it->second = {prof.host_share_factor(here), prof.host_share_factor(here, true)};
     }
+    return it->second;
+  }
+  // The plan's ranks on `rank`'s host, itself included.
+  int ranks_on_host(int rank) {
+    auto [it, fresh] = ranks_on_host_.try_emplace(rank, 0);
+    if (fresh)
+      for (int r = 0; r < l_.devices; ++r) it->second += s_.cluster->device(r).node == s_.cluster->device(rank).node;
     return it->second;
   }
   double host_share_factor(int rank) { return host_shares(rank).first; }
@@ -1056,6 +1062,7 @@ class Lowering {
   Schedule out_;
   std::map<int, cost::DeviceProfile> profiles_;
   std::map<int, std::pair<double, double>> host_share_;  // rank -> host_shares
+  std::map<int, int> ranks_on_host_;                     // rank -> ranks_on_host
   std::map<std::tuple<int, int, int, double, double, double, double, double>, Times> times_;
   std::unordered_map<std::string, int> collective_index_;
   std::map<std::tuple<int, int64_t, int, int, int64_t, uint64_t>, Routing> routings_;

@@ -456,10 +456,27 @@ TEST_CASE("bad profile: a kind of op that is not one, twice, or without a positi
              2, "op_kind[0].time_factor", "");
 }
 
+TEST_CASE("a rank alone on its host takes the alone step spread, linear up to the calibrated ranks") {
+  const auto with = [](const std::string& extra) {
+    return cost::load_device_profile_text("device { preset: \"h100-sxm5\" }\n" + extra, "spread.textproto");
+  };
+  const cost::DeviceProfile p = with("ranks_per_host: 3\nstep_spread_factor: 1.06\nalone_step_spread_factor: 1.04\n");
+  CHECK(p.step_spread_factor(1) == Approx(1.04));
+  CHECK(p.step_spread_factor(2) == Approx(1.05));
+  CHECK(p.step_spread_factor(3) == Approx(1.06));
+  CHECK(p.step_spread_factor(8) == Approx(1.06));
+  // Without an alone figure, or calibrated with one rank a host: the step's, for any share.
+  CHECK(with("ranks_per_host: 3\nstep_spread_factor: 1.06\n").step_spread_factor(1) == Approx(1.06));
+  CHECK(with("step_spread_factor: 1.06\nalone_step_spread_factor: 1.04\n").step_spread_factor(1) == Approx(1.06));
+}
+
 TEST_CASE("bad profile: a step spread below 1 (a step shorter than its ops)") {
   check_only("device { preset: \"h100-sxm5\" }\n"
              "step_spread_factor: 0.9\n",
              2, "step_spread_factor", "");
+  check_only("device { preset: \"h100-sxm5\" }\n"
+             "alone_step_spread_factor: 0.5\n",
+             2, "alone_step_spread_factor", "");
   CHECK(cost::load_device_profile_text("device { preset: \"h100-sxm5\" }\n", "p.textproto").step_spread_factor() == 1);
 }
 

@@ -577,6 +577,15 @@ TEST_CASE("a profile's step spread gives every compute op a gap of its share, co
   CHECK(compute > 10);
   // The simulated step takes the gaps.
   CHECK(sim::simulate(b, *s.cluster, {}).step_time_s > sim::simulate(a, *s.cluster, {}).step_time_s);
+  // Calibrated with 16 ranks a host and 1.02 alone: 8 of them on the host take 1.02 + 0.02 x 7 / 15.
+  spec.set_ranks_per_host(16);
+  spec.set_alone_step_spread_factor(1.02);
+  const cost::DeviceProfile shared = cost::DeviceProfile::from_spec(spec);
+  const Schedule c = schedule::lower(s, {.profile = &shared});
+  const RankSchedule& rc = rank(c, 0);
+  for (int i = 0; i < rc.ops_size(); ++i)
+    if (rc.ops(i).collective() == 0 && rc.ops(i).duration_s() > 0)
+      CHECK(rc.ops(i).gap_s() == Approx((0.02 + 0.02 * 7 / 15) * rc.ops(i).duration_s()).epsilon(1e-12));
 }
 
 TEST_CASE("a profile calibrated with more ranks per host scales a plan with fewer between alone and busy", "[lowering]") {

@@ -383,7 +383,11 @@ TEST_CASE("calibrate on 2 ranks prices exchanges by the working set: the layer's
   CHECK(p.transfer_time_factor(c.transfer_half_bytes()) == Approx(c.transfer_half_factor()));
   CHECK(p.transfer_time_factor(c.transfer_base_bytes()) == 1);
   CHECK(p.transfer_time_factor(c.transfer_footprint_bytes()) == Approx(c.transfer_footprint_factor()));
-  // A rank alone on the host, for every op and for its row gathers apart.
+  // A rank alone on the host, for every op and for its row gathers apart, and for its step's
+  // spread over its ops.
+  CHECK(c.alone_step_spread_factor() >= 1);
+  CHECK(p.step_spread_factor(1) == Approx(c.alone_step_spread_factor()));
+  CHECK(p.step_spread_factor(2) == Approx(c.step_spread_factor()));
   CHECK(c.alone_time_factor() > 0);
   CHECK(c.alone_gather_time_factor() >= 0.1);
   CHECK(c.alone_gather_time_factor() <= 10);
