@@ -483,8 +483,8 @@ class Lowering {
     // ranks as it does.
     if (duration > 0) {
       const cost::DeviceProfile& p = profile(rank_);
-      duration = (duration * p.op_kind_factor(trace::op_kind_label(e.name), bwd) + p.op_overhead_s()) *
-                 host_share_factor(rank_);
+      const double kind = p.spec().op_kind().empty() ? 1.0 : p.op_kind_factor(trace::op_kind_label(e.name), bwd);
+      duration = (duration * kind + p.op_overhead_s()) * host_share_factor(rank_);
     }
     e.duration_s = duration;
     e.flops = flops;

@@ -59,6 +59,17 @@ const RankSchedule& rank(const Schedule& s, int r) {
   return s.ranks(0);
 }
 
+// `s` lowered with its devices' priors edited by `base`, and by `base` then `edit`.
+std::pair<Schedule, Schedule> lowered_pair(const cost::Setup& s, const std::function<void(profile::DeviceProfile&)>& edit,
+                                           const std::function<void(profile::DeviceProfile&)>& base = {}) {
+  profile::DeviceProfile spec = cost::default_profile(s.cluster->device_type(0)).spec();
+  if (base) base(spec);
+  const cost::DeviceProfile before = cost::DeviceProfile::from_spec(spec);
+  edit(spec);
+  const cost::DeviceProfile after = cost::DeviceProfile::from_spec(spec);
+  return {schedule::lower(s, {.profile = &before}), schedule::lower(s, {.profile = &after})};
+}
+
 const Op& find(const RankSchedule& rs, const std::string& id) {
   for (const Op& op : rs.ops())
     if (op.id() == id) return op;
@@ -504,12 +515,7 @@ TEST_CASE("lowering is deterministic in its seed", "[lowering]") {
 
 TEST_CASE("a profile's per-op overhead is added to every compute op, not to collectives", "[lowering]") {
   const cost::Setup s = make_setup("dp: 8 ep: 1 zero_stage: 0");
-  cost::DeviceProfile plain = cost::default_profile(s.cluster->device_type(0));
-  profile::DeviceProfile spec = plain.spec();
-  spec.set_op_overhead_s(7e-6);
-  const cost::DeviceProfile with_overhead = cost::DeviceProfile::from_spec(spec);
-  const Schedule a = schedule::lower(s, {.profile = &plain});
-  const Schedule b = schedule::lower(s, {.profile = &with_overhead});
+  const auto [a, b] = lowered_pair(s, [](profile::DeviceProfile& p) { p.set_op_overhead_s(7e-6); });
   const RankSchedule &ra = rank(a, 0), &rb = rank(b, 0);
   REQUIRE(ra.ops_size() == rb.ops_size());
   int compute = 0;
@@ -527,16 +533,14 @@ TEST_CASE("a profile's per-op overhead is added to every compute op, not to coll
 
 TEST_CASE("a profile's factor for a kind of op scales those ops in that direction, their overhead aside", "[lowering]") {
   const cost::Setup s = make_setup("dp: 8 ep: 8");
-  cost::DeviceProfile plain = cost::default_profile(s.cluster->device_type(0));
-  profile::DeviceProfile spec = plain.spec();
-  spec.set_op_overhead_s(2e-6);
-  const cost::DeviceProfile base = cost::DeviceProfile::from_spec(spec);
-  profile::OpKindFactor* gate = spec.add_op_kind();
-  gate->set_op("gate");
-  gate->set_time_factor(1.5);
-  const cost::DeviceProfile scaled = cost::DeviceProfile::from_spec(spec);
-  const Schedule a = schedule::lower(s, {.profile = &base});
-  const Schedule b = schedule::lower(s, {.profile = &scaled});
+  const auto [a, b] = lowered_pair(
+      s,
+      [](profile::DeviceProfile& p) {
+        profile::OpKindFactor* gate = p.add_op_kind();
+        gate->set_op("gate");
+        gate->set_time_factor(1.5);
+      },
+      [](profile::DeviceProfile& p) { p.set_op_overhead_s(2e-6); });
   const RankSchedule &ra = rank(a, 0), &rb = rank(b, 0);
   REQUIRE(ra.ops_size() == rb.ops_size());
   int gates = 0;
@@ -554,12 +558,8 @@ TEST_CASE("a profile's factor for a kind of op scales those ops in that directio
 
 TEST_CASE("a profile's step spread gives every compute op a gap of its share, collectives none", "[lowering]") {
   const cost::Setup s = make_setup("dp: 8 ep: 1 zero_stage: 0");
-  cost::DeviceProfile plain = cost::default_profile(s.cluster->device_type(0));
-  profile::DeviceProfile spec = plain.spec();
-  spec.set_step_spread_factor(1.04);
-  const cost::DeviceProfile spread = cost::DeviceProfile::from_spec(spec);
-  const Schedule a = schedule::lower(s, {.profile = &plain});
-  const Schedule b = schedule::lower(s, {.profile = &spread});
+  auto spread = [](profile::DeviceProfile& p) { p.set_step_spread_factor(1.04); };
+  const auto [a, b] = lowered_pair(s, spread);
   const RankSchedule &ra = rank(a, 0), &rb = rank(b, 0);
   REQUIRE(ra.ops_size() == rb.ops_size());
   int compute = 0;
@@ -578,10 +578,13 @@ TEST_CASE("a profile's step spread gives every compute op a gap of its share, co
   // The simulated step takes the gaps.
   CHECK(sim::simulate(b, *s.cluster, {}).step_time_s > sim::simulate(a, *s.cluster, {}).step_time_s);
   // Calibrated with 16 ranks a host and 1.02 alone: 8 of them on the host take 1.02 + 0.02 x 7 / 15.
-  spec.set_ranks_per_host(16);
-  spec.set_alone_step_spread_factor(1.02);
-  const cost::DeviceProfile shared = cost::DeviceProfile::from_spec(spec);
-  const Schedule c = schedule::lower(s, {.profile = &shared});
+  const Schedule c = lowered_pair(s,
+                                  [](profile::DeviceProfile& p) {
+                                    p.set_ranks_per_host(16);
+                                    p.set_alone_step_spread_factor(1.02);
+                                  },
+                                  spread)
+                         .second;
   const RankSchedule& rc = rank(c, 0);
   for (int i = 0; i < rc.ops_size(); ++i)
     if (rc.ops(i).collective() == 0 && rc.ops(i).duration_s() > 0)
