@@ -122,7 +122,8 @@ class CpuBackend final : public Backend {
       std::memcpy(dst + i * cols, src + static_cast<int64_t>(index[i]) * cols, sizeof(float) * static_cast<size_t>(cols));
   }
 
-  void scatter_add_rows(const float* src, const int32_t* index, float* dst, int64_t rows, int64_t cols) override {
+  void scatter_add_rows(const float* src, const int32_t* index, const int32_t* /*plan*/, int64_t /*groups*/, float* dst,
+                        int64_t rows, int64_t cols) override {
     for (int64_t i = 0; i < rows; ++i) {
       float* d = dst + static_cast<int64_t>(index[i]) * cols;
       for (int64_t c = 0; c < cols; ++c) d[c] += src[i * cols + c];
@@ -246,6 +247,39 @@ class CpuBackend final : public Backend {
 };
 
 }  // namespace
+
+ScatterPlan scatter_add_plan(const int32_t* index, size_t count) {
+  ScatterPlan plan;
+  plan.rows = static_cast<int64_t>(count);
+  // The rows by destination, stably: counting them when the destinations are few against the rows
+  // (a vocabulary of 64: moe-tiny's), else sorting (destination, row) keys.
+  const int32_t most = count == 0 ? -1 : *std::max_element(index, index + count);
+  std::vector<int32_t> sorted(count);
+  if (static_cast<size_t>(most) < 8 * count + 64) {
+    std::vector<int32_t> next(static_cast<size_t>(most) + 2, 0);
+    for (size_t i = 0; i < count; ++i) ++next[static_cast<size_t>(index[i]) + 1];
+    for (size_t d = 1; d < next.size(); ++d) next[d] += next[d - 1];
+    for (size_t i = 0; i < count; ++i)
+      sorted[static_cast<size_t>(next[static_cast<size_t>(index[i])]++)] = static_cast<int32_t>(i);
+  } else {
+    std::vector<uint64_t> keys(count);
+    for (size_t i = 0; i < count; ++i) keys[i] = static_cast<uint64_t>(static_cast<uint32_t>(index[i])) << 32 | i;
+    std::sort(keys.begin(), keys.end());
+    for (size_t j = 0; j < count; ++j) sorted[j] = static_cast<int32_t>(keys[j] & 0xffffffffu);
+  }
+  std::vector<int32_t> dst_row, begin;
+  for (size_t j = 0; j < count; ++j)
+    if (j == 0 || index[sorted[j]] != index[sorted[j - 1]]) {
+      dst_row.push_back(index[sorted[j]]);
+      begin.push_back(static_cast<int32_t>(j));
+    }
+  begin.push_back(static_cast<int32_t>(count));
+  plan.groups = static_cast<int64_t>(dst_row.size());
+  plan.packed = std::move(sorted);
+  plan.packed.insert(plan.packed.end(), dst_row.begin(), dst_row.end());
+  plan.packed.insert(plan.packed.end(), begin.begin(), begin.end());
+  return plan;
+}
 
 std::unique_ptr<Backend> make_cpu_backend(int threads) { return std::make_unique<CpuBackend>(threads); }
 

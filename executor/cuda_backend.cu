@@ -196,15 +196,45 @@ __global__ void column_sums_add_kernel(const float* x, float* sums, int64_t rows
   }
 }
 
+// Up to kRowGroupsPerLaunch groups' row offsets by value: group y's rows [begin[y], begin[y + 1]).
+struct RowGroups {
+  int64_t begin[kRowGroupsPerLaunch + 1];
+};
+
+// Block row y fills group y's rows with its row.
+__global__ void repeat_row_grouped_kernel(const float* row, float* y, RowGroups groups, int64_t cols) {
+  const int64_t first = groups.begin[blockIdx.y], rows = groups.begin[blockIdx.y + 1] - first;
+  const float* r = row + blockIdx.y * cols;
+  float* out = y + first * cols;
+  MOESIM_FOR_EACH(i, rows * cols) out[i] = r[i % cols];
+}
+
+// Block row y sums group y's rows: one thread per column, rows in order (column_sums_add's bits).
+__global__ void column_sums_add_grouped_kernel(const float* x, float* sums, RowGroups groups, int64_t cols) {
+  const int64_t first = groups.begin[blockIdx.y], last = groups.begin[blockIdx.y + 1];
+  float* out = sums + blockIdx.y * cols;
+  MOESIM_FOR_EACH(c, cols) {
+    float s = out[c];
+    for (int64_t r = first; r < last; ++r) s += x[r * cols + c];
+    out[c] = s;
+  }
+}
+
 __global__ void gather_rows_kernel(const float* src, const int32_t* index, float* dst, int64_t rows, int64_t cols) {
   MOESIM_FOR_EACH(i, rows * cols) dst[i] = src[static_cast<int64_t>(index[i / cols]) * cols + i % cols];
 }
 
-// One thread per column, source rows in order: deterministic without atomics.
-__global__ void scatter_add_rows_kernel(const float* src, const int32_t* index, float* dst, int64_t rows,
-                                        int64_t cols) {
-  MOESIM_FOR_EACH(c, cols) {
-    for (int64_t i = 0; i < rows; ++i) dst[static_cast<int64_t>(index[i]) * cols + c] += src[i * cols + c];
+// One thread per destination element, its rows in order (the plan's groups; the CPU's sums):
+// deterministic without atomics.
+__global__ void scatter_add_rows_kernel(const float* src, const int32_t* plan, int64_t rows, int64_t groups,
+                                        float* dst, int64_t cols) {
+  const int32_t *sorted = plan, *dst_row = plan + rows, *begin = dst_row + groups;
+  MOESIM_FOR_EACH(i, groups * cols) {
+    const int64_t g = i / cols, c = i % cols;
+    float* d = dst + static_cast<int64_t>(dst_row[g]) * cols + c;
+    float s = *d;
+    for (int32_t j = begin[g]; j < begin[g + 1]; ++j) s += src[static_cast<int64_t>(sorted[j]) * cols + c];
+    *d = s;
   }
 }
 
@@ -297,6 +327,20 @@ struct AdamTensors {
 __global__ void adam_step_many_kernel(AdamTensors tensors, kernels::AdamHyper h) {
   const AdamTensor& t = tensors.t[blockIdx.y];
   MOESIM_FOR_EACH(i, t.n) kernels::adam_update(t.param + i, t.grad[i], t.m + i, t.v + i, h);
+}
+
+// Calls f(first, count, offsets, most) for each run of up to kRowGroupsPerLaunch of `groups` groups
+// (`begin`: groups + 1 row offsets), `most` the run's largest group's rows.
+template <typename F>
+void for_row_groups(const int64_t* begin, int groups, F f) {
+  for (int first = 0; first < groups; first += kRowGroupsPerLaunch) {
+    const int count = std::min(kRowGroupsPerLaunch, groups - first);
+    RowGroups g{};
+    int64_t most = 0;
+    for (int i = 0; i <= count; ++i) g.begin[i] = begin[first + i];
+    for (int i = 0; i < count; ++i) most = std::max(most, g.begin[i + 1] - g.begin[i]);
+    f(first, count, g, most);
+  }
 }
 
 // ---- the back end ------------------------------------------------------------------------
@@ -425,17 +469,39 @@ class CudaBackend final : public Backend {
     MOESIM_CUDA_CHECK_LAUNCH(column_sums_add_kernel);
   }
 
+  // Each launch takes up to kRowGroupsPerLaunch groups, its grid's rows as wide as its largest.
+  void repeat_row_grouped(const float* row, float* y, const int64_t* begin, int groups, int64_t cols) override {
+    for_row_groups(begin, groups, [&](int first, int count, const RowGroups& g, int64_t most) {
+      if (most * cols == 0) return;
+      repeat_row_grouped_kernel<<<dim3(blocks_for(most * cols), static_cast<unsigned>(count)), kThreads>>>(
+          row + first * cols, y, g, cols);
+      MOESIM_CUDA_CHECK_LAUNCH(repeat_row_grouped_kernel);
+    });
+  }
+
+  void column_sums_add_grouped(const float* x, float* sums, const int64_t* begin, int groups, int64_t cols) override {
+    for_row_groups(begin, groups, [&](int first, int count, const RowGroups& g, int64_t most) {
+      if (most == 0 || cols == 0) return;
+      column_sums_add_grouped_kernel<<<dim3(blocks_for(cols), static_cast<unsigned>(count)), kThreads>>>(
+          x, sums + first * cols, g, cols);
+      MOESIM_CUDA_CHECK_LAUNCH(column_sums_add_grouped_kernel);
+    });
+  }
+
   void gather_rows(const float* src, const int32_t* index, float* dst, int64_t rows, int64_t cols) override {
     if (rows * cols == 0) return;
     gather_rows_kernel<<<blocks_for(rows * cols), kThreads>>>(src, index, dst, rows, cols);
     MOESIM_CUDA_CHECK_LAUNCH(gather_rows_kernel);
   }
 
-  void scatter_add_rows(const float* src, const int32_t* index, float* dst, int64_t rows, int64_t cols) override {
-    if (rows == 0 || cols == 0) return;
-    scatter_add_rows_kernel<<<blocks_for(cols), kThreads>>>(src, index, dst, rows, cols);
+  void scatter_add_rows(const float* src, const int32_t* /*index*/, const int32_t* plan, int64_t groups, float* dst,
+                        int64_t rows, int64_t cols) override {
+    if (groups == 0 || cols == 0) return;
+    if (plan == nullptr) throw Error("cuda scatter_add_rows: no plan (scatter_add_plan) of its index");
+    scatter_add_rows_kernel<<<blocks_for(groups * cols), kThreads>>>(src, plan, rows, groups, dst, cols);
     MOESIM_CUDA_CHECK_LAUNCH(scatter_add_rows_kernel);
   }
+  bool scatter_reads_plan() const override { return true; }
 
   void gather_sum_rows(const float* src, const int32_t* slot, const float* weight, float* dst, int64_t tokens, int k,
                        int64_t cols) override {

@@ -198,17 +198,27 @@ Tensor Embedding::forward(std::span<const int32_t> ids) {
       throw Error(fmt::format("{}: token id {} at position {} is outside the vocabulary [0, {})", name_, ids[t], t,
                               vocab_));
   const auto n = static_cast<int64_t>(ids.size());
-  ids_ = Tensor::from_i32({n}, ids.data(), ids.size(), backend_->device());
+  // The ids, and where the back end reads one, the backward's plan of them: one copy to the device.
+  std::vector<int32_t> index(ids.begin(), ids.end());
+  groups_ = -1;
+  if (backend_->scatter_reads_plan()) {
+    const ScatterPlan plan = scatter_add_plan(ids.data(), ids.size());
+    groups_ = plan.groups;
+    index.insert(index.end(), plan.packed.begin(), plan.packed.end());
+  }
+  ids_ = Tensor::from_i32({static_cast<int64_t>(index.size())}, index.data(), index.size(), backend_->device());
+  rows_ = n;
   Tensor y = empty_on(*backend_, {n, dim_});
   backend_->gather_rows(table_.device_f32(), ids_.device_i32(), y.device_f32(), n, dim_);
   return y;
 }
 
 void Embedding::backward(const Tensor& dy) {
-  const int64_t n = ids_.numel();
+  const int64_t n = rows_;
   MOESIM_ASSERT(dy.numel() == n * dim_, "{}: backward of {} after a forward of {} ids", name_, shape_str(dy), n);
   check_device(*backend_, dy, name_);
-  backend_->scatter_add_rows(dy.device_f32(), ids_.device_i32(), dtable_.device_f32(), n, dim_);
+  const int32_t* plan = groups_ >= 0 ? ids_.device_i32() + n : nullptr;
+  backend_->scatter_add_rows(dy.device_f32(), ids_.device_i32(), plan, groups_, dtable_.device_f32(), n, dim_);
 }
 
 void Embedding::register_params(ParamRegistry& registry, ParamSharing sharing) {

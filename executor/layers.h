@@ -195,7 +195,10 @@ class Embedding {
   std::string name_;
   int64_t vocab_, dim_;
   Tensor table_, dtable_;
-  Tensor ids_;  // the last forward's ids, i32 on the device
+  // The last forward's ids (rows_ of them), then, where the back end reads one, their ScatterPlan's
+  // packed array (groups_ groups; -1: none), i32 on the device.
+  Tensor ids_;
+  int64_t rows_ = 0, groups_ = -1;
 };
 
 // Layer normalisation over the last dimension (Backend::layernorm; the math is in

@@ -198,6 +198,9 @@ GatherKernels gather_kernels(Bench& bench, Backend& b, int64_t tokens, int64_t c
   const Tensor by_slot = Tensor::from_i32({slots}, token_of_slot.data(), token_of_slot.size(), b.device()),
                by_choice = Tensor::from_i32({slots}, slot_of_choice.data(), slot_of_choice.size(), b.device()),
                by_token = Tensor::from_i32({tokens}, ids.data(), ids.size(), b.device());
+  const ScatterPlan plan = scatter_add_plan(ids.data(), ids.size());
+  const Tensor by_table_row = Tensor::from_i32({static_cast<int64_t>(plan.packed.size())}, plan.packed.data(),
+                                               plan.packed.size(), b.device());
   GatherKernels g{tokens, cols, kTableRows};
   g.copy_s = bench.time([&] { b.gather_rows(token_rows.device_f32(), by_slot.device_i32(), slots_out.device_f32(), slots, cols); });
   g.sum_s = bench.time([&] {
@@ -213,7 +216,8 @@ GatherKernels gather_kernels(Bench& bench, Backend& b, int64_t tokens, int64_t c
                                weight.device_f32(), slots_out.device_f32(), dweight.device_f32(), tokens, k, cols);
   });
   g.scatter_add_s = bench.time([&] {
-    b.scatter_add_rows(token_rows.device_f32(), by_token.device_i32(), dtable.device_f32(), tokens, cols);
+    b.scatter_add_rows(token_rows.device_f32(), by_token.device_i32(), by_table_row.device_i32(), plan.groups,
+                       dtable.device_f32(), tokens, cols);
   });
   return g;
 }

@@ -617,14 +617,16 @@ void MoeLayer::experts_forward() {
   hidden_pre_ = device_tensor({expert_rows_, F});
   hidden_act_ = gelu ? device_tensor({expert_rows_, F}) : Tensor();
   expert_out_ = device_tensor({expert_rows_, D});
-  // Every expert's up projection, one activation over all their rows (one kernel launch, not one
-  // per expert), then every expert's down projection.
+  // Every expert's up projection onto its bias, one activation over all their rows, then every
+  // expert's down projection onto its bias: the biases and the activation one kernel launch each
+  // over all the experts' rows, not one per expert.
+  backend_.repeat_row_grouped(b1_.device_f32(), hidden_pre_.device_f32(), expert_row_begin_.data(), local_experts_, F);
+  backend_.repeat_row_grouped(b2_.device_f32(), expert_out_.device_f32(), expert_row_begin_.data(), local_experts_, D);
   for (int le = 0; le < local_experts_; ++le) {
     const int64_t begin = expert_row_begin_[le], n = expert_row_begin_[le + 1] - begin;
     if (n == 0) continue;
-    float* h = hidden_pre_.device_f32() + begin * F;
-    backend_.repeat_row(b1_.device_f32() + le * F, h, n, F);
-    timed_gemm(fwd_times_, false, false, n, F, D, xin + begin * D, w1_.device_f32() + le * D * F, 1.0f, h);
+    timed_gemm(fwd_times_, false, false, n, F, D, xin + begin * D, w1_.device_f32() + le * D * F, 1.0f,
+               hidden_pre_.device_f32() + begin * F);
   }
   const int64_t first = expert_row_begin_[0], rows = expert_row_begin_[local_experts_] - first;
   if (gelu && rows > 0) backend_.gelu(hidden_pre_.device_f32() + first * F, hidden_act_.device_f32() + first * F, rows * F);
@@ -632,9 +634,8 @@ void MoeLayer::experts_forward() {
     const int64_t begin = expert_row_begin_[le], n = expert_row_begin_[le + 1] - begin;
     if (n == 0) continue;
     const float* act = (gelu ? hidden_act_ : hidden_pre_).device_f32() + begin * F;
-    float* o = expert_out_.device_f32() + begin * D;
-    backend_.repeat_row(b2_.device_f32() + le * D, o, n, D);
-    timed_gemm(fwd_times_, false, false, n, D, F, act, w2_.device_f32() + le * F * D, 1.0f, o);
+    timed_gemm(fwd_times_, false, false, n, D, F, act, w2_.device_f32() + le * F * D, 1.0f,
+               expert_out_.device_f32() + begin * D);
   }
 }
 
@@ -658,15 +659,16 @@ void MoeLayer::experts_backward(const float* grad_out, float* grad_in) {
   const float* xin = comm_ != nullptr ? expert_in_.device_f32() : send_buf_.device_f32();
   grad_hidden_ = device_tensor({expert_rows_, F});
   // Every expert's down projection's gradients, the activation's over all their rows at once,
-  // then every expert's up projection's.
+  // then every expert's up projection's; the biases' gradients (column sums of each expert's rows)
+  // one launch each over all the experts.
+  backend_.column_sums_add_grouped(grad_out, db2_.device_f32(), expert_row_begin_.data(), local_experts_, D);
   for (int le = 0; le < local_experts_; ++le) {
     const int64_t begin = expert_row_begin_[le], n = expert_row_begin_[le + 1] - begin;
     if (n == 0) continue;
     const float* act = (gelu ? hidden_act_ : hidden_pre_).device_f32() + begin * F;
     const float* dout = grad_out + begin * D;
-    // dW2 += act^T dout, db2 += column sums of dout, dact = dout W2^T.
+    // dW2 += act^T dout, dact = dout W2^T.
     timed_gemm(bwd_times_, true, false, F, D, n, act, dout, 1.0f, dw2_.device_f32() + le * F * D);
-    backend_.column_sums_add(dout, db2_.device_f32() + le * D, n, D);
     timed_gemm(bwd_times_, false, true, n, F, D, dout, w2_.device_f32() + le * F * D, 0.0f,
                grad_hidden_.device_f32() + begin * F);
   }
@@ -676,13 +678,13 @@ void MoeLayer::experts_backward(const float* grad_out, float* grad_in) {
   if (gelu && rows > 0)
     backend_.gelu_backward(hidden_pre_.device_f32() + first * F, grad_hidden_.device_f32() + first * F,
                            hidden_act_.device_f32() + first * F, rows * F);
+  backend_.column_sums_add_grouped(dh_all.device_f32(), db1_.device_f32(), expert_row_begin_.data(), local_experts_, F);
   for (int le = 0; le < local_experts_; ++le) {
     const int64_t begin = expert_row_begin_[le], n = expert_row_begin_[le + 1] - begin;
     if (n == 0) continue;
     const float* dh = dh_all.device_f32() + begin * F;
-    // dW1 += x^T dh, db1 += column sums of dh, dx = dh W1^T.
+    // dW1 += x^T dh, dx = dh W1^T.
     timed_gemm(bwd_times_, true, false, D, F, n, xin + begin * D, dh, 1.0f, dw1_.device_f32() + le * D * F);
-    backend_.column_sums_add(dh, db1_.device_f32() + le * F, n, F);
     timed_gemm(bwd_times_, false, true, n, D, F, dh, w1_.device_f32() + le * D * F, 0.0f, grad_in + begin * D);
   }
 }

@@ -662,6 +662,41 @@ TEST_CASE("bias add, row repeat, column sums and scale are exact on small intege
   }
 }
 
+TEST_CASE("grouped row repeats and column sums match the per-group ones, over several launches") {
+  // More groups than one GPU launch takes, empty ones among them, rows before the first group and
+  // after the last that no group owns (left as they were).
+  const int groups = kRowGroupsPerLaunch + 3;
+  const int64_t cols = 300;
+  std::vector<int64_t> begin = {2};
+  for (int g = 0; g < groups; ++g) begin.push_back(begin.back() + (g % 5 == 3 ? 0 : g % 4 + 1));
+  const int64_t rows = begin.back() + 3;
+  const std::vector<float> y0 = small_integers(static_cast<size_t>(rows * cols), 41, 20);
+  const std::vector<float> row = small_integers(static_cast<size_t>(groups * cols), 13, 6);
+  const std::vector<float> sums0 = small_integers(static_cast<size_t>(groups * cols), 5, 2);
+  std::vector<double> ref_repeat(y0.begin(), y0.end()), ref_sums(sums0.begin(), sums0.end());
+  for (int g = 0; g < groups; ++g)
+    for (int64_t r = begin[static_cast<size_t>(g)]; r < begin[static_cast<size_t>(g) + 1]; ++r)
+      for (int64_t c = 0; c < cols; ++c) {
+        const size_t i = static_cast<size_t>(r * cols + c), j = static_cast<size_t>(g * cols + c);
+        ref_repeat[i] = row[j];
+        ref_sums[j] += y0[i];
+      }
+  CHECK(ref_repeat.front() == y0.front());  // the rows outside the groups are in the check
+  const Tolerance exact{0, 0};
+  CrossCheck check_repeat("repeat_row_grouped", ref_repeat, exact),
+      check_sums("column_sums_add_grouped", ref_sums, exact);
+  for (const auto& backend : backends_under_test()) {
+    const Tensor trow = on(*backend, {groups, cols}, row);
+    Tensor ty = on(*backend, {rows, cols}, y0);
+    backend->repeat_row_grouped(trow.device_f32(), ty.device_f32(), begin.data(), groups, cols);
+    check_repeat.check(*backend, read(*backend, ty));
+    const Tensor tx = on(*backend, {rows, cols}, y0);
+    Tensor ts = on(*backend, {groups, cols}, sums0);
+    backend->column_sums_add_grouped(tx.device_f32(), ts.device_f32(), begin.data(), groups, cols);
+    check_sums.check(*backend, read(*backend, ts));
+  }
+}
+
 TEST_CASE("gathers, scatter-adds and the MoE combine move rows exactly") {
   // 13 columns: the CPU combine backward's dot runs one pass of its 8 lanes and a tail of 5.
   const int64_t src_rows = 6, cols = 13;
@@ -669,6 +704,16 @@ TEST_CASE("gathers, scatter-adds and the MoE combine move rows exactly") {
   // Gather with repeats; scatter-add with a repeated index (rows collect in order).
   const std::vector<int32_t> index = {3, 0, 3, 5, 1};
   const int64_t n = static_cast<int64_t>(index.size());
+  // The scatter's plan: rows by destination 0, 1, 3, 5 (destination 3's two in order), then the
+  // destinations, then where each group begins.
+  const ScatterPlan plan = scatter_add_plan(index.data(), index.size());
+  CHECK(plan.rows == n);
+  CHECK(plan.groups == 4);
+  CHECK(plan.packed == std::vector<int32_t>{1, 4, 0, 2, 3, /**/ 0, 1, 3, 5, /**/ 0, 1, 2, 4, 5});
+  CHECK(scatter_add_plan(nullptr, 0).packed == std::vector<int32_t>{0});
+  const std::vector<int32_t> far = {1000, 2, 1000, 7};  // destinations far apart: sorted, not counted
+  CHECK(scatter_add_plan(far.data(), far.size()).packed ==
+        std::vector<int32_t>{1, 3, 0, 2, /**/ 2, 7, 1000, /**/ 0, 1, 2, 4});
   std::vector<double> ref_gather, ref_scatter(static_cast<size_t>(src_rows * cols), 1.0);
   for (int64_t i = 0; i < n; ++i)
     for (int64_t c = 0; c < cols; ++c) {
@@ -704,12 +749,13 @@ TEST_CASE("gathers, scatter-adds and the MoE combine move rows exactly") {
   for (const auto& backend : backends_under_test()) {
     const Device dev = backend->device();
     const Tensor tsrc = on(*backend, {src_rows, cols}, src);
-    const Tensor tindex = on_i32(*backend, index);
+    const Tensor tindex = on_i32(*backend, index), tplan = on_i32(*backend, plan.packed);
     Tensor tg = Tensor::empty({n, cols}, DType::kF32, dev);
     backend->gather_rows(tsrc.device_f32(), tindex.device_i32(), tg.device_f32(), n, cols);
     check_gather.check(*backend, read(*backend, tg));
     Tensor tsc = on(*backend, {src_rows, cols}, std::vector<float>(static_cast<size_t>(src_rows * cols), 1.0f));
-    backend->scatter_add_rows(tsrc.device_f32(), tindex.device_i32(), tsc.device_f32(), n, cols);
+    backend->scatter_add_rows(tsrc.device_f32(), tindex.device_i32(), tplan.device_i32(), plan.groups, tsc.device_f32(),
+                              n, cols);
     check_scatter.check(*backend, read(*backend, tsc));
 
     const Tensor tslot = on_i32(*backend, slot);
