@@ -1101,19 +1101,21 @@ int calibrate(const Args& a) {
       r.set_alone_step_spread_factor(std::clamp(rounds.alone_spread, 1.0, 10.0));
       spec.set_alone_step_spread_factor(r.alone_step_spread_factor());
     }
-    // Each kind of op at its own pace beyond the fit, the step's ops through it as written; not a
-    // kind whose factor the MoE layer at half the tokens does not share within kSameKindPace: its
-    // pace follows its size, and the step's would misprice other sizes (on the third host the
-    // optimizer's 1.26-1.30, over 2.3x moe-tiny's parameters, put moe-tiny's 30% over).
-    std::map<std::pair<std::string, bool>, double> op_kinds = cost::fit_op_kind_factors(
-        in_situ.kinds, in_situ.backward, in_situ.measured_s, in_situ.model_s, in_situ.fit.op_overhead_s);
-    std::erase_if(op_kinds, [&](const auto& kind) {
-      auto half = rounds.half_kind_factors.find(kind.first);
-      const bool sized = half != rounds.half_kind_factors.end() &&
-                         std::fabs(half->second / kind.second - 1) > kSameKindPace;
-      if (sized) (*r.mutable_op_kind_sized())[op_kind_key(kind.first)] = half->second / kind.second;
-      return sized || !cost::is_op_kind(kind.first.first);
-    });
+    // Each kind of op at its own pace beyond the fit, the step's ops through it as written; a kind
+    // whose factor the MoE layer at half the tokens does not share within kSameKindPace follows its
+    // size, and the step's would misprice other sizes (on the third host the optimizer's 1.26-1.30,
+    // over 2.3x moe-tiny's parameters, put moe-tiny's 30% over): it takes what both sizes agree on
+    // (cost::sized_kind_factor), 1 where they lie either side of it.
+    std::map<std::pair<std::string, bool>, double> op_kinds;
+    for (auto [key, factor] : cost::fit_op_kind_factors(in_situ.kinds, in_situ.backward, in_situ.measured_s,
+                                                        in_situ.model_s, in_situ.fit.op_overhead_s)) {
+      auto half = rounds.half_kind_factors.find(key);
+      if (half != rounds.half_kind_factors.end() && std::fabs(half->second / factor - 1) > kSameKindPace) {
+        (*r.mutable_op_kind_sized())[op_kind_key(key)] = half->second / factor;
+        factor = cost::sized_kind_factor(factor, half->second);
+      }
+      if (factor != 1 && cost::is_op_kind(key.first)) op_kinds[key] = factor;
+    }
     for (const auto& [key, factor] : op_kinds) {
       profile::OpKindFactor* k = spec.add_op_kind();
       k->set_op(key.first);
@@ -1350,7 +1352,7 @@ int calibrate(const Args& a) {
     };
     if (!r.op_kind_factors().empty()) std::cout << "by kind of op        " << by_kind(r.op_kind_factors()) << "\n";
     if (!r.op_kind_sized().empty())
-      std::cout << "  left at 1 (its pace follows its size: at half the tokens, against the step) "
+      std::cout << "  its pace follows its size (at half the tokens, against the step; what both agree on, or 1) "
                 << by_kind(r.op_kind_sized()) << "\n";
     auto rendezvous_line = [](const cost::LinkRendezvous& r) {
       return r.eager_limit_bytes > 0 ? fmt::format(", {} more over {} a message (rendezvous)", format_seconds(r.latency_s),

@@ -312,6 +312,10 @@ std::map<std::pair<std::string, bool>, double> fit_op_kind_factors(const std::ve
   return out;
 }
 
+double sized_kind_factor(double at_step, double at_half) {
+  return std::clamp(1.0, std::min(at_step, at_half), std::max(at_step, at_half));
+}
+
 double op_overhead_intercept(const std::vector<std::pair<double, double>>& times, double tokens_small,
                              double tokens_big) {
   if (times.empty() || !(tokens_small >= 0 && tokens_small < tokens_big)) return std::numeric_limits<double>::infinity();

@@ -164,6 +164,13 @@ std::map<std::pair<std::string, bool>, double> fit_op_kind_factors(const std::ve
                                                                    const std::vector<double>& measured,
                                                                    const std::vector<double>& model, double overhead_s);
 
+// A kind of op's factor where it was measured at two sizes that disagree (its pace follows its
+// size; device_profile.proto op_kind): the one nearer 1 where both lie on one side of 1, else 1
+// (1 clamped into the interval they span). Neither measurement is read beyond what both say: on
+// the third host the lookup's forward came out 1.27 in the calibration step and 1.36 at half its
+// tokens (moe-tiny's: 1.33), the optimizer's 1.25 and 1.05 (moe-tiny's 0.96).
+double sized_kind_factor(double at_step, double at_half);
+
 // The per-op overhead as the time an op takes at no tokens: the same ops measured in a step of
 // `tokens_small` and one of `tokens_big` tokens per rank (seconds (t_small, t_big) per op), each
 // op's line through its two times read at 0 tokens, (n_big t_small - n_small t_big) / (n_big -

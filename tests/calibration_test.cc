@@ -386,6 +386,18 @@ TEST_CASE("The per-op overhead is the ops' time at no tokens, the median over th
   CHECK(std::isinf(op_overhead_intercept(times, 4, 4)));
 }
 
+TEST_CASE("A kind measured at two sizes that disagree takes what both say: the factor nearer 1, or 1") {
+  // Both over 1 (the lookup's forward on the third host: 1.27 in the step, 1.36 at half the
+  // tokens): the smaller; both under: the larger; either side of 1 (the optimizer's 1.25 and
+  // 1.05 would be the same side; 1.25 and 0.95 are not): 1. The order does not matter.
+  CHECK(sized_kind_factor(1.27, 1.36) == 1.27);
+  CHECK(sized_kind_factor(1.36, 1.27) == 1.27);
+  CHECK(sized_kind_factor(0.7, 0.85) == 0.85);
+  CHECK(sized_kind_factor(1.25, 1.05) == 1.05);
+  CHECK(sized_kind_factor(1.25, 0.95) == 1);
+  CHECK(sized_kind_factor(0.8, 1.3) == 1);
+}
+
 TEST_CASE("Each kind of op's factor is its ops' measured time beyond the overhead over their modelled") {
   // Gates forward run 1.25x their model beyond a 1 us overhead, their backwards 0.9x; two
   // attention ops 0.9x and 1.1x of theirs (equal sizes): 1 over both. An op modelled at the
