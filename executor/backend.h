@@ -57,6 +57,15 @@ class Backend {
   // grouped expert GEMM run expert by expert over one buffer.
   virtual void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
                     const float* b, float beta, float* c) = 0;
+  // `batch` GEMMs as gemm's, the i-th on a + i stride_a, b + i stride_b, c + i stride_c (elements):
+  // attention's per (sequence, head) products. One cuBLAS call on a GPU (a call each cost about
+  // 9 us of the host on an H200, 64 of them a moe-tiny attention forward); a loop here.
+  virtual void gemm_batched(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+                            int64_t stride_a, const float* b, int64_t stride_b, float beta, float* c, int64_t stride_c,
+                            int64_t batch) {
+    for (int64_t i = 0; i < batch; ++i)
+      gemm(trans_a, trans_b, m, n, k, alpha, a + i * stride_a, b + i * stride_b, beta, c + i * stride_c);
+  }
   // The same with bf16 inputs (raw bits, kernels.h) and an fp32 C, products accumulated in fp32.
   // The CPU reference widens A and B to fp32 (exact) and runs sgemm; CUDA runs cublasGemmEx.
   virtual void gemm_bf16(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,

@@ -396,6 +396,16 @@ class CudaBackend final : public Backend {
                                     a, g.ld_second, &beta, c, g.ld_out));
   }
 
+  void gemm_batched(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+                    int64_t stride_a, const float* b, int64_t stride_b, float beta, float* c, int64_t stride_c,
+                    int64_t batch) override {
+    const ColumnMajorGemm g = column_major(trans_a, trans_b, m, n, k);
+    if (m == 0 || n == 0 || batch == 0) return;
+    MOESIM_CUBLAS_CHECK(cublasSgemmStridedBatched(handle_, g.op_first, g.op_second, g.rows, g.cols, g.inner, &alpha, b,
+                                                  g.ld_first, stride_b, a, g.ld_second, stride_a, &beta, c, g.ld_out,
+                                                  stride_c, blas_int(batch, "batch")));
+  }
+
   void gemm_bf16(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a,
                  const uint16_t* b, float beta, float* c) override {
     const ColumnMajorGemm g = column_major(trans_a, trans_b, m, n, k);

@@ -296,8 +296,7 @@ Tensor CausalSelfAttention::forward(const Tensor& x) {
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   Tensor scores = empty_on(*backend_, {B, H, S, S});
   float* sc = scores.device_f32();
-  for (int64_t bh = 0; bh < B * H; ++bh)
-    backend_->gemm(false, true, S, S, d, scale, q + bh * S * d, k + bh * S * d, 0.0f, sc + bh * S * S);
+  backend_->gemm_batched(false, true, S, S, d, scale, q, S * d, k, S * d, 0.0f, sc, S * S, B * H);
   backend_->causal_mask(sc, B * H, S);
   att_ = empty_on(*backend_, {B, H, S, S});
   const float* att = att_.device_f32();
@@ -306,8 +305,7 @@ Tensor CausalSelfAttention::forward(const Tensor& x) {
   // O = A V per head [B, H, S, d], then the heads' columns of [B, S, D].
   Tensor o_heads = empty_on(*backend_, {B, H, S, d});
   float* oh = o_heads.device_f32();
-  for (int64_t bh = 0; bh < B * H; ++bh)
-    backend_->gemm(false, false, S, d, S, 1.0f, att + bh * S * S, v + bh * S * d, 0.0f, oh + bh * S * d);
+  backend_->gemm_batched(false, false, S, d, S, 1.0f, att, S * S, v, S * d, 0.0f, oh, S * d, B * H);
   Tensor o = empty_on(*backend_, {B, S, D});
   backend_->merge_heads(oh, o.device_f32(), B, S, 1, H, d);
   return proj_.forward(o);
@@ -334,16 +332,12 @@ Tensor CausalSelfAttention::backward(const Tensor& dy) {
   float* dv = dk + head_block;
   Tensor da = empty_on(*backend_, {B, H, S, S});
   float* ds = da.device_f32();
-  for (int64_t bh = 0; bh < B * H; ++bh) {
-    backend_->gemm(false, true, S, S, d, 1.0f, dop + bh * S * d, v + bh * S * d, 0.0f, ds + bh * S * S);
-    backend_->gemm(true, false, S, d, S, 1.0f, att + bh * S * S, dop + bh * S * d, 0.0f, dv + bh * S * d);
-  }
+  backend_->gemm_batched(false, true, S, S, d, 1.0f, dop, S * d, v, S * d, 0.0f, ds, S * S, B * H);
+  backend_->gemm_batched(true, false, S, d, S, 1.0f, att, S * S, dop, S * d, 0.0f, dv, S * d, B * H);
   // Softmax backward in place over dA (masked entries have A = 0, so their dS is 0).
   backend_->softmax_backward_rows(att, ds, ds, B * H * S, S);
-  for (int64_t bh = 0; bh < B * H; ++bh) {
-    backend_->gemm(false, false, S, d, S, scale, ds + bh * S * S, k + bh * S * d, 0.0f, dq + bh * S * d);
-    backend_->gemm(true, false, S, d, S, scale, ds + bh * S * S, q + bh * S * d, 0.0f, dk + bh * S * d);
-  }
+  backend_->gemm_batched(false, false, S, d, S, scale, ds, S * S, k, S * d, 0.0f, dq, S * d, B * H);
+  backend_->gemm_batched(true, false, S, d, S, scale, ds, S * S, q, S * d, 0.0f, dk, S * d, B * H);
   Tensor dqkv = empty_on(*backend_, {B, S, 3 * D});
   backend_->merge_heads(dqkv_heads.device_f32(), dqkv.device_f32(), B, S, 3, H, d);
   return qkv_.backward(dqkv);

@@ -335,6 +335,35 @@ TEST_CASE("gemm on row views by pointer offset leaves the rest of C untouched") 
   }
 }
 
+TEST_CASE("batched gemm is the gemm of each batch on its strided views, for every transpose combination") {
+  // Three products of odd sizes a batch apart by more than each takes (the gaps left alone), as
+  // attention's per (sequence, head) products; one cuBLAS call on a GPU.
+  const int64_t m = 7, n = 5, k = 9, batch = 3, stride_a = m * k + 2, stride_b = k * n + 3, stride_c = m * n + 4;
+  const std::vector<float> a = random_values(static_cast<size_t>(batch * stride_a), 31, -1.0f, 1.0f);
+  const std::vector<float> b = random_values(static_cast<size_t>(batch * stride_b), 32, -1.0f, 1.0f);
+  const std::vector<float> c0 = random_values(static_cast<size_t>(batch * stride_c), 33, -1.0f, 1.0f);
+  for (bool trans_a : {false, true})
+    for (bool trans_b : {false, true}) {
+      std::vector<double> ref(c0.begin(), c0.end());
+      for (int64_t i = 0; i < batch; ++i) {
+        auto part = [](const std::vector<float>& v, int64_t from, int64_t count) {
+          return std::vector<float>(v.begin() + from, v.begin() + from + count);
+        };
+        const std::vector<double> one = reference_gemm(trans_a, trans_b, m, n, k, 0.5, part(a, i * stride_a, m * k),
+                                                       part(b, i * stride_b, k * n), 0.25, part(c0, i * stride_c, m * n));
+        std::copy(one.begin(), one.end(), ref.begin() + i * stride_c);
+      }
+      CrossCheck check(fmt::format("gemm_batched trans_a {} trans_b {}", trans_a, trans_b), ref, f32_sum(k));
+      for (const auto& backend : backends_under_test()) {
+        const Tensor ta = on(*backend, {batch * stride_a}, a), tb = on(*backend, {batch * stride_b}, b);
+        Tensor tc = on(*backend, {batch * stride_c}, c0);
+        backend->gemm_batched(trans_a, trans_b, m, n, k, 0.5f, ta.device_f32(), stride_a, tb.device_f32(), stride_b,
+                              0.25f, tc.device_f32(), stride_c, batch);
+        check.check(*backend, read(*backend, tc));
+      }
+    }
+}
+
 TEST_CASE("bf16 gemm accumulates bf16 inputs in fp32") {
   const auto backends = backends_under_test();
   uint32_t seed = 100;
