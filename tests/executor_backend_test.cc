@@ -349,8 +349,9 @@ TEST_CASE("batched gemm is the gemm of each batch on its strided views, for ever
         auto part = [](const std::vector<float>& v, int64_t from, int64_t count) {
           return std::vector<float>(v.begin() + from, v.begin() + from + count);
         };
-        const std::vector<double> one = reference_gemm(trans_a, trans_b, m, n, k, 0.5, part(a, i * stride_a, m * k),
-                                                       part(b, i * stride_b, k * n), 0.25, part(c0, i * stride_c, m * n));
+        const std::vector<double> one =
+            reference_gemm(trans_a, trans_b, m, n, k, 0.5, part(a, i * stride_a, m * k), part(b, i * stride_b, k * n),
+                           0.25, part(c0, i * stride_c, m * n));
         std::copy(one.begin(), one.end(), ref.begin() + i * stride_c);
       }
       CrossCheck check(fmt::format("gemm_batched trans_a {} trans_b {}", trans_a, trans_b), ref, f32_sum(k));
