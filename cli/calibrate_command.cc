@@ -114,17 +114,15 @@ std::string ClusterText::operator()(const std::string& description, int ranks, d
                         "slower\n",
                         pcie_Bps);
   const std::string fabric = network.nodes > 1 ? "fabric { single_switch { link_latency_s: 0 } }\n" : "";
-  const std::string efficiency =
-      (all_reduce_efficiency == 1
-           ? ""
-           : fmt::format("collective_efficiency {{ op: \"all_reduce\" bandwidth_efficiency: {:.6g} }}  # against the "
-                         "all-to-all's link bandwidth\n",
-                         all_reduce_efficiency)) +
-      (all_gather_latency_s > 0
-           ? fmt::format("collective_efficiency {{ op: \"all_gather\" bandwidth_efficiency: 1 latency_s: {:.6g} }}  # "
-                         "a call's fixed cost below the eager limit, over the link's\n",
-                         all_gather_latency_s)
-           : "");
+  std::string efficiency;
+  if (all_reduce_efficiency != 1)
+    efficiency += fmt::format("collective_efficiency {{ op: \"all_reduce\" bandwidth_efficiency: {:.6g} }}  # against "
+                              "the all-to-all's link bandwidth\n",
+                              all_reduce_efficiency);
+  if (all_gather_latency_s > 0)
+    efficiency += fmt::format("collective_efficiency {{ op: \"all_gather\" bandwidth_efficiency: 1 latency_s: {:.6g} "
+                              "}}  # a call's fixed cost below the eager limit, over the link's\n",
+                              all_gather_latency_s);
   return efficiency + rendezvous_text("rendezvous", rendezvous) +
          rendezvous_text("network_rendezvous", network.nodes > 1 ? network.rendezvous : cost::LinkRendezvous{}) +
          fmt::format(

@@ -408,13 +408,17 @@ double DeviceProfile::gather_time_factor(double bytes) const {
   return factor_by_bytes(spec_.gather_in_situ(), bytes, in_situ_time_factor(OpKind::kEmbedding));
 }
 
-double DeviceProfile::host_share_factor(int ranks_here, bool gathers) const {
+double DeviceProfile::by_ranks_here(double alone, double busy, int ranks_here) const {
   const int calibrated = spec_.has_ranks_per_host() ? spec_.ranks_per_host() : 1;
-  if (calibrated <= 1 || ranks_here >= calibrated) return 1.0;
+  if (calibrated <= 1 || ranks_here >= calibrated) return busy;
+  return alone + (busy - alone) * static_cast<double>(std::max(ranks_here, 1) - 1) / (calibrated - 1);
+}
+
+double DeviceProfile::host_share_factor(int ranks_here, bool gathers) const {
   const double alone = gathers && spec_.has_alone_gather_time_factor() ? spec_.alone_gather_time_factor()
                        : spec_.has_alone_time_factor()                  ? spec_.alone_time_factor()
                                                                         : 1.0;
-  return alone + (1.0 - alone) * static_cast<double>(std::max(ranks_here, 1) - 1) / (calibrated - 1);
+  return by_ranks_here(alone, 1.0, ranks_here);
 }
 
 double DeviceProfile::memory_bandwidth_efficiency(OpKind kind) const {
@@ -427,10 +431,8 @@ bool is_op_kind(std::string_view name) {
 
 double DeviceProfile::step_spread_factor(int ranks_here) const {
   const double busy = step_spread_factor();
-  const int calibrated = spec_.has_ranks_per_host() ? spec_.ranks_per_host() : 1;
-  if (!spec_.has_alone_step_spread_factor() || calibrated <= 1 || ranks_here >= calibrated) return busy;
-  const double alone = spec_.alone_step_spread_factor();
-  return alone + (busy - alone) * static_cast<double>(std::max(ranks_here, 1) - 1) / (calibrated - 1);
+  return spec_.has_alone_step_spread_factor() ? by_ranks_here(spec_.alone_step_spread_factor(), busy, ranks_here)
+                                              : busy;
 }
 
 double DeviceProfile::op_kind_factor(const std::string& kind, bool backward) const {

@@ -163,6 +163,9 @@ class DeviceProfile {
 
   DeviceProfile() = default;
   const Curve& curve(OpKind kind, DType dtype) const;
+  // `busy` for a rank sharing its host with the calibrated ranks_per_host or more, `alone` for a
+  // rank alone on it, linear between.
+  double by_ranks_here(double alone, double busy, int ranks_here) const;
 
   profile::DeviceProfile spec_;
   std::string source_;

@@ -198,16 +198,19 @@ Tensor Embedding::forward(std::span<const int32_t> ids) {
       throw Error(fmt::format("{}: token id {} at position {} is outside the vocabulary [0, {})", name_, ids[t], t,
                               vocab_));
   const auto n = static_cast<int64_t>(ids.size());
-  // The ids, and where the back end reads one, the backward's plan of them: one copy to the device.
-  std::vector<int32_t> index(ids.begin(), ids.end());
-  groups_ = -1;
-  if (backend_->scatter_reads_plan()) {
-    const ScatterPlan plan = scatter_add_plan(ids.data(), ids.size());
-    groups_ = plan.groups;
-    index.insert(index.end(), plan.packed.begin(), plan.packed.end());
-  }
-  ids_ = Tensor::from_i32({static_cast<int64_t>(index.size())}, index.data(), index.size(), backend_->device());
+  // The ids, and where the back end reads one, the backward's plan of them after them: one copy to
+  // the device.
   rows_ = n;
+  groups_ = -1;
+  if (!backend_->scatter_reads_plan()) {
+    ids_ = Tensor::from_i32({n}, ids.data(), ids.size(), backend_->device());
+  } else {
+    ScatterPlan plan = scatter_add_plan(ids.data(), ids.size());
+    groups_ = plan.groups;
+    plan.packed.insert(plan.packed.begin(), ids.begin(), ids.end());
+    ids_ = Tensor::from_i32({static_cast<int64_t>(plan.packed.size())}, plan.packed.data(), plan.packed.size(),
+                            backend_->device());
+  }
   Tensor y = empty_on(*backend_, {n, dim_});
   backend_->gather_rows(table_.device_f32(), ids_.device_i32(), y.device_f32(), n, dim_);
   return y;

@@ -342,6 +342,11 @@ TEST_CASE("each collective's phases, flows and bytes on small clusters") {
   cost::CollectiveModel m(c);
   const std::vector<int> ranks = cost::first_ranks(4);
   const double S = 64e6;
+  // The same cluster with a collective library's `efficiency` line (hardware.proto).
+  auto with_library = [](const std::string& efficiency) {
+    return topo::load_cluster_text(test::cluster_text(2, "single_switch { }", {.devices = 2, .nics = 2}) + efficiency,
+                                   "library.textproto");
+  };
   // Latencies of test::SmallNode: 1 us over scale-up, 2.4 us between nodes.
   const double a_up = o + 1e-6, a_net = o + 4 * 100e-9 + 2e-6;
 
@@ -357,10 +362,7 @@ TEST_CASE("each collective's phases, flows and bytes on small clusters") {
     CHECK(total_bytes(p) == Approx(6 * S));
   }
   SECTION("a library at half the links' rate for all-reduce moves twice the bytes, the all-to-all unchanged") {
-    const topo::Cluster slow = topo::load_cluster_text(
-        test::cluster_text(2, "single_switch { }", {.devices = 2, .nics = 2}) +
-            "collective_efficiency { op: \"all_reduce\" bandwidth_efficiency: 0.5 }\n",
-        "slow.textproto");
+    const topo::Cluster slow = with_library("collective_efficiency { op: \"all_reduce\" bandwidth_efficiency: 0.5 }\n");
     cost::CollectiveModel half(slow);
     CHECK(total_bytes(sim::decompose(half, CollectiveOp::kAllReduce, CollectiveAlgo::kRing, ranks, S)) ==
           Approx(12 * S));
@@ -368,10 +370,8 @@ TEST_CASE("each collective's phases, flows and bytes on small clusters") {
           Approx(total_bytes(sim::decompose(m, CollectiveOp::kAllToAll, CollectiveAlgo::kDirect, ranks, S))));
   }
   SECTION("a library's fixed time per all-gather: a phase of no flows first, once; other collectives none") {
-    const topo::Cluster fixed = topo::load_cluster_text(
-        test::cluster_text(2, "single_switch { }", {.devices = 2, .nics = 2}) +
-            "collective_efficiency { op: \"all_gather\" bandwidth_efficiency: 1 latency_s: 1e-5 }\n",
-        "fixed.textproto");
+    const topo::Cluster fixed =
+        with_library("collective_efficiency { op: \"all_gather\" bandwidth_efficiency: 1 latency_s: 1e-5 }\n");
     cost::CollectiveModel lib(fixed);
     const std::vector<sim::Phase> p = sim::decompose(lib, CollectiveOp::kAllGather, CollectiveAlgo::kRing, ranks, S);
     const std::vector<sim::Phase> q = sim::decompose(m, CollectiveOp::kAllGather, CollectiveAlgo::kRing, ranks, S);

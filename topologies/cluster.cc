@@ -409,16 +409,20 @@ Cluster::Cluster(hw::Cluster spec, std::string source, Graph graph, int link_cou
       node_count_(node_count),
       symmetry_(std::move(symmetry)) {}
 
-double Cluster::collective_efficiency(std::string_view op) const {
+const hw::CollectiveEfficiency* Cluster::collective_entry(std::string_view op) const {
   for (const hw::CollectiveEfficiency& e : spec_.collective_efficiency())
-    if (e.op() == op) return e.bandwidth_efficiency();
-  return 1.0;
+    if (e.op() == op) return &e;
+  return nullptr;
+}
+
+double Cluster::collective_efficiency(std::string_view op) const {
+  const hw::CollectiveEfficiency* e = collective_entry(op);
+  return e ? e->bandwidth_efficiency() : 1.0;
 }
 
 double Cluster::collective_latency_s(std::string_view op) const {
-  for (const hw::CollectiveEfficiency& e : spec_.collective_efficiency())
-    if (e.op() == op) return e.latency_s();
-  return 0.0;
+  const hw::CollectiveEfficiency* e = collective_entry(op);
+  return e ? e->latency_s() : 0.0;
 }
 
 double Cluster::rendezvous_s(bool between_nodes, double message_bytes) const {

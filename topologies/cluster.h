@@ -76,6 +76,8 @@ class Cluster {
   double rendezvous_s(bool between_nodes, double message_bytes) const;
 
  private:
+  const hw::CollectiveEfficiency* collective_entry(std::string_view op) const;  // null: not given
+
   hw::Cluster spec_;
   std::string source_;
   Graph graph_;
